@@ -1,0 +1,110 @@
+"""Every default of vit_jax in one place: the paper's ImageNet-21k pre-training recipe at 224px.
+
+Model files (vit_b16.py, ...) call `get_config("B/16")`; the command line overrides any field:
+
+  python -m vit_jax.main --config=configs/vit_b16.py --workdir=/tmp/b16 \
+      --config.dataset=cifar10 --config.batch_size=512 --config.optimizer.lr=3e-3
+
+Batch arithmetic: `batch_size` is the global batch of one optimizer step. Each step is split into
+`accum_steps` micro-batches of `batch_size // accum_steps`, each sharded over the mesh's data x fsdp
+devices, so per-device micro-batch = batch_size / accum_steps / (data * fsdp).
+
+Weight decay follows the paper's convention: `optimizer.weight_decay` is multiplied by the learning
+rate schedule (optax.adamw), as in the paper's "weight decay 0.1" for JFT/ImageNet-21k.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vit_jax.models.variants import parse_variant
+
+
+def model_config(variant: str) -> ml_collections.ConfigDict:
+    """Architecture fields of `variant` ("B/16", "R50+B/16", ...), each overridable on its own."""
+    v = parse_variant(variant)
+    m = ml_collections.ConfigDict()
+    m.variant = variant
+    m.hidden_size = v.hidden_size
+    m.num_layers = v.num_layers
+    m.num_heads = v.num_heads
+    m.mlp_dim = v.mlp_dim
+    m.patch_size = v.patch_size  # on the image; hybrids: ResNet stride x embedding patch
+    # ResNet units per stage for hybrids (empty tuple: plain ViT), and its width multiplier.
+    m.resnet_layers = tuple(v.resnet_layers or ())
+    m.resnet_width = 1
+    m.classifier = "token"  # "token" (class token) or "gap" (global average pool, no class token)
+    m.representation_size = 0  # 0: no pre-logits layer; >0: a tanh Dense layer of this size before the head
+    m.dropout_rate = 0.1
+    m.attention_dropout_rate = 0.0
+    m.stochastic_depth = 0.0  # drop-path rate at the last block, linearly increasing from 0
+    m.dtype = "float32"  # compute dtype; params stay float32. "bfloat16" on TPU/GPU.
+    m.remat = False  # recompute each block's activations in the backward pass
+    m.scan = False  # nn.scan over blocks (one compiled block; params stacked as encoderblock/...)
+    # Numerics of the weights' origin: the original checkpoints use tanh-approximate GELU and LN eps 1e-6.
+    m.gelu_approximate = True
+    m.layernorm_epsilon = 1e-6
+    m.head_bias_init = 0.0  # about -6.9 for sigmoid (multi-label) pre-training
+    return m
+
+
+def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
+    """The full run config for `variant` with the paper's ImageNet-21k pre-training defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_config(variant)
+
+    # Data (see vit_jax/data/datasets.py for the registry of names).
+    c.dataset = "imagenet21k"
+    c.tfds_data_dir = ""  # "" = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+    c.tfds_manual_dir = ""  # for datasets prepared from manually downloaded archives
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.num_classes = 21843
+    c.label_kind = "single"  # "single": softmax cross-entropy; "multi": multi-hot labels, sigmoid loss
+    c.image_size = 224
+    c.pp = ml_collections.ConfigDict()
+    c.pp.inception_crop = True  # train: random resized crop; False: resize only
+    c.pp.crop_min_area = 0.05  # inception crop's smallest area fraction
+    c.pp.flip = True
+    c.pp.eval_crop_fraction = 1.0  # eval: resize to image_size / fraction, then central crop
+    c.pp.mixup_alpha = 0.0
+    c.pp.randaugment_layers = 0  # 0: off; AugReg uses 2
+    c.pp.randaugment_magnitude = 10
+    c.pp.random_translate = 0  # train: random shift by up to this many pixels (small images)
+    c.data_workers = 0  # grain worker processes per host (0: in the main process)
+    c.prefetch_batches = 2
+    c.shuffle_seed = 0
+
+    # Batch and schedule.
+    c.batch_size = 4096
+    c.eval_batch_size = 512
+    c.accum_steps = 1
+    c.total_steps = 0  # 0: derived from num_epochs
+    c.num_epochs = 90
+    c.eval_every = 5000
+    c.log_every = 100
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"  # "adam" (adamw, pre-training) or "sgd" (momentum, fine-tuning)
+    c.optimizer.lr = 1e-3
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 0.03
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.schedule = "linear"  # "linear" or "cosine" decay after warmup
+    c.optimizer.warmup_steps = 10_000
+    c.optimizer.label_smoothing = 0.0
+
+    # Mesh: sizes of the (data, fsdp, model) axes; -1 means "all remaining devices".
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.model = 1
+
+    c.pretrained = ""  # path of a checkpoint to start from (.npz, timm/HF, orbax); "" = from scratch
+    c.profile_steps = 0  # >0: write a profiler trace of this many steps after the first log
+    return c

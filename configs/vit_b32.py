@@ -1,0 +1,17 @@
+"""ViT-B/32 (88,224,232 parameters with a 1000-class head): ImageNet-21k pre-training at 224px.
+
+  python -m vit_jax.main --config=configs/vit_b32.py --workdir=/tmp/vit_b32
+
+Global batch 4096 = per-device batch x (mesh.data x mesh.fsdp) x accum_steps; override any field,
+e.g. `--config.dataset=imagenet2012 --config.num_classes=1000 --config.image_size=384`.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The paper's ImageNet-21k pre-training recipe for ViT-B/32."""
+    config = common.get_config("B/32")
+    return config

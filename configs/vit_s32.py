@@ -1,0 +1,17 @@
+"""ViT-S/32 (22,878,952 parameters with a 1000-class head): ImageNet-21k pre-training at 224px.
+
+  python -m vit_jax.main --config=configs/vit_s32.py --workdir=/tmp/vit_s32
+
+Global batch 4096 = per-device batch x (mesh.data x mesh.fsdp) x accum_steps; override any field,
+e.g. `--config.dataset=imagenet2012 --config.num_classes=1000 --config.image_size=384`.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The paper's ImageNet-21k pre-training recipe for ViT-S/32."""
+    config = common.get_config("S/32")
+    return config

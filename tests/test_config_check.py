@@ -1,0 +1,86 @@
+"""Every shipped config loads and validates; each config that cannot work is a clear error (exit code 2)."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags
+
+from configs import common
+from vit_jax.config_check import ConfigError, resolve_mesh_shape, validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name not in ("__init__.py", "common.py"))
+
+
+def load(name):
+    return config_flags.config_flags._ConfigFileParser("config").parse(str(ROOT / "configs" / name))
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_shipped_config_validates(name):
+    config = load(name)
+    mesh = validate(config, num_devices=8)
+    assert mesh["data"] * mesh["fsdp"] * mesh["model"] == 8
+
+
+def test_every_model_config_is_pinned():
+    from tests.test_vit import PINNED
+
+    variants = {load(name).model.variant for name in CONFIG_FILES} - {"custom"}
+    assert variants == set(PINNED)
+
+
+def base():
+    return common.get_config("B/16")
+
+
+@pytest.mark.parametrize("mutate, field, hint", [
+    (lambda c: setattr(c, "image_size", 225), "image_size", "divisible by model.patch_size=16"),
+    (lambda c: setattr(c.model, "classifier", "cls"), "model.classifier", "'token', 'gap'"),
+    (lambda c: setattr(c, "batch_size", 4100), "batch_size", "multiple of 8"),
+    (lambda c: setattr(c.model, "num_heads", 5), "model.num_heads", "must divide model.hidden_size=768"),
+    (lambda c: setattr(c.model, "dtype", "float64"), "model.dtype", "bfloat16"),
+    (lambda c: setattr(c.optimizer, "name", "lamb"), "optimizer.name", "'adam', 'sgd'"),
+    (lambda c: setattr(c.mesh, "fsdp", 3), "mesh", "does not divide the 8 available devices"),
+    (lambda c: setattr(c.mesh, "fsdp", -1), "mesh.fsdp", "only one mesh axis may be -1"),
+    (lambda c: setattr(c, "label_kind", "multilabel"), "label_kind", "'single', 'multi'"),
+    (lambda c: setattr(c, "accum_steps", 3), "batch_size", "accum_steps=3"),
+    (lambda c: (setattr(c.model, "resnet_layers", (3, 4, 9)), setattr(c.model, "patch_size", 8)),
+     "model.patch_size", "stride 16"),
+])
+def test_bad_config_names_field_value_and_valid_choices(mutate, field, hint):
+    config = base()
+    mutate(config)
+    with pytest.raises(ConfigError) as err:
+        validate(config, num_devices=8)
+    assert f"config.{field}=" in str(err.value)
+    assert hint in str(err.value)
+
+
+def test_unknown_variant_is_clear():
+    with pytest.raises(ValueError, match="unknown variant 'B/15'.*valid"):
+        common.get_config("B/15")
+
+
+def test_mesh_minus_one_takes_the_rest():
+    config = base()
+    config.mesh.fsdp = 2
+    assert resolve_mesh_shape(config.mesh, 8) == {"data": 4, "fsdp": 2, "model": 1}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.image_size=225", "config.image_size=225 is invalid"),
+    ("--config.modle.x=3", "unknown config field"),
+    ("--config.image_size=abc", "invalid literal"),
+    ("--config.model.classifier=cls", "config.model.classifier='cls' is invalid"),
+])
+def test_command_line_bad_input_is_one_line_and_exit_2(override, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax.summary", "--config=configs/vit_b16.py", override],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr

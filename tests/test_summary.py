@@ -1,0 +1,53 @@
+"""`vit_jax.summary`: analytic FLOPs agree with XLA and with a hand count; the CLI prints JSON."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import common
+from vit_jax.summary import summarize
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def vit_flops(d, layers, mlp, patch, image, classes, token=True):
+    """Forward FLOPs (2 per multiply-add) of the matmuls of a plain ViT, counted by hand."""
+    n = (image // patch) ** 2
+    t = n + token
+    embed = 2 * n * patch * patch * 3 * d
+    block = 2 * (3 * t * d * d + t * t * d + t * t * d + t * d * d + 2 * t * d * mlp)
+    return embed + layers * block + 2 * d * classes
+
+
+@pytest.mark.parametrize("variant, image_size", [("B/16", 224), ("L/16", 384), ("S/32", 224)])
+def test_flops_match_hand_count_and_xla(variant, image_size):
+    config = common.get_config(variant)
+    config.num_classes, config.image_size = 1000, image_size
+    m = config.model
+    summary = summarize(config)
+    expected = vit_flops(m.hidden_size, m.num_layers, m.mlp_dim, m.patch_size, image_size, 1000)
+    assert summary["gflops_per_image"] == pytest.approx(expected / 1e9, rel=1e-9)
+    # XLA also counts softmax, LayerNorm, GELU and adds: a little more, never less.
+    assert 1.0 <= summary["xla_gflops_per_image"] / summary["gflops_per_image"] < 1.03
+
+
+def test_hybrid_flops_match_xla():
+    config = common.get_config("R50+B/16")
+    config.num_classes = 1000
+    summary = summarize(config)
+    assert summary["params"] == 98_659_112
+    assert 1.0 <= summary["xla_gflops_per_image"] / summary["gflops_per_image"] < 1.03
+
+
+def test_cli_json_for_h14():
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax.summary", "--config=configs/vit_h14.py", "--config.num_classes=1000", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["params"] == 632_045_800
+    assert isinstance(summary["gflops_per_image"], float) and 320 < summary["gflops_per_image"] < 340
+    assert len(summary["layers"]) == 32 + 5

@@ -1,0 +1,246 @@
+"""The ViT modules: parameter counts, shapes, numerics against a float64 reference, bf16, remat and scan."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import common
+from vit_jax.models.variants import parse_variant, resnet_stride
+from vit_jax.models.vit import build_model, stack_blocks, unstack_blocks
+
+# Published counts (224px, 1000-class head, no pre-logits); REFERENCE.md and the original repo's tests.
+PINNED = {
+    "Ti/16": 5_717_416, "S/16": 22_050_664, "S/32": 22_878_952, "B/8": 86_576_872, "B/16": 86_567_656,
+    "B/32": 88_224_232, "L/16": 304_326_632, "L/32": 306_535_400, "H/14": 632_045_800,
+    "R50+B/16": 98_659_112, "R26+S/32": 36_431_912,
+}
+
+
+def formula_params(variant: str, num_classes: int = 1000, image_size: int = 224, classifier: str = "token") -> int:
+    """Parameter count written out by hand from the architecture, independent of the Flax code."""
+    v = parse_variant(variant)
+    d, m = v.hidden_size, v.mlp_dim
+    count, c_in, patch = 0, 3, v.patch_size
+    if v.resnet_layers:
+        width = 64
+        count += 7 * 7 * 3 * width + 2 * width  # conv_root + gn_root
+        c_in = width
+        for s, units in enumerate(v.resnet_layers):
+            f = width * 2**s
+            for u in range(units):
+                count += c_in * f + 2 * f + 9 * f * f + 2 * f + f * 4 * f + 2 * 4 * f
+                if u == 0:
+                    count += c_in * 4 * f + 2 * 4 * f  # projection shortcut
+                c_in = 4 * f
+        patch = v.patch_size // resnet_stride(v.resnet_layers)
+    tokens = (image_size // v.patch_size) ** 2 + (classifier == "token")
+    count += patch * patch * c_in * d + d  # embedding
+    count += d * (classifier == "token") + tokens * d  # cls + position embeddings
+    block = 2 * 2 * d + 4 * (d * d + d) + (d * m + m) + (m * d + d)
+    count += v.num_layers * block + 2 * d + d * num_classes + num_classes
+    return count
+
+
+def count_params(model_config, num_classes=1000, image_size=224):
+    model = build_model(model_config, num_classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+
+
+@pytest.mark.parametrize("variant", sorted(PINNED))
+def test_param_count_matches_formula_and_publication(variant):
+    assert formula_params(variant) == PINNED[variant]
+    assert count_params(common.model_config(variant)) == PINNED[variant]
+
+
+def test_gap_drops_class_token_and_its_position():
+    config = common.model_config("B/16")
+    config.classifier = "gap"
+    assert count_params(config) == formula_params("B/16", classifier="gap") == 86_566_120
+
+
+def test_original_checkpoint_names():
+    config = common.model_config("R26+S/32")
+    config.representation_size = 384
+    model = build_model(config, 10)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    names = set(traverse_util.flatten_dict(nn.unbox(shapes["params"]), sep="/"))
+    for name in ["embedding/kernel", "cls", "Transformer/posembed_input/pos_embedding",
+                 "Transformer/encoderblock_11/MultiHeadDotProductAttention_1/query/kernel",
+                 "Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias", "Transformer/encoderblock_0/LayerNorm_2/scale",
+                 "Transformer/encoder_norm/scale", "pre_logits/kernel", "head/kernel", "conv_root/kernel",
+                 "gn_root/scale", "block4/unit2/conv3/kernel", "block1/unit1/conv_proj/kernel",
+                 "block1/unit1/gn_proj/bias"]:
+        assert name in names, name
+    q = traverse_util.flatten_dict(nn.unbox(shapes["params"]), sep="/")[
+        "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"]
+    assert q.shape == (384, 6, 64)
+
+
+def tiny_config(**overrides):
+    config = common.model_config("Ti/16")
+    config.update(dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, patch_size=4, dropout_rate=0.0))
+    config.update(overrides)
+    return config
+
+
+def init_random(model, image_size, seed=0):
+    """Init, then replace every param by noise so the zero head and cls do not hide errors."""
+    params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"])
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("image_size", [224, 384])
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_forward_shapes(image_size, classifier):
+    config = common.model_config("Ti/16")
+    config.classifier = classifier
+    model = build_model(config, 7)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, image_size, image_size, 3))))
+    pos = nn.unbox(variables["params"])["Transformer"]["posembed_input"]["pos_embedding"]
+    assert pos.shape == (1, (image_size // 16) ** 2 + (classifier == "token"), 192)
+    logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, image_size, image_size, 3))), variables)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+
+
+def _layer_norm(x, scale, bias, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def reference_vit(params, images, classifier, patch, num_heads, eps=1e-6):
+    """The ViT forward pass in float64 numpy, written from the paper's equations."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = np.asarray(images, np.float64)
+    b, h, w, c = x.shape
+    gh, gw = h // patch, w // patch
+    patches = x.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
+    kernel = p["embedding"]["kernel"].reshape(-1, p["embedding"]["kernel"].shape[-1])
+    x = patches @ kernel + p["embedding"]["bias"]
+    if classifier == "token":
+        x = np.concatenate([np.broadcast_to(p["cls"], (b, 1, x.shape[-1])), x], axis=1)
+    t = p["Transformer"]
+    x = x + t["posembed_input"]["pos_embedding"]
+    i = 0
+    while f"encoderblock_{i}" in t:
+        blk = t[f"encoderblock_{i}"]
+        y = _layer_norm(x, blk["LayerNorm_0"]["scale"], blk["LayerNorm_0"]["bias"], eps)
+        att = blk["MultiHeadDotProductAttention_1"]
+        q, k, v = (np.einsum("btd,dhk->bthk", y, att[n]["kernel"]) + att[n]["bias"] for n in ("query", "key", "value"))
+        logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        y = np.einsum("bhqt,bthk->bqhk", weights, v)
+        x = x + np.einsum("bqhk,hkd->bqd", y, att["out"]["kernel"]) + att["out"]["bias"]
+        y = _layer_norm(x, blk["LayerNorm_2"]["scale"], blk["LayerNorm_2"]["bias"], eps)
+        mlp = blk["MlpBlock_3"]
+        y = _gelu_tanh(y @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"])
+        x = x + y @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
+        i += 1
+    x = _layer_norm(x, t["encoder_norm"]["scale"], t["encoder_norm"]["bias"], eps)
+    x = x[:, 0] if classifier == "token" else x.mean(1)
+    return x @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_forward_matches_float64_reference(classifier):
+    config = tiny_config(classifier=classifier)
+    model = build_model(config, 5)
+    params = init_random(model, 16)
+    images = jax.random.normal(jax.random.key(3), (3, 16, 16, 3))
+    logits = model.apply({"params": params}, images)
+    expected = reference_vit(params, images, classifier, patch=4, num_heads=2)
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model32 = build_model(tiny_config(), 5)
+    model16 = build_model(tiny_config(dtype="bfloat16"), 5)
+    params = init_random(model32, 16)
+    variables16 = nn.unbox(model16.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables16))
+    images = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+    out32 = model32.apply({"params": params}, images)
+    out16 = model16.apply({"params": params}, images)
+    assert out16.dtype == jnp.float32
+    scale = float(jnp.abs(out32).max())
+    assert float(jnp.abs(out16 - out32).max()) < 0.05 * scale
+    assert float(jnp.abs(out16 - out32).max()) > 0  # bf16 really computed in bf16
+
+
+def test_remat_and_scan_match_plain_model():
+    plain = build_model(tiny_config(), 5)
+    params = init_random(plain, 16)
+    images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    expected = plain.apply({"params": params}, images)
+    remat = build_model(tiny_config(remat=True), 5)
+    np.testing.assert_allclose(remat.apply({"params": params}, images), expected, rtol=1e-5, atol=1e-5)
+    stacked = stack_blocks(params, 2)
+    for flags in (dict(scan=True), dict(scan=True, remat=True)):
+        scanned = build_model(tiny_config(**flags), 5)
+        shapes = nn.unbox(jax.eval_shape(lambda m=scanned: m.init(jax.random.key(0), images))["params"])
+        assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, stacked)
+        np.testing.assert_allclose(scanned.apply({"params": stacked}, images), expected, rtol=1e-5, atol=1e-5)
+    roundtrip = unstack_blocks(stacked)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), roundtrip, params))
+
+
+def test_remat_gradients_match_plain():
+    images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    plain = build_model(tiny_config(), 5)
+    params = init_random(plain, 16)
+
+    def grads(model, p):
+        return jax.grad(lambda q: model.apply({"params": q}, images).sum())(p)
+
+    g_plain = grads(plain, params)
+    g_remat = grads(build_model(tiny_config(remat=True), 5), params)
+    g_scan = unstack_blocks(grads(build_model(tiny_config(scan=True, remat=True), 5), stack_blocks(params, 2)))
+    for g in (g_remat, g_scan):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_plain)
+
+
+def test_stochastic_depth_and_dropout_only_in_training():
+    model = build_model(tiny_config(stochastic_depth=0.5, dropout_rate=0.1), 5)
+    params = init_random(model, 16)
+    images = jax.random.normal(jax.random.key(3), (8, 16, 16, 3))
+    eval_a = model.apply({"params": params}, images)
+    eval_b = model.apply({"params": params}, images)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train = [model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(s)}) for s in (0, 1)]
+    assert not np.allclose(train[0], train[1])
+    assert not np.allclose(train[0], eval_a)
+
+
+def test_hybrid_forward_and_stride():
+    config = tiny_config(resnet_layers=(1, 1), patch_size=8)  # trunk stride 8 -> 1x1 embedding patches
+    model = build_model(config, 3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    params = nn.unbox(variables["params"])
+    assert params["embedding"]["kernel"].shape == (1, 1, 512, 32)
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 17, 32)
+    logits = model.apply({"params": params}, jax.random.normal(jax.random.key(1), (2, 32, 32, 3)))
+    assert logits.shape == (2, 3) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_attention_capture_returns_probabilities():
+    model = build_model(tiny_config(), 5, capture_attention=True)
+    params = init_random(model, 16)
+    images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    logits, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    plain = build_model(tiny_config(), 5).apply({"params": params}, images)
+    np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-5)
+    att = state["intermediates"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["attention"][0]
+    assert att.shape == (2, 2, 17, 17)
+    np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-5)

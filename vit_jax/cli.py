@@ -1,0 +1,39 @@
+"""Shared plumbing of the `python -m vit_jax.*` commands: bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+from vit_jax.errors import UserError
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl flag parsing where an unknown or ill-typed flag or config override is a one-line error."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        message = f"unknown config field {e.args[0]}" if isinstance(e, KeyError) and e.args else str(e)
+        _fail(" ".join(str(message).split()))
+    raise AssertionError("unreachable")
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """`absl.app.run(main)`, with flag errors and `UserError`s reported in one line and exit code 2."""
+
+    def guarded(argv: Sequence[str]) -> None:
+        try:
+            main(argv)
+        except UserError as e:
+            _fail(str(e))
+
+    app.run(guarded, flags_parser=_parse_flags)

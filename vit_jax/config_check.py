@@ -1,0 +1,121 @@
+"""Validate a run config before anything is compiled: each error names the field, the value, and what is valid."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from vit_jax.errors import UserError
+from vit_jax.models.variants import resnet_stride
+
+CLASSIFIERS = ("token", "gap")
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("linear", "cosine")
+LABEL_KINDS = ("single", "multi")
+MESH_AXES = ("data", "fsdp", "model")
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot work; the message names the field, its value and what would be valid."""
+
+
+def _fail(field: str, value, valid: str) -> None:
+    raise ConfigError(f"config.{field}={value!r} is invalid: {valid}")
+
+
+def _positive_int(config: ml_collections.ConfigDict, field: str) -> int:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(field, value, "expected a positive integer")
+    return value
+
+
+def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Sizes of the (data, fsdp, model) axes, with the one -1 entry given all remaining devices."""
+    sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or (size <= 0 and size != -1):
+            _fail(f"mesh.{axis}", size, "expected a positive integer or -1 (all remaining devices)")
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        _fail(f"mesh.{free[1]}", -1, f"only one mesh axis may be -1, but {free} all are")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if num_devices % fixed:
+        _fail("mesh", dict(sizes), f"the fixed axis sizes multiply to {fixed}, which does not divide the "
+              f"{num_devices} available devices")
+    if free:
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        _fail("mesh", dict(sizes), f"the axis sizes multiply to {fixed} but there are {num_devices} devices; "
+              "set one axis to -1 or make the product equal the device count")
+    return sizes
+
+
+def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
+    """Architecture checks: sizes, heads, patch vs image size, classifier, dtype."""
+    for field in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size"):
+        _positive_int(model, field)
+    if model.hidden_size % model.num_heads:
+        _fail("model.num_heads", model.num_heads, f"must divide model.hidden_size={model.hidden_size}")
+    if model.classifier not in CLASSIFIERS:
+        _fail("model.classifier", model.classifier, f"expected one of {CLASSIFIERS}")
+    if model.dtype not in DTYPES:
+        _fail("model.dtype", model.dtype, f"expected one of {DTYPES}")
+    if isinstance(model.representation_size, bool) or not isinstance(model.representation_size, int) \
+            or model.representation_size < 0:
+        _fail("model.representation_size", model.representation_size, "expected 0 (none) or a positive integer")
+    for field in ("dropout_rate", "attention_dropout_rate", "stochastic_depth"):
+        if not 0.0 <= model[field] < 1.0:
+            _fail(f"model.{field}", model[field], "expected a rate in [0, 1)")
+    if model.resnet_layers:
+        if any(not isinstance(n, int) or n <= 0 for n in model.resnet_layers):
+            _fail("model.resnet_layers", model.resnet_layers, "expected positive units per stage, e.g. (3, 4, 9)")
+        stride = resnet_stride(tuple(model.resnet_layers))
+        if model.patch_size % stride:
+            _fail("model.patch_size", model.patch_size,
+                  f"a hybrid with {len(model.resnet_layers)} ResNet stages needs a multiple of its stride {stride}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        _fail("image_size", image_size, "expected a positive integer")
+    if image_size % model.patch_size:
+        valid = [s for s in range(max(model.patch_size, image_size - 4 * model.patch_size),
+                                  image_size + 4 * model.patch_size) if s % model.patch_size == 0][:6]
+        _fail("image_size", image_size, f"must be divisible by model.patch_size={model.patch_size} "
+              f"(e.g. {valid})")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Check a whole run config against `num_devices`; returns the resolved mesh shape."""
+    validate_model(config.model, config.image_size)
+    _positive_int(config, "num_classes")
+    if config.label_kind not in LABEL_KINDS:
+        _fail("label_kind", config.label_kind, f"expected one of {LABEL_KINDS}")
+    if config.optimizer.name not in OPTIMIZERS:
+        _fail("optimizer.name", config.optimizer.name, f"expected one of {OPTIMIZERS}")
+    if config.optimizer.schedule not in SCHEDULES:
+        _fail("optimizer.schedule", config.optimizer.schedule, f"expected one of {SCHEDULES}")
+    if not config.optimizer.lr > 0:
+        _fail("optimizer.lr", config.optimizer.lr, "expected a positive learning rate")
+    for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "eval_every", "checkpoint_every",
+                  "keep_checkpoints"):
+        _positive_int(config, field)
+    if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
+        _fail("total_steps", config.total_steps, "expected a positive step count, or 0 with num_epochs > 0")
+    mesh = resolve_mesh_shape(config.mesh, num_devices)
+    batch_devices = mesh["data"] * mesh["fsdp"]
+    if config.batch_size % config.accum_steps:
+        _fail("batch_size", config.batch_size, f"must be divisible by accum_steps={config.accum_steps}")
+    micro_batch = config.batch_size // config.accum_steps
+    if micro_batch % batch_devices:
+        _fail("batch_size", config.batch_size,
+              f"each micro-batch (batch_size / accum_steps = {micro_batch}) must split evenly over the "
+              f"{batch_devices} data x fsdp devices; use a multiple of {batch_devices * config.accum_steps}")
+    if config.eval_batch_size % batch_devices:
+        _fail("eval_batch_size", config.eval_batch_size,
+              f"must split evenly over the {batch_devices} data x fsdp devices; use a multiple of {batch_devices}")
+    if config.model.num_heads % mesh["model"]:
+        _fail("mesh.model", mesh["model"], f"tensor parallelism must divide model.num_heads={config.model.num_heads}")
+    return mesh

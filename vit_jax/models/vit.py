@@ -1,0 +1,309 @@
+"""Vision Transformer (Dosovitskiy et al., 2020) with the parameter names of the original checkpoints.
+
+Tree: `embedding` (patch conv), `cls`, `Transformer/posembed_input/pos_embedding`,
+`Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1/{query,key,value,out},
+LayerNorm_2, MlpBlock_3/{Dense_0,Dense_1}}`, `Transformer/encoder_norm`, `pre_logits`, `head`;
+hybrids add the BiT trunk (`conv_root`, `gn_root`, `block{s}/...`) at the top. With `scan=True` the
+blocks are one `Transformer/encoderblock/...` whose arrays are stacked over depth on axis 0
+(`stack_blocks` / `unstack_blocks` convert).
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `classes`, ...), which
+`vit_jax.sharding` maps onto mesh axes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax.models.resnet import resnet_trunk
+from vit_jax.models.variants import resnet_stride
+
+Array = jax.Array
+_xavier = nn.initializers.xavier_uniform()
+
+
+def _init(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _constrain(x: Array) -> Array:
+    """Pin a (batch, tokens, embed) activation's layout; a no-op outside a mesh with axis rules."""
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> dropout -> Dense -> dropout."""
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    gelu_approximate: bool = True
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bias_init = nn.initializers.normal(stddev=1e-6)
+        features = x.shape[-1]
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_init(_xavier, ("embed", "mlp")),
+                     bias_init=_init(bias_init, ("mlp",)), name="Dense_0")(x)
+        y = nn.gelu(y, approximate=self.gelu_approximate)
+        y = nn.with_logical_constraint(y, ("activation_batch", "activation_length", "activation_mlp"))
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+        y = nn.Dense(features, dtype=self.dtype, kernel_init=_init(_xavier, ("mlp", "embed")),
+                     bias_init=_init(bias_init, ("embed",)), name="Dense_1")(y)
+        return nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Self-attention with per-head query/key/value/out kernels shaped like the original checkpoints.
+
+    Runs through `jax.nn.dot_product_attention` (fused kernels on GPU/TPU); with attention dropout in
+    training, or when the probabilities are asked for (`capture_attention`), it computes them explicitly.
+    """
+
+    num_heads: int
+    attention_dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+    capture_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        if features % self.num_heads:
+            raise ValueError(f"hidden size {features} is not divisible by num_heads {self.num_heads}")
+        head_dim = features // self.num_heads
+        proj = functools.partial(
+            nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
+            kernel_init=_init(_xavier, ("embed", "heads", "kv")),
+            bias_init=_init(nn.initializers.zeros, ("heads", "kv")))
+        query = proj(name="query")(x)
+        key = proj(name="key")(x)
+        value = proj(name="value")(x)
+        use_dropout = self.attention_dropout_rate > 0 and not self.deterministic
+        if use_dropout or self.capture_attention:
+            scale = 1.0 / np.sqrt(head_dim).astype(np.float32)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", query * scale.astype(query.dtype), key)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            self.sow("intermediates", "attention", weights)
+            weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=not use_dropout)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+        else:
+            out = jax.nn.dot_product_attention(query, key, value)
+        return nn.DenseGeneral(
+            features, axis=(-2, -1), dtype=self.dtype,
+            kernel_init=_init(_xavier, ("heads", "kv", "embed")),
+            bias_init=_init(nn.initializers.zeros, ("embed",)), name="out")(out)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)), each branch with stochastic depth."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    use_stochastic_depth: bool = False
+    gelu_approximate: bool = True
+    layernorm_epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+    capture_attention: bool = False
+
+    def _drop_path(self, y: Array, rate: Array | float) -> Array:
+        """Drop the whole residual branch per example with probability `rate` (rescaling the kept ones)."""
+        if not self.use_stochastic_depth or self.deterministic:
+            return y
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+        return jnp.where(mask, y / keep, jnp.zeros_like(y)).astype(y.dtype)
+
+    @nn.compact
+    def __call__(self, x: Array, drop_rate: Array | float = 0.0) -> Array:
+        norm = functools.partial(
+            nn.LayerNorm, epsilon=self.layernorm_epsilon, dtype=self.dtype,
+            scale_init=_init(nn.initializers.ones, ("embed",)), bias_init=_init(nn.initializers.zeros, ("embed",)))
+        y = norm(name="LayerNorm_0")(x)
+        y = MultiHeadDotProductAttention(
+            self.num_heads, self.attention_dropout_rate, self.dtype, self.deterministic, self.capture_attention,
+            name="MultiHeadDotProductAttention_1")(y)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+        x = _constrain(x + self._drop_path(y, drop_rate))
+        y = norm(name="LayerNorm_2")(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, self.dtype, self.deterministic,
+                     name="MlpBlock_3")(y)
+        return _constrain(x + self._drop_path(y, drop_rate))
+
+
+class _ScannedBlock(EncoderBlock):
+    """EncoderBlock in nn.scan's (carry, x) -> (carry, y) form; the per-layer drop rate is scanned."""
+
+    def __call__(self, x: Array, drop_rate: Array) -> tuple[Array, None]:  # type: ignore[override]
+        return super().__call__(x, drop_rate), None
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds learned 1-D position embeddings (one per token, the class token's included)."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        pos_embedding = self.param(
+            "pos_embedding", _init(nn.initializers.normal(stddev=0.02), (None, None, "embed")),
+            (1, x.shape[1], x.shape[2]), jnp.float32)
+        return x + jnp.asarray(pos_embedding, x.dtype)
+
+
+class Encoder(nn.Module):
+    """Position embeddings, `num_layers` encoder blocks (optionally remat / scan), final LayerNorm."""
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    stochastic_depth: float = 0.0
+    gelu_approximate: bool = True
+    layernorm_epsilon: float = 1e-6
+    remat: bool = False
+    scan: bool = False
+    dtype: Any = jnp.float32
+    capture_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        x = AddPositionEmbs(name="posembed_input")(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        x = _constrain(x)
+        # Stochastic depth grows linearly from 0 at the first block to `stochastic_depth` at the last.
+        drop_rates = np.linspace(0.0, self.stochastic_depth, self.num_layers, dtype=np.float32)
+        block_args = dict(
+            num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate, use_stochastic_depth=self.stochastic_depth > 0,
+            gelu_approximate=self.gelu_approximate, layernorm_epsilon=self.layernorm_epsilon, dtype=self.dtype,
+            deterministic=not train, capture_attention=self.capture_attention)
+        if self.scan:
+            block_cls = nn.remat(_ScannedBlock) if self.remat else _ScannedBlock
+            scanned = nn.scan(
+                block_cls, variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True}, length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = scanned(**block_args, name="encoderblock")(x, jnp.asarray(drop_rates))
+        else:
+            block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+            for i in range(self.num_layers):
+                x = block_cls(**block_args, name=f"encoderblock_{i}")(x, float(drop_rates[i]))
+        return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="encoder_norm",
+                            scale_init=_init(nn.initializers.ones, ("embed",)),
+                            bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier: patch embedding (after an optional BiT trunk), encoder, token/GAP pooling, head.
+
+    `__call__` returns float32 logits; the pooled pre-logits and encoded tokens are sown under
+    `intermediates` for analysis (`mutable=["intermediates"]`).
+    """
+
+    num_classes: int
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    classifier: str = "token"
+    representation_size: int = 0
+    resnet_layers: tuple[int, ...] = ()
+    resnet_width: int = 1
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    stochastic_depth: float = 0.0
+    gelu_approximate: bool = True
+    layernorm_epsilon: float = 1e-6
+    head_bias_init: float = 0.0
+    dtype: Any = jnp.float32
+    remat: bool = False
+    scan: bool = False
+    capture_attention: bool = False
+
+    @nn.compact
+    def __call__(self, images: Array, *, train: bool = False) -> Array:
+        if self.classifier not in ("token", "gap"):
+            raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+        x = images.astype(self.dtype)
+        embed_patch = self.patch_size
+        if self.resnet_layers:
+            x = resnet_trunk(x, self.resnet_layers, 64 * self.resnet_width, self.dtype)
+            embed_patch = self.patch_size // resnet_stride(tuple(self.resnet_layers))
+        x = nn.Conv(self.hidden_size, (embed_patch, embed_patch), strides=(embed_patch, embed_patch),
+                    padding="VALID", dtype=self.dtype, name="embedding",
+                    kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                    bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
+        batch, height, width, channels = x.shape
+        x = jnp.reshape(x, (batch, height * width, channels))
+        if self.classifier == "token":
+            cls = self.param("cls", _init(nn.initializers.zeros, (None, None, "embed")), (1, 1, channels))
+            x = jnp.concatenate([jnp.tile(jnp.asarray(cls, x.dtype), (batch, 1, 1)), x], axis=1)
+
+        encoder = Encoder(
+            self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_dropout_rate,
+            self.stochastic_depth, self.gelu_approximate, self.layernorm_epsilon, self.remat, self.scan,
+            self.dtype, self.capture_attention, name="Transformer")
+        x = encoder(x, train=train)
+        self.sow("intermediates", "encoded", x)
+        x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+
+        if self.representation_size:
+            x = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits",
+                         kernel_init=_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                         bias_init=_init(nn.initializers.zeros, ("mlp",)))(x)
+            x = jnp.tanh(x)
+        self.sow("intermediates", "pre_logits", x)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                          kernel_init=_init(nn.initializers.zeros, ("embed", "classes")),
+                          bias_init=_init(nn.initializers.constant(self.head_bias_init), ("classes",)))(x)
+        return logits.astype(jnp.float32)
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> VisionTransformer:
+    """The VisionTransformer a config's `model` section describes, with `num_classes` outputs."""
+    m = model_config
+    kwargs = dict(
+        num_classes=num_classes, patch_size=m.patch_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_heads=m.num_heads, mlp_dim=m.mlp_dim, classifier=m.classifier,
+        representation_size=m.representation_size, resnet_layers=tuple(m.resnet_layers),
+        resnet_width=m.resnet_width, dropout_rate=m.dropout_rate, attention_dropout_rate=m.attention_dropout_rate,
+        stochastic_depth=m.stochastic_depth, gelu_approximate=m.gelu_approximate,
+        layernorm_epsilon=m.layernorm_epsilon, head_bias_init=m.head_bias_init, dtype=jnp.dtype(m.dtype),
+        remat=m.remat, scan=m.scan)
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
+
+
+def stack_blocks(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Per-block params (`encoderblock_{i}`) -> one `encoderblock` stacked over depth (the scan layout)."""
+    params = jax.tree.map(lambda a: a, dict(params))
+    transformer = dict(params["Transformer"])
+    blocks = [transformer.pop(f"encoderblock_{i}") for i in range(num_layers)]
+    transformer["encoderblock"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    params["Transformer"] = transformer
+    return params
+
+
+def unstack_blocks(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The scan layout (`encoderblock` stacked on axis 0) -> per-block `encoderblock_{i}` params."""
+    params = dict(params)
+    transformer = dict(params["Transformer"])
+    stacked = transformer.pop("encoderblock")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        transformer[f"encoderblock_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    params["Transformer"] = transformer
+    return params
