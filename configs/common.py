@@ -41,6 +41,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype; params stay float32. "bfloat16" on TPU/GPU.
     m.remat = False  # recompute each block's activations in the backward pass
     m.scan = False  # nn.scan over blocks (one compiled block; params stacked as encoderblock/...)
+    # Axial-ViT (paper appendix D.3): each block = row attention + MLP, then column attention + MLP over the
+    # patch grid (vit_jax/models/axial.py). Needs classifier="gap": axial models have no class token.
+    m.axial = False
     # Numerics of the weights' origin: the original checkpoints use tanh-approximate GELU and LN eps 1e-6.
     m.gelu_approximate = True
     m.layernorm_epsilon = 1e-6
@@ -104,6 +107,16 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.model = 1
+
+    # Training objective: "classification" (labels) or "masked_patch_prediction" (the paper's self-supervised
+    # pre-training, vit_jax/masked_patch.py: labels unused; fine-tune afterwards with "classification").
+    c.objective = "classification"
+    c.masked_patch = ml_collections.ConfigDict()
+    c.masked_patch.corrupt_fraction = 0.5  # of each image's patches, corrupted and predicted
+    c.masked_patch.mask_fraction = 0.8  # of the corrupted: replaced by the learnable mask embedding
+    c.masked_patch.random_fraction = 0.1  # of the corrupted: replaced by another patch of the same image
+    # (the rest, 0.1, keep their embedding but are still predicted)
+    c.masked_patch.colour_bits = 3  # target: mean colour per patch, this many bits per channel (3 -> 512 classes)
 
     c.pretrained = ""  # path of a checkpoint to start from (.npz, timm/HF, orbax); "" = from scratch
     c.profile_steps = 0  # >0: write a profiler trace of this many steps after the first log

@@ -2,7 +2,9 @@
 
 Prints the parameter count, forward GFLOPs per image counted analytically (multiply-adds x 2 of every
 matmul and convolution) and cross-checked against XLA's cost analysis of the lowered forward pass, and a
-per-layer table. Shapes come from `jax.eval_shape`, so nothing is allocated: ViT-H/14 takes seconds.
+per-layer table. Axial-ViT (`--config.model.axial=True`) is counted block by block: two dense halves per
+block, attention within rows and columns only. Shapes come from `jax.eval_shape`, so nothing is allocated:
+ViT-H/14 takes seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vit_jax import cli, config_check
+from vit_jax.models import axial
 from vit_jax.models.variants import resnet_stride
 from vit_jax.models.vit import build_model
 
@@ -93,7 +96,10 @@ def layer_table(config: ml_collections.ConfigDict) -> list[LayerRow]:
     transformer = params["Transformer"]
     rows.append(LayerRow("Transformer/posembed_input", _count(transformer["posembed_input"]), 0.0))
     d, mlp = m.hidden_size, m.mlp_dim
-    block_flops = 2.0 * (4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * mlp)
+    if m.axial:
+        block_flops = axial.block_flops((grid, grid), d, mlp)
+    else:
+        block_flops = 2.0 * (4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * mlp)
     for i in range(m.num_layers):
         block = (jax.tree.map(lambda a, i=i: a[i], transformer["encoderblock"]) if m.scan
                  else transformer[f"encoderblock_{i}"])
@@ -126,6 +132,7 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
     analytic = sum(r.flops for r in rows)
     return {
         "variant": config.model.variant,
+        "axial": bool(config.model.axial),
         "image_size": config.image_size,
         "num_classes": config.num_classes,
         "params": sum(r.params for r in rows),
@@ -142,7 +149,8 @@ def format_table(summary: dict) -> str:
         lines.append(f"{row['name']:<36} {row['params']:>14,} {row['flops'] / 1e9:>10.3f}")
     lines.append("-" * 62)
     lines.append(f"{'total':<36} {summary['params']:>14,} {summary['gflops_per_image']:>10.3f}")
-    lines.append(f"variant {summary['variant']} at {summary['image_size']}px, {summary['num_classes']} classes; "
+    variant = ("Axial-" if summary["axial"] else "") + summary["variant"]
+    lines.append(f"variant {variant} at {summary['image_size']}px, {summary['num_classes']} classes; "
                  f"XLA cost analysis: {summary['xla_gflops_per_image']:.3f} GFLOPs/image (forward, incl. "
                  "elementwise ops)")
     return "\n".join(lines)

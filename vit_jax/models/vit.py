@@ -7,6 +7,11 @@ hybrids add the BiT trunk (`conv_root`, `gn_root`, `block{s}/...`) at the top. W
 blocks are one `Transformer/encoderblock/...` whose arrays are stacked over depth on axis 0
 (`stack_blocks` / `unstack_blocks` convert).
 
+Two switches change the model for the paper's side experiments, both off by default (tree unchanged):
+`axial=True` makes every encoder block an Axial-ViT block (`vit_jax.models.axial`); `masked_patch_classes > 0`
+adds a learnable `mask_embedding` and a per-token `masked_patch_head` in place of pooling, `pre_logits` and
+`head`, for masked patch prediction (`vit_jax.masked_patch`).
+
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `classes`, ...), which
 `vit_jax.sharding` maps onto mesh axes.
 """
@@ -176,6 +181,8 @@ class Encoder(nn.Module):
     scan: bool = False
     dtype: Any = jnp.float32
     capture_attention: bool = False
+    axial: bool = False  # Axial-ViT blocks over a patch grid of `grid_shape` (vit_jax.models.axial)
+    grid_shape: tuple[int, int] = (0, 0)
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -189,15 +196,22 @@ class Encoder(nn.Module):
             attention_dropout_rate=self.attention_dropout_rate, use_stochastic_depth=self.stochastic_depth > 0,
             gelu_approximate=self.gelu_approximate, layernorm_epsilon=self.layernorm_epsilon, dtype=self.dtype,
             deterministic=not train, capture_attention=self.capture_attention)
+        block, scanned_block = EncoderBlock, _ScannedBlock
+        if self.axial:
+            # Imported here: axial.py builds on EncoderBlock from this module.
+            from vit_jax.models.axial import AxialEncoderBlock, ScannedAxialEncoderBlock
+
+            block, scanned_block = AxialEncoderBlock, ScannedAxialEncoderBlock
+            block_args["grid_shape"] = tuple(self.grid_shape)
         if self.scan:
-            block_cls = nn.remat(_ScannedBlock) if self.remat else _ScannedBlock
+            block_cls = nn.remat(scanned_block) if self.remat else scanned_block
             scanned = nn.scan(
                 block_cls, variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True}, length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = scanned(**block_args, name="encoderblock")(x, jnp.asarray(drop_rates))
         else:
-            block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+            block_cls = nn.remat(block) if self.remat else block
             for i in range(self.num_layers):
                 x = block_cls(**block_args, name=f"encoderblock_{i}")(x, float(drop_rates[i]))
         return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype, name="encoder_norm",
@@ -209,7 +223,9 @@ class VisionTransformer(nn.Module):
     """ViT classifier: patch embedding (after an optional BiT trunk), encoder, token/GAP pooling, head.
 
     `__call__` returns float32 logits; the pooled pre-logits and encoded tokens are sown under
-    `intermediates` for analysis (`mutable=["intermediates"]`).
+    `intermediates` for analysis (`mutable=["intermediates"]`). With `masked_patch_classes > 0` it returns
+    per-patch logits (batch, patches, masked_patch_classes) instead, and takes the corruption of the patch
+    embeddings as `patch_source` / `patch_mask` (see `corrupt_patches`).
     """
 
     num_classes: int
@@ -232,11 +248,20 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     scan: bool = False
     capture_attention: bool = False
+    axial: bool = False
+    masked_patch_classes: int = 0
 
     @nn.compact
-    def __call__(self, images: Array, *, train: bool = False) -> Array:
+    def __call__(self, images: Array, *, train: bool = False, patch_source: Array | None = None,
+                 patch_mask: Array | None = None) -> Array:
         if self.classifier not in ("token", "gap"):
             raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+        if self.axial and self.classifier != "gap":
+            raise ValueError(f"axial=True needs classifier='gap' (got {self.classifier!r}): the class token has no "
+                             "row or column in the patch grid; see vit_jax/models/axial.py")
+        if not self.masked_patch_classes and (patch_source is not None or patch_mask is not None):
+            raise ValueError("patch_source / patch_mask corrupt patches for masked patch prediction; build the model "
+                             "with masked_patch_classes > 0 (vit_jax.masked_patch.build_pretraining_model)")
         x = images.astype(self.dtype)
         embed_patch = self.patch_size
         if self.resnet_layers:
@@ -248,6 +273,11 @@ class VisionTransformer(nn.Module):
                     bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
         batch, height, width, channels = x.shape
         x = jnp.reshape(x, (batch, height * width, channels))
+        if self.masked_patch_classes:
+            mask_embedding = self.param(
+                "mask_embedding", _init(nn.initializers.normal(stddev=0.02), (None, None, "embed")),
+                (1, 1, channels), jnp.float32)
+            x = corrupt_patches(x, jnp.asarray(mask_embedding, x.dtype), patch_source, patch_mask)
         if self.classifier == "token":
             cls = self.param("cls", _init(nn.initializers.zeros, (None, None, "embed")), (1, 1, channels))
             x = jnp.concatenate([jnp.tile(jnp.asarray(cls, x.dtype), (batch, 1, 1)), x], axis=1)
@@ -255,9 +285,15 @@ class VisionTransformer(nn.Module):
         encoder = Encoder(
             self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_dropout_rate,
             self.stochastic_depth, self.gelu_approximate, self.layernorm_epsilon, self.remat, self.scan,
-            self.dtype, self.capture_attention, name="Transformer")
+            self.dtype, self.capture_attention, self.axial, (height, width), name="Transformer")
         x = encoder(x, train=train)
         self.sow("intermediates", "encoded", x)
+        if self.masked_patch_classes:
+            patches = x[:, 1:] if self.classifier == "token" else x
+            logits = nn.Dense(self.masked_patch_classes, dtype=self.dtype, name="masked_patch_head",
+                              kernel_init=_init(nn.initializers.zeros, ("embed", "classes")),
+                              bias_init=_init(nn.initializers.zeros, ("classes",)))(patches)
+            return logits.astype(jnp.float32)
         x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
 
         if self.representation_size:
@@ -272,6 +308,21 @@ class VisionTransformer(nn.Module):
         return logits.astype(jnp.float32)
 
 
+def corrupt_patches(tokens: Array, mask_embedding: Array, patch_source: Array | None,
+                    patch_mask: Array | None) -> Array:
+    """Patch token j of each image becomes its patch `patch_source[:, j]`, then `mask_embedding` where `patch_mask`.
+
+    `tokens` (batch, patches, embed); `patch_source` (batch, patches) int, the identity where a patch is not
+    swapped; `patch_mask` (batch, patches) bool. Swaps stay within an image, so a batch-sharded array needs
+    no communication.
+    """
+    if patch_source is not None:
+        tokens = jnp.take_along_axis(tokens, patch_source.astype(jnp.int32)[..., None], axis=1)
+    if patch_mask is not None:
+        tokens = jnp.where(patch_mask[..., None], mask_embedding, tokens)
+    return tokens
+
+
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> VisionTransformer:
     """The VisionTransformer a config's `model` section describes, with `num_classes` outputs."""
     m = model_config
@@ -282,7 +333,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, **ove
         resnet_width=m.resnet_width, dropout_rate=m.dropout_rate, attention_dropout_rate=m.attention_dropout_rate,
         stochastic_depth=m.stochastic_depth, gelu_approximate=m.gelu_approximate,
         layernorm_epsilon=m.layernorm_epsilon, head_bias_init=m.head_bias_init, dtype=jnp.dtype(m.dtype),
-        remat=m.remat, scan=m.scan)
+        remat=m.remat, scan=m.scan, axial=m.axial)
     kwargs.update(overrides)
     return VisionTransformer(**kwargs)
 
