@@ -1,0 +1,124 @@
+"""`vit_jax.visualize`: image loading, the PNGs it draws (files and pixel sizes), and the command line."""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common
+from tests.test_analysis import random_params, tiny_model_config
+from vit_jax import visualize
+from vit_jax.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_run_config(**model_overrides):
+    config = common.get_config("Ti/16")
+    config.model = tiny_model_config(**model_overrides)
+    config.image_size, config.num_classes = 16, 5
+    return config
+
+
+def png_size(path):
+    assert path.is_file() and path.stat().st_size > 0, path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_load_image_resizes_to_image_size_and_scales_to_unit_range(tmp_path):
+    pixels = np.zeros((30, 50, 3), np.uint8)
+    pixels[..., 0] = 255  # pure red, any size: resizing keeps it red
+    pixels[..., 2] = 51
+    Image.fromarray(pixels).save(tmp_path / "red.png")
+    image = visualize.load_image(tmp_path / "red.png", 16)
+    assert image.shape == (16, 16, 3) and image.dtype == np.float32
+    np.testing.assert_allclose(image[..., 0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(image[..., 1], -1.0, atol=1e-6)
+    np.testing.assert_allclose(image[..., 2], 51 / 127.5 - 1, atol=1e-6)
+
+
+def test_load_image_crops_the_centre_with_eval_crop_fraction(tmp_path):
+    pixels = np.zeros((20, 20), np.uint8)
+    pixels[5:15, 5:15] = 255  # white centre half, black border
+    Image.fromarray(pixels).convert("RGB").save(tmp_path / "centre.png")
+    image = visualize.load_image(tmp_path / "centre.png", 10, crop_fraction=0.5)
+    assert image.shape == (10, 10, 3)
+    np.testing.assert_allclose(image, 1.0, atol=1e-6)  # only the white centre is left
+    np.testing.assert_allclose(visualize.load_image(tmp_path / "centre.png", 20)[0, 0], -1.0, atol=1e-6)
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="notes.txt.*not an image"):
+        visualize.load_image(tmp_path / "notes.txt", 16)
+    with pytest.raises(UserError, match="missing.png.*no such file"):
+        visualize.load_image(tmp_path / "missing.png", 16)
+
+
+def test_sample_images_are_preprocessed_photos():
+    images = visualize.sample_images(32)
+    assert [name for name, _ in images] == list(visualize.SAMPLE_IMAGES)
+    for _, image in images:
+        assert image.shape == (32, 32, 3) and -1.0 <= image.min() < image.max() <= 1.0
+
+
+def test_render_figures_writes_every_png_at_its_size(tmp_path):
+    config = tiny_run_config()
+    images = [("a", np.full((16, 16, 3), 0.5, np.float32)), ("a", visualize.sample_images(16)[0][1])]
+    written = visualize.render_figures(config, random_params(config.model), images, tmp_path / "out",
+                                       num_components=28)
+    names = sorted(path.name for path in written)
+    assert names == ["attention_distance.png", "embedding_filters.png", "position_embedding_similarity.png",
+                     "rollout_00_a.png", "rollout_01_a.png"]
+    expected = {"attention_distance.png": visualize.DISTANCE_SIZE, "embedding_filters.png": visualize.FILTERS_SIZE,
+                "position_embedding_similarity.png": visualize.SIMILARITY_SIZE,
+                "rollout_00_a.png": visualize.ROLLOUT_SIZE, "rollout_01_a.png": visualize.ROLLOUT_SIZE}
+    for path in written:
+        assert png_size(path) == visualize.figure_pixels(expected[path.name])
+    assert visualize.figure_pixels(visualize.ROLLOUT_SIZE) == (900, 320)
+    # The figures are drawn, not blank: the rollout PNG holds many colours.
+    with Image.open(tmp_path / "out" / "rollout_01_a.png") as image:
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 100
+
+
+def test_render_figures_for_gap_and_axial_models(tmp_path):
+    gap = tiny_run_config(classifier="gap")
+    written = visualize.render_figures(gap, random_params(gap.model), [("x", np.zeros((16, 16, 3)))], tmp_path / "g")
+    assert {p.name for p in written} == {"rollout_x.png", "attention_distance.png",
+                                         "position_embedding_similarity.png", "embedding_filters.png"}
+    axial = tiny_run_config(classifier="gap", axial=True)
+    written = visualize.render_figures(axial, random_params(axial.model), [("x", np.zeros((16, 16, 3)))],
+                                       tmp_path / "a")
+    assert {p.name for p in written} == {"position_embedding_similarity.png", "embedding_filters.png"}
+
+
+def test_render_figures_for_hybrid_skips_rgb_filters_but_draws_attention(tmp_path):
+    hybrid = tiny_run_config(resnet_layers=(1, 1), patch_size=8)  # trunk stride 8 -> 1x1 embedding patches
+    written = visualize.render_figures(hybrid, random_params(hybrid.model), [("x", np.zeros((16, 16, 3)))], tmp_path)
+    assert {p.name for p in written} == {"rollout_x.png", "attention_distance.png", "position_embedding_similarity.png"}
+
+
+def test_render_figures_rejects_position_embeddings_of_another_size(tmp_path):
+    config = tiny_run_config()
+    params = random_params(config.model, image_size=24)  # a 6x6 grid
+    with pytest.raises(UserError, match="36 patches.*image_size=24"):
+        visualize.render_figures(config, params, [], tmp_path)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "vit_jax.visualize", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_non_image_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = run_cli("--config=configs/demo.py", f"--checkpoint={tmp_path / 'none.npz'}", f"--out={tmp_path}",
+                     str(tmp_path / "notes.txt"))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "notes.txt" in lines[0] and "not an image" in lines[0]

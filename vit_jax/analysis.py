@@ -1,0 +1,171 @@
+"""The data behind the ViT paper's analysis figures (Dosovitskiy et al., 2020, Figures 6, 7 and 14).
+
+Pure functions of a model's parameters and attention maps, returning NumPy arrays that `vit_jax.visualize`
+draws:
+
+- `attention_rollout` / `rollout_mask`: attention rollout (Abnar & Zuidema, 2020), Figures 6 and 14.
+- `attention_distance`: mean attention distance per head, Figure 7 (right).
+- `position_embedding_similarity`: cosine similarity between position embeddings, Figure 7 (centre).
+- `embedding_filter_components`: principal components of the patch-embedding filters, Figure 7 (left).
+
+`capture_attention` runs a model once and returns its attention probabilities, layer by layer.
+Attention arrays are (batch, heads, tokens, tokens): row q holds query q's weights over the keys. The first
+`num_prefix_tokens` tokens (the class token, when the classifier is "token") have no place in the patch grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from vit_jax.models.vit import build_model, unstack_blocks
+
+
+def num_prefix_tokens(model_config: ml_collections.ConfigDict) -> int:
+    """Tokens before the patches: 1 (the class token) for classifier "token", 0 for "gap"."""
+    return 1 if model_config.classifier == "token" else 0
+
+
+def square_grid(num_patches: int) -> tuple[int, int]:
+    """The (rows, columns) of a square patch grid of `num_patches` patches."""
+    side = int(round(np.sqrt(num_patches)))
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patches do not form a square grid")
+    return side, side
+
+
+def capture_attention(model_config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                      images: np.ndarray | jax.Array) -> list[np.ndarray]:
+    """Attention probabilities of every encoder block for `images` (batch, S, S, 3) in [-1, 1].
+
+    Returns one float32 array (batch, heads, tokens, tokens) per layer, first layer first. Params may be in
+    the per-block or the scan layout. The model runs in float32 whatever `model_config.dtype` says: the
+    figures are about the weights, not about throughput.
+    """
+    if model_config.axial:
+        raise ValueError("an Axial-ViT attends within rows and columns only; attention rollout and mean attention "
+                         "distance are defined for full self-attention (model.axial=False)")
+    params = dict(params)
+    if "encoderblock" in params["Transformer"]:
+        params = unstack_blocks(params)
+    overrides: dict[str, Any] = dict(capture_attention=True, scan=False, remat=False, dtype=jnp.float32)
+    if "head" in params:
+        num_classes = params["head"]["kernel"].shape[-1]
+    elif "masked_patch_head" in params:  # a masked-patch-prediction model: per-patch logits, no head
+        num_classes = 1
+        overrides["masked_patch_classes"] = params["masked_patch_head"]["kernel"].shape[-1]
+    else:
+        raise ValueError(f"params have neither 'head' nor 'masked_patch_head'; top-level keys: {sorted(params)}")
+    model = build_model(model_config, num_classes, **overrides)
+
+    @jax.jit
+    def forward(p, x):
+        _, state = model.apply({"params": p}, x, train=False, mutable=["intermediates"])
+        return state["intermediates"]["Transformer"]
+
+    sown = forward(params, jnp.asarray(images, jnp.float32))
+    return [np.asarray(sown[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"][0])
+            for i in range(model_config.num_layers)]
+
+
+def attention_rollout(attentions: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Attention rollout through all layers: (..., tokens, tokens) from one (..., heads, tokens, tokens) per layer.
+
+    Per layer: average the heads, add the identity for the residual connection, renormalise each row to
+    sum to one; then multiply the layers' matrices, the last layer on the left (Abnar & Zuidema, 2020, as
+    in the ViT paper's Figure 6). Row q of the result says how much of each input token reaches token q.
+    """
+    joint = None
+    for attention in attentions:
+        attention = np.asarray(attention, np.float64).mean(axis=-3)
+        augmented = attention + np.eye(attention.shape[-1])
+        augmented /= augmented.sum(axis=-1, keepdims=True)
+        joint = augmented if joint is None else augmented @ joint
+    if joint is None:
+        raise ValueError("attention_rollout needs the attention of at least one layer")
+    return joint
+
+
+def rollout_mask(rollout: np.ndarray, num_prefix: int) -> np.ndarray:
+    """The rollout as a (..., rows, columns) map over the patch grid, scaled to a maximum of 1.
+
+    With a class token (`num_prefix` = 1): its row, over the patch columns (what the classifier reads).
+    Without one (GAP): the mean over the patches' rows, since pooling reads every patch equally.
+    """
+    rollout = np.asarray(rollout, np.float64)
+    num_patches = rollout.shape[-1] - num_prefix
+    weights = rollout[..., 0, num_prefix:] if num_prefix else rollout[..., :, num_prefix:].mean(axis=-2)
+    weights = weights.reshape(weights.shape[:-1] + square_grid(num_patches))
+    # A map that is zero everywhere (the class token read no patch) stays zero rather than dividing by zero.
+    return weights / np.maximum(weights.max(axis=(-2, -1), keepdims=True), np.finfo(np.float64).tiny)
+
+
+def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A (rows, columns) map resized bilinearly to `size` = (height, width) pixels."""
+    height, width = size
+    resized = Image.fromarray(np.asarray(mask, np.float32)).resize((width, height), Image.BILINEAR)
+    return np.asarray(resized, np.float32)
+
+
+def patch_distances(grid_shape: tuple[int, int], patch_size: int) -> np.ndarray:
+    """(patches, patches) Euclidean distances in pixels between patch centres, patches in row-major order."""
+    rows, columns = np.meshgrid(np.arange(grid_shape[0]), np.arange(grid_shape[1]), indexing="ij")
+    centres = np.stack([rows.ravel(), columns.ravel()], axis=-1).astype(np.float64) * patch_size
+    return np.sqrt(((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1))
+
+
+def attention_distance(attention: np.ndarray, patch_size: int, num_prefix: int) -> np.ndarray:
+    """Mean attention distance in pixels, (batch, heads), of one layer's attention (batch, heads, tokens, tokens).
+
+    For each patch query: the average distance to the key patches weighted by its attention to them
+    (renormalised over the patches, as the class token has no place); then the mean over the queries.
+    The paper's Figure 7 (right) averages this over images.
+    """
+    attention = np.asarray(attention, np.float64)
+    patch_attention = attention[..., num_prefix:, num_prefix:]
+    patch_attention = patch_attention / patch_attention.sum(axis=-1, keepdims=True)
+    distances = patch_distances(square_grid(patch_attention.shape[-1]), patch_size)
+    return (patch_attention * distances).sum(axis=-1).mean(axis=-1)
+
+
+def position_embedding_similarity(pos_embedding: np.ndarray, num_prefix: int) -> np.ndarray:
+    """(rows, columns, rows, columns) cosine similarities between the patches' position embeddings.
+
+    `pos_embedding` is the model's (1, tokens, embed) or (tokens, embed); the first `num_prefix` (class
+    token) entries are left out. Entry [i, j] is patch i's similarity map over the grid (Figure 7, centre).
+    """
+    embeddings = np.asarray(pos_embedding, np.float64).reshape(-1, np.shape(pos_embedding)[-1])[num_prefix:]
+    grid = square_grid(embeddings.shape[0])
+    unit = embeddings / np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    return (unit @ unit.T).reshape(grid + grid)
+
+
+def embedding_filter_components(kernel: np.ndarray, num_components: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Principal components of the patch-embedding filters: (components (k, patch, patch, 3), variance ratios (k,)).
+
+    `kernel` is the embedding convolution's (patch, patch, 3, embed): each of the `embed` filters is one
+    sample. The components are the right singular vectors of the centred samples, largest first, each
+    signed so that its largest-magnitude entry is positive; k = min(num_components, filters, patch x patch x 3).
+    """
+    kernel = np.asarray(kernel, np.float64)
+    if kernel.ndim != 4 or kernel.shape[2] != 3:
+        raise ValueError(f"expected an RGB embedding kernel (patch, patch, 3, embed), got shape {kernel.shape}; "
+                         "hybrid models embed ResNet features, not pixels")
+    if num_components < 1:
+        raise ValueError(f"num_components must be at least 1, got {num_components}")
+    samples = kernel.reshape(-1, kernel.shape[-1]).T
+    centred = samples - samples.mean(axis=0)
+    _, singular_values, vt = np.linalg.svd(centred, full_matrices=False)
+    k = min(num_components, vt.shape[0])
+    components = vt[:k]
+    largest = np.argmax(np.abs(components), axis=1)
+    components = components * np.sign(components[np.arange(k), largest])[:, None]
+    variance = singular_values**2
+    ratios = variance[:k] / variance.sum()
+    return components.reshape((k,) + kernel.shape[:3]), ratios

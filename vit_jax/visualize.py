@@ -1,0 +1,286 @@
+"""`python -m vit_jax.visualize --config=configs/vit_b16.py --checkpoint=PATH --out=DIR [IMAGE ...]`: figures.
+
+Writes PNGs of the ViT paper's analysis figures (Dosovitskiy et al., 2020) for a trained model:
+
+- `rollout_<image>.png` per image: the image, the attention rollout over it, and the image weighted by the
+  rollout (Figures 6 and 14);
+- `attention_distance.png`: mean attention distance of every head against depth, averaged over the images
+  (Figure 7, right);
+- `position_embedding_similarity.png`: cosine similarity of each patch's position embedding with all the
+  others, one small grid per patch (Figure 7, centre);
+- `embedding_filters.png`: the first 28 principal components of the patch-embedding filters as RGB patches
+  (Figure 7, left).
+
+Images are resized as evaluation does (to `image_size / pp.eval_crop_fraction`, central crop to
+`config.image_size`) and scaled to [-1, 1]. Without IMAGE arguments, scikit-image's sample photos
+(astronaut, chelsea, coffee) are used. The checkpoint is anything `vit_jax.interop.load_pretrained` reads
+(official .npz, timm/HF weights, our orbax checkpoints); its position embeddings must fit `config.image_size`.
+The numbers come from `vit_jax.analysis`; this module only loads, runs and draws.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+import numpy as np
+from absl import flags
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from ml_collections import config_flags
+from PIL import Image, UnidentifiedImageError
+
+from vit_jax import analysis, cli, config_check
+from vit_jax.errors import UserError
+
+# Figure sizes in inches at FIGURE_DPI: every PNG of a kind has the same pixel size, whatever the model.
+FIGURE_DPI = 100
+ROLLOUT_SIZE = (9.0, 3.2)
+DISTANCE_SIZE = (5.0, 4.0)
+SIMILARITY_SIZE = (6.0, 5.2)
+FILTERS_SIZE = (7.0, 4.6)
+SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled photos (no download)
+CAPTURE_BATCH = 8  # images per forward pass: bounds the memory of the captured attention maps
+
+
+def figure_pixels(size_inches: tuple[float, float]) -> tuple[int, int]:
+    """(width, height) in pixels of a PNG drawn at `size_inches`."""
+    return round(size_inches[0] * FIGURE_DPI), round(size_inches[1] * FIGURE_DPI)
+
+
+def preprocess(image: Image.Image, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """RGB (image_size, image_size, 3) float32 in [-1, 1]: resize to image_size / crop_fraction, central crop."""
+    resized_size = int(round(image_size / crop_fraction))
+    resized = np.asarray(image.convert("RGB").resize((resized_size, resized_size), Image.BILINEAR), np.float32)
+    offset = (resized_size - image_size) // 2
+    crop = resized[offset:offset + image_size, offset:offset + image_size]
+    return crop / 127.5 - 1.0
+
+
+def load_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """An image file, preprocessed as evaluation does; a missing or unreadable file is a `UserError`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"image {str(path)!r}: no such file")
+    try:
+        with Image.open(path) as image:
+            return preprocess(image, image_size, crop_fraction)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"image {str(path)!r}: not an image file PIL can read (PNG, JPEG, ...): "
+                        f"{' '.join(str(e).split())}") from e
+
+
+def sample_images(image_size: int, crop_fraction: float = 1.0) -> list[tuple[str, np.ndarray]]:
+    """scikit-image's sample photos (SAMPLE_IMAGES), preprocessed, with their names."""
+    try:
+        import skimage.data  # only needed when no image is given
+    except ImportError as e:
+        raise UserError("no IMAGE given and scikit-image (its sample photos stand in) is not installed: "
+                        "pass image files or `pip install scikit-image`") from e
+    return [(name, preprocess(Image.fromarray(getattr(skimage.data, name)()), image_size, crop_fraction))
+            for name in SAMPLE_IMAGES]
+
+
+def _to_unit(image: np.ndarray) -> np.ndarray:
+    return np.clip((np.asarray(image, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _save(figure: Figure, path: pathlib.Path) -> pathlib.Path:
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=FIGURE_DPI)  # no bbox_inches="tight": keep the pixel size fixed
+    return path
+
+
+def draw_rollout(image: np.ndarray, mask: np.ndarray, path: pathlib.Path, title: str = "") -> pathlib.Path:
+    """Three panels: the image in [-1, 1], the rollout `mask` (rows, columns) over it, the image times the mask."""
+    picture = _to_unit(image)
+    upsampled = np.clip(analysis.upsample_mask(mask, picture.shape[:2]), 0.0, 1.0)
+    figure = Figure(figsize=ROLLOUT_SIZE, layout="constrained")
+    panels = figure.subplots(1, 3)
+    panels[0].imshow(picture)
+    panels[0].set_title("input")
+    panels[1].imshow(picture)
+    panels[1].imshow(upsampled, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    panels[1].set_title("attention rollout")
+    panels[2].imshow(picture * upsampled[..., None])
+    panels[2].set_title("input x rollout")
+    for panel in panels:
+        panel.set_axis_off()
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def draw_attention_distance(distances: np.ndarray, image_size: int, path: pathlib.Path) -> pathlib.Path:
+    """Scatter of mean attention distance (layers, heads) in pixels against depth, one colour per head."""
+    num_layers, num_heads = distances.shape
+    figure = Figure(figsize=DISTANCE_SIZE, layout="constrained")
+    axes = figure.subplots()
+    depth = np.arange(1, num_layers + 1)
+    for head in range(num_heads):
+        axes.scatter(depth, distances[:, head], s=14, label=f"head {head + 1}")
+    axes.set_xlabel("network depth (layer)")
+    axes.set_ylabel("mean attention distance (pixels)")
+    axes.set_xlim(0.5, num_layers + 0.5)
+    axes.set_ylim(0.0, image_size)
+    axes.set_xticks(depth if num_layers <= 16 else depth[::2])
+    if num_heads <= 16:
+        axes.legend(fontsize=6, ncol=2, loc="lower right")
+    return _save(figure, path)
+
+
+def _mosaic(tiles: np.ndarray, columns: int, fill: float) -> np.ndarray:
+    """Tiles (n, h, w, ...) laid out row-major in `columns` columns with one-pixel `fill` gaps."""
+    n, height, width = tiles.shape[:3]
+    rows = -(-n // columns)
+    mosaic = np.full((rows * (height + 1) - 1, columns * (width + 1) - 1) + tiles.shape[3:], fill, np.float64)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        mosaic[r * (height + 1):r * (height + 1) + height, c * (width + 1):c * (width + 1) + width] = tile
+    return mosaic
+
+
+def _grid_ticks(axes: Any, grid: tuple[int, int]) -> None:
+    rows, columns = grid
+    row_step, column_step = max(1, rows // 8), max(1, columns // 8)
+    axes.set_yticks([r * (rows + 1) + (rows - 1) / 2 for r in range(0, rows, row_step)],
+                    [str(r + 1) for r in range(0, rows, row_step)])
+    axes.set_xticks([c * (columns + 1) + (columns - 1) / 2 for c in range(0, columns, column_step)],
+                    [str(c + 1) for c in range(0, columns, column_step)])
+
+
+def draw_position_similarity(similarity: np.ndarray, path: pathlib.Path) -> pathlib.Path:
+    """A grid of grids: tile (i, j) is the cosine similarity (rows, columns, rows, columns) of patch (i, j)."""
+    rows, columns = similarity.shape[:2]
+    tiles = similarity.reshape(rows * columns, rows, columns)
+    mosaic = np.ma.masked_invalid(_mosaic(tiles, columns, np.nan))
+    figure = Figure(figsize=SIMILARITY_SIZE, layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(mosaic, cmap="viridis", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    _grid_ticks(axes, (rows, columns))
+    axes.set_xlabel("input patch column")
+    axes.set_ylabel("input patch row")
+    axes.set_title("position embedding similarity")
+    figure.colorbar(image, ax=axes, label="cosine similarity", shrink=0.8)
+    return _save(figure, path)
+
+
+def draw_embedding_filters(components: np.ndarray, ratios: np.ndarray, path: pathlib.Path) -> pathlib.Path:
+    """Principal components (k, patch, patch, 3) of the embedding filters as RGB tiles, each scaled to [0, 1]."""
+    low = components.min(axis=(1, 2, 3), keepdims=True)
+    high = components.max(axis=(1, 2, 3), keepdims=True)
+    tiles = (components - low) / np.maximum(high - low, 1e-12)
+    figure = Figure(figsize=FILTERS_SIZE, layout="constrained")
+    axes = figure.subplots()
+    axes.imshow(_mosaic(tiles, min(7, len(tiles)), 1.0), interpolation="nearest")
+    axes.set_axis_off()
+    axes.set_title(f"RGB embedding filters: first {len(tiles)} principal components "
+                   f"({100 * ratios.sum():.0f}% of the variance)", fontsize=10)
+    return _save(figure, path)
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    """File-safe names, numbered where two images share a name."""
+    safe = ["".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "image" for name in names]
+    return [f"{i:02d}_{name}" if safe.count(name) > 1 else name for i, name in enumerate(safe)]
+
+
+def _check_grid(config: ml_collections.ConfigDict, params: Mapping[str, Any]) -> None:
+    """The checkpoint's position embeddings must hold the patch grid of `config.image_size`."""
+    m = config.model
+    tokens = params["Transformer"]["posembed_input"]["pos_embedding"].shape[1]
+    patches = tokens - analysis.num_prefix_tokens(m)
+    expected = (config.image_size // m.patch_size) ** 2
+    if patches != expected:
+        side = int(round(np.sqrt(max(patches, 0))))
+        raise UserError(
+            f"the checkpoint's position embeddings hold {patches} patches ({side}x{side}, i.e. "
+            f"--config.image_size={side * m.patch_size} at patch {m.patch_size}), but config.image_size="
+            f"{config.image_size} gives {expected}: set --config.image_size={side * m.patch_size}")
+
+
+def render_figures(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                   images: Sequence[tuple[str, np.ndarray]], out_dir: str | pathlib.Path,
+                   num_components: int = 28) -> list[pathlib.Path]:
+    """Draw every figure for `params` and named preprocessed `images` into `out_dir`; returns the PNG paths.
+
+    Figures that do not apply to the model are skipped with a note on stderr: attention rollout and distance
+    for Axial-ViT (no full attention), embedding filters for hybrids (they embed ResNet features, not pixels).
+    """
+    m = config.model
+    params = nn.unbox(params)
+    _check_grid(config, params)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    num_prefix = analysis.num_prefix_tokens(m)
+    written = []
+    if m.axial:
+        print("note: Axial-ViT attends within rows and columns only; skipping attention rollout and distance",
+              file=sys.stderr)
+    elif images:
+        names = _unique_names([name for name, _ in images])
+        pixels = np.stack([image for _, image in images])
+        distances = []
+        for start in range(0, len(pixels), CAPTURE_BATCH):
+            attentions = analysis.capture_attention(m, params, pixels[start:start + CAPTURE_BATCH])
+            masks = analysis.rollout_mask(analysis.attention_rollout(attentions), num_prefix)
+            for offset, mask in enumerate(masks):
+                name = names[start + offset]
+                written.append(draw_rollout(pixels[start + offset], mask, out / f"rollout_{name}.png", name))
+            distances.append(np.stack([analysis.attention_distance(a, m.patch_size, num_prefix)
+                                       for a in attentions], axis=1))  # (batch, layers, heads)
+        mean_distance = np.concatenate(distances).mean(axis=0)
+        written.append(draw_attention_distance(mean_distance, config.image_size, out / "attention_distance.png"))
+    pos_embedding = params["Transformer"]["posembed_input"]["pos_embedding"]
+    similarity = analysis.position_embedding_similarity(pos_embedding, num_prefix)
+    written.append(draw_position_similarity(similarity, out / "position_embedding_similarity.png"))
+    kernel = np.asarray(params["embedding"]["kernel"])
+    if m.resnet_layers:
+        print("note: a hybrid's patch embedding reads ResNet features, not RGB pixels; skipping embedding filters",
+              file=sys.stderr)
+    else:
+        components, ratios = analysis.embedding_filter_components(kernel, num_components)
+        written.append(draw_embedding_filters(components, ratios, out / "embedding_filters.png"))
+    return written
+
+
+def load_params(path: str, model_config: ml_collections.ConfigDict, source_format: str | None = None) -> dict:
+    """The model's params from any checkpoint `vit_jax.interop.load_pretrained` reads."""
+    from vit_jax import interop  # imported here: only this entry point needs the checkpoint readers
+
+    return interop.load_pretrained(path, model_config, source_format=source_format)
+
+
+def _define_flags() -> None:
+    """Flags of the command; defined only when run as a program, so importing this module defines none."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b16.py.", lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "Checkpoint: official .npz, timm/HF weights, or an orbax checkpoint.")
+    flags.DEFINE_string("out", None, "Directory to write the PNGs into (created if missing).")
+    flags.DEFINE_string("source_format", None, "Checkpoint format, if its name does not tell (see vit_jax.interop).")
+    flags.DEFINE_integer("num_components", 28, "Principal components of the embedding filters to draw.")
+    flags.mark_flags_as_required(["config", "checkpoint", "out"])
+
+
+def main(argv: Sequence[str]) -> None:
+    config = flags.FLAGS.config
+    config_check.validate_model(config.model, config.image_size)
+    if flags.FLAGS.num_components < 1:
+        raise UserError(f"--num_components={flags.FLAGS.num_components}: expected a positive integer")
+    crop_fraction = config.pp.eval_crop_fraction
+    # Read every image before the (slow) checkpoint, so a bad file fails at once.
+    if len(argv) > 1:
+        images = [(pathlib.Path(p).stem, load_image(p, config.image_size, crop_fraction)) for p in argv[1:]]
+    else:
+        images = sample_images(config.image_size, crop_fraction)
+    params = load_params(flags.FLAGS.checkpoint, config.model, flags.FLAGS.source_format)
+    for path in render_figures(config, params, images, flags.FLAGS.out, flags.FLAGS.num_components):
+        print(path)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    cli.run(main)
