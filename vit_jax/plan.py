@@ -1,0 +1,380 @@
+"""`python -m vit_jax.plan --config=configs/vit_h14.py --topology=v5e:16x16 [--config.x=y] [--json]`: will it fit?
+
+Compiles the real training step (vit_jax.train's, with vit_jax.sharding's mesh and layouts) for a TPU slice
+on a machine without a TPU (libtpu compiles for any topology: `pip install -e .[tpu]`), then prints per-chip
+memory from the compiled executable (params, optimizer state, batch, activations/temporaries, total against
+the chip's HBM), FLOPs per step from XLA's cost analysis, and an estimated step time and images/s from the
+chip's peak bf16 FLOP/s at a stated MFU. When it does not fit it says by how much and which switches help.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from vit_jax import cli, config_check
+from vit_jax.errors import UserError
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: what a chip holds and computes, and how gcloud and libtpu name its slices."""
+
+    generation: str
+    hbm_bytes: int
+    peak_bf16_flops: float  # per chip, dense bf16 matmuls
+    cores_per_chip: int  # TensorCores; 2 = "megacore", one JAX device per chip (v4, v5p)
+    torus_dims: int  # 3: topologies like 4x8x8 (v4, v5p); 2: like 16x16 (v5e, v6e)
+    accelerator_prefix: str  # gcloud --accelerator-type is PREFIX-N, N = chips x cores_per_chip
+
+
+# Peak bf16 FLOP/s: cloud.google.com/tpu/docs/<generation>. HBM: what libtpu 0.0.42's compiler says is available
+# to a program ("exceeds available HBM (15.75G)"), a little under the nominal 32/16/95/32 GB per chip.
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", int(30.75 * GiB), 275e12, 2, 3, "v4"),
+    "v5e": Chip("v5e", int(15.75 * GiB), 197e12, 1, 2, "v5litepod"),
+    "v5p": Chip("v5p", int(95.74 * GiB), 459e12, 2, 3, "v5p"),
+    "v6e": Chip("v6e", int(31.25 * GiB), 918e12, 1, 2, "v6e"),
+}
+DEFAULT_MFU = 0.5  # model FLOPs utilisation; ViT training on TPU commonly reaches 0.4-0.6
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice such as "v5e:16x16" (256 chips) or "v4:4x8x8" (256 chips = v4-512)."""
+
+    chip: Chip
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.chip.generation}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def num_chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def accelerator_type(self) -> str:
+        return f"{self.chip.accelerator_prefix}-{self.num_chips * self.chip.cores_per_chip}"
+
+
+def parse_topology(name: str) -> Topology:
+    """"v5e:16x16" -> Topology; a bad name is a UserError listing the known generations and the shape syntax."""
+    generation, _, shape_text = name.partition(":")
+    examples = "v4:4x8x8 (v4-512), v5p:4x4x4 (v5p-128), v5e:16x16 (v5litepod-256), v6e:8x8 (v6e-64)"
+    if generation not in CHIPS:
+        raise UserError(f"--topology={name!r}: unknown TPU generation {generation!r}; known: {sorted(CHIPS)} "
+                        f"(e.g. {examples})")
+    chip = CHIPS[generation]
+    try:
+        shape = tuple(int(d) for d in shape_text.split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != chip.torus_dims or min(shape) < 1:
+        form = "AxBxC" if chip.torus_dims == 3 else "AxB"
+        raise UserError(f"--topology={name!r}: a {generation} slice is {generation}:{form} chips (e.g. {examples})")
+    return Topology(chip, shape)
+
+
+def topology_devices(topology: Topology) -> list[jax.Device]:
+    """Compile-only devices of `topology` (one per chip), from libtpu; no TPU needed."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise UserError("compiling for a TPU topology needs libtpu, which is not installed: pip install -e .[tpu]")
+    from jax.experimental import topologies
+
+    # Without these libtpu asks the metadata server of a TPU VM that is not there, and logs errors about it.
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.accelerator_type)
+    # Compiling needs no chip: let several processes (parallel plans, tests) load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Hosts hold 2x2 chips; an axis of 16 chips (v5e/v6e) or whole 4-chip cubes (v4/v5p) close into a torus.
+    if topology.chip.torus_dims == 3:
+        wrap = (all(d % 4 == 0 for d in topology.shape),) * 3
+    else:
+        wrap = tuple(d == 16 for d in topology.shape) + (False,)
+    desc = topologies.get_topology_desc(
+        topology_name=topology.name, platform="tpu",
+        chip_config_name="megacore" if topology.chip.cores_per_chip == 2 else "default",
+        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap)
+    devices = list(desc.devices)
+    if len(devices) != topology.num_chips:
+        raise AssertionError(f"libtpu gave {len(devices)} devices for {topology.name}, expected one per chip")
+    return devices
+
+
+@dataclasses.dataclass
+class Memory:
+    """Per-chip bytes of one compiled training step."""
+
+    params: int  # the parameters' shards on one chip
+    opt_state: int  # the optimizer state's shards
+    batch: int  # the step's input images and labels
+    other_inputs: int  # step counter, rng, ...
+    temporaries: int  # activations kept for the backward pass, gradients, workspaces
+    outputs: int  # outputs not written in place of a donated input (metrics, ...)
+    code: int  # the compiled program
+
+    @property
+    def total(self) -> int:
+        return (self.params + self.opt_state + self.batch + self.other_inputs + self.temporaries + self.outputs
+                + self.code)
+
+
+def per_device_bytes(tree, shardings) -> int:
+    """Bytes of one device's shards of `tree` (ShapeDtypeStructs or arrays) laid out by `shardings`."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        shard_shape = sharding.shard_shape(tuple(leaf.shape))
+        total += int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / GiB:,.2f} GiB"
+
+
+def _fmt_flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} FLOP"
+
+
+def _batch_devices(mesh_shape: dict[str, int]) -> int:
+    return mesh_shape["data"] * mesh_shape["fsdp"]
+
+
+def suggestions(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], memory: Memory,
+                hbm_bytes: int) -> list[str]:
+    """Switches that shrink what overflows, each with its estimated effect (re-run plan with it to confirm)."""
+    over = memory.total - hbm_bytes
+    found = []
+    state = memory.params + memory.opt_state
+    batch_devices = _batch_devices(mesh_shape)
+    if mesh_shape["fsdp"] < batch_devices:
+        # FSDP splits params and optimizer state over the fsdp axis (taken from data parallelism).
+        candidates = [f for f in range(mesh_shape["fsdp"] + 1, batch_devices + 1)
+                      if batch_devices % f == 0 and f % mesh_shape["fsdp"] == 0]
+        saving = {f: state * (1 - mesh_shape["fsdp"] / f) for f in candidates}
+        fsdp = next((f for f in candidates if saving[f] >= over), candidates[-1])
+        found.append(f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1: params + optimizer state "
+                     f"{_fmt_bytes(state)} -> {_fmt_bytes(state - saving[fsdp])} per chip")
+    activations = memory.temporaries
+    if not config.model.remat:
+        found.append(f"--config.model.remat=True: recompute each block in the backward pass instead of keeping "
+                     f"its activations (most of the {_fmt_bytes(activations)} of temporaries; ~1/3 more FLOPs)")
+    micro_batch = config.batch_size // config.accum_steps
+    for factor in (2, 4, 8, 16, 32, 64):
+        accum = config.accum_steps * factor
+        if config.batch_size % accum or (config.batch_size // accum) % batch_devices:
+            continue
+        if activations * (1 - 1 / factor) >= over or factor == 64:
+            found.append(f"--config.accum_steps={accum}: micro-batches of {config.batch_size // accum} instead of "
+                         f"{micro_batch}; activations scale with them, ~{_fmt_bytes(activations / factor)}")
+            break
+    if config.model.dtype == "float32":
+        found.append("--config.model.dtype=bfloat16: activations in bfloat16 (about half), and the MXU's native "
+                     "precision")
+    return found
+
+
+def report(config: ml_collections.ConfigDict, topology: Topology, result: dict) -> str:
+    """The plan as a human-readable table."""
+    chip = topology.chip
+    memory = result["memory"]
+    m = config.model
+    lines = [
+        f"ViT {m.variant} at {config.image_size}px, {config.num_classes} classes, dtype {m.dtype}, "
+        f"remat {m.remat}, scan {m.scan}",
+        f"global batch {config.batch_size} = {result['per_chip_micro_batch']} per chip x {topology.num_chips} chips "
+        f"x accum_steps {config.accum_steps}; mesh " + " ".join(f"{k}={v}" for k, v in result["mesh"].items()),
+        f"topology {topology.name} ({topology.accelerator_type}): {topology.num_chips} x TPU {chip.generation}, "
+        f"{_fmt_bytes(chip.hbm_bytes)} HBM and {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak per chip",
+        (f"compiled the training step in {result['compile_seconds']:.1f} s" if result["compiled"] is not None else
+         "libtpu refused to compile the step for lack of HBM; temporaries below are what it asked for"),
+        "",
+        "per-chip memory (compiled)",
+    ]
+    rows = [("params", memory.params), ("optimizer state", memory.opt_state), ("batch", memory.batch),
+            ("other inputs", memory.other_inputs), ("activations/temporaries", memory.temporaries),
+            ("other outputs", memory.outputs), ("compiled code", memory.code)]
+    lines += [f"  {name:<26}{_fmt_bytes(size):>14}" for name, size in rows]
+    lines.append(f"  {'total':<26}{_fmt_bytes(memory.total):>14}  of {_fmt_bytes(chip.hbm_bytes)} HBM "
+                 f"({memory.total / chip.hbm_bytes:.0%})")
+    lines += [
+        "",
+        f"FLOPs per step      {_fmt_flops(result['flops_per_step'])} (XLA cost analysis of the step; "
+        f"{_fmt_flops(result['model_flops_per_step'])} model FLOPs = 3 x forward x batch)",
+        f"est. step time      {result['est_step_seconds']:.3f} s at {result['mfu']:.0%} MFU "
+        f"-> {result['images_per_second']:,.0f} images/s",
+        "",
+    ]
+    if result["fits"]:
+        lines.append(f"fits: {_fmt_bytes(chip.hbm_bytes - memory.total)} to spare per chip")
+    else:
+        over = memory.total - chip.hbm_bytes
+        lines.append(f"does NOT fit: {_fmt_bytes(over)} ({over / chip.hbm_bytes:.0%} of HBM) over per chip. "
+                     "What helps (estimates; re-run plan with the switch to confirm):")
+        lines += [f"  {s}" for s in result["suggestions"]]
+    return "\n".join(lines)
+
+
+def _field(state, name: str):
+    return state[name] if isinstance(state, dict) else getattr(state, name)
+
+
+def _out_of_hbm_temporaries(error: Exception) -> int | None:
+    """The temporaries' bytes from libtpu's "Ran out of memory on HBM ... temporaries (23.63G) exceeds ..." error."""
+    match = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", str(error))
+    if "RESOURCE_EXHAUSTED" not in str(error) or not match:
+        return None
+    return int(float(match.group(1)) * 1024 ** ("KMGT".index(match.group(2)) + 1))
+
+
+def step_flops(config: ml_collections.ConfigDict) -> float:
+    """XLA's FLOP count of one whole training step (all chips), from the step lowered for one CPU device.
+
+    XLA counts a loop body once, so the blocks are unrolled (scan off) and the step is lowered for one
+    micro-batch, then multiplied by `accum_steps`; nothing is compiled.
+    """
+    from vit_jax import sharding, train
+
+    flat = copy.deepcopy(config)
+    with flat.unlocked():
+        flat.model.scan = False
+        flat.batch_size = config.batch_size // config.accum_steps
+        flat.accum_steps = 1
+        flat.mesh.data, flat.mesh.fsdp, flat.mesh.model = 1, 1, 1
+    mesh = sharding.make_mesh(flat, devices=jax.devices("cpu")[:1])
+    lowered = train.make_train_step(flat, mesh).lower(train.abstract_state(flat, mesh),
+                                                      train.abstract_batch(flat, mesh))
+    cost = lowered.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost["flops"]) * config.accum_steps
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
+    """Model FLOPs of a step: forward + backward = 3 x the analytic forward FLOPs x global batch (no recompute)."""
+    from vit_jax import summary
+
+    return 3.0 * sum(row.flops for row in summary.layer_table(config)) * config.batch_size
+
+
+def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_bytes: int | None = None) -> dict:
+    """Compile the real training step of `config` for `devices` and measure per-chip memory.
+
+    `devices` are a TPU topology's compile-only devices or local ones (CPU in tests). Returns the Memory, whether
+    it fits in `hbm_bytes`, the mesh and the compile time. A step that libtpu refuses for lack of HBM still
+    reports its inputs and the temporaries the compiler asked for.
+    """
+    from vit_jax import sharding, train
+
+    mesh_shape = config_check.validate(config, len(devices))
+    mesh = sharding.make_mesh(config, devices=devices)
+    state = train.abstract_state(config, mesh)
+    batch = train.abstract_batch(config, mesh)
+    step = train.make_train_step(config, mesh)
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    params = _field(state, "params")
+    opt_state = _field(state, "opt_state")
+    param_bytes = per_device_bytes(params, jax.tree.map(lambda x: x.sharding, params))
+    opt_bytes = per_device_bytes(opt_state, jax.tree.map(lambda x: x.sharding, opt_state))
+    batch_bytes = per_device_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
+    state_bytes = per_device_bytes(state, jax.tree.map(lambda x: x.sharding, state))
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        temporaries = _out_of_hbm_temporaries(e)
+        if temporaries is None:
+            raise
+        memory = Memory(param_bytes, opt_bytes, batch_bytes, state_bytes - param_bytes - opt_bytes, temporaries, 0, 0)
+        return {"memory": memory, "fits": False, "mesh": mesh_shape, "compiled": None,
+                "compile_seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    # The compiled executable's own input layouts: what each chip really holds of params and optimizer state.
+    (state_shardings, batch_shardings), _ = compiled.input_shardings
+    param_bytes = per_device_bytes(params, _field(state_shardings, "params"))
+    opt_bytes = per_device_bytes(opt_state, _field(state_shardings, "opt_state"))
+    batch_bytes = per_device_bytes(batch, batch_shardings)
+    other_inputs = stats.argument_size_in_bytes - param_bytes - opt_bytes - batch_bytes
+    memory = Memory(param_bytes, opt_bytes, batch_bytes, other_inputs, stats.temp_size_in_bytes,
+                    stats.output_size_in_bytes - stats.alias_size_in_bytes, stats.generated_code_size_in_bytes)
+    fits = hbm_bytes is None or memory.total <= hbm_bytes
+    return {"memory": memory, "fits": fits, "mesh": mesh_shape, "compiled": compiled, "compile_seconds": seconds}
+
+
+def plan_for_topology(config: ml_collections.ConfigDict, topology: Topology, mfu: float = DEFAULT_MFU) -> dict:
+    """`plan` on a TPU topology plus FLOPs, estimated step time and images/s, and suggestions when it won't fit."""
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu={mfu} is invalid: expected a fraction of peak in (0, 1], e.g. 0.5")
+    result = plan(config, topology_devices(topology), topology.chip.hbm_bytes)
+    mesh_shape = result["mesh"]
+    result["per_chip_micro_batch"] = config.batch_size // config.accum_steps // _batch_devices(mesh_shape)
+    result["flops_per_step"] = step_flops(config)
+    result["model_flops_per_step"] = model_flops_per_step(config)
+    result["mfu"] = mfu
+    cluster_flops = topology.num_chips * topology.chip.peak_bf16_flops * mfu
+    result["est_step_seconds"] = result["model_flops_per_step"] / cluster_flops
+    result["images_per_second"] = config.batch_size / result["est_step_seconds"]
+    result["suggestions"] = ([] if result["fits"] else
+                             suggestions(config, mesh_shape, result["memory"], topology.chip.hbm_bytes))
+    return result
+
+
+def to_json(topology: Topology, result: dict) -> dict:
+    """The plan as one flat JSON-serialisable dict."""
+    memory = result["memory"]
+    return {
+        "topology": topology.name, "accelerator_type": topology.accelerator_type, "num_chips": topology.num_chips,
+        "fits": bool(result["fits"]), "bytes_per_chip": memory.total, "hbm_bytes_per_chip": topology.chip.hbm_bytes,
+        "params_bytes_per_chip": memory.params, "opt_state_bytes_per_chip": memory.opt_state,
+        "batch_bytes_per_chip": memory.batch, "temp_bytes_per_chip": memory.temporaries,
+        "flops_per_step": result["flops_per_step"], "model_flops_per_step": result["model_flops_per_step"],
+        "peak_flops_per_chip": topology.chip.peak_bf16_flops, "mfu": result["mfu"],
+        "est_step_seconds": result["est_step_seconds"], "images_per_second": result["images_per_second"],
+        "mesh": result["mesh"], "compile_seconds": result["compile_seconds"], "suggestions": result["suggestions"],
+    }
+
+
+def _define_flags() -> None:
+    """Flags of the command; defined only when run as a program, so importing plan beside summary works."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_h14.py.", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU slice to compile for: v4:4x8x8, v5e:16x16, v5p:4x4x4, v6e:8x8")
+    flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilisation assumed for the step-time estimate.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    flags.mark_flags_as_required(["config", "topology"])
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # This process only compiles: keep JAX's own backend on the CPU, even where libtpu or a TPU is present.
+    jax.config.update("jax_platforms", "cpu")
+    topology = parse_topology(flags.FLAGS.topology)
+    config = flags.FLAGS.config
+    result = plan_for_topology(config, topology, flags.FLAGS.mfu)
+    print(json.dumps(to_json(topology, result)) if flags.FLAGS.json else report(config, topology, result))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    cli.run(main)
