@@ -27,6 +27,7 @@ setup(
         "pillow",
         "scikit-learn",  # the embedded digits dataset
         "matplotlib",  # vit_jax.visualize
+        "importlib_resources",  # tensorflow_datasets imports it but does not declare it
     ],
     extras_require={
         # `pip install -e .[tpu]` on a Cloud TPU VM (also lets a CPU machine compile for TPU: vit_jax.plan).

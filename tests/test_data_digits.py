@@ -1,0 +1,65 @@
+"""The embedded digits dataset: built offline from scikit-learn, with the demo's splits, shapes and labels."""
+
+import collections
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo
+from vit_jax import data
+from vit_jax.data import datasets
+from vit_jax.data.builders.digits import load_digits_uint8
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _decoded(source):
+    examples = [source[i] for i in range(len(source))]
+    return [np.asarray(Image.open(io.BytesIO(e["image"]))) for e in examples], [int(e["label"]) for e in examples]
+
+
+def test_digits_builds_offline_on_first_use_with_the_demo_splits(data_dir):
+    builder = datasets.load_builder("digits", data_dir)  # nothing prepared yet: built here, no download
+    assert str(builder.data_dir).startswith(data_dir)
+    assert builder.info.file_format.value == "array_record"
+    sklearn_images, sklearn_labels = load_digits_uint8()
+    for split, expected in (("train", slice(0, 1500)), ("test", slice(1500, 1797))):
+        source = datasets.LabeledSource(builder, split, "image", "label")
+        images, labels = _decoded(source)
+        assert len(images) == len(sklearn_images[expected])
+        assert {image.shape for image in images} == {(8, 8)}
+        assert {image.dtype for image in images} == {np.dtype(np.uint8)}
+        assert set(labels) == set(range(10))
+        # The same digits as scikit-learn's first 1500 / last 297 (TFDS stores them in its own order).
+        ours = collections.Counter((image.tobytes(), label) for image, label in zip(images, labels))
+        reference = collections.Counter((image.tobytes(), int(label)) for image, label in
+                                        zip(sklearn_images[expected], sklearn_labels[expected]))
+        assert ours == reference
+    assert sklearn_images.max() == 255 and sklearn_images.min() == 0
+
+
+def test_dataset_info_of_the_demo_config(data_dir):
+    config = demo.get_config()
+    config.tfds_data_dir = data_dir
+    info = data.dataset_info(config)
+    assert (info.num_train_examples, info.num_eval_examples, info.num_classes, info.label_kind) == (1500, 297, 10,
+                                                                                                    "single")
+    config.train_split = "train[:98%]"
+    assert data.dataset_info(config).num_train_examples == 1470
+
+
+def test_dataset_info_rejects_a_config_that_does_not_match_the_dataset(data_dir):
+    config = demo.get_config()
+    config.tfds_data_dir = data_dir
+    config.num_classes = 1000
+    with pytest.raises(data.DatasetError, match="config.num_classes=1000 but dataset 'digits' has 10 classes"):
+        data.dataset_info(config)
+    config.num_classes = 10
+    config.eval_split = "validation"
+    with pytest.raises(data.DatasetError, match=r"config.eval_split='validation' is not a split.*\['test', 'train'\]"):
+        data.dataset_info(config)

@@ -1,0 +1,184 @@
+"""Your own images as a dataset: class folders (single label), JSONL records (multi-label), ImageNet-21k layouts,
+and a corrupt file that is skipped and counted rather than becoming a NaN batch."""
+
+import io
+import json
+import logging
+import os
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from configs import demo
+from vit_jax import data
+from vit_jax.data import pipeline, preprocess
+from vit_jax.data.builders import imagenet21k
+
+
+@pytest.fixture(scope="module")
+def sharding():
+    return NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+
+
+def _write_image(path, seed: int, fmt: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+    Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def _config(data_dir, manual_dir, num_classes: int, label_kind: str = "single"):
+    config = demo.get_config()
+    config.dataset = "image_folder"
+    config.tfds_data_dir = str(data_dir)
+    config.tfds_manual_dir = str(manual_dir)
+    config.num_classes = num_classes
+    config.label_kind = label_kind
+    config.eval_split = "validation"
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.pp.inception_crop = True
+    return config
+
+
+def test_class_folders_build_and_read_single_label(tmp_path, sharding):
+    source = tmp_path / "images"
+    for split, count in (("train", 6), ("validation", 3)):
+        for c, class_name in enumerate(("cat", "dog", "emu")):
+            for i in range(count):
+                fmt, ext = ("JPEG", "jpg") if i % 2 else ("PNG", "png")
+                _write_image(source / split / class_name / f"{i}.{ext}", seed=100 * c + i, fmt=fmt)
+    (source / "train" / "cat" / "notes.txt").write_text("not an image")
+    config = _config(tmp_path / "tfds", source, num_classes=3)
+    with pytest.raises(data.DatasetError, match="python -m vit_jax.data.prepare --dataset=image_folder"):
+        data.dataset_info(config)
+    data.prepare("image_folder", config.tfds_data_dir, config.tfds_manual_dir)
+    info = data.dataset_info(config)
+    assert (info.num_train_examples, info.num_eval_examples, info.num_classes, info.label_kind) == (18, 9, 3, "single")
+
+    batch = next(data.make_train_iterator(config, sharding))
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8, 3)
+    np.testing.assert_array_equal(np.asarray(batch["label"]).sum(axis=1), 1.0)
+    # Eval labels follow the folders: class ids are the sorted folder names.
+    labels = {}
+    for local in pipeline.eval_batches(config, process_index=0, process_count=1):
+        for index, label, mask in zip(local["index"], local["label"], local["mask"]):
+            if mask:
+                labels[int(index)] = int(np.argmax(label))
+    assert sorted(labels.values()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_jsonl_records_build_and_read_multi_label(tmp_path, sharding):
+    source = tmp_path / "corpus"
+    records = {"train": [], "validation": []}
+    label_sets = [["cat"], ["cat", "outdoor"], ["dog", "outdoor", "night"], ["night"]]
+    for split, count in (("train", 8), ("validation", 4)):
+        for i in range(count):
+            relative = f"img/{split}_{i}.jpg"
+            _write_image(source / relative, seed=i, fmt="JPEG")
+            records[split].append({"image": relative, "labels": label_sets[i % 4]})
+    # Train records sharded over two files, as a large corpus would be.
+    for shard in range(2):
+        with open(source / f"train-{shard:05d}-of-00002.jsonl", "w") as f:
+            for record in records["train"][shard::2]:
+                f.write(json.dumps(record) + "\n")
+    with open(source / "validation.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records["validation"])
+    (source / "classes.txt").write_text("cat\ndog\nnight\noutdoor\nunused\n")
+
+    config = _config(tmp_path / "tfds", source, num_classes=5, label_kind="single")
+    data.prepare("image_folder", config.tfds_data_dir, config.tfds_manual_dir)
+    with pytest.raises(data.DatasetError, match="set --config.label_kind=multi"):
+        data.dataset_info(config)
+    config.label_kind = "multi"
+    info = data.dataset_info(config)
+    assert (info.num_train_examples, info.num_eval_examples, info.num_classes, info.label_kind) == (8, 4, 5, "multi")
+
+    batch = next(data.make_train_iterator(config, sharding))
+    assert batch["label"].shape == (8, 5)
+    assert sorted(np.asarray(batch["label"]).sum(axis=1).tolist()) == [1, 1, 1, 1, 2, 2, 3, 3]
+    class_ids = {"cat": 0, "dog": 1, "night": 2, "outdoor": 3}
+    expected = sorted(tuple(sorted(class_ids[n] for n in label_sets[i % 4])) for i in range(4))
+    local = next(pipeline.eval_batches(config, process_index=0, process_count=1))
+    got = sorted(tuple(np.flatnonzero(label).tolist()) for label, m in zip(local["label"], local["mask"]) if m)
+    assert got == expected
+
+
+def test_bad_records_and_a_missing_source_are_clear_errors(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.jsonl").write_text('{"path": "a.jpg"}\n')
+    with pytest.raises(data.DatasetError, match=r"train.jsonl:1: expected a JSON object with 'image'"):
+        data.prepare("image_folder", str(tmp_path / "tfds"), str(tmp_path / "src"))
+    with pytest.raises(data.DatasetError, match="is not a directory"):
+        data.prepare("image_folder", str(tmp_path / "tfds"), str(tmp_path / "nowhere"))
+
+
+def test_a_corrupt_image_is_skipped_and_counted_never_a_nan_batch(tmp_path, sharding, caplog):
+    source = tmp_path / "images"
+    for i in range(8):
+        _write_image(source / "train" / ("a" if i % 2 else "b") / f"{i}.jpg", seed=i, fmt="JPEG")
+        _write_image(source / "validation" / ("a" if i % 2 else "b") / f"{i}.jpg", seed=i, fmt="JPEG")
+    good = (source / "train" / "a" / "1.jpg").read_bytes()
+    (source / "train" / "a" / "broken.jpg").write_bytes(good[: len(good) // 3])  # truncated download
+    (source / "validation" / "b" / "broken.jpg").write_bytes(b"\x00" * 100)  # not an image at all
+    config = _config(tmp_path / "tfds", source, num_classes=2)
+    data.prepare("image_folder", config.tfds_data_dir, config.tfds_manual_dir)
+    assert data.dataset_info(config).num_train_examples == 9
+
+    before = preprocess.corrupt_images_skipped()
+    with caplog.at_level(logging.WARNING):
+        iterator = data.make_train_iterator(config, sharding)
+        batches = [np.asarray(next(iterator)["image"]) for _ in range(3)]  # 24 examples: > 2 epochs of 9
+        iterator.close()
+    assert all(np.isfinite(b).all() and b.shape == (8, 16, 16, 3) for b in batches)
+    assert preprocess.corrupt_images_skipped() - before >= 2
+    assert "skipped corrupt image" in caplog.text and "skipped so far in this process" in caplog.text
+
+    masks = [np.asarray(b["mask"]) for b in data.make_eval_iterator(config, sharding)]
+    assert sum(m.sum() for m in masks) == 8 and len(masks) == 2  # 9 examples, 1 corrupt, padded to 2 batches
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((12, 10, 3), seed % 256, np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def test_imagenet21k_builds_from_synset_tars_and_folders_with_a_hashed_validation_split(tmp_path):
+    manual = tmp_path / "i21k"
+    manual.mkdir()
+    names = {synset: [f"{synset}_{i}.JPEG" for i in range(150)] for synset in ("n00000001", "n00000002")}
+    with tarfile.open(manual / "n00000001.tar", "w") as tar:  # as image-net.org serves a synset
+        for i, name in enumerate(names["n00000001"]):
+            _add(tar, name, _jpeg(i))
+    for i, name in enumerate(names["n00000002"]):  # an extracted synset folder
+        os.makedirs(manual / "n00000002", exist_ok=True)
+        (manual / "n00000002" / name).write_bytes(_jpeg(i))
+    with tarfile.open(manual / "winter_whole.tar", "w") as outer:  # a whole-release tar of synset tars
+        inner = io.BytesIO()
+        with tarfile.open(fileobj=inner, mode="w") as tar:
+            names["n00000003"] = [f"n00000003_{i}.JPEG" for i in range(150)]
+            for i, name in enumerate(names["n00000003"]):
+                _add(tar, name, _jpeg(i))
+        _add(outer, "winter_whole/n00000003.tar", inner.getvalue())
+
+    path = data.prepare("imagenet21k", str(tmp_path / "tfds"), str(manual))
+    config = demo.get_config()
+    config.dataset, config.tfds_data_dir, config.num_classes = "imagenet21k", str(tmp_path / "tfds"), 3
+    config.train_split, config.eval_split = "train", "validation"
+    info = data.dataset_info(config)
+    all_names = [n for synset_names in names.values() for n in synset_names]
+    held_out = sum(imagenet21k.is_validation(n) for n in all_names)
+    assert 0 < held_out < 20 and path == info.data_dir
+    assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (450 - held_out, held_out, 3)

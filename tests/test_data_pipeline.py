@@ -1,0 +1,152 @@
+"""The grain pipeline on digits: global sharded batches, per-process shares, resumable state, padded eval, errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import demo
+from vit_jax import data
+from vit_jax.data import pipeline
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    config = demo.get_config()
+    config.tfds_data_dir = str(tmp_path_factory.mktemp("tfds"))
+    data.dataset_info(config)  # builds digits once for the module
+    return config
+
+
+@pytest.fixture(scope="module")
+def sharding():
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def test_train_batches_are_global_sharded_arrays_in_range(config, sharding):
+    iterator = data.make_train_iterator(config, sharding)
+    batch = next(iterator)
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (64, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (64, 10) and batch["label"].dtype == np.float32
+    assert batch["image"].sharding == sharding and len(batch["image"].addressable_shards) == 8
+    images = np.asarray(batch["image"])
+    assert images.min() == -1.0 and images.max() <= 1.0 and np.isfinite(images).all()
+    np.testing.assert_array_equal(np.asarray(batch["label"]).sum(axis=1), 1.0)
+    iterator.close()
+
+
+def _first_epoch_indices(config, process_index, process_count, share_size):
+    dataset, _ = pipeline.make_train_dataset(config, process_index=process_index, process_count=process_count)
+    indices = []
+    for batch in dataset:
+        indices.extend(int(i) for i in batch["index"])
+        if len(indices) >= share_size:
+            return indices[:share_size]
+
+
+def test_two_processes_read_disjoint_shares_whose_union_is_the_split(config):
+    shares = [_first_epoch_indices(config, p, 2, 750) for p in (0, 1)]
+    assert all(len(set(share)) == 750 for share in shares)  # one epoch of a share: no repeats
+    assert not set(shares[0]) & set(shares[1])
+    assert set(shares[0]) | set(shares[1]) == set(range(1500))
+    assert shares[0] != sorted(shares[0])  # shuffled
+
+
+def test_restored_iterator_continues_on_exactly_the_next_batches(config, sharding):
+    config = config.copy_and_resolve_references()
+    config.pp.inception_crop = True
+    config.pp.flip = True
+    config.pp.randaugment_layers = 2
+    config.pp.mixup_alpha = 0.2
+    uninterrupted = data.make_train_iterator(config, sharding)
+    for _ in range(3):
+        next(uninterrupted)
+    state = json.loads(json.dumps(uninterrupted.get_state()))  # goes into the checkpoint as JSON
+    expected = [next(uninterrupted) for _ in range(4)]  # crosses no epoch yet; includes prefetched batches
+
+    resumed = data.make_train_iterator(config, sharding)
+    next(resumed)  # a different position, overwritten by set_state
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        np.testing.assert_array_equal(np.asarray(got["image"]), np.asarray(want["image"]))
+        np.testing.assert_array_equal(np.asarray(got["label"]), np.asarray(want["label"]))
+    assert not np.array_equal(np.asarray(expected[0]["image"]), np.asarray(expected[1]["image"]))
+    for iterator in (uninterrupted, resumed):
+        iterator.close()
+
+
+def test_restoring_state_made_with_other_settings_is_an_error(config, sharding):
+    iterator = data.make_train_iterator(config, sharding)
+    state = iterator.get_state()
+    other = config.copy_and_resolve_references()
+    other.batch_size = 32
+    with pytest.raises(data.DatasetError, match=r"'batch_size': \(64, 32\)"):
+        data.make_train_iterator(other, sharding).set_state(state)
+    iterator.close()
+
+
+def test_eval_sees_every_example_once_with_padding_masked(config, sharding):
+    batches = list(data.make_eval_iterator(config, sharding))
+    assert len(batches) == 3  # ceil(297 / 128)
+    masks = np.concatenate([np.asarray(b["mask"]) for b in batches])
+    assert masks.sum() == 297 and masks.shape == (384,) and (masks[297:] == 0).all()
+    assert all(b["image"].shape == (128, 16, 16, 3) and b["image"].sharding == sharding for b in batches)
+    # Every process yields as many batches, and together they see each example once.
+    seen = []
+    for process in (0, 1):
+        local = list(pipeline.eval_batches(config, process_index=process, process_count=2))
+        assert len(local) == 3 and all(len(b["mask"]) == 64 for b in local)
+        seen += [int(i) for b in local for i, m in zip(b["index"], b["mask"]) if m]
+    assert sorted(seen) == list(range(297))
+    # Deterministic: a second pass gives the same images.
+    again = list(data.make_eval_iterator(config, sharding))
+    np.testing.assert_array_equal(np.asarray(again[1]["image"]), np.asarray(batches[1]["image"]))
+
+
+def test_worker_processes_give_a_resumable_stream(config, sharding):
+    config = config.copy_and_resolve_references()
+    config.data_workers = 2
+    iterator = data.make_train_iterator(config, sharding)
+    next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    expected = np.asarray(next(iterator)["image"])
+    iterator.close()
+    resumed = data.make_train_iterator(config, sharding)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected)
+    resumed.close()
+
+
+@pytest.mark.parametrize("name, extra", [("cifar10", ""), ("imagenet2012", " --manual_dir=/path/to/downloads")])
+def test_a_missing_dataset_says_where_it_looked_and_how_to_prepare_it(tmp_path, sharding, name, extra):
+    config = demo.get_config()
+    config.dataset = name
+    config.tfds_data_dir = str(tmp_path)
+    with pytest.raises(data.DatasetError) as error:
+        data.make_train_iterator(config, sharding)
+    message = str(error.value)
+    assert f"looked for {tmp_path}/{name}/" in message
+    assert f"python -m vit_jax.data.prepare --dataset={name} --data_dir={tmp_path}{extra}" in message
+
+
+def test_an_unknown_dataset_name_suggests_the_close_ones(tmp_path):
+    config = demo.get_config()
+    config.dataset = "cifar11"
+    config.tfds_data_dir = str(tmp_path)
+    with pytest.raises(data.DatasetError, match=r"'cifar11' is neither a TFDS dataset.*did you mean .*'cifar10'"):
+        data.dataset_info(config)
+
+
+def test_our_manual_datasets_missing_name_their_prepare_command(tmp_path):
+    config = demo.get_config()
+    config.dataset = "imagenet21k"
+    config.tfds_data_dir = str(tmp_path)
+    with pytest.raises(data.DatasetError, match=rf"looked for {tmp_path}/imagenet21k/1.0.0.*"
+                                                rf"--dataset=imagenet21k --data_dir={tmp_path} --manual_dir="):
+        data.dataset_info(config)

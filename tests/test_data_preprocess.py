@@ -1,0 +1,143 @@
+"""Preprocessing: Inception crop, resize, flip, translation, eval crop, labels, mixup, RandAugment."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_jax.data import preprocess
+from vit_jax.data.randaugment import OPS, randaugment
+
+
+def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, quality=95)
+    return buffer.getvalue()
+
+
+def _photo(height: int = 300, width: int = 400) -> np.ndarray:
+    y, x = np.mgrid[:height, :width]
+    return np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
+
+
+def test_inception_crop_boxes_lie_inside_with_the_configured_area_and_aspect_ratio():
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(500):
+        left, top, right, bottom = preprocess.inception_crop_box(400, 300, rng, min_area=0.05)
+        assert 0 <= left < right <= 400 and 0 <= top < bottom <= 300
+        width, height = right - left, bottom - top
+        areas.append(width * height / (400 * 300))
+        if (width, height) != (400, 300):  # the whole image is the fallback after 10 misses
+            assert 3 / 4 - 0.02 <= width / height <= 4 / 3 + 0.02
+    assert 0.04 <= min(areas) < 0.15 and max(areas) > 0.9
+
+
+def test_train_preprocess_gives_the_configured_size_dtype_and_labels():
+    transform = preprocess.TrainPreprocess(image_size=64, num_classes=5, inception_crop=True, flip=True)
+    rng = np.random.default_rng(1)
+    for fmt in ("JPEG", "PNG"):
+        out = transform({"image": _encoded(_photo(), fmt), "label": 3, "index": 7}, rng)
+        assert out["image"].shape == (64, 64, 3) and out["image"].dtype == np.uint8
+        np.testing.assert_array_equal(out["label"], [0, 0, 0, 1, 0])
+        assert out["index"] == 7
+    scaled = preprocess.to_unit_range(out["image"])
+    assert scaled.dtype == np.float32 and -1.0 <= scaled.min() and scaled.max() <= 1.0
+    np.testing.assert_allclose(preprocess.to_unit_range(np.array([0, 255], np.uint8)), [-1.0, 1.0])
+
+
+def test_crop_and_resize_matches_pillow_crop_then_resize_and_jpeg_draft_stays_close():
+    y, x = np.mgrid[:480, :640]
+    pixels = np.stack([x * 255 // 640, y * 255 // 480, (x // 4 + y // 4) % 128], axis=-1).astype(np.uint8)
+    box = (100, 50, 420, 370)
+    ours = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "PNG")), box, 32)
+    reference = np.asarray(Image.fromarray(pixels).crop(box).resize((32, 32), Image.Resampling.BILINEAR))
+    assert ours.shape == (32, 32, 3)
+    # Close: differences come from the filter's reach past the box edge and the integer pre-reduction.
+    difference = np.abs(ours.astype(int) - reference.astype(int))
+    assert difference.mean() < 1.0 and difference[2:-2, 2:-2].max() <= 4
+    # JPEG is decoded at a reduced DCT scale when the output is much smaller; the result stays close.
+    drafted = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "JPEG")), box, 32)
+    assert np.abs(drafted.astype(int) - reference.astype(int)).mean() < 4
+
+
+def test_flip_mirrors_half_the_time_and_translate_shifts_with_black_fill():
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    rng = np.random.default_rng(0)
+    flips = [not np.array_equal(preprocess.flip_left_right(image, rng), image) for _ in range(400)]
+    assert 150 < sum(flips) < 250
+    mirrored = next(out for out in (preprocess.flip_left_right(image, rng) for _ in range(10))
+                    if not np.array_equal(out, image))
+    np.testing.assert_array_equal(mirrored, image[:, ::-1])
+    ones = np.full((6, 6, 1), 255, np.uint8)
+    shifts = set()
+    for _ in range(100):
+        out = preprocess.random_translate(ones, 1, rng)
+        assert out.shape == ones.shape
+        rows, cols = np.nonzero(out[..., 0] == 0)
+        shifts.add((len(set(rows)), len(set(cols))))
+        assert np.count_nonzero(out == 255) in (36, 30, 25)  # no shift, one axis, both axes
+    assert len(shifts) > 1
+
+
+def test_eval_preprocess_is_deterministic_and_crops_the_centre():
+    pixels = np.zeros((200, 200, 3), np.uint8)
+    pixels[50:150, 50:150] = 255  # a white centre in a black frame
+    example = {"image": _encoded(pixels, "PNG"), "label": 1, "index": 0}
+    full = preprocess.EvalPreprocess(image_size=40, num_classes=2, crop_fraction=1.0)
+    first, second = full(example), full(example)
+    np.testing.assert_array_equal(first["image"], second["image"])
+    assert first["image"].shape == (40, 40, 3) and first["mask"] == 1.0
+    assert first["image"].min() == 0  # the frame is visible
+    centre = preprocess.EvalPreprocess(image_size=40, num_classes=2, crop_fraction=0.5)(example)["image"]
+    # As resizing to 40 / 0.5 = 80 and cutting the central 40: only the white centre remains.
+    reference = np.asarray(Image.fromarray(pixels).resize((80, 80), Image.Resampling.BILINEAR))[20:60, 20:60]
+    assert np.abs(centre.astype(int) - reference.astype(int)).max() <= 64
+    assert centre[1:-1, 1:-1].min() == 255 and centre.mean() > 240
+    with pytest.raises(ValueError, match="fraction 1.5 is invalid"):
+        preprocess.central_box(10, 10, 1.5)
+
+
+def test_labels_one_hot_and_multi_hot_and_out_of_range():
+    np.testing.assert_array_equal(preprocess.encode_label(2, 4), [0, 0, 1, 0])
+    np.testing.assert_array_equal(preprocess.encode_label(np.array([0, 3]), 4), [1, 0, 0, 1])
+    np.testing.assert_array_equal(preprocess.encode_label(np.array([], np.int64), 3), [0, 0, 0])
+    with pytest.raises(ValueError, match=r"label 7 is outside \[0, 4\)"):
+        preprocess.encode_label(7, 4)
+
+
+def test_mixup_is_a_convex_combination_of_the_batch_and_its_roll():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(4, 2, 2, 3)).astype(np.float32)
+    labels = np.eye(4, dtype=np.float32)
+    mixed_images, mixed_labels = preprocess.mixup(images, labels, alpha=0.4, rng=np.random.default_rng(3))
+    lam = mixed_labels[0, 0]
+    assert 0.0 <= lam <= 1.0 and math.isclose(mixed_labels[0, 3], 1 - lam, rel_tol=1e-5)
+    np.testing.assert_allclose(mixed_images, lam * images + (1 - lam) * np.roll(images, 1, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_corrupt_bytes_raise_corrupt_image_error():
+    with pytest.raises(preprocess.CorruptImageError):
+        preprocess.open_image(b"not an image at all")
+    truncated = _encoded(_photo(), "JPEG")[:400]
+    with pytest.raises(preprocess.CorruptImageError):
+        preprocess.crop_and_resize(preprocess.open_image(truncated), (0, 0, 400, 300), 16)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_every_randaugment_op_keeps_shape_and_dtype(op):
+    image = Image.fromarray(_photo(32, 48))
+    out = np.asarray(OPS[op](image, 10.0, np.random.default_rng(0)))
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+
+
+def test_randaugment_changes_the_image_and_is_reproducible_from_the_seed():
+    image = Image.fromarray(_photo(32, 32))
+    first = np.asarray(randaugment(image, 2, 10, np.random.default_rng(5)))
+    second = np.asarray(randaugment(image, 2, 10, np.random.default_rng(5)))
+    np.testing.assert_array_equal(first, second)
+    assert any(not np.array_equal(np.asarray(randaugment(image, 2, 10, np.random.default_rng(s))), _photo(32, 32))
+               for s in range(5))

@@ -1,0 +1,204 @@
+"""Dataset registry: a config's `dataset` name -> a prepared TFDS builder, its splits, classes and label kind.
+
+Names are TFDS names (`imagenet2012`, `cifar10`, `cifar100`, `oxford_iiit_pet`, `oxford_flowers102`, any other)
+or one of ours (`digits`, `imagenet21k`, `image_folder`, see builders/). Everything is read from
+`config.tfds_data_dir` as ArrayRecord (what `tfds.data_source` and grain read). `digits` is built there on first
+use (it needs no download); every other dataset is prepared once with `python -m vit_jax.data.prepare`, and a
+missing one is a `DatasetError` that says where it was looked for and the exact command to prepare it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import shlex
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from vit_jax.data.builders.digits import Digits
+from vit_jax.data.builders.image_folder import ImageFolder
+from vit_jax.data.builders.imagenet21k import Imagenet21k
+from vit_jax.data.errors import DatasetError
+
+OWN_BUILDERS = {"digits": Digits, "imagenet21k": Imagenet21k, "image_folder": ImageFolder}
+BUILT_ON_FIRST_USE = ("digits",)
+LABEL_KINDS = ("single", "multi")
+# What the manual_dir of TFDS datasets that cannot be downloaded must hold.
+MANUAL_FILES = {"imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org"}
+ARRAY_RECORD = "array_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the training loop needs to know about the configured dataset."""
+
+    name: str
+    data_dir: str  # the prepared dataset's directory (DATA_DIR/name/version)
+    num_train_examples: int
+    num_eval_examples: int
+    num_classes: int
+    label_kind: str  # "single" (one class per image) or "multi" (one or more: multi-hot)
+    image_key: str
+    label_key: str
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    """`config.tfds_data_dir`, or TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets) when empty."""
+    return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR)
+
+
+def prepare_command(name: str, data_dir: str, manual_dir: str = "") -> str:
+    """The exact shell command that prepares `name` into `data_dir` in the format grain reads."""
+    args = ["python", "-m", "vit_jax.data.prepare", f"--dataset={name}", f"--data_dir={resolve_data_dir(data_dir)}"]
+    if manual_dir or name in ("imagenet21k", "image_folder") or name in MANUAL_FILES:
+        args.append(f"--manual_dir={manual_dir or '/path/to/downloads'}")
+    return shlex.join(args)
+
+
+def _needs_manual(name: str) -> str:
+    if name == "imagenet21k" or name == "image_folder":
+        return f" ({name} is prepared from local files: see vit_jax/data/builders/{name}.py for the layout)"
+    if name in MANUAL_FILES:
+        return f" (--manual_dir must hold {MANUAL_FILES[name]})"
+    return ""
+
+
+def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(name, data_dir=data_dir, file_format=ARRAY_RECORD)
+    except tfds.core.registered.DatasetNotFoundError:
+        candidates = list(OWN_BUILDERS) + list(tfds.list_builders())
+        close = difflib.get_close_matches(name.split(":")[0], candidates, n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise DatasetError(f"config.dataset={name!r} is neither a TFDS dataset nor one of ours "
+                           f"{sorted(OWN_BUILDERS)}{hint}") from None
+
+
+def _own_builder_dir(name: str, data_dir: str) -> str:
+    return os.path.join(data_dir, name, str(OWN_BUILDERS[name].VERSION))
+
+
+def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
+    """Build dataset `name` into `data_dir` as ArrayRecord (downloading if TFDS can); returns its directory."""
+    data_dir = resolve_data_dir(data_dir)
+    if name == "digits":
+        builder = Digits(data_dir=data_dir, file_format=ARRAY_RECORD)
+    elif name == "imagenet21k":
+        builder = Imagenet21k(manual_dir=manual_dir, data_dir=data_dir, file_format=ARRAY_RECORD)
+    elif name == "image_folder":
+        builder = ImageFolder(source_dir=manual_dir, data_dir=data_dir, file_format=ARRAY_RECORD)
+    else:
+        builder = _tfds_builder(name, data_dir)
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    builder.download_and_prepare(file_format=ARRAY_RECORD, download_config=download_config)
+    return str(builder.data_dir)
+
+
+def load_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
+    """The prepared ArrayRecord builder of `name`; builds `digits` on first use, else raises `DatasetError`."""
+    data_dir = resolve_data_dir(data_dir)
+    if name in OWN_BUILDERS:
+        builder_dir = _own_builder_dir(name, data_dir)
+        if not os.path.exists(os.path.join(builder_dir, "dataset_info.json")):
+            if name in BUILT_ON_FIRST_USE:
+                try:
+                    prepare(name, data_dir)
+                except OSError:
+                    # Another process on this machine may have finished the same build first.
+                    if not os.path.exists(os.path.join(builder_dir, "dataset_info.json")):
+                        raise
+            else:
+                raise DatasetError(f"dataset {name!r} is not prepared: looked for {builder_dir}. Prepare it with: "
+                                   f"{prepare_command(name, data_dir, manual_dir)}{_needs_manual(name)}")
+        builder = tfds.builder_from_directory(builder_dir)
+    else:
+        builder = _tfds_builder(name, data_dir)
+        if not builder.is_prepared():
+            raise DatasetError(f"dataset {name!r} is not prepared: looked for {builder.data_dir}. Prepare it with: "
+                               f"{prepare_command(name, data_dir, manual_dir)}{_needs_manual(name)}")
+    if builder.info.file_format is not None and builder.info.file_format.value != ARRAY_RECORD:
+        raise DatasetError(f"dataset {name!r} at {builder.data_dir} was prepared as {builder.info.file_format.value}, "
+                           f"but grain reads {ARRAY_RECORD}; prepare it again with: "
+                           f"{prepare_command(name, data_dir, manual_dir)}")
+    return builder
+
+
+def _label_kind_and_classes(feature, name: str, label_key: str) -> tuple[str, int]:
+    if isinstance(feature, tfds.features.ClassLabel):
+        return "single", feature.num_classes
+    if isinstance(feature, tfds.features.Sequence) and isinstance(feature.feature, tfds.features.ClassLabel):
+        return "multi", feature.feature.num_classes
+    raise DatasetError(f"dataset {name!r}: feature {label_key!r} is {feature!r}, not a class label or a sequence "
+                       "of class labels")
+
+
+def split_size(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int:
+    """Examples in `split` (TFDS split syntax such as `train[:98%]`); a bad split names the valid ones."""
+    try:
+        return builder.info.splits[split].num_examples
+    except (KeyError, ValueError, AssertionError) as e:
+        raise DatasetError(f"config.{field}={split!r} is not a split of {builder.name} at {builder.data_dir} "
+                           f"(splits: {sorted(builder.info.splits)}; slices like 'train[:98%]' work): {e}") from None
+
+
+def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, train_split: str, eval_split: str,
+                              num_classes: int, label_kind: str) -> DatasetInfo:
+    """Check the config's class count and label kind against the prepared dataset and describe it."""
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    features = builder.info.features
+    if image_key not in features or label_key not in features:
+        raise DatasetError(f"dataset {name!r} has features {sorted(features)}, expected an image and a label")
+    kind, found_classes = _label_kind_and_classes(features[label_key], name, label_key)
+    if num_classes != found_classes:
+        raise DatasetError(f"config.num_classes={num_classes} but dataset {name!r} has {found_classes} classes; "
+                           f"set --config.num_classes={found_classes}")
+    if label_kind not in LABEL_KINDS:
+        raise DatasetError(f"config.label_kind={label_kind!r} is invalid: expected one of {LABEL_KINDS}")
+    if kind == "multi" and label_kind == "single":
+        raise DatasetError(f"dataset {name!r} has one or more labels per image ({label_key!r}); set "
+                           "--config.label_kind=multi (multi-hot labels, sigmoid loss)")
+    return DatasetInfo(name=name, data_dir=str(builder.data_dir),
+                       num_train_examples=split_size(builder, train_split, "train_split"),
+                       num_eval_examples=split_size(builder, eval_split, "eval_split"),
+                       num_classes=found_classes, label_kind=label_kind, image_key=image_key, label_key=label_key)
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """Sizes, classes and label kind of `config.dataset`, checked against the config (see `DatasetInfo`)."""
+    builder = load_builder(config.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+    return dataset_info_from_builder(builder, config.dataset, config.train_split, config.eval_split,
+                                     config.num_classes, config.label_kind)
+
+
+class LabeledSource:
+    """Random access to a split as {"image": encoded bytes, "label": int | int array, "index": int}.
+
+    Images are not decoded here (grain workers decode them with pillow, and skip corrupt ones); picklable,
+    so grain's worker processes can each open it.
+    """
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_key: str, label_key: str):
+        self._source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        self._image_key = image_key
+        self._label_key = label_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self._source[index]
+        return {"image": example[self._image_key], "label": example[self._label_key], "index": index}
+
+    def __repr__(self) -> str:
+        return f"LabeledSource({self._source!r})"
+
+
+def open_split(config: ml_collections.ConfigDict, split: str) -> tuple[LabeledSource, DatasetInfo]:
+    """A random-access source over `split` of `config.dataset` and the dataset's checked description."""
+    builder = load_builder(config.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+    info = dataset_info_from_builder(builder, config.dataset, config.train_split, config.eval_split,
+                                     config.num_classes, config.label_kind)
+    return LabeledSource(builder, split, info.image_key, info.label_key), info
+

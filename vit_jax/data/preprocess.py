@@ -1,0 +1,212 @@
+"""Preprocessing as in the paper's code, as plain typed functions on pillow images and numpy arrays.
+
+train: decode -> Inception crop (random resized crop) -> resize to image_size -> horizontal flip
+       [-> random translation (small images) -> RandAugment] -> values in [-1, 1]
+eval:  decode -> resize to image_size / eval_crop_fraction -> central crop image_size -> values in [-1, 1]
+labels: one-hot (one class per image) or multi-hot (several); mixup mixes whole batches.
+
+Crop and resize happen in one pillow call on the region of interest, after JPEG "draft" decoding at the
+smallest 1/2, 1/4 or 1/8 scale that still covers the output (the costly part of decoding large photos).
+Images stay uint8 until the batch is assembled: 4x less to move between worker processes.
+A file that cannot be decoded raises `CorruptImageError`; the pipeline skips it and logs the count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+
+import numpy as np
+from PIL import Image
+
+from vit_jax.data.randaugment import randaugment
+
+ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)  # Inception crop's aspect ratios, as tf.image.sample_distorted_bbox
+CROP_ATTEMPTS = 10
+Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
+
+_skipped_images = 0
+
+
+class CorruptImageError(ValueError):
+    """Image bytes that pillow cannot decode (truncated, not an image, too large)."""
+
+
+def corrupt_images_skipped() -> int:
+    """How many corrupt images this process has skipped so far."""
+    return _skipped_images
+
+
+def record_corrupt_image(index: int, error: Exception) -> None:
+    """Count a skipped image and log it with the running count."""
+    global _skipped_images
+    _skipped_images += 1
+    logging.warning("skipped corrupt image (example %d of its split): %s; %d skipped so far in this process",
+                    index, error, _skipped_images)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Parse the image header (pixels are decoded later, possibly at reduced scale)."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f"cannot decode image ({len(data)} bytes): {e}") from None
+
+
+def inception_crop_box(width: int, height: int, rng: np.random.Generator, min_area: float = 0.05,
+                       max_area: float = 1.0) -> Box:
+    """A random box covering [min_area, max_area] of the image with aspect ratio in [3/4, 4/3] (log-uniform).
+
+    As tf.image.sample_distorted_bounding_box in the paper's code: up to 10 tries, else the whole image.
+    """
+    area = width * height
+    log_low, log_high = math.log(ASPECT_RATIO_RANGE[0]), math.log(ASPECT_RATIO_RANGE[1])
+    for _ in range(CROP_ATTEMPTS):
+        target_area = area * rng.uniform(min_area, max_area)
+        aspect_ratio = math.exp(rng.uniform(log_low, log_high))
+        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
+        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left = int(rng.integers(0, width - crop_width + 1))
+            top = int(rng.integers(0, height - crop_height + 1))
+            return (left, top, left + crop_width, top + crop_height)
+    return (0, 0, width, height)
+
+
+def central_box(width: int, height: int, fraction: float) -> Box:
+    """The central `fraction` of each side (fraction 1: the whole image)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"central crop fraction {fraction} is invalid: expected 0 < fraction <= 1")
+    margin_x, margin_y = width * (1.0 - fraction) / 2.0, height * (1.0 - fraction) / 2.0
+    return (margin_x, margin_y, width - margin_x, height - margin_y)
+
+
+def crop_and_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
+    """Decode `image`, crop `box` and resize it to (size, size, 3) uint8 RGB with bilinear (antialiased) filtering."""
+    try:
+        full_width, full_height = image.size
+        box_width, box_height = box[2] - box[0], box[3] - box[1]
+        if image.format == "JPEG":
+            # Decode at the smallest DCT scale at which the box still has >= size pixels per side.
+            needed = (math.ceil(full_width * size / box_width), math.ceil(full_height * size / box_height))
+            image.draft("RGB", needed)
+        scale_x, scale_y = image.size[0] / full_width, image.size[1] / full_height
+        scaled = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        # reducing_gap: shrink by an integer factor first when the box is much larger (~15% faster, same quality).
+        resized = image.resize((size, size), Image.Resampling.BILINEAR, box=scaled, reducing_gap=2.0)
+        return np.asarray(resized, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f"cannot decode image: {e}") from None
+
+
+def flip_left_right(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirror (H, W, C) `image` horizontally with probability 1/2."""
+    return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def random_translate(image: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Shift (H, W, C) `image` by up to `max_shift` pixels each way, filling with 0 (black, -1 after scaling)."""
+    if max_shift <= 0:
+        return image
+    padded = np.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    dy, dx = (int(v) for v in rng.integers(0, 2 * max_shift + 1, size=2))
+    return padded[dy:dy + image.shape[0], dx:dx + image.shape[1]]
+
+
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels 0..255 -> float32 in [-1, 1] (the paper's value range)."""
+    return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+def encode_label(label, num_classes: int) -> np.ndarray:
+    """A class id -> one-hot, or a list/array of class ids -> multi-hot; float32 (num_classes,)."""
+    ids = np.atleast_1d(np.asarray(label, dtype=np.int64))
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(f"label {label} is outside [0, {num_classes}): is config.num_classes right?")
+    encoded = np.zeros((num_classes,), np.float32)
+    encoded[ids] = 1.0
+    return encoded
+
+
+def mixup(images: np.ndarray, labels: np.ndarray, alpha: float, rng: np.random.Generator
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Mix a batch with itself rolled by one: one weight lam ~ Beta(alpha, alpha) per batch (as big_vision)."""
+    lam = np.float32(rng.beta(alpha, alpha))
+    mixed_images = lam * images + (1.0 - lam) * np.roll(images, 1, axis=0)
+    mixed_labels = lam * labels + (1.0 - lam) * np.roll(labels, 1, axis=0)
+    return mixed_images.astype(np.float32), mixed_labels.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPreprocess:
+    """One training example: {"image": bytes, "label", "index"} -> {"image": uint8 (S, S, 3), "label": float32,
+    "index"} (the example's position in its split, for logs and tests).
+
+    Returns None for a corrupt image (counted and logged), which the pipeline drops.
+    """
+
+    image_size: int
+    num_classes: int
+    inception_crop: bool = True
+    crop_min_area: float = 0.05
+    flip: bool = True
+    random_translate: int = 0
+    randaugment_layers: int = 0
+    randaugment_magnitude: float = 10.0
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict | None:
+        try:
+            image = open_image(example["image"])
+            width, height = image.size
+            box = (inception_crop_box(width, height, rng, self.crop_min_area) if self.inception_crop
+                   else (0, 0, width, height))
+            pixels = crop_and_resize(image, box, self.image_size)
+        except CorruptImageError as e:
+            record_corrupt_image(int(example["index"]), e)
+            return None
+        if self.flip:
+            pixels = flip_left_right(pixels, rng)
+        pixels = random_translate(pixels, self.random_translate, rng)
+        if self.randaugment_layers:
+            augmented = randaugment(Image.fromarray(np.ascontiguousarray(pixels)), self.randaugment_layers,
+                                    self.randaugment_magnitude, rng)
+            pixels = np.asarray(augmented, dtype=np.uint8)
+        return {"image": np.ascontiguousarray(pixels), "label": encode_label(example["label"], self.num_classes),
+                "index": np.int64(example["index"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPreprocess:
+    """One eval example, deterministic: resize to image_size / crop_fraction, central crop image_size.
+
+    Output as `TrainPreprocess` plus "mask" 1.0 (real example); None for a corrupt image.
+    """
+
+    image_size: int
+    num_classes: int
+    crop_fraction: float = 1.0
+
+    def __call__(self, example: dict) -> dict | None:
+        try:
+            image = open_image(example["image"])
+            pixels = crop_and_resize(image, central_box(*image.size, self.crop_fraction), self.image_size)
+        except CorruptImageError as e:
+            record_corrupt_image(int(example["index"]), e)
+            return None
+        return {"image": pixels, "label": encode_label(example["label"], self.num_classes),
+                "mask": np.float32(1.0), "index": np.int64(example["index"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class MixupBatch:
+    """Batch-level mixup (grain random_map on batches): images become float32 in [-1, 1]."""
+
+    alpha: float
+
+    def __call__(self, batch: dict, rng: np.random.Generator) -> dict:
+        images, labels = mixup(to_unit_range(batch["image"]), batch["label"], self.alpha, rng)
+        return {**batch, "image": images, "label": labels}

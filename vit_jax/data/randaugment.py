@@ -1,0 +1,73 @@
+"""RandAugment (Cubuk et al. 2019) on pillow images, as in the AugReg runs ("How to train your ViT").
+
+Follows the TensorFlow reference (`distort_image_with_randaugment` of the EfficientNet code, which big_vision
+uses): each of `num_layers` rounds applies one op drawn uniformly from 16, at `magnitude` on a 0..10 scale
+(larger values extrapolate); geometric ops fill with grey (128). Pixel translations and the cutout size are
+given relative to the image (the reference's 100 and 40 px at 224).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+MAX_LEVEL = 10.0
+FILL = (128, 128, 128)
+
+
+def _signed(value: float, rng: np.random.Generator) -> float:
+    return value if rng.random() < 0.5 else -value
+
+
+def _enhance(enhancer):
+    return lambda image, level, rng: enhancer(image).enhance(level / MAX_LEVEL * 1.8 + 0.1)
+
+
+def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
+    return image.transform(image.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.NEAREST,
+                           fillcolor=FILL)
+
+
+def _solarize_add(image: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
+    pixels = np.asarray(image).astype(np.int32)
+    added = np.clip(pixels + int(level / MAX_LEVEL * 110), 0, 255)
+    return Image.fromarray(np.where(pixels < 128, added, pixels).astype(np.uint8))
+
+
+def _cutout(image: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
+    pixels = np.array(image)
+    height, width = pixels.shape[:2]
+    half = int(level / MAX_LEVEL * 40 / 224 * min(height, width))
+    y, x = int(rng.integers(height)), int(rng.integers(width))
+    pixels[max(0, y - half):y + half, max(0, x - half):x + half] = FILL
+    return Image.fromarray(pixels)
+
+
+OPS = {
+    "AutoContrast": lambda image, level, rng: ImageOps.autocontrast(image),
+    "Equalize": lambda image, level, rng: ImageOps.equalize(image),
+    "Invert": lambda image, level, rng: ImageOps.invert(image),
+    "Rotate": lambda image, level, rng: image.rotate(_signed(level / MAX_LEVEL * 30.0, rng), fillcolor=FILL),
+    "Posterize": lambda image, level, rng: ImageOps.posterize(image, max(1, int(level / MAX_LEVEL * 4))),
+    "Solarize": lambda image, level, rng: ImageOps.solarize(image, int(level / MAX_LEVEL * 256)),
+    "SolarizeAdd": _solarize_add,
+    "Color": _enhance(ImageEnhance.Color),
+    "Contrast": _enhance(ImageEnhance.Contrast),
+    "Brightness": _enhance(ImageEnhance.Brightness),
+    "Sharpness": _enhance(ImageEnhance.Sharpness),
+    "ShearX": lambda image, level, rng: _affine(image, (1, _signed(level / MAX_LEVEL * 0.3, rng), 0, 0, 1, 0)),
+    "ShearY": lambda image, level, rng: _affine(image, (1, 0, 0, _signed(level / MAX_LEVEL * 0.3, rng), 1, 0)),
+    "TranslateX": lambda image, level, rng: _affine(
+        image, (1, 0, _signed(level / MAX_LEVEL * 100 / 224 * image.width, rng), 0, 1, 0)),
+    "TranslateY": lambda image, level, rng: _affine(
+        image, (1, 0, 0, 0, 1, _signed(level / MAX_LEVEL * 100 / 224 * image.height, rng))),
+    "Cutout": _cutout,
+}
+OP_NAMES = tuple(OPS)
+
+
+def randaugment(image: Image.Image, num_layers: int, magnitude: float, rng: np.random.Generator) -> Image.Image:
+    """Apply `num_layers` ops drawn uniformly from `OPS`, each at `magnitude` (0..10), to an RGB image."""
+    for _ in range(num_layers):
+        image = OPS[OP_NAMES[int(rng.integers(len(OP_NAMES)))]](image, float(magnitude), rng)
+    return image
