@@ -1,0 +1,162 @@
+"""Checkpoints: restore onto another mesh, keep-N, and a real run killed (SIGKILL) or preempted (SIGTERM)."""
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train_helpers import tiny_config
+from vit_jax import checkpoints, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_restore_onto_a_different_mesh_and_keep_the_newest(tmp_path):
+    config = tiny_config(**{"mesh.data": 8})
+    mesh = sharding.make_mesh(config)
+    state = train.init_state(config, mesh, config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, state["params"], state["opt_state"], {"step": step, "rng": [1, 2]}, {"position": step})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 3]
+
+    other = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2})
+    other_mesh = sharding.make_mesh(other)
+    abstract = train.abstract_state(other, other_mesh, other.total_steps)
+    restored = ckpt.restore(3, abstract["params"], abstract["opt_state"])
+    ckpt.close()
+    assert restored["meta"] == {"step": 3, "rng": [1, 2]}
+    assert restored["data_state"] == {"position": 3}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]), jax.device_get(state["params"]))
+    kernel = restored["params"]["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
+    assert kernel.sharding.mesh.shape == other_mesh.shape
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# End to end through `python -m vit_jax.main` on the digits dataset with a tiny model.
+
+TOTAL_STEPS = 200
+RUN_FLAGS = ["--config=configs/demo.py", f"--config.total_steps={TOTAL_STEPS}", "--config.log_every=1",
+             "--config.eval_every=100000", "--config.checkpoint_every=50", "--config.model.hidden_size=32",
+             "--config.model.num_layers=1", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+             "--config.batch_size=16", "--config.eval_batch_size=64", "--config.optimizer.warmup_steps=5"]
+
+
+class Run:
+    """`python -m vit_jax.main` in a subprocess, its stdout lines collected as they come."""
+
+    def __init__(self, workdir, data_dir):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+        env.pop("XLA_FLAGS", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vit_jax.main", f"--workdir={workdir}", *RUN_FLAGS,
+             f"--config.tfds_data_dir={data_dir}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.stderr = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+
+    def last_step(self) -> int:
+        steps = [int(m.group(1)) for line in list(self.lines) if (m := re.match(r"step (\d+)/", line))]
+        return max(steps, default=0)
+
+    def wait_until(self, condition, timeout=240):
+        deadline = time.time() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(f"run ended early ({self.process.returncode}):\n" + "\n".join(self.lines)
+                                     + self.process.stderr.read()[-3000:])
+            if time.time() > deadline:
+                self.process.kill()
+                raise AssertionError("timed out:\n" + "\n".join(self.lines))
+            time.sleep(0.02)
+
+    def finish(self, timeout=240) -> int:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        self._reader.join(10)
+        self.stderr = self.process.stderr.read()
+        return self.process.returncode
+
+
+def _train_losses(workdir) -> list[dict[int, float]]:
+    """train/loss by step from each TensorBoard event file in `workdir` (one file per process run)."""
+    import tensorflow as tf
+
+    runs = []
+    for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+        losses = {}
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "train/loss":
+                    losses[event.step] = float(tf.make_ndarray(value.tensor))
+        runs.append(losses)
+    return runs
+
+
+def _complete_steps(workdir) -> list[int]:
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    run = Run(workdir, data_dir)
+    assert run.finish() == 0, run.stderr[-3000:]
+    (losses,) = _train_losses(workdir)
+    assert sorted(losses) == list(range(1, TOTAL_STEPS + 1))
+    return data_dir, losses
+
+
+def test_sigterm_saves_then_sigkill_and_restart_repeat_the_uninterrupted_run(reference, tmp_path):
+    data_dir, reference_losses = reference
+    workdir = str(tmp_path)
+
+    # 1. SIGTERM (preemption) mid-run: a checkpoint at the current step, then a clean exit.
+    run = Run(workdir, data_dir)
+    run.wait_until(lambda: run.last_step() >= 10)
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 0, run.stderr[-3000:]
+    (saved,) = [int(m.group(1)) for line in run.lines if (m := re.match(r"preempted: saved a checkpoint at step "
+                                                                          r"(\d+)", line))]
+    assert 10 <= saved < TOTAL_STEPS
+    assert _complete_steps(workdir)[-1] == saved
+
+    # 2. Resume, then SIGKILL once a later periodic checkpoint is complete.
+    run = Run(workdir, data_dir)
+    run.wait_until(lambda: any(s > saved for s in _complete_steps(workdir)) and run.last_step() > saved + 1)
+    run.process.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    killed_at = _complete_steps(workdir)[-1]
+    assert saved < killed_at < TOTAL_STEPS
+
+    # 3. Restart to the end: every logged loss equals the uninterrupted run's at the same step.
+    run = Run(workdir, data_dir)
+    assert run.finish() == 0, run.stderr[-3000:]
+    runs = _train_losses(workdir)
+    assert len(runs) == 3
+    assert min(runs[1]) == saved + 1 and min(runs[2]) == killed_at + 1 and max(runs[2]) == TOTAL_STEPS
+    for losses in runs:
+        for step, loss in losses.items():
+            assert loss == pytest.approx(reference_losses[step], rel=1e-6, abs=1e-7), step
+    assert os.path.exists(os.path.join(workdir, "final_metrics.json"))

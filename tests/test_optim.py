@@ -1,0 +1,81 @@
+"""Optimizer, schedule, step count and losses against hand-computed references."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.train_helpers import tiny_config
+from vit_jax import optim
+from vit_jax.config_check import ConfigError
+
+
+def test_total_steps_from_steps_or_epochs():
+    assert optim.total_steps(tiny_config(total_steps=123), 10_000) == 123
+    config = tiny_config(total_steps=0, num_epochs=3, batch_size=64)
+    assert optim.total_steps(config, 1000) == 47  # ceil(3 * 1000 / 64)
+    with pytest.raises(ConfigError, match="total_steps"):
+        optim.total_steps(config, None)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_warms_up_linearly_then_decays_to_zero(kind):
+    config = tiny_config(**{"optimizer.lr": 0.5, "optimizer.warmup_steps": 10, "optimizer.schedule": kind})
+    schedule = optim.learning_rate_schedule(config.optimizer, 110)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(0.25)
+    assert float(schedule(10)) == pytest.approx(0.5)
+    assert float(schedule(60)) == pytest.approx(0.25, abs=1e-6)  # halfway: linear and cosine agree
+    expected_75 = 0.125 if kind == "linear" else 0.5 * 0.5 * (1 + np.cos(np.pi * 0.75))
+    assert float(schedule(85)) == pytest.approx(expected_75, rel=1e-5)
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_warmup_longer_than_the_run_is_a_config_error():
+    config = tiny_config(**{"optimizer.warmup_steps": 10_000})
+    with pytest.raises(ConfigError, match="warmup_steps=10000"):
+        optim.make_optimizer(config, 500)
+
+
+def test_adam_step_is_clipped_adamw_with_decay_on_kernels_only():
+    config = tiny_config(**{"optimizer.name": "adam", "optimizer.lr": 0.1, "optimizer.warmup_steps": 0,
+                            "optimizer.weight_decay": 0.5, "optimizer.grad_clip_norm": 1.0})
+    tx = optim.make_optimizer(config, 100)
+    params = {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([1.0, -1.0])}
+    grads = {"kernel": jnp.array([[3.0, 0.0], [0.0, 4.0]]), "bias": jnp.array([0.0, 0.0])}  # norm 5 -> x0.2
+    updates, _ = tx.update(grads, tx.init(params), params)
+    lr, eps = 0.1, 1e-8
+    clipped = np.array([[0.6, 0.0], [0.0, 0.8]])
+    # Adam's first step: m_hat = g, v_hat = g^2 -> g / (|g| + eps); then decoupled decay lr * wd * w on kernels.
+    adam = clipped / (np.abs(clipped) + eps)
+    expected_kernel = -lr * (adam + 0.5 * np.array(params["kernel"]))
+    np.testing.assert_allclose(updates["kernel"], expected_kernel, rtol=1e-5)
+    np.testing.assert_allclose(updates["bias"], 0.0, atol=1e-12)  # zero grads, no decay on biases
+
+
+def test_sgd_uses_momentum():
+    config = tiny_config(**{"optimizer.name": "sgd", "optimizer.lr": 1.0, "optimizer.warmup_steps": 0,
+                            "optimizer.weight_decay": 0.0, "optimizer.grad_clip_norm": 0.0, "optimizer.momentum": 0.9})
+    tx = optim.make_optimizer(config, 1000)
+    params = {"w": jnp.zeros(2)}
+    grads = {"w": jnp.array([1.0, 2.0])}
+    state = tx.init(params)
+    first, state = tx.update(grads, state, params)
+    second, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(first["w"], [-1.0, -2.0], rtol=1e-3)
+    np.testing.assert_allclose(second["w"], [-1.9, -3.8], rtol=1e-3)  # g + 0.9 g, lr ~1 (cosine barely moved)
+
+
+def test_losses_match_their_formulas():
+    logits = jnp.array([[2.0, 0.0, -1.0]])
+    labels = jnp.array([[0.0, 1.0, 0.0]])
+    log_probs = np.log(np.exp(logits) / np.exp(logits).sum())
+    np.testing.assert_allclose(optim.per_example_loss(logits, labels, "single"), [-log_probs[0, 1]], rtol=1e-6)
+    smoothed = optim.smooth_labels(labels, 0.3, "single")
+    np.testing.assert_allclose(smoothed, [[0.1, 0.8, 0.1]], rtol=1e-6)
+    multi = jnp.array([[1.0, 1.0, 0.0]])
+    p = 1 / (1 + np.exp(-np.asarray(logits[0])))
+    expected = -(np.log(p[0]) + np.log(p[1]) + np.log(1 - p[2]))
+    np.testing.assert_allclose(optim.per_example_loss(logits, multi, "multi"), [expected], rtol=1e-5)
+    np.testing.assert_allclose(optim.smooth_labels(multi, 0.2, "multi"), [[0.9, 0.9, 0.1]], rtol=1e-6)
+    with pytest.raises(ConfigError, match="label_kind"):
+        optim.per_example_loss(logits, labels, "ranking")

@@ -1,0 +1,54 @@
+"""Mesh construction and the logical-axis -> mesh-axis layout of parameters."""
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tests.train_helpers import tiny_config
+from vit_jax import sharding, train
+from vit_jax.config_check import ConfigError
+
+
+def test_mesh_gives_the_free_axis_the_remaining_devices():
+    mesh = sharding.make_mesh(tiny_config(**{"mesh.data": -1, "mesh.fsdp": 2, "mesh.model": 2}))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
+    assert mesh.axis_names == ("data", "fsdp", "model")
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
+    with pytest.raises(ConfigError, match="mesh"):
+        sharding.make_mesh(tiny_config(**{"mesh.data": 3, "mesh.fsdp": 1, "mesh.model": 1}))
+
+
+def test_axis_that_does_not_divide_a_dimension_is_not_used_for_it():
+    mesh = sharding.make_mesh(tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.model": 2}))
+    assert sharding.spec_for_shape(("embed", "mlp"), (32, 64), mesh) == P("fsdp", "model")
+    assert sharding.spec_for_shape(("embed", "mlp"), (30, 63), mesh) == P(None, None)
+    assert sharding.spec_for_shape(("embed", "heads", "kv"), (32, 3, 8), mesh) == P("fsdp", None, None)
+    # A mesh axis is used at most once per array (heads and mlp both map to "model").
+    assert sharding.spec_for_shape(("heads", "mlp"), (4, 8), mesh) == P("model", None)
+
+
+def test_size_one_axes_leave_arrays_whole():
+    mesh = sharding.make_mesh(tiny_config(**{"mesh.data": 8}))
+    assert sharding.spec_for_shape(("embed", "mlp"), (32, 64), mesh) == P(None, None)
+
+
+def test_logical_axes_must_match_the_shape():
+    mesh = sharding.make_mesh(tiny_config())
+    with pytest.raises(ValueError, match="do not match"):
+        sharding.spec_for_shape(("embed",), (3, 4), mesh)
+
+
+def test_params_of_the_model_follow_the_rules():
+    config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2, "num_classes": 10})
+    mesh = sharding.make_mesh(config)
+    specs = jax.tree.map(lambda s: s.spec, train.state_shardings(config, mesh)["params"])
+    block = specs["Transformer"]["encoderblock_0"]
+    assert block["MlpBlock_3"]["Dense_0"]["kernel"] == P("fsdp", "model")
+    assert block["MlpBlock_3"]["Dense_1"]["kernel"] == P("model", "fsdp")
+    assert block["MultiHeadDotProductAttention_1"]["out"]["kernel"] == P("model", None, "fsdp")
+    assert block["LayerNorm_0"]["scale"] == P("fsdp")
+    assert specs["embedding"]["kernel"] == P(None, None, None, "fsdp")
+    assert specs["head"]["kernel"] == P("fsdp", "model")  # 10 classes split over a model axis of 2

@@ -1,0 +1,166 @@
+"""The training step: identical on 1 and 8 devices, gradient accumulation = one big batch, eval counts, NaN stop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests.train_helpers import synthetic_batch, tiny_config, to_device
+from vit_jax import sharding, train
+from vit_jax.models.vit import build_model
+
+
+def _run_steps(config, devices, num_steps=4):
+    """`num_steps` steps on one fixed batch (so the loss must fall): losses, final params (host) and state."""
+    mesh = sharding.make_mesh(config, devices)
+    state = train.init_state(config, mesh, config.total_steps)
+    step = train.make_train_step(config, mesh, config.total_steps)
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = step(state, to_device(synthetic_batch(config, 0), sharding.batch_sharding(mesh)))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"]), state
+
+
+# Momentum SGD: updates are linear in the gradients, so layouts that only reorder float sums agree to round-off.
+# (Adam divides by sqrt(v): for gradients that are zero in exact arithmetic, such as the attention key bias's,
+# it blows round-off up to lr-sized steps, and no two summation orders agree.)
+SGD = {"optimizer.name": "sgd", "optimizer.lr": 0.1, "optimizer.weight_decay": 0.0}
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+    return _run_steps(tiny_config(**SGD, **{"mesh.data": 1}), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_shape", [(4, 2, 1), (2, 2, 2)])
+def test_step_on_8_devices_matches_1_device(one_device_run, mesh_shape):
+    data, fsdp, model = mesh_shape
+    losses, params, state = _run_steps(tiny_config(**SGD, **{"mesh.data": data, "mesh.fsdp": fsdp,
+                                                                        "mesh.model": model}),
+                                       jax.devices())
+    ref_losses, ref_params, _ = one_device_run
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]  # it learns: the comparison is not between two untouched inits
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+    # The layout really is sharded: FSDP splits the embed axis, the model axis splits attention heads.
+    query = state["params"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["query"]["kernel"]
+    expected = ("fsdp", "model" if model > 1 else None, None)
+    assert tuple(query.sharding.spec) == expected
+    # The optimizer state (momentum) is sharded like its params.
+    momenta = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+               if "encoderblock_0" in jax.tree_util.keystr(path) and "query" in jax.tree_util.keystr(path)
+               and leaf.ndim == 3]
+    assert momenta and all(m.sharding.spec == query.sharding.spec for m in momenta)
+
+
+def test_gradient_accumulation_equals_one_big_batch(one_device_run):
+    config = tiny_config(**SGD, **{"accum_steps": 4, "mesh.data": 2, "mesh.fsdp": 2})
+    losses, params, _ = _run_steps(config, jax.devices()[:4])
+    ref_losses, ref_params, _ = one_device_run
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+
+
+def test_accumulated_step_matches_an_independent_optax_reference():
+    """Params after one accumulated step against plain optax momentum SGD on the unsharded model."""
+    config = tiny_config(**SGD, **{"accum_steps": 2, "mesh.data": 1, "optimizer.warmup_steps": 0})
+    _, params, _ = _run_steps(config, jax.devices()[:1], num_steps=1)
+    model = build_model(config.model, config.num_classes)
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    init = jax.device_get(train.init_state(config, mesh, config.total_steps)["params"])
+    batch = synthetic_batch(config, 0)
+
+    @jax.jit
+    def reference_step(p):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, batch["image"])
+            return optax.softmax_cross_entropy(logits, batch["label"]).mean()
+
+        grads = jax.grad(loss_fn)(p)
+        scale = jnp.minimum(1.0, 1.0 / optax.global_norm(grads))  # clip the global norm at 1
+        return jax.tree.map(lambda w, g: w - 0.1 * scale * g, p, grads)  # lr 0.1, empty momentum at step 0
+
+    expected = reference_step(init)
+    assert not np.allclose(params["head"]["kernel"], init["head"]["kernel"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, expected)
+
+
+def test_eval_step_counts_each_real_example_once():
+    config = tiny_config(**{"mesh.data": 8, "eval_batch_size": 16})
+    mesh = sharding.make_mesh(config, jax.devices())
+    params = train.init_state(config, mesh, config.total_steps)["params"]
+    batch = synthetic_batch(config, 5)
+    mask = np.array([1.0] * 11 + [0.0] * 5, np.float32)
+    device_batch = to_device({**batch, "mask": mask}, sharding.batch_sharding(mesh))
+    sums = jax.device_get(train.make_eval_step(config, mesh)(params, device_batch))
+    logits = np.asarray(build_model(config.model, config.num_classes).apply({"params": jax.device_get(params)},
+                                                                            batch["image"]))
+    truth = batch["label"].argmax(-1)
+    real = mask > 0
+    losses = np.asarray(optax.softmax_cross_entropy(jnp.asarray(logits), batch["label"]))
+    top5 = np.argsort(-logits, axis=-1)[:, :5]
+    assert sums["count"] == 11
+    np.testing.assert_allclose(sums["loss"], losses[real].sum(), rtol=1e-5)
+    assert sums["top1"] == np.sum((logits.argmax(-1) == truth)[real])
+    assert sums["top5"] == np.sum((top5 == truth[:, None]).any(-1)[real])
+
+
+def test_nonfinite_loss_names_the_first_bad_step():
+    pending = [(7, {"loss": jnp.float32(0.5)}), (8, {"loss": jnp.float32(np.nan)}), (9, {"loss": jnp.float32(np.inf)})]
+    with pytest.raises(train.NonFiniteLossError, match="at step 8"):
+        train._check_finite(pending)
+    assert [s for s, _ in train._check_finite(pending[:1])] == [7]
+
+
+def test_abstract_state_carries_the_shardings_the_step_is_compiled_for():
+    config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2})
+    mesh = sharding.make_mesh(config, jax.devices())
+    state = train.abstract_state(config, mesh)
+    compiled = train.make_train_step(config, mesh).lower(state, train.abstract_batch(config, mesh)).compile()
+    (state_shardings, batch_shardings), _ = compiled.input_shardings
+    for abstract, compiled_sharding in zip(jax.tree.leaves(state), jax.tree.leaves(state_shardings)):
+        assert abstract.sharding.is_equivalent_to(compiled_sharding, len(abstract.shape))
+    assert batch_shardings["image"].spec == sharding.batch_sharding(mesh).spec
+
+
+def _main(*args, timeout=900):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "vit_jax.main", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.mesh.model=3", "config.mesh="),
+    ("--config.no_such_field=1", "no_such_field"),
+])
+def test_main_reports_a_bad_config_in_one_line_with_exit_code_2(tmp_path, override, message):
+    result = _main("--config=configs/demo.py", f"--workdir={tmp_path}", override, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_reaches_95_percent_and_a_rerun_reports_without_training(tmp_path):
+    import json
+
+    workdir = tmp_path / "demo"
+    data = f"--config.tfds_data_dir={tmp_path / 'tfds'}"
+    result = _main("--config=configs/demo.py", f"--workdir={workdir}", data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    assert final["step"] == 1500 and final["test_accuracy"] >= 0.95
+    assert "test accuracy" in result.stdout.splitlines()[-1]
+    assert list((workdir / "checkpoints").iterdir()) and list(workdir.glob("events.out.tfevents.*"))
+    again = _main("--config=configs/demo.py", f"--workdir={workdir}", data, timeout=300)
+    assert again.returncode == 0 and "already holds the finished run" in again.stdout
+    assert "step 100/" not in again.stdout

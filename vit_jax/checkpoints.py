@@ -1,0 +1,125 @@
+"""Training checkpoints: an orbax CheckpointManager at WORKDIR/checkpoints, one subdirectory per step.
+
+Items of a step: "params" (the model's param tree, plain float32 arrays), "opt_state" (the optax state),
+"meta" (JSON: step, rng, config) and "data" (JSON: {"processes": [train iterator state of process 0, 1, ...]}).
+Saves are asynchronous and atomic (a step directory appears only when complete); the newest `keep` are kept.
+Restoring takes abstract arrays carrying the shardings wanted now, so a checkpoint written on one mesh is read
+onto any other. A SIGTERM (preemption notice) is turned into a save at the next step boundary: by our own
+handler in a single process, by JAX's preemption sync manager (all processes agree on the step) in several.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+ITEMS = ("params", "opt_state", "meta", "data")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Where a run's checkpoints live."""
+    return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
+
+
+def _gather_process_states(state: dict | None) -> list[dict | None]:
+    """Every process's (small, JSON) iterator state, on every process: JSON bytes padded and all-gathered."""
+    if jax.process_count() == 1:
+        return [state]
+    encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [json.loads(row[:n].tobytes().decode()) for row, n in zip(gathered, lengths)]
+
+
+class Checkpoints:
+    """Save and restore training state in WORKDIR/checkpoints (async, keep-N, any mesh on restore)."""
+
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict, data_state: dict | None) -> None:
+        """Start an async save of `step` (every process must call this; each gives its own `data_state`)."""
+        data = {"processes": _gather_process_states(data_state)}
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data)), force=True)
+
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> dict[str, Any]:
+        """Read `step` onto the shardings of the abstract trees (jax.ShapeDtypeStruct with `sharding`).
+
+        Returns {"params", "opt_state", "meta", "data_state"}; data_state is this process's iterator state
+        (None when the checkpoint was written by a different number of processes).
+        """
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+        states = (restored["data"] or {}).get("processes") or []
+        data_state = states[jax.process_index()] if len(states) == jax.process_count() else None
+        return {"params": restored["params"], "opt_state": restored["opt_state"], "meta": restored["meta"],
+                "data_state": data_state}
+
+    def wait(self) -> None:
+        """Block until pending async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager's threads."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class PreemptionWatcher:
+    """Tells the loop when to save and stop because the job is being preempted (SIGTERM).
+
+    With one process, a SIGTERM handler sets a flag checked at the next step. With several, JAX's preemption
+    sync manager (started by jax.distributed.initialize) catches the signal and picks one step on which every
+    process saves; `reached(step)` must then be called on every step by every process.
+    """
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._previous = None
+        # Signal handlers can only be set from the main thread (a loop run from a notebook thread goes without).
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
+        self.signalled = True
+
+    def reached(self, step: int) -> bool:
+        """True at the step on which to save and stop."""
+        if jax.process_count() == 1:
+            return self.signalled
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service=False)
+            return False
+
+    def close(self) -> None:
+        """Put the previous SIGTERM handler back."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -1,0 +1,91 @@
+"""`python -m vit_jax.main --config=configs/vit_l16.py --workdir=DIR [--mode=train|eval] [--config.x=y]`.
+
+Pre-trains or fine-tunes, evaluates and checkpoints with the same code on one CPU, one GPU or a TPU pod.
+The entry point is intentionally thin: it sets up the processes, validates the config before anything is
+compiled, and hands over to `vit_jax.train`. Bad input (an invalid config, a missing dataset) is one line on
+stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 1.
+
+Multi-host: on Cloud TPU, Slurm, Open MPI or Kubernetes, `jax.distributed.initialize()` finds its peers by
+itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+from absl import flags, logging
+from ml_collections import config_flags
+
+from vit_jax import cli, config_check
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file, e.g. configs/vit_b16.py[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, TensorBoard logs and final_metrics.json.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (resuming from the workdir) and evaluate; eval: evaluate the latest "
+                          "checkpoint.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0, for multi-process runs outside managed clusters.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def _managed_cluster() -> bool:
+    """Whether jax.distributed can find its peers by itself (Cloud TPU, Slurm, Open MPI, Kubernetes, ...)."""
+    from jax._src import clusters  # the environment detection jax.distributed.initialize() itself uses
+
+    return any(not env.opt_in_only_method and env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """Join the other processes of a multi-host job (a no-op for a single process outside a cluster)."""
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise config_check.ConfigError(
+                f"--coordinator_address={coordinator_address} needs --num_processes and --process_id as well")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif _managed_cluster():
+        jax.distributed.initialize()
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drop the per-save INFO chatter of orbax (dozens of lines per checkpoint); its warnings still show."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise config_check.ConfigError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
+    config = _CONFIG.value
+    if config is None:
+        raise config_check.ConfigError("--config is required, e.g. --config=configs/demo.py")
+    if not _WORKDIR.value:
+        raise config_check.ConfigError("--workdir is required: where checkpoints and logs go")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config_check.validate(config, jax.device_count())
+
+    from vit_jax import masked_patch, train  # after validation: importing the loop pulls in tensorflow (clu)
+
+    masked_patch.check_config(config)
+    logging.info("process %d/%d, %d devices (%s), config:\n%s", jax.process_index(), jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind, config)
+    try:
+        if _MODE.value == "train":
+            train.train_and_evaluate(config, _WORKDIR.value)
+        else:
+            train.evaluate_checkpoint(config, _WORKDIR.value)
+    except train.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli.run(main)

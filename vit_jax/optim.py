@@ -1,0 +1,94 @@
+"""The optax optimizer, learning-rate schedule, step count and losses of a run config.
+
+Pre-training (`optimizer.name="adam"`): Adam (b1 0.9, b2 0.999) with decoupled weight decay in the paper's
+convention (optax.adamw: the decay is scaled by the learning-rate schedule), on kernels only. Fine-tuning
+(`"sgd"`): SGD with momentum 0.9 (plus L2 weight decay on kernels when `weight_decay > 0`). Both clip the
+global gradient norm first (1.0), and follow a linear warmup to `lr` then a linear or cosine decay to 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from vit_jax.config_check import ConfigError
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | None = None) -> int:
+    """Optimizer steps of the run: `config.total_steps`, or `num_epochs` x train examples / batch size (rounded up).
+
+    The one place durations become steps.
+    """
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    if not num_train_examples:
+        raise ConfigError(f"config.total_steps={config.total_steps!r} asks for num_epochs={config.num_epochs!r} "
+                          "of the training split, whose size is unknown here; set config.total_steps")
+    return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
+
+
+def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `optimizer.lr` over `warmup_steps`, then linear or cosine decay to 0 at `num_steps`."""
+    warmup = optimizer.warmup_steps
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"config.optimizer.warmup_steps={warmup!r} is invalid: expected an integer >= 0")
+    if warmup >= num_steps:
+        raise ConfigError(f"config.optimizer.warmup_steps={warmup} is invalid: it must be less than the run's "
+                          f"{num_steps} total steps (lower it, or raise config.total_steps)")
+    decay_steps = num_steps - warmup
+    if optimizer.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(optimizer.lr, decay_steps)
+    elif optimizer.schedule == "linear":
+        decay = optax.linear_schedule(optimizer.lr, 0.0, decay_steps)
+    else:
+        raise ConfigError(f"config.optimizer.schedule={optimizer.schedule!r} is invalid: expected 'linear' or 'cosine'")
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, optimizer.lr, warmup), decay], [warmup])
+
+
+def _kernels_only(params: Any) -> Any:
+    """Weight-decay mask: matrices and convolution kernels, not biases, LayerNorm scales or embeddings' 1-D parts."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    """clip(global norm) -> Adam(W) or momentum SGD, with the warmup + decay schedule over `num_steps`."""
+    opt = config.optimizer
+    schedule = learning_rate_schedule(opt, num_steps)
+    parts = []
+    if opt.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+    if opt.name == "adam":
+        parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=_kernels_only))
+    elif opt.name == "sgd":
+        if opt.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(opt.weight_decay, mask=_kernels_only))
+        parts.append(optax.sgd(schedule, momentum=opt.momentum))
+    else:
+        raise ConfigError(f"config.optimizer.name={opt.name!r} is invalid: expected 'adam' or 'sgd'")
+    return optax.chain(*parts)
+
+
+def smooth_labels(labels: jax.Array, label_smoothing: float, label_kind: str) -> jax.Array:
+    """Label smoothing: single-label targets move `label_smoothing` of their mass to the uniform distribution;
+    multi-label (independent sigmoid) targets move towards 0.5 by the same fraction."""
+    if not label_smoothing:
+        return labels
+    uniform = 1.0 / labels.shape[-1] if label_kind == "single" else 0.5
+    return labels * (1.0 - label_smoothing) + label_smoothing * uniform
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array, label_kind: str) -> jax.Array:
+    """(batch,) losses: softmax cross-entropy for "single", sigmoid cross-entropy summed over classes for "multi"."""
+    logits = logits.astype(jnp.float32)
+    if label_kind == "single":
+        return optax.softmax_cross_entropy(logits, labels)
+    if label_kind == "multi":
+        return optax.sigmoid_binary_cross_entropy(logits, labels).sum(axis=-1)
+    raise ConfigError(f"config.label_kind={label_kind!r} is invalid: expected 'single' or 'multi'")

@@ -1,0 +1,527 @@
+"""Training and evaluation: state born sharded, one jitted step, periodic eval, metrics and checkpoints.
+
+`train_and_evaluate(config, workdir)` is the whole run and reads top to bottom: mesh and data, state (resumed,
+pre-trained or fresh), then the loop (step, log, profile, eval, checkpoint, preemption) and the final report.
+The state is a dict {"step", "params", "opt_state", "rng"} of global arrays laid out by `vit_jax.sharding`;
+the step is `jax.jit` with explicit in/out shardings and the state donated. Each step draws its randomness
+from fold_in(rng, step), so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+
+from vit_jax import checkpoints, masked_patch, optim, sharding
+from vit_jax.models.vit import build_model
+
+State = dict[str, Any]
+FINAL_METRICS = "final_metrics.json"
+
+# Peak dense bf16 FLOP/s per device, by jax `device_kind`, for MFU (unknown kinds, e.g. CPUs, report none).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; the message names the first such step."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, state and step functions (pure functions of the config and the mesh: also what vit_jax.plan compiles).
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The model the objective trains: the classifier, or the masked-patch-prediction pre-training model."""
+    if config.objective == "masked_patch_prediction":
+        return masked_patch.build_pretraining_model(config)
+    masked_patch.check_config(config)
+    return build_model(config.model, config.num_classes)
+
+
+def _default_num_steps(config: ml_collections.ConfigDict) -> int:
+    # Used where only shapes matter (lowering for vit_jax.plan): the schedule's values do not change the program.
+    return max(config.total_steps, config.optimizer.warmup_steps + 1)
+
+
+def _boxed_params(model: nn.Module, config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    return model.init({"params": rng, "dropout": rng}, images, train=False)["params"]
+
+
+def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None = None) -> State:
+    """NamedShardings of the train state: params by the logical-axis rules, optimizer state like its params."""
+    model = make_model(config)
+    tx = optim.make_optimizer(config, num_steps or _default_num_steps(config))
+    boxed = jax.eval_shape(functools.partial(_boxed_params, model, config), jax.random.PRNGKey(0))
+    params = sharding.param_shardings(boxed, mesh)
+    abstract_params = nn.unbox(boxed)
+    opt_state = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
+                                      transform_non_params=lambda _: sharding.replicated(mesh))
+    replicated = sharding.replicated(mesh)
+    return {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
+
+
+def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None = None) -> State:
+    """The train state as jax.ShapeDtypeStructs carrying their shardings (nothing is allocated)."""
+    model = make_model(config)
+    tx = optim.make_optimizer(config, num_steps or _default_num_steps(config))
+
+    def init(rng):
+        params = nn.unbox(_boxed_params(model, config, rng))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
+
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = state_shardings(config, mesh, num_steps)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def init_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int) -> State:
+    """A fresh state from `config.seed`, created directly in its sharded layout (never whole on one device)."""
+    model = make_model(config)
+    tx = optim.make_optimizer(config, num_steps)
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    def init(init_rng, train_rng):
+        params = nn.unbox(_boxed_params(model, config, init_rng))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": train_rng}
+
+    return jax.jit(init, out_shardings=state_shardings(config, mesh, num_steps))(init_rng, train_rng)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global train batch's shapes and shardings (what the data pipeline yields)."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    size = config.image_size
+    return {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sharding),
+            "label": jax.ShapeDtypeStruct((config.batch_size, config.num_classes), jnp.float32,
+                                          sharding=batch_sharding)}
+
+
+def _loss_fn(model: nn.Module, config: ml_collections.ConfigDict, params: Any, images: jax.Array,
+             labels: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean training loss of one (micro-)batch and its metrics."""
+    if config.objective == "masked_patch_prediction":
+        loss, metrics = masked_patch.masked_patch_loss(model, params, images, rng, config, train=True)
+        return loss, {"accuracy": metrics["accuracy"]}
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+    targets = optim.smooth_labels(labels, config.optimizer.label_smoothing, config.label_kind)
+    loss = optim.per_example_loss(logits, targets, config.label_kind).mean()
+    return loss, {}
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None = None) -> Callable:
+    """`step(state, batch) -> (state, metrics)`, jitted with the mesh's shardings and the state donated.
+
+    With `accum_steps = k` the batch is cut into k micro-batches whose gradients are averaged inside the step
+    (a scan), which is exactly one step on the whole batch but holds one micro-batch's activations at a time.
+    """
+    num_steps = num_steps or _default_num_steps(config)
+    model = make_model(config)
+    tx = optim.make_optimizer(config, num_steps)
+    schedule = optim.learning_rate_schedule(config.optimizer, num_steps)
+    shardings = state_shardings(config, mesh, num_steps)
+    batch_shardings = {key: s.sharding for key, s in abstract_batch(config, mesh).items()}
+    accum = config.accum_steps
+    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model, config), has_aux=True)
+
+    def micro_batches(x: jax.Array) -> jax.Array:
+        # (B, ...) -> (k, B/k, ...) where micro-batch j holds rows j, k + j, 2k + j, ...: every device keeps its
+        # own rows (the batch axis stays split over data x fsdp), so the split costs no communication.
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
+
+    def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        step_rng = jax.random.fold_in(state["rng"], state["step"])
+        params = state["params"]
+        if accum == 1:
+            (loss, aux), grads = grad_fn(params, batch["image"], batch["label"], step_rng)
+        else:
+            def accumulate(carry, micro):
+                index, images, labels = micro
+                (loss, aux), grads = grad_fn(params, images, labels, jax.random.fold_in(step_rng, index))
+                return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+            micro = (jnp.arange(accum), micro_batches(batch["image"]), micro_batches(batch["label"]))
+            (_, aux_shapes), _ = jax.eval_shape(grad_fn, params, micro[1][0], micro[2][0], step_rng)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                 (jax.ShapeDtypeStruct((), jnp.float32), aux_shapes, params))
+            (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+        grads = jax.lax.with_sharding_constraint(grads, shardings["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state, "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"]),
+                   **aux}
+        return new_state, metrics
+
+    return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """`eval_step(params, batch) -> sums` over the real (mask 1) examples of a batch, jitted for the mesh.
+
+    Classification sums: loss, top1, top5 (for multi-label: whether the top-1 / any top-5 class is a positive)
+    and count. Masked patch prediction: loss and accuracy over the predicted patches, and their count.
+    """
+    model = make_model(config)
+    param_shardings = state_shardings(config, mesh)["params"]
+    batch_sharding = sharding.batch_sharding(mesh)
+    top_k = min(5, config.num_classes)
+
+    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        mask = batch["mask"]
+        if config.objective == "masked_patch_prediction":
+            rng = jax.random.PRNGKey(config.seed)  # the same corruption at every evaluation
+            _, metrics = masked_patch.masked_patch_loss(model, params, batch["image"], rng, config, train=False,
+                                                        example_weights=mask)
+            count = metrics["num_predicted"]
+            return {"loss": metrics["loss"] * count, "accuracy": metrics["accuracy"] * count, "count": count}
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        labels = batch["label"]
+        losses = optim.per_example_loss(logits, labels, config.label_kind)
+        _, top = jax.lax.top_k(logits, top_k)
+        hits = jnp.take_along_axis(labels, top, axis=-1) > 0  # (batch, k): is the i-th guess a true class?
+        return {"loss": jnp.sum(losses * mask), "top1": jnp.sum(hits[:, 0] * mask),
+                "top5": jnp.sum(jnp.any(hits, axis=-1) * mask), "count": jnp.sum(mask)}
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any, mesh: Mesh) -> dict[str, float]:
+    """One pass over the eval split, every example counted once: {"loss", "top1", "top5"} or {"loss", "accuracy"}."""
+    from vit_jax import data
+
+    totals: dict[str, float] = {}
+    for batch in data.make_eval_iterator(config, sharding.batch_sharding(mesh)):
+        for key, value in jax.device_get(eval_step(params, batch)).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = max(totals.pop("count", 0.0), 1.0)
+    return {key: value / count for key, value in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start-up: restore or init.
+
+def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
+    """`fresh`'s tree with every array of `loaded` of the same name and shape (new heads etc. stay fresh)."""
+    from flax import traverse_util
+
+    old = traverse_util.flatten_dict(dict(loaded), sep="/")
+    new = traverse_util.flatten_dict(jax.device_get(fresh), sep="/")
+    kept = [name for name in new if name in old and tuple(np.shape(old[name])) == tuple(new[name].shape)]
+    fresh_names = sorted(set(new) - set(kept))
+    if fresh_names:
+        logging.info("pre-trained checkpoint: %d arrays loaded, fresh: %s", len(kept), fresh_names)
+    return traverse_util.unflatten_dict({name: np.asarray(old[name] if name in kept else new[name], np.float32)
+                                         for name in new}, sep="/")
+
+
+def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any) -> Any:
+    """Params from `config.pretrained` (vit_jax.interop), adapted to this model (head, resolution)."""
+    from vit_jax import interop  # written separately; imported only when a run asks for pre-trained weights
+
+    loaded = interop.load_pretrained(config.pretrained, config.model)
+    adapt = getattr(interop, "adapt_params", None)
+    if adapt is not None:
+        return adapt(loaded, config)
+    return _merge_pretrained(loaded, fresh_params)
+
+
+def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int,
+                    ckpt: checkpoints.Checkpoints) -> tuple[State, dict | None, dict]:
+    """The start state, the data iterator state to continue from, and the saved meta.
+
+    Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop)
+    -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
+    """
+    latest = ckpt.latest_step()
+    if latest is not None:
+        abstract = abstract_state(config, mesh, num_steps)
+        restored = ckpt.restore(latest, abstract["params"], abstract["opt_state"])
+        meta = restored["meta"]
+        replicated = sharding.replicated(mesh)
+        state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
+                 "params": restored["params"], "opt_state": restored["opt_state"],
+                 "rng": jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated)}
+        logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
+        return state, restored["data_state"], meta
+    state = init_state(config, mesh, num_steps)
+    if config.pretrained:
+        params = load_pretrained_params(config, state["params"])
+        shardings = state_shardings(config, mesh, num_steps)
+        state["params"] = jax.device_put(params, shardings["params"])
+        tx = optim.make_optimizer(config, num_steps)
+        state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
+        logging.info("initialised from pre-trained %s", config.pretrained)
+    return state, None, {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting.
+
+def step_flops(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int) -> float:
+    """FLOPs of one whole training step (all devices) from XLA's cost analysis of the lowered step.
+
+    XLA counts a loop body once, so with scanned blocks or gradient accumulation the step is lowered unrolled
+    for one micro-batch and multiplied by `accum_steps` (lowering only: nothing is compiled).
+    """
+    flat = copy.deepcopy(config)
+    with flat.unlocked():
+        flat.model.scan = False
+        flat.batch_size = config.batch_size // config.accum_steps
+        flat.accum_steps = 1
+    lowered = make_train_step(flat, mesh, num_steps).lower(abstract_state(flat, mesh, num_steps),
+                                                           abstract_batch(flat, mesh))
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get("flops", 0.0)) * config.accum_steps
+
+
+def peak_flops_per_device() -> float | None:
+    """The device's peak dense bf16 FLOP/s if known (TPUs, recent NVIDIA GPUs), else None."""
+    kind = jax.devices()[0].device_kind
+    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda item: -len(item[0])):
+        if kind.startswith(name):
+            return flops
+    return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def progress_line(step: int, num_steps: int, loss: float, images_per_second: float, seconds_per_step: float,
+                  flops_per_step: float, peak_flops: float | None) -> str:
+    """`step 500/1500 | loss 0.2100 | 850 img/s | ETA 1m10s | 0.85 TFLOP/s | MFU 41.0%` (MFU: n/a when unknown)."""
+    achieved = flops_per_step / seconds_per_step if seconds_per_step > 0 else 0.0
+    mfu = f"{100 * achieved / (peak_flops * jax.device_count()):.1f}%" if peak_flops else "n/a"
+    return (f"step {step}/{num_steps} | loss {loss:.4f} | {images_per_second:,.0f} img/s | "
+            f"ETA {_duration((num_steps - step) * seconds_per_step)} | {achieved / 1e12:.3g} TFLOP/s | MFU {mfu}")
+
+
+def _report(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, dict[str, float]]]:
+    """Fetch the metrics of the steps since the last check; raise at the first NaN/inf loss."""
+    fetched = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
+    for step, metrics in fetched:
+        if not np.isfinite(metrics["loss"]):
+            raise NonFiniteLossError(f"the training loss is {metrics['loss']} at step {step}; stopping. The last "
+                                     "good checkpoint is kept: lower config.optimizer.lr, raise warmup_steps or "
+                                     "check the data")
+    return fetched
+
+
+def write_final_metrics(workdir: str, result: dict) -> None:
+    """WORKDIR/final_metrics.json (process 0)."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, FINAL_METRICS), "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: float | None,
+                  eval_metrics: dict[str, float]) -> dict:
+    accuracy_key = "accuracy" if config.objective == "masked_patch_prediction" else "top1"
+    result = {"step": step, "train_loss": train_loss, "test_accuracy": eval_metrics[accuracy_key],
+              "test_loss": eval_metrics["loss"], "eval_split": config.eval_split}
+    if "top5" in eval_metrics:
+        result["test_top5"] = eval_metrics["top5"]
+    return result
+
+
+def _summary_line(result: dict) -> str:
+    loss = "n/a" if result["train_loss"] is None else f"{result['train_loss']:.4f}"
+    return (f"final: step {result['step']} | train loss {loss} | "
+            f"{result['eval_split']} accuracy {100 * result['test_accuracy']:.2f}%")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run.
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (or resume) `config` in `workdir`, evaluating and checkpointing as configured; returns final metrics.
+
+    A workdir whose latest checkpoint is at the last step reports its result without training again.
+    """
+    from vit_jax import data
+
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config)
+    info = data.dataset_info(config)
+    num_steps = optim.total_steps(config, info.num_train_examples)
+    ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
+    try:
+        state, data_state, meta = restore_or_init(config, mesh, num_steps, ckpt)
+        start_step = int(meta.get("step", 0))
+        final_path = os.path.join(workdir, FINAL_METRICS)
+        if start_step >= num_steps:
+            if os.path.exists(final_path):
+                with open(final_path) as f:
+                    result = json.load(f)
+            else:
+                eval_step = make_eval_step(config, mesh)
+                result = _final_result(config, start_step, meta.get("train_loss"),
+                                       evaluate(config, eval_step, state["params"], mesh))
+                write_final_metrics(workdir, result)
+            _report(f"{workdir} already holds the finished run (step {start_step}).")
+            _report(_summary_line(result))
+            return result
+        return _train_loop(config, workdir, mesh, num_steps, ckpt, state, data_state, meta)
+    finally:
+        ckpt.close()
+
+
+def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num_steps: int,
+                ckpt: checkpoints.Checkpoints, state: State, data_state: dict | None, meta: dict) -> dict:
+    """Steps from the state's step to `num_steps`: log, profile, eval, checkpoint, stop on preemption or NaN."""
+    from clu import metric_writers, parameter_overview  # clu's writers import tensorflow: only when training
+
+    from vit_jax import data
+
+    is_chief = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    start_step = int(meta.get("step", 0))
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    fully_addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state["params"]))
+    parameter_overview.log_parameter_overview(jax.device_get(state["params"]) if fully_addressable else
+                                              state["params"], include_stats=fully_addressable,
+                                              jax_logging_process=0)
+
+    train_iter = data.make_train_iterator(config, sharding.batch_sharding(mesh))
+    if data_state is not None:
+        train_iter.set_state(data_state)
+    elif start_step:
+        logging.warning("the checkpoint's data position was written by %s processes; the data order restarts",
+                        "a different number of")
+
+    train_step = make_train_step(config, mesh, num_steps)
+    eval_step = make_eval_step(config, mesh)
+    flops = step_flops(config, mesh, num_steps)
+    peak = peak_flops_per_device()
+    watcher = checkpoints.PreemptionWatcher()
+    # gloo's CPU collectives can deadlock with many steps in flight across processes: keep them in lock step.
+    block_each_step = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
+
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    train_loss = meta.get("train_loss")
+    last_eval: dict[str, float] | None = None
+    profile_start = None
+    timer_step, timer_start = start_step, time.perf_counter()
+    step = start_step
+    try:
+        while step < num_steps:
+            batch = next(train_iter)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            if block_each_step:
+                jax.block_until_ready(metrics)
+            preempted = watcher.reached(step)
+
+            if step % config.log_every == 0 or step == num_steps or preempted:
+                fetched = _check_finite(pending)
+                pending = []
+                train_loss = float(np.mean([m["loss"] for _, m in fetched]))
+                means = {f"train/{key}": float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]}
+                now = time.perf_counter()
+                # The first interval includes compilation: the rate is measured from the first log on.
+                seconds_per_step = (now - timer_start) / max(step - timer_step, 1)
+                images_per_second = config.batch_size / seconds_per_step
+                writer.write_scalars(step, {**means, "train/images_per_second": images_per_second})
+                _report(progress_line(step, num_steps, train_loss, images_per_second, seconds_per_step, flops, peak))
+                timer_step, timer_start = step, now
+                if config.profile_steps and profile_start is None and is_chief:
+                    profile_start = step
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            if profile_start is not None and step == profile_start + config.profile_steps:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                logging.info("profile of steps %d-%d written to %s", profile_start + 1, step,
+                             os.path.join(workdir, "profile"))
+
+            if step % config.eval_every == 0 or step == num_steps:
+                last_eval = evaluate(config, eval_step, state["params"], mesh)
+                writer.write_scalars(step, {f"eval/{key}": value for key, value in last_eval.items()})
+                _report(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                timer_start = time.perf_counter()
+
+            if step % config.checkpoint_every == 0 or step == num_steps or preempted:
+                _check_finite(pending)  # never save a state that has diverged
+                ckpt.save(step, state["params"], state["opt_state"],
+                          {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
+                           "train_loss": train_loss, "config": config.to_json_best_effort()},
+                          train_iter.get_state())
+            if preempted:
+                ckpt.wait()
+                _report(f"preempted: saved a checkpoint at step {step}; rerun the same command to resume")
+                writer.flush()
+                return {"step": step, "train_loss": train_loss, "preempted": True}
+    finally:
+        watcher.close()
+        if profile_start is not None and step < profile_start + config.profile_steps:
+            jax.profiler.stop_trace()
+        writer.flush()
+        writer.close()
+
+    result = _final_result(config, step, train_loss, last_eval)
+    write_final_metrics(workdir, result)
+    _report(_summary_line(result))
+    return result
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Scalar config fields as `a.b` -> value (TensorBoard hparams)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update({f"{key}.{k}": v for k, v in _flat_config(value).items()})
+        elif isinstance(value, (bool, int, float, str)):
+            out[key] = value
+    return out
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """--mode=eval: evaluate the latest checkpoint in `workdir` (else `config.pretrained`) on the eval split."""
+    from vit_jax import data
+
+    mesh = sharding.make_mesh(config)
+    info = data.dataset_info(config)
+    num_steps = optim.total_steps(config, info.num_train_examples)
+    ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
+    try:
+        if ckpt.latest_step() is None and not config.pretrained:
+            from vit_jax.errors import UserError
+
+            raise UserError(f"--mode=eval found no checkpoint in {ckpt.directory} and config.pretrained is empty: "
+                            "train first, or pass --config.pretrained=PATH")
+        state, _, meta = restore_or_init(config, mesh, num_steps, ckpt)
+    finally:
+        ckpt.close()
+    metrics = evaluate(config, make_eval_step(config, mesh), state["params"], mesh)
+    _report(f"eval of step {meta.get('step', 0)} on {config.eval_split}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
