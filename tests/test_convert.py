@@ -1,0 +1,77 @@
+"""`python -m vit_jax.convert` on a tiny model: configs/vit_b16.py with its `model` fields overridden."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_interop_common import logits_of, random_images, random_params, tiny_config
+from vit_jax.interop import load_pretrained, save_as
+from vit_jax.interop.common import POSEMB_KEY, flatten, params_to_canonical
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny_config() as overrides of the ViT-B/16 config.
+TINY = ["--config=configs/vit_b16.py", "--config.model.hidden_size=64", "--config.model.num_layers=2",
+        "--config.model.num_heads=4", "--config.model.mlp_dim=128", "--config.model.patch_size=8"]
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "vit_jax.convert", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """An official-layout .npz of the tiny model, 4 classes at 32px, and its params."""
+    config = tiny_config()
+    params = random_params(config, 4)
+    path = str(tmp_path_factory.mktemp("src") / "vit.npz")
+    save_as(params, config, path, "npz")
+    return path, params
+
+
+def test_npz_to_orbax_with_a_new_head_and_resolution(tmp_path, source):
+    src, params = source
+    out = tmp_path / "orbax"
+    result = _convert(f"--src={src}", *TINY, f"--out={out}", "--to=orbax", "--num_classes=3", "--image_size=48")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {out / '0'} (orbax)" in result.stdout
+    assert "new zero-initialised head with 3 classes" in result.stderr
+    assert "resized position embeddings from a 4x4 to a 6x6 patch grid" in result.stderr
+    loaded = flatten(load_pretrained(str(out), tiny_config()))
+    assert loaded["head/kernel"].shape == (64, 3) and not loaded["head/kernel"].any()
+    assert loaded[POSEMB_KEY].shape == (1, 37, 64)
+    original = params_to_canonical(params)
+    np.testing.assert_array_equal(loaded["cls"], original["cls"])
+    np.testing.assert_array_equal(loaded[POSEMB_KEY][:, 0], original[POSEMB_KEY][:, 0])
+
+
+def test_npz_to_hf_keeps_the_logits(tmp_path, source):
+    src, params = source
+    out = tmp_path / "hf"
+    result = _convert(f"--src={src}", *TINY, f"--out={out}", "--to=hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = tiny_config()
+    loaded = load_pretrained(str(out), config)
+    # The npz's numerics (tanh GELU, eps 1e-6) travel in config.json and come back.
+    assert config.gelu_approximate is True and config.layernorm_epsilon == 1e-6
+    images = random_images()
+    np.testing.assert_array_equal(logits_of(config, loaded, images), logits_of(tiny_config(), params, images))
+
+
+def test_bad_source_is_one_error_line_naming_it_and_exit_2(tmp_path):
+    bad = tmp_path / "notes.npz"
+    bad.write_text("not weights")
+    result = _convert(f"--src={bad}", *TINY, f"--out={tmp_path / 'x.npz'}", "--to=npz")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0] and "not an .npz archive" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.npz").exists()

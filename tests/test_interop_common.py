@@ -1,0 +1,82 @@
+"""Shared pieces of the interop tests (tiny models with random weights), and tests of the key/shape check."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import common
+from vit_jax.interop.common import (
+    CheckpointError,
+    canonical_to_params,
+    check_matches,
+    flatten,
+    params_to_canonical,
+    unflatten,
+)
+from vit_jax.models.vit import build_model
+
+IMAGE_SIZE = 32
+
+
+def tiny_config(classifier: str = "token", representation_size: int = 0, resnet_layers: tuple = (),
+                scan: bool = False, gelu_approximate: bool = True, layernorm_epsilon: float = 1e-6,
+                patch_size: int = 8) -> ml_collections.ConfigDict:
+    """A 2-block, width-64 ViT (or a 2-stage hybrid) small enough for CPU tests."""
+    m = common.model_config("Ti/16")
+    m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim, m.patch_size = 64, 2, 4, 128, patch_size
+    m.classifier, m.representation_size, m.resnet_layers, m.scan = classifier, representation_size, resnet_layers, scan
+    m.gelu_approximate, m.layernorm_epsilon, m.dropout_rate = gelu_approximate, layernorm_epsilon, 0.0
+    return m
+
+
+def random_params(model_config: ml_collections.ConfigDict, num_classes: int, image_size: int = IMAGE_SIZE,
+                  seed: int = 0) -> dict:
+    """Initialised params with every leaf perturbed, so zero-initialised heads, class tokens and norms matter."""
+    model = build_model(model_config, num_classes)
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    flat = params_to_canonical(params)
+    rng = np.random.default_rng(seed)
+    flat = {k: (v + rng.normal(0.0, 0.2 if v.ndim < 2 else 0.05, v.shape)).astype(np.float32)
+            for k, v in flat.items()}
+    return canonical_to_params(flat, model_config.scan)
+
+
+def random_images(batch: int = 2, image_size: int = IMAGE_SIZE, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
+
+
+def logits_of(model_config: ml_collections.ConfigDict, params: dict, images: np.ndarray) -> np.ndarray:
+    num_classes = flatten(params)["head/bias"].shape[-1]
+    model = build_model(model_config, num_classes)
+    return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images)))
+
+
+def test_flatten_unflatten_round_trip_and_scan_layout():
+    config = tiny_config(scan=True)
+    params = random_params(config, 5)
+    assert "encoderblock" in params["Transformer"]
+    flat = params_to_canonical(params)
+    assert flat["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"].shape == (64, 128)
+    np.testing.assert_array_equal(flat["Transformer/encoderblock_1/LayerNorm_0/scale"],
+                                  params["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"][1])
+    restacked = canonical_to_params(flat, scan=True)
+    np.testing.assert_array_equal(flatten(restacked)["Transformer/encoderblock/MlpBlock_3/Dense_1/bias"],
+                                  flatten(params)["Transformer/encoderblock/MlpBlock_3/Dense_1/bias"])
+    assert unflatten(flatten({"a": {"b": np.ones(2)}}))["a"]["b"].shape == (2,)
+
+
+def test_check_matches_lists_every_missing_unexpected_and_wrong_shaped_key():
+    expected = {"a/kernel": (2, 3), "b/bias": (3,), "c/scale": (4,)}
+    flat = {"a/kernel": np.zeros((3, 2)), "c/scale": np.zeros(4), "d/extra": np.zeros(7)}
+    with pytest.raises(CheckpointError) as e:
+        check_matches(flat, expected, "x.npz")
+    message = str(e.value)
+    assert "x.npz" in message
+    assert "missing 1 key(s): b/bias (model (3,))" in message
+    assert "unexpected 1 key(s): d/extra (checkpoint (7,))" in message
+    assert "a/kernel (checkpoint (3, 2), model (2, 3))" in message
+    check_matches({"c/scale": np.zeros(4)}, {"c/scale": (4,)}, "ok")  # a full match passes

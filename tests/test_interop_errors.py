@@ -1,0 +1,163 @@
+"""Bad checkpoints are errors naming the file and what is wrong — never a silent partial load, never unpickled."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from tests.test_interop_common import random_params, tiny_config
+from vit_jax.interop import CheckpointError, load_pretrained, save_as
+from vit_jax.interop.common import params_to_canonical
+
+MLP_KERNEL = "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
+LN_SCALE = "Transformer/encoderblock_0/LayerNorm_0/scale"
+
+
+@pytest.fixture(scope="module")
+def flat_params():
+    return params_to_canonical(random_params(tiny_config(), 4))
+
+
+def _write_npz(path, flat) -> str:
+    np.savez(path, **flat)
+    return str(path)
+
+
+def test_missing_unexpected_and_wrong_shaped_keys_are_all_listed_with_both_shapes(tmp_path, flat_params):
+    flat = dict(flat_params)
+    del flat[LN_SCALE]
+    flat["Transformer/encoderblock_0/Extra_0/kernel"] = np.zeros((3, 5), np.float32)
+    flat[MLP_KERNEL] = np.zeros((64, 100), np.float32)
+    path = _write_npz(tmp_path / "bad.npz", flat)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(path, tiny_config())
+    message = str(e.value)
+    assert path in message
+    assert f"missing 1 key(s): {LN_SCALE} (model (64,))" in message
+    assert "unexpected 1 key(s): Transformer/encoderblock_0/Extra_0/kernel (checkpoint (3, 5))" in message
+    assert f"{MLP_KERNEL} (checkpoint (64, 100), model (64, 128))" in message
+
+
+def test_a_checkpoint_of_another_architecture_lists_every_misfit(tmp_path, flat_params):
+    path = _write_npz(tmp_path / "vit.npz", flat_params)
+    config = tiny_config()
+    config.num_layers = 3  # the file has 2 blocks
+    with pytest.raises(CheckpointError, match=r"missing \d+ key\(s\): Transformer/encoderblock_2/") as e:
+        load_pretrained(path, config)
+    assert "Transformer/encoderblock_2/MlpBlock_3/Dense_1/bias (model (64,))" in str(e.value)
+
+
+def test_torch_checkpoint_misfit_lists_unconsumed_torch_keys(tmp_path, flat_params):
+    from vit_jax.interop import torch_hub
+
+    state = torch_hub.canonical_to_timm(flat_params)
+    state["blocks.0.ls1.gamma"] = np.ones(64, np.float32)  # LayerScale: no place in this model
+    path = str(tmp_path / "timm.safetensors")
+    torch_hub.write_safetensors(state, path)
+    with pytest.raises(CheckpointError, match=r"unexpected 1 key\(s\): blocks\.0\.ls1\.gamma \(checkpoint \(64,\)\)"):
+        load_pretrained(path, tiny_config())
+
+
+@pytest.mark.parametrize("name", ["vit.npz", "vit.safetensors", "pytorch_model.bin"])
+def test_truncated_files_are_errors_naming_the_file(tmp_path, flat_params, name):
+    path = str(tmp_path / name)
+    if name.endswith(".npz"):
+        _write_npz(path, flat_params)
+    elif name.endswith(".safetensors"):
+        save_as(random_params(tiny_config(), 4), tiny_config(), path, "timm")
+    else:
+        torch = pytest.importorskip("torch")
+        from vit_jax.interop import torch_hub
+
+        torch.save({k: torch.from_numpy(v) for k, v in torch_hub.canonical_to_timm(flat_params).items()}, path)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated|corrupt|not a readable") as e:
+        load_pretrained(path, tiny_config())
+    assert path in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["vit.npz", "vit.safetensors", "vit.pth", "model"])
+def test_a_text_file_is_a_foreign_file_named_in_the_error(tmp_path, name):
+    path = str(tmp_path / name)
+    with open(path, "w") as f:
+        f.write("these are not weights\n" * 10)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(path, tiny_config())
+    assert path in str(e.value)
+    assert "not an .npz archive" in str(e.value) or "unrecognised checkpoint file" in str(e.value)
+
+
+def test_a_pickle_disguised_as_npz_is_refused_unread(tmp_path, flat_params):
+    path = str(tmp_path / "vit.npz")
+    with open(path, "wb") as f:
+        pickle.dump(dict(flat_params), f)
+    with pytest.raises(CheckpointError, match="is a Python pickle, not an .npz archive; refusing to unpickle") as e:
+        load_pretrained(path, tiny_config())
+    assert path in str(e.value)
+
+
+def test_an_npz_holding_a_pickled_object_array_is_refused(tmp_path, flat_params):
+    path = str(tmp_path / "vit.npz")
+    np.savez(path, **flat_params, extra=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="unreadable array in .npz archive") as e:
+        load_pretrained(path, tiny_config())
+    assert path in str(e.value)
+
+
+class _Exploit:
+    """Unpickling this would create a directory (a stand-in for running arbitrary code)."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return os.mkdir, (self.target,)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "vit.pth"])
+def test_torch_files_are_read_with_weights_only(tmp_path, name):
+    torch = pytest.importorskip("torch")
+    marker = str(tmp_path / "code_ran")
+    path = str(tmp_path / name)
+    torch.save({"patch_embed.proj.weight": torch.zeros(64, 3, 8, 8), "payload": _Exploit(marker)}, path)
+    with pytest.raises(CheckpointError, match="weights_only=True") as e:
+        load_pretrained(path, tiny_config())
+    assert path in str(e.value)
+    assert not os.path.exists(marker)
+
+
+def test_a_legacy_pickle_torch_file_is_read_with_weights_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    marker = str(tmp_path / "code_ran")
+    path = str(tmp_path / "old.bin")
+    torch.save({"payload": _Exploit(marker)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_pretrained(path, tiny_config())
+    assert not os.path.exists(marker)
+
+
+def test_a_state_dict_that_is_not_a_vit_is_named(tmp_path):
+    from vit_jax.interop import torch_hub
+
+    path = str(tmp_path / "resnet.safetensors")
+    torch_hub.write_safetensors({"conv1.weight": np.zeros((8, 3, 3, 3), np.float32)}, path)
+    with pytest.raises(CheckpointError, match="neither a timm nor a HuggingFace ViT state dict") as e:
+        load_pretrained(path, tiny_config())
+    assert path in str(e.value)
+
+
+def test_bad_paths_and_formats(tmp_path, flat_params):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        load_pretrained(str(tmp_path / "absent.npz"), tiny_config())
+    with pytest.raises(CheckpointError, match="neither an orbax checkpoint .* nor an HF model"):
+        load_pretrained(str(tmp_path), tiny_config())
+    path = _write_npz(tmp_path / "vit.npz", flat_params)
+    with pytest.raises(CheckpointError, match=r"source_format must be one of \('npz', 'timm', 'hf', 'orbax'\)"):
+        load_pretrained(path, tiny_config(), source_format="jax")
+    with pytest.raises(CheckpointError, match="target_format must be one of"):
+        save_as(random_params(tiny_config(), 4), tiny_config(), str(tmp_path / "x"), "onnx")

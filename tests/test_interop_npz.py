@@ -1,0 +1,134 @@
+"""Official / big_vision `.npz` checkpoints: round trips, the big_vision variants, timm as an independent reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_interop_common import IMAGE_SIZE, logits_of, random_images, random_params, tiny_config
+from vit_jax.interop import detect_format, load_pretrained, save_as
+from vit_jax.interop.common import POSEMB_KEY, flatten, params_to_canonical
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(classifier="token"),
+    dict(classifier="gap"),
+    dict(classifier="token", representation_size=32),
+    dict(classifier="token", scan=True),
+], ids=["token", "gap", "pre_logits", "scan"])
+def test_official_npz_round_trip_gives_the_same_logits(tmp_path, kwargs):
+    config = tiny_config(**kwargs)
+    params = random_params(config, 7)
+    path = str(tmp_path / "vit.npz")
+    save_as(params, config, path, "npz")
+    with np.load(path, allow_pickle=False) as f:  # the original layout, flat keys, no scan
+        assert "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel" in f.files
+        assert ("pre_logits/kernel" in f.files) == bool(kwargs.get("representation_size"))
+    assert detect_format(path) == "npz"
+    loaded_config = tiny_config(**kwargs)
+    loaded = load_pretrained(path, loaded_config)
+    assert loaded_config.gelu_approximate is True and loaded_config.layernorm_epsilon == 1e-6
+    images = random_images()
+    np.testing.assert_array_equal(logits_of(loaded_config, loaded, images), logits_of(config, params, images))
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_written_npz_matches_timm_load_weights_as_independent_reader(tmp_path, classifier):
+    torch = pytest.importorskip("torch")
+    from timm.models.vision_transformer import VisionTransformer, _load_weights
+
+    config = tiny_config(classifier=classifier)
+    params = random_params(config, 6)
+    path = str(tmp_path / "vit.npz")
+    save_as(params, config, path, "npz")
+    gap = classifier == "gap"
+    model = VisionTransformer(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                              num_classes=6, global_pool="avg" if gap else "token", class_token=not gap,
+                              fc_norm=False, act_layer=lambda: torch.nn.GELU(approximate="tanh")).eval()
+    _load_weights(model, path)
+    images = random_images()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(logits_of(config, params, images), expected, atol=1e-4, rtol=0)
+
+
+def _big_vision_layout(flat: dict, scanned: bool, prefix: str) -> dict:
+    """Re-express canonical params the way big_vision stores them."""
+    renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1",
+               "MlpBlock_3": "MlpBlock_0"}
+    out, blocks = {}, {}
+    for key, value in flat.items():
+        if key.startswith("Transformer/encoderblock_"):
+            _, block, module, rest = key.split("/", 3)
+            blocks.setdefault(f"{renames.get(module, module)}/{rest}", {})[int(block.split("_")[1])] = value
+        elif key == POSEMB_KEY:
+            out["pos_embedding"] = value[:, 1:] if "cls" in flat else value
+        else:
+            out[key] = value
+    for sub, per_block in blocks.items():
+        if scanned:
+            out[f"Transformer/encoderblock/{sub}"] = np.stack([per_block[i] for i in sorted(per_block)])
+        else:
+            out.update({f"Transformer/encoderblock_{i}/{sub}": v for i, v in per_block.items()})
+    return {prefix + k: v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("scanned, prefix, other_tower", [
+    (True, "params/", None), (False, "params/img/", "params/txt/Dense_0/kernel"), (True, "", None)])
+def test_big_vision_npz_variants_load(tmp_path, scanned, prefix, other_tower):
+    config = tiny_config(classifier="token")
+    params = random_params(config, 5)
+    flat = params_to_canonical(params)
+    # big_vision adds no position embedding to the class token: a zero slot is exactly equivalent.
+    flat[POSEMB_KEY][:, 0] = 0.0
+    bv = _big_vision_layout(flat, scanned, prefix)
+    if other_tower:  # a two-tower file: only the image tower is read
+        bv[other_tower] = np.zeros((3, 3), np.float32)
+    path = str(tmp_path / "bv.npz")
+    np.savez(path, **bv)
+    loaded = load_pretrained(path, tiny_config(classifier="token"))
+    for key, value in flatten(loaded).items():
+        np.testing.assert_array_equal(value, flat[key], err_msg=key)
+
+
+def test_opt_target_prefix_and_singleton_group_norm_axes(tmp_path):
+    config = tiny_config(resnet_layers=(1, 1))
+    params = random_params(config, 4)
+    flat = params_to_canonical(params)
+    old = {}
+    for key, value in flat.items():
+        if "/gn" in f"/{key}" and key.rsplit("/", 1)[1] in ("scale", "bias"):
+            value = value.reshape(1, 1, 1, -1)  # as stored by older hybrid files
+        old[f"opt/target/{key}"] = value
+    old["opt/state/step"] = np.zeros((), np.float32)
+    path = str(tmp_path / "old.npz")
+    np.savez(path, **old)
+    loaded = load_pretrained(path, tiny_config(resnet_layers=(1, 1)))
+    for key, value in flatten(loaded).items():
+        np.testing.assert_array_equal(value, flat[key], err_msg=key)
+
+
+def test_hybrid_npz_round_trip(tmp_path):
+    config = tiny_config(resnet_layers=(1, 1))  # a two-stage BiT trunk (stride 8) + 1x1 patches
+    params = random_params(config, 9)
+    assert "block2" in params and "conv_root" in params
+    path = str(tmp_path / "hybrid.npz")
+    save_as(params, config, path, "npz")
+    with np.load(path, allow_pickle=False) as f:
+        assert f["block2/unit1/conv_proj/kernel"].shape == (1, 1, 256, 512)
+        assert f["gn_root/scale"].shape == (64,)
+    loaded_config = tiny_config(resnet_layers=(1, 1))
+    loaded = load_pretrained(path, loaded_config)
+    images = random_images()
+    np.testing.assert_array_equal(logits_of(loaded_config, loaded, images), logits_of(config, params, images))
+
+
+def test_map_head_checkpoint_is_refused_by_name(tmp_path):
+    flat = params_to_canonical(random_params(tiny_config(), 3))
+    flat["MAPHead_0/probe"] = np.zeros((1, 1, 64), np.float32)
+    path = str(tmp_path / "map.npz")
+    np.savez(path, **flat)
+    from vit_jax.interop import CheckpointError
+
+    with pytest.raises(CheckpointError, match="MAPHead_0"):
+        load_pretrained(path, tiny_config())

@@ -1,0 +1,89 @@
+"""Fine-tuning surgery: position-embedding resize against independent interpolations, heads, pre_logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from vit_jax.interop import CheckpointError, adapt_to_model, new_head, resize_posemb
+from vit_jax.interop.common import POSEMB_KEY
+
+
+def _posemb(grid: int, prefix: int = 1, dim: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(1, prefix + grid * grid, dim)).astype(np.float32)
+
+
+def test_14_to_24_bilinear_keeps_the_class_token_and_matches_scipy_zoom():
+    posemb = _posemb(14)
+    resized = resize_posemb(posemb, 24)
+    assert resized.shape == (1, 1 + 24 * 24, 8) and resized.dtype == np.float32
+    np.testing.assert_array_equal(resized[:, 0], posemb[:, 0])
+    # The original vision_transformer code: scipy.ndimage.zoom(order=1) of the (14, 14, D) grid.
+    grid = posemb[0, 1:].reshape(14, 14, 8).astype(np.float64)
+    reference = scipy.ndimage.zoom(grid, (24 / 14, 24 / 14, 1), order=1)
+    np.testing.assert_allclose(resized[0, 1:], reference.reshape(576, 8), atol=1e-6)
+
+
+def test_14_to_24_bicubic_matches_torch_interpolate():
+    torch = pytest.importorskip("torch")
+    posemb = _posemb(14, seed=1)
+    resized = resize_posemb(posemb, 24, method="bicubic")
+    np.testing.assert_array_equal(resized[:, 0], posemb[:, 0])
+    grid = torch.from_numpy(posemb[0, 1:].reshape(1, 14, 14, 8)).permute(0, 3, 1, 2).double()
+    reference = torch.nn.functional.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False)
+    reference = reference.permute(0, 2, 3, 1).reshape(576, 8).numpy()
+    np.testing.assert_allclose(resized[0, 1:], reference, atol=1e-6)
+
+
+def test_identity_resize_is_a_no_op_and_gap_grids_have_no_prefix():
+    posemb = _posemb(14)
+    assert resize_posemb(posemb, 14) is posemb
+    gap = _posemb(4, prefix=0)
+    resized = resize_posemb(gap, (6, 6), num_prefix_tokens=0)
+    reference = scipy.ndimage.zoom(gap[0].reshape(4, 4, 8).astype(np.float64), (1.5, 1.5, 1), order=1)
+    np.testing.assert_allclose(resized[0], reference.reshape(36, 8), atol=1e-6)
+
+
+def test_a_non_square_grid_cannot_be_resized():
+    with pytest.raises(CheckpointError, match="not a square grid"):
+        resize_posemb(np.zeros((1, 1 + 15, 8), np.float32), 4)
+    with pytest.raises(ValueError, match="resize method must be one of"):
+        resize_posemb(_posemb(4), 6, method="nearest")
+
+
+def _checkpoint(classes: int = 21, pre_logits: int = 0) -> dict:
+    rng = np.random.default_rng(2)
+    flat = {"cls": rng.normal(size=(1, 1, 8)), POSEMB_KEY: _posemb(4), "encoder/kernel": rng.normal(size=(8, 8))}
+    width = pre_logits or 8
+    if pre_logits:
+        flat.update({"pre_logits/kernel": rng.normal(size=(8, pre_logits)), "pre_logits/bias": np.ones(pre_logits)})
+    flat.update({"head/kernel": rng.normal(size=(width, classes)), "head/bias": rng.normal(size=(classes,))})
+    return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+
+
+def test_adapt_drops_pre_logits_and_starts_a_zero_head_with_its_bias_init():
+    flat = _checkpoint(pre_logits=16)
+    expected = {"cls": (1, 1, 8), POSEMB_KEY: (1, 17, 8), "encoder/kernel": (8, 8), "head/kernel": (8, 21),
+                "head/bias": (21,)}
+    adapted, actions = adapt_to_model(flat, expected, head_bias_init=-2.0)
+    assert "pre_logits/kernel" not in adapted
+    assert not adapted["head/kernel"].any() and (adapted["head/bias"] == -2.0).all()
+    assert actions == ["dropped pre_logits (16 units): the model has representation_size=0",
+                       "new zero-initialised head with 21 classes (its input was the dropped pre_logits)"]
+    np.testing.assert_array_equal(adapted["encoder/kernel"], flat["encoder/kernel"])
+
+
+def test_adapt_keeps_a_fitting_head_and_pre_logits_untouched():
+    flat = _checkpoint(pre_logits=16)
+    expected = {k: v.shape for k, v in flat.items()}
+    adapted, actions = adapt_to_model(flat, expected)
+    assert actions == []
+    for key, value in flat.items():
+        np.testing.assert_array_equal(adapted[key], value)
+
+
+def test_new_head_shapes():
+    head = new_head(8, 3, 0.5)
+    assert head["head/kernel"].shape == (8, 3) and not head["head/kernel"].any()
+    np.testing.assert_array_equal(head["head/bias"], np.full(3, 0.5, np.float32))

@@ -1,0 +1,202 @@
+"""Logits parity with PyTorch (float32, random weights, random images): HF ViTForImageClassification and timm
+VisionTransformer (token and average pooling), loading their files and exporting ours for them to load.
+
+Every torch parameter is perturbed away from its init (unit LayerNorm scales, zero biases and heads would hide
+transposed or swapped arrays). The tolerance is the issue's: max abs logit difference < 1e-4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_interop_common import IMAGE_SIZE, logits_of, random_images, random_params, tiny_config
+from vit_jax.interop import detect_format, load_pretrained, save_as
+from vit_jax.interop.common import flatten, params_to_canonical
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+TOLERANCE = 1e-4
+NUM_CLASSES = 6
+
+
+def _perturb(module, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * (0.2 if p.ndim < 2 else 0.05))
+    return module.eval()
+
+
+def _torch_logits(module, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = module(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    return (out.logits if hasattr(out, "logits") else out).numpy()
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    diff = float(np.max(np.abs(a - b)))
+    print(f"max abs logit diff {diff:.2e}")  # the figure reported with `pytest -s`
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------------- HF
+
+
+def _hf_model(hidden_act: str = "gelu", layer_norm_eps: float = 1e-12, seed: int = 0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       image_size=IMAGE_SIZE, patch_size=8, num_labels=NUM_CLASSES, hidden_act=hidden_act,
+                       layer_norm_eps=layer_norm_eps)
+    torch.manual_seed(seed)
+    return _perturb(ViTForImageClassification(config), seed)
+
+
+@pytest.mark.parametrize("hidden_act, eps", [("gelu", 1e-12), ("gelu_pytorch_tanh", 1e-6)])
+def test_hf_directory_loads_with_logits_parity_and_its_numerics(tmp_path, hidden_act, eps):
+    model = _hf_model(hidden_act, eps)
+    model.save_pretrained(tmp_path / "hf")
+    assert detect_format(str(tmp_path / "hf" / "model.safetensors")) == "hf"
+    config = tiny_config()  # tanh GELU, eps 1e-6 until the checkpoint says otherwise
+    params = load_pretrained(str(tmp_path / "hf"), config)
+    assert config.gelu_approximate == (hidden_act != "gelu") and config.layernorm_epsilon == eps
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+
+
+def test_hf_in_memory_state_dict_as_bin_loads_through_weights_only(tmp_path):
+    """transformers 5's in-memory names (`vit.layers.0.attention.q_proj`), saved with torch.save as a `.bin`."""
+    model = _hf_model(seed=1)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(model.state_dict(), path)
+    (tmp_path / "config.json").write_text(model.config.to_json_string())
+    config = tiny_config()
+    params = load_pretrained(str(path), config)
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+
+
+def test_hf_export_loads_in_transformers_with_logits_parity_and_round_trips(tmp_path):
+    from transformers import ViTForImageClassification
+
+    config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
+    params = random_params(config, NUM_CLASSES, seed=3)
+    out = save_as(params, config, str(tmp_path / "hf"), "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    model = ViTForImageClassification.from_pretrained(out).eval()
+    assert model.config.hidden_act == "gelu" and model.config.layer_norm_eps == 1e-12
+    images = random_images()
+    ours = logits_of(config, params, images)
+    assert _max_diff(ours, _torch_logits(model, images)) < TOLERANCE
+    back_config = tiny_config()
+    back = load_pretrained(out, back_config)
+    for key, value in params_to_canonical(params).items():
+        np.testing.assert_array_equal(flatten(back)[key], value, err_msg=key)
+    np.testing.assert_array_equal(logits_of(back_config, back, images), ours)
+
+
+def test_hf_export_refuses_what_hf_cannot_hold(tmp_path):
+    from vit_jax.interop import CheckpointError
+
+    config = tiny_config(classifier="gap")
+    with pytest.raises(CheckpointError, match="classifier='gap' cannot be exported to hf"):
+        save_as(random_params(config, 3), config, str(tmp_path / "hf"), "hf")
+
+
+# -------------------------------------------------------------------------------------------------- timm
+
+
+def _timm_model(pooling: str, seed: int = 0, act_layer: str = "gelu"):
+    from timm.models.vision_transformer import VisionTransformer
+
+    gap = pooling == "avg"
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                              num_classes=NUM_CLASSES, global_pool=pooling, class_token=not gap, fc_norm=False,
+                              act_layer=act_layer)
+    return _perturb(model, seed)
+
+
+@pytest.mark.parametrize("pooling", ["token", "avg"])
+def test_timm_safetensors_loads_with_logits_parity(tmp_path, pooling):
+    from safetensors.torch import save_file
+
+    model = _timm_model(pooling)
+    path = str(tmp_path / "timm.safetensors")
+    save_file(model.state_dict(), path)
+    assert detect_format(path) == "timm"
+    config = tiny_config(classifier="gap" if pooling == "avg" else "token")
+    params = load_pretrained(path, config)
+    assert config.gelu_approximate is False and config.layernorm_epsilon == 1e-6
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+
+
+def test_timm_pth_training_checkpoint_loads(tmp_path):
+    """A `.pth` as timm's train script writes it ({"state_dict": ...}, DDP `module.` prefix), weights_only."""
+    model = _timm_model("token", seed=2)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    config = tiny_config()
+    params = load_pretrained(str(path), config)
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+
+
+@pytest.mark.parametrize("pooling, gelu_approximate", [("token", False), ("avg", False), ("token", True)])
+def test_timm_export_loads_in_timm_with_logits_parity_and_round_trips(tmp_path, pooling, gelu_approximate):
+    """A tanh-GELU model (e.g. from an official .npz) loads in timm with act_layer='gelu_tanh'."""
+    from timm.models import load_checkpoint
+
+    config = tiny_config(classifier="gap" if pooling == "avg" else "token", gelu_approximate=gelu_approximate)
+    params = random_params(config, NUM_CLASSES, seed=4)
+    path = str(tmp_path / "vit.safetensors")
+    save_as(params, config, path, "timm")
+    # Different weights, all replaced by the file's.
+    model = _timm_model(pooling, seed=9, act_layer="gelu_tanh" if gelu_approximate else "gelu")
+    load_checkpoint(model, path, strict=True)
+    images = random_images()
+    ours = logits_of(config, params, images)
+    assert _max_diff(ours, _torch_logits(model.eval(), images)) < TOLERANCE
+    back_config = tiny_config(classifier=config.classifier, gelu_approximate=not gelu_approximate)
+    back = load_pretrained(path, back_config)
+    assert back_config.gelu_approximate == gelu_approximate  # recorded in the file's metadata
+    np.testing.assert_array_equal(logits_of(back_config, back, images), ours)
+
+
+def test_source_numerics_without_loading(tmp_path):
+    from safetensors.torch import save_file
+
+    from vit_jax.interop import apply_source_numerics
+
+    _hf_model("gelu_pytorch_tanh", 1e-5).save_pretrained(tmp_path / "hf")
+    config = tiny_config(gelu_approximate=False)
+    assert apply_source_numerics(str(tmp_path / "hf"), config).layernorm_epsilon == 1e-5
+    assert config.gelu_approximate is True and config.layernorm_epsilon == 1e-5
+    save_file(_timm_model("token").state_dict(), str(tmp_path / "timm.safetensors"))
+    apply_source_numerics(str(tmp_path / "timm.safetensors"), config)
+    assert config.gelu_approximate is False and config.layernorm_epsilon == 1e-6
+
+
+def test_timm_checkpoint_at_another_resolution_and_class_count(tmp_path):
+    """Surgery on a timm file: 4x4 -> 6x6 posemb (class token kept), a new zero 3-class head."""
+    from safetensors.torch import save_file
+
+    model = _timm_model("token", seed=5)
+    path = str(tmp_path / "timm.safetensors")
+    save_file(model.state_dict(), path)
+    config = tiny_config()
+    flat = flatten(load_pretrained(path, config, num_classes=3, image_size=48, resize_method="bicubic"))
+    pos_embed = model.pos_embed.detach().numpy()
+    np.testing.assert_array_equal(flat["Transformer/posembed_input/pos_embedding"][:, :1], pos_embed[:, :1])
+    # timm's own resize as the independent reference (torch's bicubic, a=-0.75; without antialiasing, which
+    # timm turns on by default and which switches torch to PIL's a=-0.5 kernel).
+    from timm.layers import resample_abs_pos_embed
+
+    expected = resample_abs_pos_embed(torch.from_numpy(pos_embed), (6, 6), num_prefix_tokens=1,
+                                      interpolation="bicubic", antialias=False).numpy()
+    np.testing.assert_allclose(flat["Transformer/posembed_input/pos_embedding"], expected, atol=1e-5)
+    assert flat["head/kernel"].shape == (64, 3) and not flat["head/kernel"].any()

@@ -1,0 +1,51 @@
+"""`python -m vit_jax.convert`: convert a checkpoint between official .npz, timm, HF and our orbax format.
+
+  python -m vit_jax.convert --src=ViT-B_16.npz --config=configs/vit_b16.py --out=/tmp/b16_ckpt --to=orbax
+  python -m vit_jax.convert --src=/tmp/ft/checkpoints --config=configs/finetune.py:cifar10 \
+      --out=vit_b16_cifar10.safetensors --to=timm
+  python -m vit_jax.convert --src=/tmp/ft/checkpoints --config=configs/finetune.py:cifar10 --out=hf_dir --to=hf
+
+The config gives the architecture (`config.model`); the source's format is detected from the file
+(`--from` forces it). The head and resolution are the checkpoint's own unless `--num_classes` /
+`--image_size` ask for others (a new zero head; resized position embeddings). Bad input: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vit_jax import cli
+from vit_jax.interop import SOURCE_FORMATS, TARGET_FORMATS, load_pretrained, save_as
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b16.py.", lock_config=True)
+_SRC = flags.DEFINE_string("src", None, "Checkpoint to read: .npz, .safetensors/.bin/.pth, HF or orbax dir.")
+_OUT = flags.DEFINE_string("out", None, "Where to write: a file (npz, timm) or a new directory (hf, orbax).")
+_TO = flags.DEFINE_enum("to", None, list(TARGET_FORMATS), "Target format.")
+_FROM = flags.DEFINE_enum("from", "auto", ["auto", *SOURCE_FORMATS], "Source format (auto: detect).")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "New head with this many classes (0: keep the source's).",
+                                    lower_bound=0)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Resize position embeddings for this resolution "
+                                   "(0: keep the source's).", lower_bound=0)
+_RESIZE = flags.DEFINE_enum("resize_method", "bilinear", ["bilinear", "bicubic"],
+                            "Position-embedding interpolation.")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    model_config = _CONFIG.value.model
+    params = load_pretrained(_SRC.value, model_config, num_classes=_NUM_CLASSES.value or None,
+                             image_size=_IMAGE_SIZE.value or None,
+                             source_format=None if _FROM.value == "auto" else _FROM.value,
+                             resize_method=_RESIZE.value)
+    written = save_as(params, model_config, _OUT.value, _TO.value)
+    print(f"wrote {written} ({_TO.value})")
+
+
+if __name__ == "__main__":
+    for name in ("config", "src", "out", "to"):
+        flags.mark_flag_as_required(name)
+    cli.run(main)

@@ -1,0 +1,161 @@
+"""What every checkpoint format shares: flat `a/b/c` param dicts, the numerics of a weights' origin, and the
+check that a converted checkpoint fits the model exactly (every missing, unexpected or wrong-shaped key listed).
+
+The formats convert to and from one canonical layout: our own param tree without `nn.scan` (per-block
+`Transformer/encoderblock_{i}`), flattened to `"Transformer/encoderblock_0/LayerNorm_0/scale"`-style keys with
+float32 numpy values. That is also the layout of the original vision_transformer `.npz` files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax.errors import UserError
+
+Flat = dict[str, np.ndarray]
+
+POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
+HEAD_KEYS = ("head/kernel", "head/bias")
+PRE_LOGITS_KEYS = ("pre_logits/kernel", "pre_logits/bias")
+# Only in the masked-patch-prediction pre-training model (vit_jax.masked_patch), never in a classifier.
+MASKED_PATCH_KEYS = ("mask_embedding", "masked_patch_head/kernel", "masked_patch_head/bias")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot become this model's params: foreign, truncated, unsafe or mismatched."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How the weights were computed with at home: GELU flavour and LayerNorm epsilon."""
+
+    gelu_approximate: bool
+    layernorm_epsilon: float
+    origin: str  # e.g. "official .npz", "timm", "HF config.json"
+
+
+# The original (vision_transformer / big_vision) checkpoints: flax's tanh-approximate GELU, LayerNorm eps 1e-6.
+OFFICIAL_NUMERICS = Numerics(True, 1e-6, "official .npz (tanh GELU, LayerNorm eps 1e-6)")
+# timm's VisionTransformer: nn.GELU (exact) and LayerNorm(eps=1e-6).
+TIMM_NUMERICS = Numerics(False, 1e-6, "timm (exact GELU, LayerNorm eps 1e-6)")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Flat:
+    """Nested dict of arrays -> {"a/b/c": float32 numpy array}."""
+    flat: Flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "/"))
+        else:
+            flat[name] = np.asarray(value, dtype=np.float32)
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a/b/c": array} -> nested dicts."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def num_layers_of(flat: Mapping[str, Any]) -> int:
+    """Number of `Transformer/encoderblock_{i}` blocks in a canonical flat dict."""
+    indices = {int(k.split("/")[1].rsplit("_", 1)[1]) for k in flat if k.startswith("Transformer/encoderblock_")}
+    return max(indices) + 1 if indices else 0
+
+
+def unstack_scanned(flat: Mapping[str, np.ndarray], prefix: str = "Transformer/encoderblock/") -> Flat:
+    """Keys under `prefix` (arrays stacked over depth on axis 0) -> per-block `Transformer/encoderblock_{i}/`."""
+    out: Flat = {}
+    for name, value in flat.items():
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            for i in range(value.shape[0]):
+                out[f"Transformer/encoderblock_{i}/{rest}"] = value[i]
+        else:
+            out[name] = value
+    return out
+
+
+def canonical_to_params(flat: Mapping[str, np.ndarray], scan: bool) -> dict[str, Any]:
+    """Canonical flat dict -> our nested params tree, stacking the blocks when the model uses `nn.scan`."""
+    if not scan:
+        return unflatten(flat)
+    stacked: dict[str, list[tuple[int, np.ndarray]]] = {}
+    rest: Flat = {}
+    for name, value in flat.items():
+        if name.startswith("Transformer/encoderblock_"):
+            _, block, sub = name.split("/", 2)
+            stacked.setdefault(sub, []).append((int(block.rsplit("_", 1)[1]), value))
+        else:
+            rest[name] = value
+    for sub, items in stacked.items():
+        rest[f"Transformer/encoderblock/{sub}"] = np.stack([v for _, v in sorted(items, key=lambda t: t[0])])
+    return unflatten(rest)
+
+
+def params_to_canonical(params: Mapping[str, Any]) -> Flat:
+    """Our params tree (plain, boxed, scanned or not) -> canonical flat dict of float32 numpy arrays."""
+    flat = flatten(nn.unbox(dict(params)))
+    if any(k.startswith("Transformer/encoderblock/") for k in flat):
+        flat = unstack_scanned(flat)
+    return flat
+
+
+def expected_shapes(model_config: ml_collections.ConfigDict, num_classes: int, image_size: int,
+                    masked_patch_classes: int = 0) -> dict[str, tuple]:
+    """The canonical (unscanned) param shapes of the model `model_config` builds; nothing is allocated.
+
+    `masked_patch_classes > 0`: the masked-patch-prediction pre-training model (no head, a per-patch head).
+    """
+    from vit_jax.models.vit import build_model  # the model module imports nothing from interop
+
+    model = build_model(model_config, num_classes, scan=False, remat=False,
+                        masked_patch_classes=masked_patch_classes)
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    return {k: tuple(v.shape) for k, v in _flatten_shapes(nn.unbox(variables["params"])).items()}
+
+
+def _flatten_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten_shapes(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_matches(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple], source: str) -> None:
+    """Raise CheckpointError listing every missing, unexpected and wrong-shaped key (with both shapes)."""
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(k for k in set(flat) & set(expected) if tuple(flat[k].shape) != tuple(expected[k]))
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): " + ", ".join(f"{k} (model {tuple(expected[k])})"
+                                                                  for k in missing))
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): " + ", ".join(
+            f"{k} (checkpoint {tuple(flat[k].shape)})" for k in unexpected))
+    if wrong:
+        parts.append(f"wrong shape for {len(wrong)} key(s): " + ", ".join(
+            f"{k} (checkpoint {tuple(flat[k].shape)}, model {tuple(expected[k])})" for k in wrong))
+    raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))

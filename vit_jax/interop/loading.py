@@ -1,0 +1,280 @@
+"""`load_pretrained` and `save_as`: any supported checkpoint -> our params, and our params -> any format.
+
+Sources: official / big_vision `.npz`; timm or HF weights (`.safetensors`, `.bin`, `.pth`, or an HF model
+directory with `config.json`), told apart by their key names; our own orbax checkpoints. Loading adapts the
+checkpoint to the target model (new head, resized position embeddings, dropped pre-logits; each logged) and
+sets the model config's numerics (GELU flavour, LayerNorm eps) to those the weights were trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zipfile
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from vit_jax.interop import npz, orbax_io, surgery, torch_hub
+from vit_jax.interop.common import (
+    OFFICIAL_NUMERICS,
+    POSEMB_KEY,
+    TIMM_NUMERICS,
+    CheckpointError,
+    Flat,
+    Numerics,
+    canonical_to_params,
+    check_matches,
+    expected_shapes,
+    params_to_canonical,
+)
+
+SOURCE_FORMATS = ("npz", "timm", "hf", "orbax")
+TARGET_FORMATS = ("orbax", "npz", "timm", "hf")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint read into the canonical layout, before it is fitted to a model."""
+
+    flat: Flat
+    source_format: str  # one of SOURCE_FORMATS
+    numerics: Numerics | None  # None: the source does not say (an orbax checkpoint without a recorded config)
+    location: str  # the file or directory actually read
+
+
+def detect_format(path: str) -> str:
+    """'npz', 'timm', 'hf' or 'orbax' from the file's contents (magic bytes, archive members, key names)."""
+    return _read(path, None, num_heads=None).source_format
+
+
+def read_checkpoint(path: str, num_heads: int, source_format: str | None = None) -> Checkpoint:
+    """Read any supported checkpoint into canonical flat params (`num_heads` splits fused torch projections)."""
+    return _read(path, source_format, num_heads)
+
+
+def _read(path: str, source_format: str | None, num_heads: int | None) -> Checkpoint:
+    path = os.fspath(path)
+    if source_format not in (None, "auto") + SOURCE_FORMATS:
+        raise CheckpointError(f"source_format must be one of {SOURCE_FORMATS} (or None to detect), "
+                              f"got {source_format!r}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):
+        flat, numerics, step_dir = orbax_io.read_orbax(path)
+        return Checkpoint(flat, "orbax", numerics, step_dir)
+    weights_path, config_path = _hf_dir_files(path) if os.path.isdir(path) else (path, None)
+    kind = _file_kind(weights_path) if source_format in (None, "auto") else None
+    if (source_format == "npz" or kind == "npz") and num_heads is None:  # format detection only
+        return Checkpoint({}, "npz", OFFICIAL_NUMERICS, weights_path)
+    if source_format == "npz" or kind == "npz":
+        return Checkpoint(npz.to_canonical(npz.read_npz(weights_path), weights_path), "npz", OFFICIAL_NUMERICS,
+                          weights_path)
+    state = torch_hub.read_state_dict(weights_path)
+    flavour = source_format if source_format in ("timm", "hf") else torch_hub.flavour_of(state, weights_path)
+    if num_heads is None:  # format detection only
+        return Checkpoint({}, flavour, None, weights_path)
+    if flavour == "timm":
+        numerics = torch_hub.recorded_numerics(weights_path) or TIMM_NUMERICS
+        return Checkpoint(torch_hub.timm_to_canonical(state, num_heads, weights_path), "timm", numerics,
+                          weights_path)
+    if config_path is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(weights_path)), "config.json")
+        config_path = beside if os.path.isfile(beside) else None
+    numerics = torch_hub.hf_numerics(config_path, num_heads)
+    return Checkpoint(torch_hub.hf_to_canonical(state, num_heads, weights_path), "hf", numerics, weights_path)
+
+
+def _hf_dir_files(path: str) -> tuple[str, str]:
+    """(weights file, config.json) of an HF model directory."""
+    config_path = os.path.join(path, "config.json")
+    for name in torch_hub.HF_WEIGHT_NAMES:
+        weights = os.path.join(path, name)
+        if os.path.isfile(weights) and os.path.isfile(config_path):
+            return weights, config_path
+    raise CheckpointError(f"{path}: a directory that is neither an orbax checkpoint (params/, step dirs, "
+                          f"checkpoints/) nor an HF model (config.json + one of {torch_hub.HF_WEIGHT_NAMES})")
+
+
+def _file_kind(path: str) -> str:
+    """'npz' or 'torch' (safetensors / torch zip / legacy pickle) from the first bytes; anything else is an error."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if path.endswith(".npz"):
+        return "npz"  # read_npz refuses pickles and other impostors with a precise message
+    if torch_hub.is_safetensors(path):
+        return "torch"
+    if magic == npz.ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path}: truncated or corrupt zip archive ({e})") from e
+        return "npz" if any(n.endswith(".npy") for n in names) else "torch"
+    if magic.startswith(npz.PICKLE_MAGIC):
+        return "torch"  # a legacy torch file; read only with torch.load(weights_only=True)
+    raise CheckpointError(f"{path}: unrecognised checkpoint file (not .npz, safetensors or torch; starts with "
+                          f"{magic!r}); valid: official .npz, timm/HF .safetensors/.bin/.pth, an orbax directory")
+
+
+def _source_grid_side(flat: Flat, source: str) -> int:
+    posemb = flat.get(POSEMB_KEY)
+    if posemb is None or posemb.ndim != 3:
+        raise CheckpointError(f"{source}: has no position embeddings ({POSEMB_KEY}); pass image_size explicitly")
+    tokens = posemb.shape[1] - (1 if "cls" in flat else 0)
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise CheckpointError(f"{source}: {tokens} position embeddings are not a square patch grid")
+    return side
+
+
+def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_classes: int | None = None,
+                    image_size: int | None = None, source_format: str | None = None,
+                    resize_method: str = "bilinear", set_numerics: bool = True,
+                    masked_patch_classes: int = 0) -> dict[str, Any]:
+    """Params for the model `model_config` describes, from any supported checkpoint.
+
+    `num_classes` / `image_size` (default: the checkpoint's own) give the target model; a different class
+    count gets a new zero-initialised head, a different resolution resized position embeddings, and a
+    `representation_size=0` config drops the checkpoint's pre_logits — each logged. A masked-patch-prediction
+    checkpoint loses its pre-training head (logged) and gets a new zero head; `masked_patch_classes > 0`
+    targets the pre-training model instead (`vit_jax.masked_patch.build_pretraining_model`). With
+    `set_numerics`, `model_config.gelu_approximate` and `.layernorm_epsilon` are set (in place) to the weights'
+    origin, so `build_model(model_config, ...)` computes what the weights computed at home. Returns a nested
+    dict of float32 numpy arrays in the model's layout (scanned when `model_config.scan`).
+    """
+    ckpt = read_checkpoint(path, model_config.num_heads, source_format)
+    flat = ckpt.flat
+    if num_classes is None:
+        head = flat.get("head/kernel")
+        if head is None:
+            raise CheckpointError(f"{ckpt.location}: has no classification head; pass num_classes")
+        num_classes = int(head.shape[-1])
+    if image_size is None:
+        image_size = _source_grid_side(flat, ckpt.location) * model_config.patch_size
+    expected = expected_shapes(model_config, num_classes, image_size, masked_patch_classes)
+    flat, actions = surgery.adapt_to_model(flat, expected, head_bias_init=model_config.head_bias_init,
+                                           resize_method=resize_method,
+                                           source=f"{ckpt.location} ({ckpt.source_format})")
+    for action in actions:
+        logging.info("%s: %s", ckpt.location, action)
+    if set_numerics and ckpt.numerics is not None:
+        _apply_numerics(model_config, ckpt.numerics)
+    logging.info("%s: loaded %d arrays (%s) for a %d-class model at %dpx", ckpt.location, len(flat),
+                 ckpt.source_format, num_classes, image_size)
+    return canonical_to_params(flat, model_config.scan)
+
+
+def source_numerics(path: str, source_format: str | None = None) -> Numerics | None:
+    """The numerics the weights at `path` were computed with, cheaply (no weights are read for npz / timm / HF
+    directories; an orbax checkpoint's recorded config). None when the source does not say."""
+    path = os.fspath(path)
+    if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):
+        return orbax_io.read_numerics(path)
+    if os.path.isdir(path):
+        return torch_hub.hf_numerics(_hf_dir_files(path)[1], None)
+    ckpt = _read(path, source_format, num_heads=None)
+    if ckpt.source_format == "npz":
+        return OFFICIAL_NUMERICS
+    if ckpt.source_format == "timm":
+        return torch_hub.recorded_numerics(path) or TIMM_NUMERICS
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    return torch_hub.hf_numerics(beside if os.path.isfile(beside) else None, None)
+
+
+def apply_source_numerics(path: str, model_config: ml_collections.ConfigDict,
+                          source_format: str | None = None) -> Numerics | None:
+    """Set `model_config`'s GELU flavour and LayerNorm eps (in place) to those of the weights at `path`.
+
+    What `load_pretrained` does as it loads; on its own for a run resumed from its own checkpoint, whose
+    model must compute as the pre-trained weights it started from did.
+    """
+    numerics = source_numerics(path, source_format)
+    if numerics is not None:
+        _apply_numerics(model_config, numerics)
+    return numerics
+
+
+def _apply_numerics(model_config: ml_collections.ConfigDict, numerics: Numerics) -> None:
+    current = (model_config.gelu_approximate, float(model_config.layernorm_epsilon))
+    wanted = (numerics.gelu_approximate, float(numerics.layernorm_epsilon))
+    if current == wanted:
+        return
+    try:
+        model_config.gelu_approximate, model_config.layernorm_epsilon = wanted
+    except (AttributeError, TypeError) as e:
+        raise CheckpointError(f"cannot set the weights' numerics on a frozen model config (need "
+                              f"gelu_approximate={wanted[0]}, layernorm_epsilon={wanted[1]:g}); pass a ConfigDict "
+                              "or set_numerics=False") from e
+    logging.info("numerics of %s: set model.gelu_approximate=%s, model.layernorm_epsilon=%g (were %s, %g)",
+                 numerics.origin, wanted[0], wanted[1], current[0], current[1])
+
+
+def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str) -> str:
+    """Write `params` (of the model `model_config` describes) as `target_format`; returns what was written.
+
+    "npz": an original-layout `.npz` (vision_transformer / timm `_load_weights` read it). "timm": a timm
+    VisionTransformer `.safetensors`. "hf": a directory with `config.json` + `model.safetensors` for
+    `ViTForImageClassification.from_pretrained`. "orbax": a CheckpointManager directory (step 0) that
+    `load_pretrained` and `config.pretrained` read.
+    """
+    if target_format not in TARGET_FORMATS:
+        raise CheckpointError(f"target_format must be one of {TARGET_FORMATS}, got {target_format!r}")
+    path = os.fspath(path)
+    flat = params_to_canonical(params)
+    if "head/kernel" not in flat:
+        raise CheckpointError("params have no head/kernel: not a classification model's params")
+    num_classes = int(flat["head/kernel"].shape[-1])
+    image_size = _source_grid_side(flat, "params") * model_config.patch_size
+    check_matches(flat, expected_shapes(model_config, num_classes, image_size), "params")
+    m = model_config
+    if target_format == "npz":
+        _warn_numerics(m, OFFICIAL_NUMERICS, "npz")
+        npz.write_npz(flat, path)
+    elif target_format == "timm":
+        _require(not m.resnet_layers, "timm export of hybrids is not supported (timm's ResNetV2 uses other eps); "
+                                      "export to npz, which timm's _load_weights reads")
+        _require(not m.representation_size, "timm's VisionTransformer has no pre_logits layer; fine-tune with "
+                                             "model.representation_size=0 or export to npz/orbax")
+        # timm takes the GELU flavour as a constructor argument (act_layer), so only the LayerNorm eps can differ.
+        _warn_numerics(m, dataclasses.replace(TIMM_NUMERICS, gelu_approximate=bool(m.gelu_approximate)), "timm")
+        torch_hub.write_safetensors(torch_hub.canonical_to_timm(flat), path,
+                                    metadata=torch_hub.numerics_metadata(m.gelu_approximate, m.layernorm_epsilon))
+        extra = (", global_pool='avg', class_token=False, fc_norm=False" if m.classifier == "gap" else "") + (
+            ", act_layer='gelu_tanh'" if m.gelu_approximate else "")
+        logging.info("timm: timm.create_model(<vit name>, pretrained=True, num_classes=%d, img_size=%d, "
+                     "pretrained_cfg_overlay=dict(file=%r)%s)", num_classes, image_size, path, extra)
+    elif target_format == "hf":
+        _require(m.classifier == "token", "HF ViTForImageClassification classifies the class token; "
+                                          "classifier='gap' cannot be exported to hf")
+        _require(not m.resnet_layers, "HF export of hybrids is not supported; export to npz")
+        _require(not m.representation_size, "HF ViTForImageClassification has no pre_logits layer; fine-tune "
+                                            "with model.representation_size=0 or export to npz/orbax")
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(torch_hub.hf_config(m, num_classes, image_size), f, indent=2)
+        torch_hub.write_safetensors(torch_hub.canonical_to_hf(flat), os.path.join(path, "model.safetensors"),
+                                    metadata={"format": "pt"})
+    else:
+        meta = {"step": 0, "config": {"model": m.to_dict()}, "source": "vit_jax.interop.save_as"}
+        path = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
+    logging.info("wrote %s (%s, %d classes, %dpx)", path, target_format, num_classes, image_size)
+    return path
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckpointError(message)
+
+
+def _warn_numerics(model_config: ml_collections.ConfigDict, home: Numerics, target: str) -> None:
+    if (bool(model_config.gelu_approximate), float(model_config.layernorm_epsilon)) != (
+            home.gelu_approximate, home.layernorm_epsilon):
+        logging.warning("%s readers compute with %s; these params were computed with gelu_approximate=%s, "
+                        "layernorm_epsilon=%g: outputs will differ slightly", target, home.origin,
+                        model_config.gelu_approximate, model_config.layernorm_epsilon)

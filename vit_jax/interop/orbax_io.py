@@ -1,0 +1,100 @@
+"""Our own orbax training checkpoints as a source (and a target) of params.
+
+The layout (vit_jax/checkpoints.py): a CheckpointManager directory (WORKDIR/checkpoints) with one
+subdirectory per step, each with items "params" (plain float32 arrays), "opt_state", "meta" (JSON: step,
+rng, config) and "data". Accepted paths: a workdir (holding `checkpoints/`), a CheckpointManager directory
+(its latest step is read) or one step directory. Only "params" and "meta" are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from vit_jax.interop.common import CheckpointError, Flat, Numerics, params_to_canonical
+
+
+def is_orbax_dir(path: str) -> bool:
+    """True for a workdir, a CheckpointManager directory or a step directory of ours."""
+    return os.path.isdir(path) and _step_dir(path, must_exist=False) is not None
+
+
+def _step_dir(path: str, must_exist: bool = True) -> str | None:
+    if os.path.isdir(os.path.join(path, "params")):
+        return path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return _step_dir(os.path.join(path, "checkpoints"), must_exist)
+    steps = [int(name) for name in os.listdir(path)
+             if name.isdigit() and os.path.isdir(os.path.join(path, name, "params"))]
+    if steps:
+        return os.path.join(path, str(max(steps)))
+    if must_exist:
+        raise CheckpointError(f"{path}: not an orbax checkpoint: no 'params' item, no numbered step directory "
+                              "with one, no 'checkpoints/' subdirectory")
+    return None
+
+
+def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
+    """Canonical params of the latest (or given) step, the numerics its run was configured with, the step dir."""
+    import orbax.checkpoint as ocp
+
+    step_dir = _step_dir(path)
+    params_dir = os.path.join(step_dir, "params")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        metadata = checkpointer.metadata(params_dir)
+        item_metadata = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(item_metadata, "tree", item_metadata)
+        device = jax.local_devices(backend="cpu")[0]
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
+        params = checkpointer.restore(params_dir, target)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{params_dir}: unreadable orbax params ({type(e).__name__}: {e})") from e
+    flat = params_to_canonical(jax.tree.map(np.asarray, params))
+    return flat, _read_numerics(step_dir), step_dir
+
+
+def read_numerics(path: str) -> Numerics | None:
+    """The numerics recorded with the latest (or given) step of an orbax checkpoint, without reading params."""
+    return _read_numerics(_step_dir(path))
+
+
+def _read_numerics(step_dir: str) -> Numerics | None:
+    """The run's model.gelu_approximate / model.layernorm_epsilon from the step's "meta" item, if recorded."""
+    import orbax.checkpoint as ocp
+
+    meta_dir = os.path.join(step_dir, "meta")
+    if not os.path.isdir(meta_dir):
+        return None
+    try:
+        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_dir}: unreadable meta item ({e})") from e
+    config = (meta or {}).get("config") or {}
+    if isinstance(config, str):  # vit_jax.train records `config.to_json_best_effort()`
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{meta_dir}: the recorded config is not JSON ({e})") from e
+    model = config.get("model") or {} if isinstance(config, dict) else {}
+    if "gelu_approximate" not in model or "layernorm_epsilon" not in model:
+        return None
+    return Numerics(bool(model["gelu_approximate"]), float(model["layernorm_epsilon"]), f"{step_dir} meta config")
+
+
+def write_orbax(params: Any, meta: dict[str, Any], path: str) -> str:
+    """Write `params` as step 0 of a CheckpointManager at `path` (items "params" and "meta"); returns the step dir."""
+    import orbax.checkpoint as ocp
+
+    if os.path.exists(path) and os.listdir(path):
+        raise CheckpointError(f"{path}: exists and is not empty; give a new directory for the orbax checkpoint")
+    manager = ocp.CheckpointManager(os.path.abspath(path), item_names=("params", "meta"))
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(path, "0")

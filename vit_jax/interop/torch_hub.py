@@ -1,0 +1,439 @@
+"""timm and HuggingFace ViT state dicts <-> canonical flat params, and reading/writing their files.
+
+Files are read through safetensors (no torch needed) or `torch.load(weights_only=True)`; torch is imported
+lazily, only for `.bin` / `.pth` files, so the training path never imports it. Writing uses
+`safetensors.numpy` (no torch either).
+
+timm (`VisionTransformer`): `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.{norm1, attn.qkv, attn.proj,
+norm2, mlp.fc1, mlp.fc2}`, `norm`, `head`. HF (`ViTForImageClassification`, hub names): `vit.embeddings.*`,
+`vit.encoder.layer.{i}.{layernorm_before, attention.attention.{query,key,value}, attention.output.dense,
+layernorm_after, intermediate.dense, output.dense}`, `vit.layernorm`, `classifier`; a `ViTModel` has no `vit.`
+prefix and may carry `pooler.dense` (Dense + tanh on the class token: our `pre_logits`). transformers 5's
+in-memory names (`vit.layers.{i}.attention.q_proj`, `mlp.fc1`, ...) are accepted too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from vit_jax.interop.common import POSEMB_KEY, CheckpointError, Flat, Numerics, num_layers_of
+
+HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # in an HF model directory
+_APPROXIMATE_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def is_safetensors(path: str) -> bool:
+    """True when the file starts like a safetensors file: a u64 header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < header_len <= os.path.getsize(path) - 8
+
+
+def read_state_dict(path: str) -> Flat:
+    """A safetensors / torch file's tensors as float32 numpy arrays; any failure names the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if is_safetensors(path):
+        state = _read_safetensors(path)
+    else:
+        state = _read_torch(path)
+    return _unwrap(state, path)
+
+
+def _read_safetensors(path: str) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
+    # numpy has no bfloat16: read through torch.
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise CheckpointError(f"{path}: holds bfloat16 tensors; reading them needs torch (pip install "
+                              "'vit_jax[torch]')") from e
+    try:
+        return {k: v.float().numpy() for k, v in load_file(path).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
+
+
+def _read_torch(path: str) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"{path}: is not safetensors; reading a torch .bin/.pth needs torch "
+                              "(pip install 'vit_jax[torch]')") from e
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable torch weights file (torch.load with weights_only=True: "
+                              f"{first_line})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _unwrap(state: dict[str, Any], path: str) -> Flat:
+    """Unwrap training checkpoints ({"state_dict": ...}, {"model": ...}) and DDP's `module.` prefix."""
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    flat: Flat = {}
+    for name, value in state.items():
+        if not hasattr(value, "shape"):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().float().numpy()
+        flat[name.removeprefix("module.")] = np.asarray(value, np.float32)
+    if not flat:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return flat
+
+
+def flavour_of(state: Flat, path: str) -> str:
+    """'timm' or 'hf', told apart by the key names."""
+    keys = list(state)
+    if any(k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed") for k in keys):
+        return "timm"
+    if any(k.startswith(("vit.", "embeddings.", "encoder.layer.")) or k.startswith("classifier.") for k in keys):
+        return "hf"
+    raise CheckpointError(f"{path}: neither a timm nor a HuggingFace ViT state dict (first keys: "
+                          f"{', '.join(sorted(keys)[:5])})")
+
+
+NUMERICS_METADATA = ("vit_jax.gelu_approximate", "vit_jax.layernorm_epsilon")
+
+
+def numerics_metadata(gelu_approximate: bool, layernorm_epsilon: float) -> dict[str, str]:
+    """safetensors metadata recording the numerics of exported weights (timm files have no config of their own)."""
+    return {"format": "pt", NUMERICS_METADATA[0]: str(bool(gelu_approximate)).lower(),
+            NUMERICS_METADATA[1]: repr(float(layernorm_epsilon))}
+
+
+def recorded_numerics(path: str) -> Numerics | None:
+    """The numerics `numerics_metadata` recorded in a safetensors file of ours, else None."""
+    if not is_safetensors(path):
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
+    if not all(key in metadata for key in NUMERICS_METADATA):
+        return None
+    try:
+        approximate = {"true": True, "false": False}[metadata[NUMERICS_METADATA[0]]]
+        eps = float(metadata[NUMERICS_METADATA[1]])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad numerics metadata {metadata}") from e
+    return Numerics(approximate, eps, f"{path} metadata (gelu_approximate={approximate}, layernorm_epsilon={eps:g})")
+
+
+def write_safetensors(state: Flat, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write numpy tensors as safetensors (atomically)."""
+    from safetensors.numpy import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ shared reshapes
+
+
+def _kernel_to_linear(kernel: np.ndarray) -> np.ndarray:
+    """(in, ...out) or (...in, out) flax kernel flattened to 2-D -> torch Linear weight (out, in)."""
+    return np.ascontiguousarray(kernel.T)
+
+
+def _qkv_from_linear(weight: np.ndarray, bias: np.ndarray, num_heads: int, what: str) -> tuple:
+    """torch Linear (heads*head_dim, in) -> flax DenseGeneral kernel (in, heads, head_dim), bias (heads, head_dim)."""
+    out_features, in_features = weight.shape
+    if out_features % num_heads:
+        raise CheckpointError(f"{what}: {out_features} output features do not split into num_heads={num_heads}")
+    head_dim = out_features // num_heads
+    return weight.T.reshape(in_features, num_heads, head_dim), bias.reshape(num_heads, head_dim)
+
+
+def _out_from_linear(weight: np.ndarray, num_heads: int, what: str) -> np.ndarray:
+    """torch Linear (out, heads*head_dim) -> flax out kernel (heads, head_dim, out)."""
+    out_features, in_features = weight.shape
+    if in_features % num_heads:
+        raise CheckpointError(f"{what}: {in_features} input features do not split into num_heads={num_heads}")
+    return weight.T.reshape(num_heads, in_features // num_heads, out_features)
+
+
+def _take(state: Flat, name: str, taken: set[str]) -> np.ndarray | None:
+    if name in state:
+        taken.add(name)
+        return state[name]
+    return None
+
+
+def _block_indices(state: Flat, pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in state if (m := re.match(pattern, k))})
+
+
+def _leftovers(state: Flat, taken: set[str]) -> Flat:
+    """Keys no rule consumed, kept under their own (dotted) names so the shape check lists them as unexpected."""
+    return {k: v for k, v in state.items() if k not in taken}
+
+
+# ----------------------------------------------------------------------------------------------- timm
+
+
+def timm_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
+    """timm VisionTransformer state dict -> canonical flat params (unknown keys passed through as unexpected)."""
+    if any(k.startswith("patch_embed.backbone.") for k in state):
+        raise CheckpointError(f"{path}: a timm hybrid (ResNetV2 backbone with timm's own GroupNorm/StdConv eps); "
+                              "load the official hybrid .npz instead")
+    if "fc_norm.weight" in state and "norm.weight" not in state:
+        raise CheckpointError(f"{path}: timm model with fc_norm (LayerNorm after pooling); this model normalises "
+                              "before pooling (timm: fc_norm=False)")
+    taken: set[str] = set()
+    flat: Flat = {}
+
+    def put(dst: str, value: np.ndarray | None) -> None:
+        if value is not None:
+            flat[dst] = value
+
+    w = _take(state, "patch_embed.proj.weight", taken)
+    put("embedding/kernel", None if w is None else w.transpose(2, 3, 1, 0))
+    put("embedding/bias", _take(state, "patch_embed.proj.bias", taken))
+    put("cls", _take(state, "cls_token", taken))
+    put(POSEMB_KEY, _take(state, "pos_embed", taken))
+    for i in _block_indices(state, r"blocks\.(\d+)\."):
+        src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        for norm, ln in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+            put(f"{dst}{ln}/scale", _take(state, f"{src}{norm}.weight", taken))
+            put(f"{dst}{ln}/bias", _take(state, f"{src}{norm}.bias", taken))
+        qkv_w, qkv_b = _take(state, f"{src}attn.qkv.weight", taken), _take(state, f"{src}attn.qkv.bias", taken)
+        if qkv_w is not None and qkv_b is not None:
+            attn = f"{dst}MultiHeadDotProductAttention_1/"
+            for name, w_part, b_part in zip(("query", "key", "value"), np.split(qkv_w, 3), np.split(qkv_b, 3)):
+                kernel, bias = _qkv_from_linear(w_part, b_part, num_heads, f"{path}: {src}attn.qkv")
+                flat[f"{attn}{name}/kernel"], flat[f"{attn}{name}/bias"] = kernel, bias
+        proj = _take(state, f"{src}attn.proj.weight", taken)
+        if proj is not None:
+            flat[f"{dst}MultiHeadDotProductAttention_1/out/kernel"] = _out_from_linear(proj, num_heads, path)
+        put(f"{dst}MultiHeadDotProductAttention_1/out/bias", _take(state, f"{src}attn.proj.bias", taken))
+        for fc, dense in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            w = _take(state, f"{src}mlp.{fc}.weight", taken)
+            put(f"{dst}MlpBlock_3/{dense}/kernel", None if w is None else w.T)
+            put(f"{dst}MlpBlock_3/{dense}/bias", _take(state, f"{src}mlp.{fc}.bias", taken))
+    put("Transformer/encoder_norm/scale", _take(state, "norm.weight", taken))
+    put("Transformer/encoder_norm/bias", _take(state, "norm.bias", taken))
+    w = _take(state, "head.weight", taken)
+    put("head/kernel", None if w is None else w.T)
+    put("head/bias", _take(state, "head.bias", taken))
+    return {**flat, **_leftovers(state, taken)}
+
+
+def canonical_to_timm(flat: Flat) -> Flat:
+    """Canonical flat params of a plain ViT (no pre-logits) -> timm VisionTransformer state dict."""
+    state: Flat = {
+        "patch_embed.proj.weight": flat["embedding/kernel"].transpose(3, 2, 0, 1),
+        "patch_embed.proj.bias": flat["embedding/bias"],
+        "pos_embed": flat[POSEMB_KEY],
+        "norm.weight": flat["Transformer/encoder_norm/scale"],
+        "norm.bias": flat["Transformer/encoder_norm/bias"],
+    }
+    if "cls" in flat:
+        state["cls_token"] = flat["cls"]
+    for i in range(num_layers_of(flat)):
+        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        attn = f"{src}MultiHeadDotProductAttention_1/"
+        state[f"{dst}norm1.weight"] = flat[f"{src}LayerNorm_0/scale"]
+        state[f"{dst}norm1.bias"] = flat[f"{src}LayerNorm_0/bias"]
+        state[f"{dst}attn.qkv.weight"] = np.concatenate(
+            [_kernel_to_linear(flat[f"{attn}{n}/kernel"].reshape(flat[f"{attn}{n}/kernel"].shape[0], -1))
+             for n in ("query", "key", "value")])
+        state[f"{dst}attn.qkv.bias"] = np.concatenate([flat[f"{attn}{n}/bias"].reshape(-1)
+                                                       for n in ("query", "key", "value")])
+        out = flat[f"{attn}out/kernel"]
+        state[f"{dst}attn.proj.weight"] = _kernel_to_linear(out.reshape(-1, out.shape[-1]))
+        state[f"{dst}attn.proj.bias"] = flat[f"{attn}out/bias"]
+        state[f"{dst}norm2.weight"] = flat[f"{src}LayerNorm_2/scale"]
+        state[f"{dst}norm2.bias"] = flat[f"{src}LayerNorm_2/bias"]
+        for fc, dense in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            state[f"{dst}mlp.{fc}.weight"] = _kernel_to_linear(flat[f"{src}MlpBlock_3/{dense}/kernel"])
+            state[f"{dst}mlp.{fc}.bias"] = flat[f"{src}MlpBlock_3/{dense}/bias"]
+    if "head/kernel" in flat:
+        state["head.weight"] = _kernel_to_linear(flat["head/kernel"])
+        state["head.bias"] = flat["head/bias"]
+    return state
+
+
+# ------------------------------------------------------------------------------------------------- HF
+
+# transformers 5 in-memory names -> the hub (save_pretrained) names used below.
+_HF_V5_RENAMES = (
+    (r"(^|\.)layers\.(\d+)\.attention\.q_proj\.", r"\1encoder.layer.\2.attention.attention.query."),
+    (r"(^|\.)layers\.(\d+)\.attention\.k_proj\.", r"\1encoder.layer.\2.attention.attention.key."),
+    (r"(^|\.)layers\.(\d+)\.attention\.v_proj\.", r"\1encoder.layer.\2.attention.attention.value."),
+    (r"(^|\.)layers\.(\d+)\.attention\.o_proj\.", r"\1encoder.layer.\2.attention.output.dense."),
+    (r"(^|\.)layers\.(\d+)\.mlp\.fc1\.", r"\1encoder.layer.\2.intermediate.dense."),
+    (r"(^|\.)layers\.(\d+)\.mlp\.fc2\.", r"\1encoder.layer.\2.output.dense."),
+    (r"(^|\.)layers\.(\d+)\.layernorm_", r"\1encoder.layer.\2.layernorm_"),
+)
+
+
+def _hf_hub_names(state: Flat) -> Flat:
+    out: Flat = {}
+    for name, value in state.items():
+        for pattern, replacement in _HF_V5_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        out[name] = value
+    return out
+
+
+def hf_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
+    """HF ViTForImageClassification / ViTModel state dict -> canonical flat params."""
+    state = _hf_hub_names(state)
+    if any(k.startswith("vit.") for k in state):
+        state = {(k[len("vit."):] if k.startswith("vit.") else k): v for k, v in state.items()}
+    taken: set[str] = set()
+    flat: Flat = {}
+
+    def put(dst: str, value: np.ndarray | None) -> None:
+        if value is not None:
+            flat[dst] = value
+
+    def linear(src: str, dst: str) -> None:
+        w = _take(state, f"{src}.weight", taken)
+        put(f"{dst}/kernel", None if w is None else w.T)
+        put(f"{dst}/bias", _take(state, f"{src}.bias", taken))
+
+    def norm(src: str, dst: str) -> None:
+        put(f"{dst}/scale", _take(state, f"{src}.weight", taken))
+        put(f"{dst}/bias", _take(state, f"{src}.bias", taken))
+
+    w = _take(state, "embeddings.patch_embeddings.projection.weight", taken)
+    put("embedding/kernel", None if w is None else w.transpose(2, 3, 1, 0))
+    put("embedding/bias", _take(state, "embeddings.patch_embeddings.projection.bias", taken))
+    put("cls", _take(state, "embeddings.cls_token", taken))
+    put(POSEMB_KEY, _take(state, "embeddings.position_embeddings", taken))
+    for i in _block_indices(state, r"encoder\.layer\.(\d+)\."):
+        src, dst = f"encoder.layer.{i}.", f"Transformer/encoderblock_{i}/"
+        attn = f"{dst}MultiHeadDotProductAttention_1/"
+        norm(f"{src}layernorm_before", f"{dst}LayerNorm_0")
+        for name in ("query", "key", "value"):
+            w = _take(state, f"{src}attention.attention.{name}.weight", taken)
+            b = _take(state, f"{src}attention.attention.{name}.bias", taken)
+            if w is not None and b is not None:
+                kernel, bias = _qkv_from_linear(w, b, num_heads, f"{path}: {src}attention.attention.{name}")
+                flat[f"{attn}{name}/kernel"], flat[f"{attn}{name}/bias"] = kernel, bias
+        w = _take(state, f"{src}attention.output.dense.weight", taken)
+        if w is not None:
+            flat[f"{attn}out/kernel"] = _out_from_linear(w, num_heads, path)
+        put(f"{attn}out/bias", _take(state, f"{src}attention.output.dense.bias", taken))
+        norm(f"{src}layernorm_after", f"{dst}LayerNorm_2")
+        linear(f"{src}intermediate.dense", f"{dst}MlpBlock_3/Dense_0")
+        linear(f"{src}output.dense", f"{dst}MlpBlock_3/Dense_1")
+    norm("layernorm", "Transformer/encoder_norm")
+    linear("pooler.dense", "pre_logits")
+    linear("classifier", "head")
+    return {**flat, **_leftovers(state, taken)}
+
+
+def canonical_to_hf(flat: Flat) -> Flat:
+    """Canonical flat params (class token, no pre-logits) -> ViTForImageClassification state dict (hub names)."""
+    state: Flat = {
+        "vit.embeddings.cls_token": flat["cls"],
+        "vit.embeddings.position_embeddings": flat[POSEMB_KEY],
+        "vit.embeddings.patch_embeddings.projection.weight": flat["embedding/kernel"].transpose(3, 2, 0, 1),
+        "vit.embeddings.patch_embeddings.projection.bias": flat["embedding/bias"],
+        "vit.layernorm.weight": flat["Transformer/encoder_norm/scale"],
+        "vit.layernorm.bias": flat["Transformer/encoder_norm/bias"],
+        "classifier.weight": _kernel_to_linear(flat["head/kernel"]),
+        "classifier.bias": flat["head/bias"],
+    }
+    for i in range(num_layers_of(flat)):
+        src, dst = f"Transformer/encoderblock_{i}/", f"vit.encoder.layer.{i}."
+        attn = f"{src}MultiHeadDotProductAttention_1/"
+        state[f"{dst}layernorm_before.weight"] = flat[f"{src}LayerNorm_0/scale"]
+        state[f"{dst}layernorm_before.bias"] = flat[f"{src}LayerNorm_0/bias"]
+        for name in ("query", "key", "value"):
+            kernel = flat[f"{attn}{name}/kernel"]
+            state[f"{dst}attention.attention.{name}.weight"] = _kernel_to_linear(kernel.reshape(kernel.shape[0], -1))
+            state[f"{dst}attention.attention.{name}.bias"] = flat[f"{attn}{name}/bias"].reshape(-1)
+        out = flat[f"{attn}out/kernel"]
+        state[f"{dst}attention.output.dense.weight"] = _kernel_to_linear(out.reshape(-1, out.shape[-1]))
+        state[f"{dst}attention.output.dense.bias"] = flat[f"{attn}out/bias"]
+        state[f"{dst}layernorm_after.weight"] = flat[f"{src}LayerNorm_2/scale"]
+        state[f"{dst}layernorm_after.bias"] = flat[f"{src}LayerNorm_2/bias"]
+        for name, dense in (("intermediate", "Dense_0"), ("output", "Dense_1")):
+            state[f"{dst}{name}.dense.weight"] = _kernel_to_linear(flat[f"{src}MlpBlock_3/{dense}/kernel"])
+            state[f"{dst}{name}.dense.bias"] = flat[f"{src}MlpBlock_3/{dense}/bias"]
+    return state
+
+
+def hf_config(model_config: ml_collections.ConfigDict, num_classes: int, image_size: int) -> dict[str, Any]:
+    """The `config.json` of a ViTForImageClassification with our numerics (GELU flavour, LayerNorm eps)."""
+    m = model_config
+    return {
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "hidden_size": m.hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "intermediate_size": m.mlp_dim,
+        "hidden_act": "gelu_pytorch_tanh" if m.gelu_approximate else "gelu",
+        "layer_norm_eps": float(m.layernorm_epsilon),
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "image_size": image_size,
+        "patch_size": m.patch_size,
+        "num_channels": 3,
+        "qkv_bias": True,
+        "encoder_stride": m.patch_size,
+        "id2label": {str(i): f"LABEL_{i}" for i in range(num_classes)},
+        "label2id": {f"LABEL_{i}": i for i in range(num_classes)},
+        "dtype": "float32",
+    }
+
+
+def hf_numerics(config_path: str | None, num_heads: int | None) -> Numerics:
+    """GELU flavour and LayerNorm eps from an HF `config.json` (HF's defaults when there is none)."""
+    if config_path is None:
+        return Numerics(False, 1e-12, "HF defaults, no config.json beside the weights (exact GELU, eps 1e-12)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: unreadable HF config.json ({e})") from e
+    if cfg.get("model_type", "vit") != "vit":
+        raise CheckpointError(f"{config_path}: model_type {cfg.get('model_type')!r} is not 'vit'")
+    if num_heads is not None and cfg.get("num_attention_heads", num_heads) != num_heads:
+        raise CheckpointError(f"{config_path}: num_attention_heads={cfg['num_attention_heads']} but the model config "
+                              f"has num_heads={num_heads}; pick the matching --config / model.num_heads")
+    act = cfg.get("hidden_act", "gelu")
+    if act not in ("gelu",) + _APPROXIMATE_GELUS:
+        raise CheckpointError(f"{config_path}: hidden_act={act!r} is not supported; valid: "
+                              f"{['gelu', *_APPROXIMATE_GELUS]}")
+    eps = float(cfg.get("layer_norm_eps", 1e-12))
+    return Numerics(act in _APPROXIMATE_GELUS, eps, f"HF config.json (hidden_act={act}, layer_norm_eps={eps:g})")
