@@ -10,6 +10,7 @@ from PIL import Image
 
 from configs import common
 from tests.test_analysis import random_params, tiny_model_config
+from tests.test_predict import config_flags, train_digits_once
 from vit_jax import visualize
 from vit_jax.errors import UserError
 
@@ -110,6 +111,11 @@ def test_render_figures_rejects_position_embeddings_of_another_size(tmp_path):
         visualize.render_figures(config, params, [], tmp_path)
 
 
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    return train_digits_once(tmp_path_factory)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "vit_jax.visualize", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -122,3 +128,44 @@ def test_cli_non_image_file_is_a_one_line_error(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "notes.txt" in lines[0] and "not an image" in lines[0]
+
+
+def test_cli_draws_figures_from_an_npz_checkpoint(tmp_path):
+    from vit_jax import interop
+
+    config = common.get_config("Ti/16")
+    config.model = tiny_model_config()
+    interop.save_as(random_params(config.model), config.model, str(tmp_path / "tiny.npz"), "npz")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), np.uint8)).save(tmp_path / "noise.jpg")
+    Image.fromarray(np.full((20, 20), 128, np.uint8)).save(tmp_path / "grey.png")  # greyscale becomes RGB
+    overrides = [f"--config.model.{k}={v}" for k, v in
+                 dict(variant="custom", hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, patch_size=4).items()]
+    result = run_cli("--config=configs/common.py:Ti/16", *overrides, "--config.image_size=16",
+                     f"--checkpoint={tmp_path / 'tiny.npz'}", f"--out={tmp_path / 'figures'}",
+                     str(tmp_path / "noise.jpg"), str(tmp_path / "grey.png"))
+    assert result.returncode == 0, result.stderr
+    expected = {"rollout_noise.png": visualize.ROLLOUT_SIZE, "rollout_grey.png": visualize.ROLLOUT_SIZE,
+                "attention_distance.png": visualize.DISTANCE_SIZE, "embedding_filters.png": visualize.FILTERS_SIZE,
+                "position_embedding_similarity.png": visualize.SIMILARITY_SIZE}
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(expected)
+    assert sorted(pathlib.Path(line).name for line in result.stdout.split()) == sorted(expected)
+    for name, size in expected.items():
+        assert png_size(tmp_path / "figures" / name) == visualize.figure_pixels(size)
+
+
+def test_cli_draws_figures_from_a_training_workdir(trained_digits, tmp_path):
+    config, workdir, images_dir = trained_digits
+    images = sorted(images_dir.iterdir())[:2]
+    result = run_cli(*config_flags(config), f"--checkpoint={workdir}", f"--out={tmp_path / 'figures'}",
+                     *map(str, images))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {f"rollout_{images[0].stem}.png": visualize.ROLLOUT_SIZE,
+                f"rollout_{images[1].stem}.png": visualize.ROLLOUT_SIZE,
+                "attention_distance.png": visualize.DISTANCE_SIZE, "embedding_filters.png": visualize.FILTERS_SIZE,
+                "position_embedding_similarity.png": visualize.SIMILARITY_SIZE}
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(expected)
+    for name, size in expected.items():
+        assert png_size(tmp_path / "figures" / name) == visualize.figure_pixels(size)
+    # The learned position embeddings are drawn: the similarity figure is not one flat colour.
+    with Image.open(tmp_path / "figures" / "position_embedding_similarity.png") as image:
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 50

@@ -11,8 +11,8 @@ Writes PNGs of the ViT paper's analysis figures (Dosovitskiy et al., 2020) for a
 - `embedding_filters.png`: the first 28 principal components of the patch-embedding filters as RGB patches
   (Figure 7, left).
 
-Images are resized as evaluation does (to `image_size / pp.eval_crop_fraction`, central crop to
-`config.image_size`) and scaled to [-1, 1]. Without IMAGE arguments, scikit-image's sample photos
+Images are preprocessed as evaluation does (the central `pp.eval_crop_fraction` of each side, resized to
+`config.image_size`, values in [-1, 1]). Without IMAGE arguments, scikit-image's sample photos
 (astronaut, chelsea, coffee) are used. The checkpoint is anything `vit_jax.interop.load_pretrained` reads
 (official .npz, timm/HF weights, our orbax checkpoints); its position embeddings must fit `config.image_size`.
 The numbers come from `vit_jax.analysis`; this module only loads, runs and draws.
@@ -28,7 +28,7 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from ml_collections import config_flags
@@ -53,12 +53,15 @@ def figure_pixels(size_inches: tuple[float, float]) -> tuple[int, int]:
 
 
 def preprocess(image: Image.Image, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
-    """RGB (image_size, image_size, 3) float32 in [-1, 1]: resize to image_size / crop_fraction, central crop."""
-    resized_size = int(round(image_size / crop_fraction))
-    resized = np.asarray(image.convert("RGB").resize((resized_size, resized_size), Image.BILINEAR), np.float32)
-    offset = (resized_size - image_size) // 2
-    crop = resized[offset:offset + image_size, offset:offset + image_size]
-    return crop / 127.5 - 1.0
+    """RGB (image_size, image_size, 3) float32 in [-1, 1], exactly as evaluation preprocesses.
+
+    The central `crop_fraction` of each side, resized to image_size, with `vit_jax.data.preprocess`'s functions.
+    """
+    # Imported here: importing vit_jax.data brings in grain and TFDS (~3 s), needed only once images are read.
+    from vit_jax.data import preprocess as data_preprocess
+
+    box = data_preprocess.central_box(*image.size, crop_fraction)
+    return data_preprocess.to_unit_range(data_preprocess.crop_and_resize(image, box, image_size))
 
 
 def load_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
@@ -69,7 +72,7 @@ def load_image(path: str | pathlib.Path, image_size: int, crop_fraction: float =
     try:
         with Image.open(path) as image:
             return preprocess(image, image_size, crop_fraction)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, ValueError) as e:  # ValueError: the data module's CorruptImageError
         raise UserError(f"image {str(path)!r}: not an image file PIL can read (PNG, JPEG, ...): "
                         f"{' '.join(str(e).split())}") from e
 
@@ -126,7 +129,7 @@ def draw_attention_distance(distances: np.ndarray, image_size: int, path: pathli
     axes.set_xlabel("network depth (layer)")
     axes.set_ylabel("mean attention distance (pixels)")
     axes.set_xlim(0.5, num_layers + 0.5)
-    axes.set_ylim(0.0, image_size)
+    axes.set_ylim(0.0, max(image_size, 1.05 * float(distances.max())))  # far corners can exceed image_size
     axes.set_xticks(depth if num_layers <= 16 else depth[::2])
     if num_heads <= 16:
         axes.legend(fontsize=6, ncol=2, loc="lower right")
@@ -249,7 +252,12 @@ def render_figures(config: ml_collections.ConfigDict, params: Mapping[str, Any],
 
 
 def load_params(path: str, model_config: ml_collections.ConfigDict, source_format: str | None = None) -> dict:
-    """The model's params from any checkpoint `vit_jax.interop.load_pretrained` reads."""
+    """The model's params from any checkpoint `vit_jax.interop.load_pretrained` reads, as trained.
+
+    Head and position embeddings are kept as the checkpoint has them (no resize: the figures are about the
+    learned weights); `render_figures` says which `image_size` fits. Sets the config's numerics (GELU, LN
+    epsilon) to the weights' origin, as `load_pretrained` does.
+    """
     from vit_jax import interop  # imported here: only this entry point needs the checkpoint readers
 
     return interop.load_pretrained(path, model_config, source_format=source_format)
@@ -267,6 +275,8 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     config = flags.FLAGS.config
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # the written paths, not the checkpoint readers' progress
     config_check.validate_model(config.model, config.image_size)
     if flags.FLAGS.num_components < 1:
         raise UserError(f"--num_components={flags.FLAGS.num_components}: expected a positive integer")

@@ -1,0 +1,234 @@
+"""`python -m vit_jax.predict --config=configs/demo.py --checkpoint=PATH [--json] IMAGE ...`: top-k labels.
+
+Classifies JPEG/PNG (anything pillow reads) files of any size with a trained model and prints, per image, the
+`--top_k` (default 5) most probable classes and their probabilities; with `--json`, one JSON object per image
+and line: `{"image": PATH, "top_k": [{"label": NAME, "index": I, "prob": P}, ...]}`.
+
+Images are preprocessed exactly as evaluation does (`vit_jax.data.preprocess`: the central
+`pp.eval_crop_fraction` of each side, resized to `config.image_size`, values in [-1, 1]). Probabilities are
+a softmax over the classes (a sigmoid per class for `config.label_kind="multi"`). Label names come from
+`--labels` (a text file, one name per line) or else the config's dataset (its TFDS class names), else the
+class index stands in. The checkpoint is a training workdir, its `checkpoints/` directory or anything else
+`vit_jax.interop.load_pretrained` reads; its position embeddings are resized to `config.image_size` if needed,
+its head is kept as trained.
+
+A missing or unreadable file is one `error: PATH: ...` line on stderr; the other images are still
+classified, and the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
+
+from vit_jax import cli, config_check
+from vit_jax.errors import UserError
+from vit_jax.models.vit import build_model
+
+DEFAULT_TOP_K = 5
+BATCH_SIZE = 32  # images per forward pass: bounds memory, and one compiled shape serves every batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The top classes of one image, most probable first: dicts {"label", "index", "prob"}."""
+
+    image: str
+    top_k: list[dict[str, Any]]
+
+    def to_json(self) -> str:
+        """One line: {"image": ..., "top_k": [{"label": ..., "index": ..., "prob": ...}, ...]}."""
+        return json.dumps({"image": self.image, "top_k": self.top_k})
+
+    def to_text(self) -> str:
+        """The image's path, then one `probability  label` line per class."""
+        lines = [self.image]
+        for entry in self.top_k:
+            index = "" if entry["label"] == str(entry["index"]) else f"  (class {entry['index']})"
+            lines.append(f"  {100 * entry['prob']:6.2f}%  {entry['label']}{index}")
+        return "\n".join(lines)
+
+
+def read_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """(image_size, image_size, 3) float32 in [-1, 1], preprocessed as evaluation does; bad files are `UserError`."""
+    from vit_jax.data import preprocess  # imports grain/TFDS: only once images are read
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    try:
+        image = preprocess.open_image(data)
+        pixels = preprocess.crop_and_resize(image, preprocess.central_box(*image.size, crop_fraction), image_size)
+    except preprocess.CorruptImageError as e:
+        detail = re.sub(r"\s*<_io\.BytesIO object at \w+>", "", " ".join(str(e).split()))  # no memory addresses
+        raise UserError(f"{path}: not an image file pillow can read (JPEG, PNG, ...): {detail}") from e
+    return preprocess.to_unit_range(pixels)
+
+
+def load_params(checkpoint: str, config: ml_collections.ConfigDict, source_format: str | None = None
+                ) -> tuple[dict[str, Any], int]:
+    """The trained params (position embeddings fitted to `config.image_size`) and their number of classes.
+
+    The head is the checkpoint's own, whatever `config.num_classes` says: a new head would predict nothing.
+    Sets the config's numerics (GELU, LayerNorm epsilon) to the weights' origin, as `load_pretrained` does.
+    """
+    from vit_jax import interop  # imported here: only this entry point needs the checkpoint readers
+
+    try:
+        params = interop.load_pretrained(checkpoint, config.model, image_size=config.image_size,
+                                         source_format=source_format)
+    except interop.CheckpointError as e:
+        if "classification head" in str(e):
+            raise UserError(f"--checkpoint={checkpoint}: has no classification head (a masked-patch-prediction "
+                            "or feature-extractor checkpoint?); predict needs a fine-tuned classifier") from e
+        raise
+    return params, int(np.shape(params["head"]["kernel"])[-1])
+
+
+def read_labels_file(path: str, num_classes: int) -> list[str]:
+    """Class names from a text file, one per line (line i names class i); must name every class."""
+    try:
+        names = [line.strip() for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--labels={path}: cannot read it as a UTF-8 text file ({e})") from e
+    while names and not names[-1]:
+        names.pop()
+    if len(names) != num_classes:
+        raise UserError(f"--labels={path}: has {len(names)} names, but the checkpoint's head has {num_classes} "
+                        "classes: give one name per line, class 0 first")
+    return names
+
+
+def dataset_label_names(config: ml_collections.ConfigDict, num_classes: int) -> list[str] | None:
+    """Class names of `config.dataset` (its TFDS ClassLabel), or None if not available or of another count.
+
+    Read from the prepared dataset (`vit_jax.data.datasets.load_builder`, which also builds `digits` on first
+    use); for TFDS datasets not prepared here, from the builder's own metadata (no download).
+    """
+    import tensorflow_datasets as tfds
+
+    from vit_jax.data import datasets
+
+    try:
+        builder = datasets.load_builder(config.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+    except UserError:
+        if config.dataset in datasets.OWN_BUILDERS:
+            return None
+        try:
+            builder = tfds.builder(config.dataset)  # metadata only: nothing is downloaded or prepared
+        except (tfds.core.registered.DatasetNotFoundError, OSError, ValueError):
+            return None
+    label_key = (builder.info.supervised_keys or ("image", "label"))[1]
+    features = builder.info.features
+    feature = features[label_key] if label_key in features else None
+    if isinstance(feature, tfds.features.Sequence):
+        feature = feature.feature
+    if not isinstance(feature, tfds.features.ClassLabel) or feature.num_classes != num_classes:
+        return None
+    return list(feature.names)
+
+
+def make_classifier(model_config: ml_collections.ConfigDict, num_classes: int, label_kind: str = "single"
+                    ) -> Callable[[Any, np.ndarray], jax.Array]:
+    """`probs(params, images)`, jitted: softmax over classes ("single") or a sigmoid per class ("multi")."""
+    model = build_model(model_config, num_classes)
+
+    @jax.jit
+    def probabilities(params: Any, images: jax.Array) -> jax.Array:
+        logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
+        return jax.nn.sigmoid(logits) if label_kind == "multi" else jax.nn.softmax(logits, axis=-1)
+
+    return probabilities
+
+
+def top_k(probs: np.ndarray, k: int, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The k most probable classes of one image's `probs`, most probable first (ties: lower index first)."""
+    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
+    return [{"label": names[i] if names is not None else str(int(i)), "index": int(i), "prob": float(probs[i])}
+            for i in order]
+
+
+def predict(config: ml_collections.ConfigDict, params: Mapping[str, Any], images: Sequence[tuple[str, np.ndarray]],
+            *, k: int = DEFAULT_TOP_K, names: Sequence[str] | None = None) -> list[Prediction]:
+    """Top-k predictions of `params` for named preprocessed `images` ((S, S, 3) in [-1, 1]), in their order."""
+    if not images:
+        return []
+    params = nn.unbox(params)
+    num_classes = int(np.shape(params["head"]["kernel"])[-1])
+    probabilities = make_classifier(config.model, num_classes, config.label_kind)
+    pixels = np.stack([image for _, image in images]).astype(np.float32)
+    batch = min(BATCH_SIZE, len(pixels))
+    probs = []
+    for start in range(0, len(pixels), batch):
+        chunk = pixels[start:start + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)])
+        probs.append(np.asarray(probabilities(params, padded))[:len(chunk)])
+    all_probs = np.concatenate(probs)
+    return [Prediction(name, top_k(p, k, names)) for (name, _), p in zip(images, all_probs)]
+
+
+def _define_flags() -> None:
+    """Flags of the command; defined only when run as a program, so importing this module defines none."""
+    config_flags.DEFINE_config_file("config", None, "Config file the model was trained with, e.g. configs/demo.py.",
+                                    lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "A training workdir, its checkpoints/ dir, or any checkpoint "
+                                            "vit_jax.interop reads (.npz, timm/HF weights, orbax).")
+    flags.DEFINE_string("source_format", None, "Checkpoint format, if its contents do not tell (see vit_jax.interop).")
+    flags.DEFINE_integer("top_k", DEFAULT_TOP_K, "How many classes to show per image.")
+    flags.DEFINE_bool("json", False, "One JSON object per image and line instead of text.")
+    flags.DEFINE_string("labels", None, "Text file of class names, one per line (default: the dataset's names).")
+    flags.mark_flags_as_required(["config", "checkpoint"])
+
+
+def main(argv: Sequence[str]) -> None:
+    config = flags.FLAGS.config
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # the predictions, not the checkpoint readers' progress
+    config_check.validate_model(config.model, config.image_size)
+    if flags.FLAGS.top_k < 1:
+        raise UserError(f"--top_k={flags.FLAGS.top_k}: expected a positive integer")
+    paths = argv[1:]
+    if not paths:
+        raise UserError("no IMAGE given: pass one or more image files after the flags")
+    images, failures = [], []
+    for path in paths:
+        try:
+            images.append((path, read_image(path, config.image_size, config.pp.eval_crop_fraction)))
+        except UserError as e:
+            failures.append(path)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    if images:
+        params, num_classes = load_params(flags.FLAGS.checkpoint, config, flags.FLAGS.source_format)
+        if flags.FLAGS.labels:
+            names = read_labels_file(flags.FLAGS.labels, num_classes)
+        else:
+            names = dataset_label_names(config, num_classes)
+            if names is None:
+                logging.info("no class names for dataset %r with %d classes: printing class indices",
+                             config.dataset, num_classes)
+        for prediction in predict(config, params, images, k=min(flags.FLAGS.top_k, num_classes), names=names):
+            print(prediction.to_json() if flags.FLAGS.json else prediction.to_text(), flush=True)
+    if failures:
+        raise UserError(f"{len(failures)} of {len(paths)} images could not be read: {', '.join(failures)}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    cli.run(main)
