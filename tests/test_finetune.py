@@ -1,0 +1,192 @@
+"""Fine-tuning through the real path: a digits checkpoint trained by `train_and_evaluate` at 16px, then
+`config.pretrained` at 32px on another task (digit parity, 2 classes, an image folder): the run starts from a
+zero head (exactly the majority-of-class-0 accuracy), learns, and its step-0 position embeddings are the
+checkpoint's resized by `vit_jax.interop.surgery.resize_posemb` (checked against scipy's zoom as well).
+Also the presets of configs/finetune.py against the paper's fine-tuning table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import scipy.ndimage
+from flax import traverse_util
+from PIL import Image
+
+from configs import demo_finetune, finetune
+from tests.train_helpers import tiny_config
+from vit_jax import checkpoints, config_check, data, sharding, train
+from vit_jax.data.builders.digits import NUM_TRAIN, load_digits_uint8
+from vit_jax.interop.surgery import resize_posemb
+
+PRETRAIN_STEPS = 150
+FINETUNE_STEPS = 80
+
+
+def _digits_config(**overrides):
+    """tiny_config on digits: no crop or flip (a flipped digit is another digit), 1px translation."""
+    base = {"dataset": "digits", "train_split": "train", "eval_split": "test", "pp.inception_crop": False,
+            "pp.flip": False, "pp.random_translate": 1, "batch_size": 32, "eval_batch_size": 64,
+            "log_every": 50, "keep_checkpoints": 1}
+    config = tiny_config(**{**base, **overrides})
+    config_check.validate(config, jax.device_count())
+    return config
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 10-class digits classifier trained at 16px (a 4x4 patch grid): (workdir, its config, final metrics)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    config = _digits_config(**{"tfds_data_dir": str(root / "tfds"), "total_steps": PRETRAIN_STEPS,
+                               "eval_every": PRETRAIN_STEPS, "checkpoint_every": PRETRAIN_STEPS,
+                               "optimizer.lr": 1e-2, "optimizer.warmup_steps": 10,
+                               "optimizer.schedule": "cosine", "optimizer.weight_decay": 1e-4})
+    workdir = str(root / "run")
+    result = train.train_and_evaluate(config, workdir)
+    return workdir, config, result
+
+
+@pytest.fixture(scope="module")
+def parity_folder(tmp_path_factory):
+    """Digits relabelled even/odd as an image folder (SOURCE/{train,test}/{even,odd}/N.png), the digits splits."""
+    source = tmp_path_factory.mktemp("parity_images")
+    images, labels = load_digits_uint8()
+    for i, (image, label) in enumerate(zip(images, labels)):
+        split = "train" if i < NUM_TRAIN else "test"
+        folder = source / split / ("odd" if label % 2 else "even")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    test_even = float(np.mean(labels[NUM_TRAIN:] % 2 == 0))
+    return str(source), test_even
+
+
+def _finetune_config(pretrained_dir: str, parity_dir: str, tfds_dir: str):
+    """32px (an 8x8 grid), 2 classes, the fine-tuning recipe: SGD momentum 0.9, clip 1, cosine, warmup."""
+    return _digits_config(**{
+        "dataset": "image_folder", "tfds_data_dir": tfds_dir, "tfds_manual_dir": parity_dir, "num_classes": 2,
+        "image_size": 32, "pp.random_translate": 2, "pretrained": pretrained_dir, "total_steps": FINETUNE_STEPS,
+        "eval_every": FINETUNE_STEPS, "checkpoint_every": FINETUNE_STEPS, "optimizer.name": "sgd",
+        "optimizer.momentum": 0.9, "optimizer.lr": 0.03, "optimizer.weight_decay": 0.0,
+        "optimizer.grad_clip_norm": 1.0, "optimizer.schedule": "cosine", "optimizer.warmup_steps": 8})
+
+
+@pytest.fixture(scope="module")
+def finetune_setup(pretrained, parity_folder, tmp_path_factory):
+    pretrained_dir, _, _ = pretrained
+    parity_dir, test_even = parity_folder
+    tfds_dir = str(tmp_path_factory.mktemp("parity_tfds"))
+    data.prepare("image_folder", tfds_dir, parity_dir)
+    return _finetune_config(pretrained_dir, parity_dir, tfds_dir), test_even
+
+
+def _step0_state(config, workdir: str):
+    """The state `train_and_evaluate` starts from in an empty workdir (what `--config.pretrained` gives)."""
+    mesh = sharding.make_mesh(config)
+    ckpt = checkpoints.Checkpoints(workdir, keep=1)
+    try:
+        state, data_state, meta = train.restore_or_init(config, mesh, config.total_steps, ckpt)
+    finally:
+        ckpt.close()
+    assert data_state is None and meta == {}  # nothing resumed: this is step 0 of the fine-tuning run
+    return state, mesh
+
+
+def _checkpoint_params(workdir: str) -> dict:
+    """The pre-training run's last saved params, read with orbax directly (not through vit_jax.interop)."""
+    directory = checkpoints.checkpoint_dir(workdir)
+    step = max(int(name) for name in os.listdir(directory) if name.isdigit())
+    return ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "params"))
+
+
+def test_pretraining_learned_digits(pretrained):
+    _, _, result = pretrained
+    assert result["step"] == PRETRAIN_STEPS and result["test_accuracy"] > 0.3  # chance: 0.1
+
+
+def test_step0_of_finetuning_is_the_checkpoint_with_resized_posemb_and_a_zero_head(pretrained, finetune_setup,
+                                                                                   tmp_path):
+    pretrained_dir, _, _ = pretrained
+    config, _ = finetune_setup
+    state, _ = _step0_state(config, str(tmp_path / "probe"))
+    params = jax.device_get(state["params"])
+    old = _checkpoint_params(pretrained_dir)
+
+    old_posemb = np.asarray(old["Transformer"]["posembed_input"]["pos_embedding"])
+    new_posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
+    assert old_posemb.shape == (1, 1 + 4 * 4, 32) and new_posemb.shape == (1, 1 + 8 * 8, 32)
+    np.testing.assert_array_equal(new_posemb, resize_posemb(old_posemb, 8))
+    # Independently: the class token's entry kept, the grid zoomed linearly as the original code does.
+    np.testing.assert_array_equal(new_posemb[0, 0], old_posemb[0, 0])
+    zoomed = scipy.ndimage.zoom(old_posemb[0, 1:].reshape(4, 4, 32).astype(np.float64), (2, 2, 1), order=1)
+    np.testing.assert_allclose(new_posemb[0, 1:].reshape(8, 8, 32), zoomed, rtol=1e-5, atol=1e-6)
+
+    assert params["head"]["kernel"].shape == (32, 2) and not np.any(params["head"]["kernel"])
+    assert not np.any(params["head"]["bias"])
+    new_flat, old_flat = traverse_util.flatten_dict(params, sep="/"), traverse_util.flatten_dict(old, sep="/")
+    encoder = sorted(set(new_flat) - {"head/kernel", "head/bias", "Transformer/posembed_input/pos_embedding"})
+    assert set(old_flat) == set(encoder) | {"head/kernel", "head/bias", "Transformer/posembed_input/pos_embedding"}
+    for name in encoder:  # everything else is the checkpoint's, bit for bit
+        np.testing.assert_array_equal(new_flat[name], old_flat[name], err_msg=name)
+
+
+def test_finetuning_at_new_resolution_and_class_count_beats_the_zero_head(finetune_setup, tmp_path):
+    config, test_even = finetune_setup
+    workdir = str(tmp_path / "finetune")
+    state, mesh = _step0_state(config, str(tmp_path / "probe"))
+    before = train.evaluate(config, train.make_eval_step(config, mesh), state["params"], mesh)
+    # All logits 0: every image is called class 0 ("even"), at a loss of ln 2.
+    assert before["top1"] == pytest.approx(test_even, abs=1e-6)
+    assert before["loss"] == pytest.approx(math.log(2), rel=1e-5)
+
+    result = train.train_and_evaluate(config, workdir)
+    assert result["step"] == FINETUNE_STEPS
+    assert result["test_accuracy"] >= max(0.8, before["top1"] + 0.25), (before, result)
+    assert result["test_loss"] < 0.7 * before["loss"]
+
+
+def test_demo_finetune_config_resizes_and_replaces_the_head():
+    pre, ft = demo_finetune.get_config("pretrain"), demo_finetune.get_config()
+    assert ft.image_size == 2 * pre.image_size and ft.model.patch_size == pre.model.patch_size
+    assert pre.model.representation_size > 0 and ft.model.representation_size == 0  # -> a new zero head
+    assert (ft.optimizer.name, ft.optimizer.momentum, ft.optimizer.weight_decay, ft.optimizer.grad_clip_norm,
+            ft.optimizer.schedule) == ("sgd", 0.9, 0.0, 1.0, "cosine")
+    with pytest.raises(ValueError, match="valid: 'pretrain', 'finetune'"):
+        demo_finetune.get_config("pre-train")
+
+
+# The paper's fine-tuning table (Appendix B.1.1, Table 4): steps and the learning-rate grid, and the share of the
+# training split held out to pick the learning rate (1% ImageNet, 2% CIFAR, 10% Pets and Flowers).
+PAPER_TABLE = {
+    "imagenet2012": (20_000, (0.003, 0.01, 0.03, 0.06), "train[:99%]"),
+    "cifar10": (10_000, (0.001, 0.003, 0.01, 0.03), "train[:98%]"),
+    "cifar100": (10_000, (0.001, 0.003, 0.01, 0.03), "train[:98%]"),
+    "oxford_iiit_pet": (500, (0.001, 0.003, 0.01, 0.03), "train[:90%]"),
+    "oxford_flowers102": (500, (0.001, 0.003, 0.01, 0.03), "train[:90%]"),
+}
+NUM_CLASSES = {"imagenet2012": 1000, "cifar10": 10, "cifar100": 100, "oxford_iiit_pet": 37, "oxford_flowers102": 102}
+
+
+@pytest.mark.parametrize("dataset", sorted(PAPER_TABLE))
+def test_finetune_presets_follow_the_paper(dataset):
+    steps, lr_grid, train_split = PAPER_TABLE[dataset]
+    config = finetune.get_config(f"{dataset},B/32")
+    assert config.model.variant == "B/32" and config.model.patch_size == 32
+    assert (config.total_steps, config.train_split, config.num_classes) == (steps, train_split,
+                                                                            NUM_CLASSES[dataset])
+    assert config.optimizer.lr in lr_grid
+    assert (config.image_size, config.batch_size, config.model.representation_size) == (384, 512, 0)
+    opt = config.optimizer
+    assert (opt.name, opt.momentum, opt.weight_decay, opt.grad_clip_norm, opt.schedule) == (
+        "sgd", 0.9, 0.0, 1.0, "cosine")
+    assert 0 < opt.warmup_steps < steps // 4
+    config_check.validate(config, 8)
+
+
+def test_finetune_rejects_an_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'cifar11'.*valid:"):
+        finetune.get_config("cifar11")
