@@ -1,12 +1,12 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs vit_jax, summarises every shipped model (training lands with issue 5)
+#   make demo   creates .venv, installs vit_jax, trains a small ViT on the embedded digits dataset
 #   make test   creates .venv, installs vit_jax with its test extra, runs the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet -c constraints.txt
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo demo-finetune test test-slow lint clean
 
 $(VENV)/.base: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,15 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e '.[test]'
 	touch $@
 
-# Until the training loop lands (issue 5), the demo summarises every shipped config.
+# The main job on the embedded default (scikit-learn's digits, built into a TFDS dataset on first use).
 demo: $(VENV)/.base
-	for c in configs/vit_*.py configs/r*_vit_*.py configs/demo.py; do $(PY) -m vit_jax.summary --config=$$c | tail -2; done
+	$(PY) -m vit_jax.main --config=configs/demo.py --workdir=workdir/demo
+
+# Pre-train on digits at 16px, evaluate the new zero head at 32px (chance), fine-tune at 32px (configs/demo_finetune.py).
+demo-finetune: $(VENV)/.base
+	$(PY) -m vit_jax.main --config=configs/demo_finetune.py:pretrain --workdir=workdir/ft_pre
+	$(PY) -m vit_jax.main --config=configs/demo_finetune.py --workdir=workdir/ft_zero_head --config.pretrained=workdir/ft_pre --mode=eval
+	$(PY) -m vit_jax.main --config=configs/demo_finetune.py --workdir=workdir/ft --config.pretrained=workdir/ft_pre
 
 test: $(VENV)/.test
 	$(PY) -m ruff check .

@@ -10,7 +10,7 @@ from PIL import Image
 from configs import demo
 from vit_jax import data
 from vit_jax.data import datasets
-from vit_jax.data.builders.digits import load_digits_uint8
+from vit_jax.data.builders.digits import load_digits_uint8, split_indices
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,20 @@ def test_digits_builds_offline_on_first_use_with_the_demo_splits(data_dir):
     assert str(builder.data_dir).startswith(data_dir)
     assert builder.info.file_format.value == "array_record"
     sklearn_images, sklearn_labels = load_digits_uint8()
-    for split, expected in (("train", slice(0, 1500)), ("test", slice(1500, 1797))):
+    splits = split_indices(sklearn_labels)
+    assert len(np.intersect1d(splits["train"], splits["test"])) == 0
+    assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(1797))
+    # Stratified: each class's share of the test split is its share of the whole, to within one digit.
+    expected_counts = np.bincount(sklearn_labels, minlength=10) * 297 / 1797
+    assert np.abs(np.bincount(sklearn_labels[splits["test"]], minlength=10) - expected_counts).max() <= 1
+    for split, expected in (("train", splits["train"]), ("test", splits["test"])):
         source = datasets.LabeledSource(builder, split, "image", "label")
         images, labels = _decoded(source)
         assert len(images) == len(sklearn_images[expected])
         assert {image.shape for image in images} == {(8, 8)}
         assert {image.dtype for image in images} == {np.dtype(np.uint8)}
         assert set(labels) == set(range(10))
-        # The same digits as scikit-learn's first 1500 / last 297 (TFDS stores them in its own order).
+        # The same digits as scikit-learn's at those indices (TFDS stores them in its own order).
         ours = collections.Counter((image.tobytes(), label) for image, label in zip(images, labels))
         reference = collections.Counter((image.tobytes(), int(label)) for image, label in
                                         zip(sklearn_images[expected], sklearn_labels[expected]))

@@ -156,15 +156,18 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b16.py.", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+def _define_flags() -> None:
+    """Flags of the command; defined only when run as a program, so other modules can import summary."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b16.py.", lock_config=True)
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    flags.mark_flag_as_required("config")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    summary = summarize(_CONFIG.value)
-    if _JSON.value:
+    summary = summarize(flags.FLAGS.config)
+    if flags.FLAGS.json:
         summary = {k: v for k, v in summary.items() if k != "layers"} | {"layers": summary["layers"]}
         print(json.dumps(summary))
     else:
@@ -172,5 +175,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
+    _define_flags()
     cli.run(main)
