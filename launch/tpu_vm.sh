@@ -18,7 +18,8 @@ usage() {
   cat <<'EOF'
 usage: launch/tpu_vm.sh --name NAME --zone ZONE --accelerator-type TYPE --config FILE --workdir DIR
                         [--project PROJECT] [--runtime-version VERSION] [--spot | --reserved]
-                        [--out DIR] [--keep] [--dry-run] [-- MAIN_ARGS...]
+                        [--copy-in GS_URL=DIR]... [--setup COMMAND] [--out DIR] [--keep] [--dry-run]
+                        [-- MAIN_ARGS...]
 
   --name              queued resource and TPU node name (lowercase letters, digits, '-')
   --zone              e.g. us-central2-b (v4), us-west4-a (v5e), us-east5-a (v5p), us-east5-b (v6e)
@@ -28,6 +29,10 @@ usage: launch/tpu_vm.sh --name NAME --zone ZONE --accelerator-type TYPE --config
   --project           GCP project (default: gcloud's configured project)
   --runtime-version   TPU VM image (default: the one Google recommends for JAX on that generation)
   --spot, --reserved  request spot or reserved capacity
+  --copy-in           copy the contents of a gs://... folder into DIR of the checkout on every worker
+                      before the run, e.g. a pre-trained checkpoint for --config.pretrained=DIR (repeatable)
+  --setup             one more shell command for every worker after the install, run in the checkout
+                      (e.g. mount the dataset's bucket with gcsfuse: vit_jax reads datasets from local paths)
   --out               local directory for the copied-out logs (default: tpu_runs/NAME)
   --keep              do not delete the slice at the end
   --dry-run           print the commands instead of running them
@@ -40,11 +45,11 @@ die() {
 }
 
 NAME="" ZONE="" ACCELERATOR_TYPE="" CONFIG="" WORKDIR="" PROJECT="" RUNTIME_VERSION="" OUT=""
-CAPACITY="" KEEP=0 DRY_RUN=0
-MAIN_ARGS=()
+CAPACITY="" KEEP=0 DRY_RUN=0 EXTRA_SETUP=""
+MAIN_ARGS=() COPY_IN=()
 while (($#)); do
   case "$1" in
-    --name | --zone | --accelerator-type | --config | --workdir | --project | --runtime-version | --out)
+    --name | --zone | --accelerator-type | --config | --workdir | --project | --runtime-version | --out | --copy-in | --setup)
       (($# >= 2)) || die "$1 needs a value"
       case "$1" in
         --name) NAME="$2" ;;
@@ -55,6 +60,8 @@ while (($#)); do
         --project) PROJECT="$2" ;;
         --runtime-version) RUNTIME_VERSION="$2" ;;
         --out) OUT="$2" ;;
+        --copy-in) COPY_IN+=("$2") ;;
+        --setup) EXTRA_SETUP="$2" ;;
       esac
       shift 2
       ;;
@@ -132,9 +139,30 @@ SETUP_COMMAND="set -euo pipefail; rm -rf ~/vit_jax && mkdir -p ~/vit_jax && tar 
 && cd ~/vit_jax && python3 -m pip install --user --quiet uv && ~/.local/bin/uv venv --quiet --python 3.11 .venv \
 && ~/.local/bin/uv pip install --quiet --python .venv/bin/python -c constraints.txt -e '.[tpu]'"
 
+# Inputs from GCS (e.g. a pre-trained checkpoint) into the checkout on every worker: vit_jax reads local paths.
+for spec in "${COPY_IN[@]}"; do
+  [[ "$spec" =~ ^(gs://[^=]+)=([^=]+)$ ]] ||
+    die "--copy-in '$spec' is invalid: expected gs://BUCKET/PATH=DIR (DIR relative to the checkout on the worker)"
+  src="${BASH_REMATCH[1]%/}" dest="${BASH_REMATCH[2]}"
+  [[ "$dest" != /* && "$dest" != *..* ]] || die "--copy-in '$spec': DIR must be relative, inside the checkout"
+  SETUP_COMMAND+=" && mkdir -p $(remote_quote "$dest") && gcloud storage cp --recursive $(remote_quote "$src/*") \
+$(remote_quote "$dest/")"
+done
+[[ -z "$EXTRA_SETUP" ]] || SETUP_COMMAND+=" && { $EXTRA_SETUP; }"
+
 # Run: the same command on every worker; jax.distributed finds its peers from the TPU metadata by itself.
+# The PRNG set-up `vit_jax.plan` compiles with (vit_jax.plan.use_tpu_prng): rbg makes dropout masks cheap on
+# TPU, and the libtpu flag lets each chip draw only its own shard's bits (else every chip draws the global
+# batch's: gigabytes per layer). A run resumes only under the PRNG it started with: keep JAX_DEFAULT_PRNG_IMPL
+# the same for every launch of one workdir.
+PRNG_IMPL="${JAX_DEFAULT_PRNG_IMPL:-rbg}"
+[[ "$PRNG_IMPL" =~ ^(rbg|unsafe_rbg|threefry2x32)$ ]] ||
+  die "JAX_DEFAULT_PRNG_IMPL='$PRNG_IMPL' is invalid: expected rbg (default), unsafe_rbg or threefry2x32"
+PRNG_ENV="JAX_DEFAULT_PRNG_IMPL=$PRNG_IMPL"
+[[ "$PRNG_IMPL" == threefry2x32 ]] || PRNG_ENV+=" LIBTPU_INIT_ARGS=--xla_tpu_spmd_rng_bit_generator_unsafe=true"
 TRAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR" "${MAIN_ARGS[@]}")
-RUN_COMMAND="cd ~/vit_jax && set -o pipefail && .venv/bin/python -m vit_jax.main $(remote_quote "${TRAIN_ARGS[@]}") \
+RUN_COMMAND="cd ~/vit_jax && set -o pipefail && export $PRNG_ENV \
+&& .venv/bin/python -m vit_jax.main $(remote_quote "${TRAIN_ARGS[@]}") \
 2>&1 | tee ~/$REMOTE_LOG"
 if [[ "$WORKDIR" == gs://* ]]; then
   # Keep every worker's log next to its checkpoints, whether the run succeeded or not.

@@ -140,3 +140,31 @@ def test_shellcheck_passes_on_launch_scripts():
     assert len(scripts) == 2
     result = subprocess.run([_shellcheck(), "--shell=bash", *scripts], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_copy_in_and_setup_run_on_every_worker_after_the_install(tmp_path):
+    step = "gs://bucket/runs/jft/checkpoints/1000"
+    result, calls = _tpu_vm(tmp_path, "--dry-run", *JOB, "--copy-in", f"{step}/params/=pretrained/jft/params",
+                            "--copy-in", f"{step}/meta=pretrained/jft/meta", "--setup", "mkdir -p ~/tfds && echo 'a b'")
+    assert result.returncode == 0, result.stderr
+    assert not calls.exists()
+    setup = shlex.split(next(line for line in result.stdout.splitlines() if "uv pip install" in line))[-1]
+    install, extra = setup.split(" -e '.[tpu]' && ")
+    # The worker's shell: the gs:// wildcard reaches gcloud unexpanded, the destinations are inside the checkout.
+    assert shlex.split(extra) == [
+        "mkdir", "-p", "pretrained/jft/params", "&&", "gcloud", "storage", "cp", "--recursive",
+        f"{step}/params/*", "pretrained/jft/params/", "&&", "mkdir", "-p", "pretrained/jft/meta", "&&", "gcloud",
+        "storage", "cp", "--recursive", f"{step}/meta/*", "pretrained/jft/meta/", "&&", "{", "mkdir", "-p",
+        "~/tfds", "&&", "echo", "a b;", "}"]
+    assert "cd ~/vit_jax" in install
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/local/ckpt=pretrained", "expected gs://BUCKET/PATH=DIR"),
+    ("gs://b/ckpt", "expected gs://BUCKET/PATH=DIR"),
+    ("gs://b/ckpt=/abs", "DIR must be relative"),
+    ("gs://b/ckpt=../out", "DIR must be relative"),
+])
+def test_bad_copy_in_exits_2(tmp_path, spec, message):
+    result, calls = _tpu_vm(tmp_path, "--dry-run", *JOB, "--copy-in", spec)
+    assert result.returncode == 2 and message in result.stderr and not calls.exists()

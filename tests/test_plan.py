@@ -1,6 +1,8 @@
 """`vit_jax.plan`: topologies, the real step compiled for a TPU slice without a TPU, FSDP memory, CLI errors."""
 
+import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -77,6 +79,26 @@ def test_suggestions_name_switches_that_cover_the_overflow():
     assert any(s.startswith("--config.model.remat=True") for s in found)
     assert any(s.startswith("--config.accum_steps=2:") and "~6.00 GiB" in s for s in found)
     assert any(s.startswith("--config.model.dtype=bfloat16") for s in found)
+    assert not any("not enough alone" in s for s in found)
+
+
+def test_suggestions_say_when_a_switch_is_not_enough_alone():
+    config = common.get_config("L/16")
+    gib = plan.GiB
+    memory = plan.Memory(params=1 * gib, opt_state=2 * gib, batch=0, other_inputs=0, temporaries=40 * gib,
+                         outputs=0, code=0)
+    found = plan.suggestions(config, {"data": 256, "fsdp": 1, "model": 1}, memory, hbm_bytes=16 * gib)  # 27 over
+    # All 3 GiB of state saved by fsdp=256 is short of 27 GiB; 4 micro-batches keep ~10 of the 40 GiB of
+    # temporaries, which is enough (2 would keep 20).
+    assert found[0].startswith("--config.mesh.fsdp=256 ") and found[0].endswith("not enough alone: combine with "
+                                                                                 "another switch)")
+    accum = next(s for s in found if s.startswith("--config.accum_steps="))
+    assert accum.startswith("--config.accum_steps=4:") and "not enough" not in accum
+    # 400 GiB: even 16 micro-batches of 256 (1 image per chip, the smallest) leave 25 GiB: said so.
+    tight = plan.suggestions(config, {"data": 256, "fsdp": 1, "model": 1},
+                             dataclasses.replace(memory, temporaries=400 * gib), hbm_bytes=16 * gib)
+    accum = next(s for s in tight if s.startswith("--config.accum_steps="))
+    assert accum.startswith("--config.accum_steps=16: micro-batches of 256 ") and "not enough alone" in accum
 
 
 def test_cli_without_libtpu_is_one_line_and_exit_2():
@@ -109,6 +131,9 @@ def test_b16_on_v5e_2x2_reports_memory_and_flops_matching_summary():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["fits"] is True and report["num_chips"] == 4
+    assert report["settings"] == {"variant": "B/16", "image_size": 224, "batch_size": batch, "accum_steps": 1,
+                                  "dtype": "float32", "remat": False, "scan": True, "optimizer": "adam",
+                                  "prng_impl": "rbg"}
     assert report["hbm_bytes_per_chip"] == plan.CHIPS["v5e"].hbm_bytes
     # 86.6M float32 params sharded over at most 4 chips, Adam's two moments alike.
     assert 86.5e6 * 4 / 4 <= report["params_bytes_per_chip"] <= 86.6e6 * 4 * 1.01
@@ -139,5 +164,82 @@ def test_fsdp_splits_params_and_optimizer_state_over_8_devices(variant, image_si
         stats = result["compiled"].memory_analysis()
         # What the compiled executable takes as input is state + batch (+ a few scalars): the state is in there.
         assert memory.params + memory.opt_state + memory.batch <= stats.argument_size_in_bytes
-        per_device[fsdp] = memory.params + memory.opt_state
-    assert per_device[8] <= per_device[1] / 6
+        per_device[fsdp] = memory.params + memory.opt_state, stats.argument_size_in_bytes
+    # Both as plan counts them (the executable's input shardings) and as XLA's memory analysis does (the step's
+    # arguments per device: state + a tiny batch), 8-way FSDP leaves at most 1/6 per device (1/8 + replicated
+    # leftovers such as the class token and norms' scales).
+    assert per_device[8][0] <= per_device[1][0] / 6
+    assert per_device[8][1] <= per_device[1][1] / 6
+
+
+def _run_command_env(tmp_path, env) -> dict[str, str]:
+    """The variables launch/tpu_vm.sh exports before `python -m vit_jax.main` on the workers (dry run)."""
+    result = subprocess.run(["bash", str(ROOT / "launch" / "tpu_vm.sh"), "--dry-run", "--name", "x", "--zone", "z",
+                             "--accelerator-type", "v5litepod-16", "--config", "configs/vit_b16.py", "--workdir",
+                             "gs://b/x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    remote = next(line for line in result.stdout.splitlines() if "vit_jax.main" in line)
+    exports = remote.split("export ")[1].split(" && ")[0]
+    return dict(word.split("=", 1) for word in exports.split())
+
+
+def _plan_prng_env(env) -> dict[str, str]:
+    """What vit_jax.plan sets up before compiling, in a fresh process."""
+    code = ("import json, os, jax; from vit_jax import plan; plan.use_tpu_prng(); print(json.dumps("
+            "{'JAX_DEFAULT_PRNG_IMPL': str(jax.config.jax_default_prng_impl), "
+            "'LIBTPU_INIT_ARGS': os.environ.get('LIBTPU_INIT_ARGS')}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return {k: v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items() if v is not None}
+
+
+@pytest.mark.parametrize("chosen", [None, "threefry2x32"])
+def test_launched_runs_use_the_prng_setup_plan_compiles_with(tmp_path, chosen):
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_DEFAULT_PRNG_IMPL", "LIBTPU_INIT_ARGS")}
+    if chosen:
+        env["JAX_DEFAULT_PRNG_IMPL"] = chosen
+    launched = _run_command_env(tmp_path, env)
+    assert launched == _plan_prng_env(env)
+    if chosen is None:  # rbg, with each chip drawing only its own shard's bits
+        assert launched == {"JAX_DEFAULT_PRNG_IMPL": "rbg", "LIBTPU_INIT_ARGS": plan.RBG_PARTITIONED_FLAG}
+    else:
+        assert launched == {"JAX_DEFAULT_PRNG_IMPL": "threefry2x32"}
+
+
+_RBG_PROBE = """
+import json, re, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from vit_jax import plan
+jax.config.update("jax_platforms", "cpu")
+if sys.argv[1] == "plan":
+    plan.use_tpu_prng()
+else:
+    jax.config.update("jax_default_prng_impl", "rbg")
+devices = plan.topology_devices(plan.parse_topology("v5e:2x2"))
+rows = NamedSharding(Mesh(np.array(devices), ("d",)), PartitionSpec("d"))
+
+def dropout(key, x):  # what nn.Dropout does: random bits of the activations' (global) shape, then a mask
+    return jnp.where(jax.random.bits(key, x.shape) > jnp.uint32(2**31), x, 0.0)
+
+key = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
+x = jax.ShapeDtypeStruct((4096, 4096), jnp.float32, sharding=rows)
+compiled = jax.jit(lambda k, x: dropout(jax.random.wrap_key_data(k), x), out_shardings=rows).lower(key, x).compile()
+# The shapes each chip's compiled program draws random bits of.
+print(json.dumps(re.findall(r"= u32\\[([\\d,]+)\\]\\S* rng-bit-generator\\(", compiled.as_text())))
+"""
+
+
+@needs_libtpu
+def test_rbg_dropout_bits_are_drawn_per_shard_under_plans_prng_setup():
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_DEFAULT_PRNG_IMPL", "LIBTPU_INIT_ARGS")}
+    drawn = {}
+    for setup in ("plain", "plan"):
+        result = subprocess.run([sys.executable, "-c", _RBG_PROBE, setup], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        drawn[setup] = json.loads(result.stdout.strip().splitlines()[-1])
+    # Plain rbg: XLA replicates the generator, so each of the 4 chips draws the whole (4096, 4096) array and
+    # keeps its rows; under plan's set-up (the libtpu flag) each chip draws only its own 1024 rows.
+    assert drawn == {"plain": ["4096,4096"], "plan": ["1024,4096"]}

@@ -5,6 +5,8 @@ on a machine without a TPU (libtpu compiles for any topology: `pip install -e .[
 memory from the compiled executable (params, optimizer state, batch, activations/temporaries, total against
 the chip's HBM), FLOPs per step from XLA's cost analysis, and an estimated step time and images/s from the
 chip's peak bf16 FLOP/s at a stated MFU. When it does not fit it says by how much and which switches help.
+It compiles under the PRNG set-up TPU runs use (`use_tpu_prng`: rbg, drawn per shard), which
+launch/tpu_vm.sh gives vit_jax.main too. docs/plan_report.md has ViT-L/16 and ViT-H/14 on v4 and v5e pods.
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ def _batch_devices(mesh_shape: dict[str, int]) -> int:
     return mesh_shape["data"] * mesh_shape["fsdp"]
 
 
+_NOT_ENOUGH = " (not enough alone: combine with another switch)"
+
+
 def suggestions(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], memory: Memory,
                 hbm_bytes: int) -> list[str]:
     """Switches that shrink what overflows, each with its estimated effect (re-run plan with it to confirm)."""
@@ -174,7 +179,8 @@ def suggestions(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], m
         saving = {f: state * (1 - mesh_shape["fsdp"] / f) for f in candidates}
         fsdp = next((f for f in candidates if saving[f] >= over), candidates[-1])
         found.append(f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1: params + optimizer state "
-                     f"{_fmt_bytes(state)} -> {_fmt_bytes(state - saving[fsdp])} per chip")
+                     f"{_fmt_bytes(state)} -> {_fmt_bytes(state - saving[fsdp])} per chip"
+                     + ("" if saving[fsdp] >= over else _NOT_ENOUGH))
     activations = memory.temporaries
     if not config.model.remat:
         found.append(f"--config.model.remat=True: recompute each block in the backward pass instead of keeping "
@@ -184,9 +190,11 @@ def suggestions(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], m
         accum = config.accum_steps * factor
         if config.batch_size % accum or (config.batch_size // accum) % batch_devices:
             continue
-        if activations * (1 - 1 / factor) >= over or factor == 64:
+        last = factor == 64 or (config.batch_size // (2 * accum)) % batch_devices or config.batch_size % (2 * accum)
+        if activations * (1 - 1 / factor) >= over or last:
             found.append(f"--config.accum_steps={accum}: micro-batches of {config.batch_size // accum} instead of "
-                         f"{micro_batch}; activations scale with them, ~{_fmt_bytes(activations / factor)}")
+                         f"{micro_batch}; activations scale with them, ~{_fmt_bytes(activations / factor)}"
+                         + ("" if activations * (1 - 1 / factor) >= over else _NOT_ENOUGH))
             break
     if config.model.dtype == "float32":
         found.append("--config.model.dtype=bfloat16: activations in bfloat16 (about half), and the MXU's native "
@@ -201,7 +209,7 @@ def report(config: ml_collections.ConfigDict, topology: Topology, result: dict) 
     m = config.model
     lines = [
         f"ViT {m.variant} at {config.image_size}px, {config.num_classes} classes, dtype {m.dtype}, "
-        f"remat {m.remat}, scan {m.scan}",
+        f"remat {m.remat}, scan {m.scan}, PRNG {jax.config.jax_default_prng_impl}",
         f"global batch {config.batch_size} = {result['per_chip_micro_batch']} per chip x {topology.num_chips} chips "
         f"x accum_steps {config.accum_steps}; mesh " + " ".join(f"{k}={v}" for k, v in result["mesh"].items()),
         f"topology {topology.name} ({topology.accelerator_type}): {topology.num_chips} x TPU {chip.generation}, "
@@ -274,7 +282,10 @@ def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
     """Model FLOPs of a step: forward + backward = 3 x the analytic forward FLOPs x global batch (no recompute)."""
     from vit_jax import summary
 
-    return 3.0 * sum(row.flops for row in summary.layer_table(config)) * config.batch_size
+    flat = copy.deepcopy(config)
+    with flat.unlocked():
+        flat.model.scan = False  # the analytic count is the same; summary reads per-block params only unscanned
+    return 3.0 * sum(row.flops for row in summary.layer_table(flat)) * config.batch_size
 
 
 def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_bytes: int | None = None) -> dict:
@@ -340,10 +351,19 @@ def plan_for_topology(config: ml_collections.ConfigDict, topology: Topology, mfu
     return result
 
 
-def to_json(topology: Topology, result: dict) -> dict:
-    """The plan as one flat JSON-serialisable dict."""
+def settings(config: ml_collections.ConfigDict) -> dict:
+    """The switches that decide whether a step fits, as they were planned."""
+    return {"variant": config.model.variant, "image_size": config.image_size, "batch_size": config.batch_size,
+            "accum_steps": config.accum_steps, "dtype": config.model.dtype, "remat": bool(config.model.remat),
+            "scan": bool(config.model.scan), "optimizer": config.optimizer.name,
+            "prng_impl": str(jax.config.jax_default_prng_impl)}
+
+
+def to_json(topology: Topology, result: dict, config: ml_collections.ConfigDict | None = None) -> dict:
+    """The plan as one flat JSON-serialisable dict (with the planned `settings` when `config` is given)."""
     memory = result["memory"]
     return {
+        **({"settings": settings(config)} if config is not None else {}),
         "topology": topology.name, "accelerator_type": topology.accelerator_type, "num_chips": topology.num_chips,
         "fits": bool(result["fits"]), "bytes_per_chip": memory.total, "hbm_bytes_per_chip": topology.chip.hbm_bytes,
         "params_bytes_per_chip": memory.params, "opt_state_bytes_per_chip": memory.opt_state,
@@ -353,6 +373,26 @@ def to_json(topology: Topology, result: dict) -> dict:
         "est_step_seconds": result["est_step_seconds"], "images_per_second": result["images_per_second"],
         "mesh": result["mesh"], "compile_seconds": result["compile_seconds"], "suggestions": result["suggestions"],
     }
+
+
+RBG_PARTITIONED_FLAG = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
+
+
+def use_tpu_prng() -> None:
+    """The PRNG set-up TPU jobs run with (launch/tpu_vm.sh exports the same variables to vit_jax.main).
+
+    rbg: threefry's dropout masks make the TPU compile ~7x slower (and the step slower). But XLA replicates an
+    rbg RngBitGenerator over the mesh unless told otherwise: every chip would draw the *global* batch's dropout
+    bits (gigabytes per layer at batch 4096), so libtpu is told to let each chip draw only its own shard's bits
+    (the masks then depend on the mesh layout, not their distribution). JAX_DEFAULT_PRNG_IMPL and
+    LIBTPU_INIT_ARGS, when set, take precedence. Call before libtpu is first loaded.
+    """
+    if "JAX_DEFAULT_PRNG_IMPL" not in os.environ:
+        jax.config.update("jax_default_prng_impl", "rbg")
+    if "rbg" in str(jax.config.jax_default_prng_impl):
+        args = os.environ.get("LIBTPU_INIT_ARGS", "")
+        if "xla_tpu_spmd_rng_bit_generator_unsafe" not in args:
+            os.environ["LIBTPU_INIT_ARGS"] = f"{args} {RBG_PARTITIONED_FLAG}".strip()
 
 
 def _define_flags() -> None:
@@ -369,10 +409,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # This process only compiles: keep JAX's own backend on the CPU, even where libtpu or a TPU is present.
     jax.config.update("jax_platforms", "cpu")
+    use_tpu_prng()
     topology = parse_topology(flags.FLAGS.topology)
     config = flags.FLAGS.config
     result = plan_for_topology(config, topology, flags.FLAGS.mfu)
-    print(json.dumps(to_json(topology, result)) if flags.FLAGS.json else report(config, topology, result))
+    print(json.dumps(to_json(topology, result, config)) if flags.FLAGS.json else report(config, topology, result))
 
 
 if __name__ == "__main__":
