@@ -51,3 +51,15 @@ def test_cli_json_for_h14():
     assert summary["params"] == 632_045_800
     assert isinstance(summary["gflops_per_image"], float) and 320 < summary["gflops_per_image"] < 340
     assert len(summary["layers"]) == 32 + 5
+
+
+def test_scanned_model_counts_like_the_unrolled_one():
+    """A scanned model has the same params and FLOPs; XLA would count a scan body once, so it is unrolled."""
+    config = common.get_config("S/32")
+    config.num_classes = 10
+    plain = summarize(config)
+    config.model.scan = True
+    scanned = summarize(config)
+    assert (scanned["params"], scanned["gflops_per_image"]) == (plain["params"], plain["gflops_per_image"])
+    assert scanned["xla_gflops_per_image"] == pytest.approx(plain["xla_gflops_per_image"], rel=1e-6)
+    assert config.model.scan  # the caller's config is left as it was

@@ -76,8 +76,20 @@ def _resnet_rows(params: dict, layers: Sequence[int], image_size: int) -> list[L
     return rows
 
 
+def _unscanned(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same model with its blocks unrolled: equal params and FLOPs, per-block shapes, and XLA counts every
+    block (it counts a scan body once)."""
+    if not config.model.scan:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.scan = False
+    return config
+
+
 def layer_table(config: ml_collections.ConfigDict) -> list[LayerRow]:
-    """Per-layer parameters and analytic forward FLOPs per image."""
+    """Per-layer parameters and analytic forward FLOPs per image (scanned models counted as unrolled)."""
+    config = _unscanned(config)
     m = config.model
     params = param_shapes(m, config.num_classes, config.image_size)
     rows: list[LayerRow] = []
@@ -128,6 +140,7 @@ def xla_forward_flops(config: ml_collections.ConfigDict) -> float:
 def summarize(config: ml_collections.ConfigDict) -> dict:
     """Parameter count, analytic and XLA GFLOPs per image, and the per-layer table of a config."""
     config_check.validate_model(config.model, config.image_size)
+    config = _unscanned(config)
     rows = layer_table(config)
     analytic = sum(r.flops for r in rows)
     return {
