@@ -10,9 +10,11 @@ handler in a single process, by JAX's preemption sync manager (all processes agr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
 from typing import Any
 
@@ -22,7 +24,52 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vit_jax.errors import UserError
+
 ITEMS = ("params", "opt_state", "meta", "data")
+
+
+class CheckpointWriteError(UserError):
+    """The workdir cannot be written (no permission, read-only, not a directory, disk full).
+
+    Raised before training when the workdir is unwritable, and when a checkpoint save fails; a failed save never
+    touches the checkpoints already complete (the step's files stay in a temporary directory, ignored on restore).
+    """
+
+
+def check_writable(workdir: str) -> None:
+    """Raise `CheckpointWriteError` unless `workdir` exists or can be created, and files can be written in it.
+
+    Leaves nothing behind: a missing workdir is judged by the nearest existing parent (cloud paths by the first save).
+    """
+    if "://" in workdir:
+        return
+    path = os.path.abspath(workdir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointWriteError(f"--workdir={workdir} cannot be created: {existing} is a file, not a directory")
+    if existing != path:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise CheckpointWriteError(f"--workdir={workdir} cannot be created: {existing} is not writable")
+        return
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise CheckpointWriteError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose another "
+                                   "directory or fix its permissions / free space") from None
+
+
+def _os_error(error: BaseException) -> BaseException:
+    """The OSError behind an orbax failure (through causes and contexts), else the error itself."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -45,11 +92,15 @@ def _gather_process_states(state: dict | None) -> list[dict | None]:
 class Checkpoints:
     """Save and restore training state in WORKDIR/checkpoints (async, keep-N, any mesh on restore)."""
 
-    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True, remove_partial: bool = False):
+        """`remove_partial`: delete step directories whose write was cut short (a kill mid-save) on opening; only
+        for the run that owns the workdir (a concurrent reader must not delete a save in flight)."""
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=remove_partial)
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._pending_step: int | None = None  # the step of the save in flight
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -60,11 +111,33 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict, data_state: dict | None) -> None:
-        """Start an async save of `step` (every process must call this; each gives its own `data_state`)."""
+        """Start an async save of `step` (every process must call this; each gives its own `data_state`).
+
+        A failed earlier save (disk full, permissions) raises `CheckpointWriteError` here or in `wait`/`close`.
+        """
         data = {"processes": _gather_process_states(data_state)}
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data)), force=True)
+        with self._reporting_failures(step):
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data)), force=True)
+        self._pending_step = step
+
+    @contextlib.contextmanager
+    def _reporting_failures(self, step: int | None = None):
+        """Turn an orbax write failure into one `CheckpointWriteError` naming the step and the cause."""
+        try:
+            yield
+        except Exception as e:  # orbax wraps the writer's error (in a thread) in its own types
+            failed = self._pending_step if self._pending_step is not None else step
+            self._pending_step = None
+            cause = _os_error(e)
+            if not isinstance(cause, OSError):
+                raise
+            latest = self.manager.latest_step()
+            kept = f"the checkpoint of step {latest} is intact" if latest is not None else "no earlier checkpoint"
+            raise CheckpointWriteError(f"could not write the checkpoint of step {failed} to {self.directory}: "
+                                       f"{' '.join(str(cause).split())}; {kept}. Free space or fix permissions, "
+                                       "then rerun the same command to resume") from e
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> dict[str, Any]:
         """Read `step` onto the shardings of the abstract trees (jax.ShapeDtypeStruct with `sharding`).
@@ -81,13 +154,18 @@ class Checkpoints:
                 "data_state": data_state}
 
     def wait(self) -> None:
-        """Block until pending async saves are on disk."""
-        self.manager.wait_until_finished()
+        """Block until pending async saves are on disk (`CheckpointWriteError` if one failed)."""
+        with self._reporting_failures():
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        self._pending_step = None
 
     def close(self) -> None:
-        """Finish pending saves and release the manager's threads."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish pending saves and release the manager's threads (`CheckpointWriteError` if a save failed)."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 class PreemptionWatcher:

@@ -21,9 +21,13 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     """absl flag parsing where an unknown or ill-typed flag or config override is a one-line error."""
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        message = f"unknown config field {e.args[0]}" if isinstance(e, KeyError) and e.args else str(e)
-        _fail(" ".join(str(message).split()))
+    except (KeyError, AttributeError) as e:  # ml_collections: a field the config does not have
+        name = str(e.args[0] if e.args else e).strip("\"'")
+        given = [arg for arg in argv[1:] if name in arg.split("=")[0].lstrip("-").split(".")]
+        _fail(f"unknown config field {name!r}" + (f" in {given[0]}" if given else "")
+              + "; the fields are those of the config file (see configs/common.py)")
+    except (flags.Error, TypeError, ValueError) as e:
+        _fail(" ".join(str(e).split()))
     raise AssertionError("unreachable")
 
 

@@ -221,27 +221,33 @@ def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any
 # Start-up: restore or init.
 
 def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
-    """`fresh`'s tree with every array of `loaded` of the same name and shape (new heads etc. stay fresh)."""
+    """`loaded` as host float32 arrays in `fresh`'s tree, after checking it has exactly `fresh`'s names and shapes.
+
+    `interop.load_pretrained` already fitted the checkpoint to this model (new heads, resized position
+    embeddings); anything that still differs is an error listing every such array, never a partial load.
+    """
     from flax import traverse_util
+
+    from vit_jax.interop.common import check_matches
 
     old = traverse_util.flatten_dict(dict(loaded), sep="/")
     new = traverse_util.flatten_dict(jax.device_get(fresh), sep="/")
-    kept = [name for name in new if name in old and tuple(np.shape(old[name])) == tuple(new[name].shape)]
-    fresh_names = sorted(set(new) - set(kept))
-    if fresh_names:
-        logging.info("pre-trained checkpoint: %d arrays loaded, fresh: %s", len(kept), fresh_names)
-    return traverse_util.unflatten_dict({name: np.asarray(old[name] if name in kept else new[name], np.float32)
-                                         for name in new}, sep="/")
+    check_matches(old, {name: tuple(value.shape) for name, value in new.items()}, "config.pretrained")
+    return traverse_util.unflatten_dict({name: np.asarray(old[name], new[name].dtype) for name in new}, sep="/")
 
 
 def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any) -> Any:
-    """Params from `config.pretrained` (vit_jax.interop), adapted to this model (head, resolution)."""
-    from vit_jax import interop  # written separately; imported only when a run asks for pre-trained weights
+    """Params from `config.pretrained` (vit_jax.interop), adapted to this model (head, resolution, objective).
 
-    loaded = interop.load_pretrained(config.pretrained, config.model)
-    adapt = getattr(interop, "adapt_params", None)
-    if adapt is not None:
-        return adapt(loaded, config)
+    Also sets `config.model`'s numerics (GELU flavour, LayerNorm eps) to the weights' origin, in place: every
+    model built from `config` afterwards (the train and eval steps) computes as the weights did at home.
+    """
+    from vit_jax import interop  # imported only when a run asks for pre-trained weights
+
+    patch_classes = (masked_patch.num_colour_classes(config.masked_patch.colour_bits)
+                     if config.objective == "masked_patch_prediction" else 0)
+    loaded = interop.load_pretrained(config.pretrained, config.model, num_classes=config.num_classes,
+                                     image_size=config.image_size, masked_patch_classes=patch_classes)
     return _merge_pretrained(loaded, fresh_params)
 
 
@@ -252,6 +258,10 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop)
     -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
     """
+    if config.pretrained:  # the weights' numerics (GELU, LayerNorm eps), also when resuming a fine-tune of them
+        from vit_jax import interop
+
+        interop.apply_source_numerics(config.pretrained, config.model)
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = abstract_state(config, mesh, num_steps)
@@ -367,12 +377,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     A workdir whose latest checkpoint is at the last step reports its result without training again.
     """
     from vit_jax import data
+    from vit_jax.errors import UserError
 
-    os.makedirs(workdir, exist_ok=True)
+    checkpoints.check_writable(workdir)
     mesh = sharding.make_mesh(config)
     info = data.dataset_info(config)
     num_steps = optim.total_steps(config, info.num_train_examples)
-    ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
+    created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, remove_partial=True)
     try:
         state, data_state, meta = restore_or_init(config, mesh, num_steps, ckpt)
         start_step = int(meta.get("step", 0))
@@ -390,8 +403,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             _report(_summary_line(result))
             return result
         return _train_loop(config, workdir, mesh, num_steps, ckpt, state, data_state, meta)
+    except UserError:
+        # Bad input found while starting (a foreign pre-trained file, undecodable data): leave no trace.
+        _remove_if_empty(created)
+        raise
     finally:
         ckpt.close()
+
+
+def _missing_dirs(*paths: str) -> list[str]:
+    """The directories of `paths` and their parents that do not exist yet, deepest first."""
+    missing: list[str] = []
+    for path in paths:
+        if "://" in path:
+            continue
+        path = os.path.abspath(path)
+        while not os.path.exists(path) and path not in missing:
+            missing.append(path)
+            path = os.path.dirname(path)
+    return sorted(missing, key=lambda p: -p.count(os.sep))
+
+
+def _remove_if_empty(directories: list[str]) -> None:
+    """Remove those of `directories` (deepest first) that are empty: what a failed start created, nothing else."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (something was written) or already gone
+            pass
 
 
 def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num_steps: int,
@@ -402,21 +441,21 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     from vit_jax import data
 
     is_chief = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     start_step = int(meta.get("step", 0))
-    if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
-    fully_addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state["params"]))
-    parameter_overview.log_parameter_overview(jax.device_get(state["params"]) if fully_addressable else
-                                              state["params"], include_stats=fully_addressable,
-                                              jax_logging_process=0)
-
+    # The data first: a dataset that cannot feed the run fails before anything is written to the workdir.
     train_iter = data.make_train_iterator(config, sharding.batch_sharding(mesh))
     if data_state is not None:
         train_iter.set_state(data_state)
     elif start_step:
         logging.warning("the checkpoint's data position was written by %s processes; the data order restarts",
                         "a different number of")
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    fully_addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state["params"]))
+    parameter_overview.log_parameter_overview(jax.device_get(state["params"]) if fully_addressable else
+                                              state["params"], include_stats=fully_addressable,
+                                              jax_logging_process=0)
 
     train_step = make_train_step(config, mesh, num_steps)
     eval_step = make_eval_step(config, mesh)
@@ -507,18 +546,21 @@ def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """--mode=eval: evaluate the latest checkpoint in `workdir` (else `config.pretrained`) on the eval split."""
     from vit_jax import data
+    from vit_jax.errors import UserError
 
     mesh = sharding.make_mesh(config)
     info = data.dataset_info(config)
     num_steps = optim.total_steps(config, info.num_train_examples)
+    created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
         if ckpt.latest_step() is None and not config.pretrained:
-            from vit_jax.errors import UserError
-
             raise UserError(f"--mode=eval found no checkpoint in {ckpt.directory} and config.pretrained is empty: "
                             "train first, or pass --config.pretrained=PATH")
         state, _, meta = restore_or_init(config, mesh, num_steps, ckpt)
+    except UserError:
+        _remove_if_empty(created)  # evaluating writes nothing, not even the directories a failed start made
+        raise
     finally:
         ckpt.close()
     metrics = evaluate(config, make_eval_step(config, mesh), state["params"], mesh)

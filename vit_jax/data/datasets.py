@@ -137,10 +137,15 @@ def _label_kind_and_classes(feature, name: str, label_key: str) -> tuple[str, in
 def split_size(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int:
     """Examples in `split` (TFDS split syntax such as `train[:98%]`); a bad split names the valid ones."""
     try:
-        return builder.info.splits[split].num_examples
+        size = builder.info.splits[split].num_examples
     except (KeyError, ValueError, AssertionError) as e:
         raise DatasetError(f"config.{field}={split!r} is not a split of {builder.name} at {builder.data_dir} "
                            f"(splits: {sorted(builder.info.splits)}; slices like 'train[:98%]' work): {e}") from None
+    if not size:
+        sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
+        raise DatasetError(f"config.{field}={split!r} of {builder.name} at {builder.data_dir} has no examples "
+                           f"(split sizes: {sizes}); choose a non-empty split or slice")
+    return size
 
 
 def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, train_split: str, eval_split: str,

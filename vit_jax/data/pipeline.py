@@ -81,6 +81,26 @@ def _seed(purpose: str, seed: int, process_index: int) -> int:
     return zlib.crc32(f"{purpose}/{seed}/{process_index}".encode()) & 0x7FFFFFFF
 
 
+def check_images_decode(source: LabeledSource, what: str, limit: int = 64) -> None:
+    """Raise `DatasetError` when none of the first `limit` images of `source` decodes.
+
+    Corrupt images are skipped one by one while training; a split of nothing but undecodable files (text named
+    .jpg, a wrong directory) would otherwise leave the infinite train stream waiting forever for a batch.
+    """
+    first_error = None
+    for index in range(min(len(source), limit)):
+        try:
+            preprocess.open_image(source[index]["image"]).load()
+            return
+        except preprocess.CorruptImageError as e:
+            first_error = first_error or e
+        except (OSError, ValueError, SyntaxError) as e:  # the pixels after a readable header
+            first_error = first_error or preprocess.CorruptImageError(f"cannot decode image: {e}")
+    if first_error is not None:
+        raise DatasetError(f"{what}: none of its first {min(len(source), limit)} images can be decoded "
+                           f"(example 0: {first_error}); check the files the dataset was prepared from")
+
+
 def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int, process_count: int
                        ) -> tuple[grain.IterDataset, DatasetInfo]:
     """This process's infinite stream of numpy batches {"image", "label", "index"} of batch_size / process_count."""
@@ -89,6 +109,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int,
         raise DatasetError(f"config.train_split={config.train_split!r} of {config.dataset!r} has {len(source)} "
                            f"examples, fewer than the {process_count} processes")
     batch_size = per_process_batch(config.batch_size, process_count, "batch_size")
+    check_images_decode(source, f"config.train_split={config.train_split!r} of {config.dataset!r}")
     transform = preprocess.TrainPreprocess(
         image_size=config.image_size, num_classes=config.num_classes, inception_crop=config.pp.inception_crop,
         crop_min_area=config.pp.crop_min_area, flip=config.pp.flip, random_translate=config.pp.random_translate,

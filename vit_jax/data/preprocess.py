@@ -51,6 +51,9 @@ def open_image(data: bytes) -> Image.Image:
     """Parse the image header (pixels are decoded later, possibly at reduced scale)."""
     try:
         return Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise CorruptImageError(f"not an image: pillow recognises no image format in these {len(data)} bytes "
+                                f"(they start {bytes(data[:12])!r})") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"cannot decode image ({len(data)} bytes): {e}") from None
 

@@ -1,0 +1,143 @@
+"""Fault suite, bad input through `python -m vit_jax.main`: each is one `error: ...` line on stderr, exit code 2,
+no traceback, and nothing written to the workdir (it is not created, or stays empty)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train_helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo config shrunk to a model that builds in a second (width 32).
+TINY = ["--config=configs/demo.py", "--config.model.hidden_size=32", "--config.model.num_layers=1",
+        "--config.model.num_heads=2", "--config.model.mlp_dim=64", "--config.batch_size=16",
+        "--config.eval_batch_size=16", "--config.total_steps=5", "--config.log_every=1",
+        "--config.optimizer.warmup_steps=1"]
+
+
+def run_main(workdir, *args, devices: int = 1, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.run([sys.executable, "-m", "vit_jax.main", f"--workdir={workdir}", *TINY, *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, workdir, *fragments: str) -> str:
+    """One `error:` line naming `fragments`, exit code 2, no traceback, and an untouched workdir."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+    written = [os.path.join(d, f) for d, _, files in os.walk(workdir) for f in files] if os.path.exists(workdir) \
+        else []
+    assert written == [], written
+    assert not os.path.exists(os.path.join(workdir, "checkpoints")), os.listdir(workdir)
+    print(errors[0])  # shown with -s: the message a user sees
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> str:
+    from vit_jax import data
+
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare("digits", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def wide_npz(tmp_path_factory) -> str:
+    """An official-layout .npz of a width-48 model (the runs below build width 32)."""
+    from vit_jax import interop
+    from vit_jax.models.vit import build_model
+
+    config = tiny_config(**{"model.hidden_size": 48, "model.mlp_dim": 96})
+    model = build_model(config.model, config.num_classes)
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32), train=False)["params"]
+    path = str(tmp_path_factory.mktemp("ckpt") / "wide.npz")
+    interop.save_as(jax.device_get(params), config.model, path, "npz")
+    return path
+
+
+def test_unknown_config_field(tmp_path):
+    result = run_main(tmp_path / "w", "--config.model.no_such_field=1")
+    assert_bad_input(result, tmp_path / "w", "unknown config field 'no_such_field' in --config.model.no_such_field=1")
+
+
+def test_wrong_type_on_the_command_line(tmp_path):
+    result = run_main(tmp_path / "w", "--config.batch_size=sixteen")
+    assert_bad_input(result, tmp_path / "w", "batch_size", "sixteen")
+
+
+def test_batch_size_the_mesh_cannot_divide(tmp_path):
+    result = run_main(tmp_path / "w", "--config.batch_size=6", devices=4)
+    assert_bad_input(result, tmp_path / "w", "config.batch_size=6", "4 data x fsdp devices")
+
+
+def test_empty_train_split(tmp_path, digits_dir):
+    result = run_main(tmp_path / "w", f"--config.tfds_data_dir={digits_dir}", "--config.train_split=train[:0]")
+    assert_bad_input(result, tmp_path / "w", "train[:0]", "no examples")
+
+
+def test_pretrained_checkpoint_of_another_width(tmp_path, digits_dir, wide_npz):
+    result = run_main(tmp_path / "w", f"--config.tfds_data_dir={digits_dir}", f"--config.pretrained={wide_npz}")
+    assert_bad_input(result, tmp_path / "w", wide_npz)
+
+
+def test_truncated_npz(tmp_path, digits_dir, wide_npz):
+    truncated = tmp_path / "truncated.npz"
+    content = open(wide_npz, "rb").read()
+    truncated.write_bytes(content[: len(content) // 2])
+    result = run_main(tmp_path / "w", f"--config.tfds_data_dir={digits_dir}", f"--config.pretrained={truncated}")
+    assert_bad_input(result, tmp_path / "w", str(truncated))
+
+
+def test_pickle_disguised_as_npz(tmp_path, digits_dir):
+    disguised = tmp_path / "weights.npz"
+    marker = tmp_path / "unpickled"
+    # Unpickling this would create `marker` (os.system would run): it must never be unpickled.
+    disguised.write_bytes(pickle.dumps(_Exploit(str(marker))))
+    result = run_main(tmp_path / "w", f"--config.tfds_data_dir={digits_dir}", f"--config.pretrained={disguised}")
+    assert_bad_input(result, tmp_path / "w", str(disguised), "pickle")
+    assert not marker.exists()
+
+
+class _Exploit:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_image_files_that_are_not_images(tmp_path):
+    """An image_folder dataset whose train images are all text files named .jpg: an error, not a hang."""
+    from vit_jax import data
+
+    source = tmp_path / "source"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (source / split / name).mkdir(parents=True)
+            (source / split / name / "1.jpg").write_text("this is not an image")
+    data_dir = str(tmp_path / "tfds")
+    data.prepare("image_folder", data_dir, str(source))
+    result = run_main(tmp_path / "w", "--config.dataset=image_folder", f"--config.tfds_data_dir={data_dir}",
+                      f"--config.tfds_manual_dir={source}", "--config.num_classes=2", "--config.train_split=train",
+                      "--config.eval_split=test", timeout=240)
+    assert_bad_input(result, tmp_path / "w", "config.train_split='train'", "can be decoded", "not an image")
+
+
+def test_eval_mode_without_a_checkpoint(tmp_path, digits_dir):
+    result = run_main(tmp_path / "w", f"--config.tfds_data_dir={digits_dir}", "--mode=eval")
+    assert_bad_input(result, tmp_path / "w", "--mode=eval found no checkpoint")
