@@ -22,6 +22,7 @@ setup(
         "tensorflow-cpu>=2.21",  # preparing TFDS datasets and clu's TensorBoard writers; not the training step
         "tensorboard>=2.21",
         "absl-py",
+        "etils",  # epath: workdirs on a local disk or gs://
         "numpy",
         "scipy",
         "pillow",

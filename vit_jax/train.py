@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from vit_jax import checkpoints, masked_patch, optim, sharding
@@ -348,8 +349,7 @@ def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple
 def write_final_metrics(workdir: str, result: dict) -> None:
     """WORKDIR/final_metrics.json (process 0)."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, FINAL_METRICS), "w") as f:
-            json.dump(result, f, indent=2)
+        (epath.Path(workdir) / FINAL_METRICS).write_text(json.dumps(result, indent=2))
 
 
 def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: float | None,
@@ -384,16 +384,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info = data.dataset_info(config)
     num_steps = optim.total_steps(config, info.num_train_examples)
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a gs:// one
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, remove_partial=True)
     try:
         state, data_state, meta = restore_or_init(config, mesh, num_steps, ckpt)
         start_step = int(meta.get("step", 0))
-        final_path = os.path.join(workdir, FINAL_METRICS)
+        final_path = epath.Path(workdir) / FINAL_METRICS
         if start_step >= num_steps:
-            if os.path.exists(final_path):
-                with open(final_path) as f:
-                    result = json.load(f)
+            if final_path.exists():
+                result = json.loads(final_path.read_text())
             else:
                 eval_step = make_eval_step(config, mesh)
                 result = _final_result(config, start_step, meta.get("train_loss"),
