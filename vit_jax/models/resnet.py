@@ -24,11 +24,31 @@ def weight_standardize(kernel: jax.Array, eps: float = 1e-5) -> jax.Array:
     return kernel / (jnp.std(kernel, axis=(0, 1, 2), keepdims=True) + eps)
 
 
+_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, preferred_element_type: Any = None,
+                         **kwargs: Any) -> jax.Array:
+    """`lax.conv_general_dilated` accumulating bf16/f16 convolutions in float32, then rounding to their dtype.
+
+    The convolution counterpart of `vit_jax.models.vit.dot_general`: TPUs and GPUs accumulate a bf16
+    convolution in float32 anyway (numerics unchanged there), and XLA:CPU's bf16 x bf16 -> f32 kernels are
+    its fast bf16 path. float32 / float64 (or an explicit `preferred_element_type`) pass through unchanged.
+    """
+    dtype = jnp.result_type(lhs, rhs)
+    if dtype not in _LOW_PRECISION or preferred_element_type is not None:
+        return jax.lax.conv_general_dilated(lhs, rhs, *args, preferred_element_type=preferred_element_type,
+                                            **kwargs)
+    out = jax.lax.conv_general_dilated(lhs, rhs, *args, preferred_element_type=jnp.float32, **kwargs)
+    return out.astype(dtype)
+
+
 class StdConv(nn.Conv):
-    """A bias-free convolution whose kernel is weight-standardised at every use."""
+    """A bias-free convolution whose kernel is weight-standardised at every use (float32-accumulated in bf16)."""
 
     use_bias: bool = False
     kernel_init: Any = nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES)
+    conv_general_dilated: Any = conv_general_dilated
 
     def param(self, name: str, *args, **kwargs):
         param = super().param(name, *args, **kwargs)

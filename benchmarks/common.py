@@ -1,0 +1,150 @@
+"""Shared helpers of the model benchmarks: config loading, timing, the on-the-spot matmul peak, timm setup.
+
+The benchmarks compare our jitted JAX step with timm's `vit_base_patch16_224` in the same process and with
+the same thread count, so both see the same machine state. Timings are the median of `repeats` runs after
+`warmup` untimed ones (the first includes XLA compilation / torch's lazy init).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/x.py` from anywhere: configs/ and vit_jax/ importable
+    sys.path.insert(0, ROOT)
+
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "vit_b16.py")
+DTYPES = ("float32", "bfloat16")
+
+
+def load_config(path: str, dtype: str, batch: int, num_classes: int = 1000):
+    """`get_config()` of a configs/*.py file, with the benchmark's dtype, batch and a timm-like 1000-class head."""
+    from vit_jax.errors import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path!r} is not a file; pass a configs/*.py file such as {DEFAULT_CONFIG}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if batch < 1:
+        raise UserError(f"--batch must be >= 1, got {batch}")
+    spec = importlib.util.spec_from_file_location("_benchmark_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    with config.unlocked():
+        config.model.dtype = dtype
+        config.batch_size = batch
+        config.accum_steps = 1
+        config.num_classes = num_classes
+        config.total_steps = 1000
+        config.optimizer.warmup_steps = 10
+    return config
+
+
+def time_runs(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: str, size: int = 4096, repeats: int = 3, f32_accumulate: bool = False) -> float:
+    """GFLOP/s of a `size`^3 matmul in XLA on this machine now, in `dtype` (optionally accumulating in float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
+    if f32_accumulate:
+        matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    else:
+        matmul = jax.jit(jnp.matmul)
+    seconds = median(time_runs(lambda: matmul(a, b).block_until_ready(), repeats))
+    return 2.0 * size**3 / seconds / 1e9
+
+
+def matmul_peaks(dtype: str, size: int, repeats: int) -> dict[str, float]:
+    """The peak(s) MFU is measured against: float32, or bf16 both plain and with float32 accumulation."""
+    if dtype == "float32":
+        return {"float32": matmul_peak("float32", size, repeats)}
+    return {"bfloat16": matmul_peak("bfloat16", size, repeats),
+            "bfloat16_f32acc": matmul_peak("bfloat16", size, repeats, f32_accumulate=True)}
+
+
+def forward_flops_per_image(config) -> float:
+    """Analytic forward FLOPs per image (vit_jax.summary: 2 x multiply-adds of every matmul and conv)."""
+    from vit_jax import summary
+
+    return sum(row.flops for row in summary.layer_table(config))
+
+
+def torch_threads() -> int:
+    """Pin torch to one thread per core (XLA's CPU client uses every core too)."""
+    import torch
+    import torchvision  # noqa: F401  (before tensorflow, which vit_jax.train pulls in: segfault otherwise)
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+_TIMM_SIZES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+
+
+def timm_name(config) -> str | None:
+    """timm's name of the same plain ViT (`vit_base_patch16_224` for B/16 at 224px); None for hybrids."""
+    m = config.model
+    size = _TIMM_SIZES.get(m.variant.split("/")[0])
+    if m.resnet_layers or size is None or m.axial:
+        return None
+    return f"vit_{size}_patch{m.patch_size}_{config.image_size}"
+
+
+def timm_vit(config, train: bool):
+    """timm's counterpart of the config's ViT (random init, no download) with the same dropout rates."""
+    import timm
+
+    from vit_jax.errors import UserError
+
+    name = timm_name(config)
+    if name is None:
+        raise UserError(f"timm has no counterpart of variant {config.model.variant!r}; pass --no-timm")
+    rate = config.model.dropout_rate if train else 0.0
+    model = timm.create_model(name, pretrained=False, num_classes=config.num_classes, img_size=config.image_size,
+                              global_pool="token" if config.model.classifier == "token" else "avg",
+                              class_token=config.model.classifier == "token",
+                              proj_drop_rate=rate, pos_drop_rate=rate,
+                              attn_drop_rate=config.model.attention_dropout_rate if train else 0.0)
+    return model.train(train)
+
+
+def load_average() -> str:
+    """`uptime`'s load averages: timings on a shared machine are only comparable at similar load."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def print_table(rows: list[tuple[str, str]], result: dict) -> None:
+    """A two-column table, then the result as one JSON line (always the last line)."""
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(json.dumps(result, sort_keys=True))

@@ -1,0 +1,89 @@
+"""Compiled cost of our train step: XLA's FLOPs against the analytic model FLOPs, and peak temporary memory.
+
+  python benchmarks/compile_report.py [--dtype=float32|bfloat16] [--batch=8] [--config=configs/vit_b16.py]
+
+`flops_ratio` = XLA cost-analysis FLOPs of the jitted `vit_jax.train` step / (analytic forward FLOPs x 3 x
+batch). XLA counts every op (softmax, GELU, LayerNorm, AdamW too), so a ratio a little above 1 is the
+elementwise work; a ratio well above 1 is wasted compute (recomputation, a dot done twice, padding) on any
+hardware. XLA's cost analysis counts a scan/while body once, so the step is lowered with `model.scan=False`
+(and one micro-batch); remat's recomputation does show. Peak temporary memory is the compiled step's
+`temp_size_in_bytes` (activations and scratch; params and optimizer state are arguments, donated).
+The forward pass alone is reported the same way. Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
+
+
+def cost_of(compiled_or_lowered) -> dict:
+    cost = compiled_or_lowered.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost) or {}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=common.DTYPES)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from vit_jax import sharding, train
+    from vit_jax.models.vit import build_model
+
+    config = common.load_config(args.config, args.dtype, args.batch)
+    scanned = bool(config.model.scan)
+    with config.unlocked():
+        config.model.scan = False  # XLA counts a loop body once: lower unrolled for the count
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    lowered = train.make_train_step(config, mesh, config.total_steps).lower(
+        train.abstract_state(config, mesh, config.total_steps), train.abstract_batch(config, mesh))
+    compiled = lowered.compile()
+    step_flops = float(cost_of(compiled).get("flops", 0.0) or cost_of(lowered).get("flops", 0.0))
+    memory = compiled.memory_analysis()
+    analytic_forward = common.forward_flops_per_image(config) * config.batch_size
+
+    model = build_model(config.model, config.num_classes)
+    images = jax.ShapeDtypeStruct((config.batch_size, config.image_size, config.image_size, 3), "float32")
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x)["params"], images)
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
+    forward_flops = float(cost_of(forward).get("flops", 0.0))
+
+    result = {
+        "benchmark": "compile_report", "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
+        "batch": config.batch_size, "image_size": config.image_size, "remat": bool(config.model.remat),
+        "scan_in_config": scanned, "xla_step_gflop": step_flops / 1e9,
+        "analytic_step_gflop": 3 * analytic_forward / 1e9, "flops_ratio": step_flops / (3 * analytic_forward),
+        "xla_forward_gflop": forward_flops / 1e9, "analytic_forward_gflop": analytic_forward / 1e9,
+        "forward_flops_ratio": forward_flops / analytic_forward,
+        "temp_mib": memory.temp_size_in_bytes / 2**20 if memory else None,
+        "argument_mib": memory.argument_size_in_bytes / 2**20 if memory else None,
+        "forward_temp_mib": (forward.memory_analysis().temp_size_in_bytes / 2**20
+                             if forward.memory_analysis() else None),
+    }
+    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}"
+             + (" (scan lowered unrolled)" if scanned else "") + (" remat" if result["remat"] else "")),
+            ("train step XLA / analytic", f"{result['xla_step_gflop']:.1f} / {result['analytic_step_gflop']:.1f} "
+             f"GFLOP = {result['flops_ratio']:.3f}"),
+            ("forward XLA / analytic", f"{result['xla_forward_gflop']:.1f} / {result['analytic_forward_gflop']:.1f} "
+             f"GFLOP = {result['forward_flops_ratio']:.3f}")]
+    if memory:
+        rows += [("train step peak temp", f"{result['temp_mib']:.0f} MiB (arguments {result['argument_mib']:.0f} MiB)"),
+                 ("forward peak temp", f"{result['forward_temp_mib']:.0f} MiB")]
+    common.print_table(rows, result)
+    return result
+
+
+if __name__ == "__main__":
+    from vit_jax.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

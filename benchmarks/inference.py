@@ -1,0 +1,97 @@
+"""Inference throughput: our jitted forward pass against timm's ViT-B/16, same process and threads.
+
+  python benchmarks/inference.py [--dtype=float32|bfloat16] [--batch=8] [--config=configs/vit_b16.py]
+      [--repeats=5] [--peak_size=4096] [--no-timm]
+
+Ours: `model.apply(params, images, train=False)` of `vit_jax.models.vit.build_model` under `jax.jit`, float32
+params, compute in --dtype, float32 logits. timm: `vit_base_patch16_224` in eval mode under
+`torch.inference_mode()`, with --dtype=bfloat16 also under `torch.autocast("cpu", torch.bfloat16)`. Both are
+timed after warm-up as the median of --repeats batches, torch with one thread per core. Achieved GFLOP/s counts
+the analytic forward FLOPs (`vit_jax.summary`); MFU divides it by a large XLA matmul measured on the spot in
+--dtype (for bf16 both plain and accumulating in float32). Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
+from train_step import parse_args
+
+
+def time_ours(config, repeats: int) -> float:
+    """Median seconds of one jitted forward pass over the batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from vit_jax.models.vit import build_model
+
+    model = build_model(config.model, config.num_classes)
+    size, batch = config.image_size, config.batch_size
+    images = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), jnp.float32, -1.0, 1.0)
+    params = jax.jit(lambda x: model.init(jax.random.key(0), x)["params"])(images[:1])
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    return common.median(common.time_runs(lambda: forward(params, images).block_until_ready(), repeats, warmup=2))
+
+
+def time_timm(config, repeats: int) -> float:
+    """Median seconds of one timm eval forward pass at the same batch (autocast bf16 for --dtype=bfloat16)."""
+    import contextlib
+
+    import torch
+
+    model = common.timm_vit(config, train=False)
+    size, batch = config.image_size, config.batch_size
+    images = torch.rand(batch, 3, size, size) * 2 - 1
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.model.dtype == "bfloat16"
+                else contextlib.nullcontext())
+
+    def run() -> None:
+        with torch.inference_mode(), autocast:
+            model(images)
+
+    return common.median(common.time_runs(run, repeats, warmup=2))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    threads = common.torch_threads() if args.timm else None
+    config = common.load_config(args.config, args.dtype, args.batch)
+    load_before = common.load_average()
+    ours = time_ours(config, args.repeats)
+    timm_seconds = time_timm(config, args.repeats) if args.timm else None
+    peaks = common.matmul_peaks(args.dtype, args.peak_size, 3) if args.peak_size else {}
+    flops_per_batch = common.forward_flops_per_image(config) * config.batch_size
+    achieved = flops_per_batch / ours / 1e9
+    result = {
+        "benchmark": "inference", "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
+        "batch": config.batch_size, "image_size": config.image_size, "threads": threads, "repeats": args.repeats,
+        "ours_img_s": config.batch_size / ours, "ours_batch_s": ours,
+        "timm_img_s": config.batch_size / timm_seconds if timm_seconds else None,
+        "ratio_vs_timm": timm_seconds / ours if timm_seconds else None,
+        "gflop_per_batch": flops_per_batch / 1e9, "achieved_gflop_s": achieved,
+        "peak_gflop_s": peaks, "mfu": {name: achieved / peak for name, peak in peaks.items()},
+        "load_average": f"{load_before} -> {common.load_average()}",
+    }
+    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}"),
+            ("ours (jax forward)", f"{result['ours_img_s']:.2f} img/s ({ours:.3f} s/batch)")]
+    if timm_seconds:
+        rows += [("timm vit_base_patch16_224", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/batch)"
+                  + (" autocast bf16" if args.dtype == "bfloat16" else "")),
+                 ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x")]
+    rows.append(("achieved", f"{achieved:.1f} GFLOP/s (analytic forward)"))
+    for name, peak in peaks.items():
+        rows.append((f"matmul peak {name}", f"{peak:.1f} GFLOP/s -> MFU {achieved / peak:.1%}"))
+    rows.append(("load average", result["load_average"]))
+    common.print_table(rows, result)
+    return result
+
+
+if __name__ == "__main__":
+    from vit_jax.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

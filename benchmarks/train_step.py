@@ -1,0 +1,124 @@
+"""Training-step throughput: our jitted `vit_jax.train` step against timm's ViT-B/16, same process and threads.
+
+  python benchmarks/train_step.py [--dtype=float32|bfloat16] [--batch=8] [--config=configs/vit_b16.py]
+      [--repeats=5] [--peak_size=4096] [--no-timm]
+
+Ours: `vit_jax.train.make_train_step` (the real step: forward, backward, grad clipping, AdamW; dropout as the
+config says; float32 params, compute in --dtype) on a one-device mesh with a 1000-class head. timm:
+`vit_base_patch16_224` with the same dropout, cross-entropy, `clip_grad_norm_` and AdamW; with
+--dtype=bfloat16 under `torch.autocast("cpu", torch.bfloat16)`. Both are timed after warm-up as the
+median of --repeats steps, torch with one thread per core. Achieved GFLOP/s counts the analytic FLOPs
+(forward x 3, `vit_jax.summary`); MFU divides it by a large XLA matmul measured on the spot in --dtype
+(for bf16 both plain and accumulating in float32, the path the model takes). Prints a table, then one
+JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=common.DTYPES)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--peak_size", type=int, default=4096, help="matmul size for the peak (0: skip)")
+    parser.add_argument("--no-timm", dest="timm", action="store_false", help="skip timm")
+    return parser.parse_args(argv)
+
+
+def time_ours(config, repeats: int) -> float:
+    """Median seconds of our jitted train step (state donated and carried over, as in training)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vit_jax import sharding, train
+
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    step = train.make_train_step(config, mesh, config.total_steps)
+    state = train.init_state(config, mesh, config.total_steps)
+    size, batch = config.image_size, config.batch_size
+    images = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), jnp.float32, -1.0, 1.0)
+    labels = jax.nn.one_hot(jnp.arange(batch) % config.num_classes, config.num_classes)
+    data = {"image": images, "label": labels}
+    holder = {"state": state}
+
+    def run() -> None:
+        holder["state"], metrics = step(holder["state"], data)
+        jax.block_until_ready((holder["state"], metrics))
+
+    return common.median(common.time_runs(run, repeats, warmup=2))
+
+
+def time_timm(config, repeats: int) -> float:
+    """Median seconds of one timm training step (forward, backward, clip, AdamW) at the same batch."""
+    import contextlib
+
+    import torch
+
+    model = common.timm_vit(config, train=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=config.optimizer.weight_decay)
+    size, batch = config.image_size, config.batch_size
+    images = torch.rand(batch, 3, size, size) * 2 - 1
+    labels = torch.arange(batch) % config.num_classes
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.model.dtype == "bfloat16"
+                else contextlib.nullcontext())
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm)
+        optimizer.step()
+
+    return common.median(common.time_runs(run, repeats, warmup=2))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    threads = common.torch_threads() if args.timm else None
+    config = common.load_config(args.config, args.dtype, args.batch)
+    load_before = common.load_average()
+    ours = time_ours(config, args.repeats)
+    timm_seconds = time_timm(config, args.repeats) if args.timm else None
+    peaks = common.matmul_peaks(args.dtype, args.peak_size, 3) if args.peak_size else {}
+    flops_per_step = 3 * common.forward_flops_per_image(config) * config.batch_size
+    achieved = flops_per_step / ours / 1e9
+    result = {
+        "benchmark": "train_step", "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
+        "batch": config.batch_size, "image_size": config.image_size, "threads": threads, "repeats": args.repeats,
+        "ours_img_s": config.batch_size / ours, "ours_step_s": ours,
+        "timm_img_s": config.batch_size / timm_seconds if timm_seconds else None,
+        "ratio_vs_timm": timm_seconds / ours if timm_seconds else None,
+        "gflop_per_step": flops_per_step / 1e9, "achieved_gflop_s": achieved,
+        "peak_gflop_s": peaks, "mfu": {name: achieved / peak for name, peak in peaks.items()},
+        "load_average": f"{load_before} -> {common.load_average()}",
+    }
+    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}"),
+            ("ours (jax train step)", f"{result['ours_img_s']:.2f} img/s ({ours:.3f} s/step)")]
+    if timm_seconds:
+        rows += [("timm vit_base_patch16_224", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/step)"
+                  + (" autocast bf16" if args.dtype == "bfloat16" else "")),
+                 ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x")]
+    rows.append(("achieved", f"{achieved:.1f} GFLOP/s (analytic forward x 3)"))
+    for name, peak in peaks.items():
+        rows.append((f"matmul peak {name}", f"{peak:.1f} GFLOP/s -> MFU {achieved / peak:.1%}"))
+    rows.append(("load average", result["load_average"]))
+    common.print_table(rows, result)
+    return result
+
+
+if __name__ == "__main__":
+    from vit_jax.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
