@@ -148,3 +148,49 @@ def print_table(rows: list[tuple[str, str]], result: dict) -> None:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print(json.dumps(result, sort_keys=True))
+
+
+def compare(benchmark: str, args: Any, config: Any, threads: int | None, time_ours: Callable[[Any, int], float],
+            time_timm: Callable[[Any, int], float], flops_per_run: float, unit: str, what: str) -> dict:
+    """Time ours, then timm (same process, batch and threads), then the matmul peak; print the table and JSON.
+
+    `unit` names one timed run ("batch" or "step"); `what` is how our row and the FLOP count are labelled.
+    """
+    load_before = load_average()
+    ours = time_ours(config, args.repeats)
+    timm_seconds = time_timm(config, args.repeats) if args.timm else None
+    peaks = matmul_peaks(args.dtype, args.peak_size, 3) if args.peak_size else {}
+    achieved = flops_per_run / ours / 1e9
+    result = {
+        "benchmark": benchmark, "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
+        "batch": config.batch_size, "image_size": config.image_size, "threads": threads, "repeats": args.repeats,
+        "ours_img_s": config.batch_size / ours, f"ours_{unit}_s": ours,
+        "timm_img_s": config.batch_size / timm_seconds if timm_seconds else None,
+        "ratio_vs_timm": timm_seconds / ours if timm_seconds else None,
+        f"gflop_per_{unit}": flops_per_run / 1e9, "achieved_gflop_s": achieved,
+        "peak_gflop_s": peaks, "mfu": {name: achieved / peak for name, peak in peaks.items()},
+        "load_average": f"{load_before} -> {load_average()}",
+    }
+    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}"),
+            (f"ours (jax {what[0]})", f"{result['ours_img_s']:.2f} img/s ({ours:.3f} s/{unit})")]
+    if timm_seconds:
+        rows += [("timm vit_base_patch16_224", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/{unit})"
+                  + (" autocast bf16" if args.dtype == "bfloat16" else "")),
+                 ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x")]
+    rows.append(("achieved", f"{achieved:.1f} GFLOP/s ({what[1]})"))
+    for name, peak in peaks.items():
+        rows.append((f"matmul peak {name}", f"{peak:.1f} GFLOP/s -> MFU {achieved / peak:.1%}"))
+    rows.append(("load average", result["load_average"]))
+    print_table(rows, result)
+    return result
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a benchmark's main: bad input (vit_jax's UserError) is one `error:` line and exit code 2."""
+    from vit_jax.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

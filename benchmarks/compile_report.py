@@ -14,7 +14,6 @@ The forward pass alone is reported the same way. Prints a table, then one JSON l
 from __future__ import annotations
 
 import argparse
-import sys
 
 import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
 
@@ -80,10 +79,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from vit_jax.errors import UserError
-
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run_main(main)

@@ -13,8 +13,6 @@ the analytic forward FLOPs (`vit_jax.summary`); MFU divides it by a large XLA ma
 
 from __future__ import annotations
 
-import sys
-
 import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
 from train_step import parse_args
 
@@ -57,41 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     threads = common.torch_threads() if args.timm else None
     config = common.load_config(args.config, args.dtype, args.batch)
-    load_before = common.load_average()
-    ours = time_ours(config, args.repeats)
-    timm_seconds = time_timm(config, args.repeats) if args.timm else None
-    peaks = common.matmul_peaks(args.dtype, args.peak_size, 3) if args.peak_size else {}
-    flops_per_batch = common.forward_flops_per_image(config) * config.batch_size
-    achieved = flops_per_batch / ours / 1e9
-    result = {
-        "benchmark": "inference", "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
-        "batch": config.batch_size, "image_size": config.image_size, "threads": threads, "repeats": args.repeats,
-        "ours_img_s": config.batch_size / ours, "ours_batch_s": ours,
-        "timm_img_s": config.batch_size / timm_seconds if timm_seconds else None,
-        "ratio_vs_timm": timm_seconds / ours if timm_seconds else None,
-        "gflop_per_batch": flops_per_batch / 1e9, "achieved_gflop_s": achieved,
-        "peak_gflop_s": peaks, "mfu": {name: achieved / peak for name, peak in peaks.items()},
-        "load_average": f"{load_before} -> {common.load_average()}",
-    }
-    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}"),
-            ("ours (jax forward)", f"{result['ours_img_s']:.2f} img/s ({ours:.3f} s/batch)")]
-    if timm_seconds:
-        rows += [("timm vit_base_patch16_224", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/batch)"
-                  + (" autocast bf16" if args.dtype == "bfloat16" else "")),
-                 ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x")]
-    rows.append(("achieved", f"{achieved:.1f} GFLOP/s (analytic forward)"))
-    for name, peak in peaks.items():
-        rows.append((f"matmul peak {name}", f"{peak:.1f} GFLOP/s -> MFU {achieved / peak:.1%}"))
-    rows.append(("load average", result["load_average"]))
-    common.print_table(rows, result)
-    return result
+    return common.compare("inference", args, config, threads, time_ours, time_timm,
+                          common.forward_flops_per_image(config) * config.batch_size, "batch",
+                          ("forward", "analytic forward"))
 
 
 if __name__ == "__main__":
-    from vit_jax.errors import UserError
-
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.run_main(main)
