@@ -62,10 +62,12 @@ def _constrain(x: Array) -> Array:
 # with no platform check. The backward pass (custom VJP) does the same: the cotangent stays in the compute dtype
 # and both gradient matmuls accumulate in float32, instead of the mixed float32 x bf16 dots that autodiff of a
 # float32-output dot would give. float32 / float64 compute takes plain `jnp.einsum` (nothing changes).
-# Two CPU-only branches (`jax.default_backend() == "cpu"`), where the generic choice would be slower or fail on
-# CPU but is right on TPU/GPU: attention is computed explicitly on CPU (elsewhere `jax.nn.dot_product_attention`,
-# which may pick a fused kernel), and on CPU batched or skinny bf16 matmuls multiply float32 copies (XLA:CPU has
-# no bf16 -> f32 kernel for them; see `_einsum_f32acc_impl`) -- on TPU that upcast would cost a multi-pass f32 dot.
+# Platform choices: attention is computed explicitly except on GPU (where `jax.nn.dot_product_attention` may pick
+# a fused kernel; on CPU/TPU it is the same XLA code minus float32 accumulation of probs @ values). On CPU, batched
+# or skinny bf16 matmuls multiply float32 copies (XLA:CPU has no bf16 -> f32 kernel for them; see
+# `_einsum_f32acc_impl`; on TPU that upcast would cost a multi-pass f32 dot) and dropout draws a cheaper mask
+# (`Dropout`). Those two use `jax.lax.platform_dependent`, decided when lowering for a platform, so a TPU step
+# compiled on a CPU host (`vit_jax.plan`) is the TPU program.
 
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MIN_BF16_DIM = 64  # on CPU, a bf16 matmul with a smaller M, K or N multiplies float32 copies (see below)
@@ -93,9 +95,15 @@ def _einsum_f32acc_impl(spec: str, a: Array, b: Array, keep_f32: bool = False) -
         prod(batch), prod(free_a), prod(contract))
     b2 = jnp.transpose(b, [sb.index(c) for c in batch + contract + free_b]).reshape(
         prod(batch), prod(contract), prod(free_b))
-    if jax.default_backend() == "cpu" and (batch or min(a2.shape[1], a2.shape[2], b2.shape[2]) < _MIN_BF16_DIM):
-        a2, b2 = a2.astype(jnp.float32), b2.astype(jnp.float32)
-    y = jax.lax.dot_general(a2, b2, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    def dot(x: Array, y: Array) -> Array:
+        return jax.lax.dot_general(x, y, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+
+    if batch or min(a2.shape[1], a2.shape[2], b2.shape[2]) < _MIN_BF16_DIM:
+        # Chosen when lowering for a platform (so a TPU step compiled on a CPU host takes the TPU branch).
+        y = jax.lax.platform_dependent(a2, b2, cpu=lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32)),
+                                       default=dot)
+    else:
+        y = dot(a2, b2)
     order = batch + free_a + free_b
     y = jnp.transpose(y.reshape([size[c] for c in order]), [order.index(c) for c in out])
     return y if keep_f32 else y.astype(jnp.result_type(a, b))
@@ -170,13 +178,19 @@ def _keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     threefry = data.shape == (2,) and data.dtype == jnp.uint32 and (
         not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or "threefry" in str(jax.random.key_impl(key)))
-    if not threefry or jax.default_backend() != "cpu":
+    if not threefry:
         return jax.random.bernoulli(key, 1.0 - rate, shape)
-    size = int(np.prod(shape, dtype=np.int64))
-    count = jax.lax.iota(jnp.uint32, 2 * (-(-size // 4)))  # each threefry2x32 pair gives 2 words = 4 halves
-    words = threefry_2x32(data, count)
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size].reshape(shape)
-    return halves >= np.uint16(min(65535, round(rate * 65536)))
+
+    def cheap(data: Array) -> Array:
+        size = int(np.prod(shape, dtype=np.int64))
+        count = jax.lax.iota(jnp.uint32, 2 * (-(-size // 4)))  # each threefry2x32 pair gives 2 words = 4 halves
+        words = threefry_2x32(data, count)
+        halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size].reshape(shape)
+        return halves >= np.uint16(min(65535, round(rate * 65536)))
+
+    # Chosen when lowering for a platform: a TPU step compiled on a CPU host (vit_jax.plan) draws as on TPU.
+    return jax.lax.platform_dependent(data, cpu=cheap,
+                                      default=lambda data: jax.random.bernoulli(key, 1.0 - rate, shape))
 
 
 class Dropout(nn.Module):
@@ -252,10 +266,10 @@ class MultiHeadDotProductAttention(nn.Module):
         key = proj(name="key")(x)
         value = proj(name="value")(x)
         use_dropout = self.attention_dropout_rate > 0 and not self.deterministic
-        if use_dropout or self.capture_attention or jax.default_backend() == "cpu":
-            # Explicit attention: probabilities asked for or dropped out, or on CPU (where
-            # jax.nn.dot_product_attention is this same XLA code, but its bf16 probs @ values dot would not
-            # accumulate in float32). Logits and the softmax are float32.
+        if use_dropout or self.capture_attention or jax.default_backend() != "gpu":
+            # Explicit attention: probabilities asked for or dropped out, or off GPU. Off GPU
+            # jax.nn.dot_product_attention is this same XLA code, except that its bf16 probs @ values dot would
+            # not accumulate in float32; on GPU it may pick a fused cuDNN kernel. Logits and softmax are float32.
             scale = 1.0 / np.sqrt(head_dim).astype(np.float32)
             logits = einsum("bqhd,bkhd->bhqk", query * scale.astype(query.dtype), key, keep_f32=True)
             logits = logits.astype(jnp.float32)
