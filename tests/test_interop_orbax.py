@@ -171,6 +171,17 @@ def test_save_as_orbax_round_trip(tmp_path):
         save_as(params, config.model, str(tmp_path / "ckpt"), "orbax")
 
 
+def test_a_relative_checkpoint_path_loads(tmp_path, monkeypatch):
+    """`--config.pretrained=workdir/run` (what `make demo-finetune` passes): orbax itself wants absolute paths."""
+    config = tiny_config()
+    params = jax.device_get(train.init_state(config, sharding.make_mesh(config, jax.devices()[:1]),
+                                             config.total_steps)["params"])
+    save_as(params, config.model, str(tmp_path / "run"), "orbax")
+    monkeypatch.chdir(tmp_path)
+    loaded = flatten(load_pretrained("run", tiny_config().model))
+    np.testing.assert_array_equal(loaded["embedding/kernel"], params_to_canonical(params)["embedding/kernel"])
+
+
 def test_main_fine_tunes_from_a_masked_patch_checkpoint(masked_patch_run, tmp_path):
     """`python -m vit_jax.main --config.pretrained=WORKDIR` end to end: digits at 24px from a 16px MPP run."""
     source, _, _ = masked_patch_run

@@ -43,7 +43,7 @@ def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
     import orbax.checkpoint as ocp
 
     step_dir = _step_dir(path)
-    params_dir = os.path.join(step_dir, "params")
+    params_dir = os.path.abspath(os.path.join(step_dir, "params"))  # orbax wants absolute paths
     checkpointer = ocp.StandardCheckpointer()
     try:
         metadata = checkpointer.metadata(params_dir)
