@@ -258,34 +258,22 @@ def _out_of_hbm_temporaries(error: Exception) -> int | None:
 def step_flops(config: ml_collections.ConfigDict) -> float:
     """XLA's FLOP count of one whole training step (all chips), from the step lowered for one CPU device.
 
-    XLA counts a loop body once, so the blocks are unrolled (scan off) and the step is lowered for one
-    micro-batch, then multiplied by `accum_steps`; nothing is compiled.
+    `train.step_flops` (blocks unrolled, one micro-batch times `accum_steps`; nothing is compiled) on a
+    one-device mesh, since the count does not depend on how the step is split.
     """
     from vit_jax import sharding, train
 
     flat = copy.deepcopy(config)
     with flat.unlocked():
-        flat.model.scan = False
-        flat.batch_size = config.batch_size // config.accum_steps
-        flat.accum_steps = 1
         flat.mesh.data, flat.mesh.fsdp, flat.mesh.model = 1, 1, 1
-    mesh = sharding.make_mesh(flat, devices=jax.devices("cpu")[:1])
-    lowered = train.make_train_step(flat, mesh).lower(train.abstract_state(flat, mesh),
-                                                      train.abstract_batch(flat, mesh))
-    cost = lowered.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
-    return float(cost["flops"]) * config.accum_steps
+    return train.step_flops(flat, sharding.make_mesh(flat, devices=jax.devices("cpu")[:1]), None)
 
 
 def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
     """Model FLOPs of a step: forward + backward = 3 x the analytic forward FLOPs x global batch (no recompute)."""
     from vit_jax import summary
 
-    flat = copy.deepcopy(config)
-    with flat.unlocked():
-        flat.model.scan = False  # the analytic count is the same; summary reads per-block params only unscanned
-    return 3.0 * sum(row.flops for row in summary.layer_table(flat)) * config.batch_size
+    return 3.0 * sum(row.flops for row in summary.layer_table(config)) * config.batch_size
 
 
 def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_bytes: int | None = None) -> dict:

@@ -288,7 +288,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
 # ----------------------------------------------------------------------------------------------------------------
 # Reporting.
 
-def step_flops(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int) -> float:
+def step_flops(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None) -> float:
     """FLOPs of one whole training step (all devices) from XLA's cost analysis of the lowered step.
 
     XLA counts a loop body once, so with scanned blocks or gradient accumulation the step is lowered unrolled
