@@ -3,10 +3,12 @@
   python benchmarks/inference.py [--dtype=float32|bfloat16] [--batch=8] [--config=configs/vit_b16.py]
       [--repeats=5] [--peak_size=4096] [--no-timm]
 
-Ours: `model.apply(params, images, train=False)` of `vit_jax.models.vit.build_model` under `jax.jit`, float32
-params, compute in --dtype, float32 logits. timm: `vit_base_patch16_224` in eval mode under
-`torch.inference_mode()`, with --dtype=bfloat16 also under `torch.autocast("cpu", torch.bfloat16)`. Both are
-timed after warm-up as the median of --repeats batches, torch with one thread per core. Achieved GFLOP/s counts
+Ours: `vit_jax.predict.make_classifier` (the jitted `model.apply(params, images, train=False)` + softmax that
+`python -m vit_jax.predict` runs, with its CPU compiler options), float32 params (their matmul kernels cast once
+to a bf16 --dtype by `predict.cast_for_inference`, as predict does), compute in --dtype, float32 logits.
+timm: `vit_base_patch16_224` in eval mode under `torch.inference_mode()`, with --dtype=bfloat16 also under
+`torch.autocast("cpu", torch.bfloat16)`. Both are timed after warm-up as the median of --repeats batches, torch
+with one thread per core. Achieved GFLOP/s counts
 the analytic forward FLOPs (`vit_jax.summary`); MFU divides it by a large XLA matmul measured on the spot in
 --dtype (for bf16 both plain and accumulating in float32). Prints a table, then one JSON line last.
 """
@@ -22,13 +24,15 @@ def time_ours(config, repeats: int) -> float:
     import jax
     import jax.numpy as jnp
 
+    from vit_jax import predict
     from vit_jax.models.vit import build_model
 
     model = build_model(config.model, config.num_classes)
     size, batch = config.image_size, config.batch_size
     images = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), jnp.float32, -1.0, 1.0)
     params = jax.jit(lambda x: model.init(jax.random.key(0), x)["params"])(images[:1])
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    params = predict.cast_for_inference(params, config.model.dtype)  # what `vit_jax.predict` does
+    forward = predict.make_classifier(config.model, config.num_classes)
     return common.median(common.time_runs(lambda: forward(params, images).block_until_ready(), repeats, warmup=2))
 
 

@@ -210,3 +210,27 @@ def test_cli_without_images_is_a_one_line_error(tmp_path):
     result = run_cli("--config=configs/demo.py", f"--checkpoint={tmp_path}")
     assert result.returncode == 2
     assert error_lines(result.stderr) == ["error: no IMAGE given: pass one or more image files after the flags"]
+
+
+def test_cast_for_inference_casts_the_matmul_kernels_and_keeps_the_probabilities_bitwise():
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from vit_jax.models.vit import build_model
+
+    config = train_helpers.tiny_config(**{"model.dtype": "bfloat16"})
+    model = build_model(config.model, config.num_classes)
+    images = np.random.default_rng(2).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+    params = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False)["params"])(images[:1])
+    params = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
+    cast = predict.cast_for_inference(params, "bfloat16")
+    dtypes = {"/".join(path): value.dtype for path, value in traverse_util.flatten_dict(cast).items()}
+    assert dtypes["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] == jnp.bfloat16
+    assert dtypes["embedding/kernel"] == dtypes["head/kernel"] == jnp.bfloat16
+    assert dtypes["Transformer/encoderblock_0/LayerNorm_0/scale"] == jnp.float32  # LayerNorm computes in float32
+    assert dtypes["Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias"] == jnp.float32
+    classify = predict.make_classifier(config.model, config.num_classes)
+    np.testing.assert_array_equal(np.asarray(classify(cast, images)), np.asarray(classify(params, images)))
+    unchanged = predict.cast_for_inference(params, "float32")  # float32: nothing to cast
+    assert all(a is b for a, b in zip(jax.tree.leaves(unchanged), jax.tree.leaves(params)))

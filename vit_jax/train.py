@@ -27,7 +27,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
-from vit_jax import checkpoints, masked_patch, optim, sharding
+from vit_jax import checkpoints, masked_patch, optim, sharding, xla_options
 from vit_jax.models.vit import build_model
 
 State = dict[str, Any]
@@ -173,7 +173,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         return new_state, metrics
 
     return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+                   compiler_options=xla_options.compiler_options(mesh.devices.flat))
 
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
@@ -203,7 +204,8 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         return {"loss": jnp.sum(losses * mask), "top1": jnp.sum(hits[:, 0] * mask),
                 "top5": jnp.sum(jnp.any(hits, axis=-1) * mask), "count": jnp.sum(mask)}
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=sharding.replicated(mesh))
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=sharding.replicated(mesh),
+                   compiler_options=xla_options.compiler_options(mesh.devices.flat))
 
 
 def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any, mesh: Mesh) -> dict[str, float]:

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.extend.random import threefry_2x32
 
+from vit_jax.models.layers import Dense, Dropout, broadcast_leading, einsum
 from vit_jax.models.resnet import resnet_trunk
 from vit_jax.models.variants import resnet_stride
 
@@ -50,171 +50,6 @@ def _constrain(x: Array) -> Array:
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Low-precision matmuls: float32 accumulation.
-#
-# With a bfloat16 (or float16) compute dtype every matmul of the model -- the Dense / DenseGeneral layers, the
-# patch embedding, attention logits and attention-weighted values -- multiplies low-precision inputs, accumulates
-# in float32 (`preferred_element_type=float32`) and rounds the result once to the compute dtype. That is what
-# TPU MXUs and GPU tensor cores do anyway for a bf16 dot, so on those platforms the numerics are unchanged and the
-# convert folds into the dot's output; on CPU it is also the fast path: XLA:CPU runs bf16 x bf16 -> f32 at about
-# twice its float32 rate, while a bf16 -> bf16 dot runs at below the float32 rate. So it applies on every platform,
-# with no platform check. The backward pass (custom VJP) does the same: the cotangent stays in the compute dtype
-# and both gradient matmuls accumulate in float32, instead of the mixed float32 x bf16 dots that autodiff of a
-# float32-output dot would give. float32 / float64 compute takes plain `jnp.einsum` (nothing changes).
-# Platform choices: attention is computed explicitly except on GPU (where `jax.nn.dot_product_attention` may pick
-# a fused kernel; on CPU/TPU it is the same XLA code minus float32 accumulation of probs @ values). On CPU, batched
-# or skinny bf16 matmuls multiply float32 copies (XLA:CPU has no bf16 -> f32 kernel for them; see
-# `_einsum_f32acc_impl`; on TPU that upcast would cost a multi-pass f32 dot) and dropout draws a cheaper mask
-# (`Dropout`). Those two use `jax.lax.platform_dependent`, decided when lowering for a platform, so a TPU step
-# compiled on a CPU host (`vit_jax.plan`) is the TPU program.
-
-_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_MIN_BF16_DIM = 64  # on CPU, a bf16 matmul with a smaller M, K or N multiplies float32 copies (see below)
-
-
-def _einsum_f32acc_impl(spec: str, a: Array, b: Array, keep_f32: bool = False) -> Array:
-    """The einsum as one canonical (batch, M, K) x (batch, K, N) -> f32 dot_general between explicit transposes.
-
-    XLA:CPU's library matmuls take bf16 x bf16 -> f32 in that form; a dot whose operands it would have to
-    transpose itself can fall back to a generic kernel that has no bf16 -> f32 variant ("Unsupported element
-    type for DotThunk"). XLA:CPU sends batched matmuls (attention's) and skinny ones (the head's: M or K = batch)
-    to that kernel whatever their form, and may fold our transposes back into the dot, so on CPU those multiply
-    float32 copies of the bf16 operands: the same products and float32 sums, at the float32 rate (attention's
-    matmuls are ~4% of ViT-B/16's FLOPs, the head's ~0.01%).
-    """
-    inputs, out = spec.split("->")
-    sa, sb = inputs.split(",")
-    batch = [c for c in sa if c in sb and c in out]
-    contract = [c for c in sa if c in sb and c not in out]
-    free_a = [c for c in sa if c not in sb]
-    free_b = [c for c in sb if c not in sa]
-    size = {c: n for s, x in ((sa, a), (sb, b)) for c, n in zip(s, x.shape)}
-    prod = lambda cs: int(np.prod([size[c] for c in cs], dtype=np.int64))  # noqa: E731
-    a2 = jnp.transpose(a, [sa.index(c) for c in batch + free_a + contract]).reshape(
-        prod(batch), prod(free_a), prod(contract))
-    b2 = jnp.transpose(b, [sb.index(c) for c in batch + contract + free_b]).reshape(
-        prod(batch), prod(contract), prod(free_b))
-    def dot(x: Array, y: Array) -> Array:
-        return jax.lax.dot_general(x, y, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-
-    if batch or min(a2.shape[1], a2.shape[2], b2.shape[2]) < _MIN_BF16_DIM:
-        # Chosen when lowering for a platform (so a TPU step compiled on a CPU host takes the TPU branch).
-        y = jax.lax.platform_dependent(a2, b2, cpu=lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32)),
-                                       default=dot)
-    else:
-        y = dot(a2, b2)
-    order = batch + free_a + free_b
-    y = jnp.transpose(y.reshape([size[c] for c in order]), [order.index(c) for c in out])
-    return y if keep_f32 else y.astype(jnp.result_type(a, b))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _einsum_f32acc(spec: str, a: Array, b: Array, keep_f32: bool) -> Array:
-    return _einsum_f32acc_impl(spec, a, b, keep_f32)
-
-
-def _einsum_f32acc_fwd(spec: str, a: Array, b: Array, keep_f32: bool) -> tuple[Array, tuple[Array, Array]]:
-    return _einsum_f32acc_impl(spec, a, b, keep_f32), (a, b)
-
-
-def _einsum_f32acc_bwd(spec: str, keep_f32: bool, residuals: tuple[Array, Array],
-                       g: Array) -> tuple[Array, Array]:
-    a, b = residuals
-    inputs, out = spec.split("->")
-    sa, sb = inputs.split(",")
-    g = g.astype(jnp.result_type(a, b))  # the cotangent in the compute dtype: bf16 x bf16 -> f32 dots below
-    grad_a = _einsum_f32acc_impl(f"{out},{sb}->{sa}", g, b).astype(a.dtype)
-    grad_b = _einsum_f32acc_impl(f"{sa},{out}->{sb}", a, g).astype(b.dtype)
-    return grad_a, grad_b
-
-
-_einsum_f32acc.defvjp(_einsum_f32acc_fwd, _einsum_f32acc_bwd)
-
-
-def einsum(spec: str, a: Array, b: Array, keep_f32: bool = False) -> Array:
-    """`jnp.einsum` of two operands; in bf16/f16 accumulating in float32 (forward and backward), then rounded.
-
-    `spec` must be explicit ("...->...") with every index of an operand also in the other operand or the output
-    (a matmul-like contraction, no index summed within one operand), so that each gradient is again an einsum.
-    `keep_f32=True` returns the float32 accumulator unrounded (attention logits, which go into a float32
-    softmax); for float32 / float64 operands the result has their dtype either way.
-    """
-    if jnp.result_type(a, b) not in _LOW_PRECISION:
-        return jnp.einsum(spec, a, b)
-    return _einsum_f32acc(spec, a, b, keep_f32)
-
-
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
-                preferred_element_type: Any = None, **kwargs: Any) -> Array:
-    """`lax.dot_general` with float32 accumulation for bf16/f16 (see `einsum`); what the Dense layers use.
-
-    Rewrites the contraction as an einsum spec (output: batch, lhs free, rhs free dims, as dot_general orders
-    them). An explicit `precision` / `preferred_element_type`, or a float32 / float64 dot, goes to
-    `lax.dot_general` unchanged.
-    """
-    dtype = jnp.result_type(lhs, rhs)
-    if dtype not in _LOW_PRECISION or precision is not None or preferred_element_type is not None or kwargs:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type, **kwargs)
-    (lc, rc), (lb, rb) = dimension_numbers
-    letters = iter(_LETTERS)
-    sl = [next(letters) for _ in range(lhs.ndim)]
-    sr = [next(letters) for _ in range(rhs.ndim)]
-    for i, j in zip(tuple(lc) + tuple(lb), tuple(rc) + tuple(rb)):
-        sr[j] = sl[i]
-    batch = [sl[i] for i in lb]
-    free_l = [sl[i] for i in range(lhs.ndim) if i not in tuple(lc) + tuple(lb)]
-    free_r = [sr[j] for j in range(rhs.ndim) if j not in tuple(rc) + tuple(rb)]
-    spec = f"{''.join(sl)},{''.join(sr)}->{''.join(batch + free_l + free_r)}"
-    return einsum(spec, lhs.astype(dtype), rhs.astype(dtype))
-
-
-def _keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
-    """A bool mask, True with probability 1 - `rate`, from 16-bit random numbers (see `Dropout`)."""
-    data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    threefry = data.shape == (2,) and data.dtype == jnp.uint32 and (
-        not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or "threefry" in str(jax.random.key_impl(key)))
-    if not threefry:
-        return jax.random.bernoulli(key, 1.0 - rate, shape)
-
-    def cheap(data: Array) -> Array:
-        size = int(np.prod(shape, dtype=np.int64))
-        count = jax.lax.iota(jnp.uint32, 2 * (-(-size // 4)))  # each threefry2x32 pair gives 2 words = 4 halves
-        words = threefry_2x32(data, count)
-        halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size].reshape(shape)
-        return halves >= np.uint16(min(65535, round(rate * 65536)))
-
-    # Chosen when lowering for a platform: a TPU step compiled on a CPU host (vit_jax.plan) draws as on TPU.
-    return jax.lax.platform_dependent(data, cpu=cheap,
-                                      default=lambda data: jax.random.bernoulli(key, 1.0 - rate, shape))
-
-
-class Dropout(nn.Module):
-    """Inverted dropout, `nn.Dropout(rate)(x, deterministic=...)`'s behaviour with a cheaper mask on CPU.
-
-    `nn.Dropout` draws each element's mask from `jax.random.bernoulli`: one threefry2x32 evaluation (64 random
-    bits) per element. On CPU those random numbers cost about as much as ViT-B/16's matmuls in a training step,
-    so there this module spends one evaluation per four elements, 16 bits each (the rate exact to 1/65536).
-    Elsewhere (TPU/GPU, where random bits are cheap and this flat draw would not shard with the batch), and
-    with a non-threefry key, it draws like `nn.Dropout`. Keys come from the "dropout" rng collection.
-    """
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        if self.rate >= 1.0:
-            return jnp.zeros_like(x)
-        mask = _keep_mask(self.make_rng("dropout"), self.rate, x.shape)
-        return jnp.where(mask, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
-
-
 class MlpBlock(nn.Module):
     """Dense -> GELU -> dropout -> Dense -> dropout."""
 
@@ -228,13 +63,13 @@ class MlpBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         bias_init = nn.initializers.normal(stddev=1e-6)
         features = x.shape[-1]
-        y = nn.Dense(self.mlp_dim, dtype=self.dtype, dot_general=dot_general,
+        y = Dense(self.mlp_dim, dtype=self.dtype,
                      kernel_init=_init(_xavier, ("embed", "mlp")), bias_init=_init(bias_init, ("mlp",)),
                      name="Dense_0")(x)
         y = nn.gelu(y, approximate=self.gelu_approximate)
         y = nn.with_logical_constraint(y, ("activation_batch", "activation_length", "activation_mlp"))
         y = Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
-        y = nn.Dense(features, dtype=self.dtype, dot_general=dot_general, kernel_init=_init(_xavier, ("mlp", "embed")),
+        y = Dense(features, dtype=self.dtype, kernel_init=_init(_xavier, ("mlp", "embed")),
                      bias_init=_init(bias_init, ("embed",)), name="Dense_1")(y)
         return Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
 
@@ -259,7 +94,7 @@ class MultiHeadDotProductAttention(nn.Module):
             raise ValueError(f"hidden size {features} is not divisible by num_heads {self.num_heads}")
         head_dim = features // self.num_heads
         proj = functools.partial(
-            nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype, dot_general=dot_general,
+            Dense, features=(self.num_heads, head_dim), dtype=self.dtype,
             kernel_init=_init(_xavier, ("embed", "heads", "kv")),
             bias_init=_init(nn.initializers.zeros, ("heads", "kv")))
         query = proj(name="query")(x)
@@ -279,8 +114,8 @@ class MultiHeadDotProductAttention(nn.Module):
             out = einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
         else:
             out = jax.nn.dot_product_attention(query, key, value)
-        return nn.DenseGeneral(
-            features, axis=(-2, -1), dtype=self.dtype, dot_general=dot_general,
+        return Dense(
+            features, axis=(-2, -1), dtype=self.dtype,
             kernel_init=_init(_xavier, ("heads", "kv", "embed")),
             bias_init=_init(nn.initializers.zeros, ("embed",)), name="out")(out)
 
@@ -354,7 +189,7 @@ class PatchEmbedding(nn.Module):
         rows, cols = height // p, width // p  # VALID: a remainder smaller than a patch is dropped
         x = x[:, :rows * p, :cols * p].reshape(batch, rows, p, cols, p, channels).astype(self.dtype)
         y = einsum("bxiyjc,ijcd->bxyd", x, jnp.asarray(kernel, self.dtype))
-        return y + jnp.asarray(bias, self.dtype)
+        return y + broadcast_leading(jnp.asarray(bias, self.dtype), y.shape)
 
 
 class AddPositionEmbs(nn.Module):
@@ -365,7 +200,7 @@ class AddPositionEmbs(nn.Module):
         pos_embedding = self.param(
             "pos_embedding", _init(nn.initializers.normal(stddev=0.02), (None, None, "embed")),
             (1, x.shape[1], x.shape[2]), jnp.float32)
-        return x + jnp.asarray(pos_embedding, x.dtype)
+        return x + broadcast_leading(jnp.asarray(pos_embedding[0], x.dtype), x.shape)
 
 
 class Encoder(nn.Module):
@@ -489,7 +324,7 @@ class VisionTransformer(nn.Module):
         self.sow("intermediates", "encoded", x)
         if self.masked_patch_classes:
             patches = x[:, 1:] if self.classifier == "token" else x
-            logits = nn.Dense(self.masked_patch_classes, dtype=self.dtype, dot_general=dot_general,
+            logits = Dense(self.masked_patch_classes, dtype=self.dtype,
                               name="masked_patch_head",
                               kernel_init=_init(nn.initializers.zeros, ("embed", "classes")),
                               bias_init=_init(nn.initializers.zeros, ("classes",)))(patches)
@@ -497,12 +332,12 @@ class VisionTransformer(nn.Module):
         x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
 
         if self.representation_size:
-            x = nn.Dense(self.representation_size, dtype=self.dtype, dot_general=dot_general, name="pre_logits",
+            x = Dense(self.representation_size, dtype=self.dtype, name="pre_logits",
                          kernel_init=_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
                          bias_init=_init(nn.initializers.zeros, ("mlp",)))(x)
             x = jnp.tanh(x)
         self.sow("intermediates", "pre_logits", x)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, dot_general=dot_general, name="head",
+        logits = Dense(self.num_classes, dtype=self.dtype, name="head",
                           kernel_init=_init(nn.initializers.zeros, ("embed", "classes")),
                           bias_init=_init(nn.initializers.constant(self.head_bias_init), ("classes",)))(x)
         return logits.astype(jnp.float32)

@@ -1,0 +1,134 @@
+"""Tests of vit_jax.models.layers: float32-accumulating bf16 matmuls, dropout, broadcast gradients, Dense."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax.models import layers
+
+# ---------------------------------------------------------------------------------------------------------------
+# Low-precision numerics: bf16 matmuls accumulate in float32 (layers.einsum / dot_general).
+
+def _bf16_round(x):
+    return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("spec,shape_a,shape_b", [
+    ("mk,kn->mn", (64, 2048), (2048, 96)),  # a Dense layer
+    ("bqhd,bkhd->bhqk", (2, 70, 3, 512), (2, 70, 3, 512)),  # attention logits (batched)
+    ("mk,kn->mn", (8, 2048), (2048, 96)),  # skinny (the head)
+])
+def test_bf16_einsum_accumulates_in_float32_forward_and_backward(spec, shape_a, shape_b):
+    ka, kb, kg = jax.random.split(jax.random.key(0), 3)
+    a = jax.random.normal(ka, shape_a).astype(jnp.bfloat16)
+    b = jax.random.normal(kb, shape_b).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(lambda x, y: layers.einsum(spec, x, y), a, b)
+    g = jax.random.normal(kg, out.shape).astype(jnp.bfloat16)
+    grad_a, grad_b = vjp(g)
+    assert out.dtype == grad_a.dtype == grad_b.dtype == jnp.bfloat16
+    a64, b64, g64 = _bf16_round(a), _bf16_round(b), _bf16_round(g)
+    inputs, result = spec.split("->")
+    sa, sb = inputs.split(",")
+    expected = {"out": (np.einsum(spec, a64, b64), out), "a": (np.einsum(f"{result},{sb}->{sa}", g64, b64), grad_a),
+                "b": (np.einsum(f"{sa},{result}->{sb}", a64, g64), grad_b)}
+    for name, (want, got) in expected.items():
+        # float32 accumulation then one rounding to bf16: within bf16's half-ulp (2^-9 relative) of the exact
+        # float64 sum, plus float32 summation error. bf16 accumulation over K >= 70 terms errs by far more.
+        err = np.abs(np.asarray(got, np.float64) - want)
+        assert np.all(err <= 2.0**-8 * np.abs(want) + 1e-3 * np.sqrt(shape_a[-1])), (name, float(err.max()))
+
+
+def test_dot_general_spec_matches_lax_for_dense_general_dims():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 4, 6))
+    dims = (((2, 3), (0, 1)), ((), ()))  # DenseGeneral(axis=(-2, -1)), like attention's `out`
+    want = jax.lax.dot_general(x, kernel, dims, precision="highest")
+    got = layers.dot_general(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), dims)
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=5e-2)
+    np.testing.assert_array_equal(layers.dot_general(x, kernel, dims), jax.lax.dot_general(x, kernel, dims))
+
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_drops_at_rate_and_rescales_kept(rate):
+    x = jnp.full((4, 197, 768), 2.0)
+    for key in (jax.random.PRNGKey(0), jax.random.key(1)):  # raw and typed threefry keys
+        y = np.asarray(layers.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": key}))
+        dropped = float(np.mean(y == 0))
+        # 605,184 Bernoulli draws: 5 standard deviations is < 0.004
+        assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / y.size) + 1e-4, dropped
+        np.testing.assert_allclose(y[y != 0], 2.0 / (1 - rate), rtol=1e-6)
+        masks = y.reshape(-1) != 0  # neighbouring elements come from one random word: check independence
+        assert abs(np.corrcoef(masks[:-1], masks[1:])[0, 1]) < 0.01
+    assert layers.Dropout(rate).apply({}, x, deterministic=True) is x
+    # masks of two keys are independent: both drop an element with probability rate^2
+    a, b = (np.asarray(layers.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(k)}))
+            == 0 for k in (2, 3))
+    both = float(np.mean(a & b))
+    assert abs(both - rate**2) < 5 * np.sqrt(rate**2 * (1 - rate**2) / a.size), both
+    other = layers.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.array_equal(np.asarray(other) == 0, np.asarray(
+        layers.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})) == 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# broadcast_leading: the bias gradient as a matmul on CPU (bf16/f16).
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,tail", [((8, 197, 96), (96,)), ((4, 10, 3, 16), (3, 16)), ((5, 7), (7,))])
+def test_broadcast_leading_gradient_is_the_sum_over_leading_axes(dtype, shape, tail):
+    x = jax.random.normal(jax.random.key(0), tail).astype(dtype)
+    g = jax.random.normal(jax.random.key(1), shape).astype(dtype)
+    out, vjp = jax.vjp(lambda x: layers.broadcast_leading(x, shape), x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.broadcast_to(np.asarray(x, np.float32), shape))
+    (grad,) = jax.jit(vjp)(g)
+    assert grad.dtype == dtype and grad.shape == tail
+    want = np.asarray(g, np.float64).reshape(-1, *tail).sum(0)  # float64 reference
+    rows = int(np.prod(shape)) // int(np.prod(tail))
+    # bf16: one rounding of a float32 sum (half an ulp, 2^-9 relative) plus float32 error; f32: float32 error only
+    rel = 2.0**-8 if dtype == jnp.bfloat16 else 1e-6
+    err = np.abs(np.asarray(grad, np.float64) - want)
+    assert np.all(err <= rel * np.abs(want) + 1e-5 * np.sqrt(rows)), float(err.max())
+
+
+def test_broadcast_leading_rejects_a_shape_it_is_not_the_tail_of():
+    with pytest.raises(ValueError, match=r"\(3,\) is not the tail of \(4, 5\)"):
+        layers.broadcast_leading(jnp.zeros(3), (4, 5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dense: nn.Dense / nn.DenseGeneral's parameters, initialisation and result.
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["dense", "general_out", "general_in"])
+def test_dense_matches_flax_dense_and_dense_general(kind, dtype):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 4, 6) if kind == "general_in" else (2, 7, 24))
+    init = nn.initializers.xavier_uniform()
+    bias_init = nn.initializers.normal(stddev=0.5)
+    if kind == "dense":
+        ours, theirs = (layers.Dense(16, dtype=dtype, kernel_init=init, bias_init=bias_init),
+                        nn.Dense(16, dtype=dtype, kernel_init=init, bias_init=bias_init))
+    elif kind == "general_out":  # attention's query/key/value: (embed) -> (heads, head_dim)
+        ours, theirs = (layers.Dense((4, 6), dtype=dtype, kernel_init=init, bias_init=bias_init),
+                        nn.DenseGeneral((4, 6), dtype=dtype, kernel_init=init, bias_init=bias_init))
+    else:  # attention's out: (heads, head_dim) -> embed
+        ours, theirs = (layers.Dense(24, axis=(-2, -1), dtype=dtype, kernel_init=init, bias_init=bias_init),
+                        nn.DenseGeneral(24, axis=(-2, -1), dtype=dtype, kernel_init=init, bias_init=bias_init))
+    params = ours.init(jax.random.key(1), x)
+    want_params = theirs.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, params, want_params)  # same names, shapes and initial values
+    loss = lambda module, p: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))  # noqa: E731
+    got, want = ours.apply(params, x), theirs.apply(params, x)
+    assert got.dtype == want.dtype == dtype
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+    grads, want_grads = jax.grad(lambda p: loss(ours, p))(params), jax.grad(lambda p: loss(theirs, p))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=5 * tol, atol=5 * tol), grads, want_grads)
+
+
+def test_dense_rejects_contracting_a_leading_axis():
+    with pytest.raises(ValueError, match=r"trailing axes only, got axis=0"):
+        layers.Dense(3, axis=0).init(jax.random.key(0), jnp.zeros((4, 5)))
