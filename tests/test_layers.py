@@ -1,5 +1,7 @@
 """Tests of vit_jax.models.layers: float32-accumulating bf16 matmuls, dropout, broadcast gradients, Dense."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -132,3 +134,21 @@ def test_dense_matches_flax_dense_and_dense_general(kind, dtype):
 def test_dense_rejects_contracting_a_leading_axis():
     with pytest.raises(ValueError, match=r"trailing axes only, got axis=0"):
         layers.Dense(3, axis=0).init(jax.random.key(0), jnp.zeros((4, 5)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_activation_is_applied_after_the_bias_and_rounded_once_in_bf16(dtype):
+    x = jax.random.normal(jax.random.key(0), (4, 9, 64))
+    gelu = functools.partial(nn.gelu, approximate=True)
+    layer = layers.Dense(96, dtype=dtype, bias_init=nn.initializers.normal(1.0), activation=gelu)
+    params = layer.init(jax.random.key(1), x)
+    got = layer.apply(params, x)
+    assert got.dtype == dtype
+    # reference: float64 matmul of the bf16-rounded inputs, bias (in the compute dtype), GELU, one rounding
+    p = params["params"]
+    rnd = lambda a: np.asarray(jnp.asarray(a, dtype).astype(jnp.float32), np.float64)  # noqa: E731
+    pre = rnd(x) @ rnd(p["kernel"]) + rnd(p["bias"])
+    want = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre**3)))
+    err = np.abs(np.asarray(got, np.float64) - want)
+    tol = 2.0**-8 * np.abs(want) + 1e-3 if dtype == jnp.bfloat16 else 1e-5 * (1 + np.abs(want))
+    assert np.all(err <= tol), float(err.max())

@@ -12,6 +12,7 @@ compiled on a CPU host (`vit_jax.plan`) is the TPU program.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -125,12 +126,12 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
-                preferred_element_type: Any = None, **kwargs: Any) -> Array:
+                preferred_element_type: Any = None, keep_f32: bool = False, **kwargs: Any) -> Array:
     """`lax.dot_general` with float32 accumulation for bf16/f16 (see `einsum`); what the Dense layers use.
 
     Rewrites the contraction as an einsum spec (output: batch, lhs free, rhs free dims, as dot_general orders
     them). An explicit `precision` / `preferred_element_type`, or a float32 / float64 dot, goes to
-    `lax.dot_general` unchanged.
+    `lax.dot_general` unchanged. `keep_f32` as in `einsum`.
     """
     dtype = jnp.result_type(lhs, rhs)
     if dtype not in _LOW_PRECISION or precision is not None or preferred_element_type is not None or kwargs:
@@ -146,7 +147,7 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any =
     free_l = [sl[i] for i in range(lhs.ndim) if i not in tuple(lc) + tuple(lb)]
     free_r = [sr[j] for j in range(rhs.ndim) if j not in tuple(rc) + tuple(rb)]
     spec = f"{''.join(sl)},{''.join(sr)}->{''.join(batch + free_l + free_r)}"
-    return einsum(spec, lhs.astype(dtype), rhs.astype(dtype))
+    return einsum(spec, lhs.astype(dtype), rhs.astype(dtype), keep_f32=keep_f32)
 
 
 def _keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
@@ -273,7 +274,11 @@ class Dense(nn.Module):
     """`nn.Dense` (int `features`) / `nn.DenseGeneral` (tuple `features`, `axis`): same params, init and result.
 
     Contracts the trailing `axis` of the input (-1, or e.g. (-2, -1)) through `dot_general` (float32 accumulation
-    in bf16) and adds the bias with `broadcast_leading` (its gradient a matmul on CPU).
+    in bf16) and adds the bias with `broadcast_leading` (its gradient a matmul on CPU), then applies the optional
+    elementwise `activation`. On CPU with a bf16/f16 dtype the bias and activation are computed in float32 on the
+    float32 accumulator and rounded once: XLA:CPU computes each bf16 elementwise op in float32 and rounds it, so
+    a bf16 GELU cost more (1576 x 3072 with its matmul: 14.4 vs 10.2 ms alone; the ViT-B/16 bf16 training step
+    ~3% faster, inference unchanged) and erred more (0.024 vs 0.016 max abs against float32).
     """
 
     features: int | tuple[int, ...]
@@ -281,6 +286,7 @@ class Dense(nn.Module):
     dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
+    activation: Callable[[Array], Array] | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -293,5 +299,19 @@ class Dense(nn.Module):
         kernel = self.param("kernel", _flat_init(self.kernel_init, len(axis)), in_shape + features, jnp.float32)
         bias = self.param("bias", _flat_init(self.bias_init, 0), features, jnp.float32)
         x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
-        y = dot_general(x, kernel, ((tuple(axis), tuple(range(len(axis)))), ((), ())))
-        return y + broadcast_leading(bias, y.shape)
+        dims = ((tuple(axis), tuple(range(len(axis)))), ((), ()))
+        activation = self.activation or (lambda y: y)
+
+        def plain(x: Array, kernel: Array, bias: Array) -> Array:
+            y = dot_general(x, kernel, dims)
+            return activation(y + broadcast_leading(bias, y.shape))
+
+        if self.activation is None or jnp.dtype(self.dtype) not in _LOW_PRECISION:
+            return plain(x, kernel, bias)
+
+        def in_float32(x: Array, kernel: Array, bias: Array) -> Array:
+            y = dot_general(x, kernel, dims, keep_f32=True)
+            return activation(y + broadcast_leading(bias, y.shape).astype(y.dtype)).astype(self.dtype)
+
+        # Chosen when lowering for a platform (a TPU step compiled on a CPU host keeps the bf16 elementwise ops).
+        return jax.lax.platform_dependent(x, kernel, bias, cpu=in_float32, default=plain)

@@ -63,10 +63,9 @@ class MlpBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         bias_init = nn.initializers.normal(stddev=1e-6)
         features = x.shape[-1]
-        y = Dense(self.mlp_dim, dtype=self.dtype,
-                     kernel_init=_init(_xavier, ("embed", "mlp")), bias_init=_init(bias_init, ("mlp",)),
-                     name="Dense_0")(x)
-        y = nn.gelu(y, approximate=self.gelu_approximate)
+        y = Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_init(_xavier, ("embed", "mlp")),
+                  bias_init=_init(bias_init, ("mlp",)),
+                  activation=functools.partial(nn.gelu, approximate=self.gelu_approximate), name="Dense_0")(x)
         y = nn.with_logical_constraint(y, ("activation_batch", "activation_length", "activation_mlp"))
         y = Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
         y = Dense(features, dtype=self.dtype, kernel_init=_init(_xavier, ("mlp", "embed")),
