@@ -14,8 +14,8 @@ adds a learnable `mask_embedding` and a per-token `masked_patch_head` in place o
 
 Numerics: with `dtype=bfloat16` (float32 params) every matmul -- Dense layers, the patch embedding (computed as
 patchify + matmul, the same parameters and result as the strided conv), attention logits and values -- takes
-bf16 inputs and accumulates in float32, forward and backward (`einsum`, `dot_general` below); attention logits
-and softmax stay float32, logits are returned in float32.
+bf16 inputs and accumulates in float32, forward and backward (`vit_jax.models.layers`: `einsum`, `Dense`);
+attention logits and softmax stay float32, logits are returned in float32.
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `classes`, ...), which
 `vit_jax.sharding` maps onto mesh axes.
