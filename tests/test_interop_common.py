@@ -80,3 +80,17 @@ def test_check_matches_lists_every_missing_unexpected_and_wrong_shaped_key():
     assert "unexpected 1 key(s): d/extra (checkpoint (7,))" in message
     assert "a/kernel (checkpoint (3, 2), model (2, 3))" in message
     check_matches({"c/scale": np.zeros(4)}, {"c/scale": (4,)}, "ok")  # a full match passes
+    assert message.startswith("x.npz does not fit the model: ")  # no architecture keys: no cause line
+
+
+def test_check_matches_opens_with_the_architecture_difference():
+    wide = tiny_config()
+    wide.hidden_size, wide.mlp_dim, wide.num_layers = 96, 192, 3
+    flat = params_to_canonical(random_params(wide, 7))
+    expected = {k: tuple(v.shape) for k, v in params_to_canonical(random_params(tiny_config(), 5)).items()}
+    with pytest.raises(CheckpointError) as e:
+        check_matches(flat, expected, "wide.npz")
+    message = str(e.value)
+    assert message.startswith("wide.npz does not fit the model (checkpoint num_layers 3, hidden_size 96, "
+                              "mlp_dim 192, classes 7 vs model 2, 64, 128, 5): "), message[:200]
+    assert "unexpected" in message and "encoderblock_2" in message  # the full key list still follows

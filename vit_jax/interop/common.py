@@ -141,8 +141,45 @@ def _flatten_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
     return out
 
 
+_ARCHITECTURE = {  # what a canonical key's shape tells about the model: (key, which dims)
+    "hidden_size": ("Transformer/encoder_norm/scale", slice(0, 1)),
+    "mlp_dim": ("Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias", slice(0, 1)),
+    "num_heads": ("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/bias", slice(0, 1)),
+    "patch": ("embedding/kernel", slice(0, 2)),
+    "tokens": ("Transformer/posembed_input/pos_embedding", slice(1, 2)),
+    "classes": ("head/bias", slice(0, 1)),
+}
+
+
+def _architecture(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    """Width, depth, MLP size, heads, patch, tokens and classes that a flat key -> shape mapping shows."""
+    found: dict[str, Any] = {}
+    depth = {key.split("/")[1] for key in shapes if key.startswith("Transformer/encoderblock_")}
+    if depth:
+        found["num_layers"] = len(depth)
+    for name, (key, dims) in _ARCHITECTURE.items():
+        if key in shapes:
+            value = tuple(shapes[key])[dims]
+            found[name] = value[0] if len(value) == 1 else value
+    return found
+
+
+def architecture_difference(flat_shapes: Mapping[str, tuple], expected: Mapping[str, tuple]) -> str:
+    """'checkpoint hidden_size 48, mlp_dim 96 vs model 32, 64' for the attributes that differ; '' if none does."""
+    ours, theirs = _architecture(flat_shapes), _architecture(expected)
+    names = [name for name in ours if name in theirs and ours[name] != theirs[name]]
+    if not names:
+        return ""
+    return ("checkpoint " + ", ".join(f"{name} {ours[name]}" for name in names) + " vs model "
+            + ", ".join(str(theirs[name]) for name in names))
+
+
 def check_matches(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple], source: str) -> None:
-    """Raise CheckpointError listing every missing, unexpected and wrong-shaped key (with both shapes)."""
+    """Raise CheckpointError listing every missing, unexpected and wrong-shaped key (with both shapes).
+
+    The message opens with the architecture difference behind them when the shapes show one (width, depth, MLP
+    size, heads, patch, tokens, classes), so a foreign checkpoint reads as one cause before the key list.
+    """
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
     wrong = sorted(k for k in set(flat) & set(expected) if tuple(flat[k].shape) != tuple(expected[k]))
@@ -158,4 +195,6 @@ def check_matches(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple],
     if wrong:
         parts.append(f"wrong shape for {len(wrong)} key(s): " + ", ".join(
             f"{k} (checkpoint {tuple(flat[k].shape)}, model {tuple(expected[k])})" for k in wrong))
-    raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+    cause = architecture_difference({k: tuple(v.shape) for k, v in flat.items()}, expected)
+    raise CheckpointError(f"{source} does not fit the model" + (f" ({cause})" if cause else "") + ": "
+                          + "; ".join(parts))
