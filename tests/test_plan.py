@@ -243,3 +243,22 @@ def test_rbg_dropout_bits_are_drawn_per_shard_under_plans_prng_setup():
     # Plain rbg: XLA replicates the generator, so each of the 4 chips draws the whole (4096, 4096) array and
     # keeps its rows; under plan's set-up (the libtpu flag) each chip draws only its own 1024 rows.
     assert drawn == {"plain": ["4096,4096"], "plan": ["1024,4096"]}
+
+
+@pytest.mark.parametrize("platforms", ["cpu", "cpu,gpu"])
+def test_tpu_host_is_false_when_jax_platforms_excludes_tpu(monkeypatch, platforms):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert plan.tpu_host() is False
+
+
+def test_tpu_host_needs_libtpu_and_tpu_device_files(monkeypatch):
+    import glob
+    import importlib.util
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    has_libtpu = importlib.util.find_spec("libtpu") is not None
+    has_chips = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+    assert plan.tpu_host() is (has_libtpu and has_chips)
+    monkeypatch.setattr(glob, "glob", lambda pattern: [pattern])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    assert plan.tpu_host() is True  # libtpu found and a device file present

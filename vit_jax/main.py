@@ -20,7 +20,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from vit_jax import cli, config_check
+from vit_jax import cli, config_check, plan
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file, e.g. configs/vit_b16.py[:arg].",
                                           lock_config=True)
@@ -69,6 +69,8 @@ def main(argv: Sequence[str]) -> None:
     if not _WORKDIR.value:
         raise config_check.ConfigError("--workdir is required: where checkpoints and logs go")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if plan.tpu_host():  # run directly on a TPU VM: the PRNG set-up of launch/tpu_vm.sh and vit_jax.plan
+        plan.use_tpu_prng()  # before any backend loads (libtpu reads its flags once); the user's settings win
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config_check.validate(config, jax.device_count())
 

@@ -366,6 +366,20 @@ def to_json(topology: Topology, result: dict, config: ml_collections.ConfigDict 
 RBG_PARTITIONED_FLAG = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
 
 
+def tpu_host() -> bool:
+    """Whether this process will run on TPU chips: libtpu is installed, JAX_PLATFORMS allows TPUs, and the host
+    has TPU device files (/dev/accel* on v2-v4, /dev/vfio/* on v5e and later). Needs no backend, so it can decide
+    `use_tpu_prng` before libtpu loads (`vit_jax.main` does)."""
+    import glob
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms and "tpu" not in platforms.split(","):
+        return False
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def use_tpu_prng() -> None:
     """The PRNG set-up TPU jobs run with (launch/tpu_vm.sh exports the same variables to vit_jax.main).
 
