@@ -4,19 +4,13 @@ import glob
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from tests.train_helpers import tiny_config
+from tests.train_helpers import MainRun, tiny_config
 from vit_jax import checkpoints, sharding, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_restore_onto_a_different_mesh_and_keep_the_newest(tmp_path):
@@ -52,49 +46,13 @@ RUN_FLAGS = ["--config=configs/demo.py", f"--config.total_steps={TOTAL_STEPS}", 
              "--config.batch_size=16", "--config.eval_batch_size=64", "--config.optimizer.warmup_steps=5"]
 
 
-class Run:
-    """`python -m vit_jax.main` in a subprocess, its stdout lines collected as they come."""
+def start(workdir, data_dir) -> MainRun:
+    return MainRun(workdir, [*RUN_FLAGS, f"--config.tfds_data_dir={data_dir}"])
 
-    def __init__(self, workdir, data_dir):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-        env.pop("XLA_FLAGS", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vit_jax.main", f"--workdir={workdir}", *RUN_FLAGS,
-             f"--config.tfds_data_dir={data_dir}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.stderr = ""
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip())
-
-    def last_step(self) -> int:
-        steps = [int(m.group(1)) for line in list(self.lines) if (m := re.match(r"step (\d+)/", line))]
-        return max(steps, default=0)
-
-    def wait_until(self, condition, timeout=240):
-        deadline = time.time() + timeout
-        while not condition():
-            if self.process.poll() is not None:
-                raise AssertionError(f"run ended early ({self.process.returncode}):\n" + "\n".join(self.lines)
-                                     + self.process.stderr.read()[-3000:])
-            if time.time() > deadline:
-                self.process.kill()
-                raise AssertionError("timed out:\n" + "\n".join(self.lines))
-            time.sleep(0.02)
-
-    def finish(self, timeout=240) -> int:
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
-        self._reader.join(10)
-        self.stderr = self.process.stderr.read()
-        return self.process.returncode
+def wait_for(run: MainRun, condition) -> None:
+    assert run.wait_until(condition, timeout=240, poll=0.02), (
+        f"run ended early ({run.finish(240)}):\n" + "\n".join(run.lines) + run.stderr[-3000:])
 
 
 def _train_losses(workdir) -> list[dict[int, float]]:
@@ -121,8 +79,8 @@ def _complete_steps(workdir) -> list[int]:
 def reference(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     workdir = str(tmp_path_factory.mktemp("reference"))
-    run = Run(workdir, data_dir)
-    assert run.finish() == 0, run.stderr[-3000:]
+    run = start(workdir, data_dir)
+    assert run.finish(240) == 0, run.stderr[-3000:]
     (losses,) = _train_losses(workdir)
     assert sorted(losses) == list(range(1, TOTAL_STEPS + 1))
     return data_dir, losses
@@ -133,26 +91,26 @@ def test_sigterm_saves_then_sigkill_and_restart_repeat_the_uninterrupted_run(ref
     workdir = str(tmp_path)
 
     # 1. SIGTERM (preemption) mid-run: a checkpoint at the current step, then a clean exit.
-    run = Run(workdir, data_dir)
-    run.wait_until(lambda: run.last_step() >= 10)
+    run = start(workdir, data_dir)
+    wait_for(run, lambda: run.last_step() >= 10)
     run.process.send_signal(signal.SIGTERM)
-    assert run.finish() == 0, run.stderr[-3000:]
+    assert run.finish(240) == 0, run.stderr[-3000:]
     (saved,) = [int(m.group(1)) for line in run.lines if (m := re.match(r"preempted: saved a checkpoint at step "
                                                                           r"(\d+)", line))]
     assert 10 <= saved < TOTAL_STEPS
     assert _complete_steps(workdir)[-1] == saved
 
     # 2. Resume, then SIGKILL once a later periodic checkpoint is complete.
-    run = Run(workdir, data_dir)
-    run.wait_until(lambda: any(s > saved for s in _complete_steps(workdir)) and run.last_step() > saved + 1)
+    run = start(workdir, data_dir)
+    wait_for(run, lambda: any(s > saved for s in _complete_steps(workdir)) and run.last_step() > saved + 1)
     run.process.send_signal(signal.SIGKILL)
-    assert run.finish() == -signal.SIGKILL
+    assert run.finish(240) == -signal.SIGKILL
     killed_at = _complete_steps(workdir)[-1]
     assert saved < killed_at < TOTAL_STEPS
 
     # 3. Restart to the end: every logged loss equals the uninterrupted run's at the same step.
-    run = Run(workdir, data_dir)
-    assert run.finish() == 0, run.stderr[-3000:]
+    run = start(workdir, data_dir)
+    assert run.finish(240) == 0, run.stderr[-3000:]
     runs = _train_losses(workdir)
     assert len(runs) == 3
     assert min(runs[1]) == saved + 1 and min(runs[2]) == killed_at + 1 and max(runs[2]) == TOTAL_STEPS

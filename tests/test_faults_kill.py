@@ -12,9 +12,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import jax
@@ -22,7 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.train_helpers import MainRun
+
 TOTAL_STEPS = 100  # > 11 interruptions x at most 8 steps each: the sequence never runs out of steps
 MAX_PROGRESS = 8
 CHECKPOINT_EVERY = 3
@@ -34,60 +32,10 @@ RUN_FLAGS = ["--config=configs/demo.py", f"--config.total_steps={TOTAL_STEPS}", 
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a step into STEP.orbax-checkpoint-tmp-TIME, then renames it
 
 
-class Run:
-    """`python -m vit_jax.main` in a subprocess; stdout lines collected as they come."""
-
-    def __init__(self, workdir: str, data_dir: str, cache_dir: str):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-               # Restarts reuse the compiled step (the suite is mostly start-up time otherwise).
-               "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-        env.pop("XLA_FLAGS", None)
-        self.started = time.time()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vit_jax.main", f"--workdir={workdir}", *RUN_FLAGS,
-             f"--config.tfds_data_dir={data_dir}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.stderr = ""
-        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_stdout(self):
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip())
-
-    def _read_stderr(self):
-        self.stderr = self.process.stderr.read()
-
-    def steps(self) -> list[int]:
-        return [int(m.group(1)) for line in list(self.lines) if (m := re.match(r"step (\d+)/", line))]
-
-    def last_step(self) -> int:
-        return max(self.steps(), default=0)
-
-    def wait_until(self, condition, timeout=300) -> bool:
-        """Poll `condition` every 2 ms; False if the run ended first."""
-        deadline = time.time() + timeout
-        while not condition():
-            if self.process.poll() is not None:
-                return False
-            if time.time() > deadline:
-                self.process.kill()
-                raise AssertionError("timed out:\n" + "\n".join(self.lines))
-            time.sleep(0.002)
-        return True
-
-    def finish(self, timeout=300) -> int:
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
-        for reader in self._readers:
-            reader.join(10)
-        return self.process.returncode
+def start(workdir: str, data_dir: str, cache_dir: str) -> MainRun:
+    """The run under test; restarts reuse the compiled step (the suite is mostly start-up time otherwise)."""
+    return MainRun(workdir, [*RUN_FLAGS, f"--config.tfds_data_dir={data_dir}"],
+                   env={"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
 
 
 def complete_steps(workdir: str) -> list[int]:
@@ -116,7 +64,7 @@ def reference(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
     workdir = str(tmp_path_factory.mktemp("reference"))
-    run = Run(workdir, data_dir, cache_dir)
+    run = start(workdir, data_dir, cache_dir)
     first_step = None
     while run.process.poll() is None and first_step is None:
         first_step = time.time() - run.started if run.steps() else None
@@ -138,7 +86,7 @@ def test_ten_sigkills_and_a_sigterm_at_random_moments_lose_nothing(reference, tm
         before = complete_steps(workdir)
         resume_from = before[-1] if before else 0
         stale = partial_dirs(workdir)  # left by earlier kills
-        run = Run(workdir, data_dir, cache_dir)
+        run = start(workdir, data_dir, cache_dir)
         if kind == "time":  # any moment of start-up (imports, restore, compilation) or the first steps
             delay = rng.uniform(0.2, 1.2) * start_up  # start_up: seconds to the first step of the reference run
             alive = run.wait_until(lambda r=run, d=delay, m=resume_from + MAX_PROGRESS:
@@ -170,7 +118,7 @@ def test_ten_sigkills_and_a_sigterm_at_random_moments_lose_nothing(reference, tm
         log.append((kind, resume_from, steps[-1] if steps else None, after[-1] if after else None, cut_short))
 
     before = complete_steps(workdir)
-    final = Run(workdir, data_dir, cache_dir)
+    final = start(workdir, data_dir, cache_dir)
     assert final.finish() == 0, final.stderr[-3000:]
     assert final.steps()[0] == (before[-1] if before else 0) + 1
     print("interruptions (kind, resumed from, last step logged, newest complete, writes cut short):", *log,

@@ -1,6 +1,13 @@
-"""Shared pieces of the training tests: a tiny config and deterministic synthetic batches."""
+"""Shared pieces of the training tests: a tiny config, deterministic synthetic batches, a main-in-a-subprocess."""
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
 
 import jax
 import ml_collections
@@ -47,3 +54,63 @@ def to_device(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
     start = jax.process_index() * share
     return {key: jax.make_array_from_process_local_data(sharding, value[start:start + share])
             for key, value in batch.items()}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class MainRun:
+    """`python -m vit_jax.main --workdir=WORKDIR *flags` in a subprocess (CPU, one device), its stdout lines and
+    stderr collected as they come, so a test can wait for a step, kill or signal it, and read what it printed."""
+
+    def __init__(self, workdir: str, flags: list[str], env: dict[str, str] | None = None):
+        full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **(env or {})}
+        full_env.pop("XLA_FLAGS", None)
+        self.started = time.time()
+        self.process = subprocess.Popen([sys.executable, "-m", "vit_jax.main", f"--workdir={workdir}", *flags],
+                                        cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        self.lines: list[str] = []
+        self.stderr = ""
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stdout(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+
+    def _read_stderr(self) -> None:
+        self.stderr = self.process.stderr.read()
+
+    def steps(self) -> list[int]:
+        """The steps the run has logged ("step N/..." lines), in order."""
+        return [int(m.group(1)) for line in list(self.lines) if (m := re.match(r"step (\d+)/", line))]
+
+    def last_step(self) -> int:
+        return max(self.steps(), default=0)
+
+    def wait_until(self, condition, timeout: float = 300, poll: float = 0.002) -> bool:
+        """Poll `condition` every `poll` seconds; False if the run ended first, an AssertionError after `timeout`."""
+        deadline = time.time() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                return False
+            if time.time() > deadline:
+                self.process.kill()
+                raise AssertionError("timed out:\n" + "\n".join(self.lines))
+            time.sleep(poll)
+        return True
+
+    def finish(self, timeout: float = 300) -> int:
+        """Wait for the exit (killing the run after `timeout`); the return code, with all output read."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        for reader in self._readers:
+            reader.join(10)
+        return self.process.returncode
+
