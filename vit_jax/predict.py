@@ -38,6 +38,7 @@ from ml_collections import config_flags
 
 from vit_jax import cli, config_check, xla_options
 from vit_jax.errors import UserError
+from vit_jax.models.layers import LOW_PRECISION
 from vit_jax.models.vit import build_model
 
 DEFAULT_TOP_K = 5
@@ -173,7 +174,7 @@ def cast_for_inference(params: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
     """
     params = nn.unbox(dict(params))
     dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if dtype not in LOW_PRECISION:
         return params
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict({

@@ -44,7 +44,7 @@ Array = jax.Array
 # (`Dropout`). Those two use `jax.lax.platform_dependent`, decided when lowering for a platform, so a TPU step
 # compiled on a CPU host (`vit_jax.plan`) is the TPU program.
 
-_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MIN_BF16_DIM = 64  # on CPU, a bf16 matmul with a smaller M, K or N multiplies float32 copies (see below)
 
 
@@ -117,7 +117,7 @@ def einsum(spec: str, a: Array, b: Array, keep_f32: bool = False) -> Array:
     `keep_f32=True` returns the float32 accumulator unrounded (attention logits, which go into a float32
     softmax); for float32 / float64 operands the result has their dtype either way.
     """
-    if jnp.result_type(a, b) not in _LOW_PRECISION:
+    if jnp.result_type(a, b) not in LOW_PRECISION:
         return jnp.einsum(spec, a, b)
     return _einsum_f32acc(spec, a, b, keep_f32)
 
@@ -134,7 +134,7 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any =
     `lax.dot_general` unchanged. `keep_f32` as in `einsum`.
     """
     dtype = jnp.result_type(lhs, rhs)
-    if dtype not in _LOW_PRECISION or precision is not None or preferred_element_type is not None or kwargs:
+    if dtype not in LOW_PRECISION or precision is not None or preferred_element_type is not None or kwargs:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, **kwargs)
     (lc, rc), (lb, rb) = dimension_numbers
@@ -199,7 +199,7 @@ class Dropout(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sums over rows: bias and LayerNorm gradients.
+# Sums over rows: bias gradients.
 
 
 def sum_leading(g: Array, ndim: int) -> Array:
@@ -248,7 +248,7 @@ def broadcast_leading(x: Array, shape: tuple[int, ...]) -> Array:
     shape = tuple(shape)
     if tuple(x.shape) != shape[len(shape) - x.ndim:]:
         raise ValueError(f"broadcast_leading: shape {x.shape} is not the tail of {shape}")
-    if x.dtype not in _LOW_PRECISION:
+    if x.dtype not in LOW_PRECISION:
         return jnp.broadcast_to(x, shape)  # float32: XLA fuses the plain sum into the backward; faster than a matmul
     return _broadcast_leading(x, shape, x.ndim)
 
@@ -306,7 +306,7 @@ class Dense(nn.Module):
             y = dot_general(x, kernel, dims)
             return activation(y + broadcast_leading(bias, y.shape))
 
-        if self.activation is None or jnp.dtype(self.dtype) not in _LOW_PRECISION:
+        if self.activation is None or jnp.dtype(self.dtype) not in LOW_PRECISION:
             return plain(x, kernel, bias)
 
         def in_float32(x: Array, kernel: Array, bias: Array) -> Array:
