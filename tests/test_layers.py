@@ -1,6 +1,7 @@
 """Tests of vit_jax.models.layers: float32-accumulating bf16 matmuls, dropout, broadcast gradients, Dense."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import xla_options
 from vit_jax.models import layers
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,3 +154,57 @@ def test_dense_activation_is_applied_after_the_bias_and_rounded_once_in_bf16(dty
     err = np.abs(np.asarray(got, np.float64) - want)
     tol = 2.0**-8 * np.abs(want) + 1e-3 if dtype == jnp.bfloat16 else 1e-5 * (1 + np.abs(want))
     assert np.all(err <= tol), float(err.max())
+
+
+def _kernel_copies(hlo_text, kernel_shapes):
+    """Instructions of a compiled module that transpose or copy into an array of one of `kernel_shapes`."""
+    shapes = "|".join(kernel_shapes)
+    pattern = re.compile(rf"= f32\[({shapes})\]\S* (transpose|copy)\(")
+    return [line.strip()[:160] for line in hlo_text.splitlines() if pattern.search(line)]
+
+
+def test_dense_multi_axis_kernels_are_not_transposed_on_cpu():
+    # attention's projections: (embed) -> (heads, head_dim) and back. Left to XLA, each multi-axis kernel was
+    # transposed into a copy on every training step (48 per ViT-B/16 step); on CPU Dense multiplies it as one
+    # (prod(in), prod(out)) matrix, which the backward pass's matmuls read in place.
+    x = jax.random.normal(jax.random.key(0), (2, 197, 768))  # ViT-B/16's shapes: XLA's choice depends on them
+    qkv = layers.Dense((12, 64), kernel_init=nn.initializers.normal(0.05))
+    out = layers.Dense(768, axis=(-2, -1), kernel_init=nn.initializers.normal(0.05))
+    p_in, p_out = qkv.init(jax.random.key(1), x), out.init(jax.random.key(2), jnp.zeros((2, 197, 12, 64)))
+    loss = lambda pi, po, x: jnp.sum(out.apply(po, qkv.apply(pi, x)) ** 2)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=xla_options.compiler_options())
+    text = grad.lower(p_in, p_out, x).compile().as_text()
+    kernel_shapes = ["768,12,64", "12,64,768", "768,768"]
+    assert not _kernel_copies(text, kernel_shapes), _kernel_copies(text, kernel_shapes)
+    # and the gradients are flax's
+    ref_in, ref_out = nn.DenseGeneral((12, 64)), nn.DenseGeneral(768, axis=(-2, -1))
+    want = jax.grad(lambda pi, po, x: jnp.sum(ref_out.apply(po, ref_in.apply(pi, x)) ** 2), argnums=(0, 1, 2))(
+        p_in, p_out, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+                 grad(p_in, p_out, x), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# softmax: jax.nn.softmax's values and gradient; on CPU its reductions are variadic.
+
+@pytest.mark.parametrize("shape,axis", [((2, 3, 17, 17), -1), ((5, 7), 0)])
+def test_softmax_matches_a_float64_reference_with_its_gradient(shape, axis):
+    x = jax.random.normal(jax.random.key(0), shape) * 8.0  # large logits: the max subtraction matters
+    g = jax.random.normal(jax.random.key(1), shape)
+    got, vjp = jax.vjp(lambda x: layers.softmax(x, axis), x)
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    e = np.exp(x64 - x64.max(axis, keepdims=True))
+    p = e / e.sum(axis, keepdims=True)
+    want_grad = p * (g64 - (g64 * p).sum(axis, keepdims=True))
+    np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(vjp(g)[0], want_grad, rtol=1e-4, atol=1e-6)
+    assert not np.isnan(np.asarray(layers.softmax(jnp.full((3, 4), 1e30), -1))).any()  # no overflow
+
+
+def test_softmax_reductions_are_variadic_on_cpu():
+    # XLA:CPU's library fusion (xla_options' LIBRARY_FUSION_TYPE_REDUCE) joins single-result reduces with the
+    # matmuls around them; a softmax that kept those would fuse attention into one slow subgraph.
+    x = jnp.zeros((2, 3, 8, 8))
+    text = jax.jit(jax.grad(lambda x: jnp.sum(layers.softmax(x) ** 2))).lower(x).compile().as_text()
+    reduces = [line for line in text.splitlines() if " reduce(" in line]
+    assert len(reduces) == 3 and all("= (f32[" in line for line in reduces), reduces  # max, sum; sum in backward

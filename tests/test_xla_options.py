@@ -13,10 +13,10 @@ class _FakeDevice:
         self.platform = platform
 
 
-def test_cpu_devices_get_the_individual_dot_option(monkeypatch):
+def test_cpu_devices_get_individual_dots_and_reductions(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert xla_options.compiler_options(jax.devices("cpu")) == {
-        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @pytest.mark.parametrize("platforms", [["tpu"], ["gpu", "gpu"], ["cpu", "tpu"], []])

@@ -3,7 +3,9 @@
 - `einsum` / `dot_general`: bf16/f16 matmuls accumulating in float32, forward and backward.
 - `Dropout`: `nn.Dropout` with a cheaper mask on CPU.
 - `broadcast_leading`: in bf16/f16 a broadcast whose gradient (a bias gradient: a sum over rows) is a matmul on CPU.
-- `Dense`: `nn.Dense` / `nn.DenseGeneral` with the same parameters, initialisation and result, built from the above.
+- `Dense`: `nn.Dense` / `nn.DenseGeneral` with the same parameters, initialisation and result, built from the above;
+  on CPU a multi-axis kernel is one matrix.
+- `softmax`: `jax.nn.softmax` whose reductions stay apart from the matmuls around them on CPU.
 
 CPU-only choices go through `jax.lax.platform_dependent`, decided when lowering for a platform, so a TPU step
 compiled on a CPU host (`vit_jax.plan`) is the TPU program.
@@ -199,6 +201,53 @@ class Dropout(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Softmax.
+
+
+def _variadic_reduce(x: Array, axis: int, op: Callable[[Array, Array], Array], init: float) -> Array:
+    """`op`-reduction of `x` over `axis` as a variadic reduce of (x, x), its two equal results combined by `op`.
+
+    Both results are used: XLA drops a variadic reduce's unused operand, which would make it a plain reduce again.
+    `op` is max or add, for which op(r, r) is r (max) or exactly 2r (add, halved after).
+    """
+    init = np.asarray(init, x.dtype)
+    a, b = jax.lax.reduce((x, x), (init, init), lambda u, v: (op(u[0], v[0]), op(u[1], v[1])), (axis,))
+    out = op(a, b)
+    return jnp.expand_dims(out * np.asarray(0.5, x.dtype) if op is jnp.add else out, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax_variadic(x: Array, axis: int) -> Array:
+    e = jnp.exp(x - _variadic_reduce(x, axis, jnp.maximum, -np.inf))
+    return e / _variadic_reduce(e, axis, jnp.add, 0.0)
+
+
+def _softmax_variadic_fwd(x: Array, axis: int) -> tuple[Array, Array]:
+    p = _softmax_variadic(x, axis)
+    return p, p
+
+
+def _softmax_variadic_bwd(axis: int, p: Array, g: Array) -> tuple[Array]:
+    return (p * (g - _variadic_reduce(g * p, axis, jnp.add, 0.0)),)
+
+
+_softmax_variadic.defvjp(_softmax_variadic_fwd, _softmax_variadic_bwd)
+
+
+def softmax(x: Array, axis: int = -1) -> Array:
+    """`jax.nn.softmax(x, axis)`; on CPU its max and sums are variadic reduces, which keeps attention apart.
+
+    XLA:CPU's library fusion of reductions (see `vit_jax.xla_options`) fuses softmax's single-operand reduces with
+    attention's two matmuls into one YNNPACK subgraph, 5x slower than the parts (ViT-B/16 float32 inference
+    10.4 -> 8.8 img/s). It does not take variadic reduces, so those run as XLA's own loops, as they did without
+    the option. Same values and gradient (p * (g - sum(g * p))).
+    """
+    axis = axis % x.ndim
+    return jax.lax.platform_dependent(x, cpu=lambda x: _softmax_variadic(x, axis),
+                                      default=lambda x: jax.nn.softmax(x, axis=axis))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Sums over rows: bias gradients.
 
 
@@ -302,16 +351,31 @@ class Dense(nn.Module):
         dims = ((tuple(axis), tuple(range(len(axis)))), ((), ()))
         activation = self.activation or (lambda y: y)
 
-        def plain(x: Array, kernel: Array, bias: Array) -> Array:
-            y = dot_general(x, kernel, dims)
+        def matmul(x: Array, kernel: Array, keep_f32: bool = False) -> Array:
+            return dot_general(x, kernel, dims, keep_f32=keep_f32)
+
+        def flat_matmul(x: Array, kernel: Array, keep_f32: bool = False) -> Array:
+            # The kernel as one (prod(in), prod(features)) matrix, the input's contracted axes as one (reshapes,
+            # free on CPU). Left to XLA, a multi-axis kernel (attention's (768, 12, 64) / (12, 64, 768)) is
+            # transposed into a copy for the forward or backward matmul on every step: 48 copies of 768 x 768 per
+            # ViT-B/16 step. The leading axes stay: flattened too, a bf16 weight gradient would fold its
+            # transpose into a dot XLA:CPU runs on a kernel without bf16 x bf16 -> f32.
+            lead = x.shape[:x.ndim - len(axis)]
+            n_in = int(np.prod(in_shape, dtype=np.int64))
+            y = dot_general(x.reshape(lead + (n_in,)), kernel.reshape(n_in, -1), (((len(lead),), (0,)), ((), ())),
+                            keep_f32=keep_f32)
+            return y.reshape(lead + features)
+
+        def plain(x: Array, kernel: Array, bias: Array, matmul: Callable[..., Array] = matmul) -> Array:
+            y = matmul(x, kernel)
             return activation(y + broadcast_leading(bias, y.shape))
 
-        if self.activation is None or jnp.dtype(self.dtype) not in LOW_PRECISION:
-            return plain(x, kernel, bias)
-
         def in_float32(x: Array, kernel: Array, bias: Array) -> Array:
-            y = dot_general(x, kernel, dims, keep_f32=True)
+            y = flat_matmul(x, kernel, keep_f32=True)
             return activation(y + broadcast_leading(bias, y.shape).astype(y.dtype)).astype(self.dtype)
 
-        # Chosen when lowering for a platform (a TPU step compiled on a CPU host keeps the bf16 elementwise ops).
-        return jax.lax.platform_dependent(x, kernel, bias, cpu=in_float32, default=plain)
+        on_cpu = in_float32 if self.activation is not None and jnp.dtype(self.dtype) in LOW_PRECISION else (
+            functools.partial(plain, matmul=flat_matmul))
+        # Chosen when lowering for a platform (a TPU step compiled on a CPU host keeps DenseGeneral's dot and the
+        # bf16 elementwise ops).
+        return jax.lax.platform_dependent(x, kernel, bias, cpu=on_cpu, default=plain)
