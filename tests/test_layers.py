@@ -163,7 +163,7 @@ def _kernel_copies(hlo_text, kernel_shapes):
     return [line.strip()[:160] for line in hlo_text.splitlines() if pattern.search(line)]
 
 
-def test_dense_multi_axis_kernels_are_not_transposed_on_cpu():
+def test_dense_kernels_and_activations_are_not_transposed_on_cpu():
     # attention's projections: (embed) -> (heads, head_dim) and back. Left to XLA, each multi-axis kernel was
     # transposed into a copy on every training step (48 per ViT-B/16 step); on CPU Dense multiplies it as one
     # (prod(in), prod(out)) matrix, which the backward pass's matmuls read in place.
@@ -176,6 +176,8 @@ def test_dense_multi_axis_kernels_are_not_transposed_on_cpu():
     text = grad.lower(p_in, p_out, x).compile().as_text()
     kernel_shapes = ["768,12,64", "12,64,768", "768,768"]
     assert not _kernel_copies(text, kernel_shapes), _kernel_copies(text, kernel_shapes)
+    # nor the (2 x 197 rows, 768) activations for the weight gradients (float32: one matrix of rows)
+    assert not _kernel_copies(text, ["768,394", "768,2,197"]), _kernel_copies(text, ["768,394", "768,2,197"])
     # and the gradients are flax's
     ref_in, ref_out = nn.DenseGeneral((12, 64)), nn.DenseGeneral(768, axis=(-2, -1))
     want = jax.grad(lambda pi, po, x: jnp.sum(ref_out.apply(po, ref_in.apply(pi, x)) ** 2), argnums=(0, 1, 2))(
