@@ -19,6 +19,27 @@ def test_cpu_devices_get_individual_dots_and_reductions(monkeypatch):
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+def test_a_float32_training_step_on_cpu_gets_fused_dots(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla_options.compiler_options(jax.devices("cpu"), float32_training=True) == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+    assert xla_options.compiler_options([_FakeDevice("tpu")], float32_training=True) is None
+
+
+@pytest.mark.parametrize("dtype,fused", [("float32", True), ("bfloat16", False)])
+def test_the_train_step_asks_for_the_float32_training_options_only_in_float32(monkeypatch, dtype, fused):
+    from tests.train_helpers import tiny_config
+    from vit_jax import sharding, train
+
+    asked = []
+    real = xla_options.compiler_options
+    monkeypatch.setattr(xla_options, "compiler_options",
+                        lambda devices=None, **kw: asked.append(kw) or real(devices, **kw))
+    config = tiny_config(**{"model.dtype": dtype})
+    train.make_train_step(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps)
+    assert asked == [{"float32_training": fused}]
+
+
 @pytest.mark.parametrize("platforms", [["tpu"], ["gpu", "gpu"], ["cpu", "tpu"], []])
 def test_other_platforms_get_no_options(platforms):
     assert xla_options.compiler_options([_FakeDevice(p) for p in platforms]) is None
@@ -29,7 +50,8 @@ def test_a_ynn_setting_in_xla_flags_wins(monkeypatch):
     assert xla_options.compiler_options(jax.devices("cpu")) is None
 
 
-def test_the_options_compile_and_do_not_change_results(monkeypatch):
+@pytest.mark.parametrize("float32_training", [False, True])
+def test_the_options_compile_and_do_not_change_results(monkeypatch, float32_training):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     x = jax.random.normal(jax.random.key(0), (4, 9, 64))
 
@@ -37,6 +59,7 @@ def test_the_options_compile_and_do_not_change_results(monkeypatch):
         logits = jnp.einsum("bqd,bkd->bqk", x, x)
         return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(logits, axis=-1), x)
 
-    with_options = jax.jit(attention, compiler_options=xla_options.compiler_options())
-    assert "ynn_fusion_type" in str(xla_options.compiler_options())
+    options = xla_options.compiler_options(float32_training=float32_training)
+    with_options = jax.jit(attention, compiler_options=options)
+    assert "ynn_fusion_type" in str(options)
     np.testing.assert_allclose(with_options(x), jax.jit(attention)(x), rtol=1e-5, atol=1e-5)
