@@ -3,8 +3,9 @@
 CPU: matmuls and reductions run through YNNPACK (`xla_cpu_experimental_ynn_fusion_type`), each matmul on its own
 (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) except in a float32 training step, where the elementwise ops around a
 matmul join its YNNPACK subgraph (`LIBRARY_FUSION_TYPE_DOT`). XLA:CPU's default fuses attention (logits, softmax,
-values) into one subgraph 3-4x slower than its parts in float32; `vit_jax.models.layers.softmax` keeps softmax
-out of it whatever the setting. YNNPACK's reductions (`LIBRARY_FUSION_TYPE_REDUCE`) make the training step's bias
+values) into one subgraph 3-4x slower than its parts in a float32 forward pass; there the model's attention
+takes `vit_jax.models.layers.softmax`, which keeps softmax out of it (in bf16 and in the float32 training step
+the joined subgraph is the faster). YNNPACK's reductions (`LIBRARY_FUSION_TYPE_REDUCE`) make the training step's bias
 and LayerNorm gradients (sums over the 1576 rows of a batch-8 ViT-B/16 activation) cheap: XLA's own emitter split
 each into a 7-window reduce-window at a few GB/s (~0.2 s of a 3 s float32 step).
 Measured on ViT-B/16 at 224px, batch 8, 2 cores, variants compiled in one process and timed interleaved (img/s):
