@@ -189,24 +189,39 @@ def test_dense_kernels_and_activations_are_not_transposed_on_cpu():
 # ---------------------------------------------------------------------------------------------------------------
 # softmax: jax.nn.softmax's values and gradient; on CPU its reductions are variadic.
 
+@pytest.mark.parametrize("apart", [False, True])
 @pytest.mark.parametrize("shape,axis", [((2, 3, 17, 17), -1), ((5, 7), 0)])
-def test_softmax_matches_a_float64_reference_with_its_gradient(shape, axis):
+def test_softmax_matches_a_float64_reference_with_its_gradient(shape, axis, apart):
     x = jax.random.normal(jax.random.key(0), shape) * 8.0  # large logits: the max subtraction matters
     g = jax.random.normal(jax.random.key(1), shape)
-    got, vjp = jax.vjp(lambda x: layers.softmax(x, axis), x)
+    got, vjp = jax.vjp(lambda x: layers.softmax(x, axis, apart=apart), x)
     x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
     e = np.exp(x64 - x64.max(axis, keepdims=True))
     p = e / e.sum(axis, keepdims=True)
     want_grad = p * (g64 - (g64 * p).sum(axis, keepdims=True))
     np.testing.assert_allclose(got, p, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(vjp(g)[0], want_grad, rtol=1e-4, atol=1e-6)
-    assert not np.isnan(np.asarray(layers.softmax(jnp.full((3, 4), 1e30), -1))).any()  # no overflow
+    assert not np.isnan(np.asarray(layers.softmax(jnp.full((3, 4), 1e30), -1, apart=apart))).any()  # no overflow
 
 
-def test_softmax_reductions_are_variadic_on_cpu():
+@pytest.mark.parametrize("apart", [False, True])
+def test_softmax_reductions_are_variadic_on_cpu_when_kept_apart(apart):
     # XLA:CPU's library fusion (xla_options' LIBRARY_FUSION_TYPE_REDUCE) joins single-result reduces with the
-    # matmuls around them; a softmax that kept those would fuse attention into one slow subgraph.
+    # matmuls around them; in a float32 forward pass that fuses attention into one slow subgraph.
     x = jnp.zeros((2, 3, 8, 8))
-    text = jax.jit(jax.grad(lambda x: jnp.sum(layers.softmax(x) ** 2))).lower(x).compile().as_text()
+    text = jax.jit(jax.grad(lambda x: jnp.sum(layers.softmax(x, apart=apart) ** 2))).lower(x).compile().as_text()
     reduces = [line for line in text.splitlines() if " reduce(" in line]
-    assert len(reduces) == 3 and all("= (f32[" in line for line in reduces), reduces  # max, sum; sum in backward
+    assert len(reduces) == 3, reduces  # max, sum; sum in the backward
+    assert all(("= (f32[" in line) == apart for line in reduces), reduces  # variadic: a tuple of results
+
+
+def test_softmax_gradient_keeps_less_than_autodiff_of_jax_nn_softmax():
+    # attention's shape of use: softmax, then a matmul. Its backward keeps only the probabilities; autodiff of
+    # jax.nn.softmax keeps a second array of their size.
+    x, w = jnp.zeros((4, 12, 64, 64)), jnp.ones((64, 64))
+
+    def temp_bytes(fn):
+        step = jax.jit(jax.grad(lambda x: jnp.sum(fn(x) @ w)))
+        return step.lower(x).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(lambda x: layers.softmax(x, -1)) <= temp_bytes(lambda x: jax.nn.softmax(x, -1)) - x.nbytes

@@ -5,7 +5,7 @@
 - `broadcast_leading`: in bf16/f16 a broadcast whose gradient (a bias gradient: a sum over rows) is a matmul on CPU.
 - `Dense`: `nn.Dense` / `nn.DenseGeneral` with the same parameters, initialisation and result, built from the above;
   on CPU a multi-axis kernel is one matrix.
-- `softmax`: `jax.nn.softmax` whose reductions stay apart from the matmuls around them on CPU.
+- `softmax`: `jax.nn.softmax`; on CPU a leaner gradient, and optionally reductions kept apart from matmuls.
 
 CPU-only choices go through `jax.lax.platform_dependent`, decided when lowering for a platform, so a TPU step
 compiled on a CPU host (`vit_jax.plan`) is the TPU program.
@@ -216,34 +216,42 @@ def _variadic_reduce(x: Array, axis: int, op: Callable[[Array, Array], Array], i
     return jnp.expand_dims(out * np.asarray(0.5, x.dtype) if op is jnp.add else out, axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _softmax_variadic(x: Array, axis: int) -> Array:
-    e = jnp.exp(x - _variadic_reduce(x, axis, jnp.maximum, -np.inf))
-    return e / _variadic_reduce(e, axis, jnp.add, 0.0)
+def _reduce(x: Array, axis: int, op: Callable[[Array, Array], Array], init: float, variadic: bool) -> Array:
+    if variadic:
+        return _variadic_reduce(x, axis, op, init)
+    return (jnp.max if op is jnp.maximum else jnp.sum)(x, axis=axis, keepdims=True)
 
 
-def _softmax_variadic_fwd(x: Array, axis: int) -> tuple[Array, Array]:
-    p = _softmax_variadic(x, axis)
-    return p, p
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _softmax(x: Array, axis: int, variadic: bool) -> Array:
+    e = jnp.exp(x - _reduce(x, axis, jnp.maximum, -np.inf, variadic))
+    return e / _reduce(e, axis, jnp.add, 0.0, variadic)
 
 
-def _softmax_variadic_bwd(axis: int, p: Array, g: Array) -> tuple[Array]:
-    return (p * (g - _variadic_reduce(g * p, axis, jnp.add, 0.0)),)
+def _softmax_fwd(x: Array, axis: int, variadic: bool) -> tuple[Array, Array]:
+    p = _softmax(x, axis, variadic)
+    return p, p  # the probabilities are all the gradient needs
 
 
-_softmax_variadic.defvjp(_softmax_variadic_fwd, _softmax_variadic_bwd)
+def _softmax_bwd(axis: int, variadic: bool, p: Array, g: Array) -> tuple[Array]:
+    return (p * (g - _reduce(g * p, axis, jnp.add, 0.0, variadic)),)
 
 
-def softmax(x: Array, axis: int = -1) -> Array:
-    """`jax.nn.softmax(x, axis)`; on CPU its max and sums are variadic reduces, which keeps attention apart.
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
-    XLA:CPU's library fusion of reductions (see `vit_jax.xla_options`) fuses softmax's single-operand reduces with
-    attention's two matmuls into one YNNPACK subgraph, 5x slower than the parts (ViT-B/16 float32 inference
-    10.4 -> 8.8 img/s). It does not take variadic reduces, so those run as XLA's own loops, as they did without
-    the option. Same values and gradient (p * (g - sum(g * p))).
+
+def softmax(x: Array, axis: int = -1, apart: bool = False) -> Array:
+    """`jax.nn.softmax(x, axis)`; on CPU its gradient keeps only the probabilities, and `apart` keeps it apart.
+
+    On CPU the backward pass is p * (g - sum(g * p)) from the saved probabilities: autodiff of `jax.nn.softmax`
+    also keeps a second array of their size (ViT-B/16 float32 training step, batch 8: 1892 -> 1550 MiB of peak
+    temporaries, same speed). `apart=True` makes its max and sums variadic reduces: XLA:CPU's library fusion of
+    reductions (see `vit_jax.xla_options`) would join single-operand reduces with attention's two matmuls into one
+    YNNPACK subgraph, in a float32 forward pass 5x slower than the parts (ViT-B/16 float32 inference 10.4 -> 8.8
+    img/s); variadic reduces it leaves to XLA's own loops. Elsewhere `jax.nn.softmax`.
     """
     axis = axis % x.ndim
-    return jax.lax.platform_dependent(x, cpu=lambda x: _softmax_variadic(x, axis),
+    return jax.lax.platform_dependent(x, cpu=lambda x: _softmax(x, axis, apart),
                                       default=lambda x: jax.nn.softmax(x, axis=axis))
 
 

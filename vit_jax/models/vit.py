@@ -108,12 +108,12 @@ class MultiHeadDotProductAttention(nn.Module):
             logits = einsum("bqhd,bkhd->bhqk", query * scale.astype(query.dtype), key, keep_f32=True)
             logits = logits.astype(jnp.float32)
             # A float32 forward pass (inference, evaluation) compiles on CPU with individual YNNPACK matmuls
-            # (`vit_jax.xla_options`): there `softmax` keeps XLA from joining softmax and the two matmuls into one
+            # (`vit_jax.xla_options`): there softmax is kept apart, else XLA joins it and the two matmuls into one
             # slow subgraph. With bf16 matmuls, or in a float32 training step (compiled with fused matmuls), that
-            # joined subgraph is the faster one: jax.nn.softmax (bf16 inference 20.2 -> 21.3 img/s, float32
-            # training step 2.85 -> 2.95, in-process A/B).
+            # joined subgraph is the faster one (bf16 inference 20.2 -> 21.3 img/s, float32 training step
+            # 2.85 -> 2.95, in-process A/B).
             apart = jnp.dtype(value.dtype) not in LOW_PRECISION and self.deterministic
-            weights = (softmax if apart else jax.nn.softmax)(logits, axis=-1)
+            weights = softmax(logits, axis=-1, apart=apart)
             self.sow("intermediates", "attention", weights)
             weights = Dropout(self.attention_dropout_rate)(weights, deterministic=not use_dropout)
             out = einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
