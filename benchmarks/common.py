@@ -155,14 +155,16 @@ def print_table(rows: list[tuple[str, str]], result: dict) -> None:
 
 def compare(benchmark: str, args: Any, config: Any, threads: int | None, time_ours: Callable[[Any, int], float],
             time_timm: Callable[[Any, int], float], flops_per_run: float, unit: str, what: str) -> dict:
-    """Time ours, then timm (same process, batch and threads), then the matmul peak; print the table and JSON.
+    """Time ours, then the matmul peak, then timm (same process, batch and threads); print the table and JSON.
 
+    The peak is measured right after ours: this shared machine's matmul rate drifts (340-425 GFLOP/s float32 over a
+    day, 414 -> 361 within one run), so MFU compares two figures taken under the same conditions.
     `unit` names one timed run ("batch" or "step"); `what` is how our row and the FLOP count are labelled.
     """
     load_before = load_average()
     ours = time_ours(config, args.repeats)
-    timm_seconds = time_timm(config, args.repeats) if args.timm else None
     peaks = matmul_peaks(args.dtype, args.peak_size, 5) if args.peak_size else {}
+    timm_seconds = time_timm(config, args.repeats) if args.timm else None
     achieved = flops_per_run / ours / 1e9
     result = {
         "benchmark": benchmark, "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
