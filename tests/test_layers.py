@@ -156,10 +156,9 @@ def test_dense_activation_is_applied_after_the_bias_and_rounded_once_in_bf16(dty
     assert np.all(err <= tol), float(err.max())
 
 
-def _kernel_copies(hlo_text, kernel_shapes):
-    """Instructions of a compiled module that transpose or copy into an array of one of `kernel_shapes`."""
-    shapes = "|".join(kernel_shapes)
-    pattern = re.compile(rf"= f32\[({shapes})\]\S* (transpose|copy)\(")
+def _transposed_copies(hlo_text, shapes):
+    """Instructions of a compiled module that transpose or copy into a float32 array of one of `shapes`."""
+    pattern = re.compile(rf"= f32\[({'|'.join(shapes)})\]\S* (transpose|copy)\(")
     return [line.strip()[:160] for line in hlo_text.splitlines() if pattern.search(line)]
 
 
@@ -174,10 +173,11 @@ def test_dense_kernels_and_activations_are_not_transposed_on_cpu():
     loss = lambda pi, po, x: jnp.sum(out.apply(po, qkv.apply(pi, x)) ** 2)  # noqa: E731
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=xla_options.compiler_options())
     text = grad.lower(p_in, p_out, x).compile().as_text()
-    kernel_shapes = ["768,12,64", "12,64,768", "768,768"]
-    assert not _kernel_copies(text, kernel_shapes), _kernel_copies(text, kernel_shapes)
+    kernel_copies = _transposed_copies(text, ["768,12,64", "12,64,768", "768,768"])
+    assert not kernel_copies, kernel_copies
     # nor the (2 x 197 rows, 768) activations for the weight gradients (float32: one matrix of rows)
-    assert not _kernel_copies(text, ["768,394", "768,2,197"]), _kernel_copies(text, ["768,394", "768,2,197"])
+    activation_copies = _transposed_copies(text, ["768,394", "768,2,197"])
+    assert not activation_copies, activation_copies
     # and the gradients are flax's
     ref_in, ref_out = nn.DenseGeneral((12, 64)), nn.DenseGeneral(768, axis=(-2, -1))
     want = jax.grad(lambda pi, po, x: jnp.sum(ref_out.apply(po, ref_in.apply(pi, x)) ** 2), argnums=(0, 1, 2))(
@@ -187,7 +187,7 @@ def test_dense_kernels_and_activations_are_not_transposed_on_cpu():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# softmax: jax.nn.softmax's values and gradient; on CPU its reductions are variadic.
+# softmax: jax.nn.softmax's values and gradient; on CPU, kept apart, its reductions are variadic.
 
 @pytest.mark.parametrize("apart", [False, True])
 @pytest.mark.parametrize("shape,axis", [((2, 3, 17, 17), -1), ((5, 7), 0)])

@@ -204,28 +204,25 @@ class Dropout(nn.Module):
 # Softmax.
 
 
-def _variadic_reduce(x: Array, axis: int, op: Callable[[Array, Array], Array], init: float) -> Array:
-    """`op`-reduction of `x` over `axis` as a variadic reduce of (x, x), its two equal results combined by `op`.
+def _reduce(x: Array, axis: int, kind: str, variadic: bool) -> Array:
+    """The max or sum ("max" / "sum") of `x` over `axis`, kept as a size-1 axis.
 
-    Both results are used: XLA drops a variadic reduce's unused operand, which would make it a plain reduce again.
-    `op` is max or add, for which op(r, r) is r (max) or exactly 2r (add, halved after).
+    `variadic`: as one reduce of (x, x), its two equal results combined (the max of both, half their sum: exact).
+    Both are used because XLA drops a variadic reduce's unused operand, which would make it a plain reduce again.
     """
+    if not variadic:
+        return (jnp.max if kind == "max" else jnp.sum)(x, axis=axis, keepdims=True)
+    op, init = (jnp.maximum, -np.inf) if kind == "max" else (jnp.add, 0.0)
     init = np.asarray(init, x.dtype)
     a, b = jax.lax.reduce((x, x), (init, init), lambda u, v: (op(u[0], v[0]), op(u[1], v[1])), (axis,))
-    out = op(a, b)
-    return jnp.expand_dims(out * np.asarray(0.5, x.dtype) if op is jnp.add else out, axis)
-
-
-def _reduce(x: Array, axis: int, op: Callable[[Array, Array], Array], init: float, variadic: bool) -> Array:
-    if variadic:
-        return _variadic_reduce(x, axis, op, init)
-    return (jnp.max if op is jnp.maximum else jnp.sum)(x, axis=axis, keepdims=True)
+    out = jnp.maximum(a, b) if kind == "max" else (a + b) * np.asarray(0.5, x.dtype)
+    return jnp.expand_dims(out, axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _softmax(x: Array, axis: int, variadic: bool) -> Array:
-    e = jnp.exp(x - _reduce(x, axis, jnp.maximum, -np.inf, variadic))
-    return e / _reduce(e, axis, jnp.add, 0.0, variadic)
+    e = jnp.exp(x - _reduce(x, axis, "max", variadic))
+    return e / _reduce(e, axis, "sum", variadic)
 
 
 def _softmax_fwd(x: Array, axis: int, variadic: bool) -> tuple[Array, Array]:
@@ -234,7 +231,7 @@ def _softmax_fwd(x: Array, axis: int, variadic: bool) -> tuple[Array, Array]:
 
 
 def _softmax_bwd(axis: int, variadic: bool, p: Array, g: Array) -> tuple[Array]:
-    return (p * (g - _reduce(g * p, axis, jnp.add, 0.0, variadic)),)
+    return (p * (g - _reduce(g * p, axis, "sum", variadic)),)
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
@@ -359,9 +356,6 @@ class Dense(nn.Module):
         dims = ((tuple(axis), tuple(range(len(axis)))), ((), ()))
         activation = self.activation or (lambda y: y)
 
-        def matmul(x: Array, kernel: Array, keep_f32: bool = False) -> Array:
-            return dot_general(x, kernel, dims, keep_f32=keep_f32)
-
         def flat_matmul(x: Array, kernel: Array, keep_f32: bool = False) -> Array:
             # The kernel as one (prod(in), prod(features)) matrix, the input's contracted axes as one (reshapes,
             # free on CPU). Left to XLA, a multi-axis kernel (attention's (768, 12, 64) / (12, 64, 768)) is
@@ -377,8 +371,8 @@ class Dense(nn.Module):
                             keep_f32=keep_f32)
             return y.reshape(lead + features)
 
-        def plain(x: Array, kernel: Array, bias: Array, matmul: Callable[..., Array] = matmul) -> Array:
-            y = matmul(x, kernel)
+        def plain(x: Array, kernel: Array, bias: Array, flat: bool = False) -> Array:
+            y = flat_matmul(x, kernel) if flat else dot_general(x, kernel, dims)
             return activation(y + broadcast_leading(bias, y.shape))
 
         def in_float32(x: Array, kernel: Array, bias: Array) -> Array:
@@ -386,7 +380,7 @@ class Dense(nn.Module):
             return activation(y + broadcast_leading(bias, y.shape).astype(y.dtype)).astype(self.dtype)
 
         on_cpu = in_float32 if self.activation is not None and jnp.dtype(self.dtype) in LOW_PRECISION else (
-            functools.partial(plain, matmul=flat_matmul))
+            functools.partial(plain, flat=True))
         # Chosen when lowering for a platform (a TPU step compiled on a CPU host keeps DenseGeneral's dot and the
         # bf16 elementwise ops).
         return jax.lax.platform_dependent(x, kernel, bias, cpu=on_cpu, default=plain)
