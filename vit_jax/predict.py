@@ -194,10 +194,9 @@ def predict(config: ml_collections.ConfigDict, params: Mapping[str, Any], images
     """Top-k predictions of `params` for named preprocessed `images` ((S, S, 3) in [-1, 1]), in their order."""
     if not images:
         return []
-    params = nn.unbox(params)
+    params = cast_for_inference(params, config.model.dtype)  # unboxed too
     num_classes = int(np.shape(params["head"]["kernel"])[-1])
     probabilities = make_classifier(config.model, num_classes, config.label_kind)
-    params = cast_for_inference(params, config.model.dtype)
     pixels = np.stack([image for _, image in images]).astype(np.float32)
     batch = min(BATCH_SIZE, len(pixels))
     probs = []

@@ -172,7 +172,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                    **aux}
         return new_state, metrics
 
-    float32_training = jnp.dtype(config.model.get("dtype", "float32")) == jnp.float32
+    float32_training = jnp.dtype(config.model.dtype) == jnp.float32  # as build_model reads it
     return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
                    compiler_options=xla_options.compiler_options(mesh.devices.flat, float32_training=float32_training))
