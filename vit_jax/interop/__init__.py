@@ -9,10 +9,12 @@ Our own training checkpoints load too (a workdir, its `checkpoints/` or a step d
 the masked-patch-prediction model, whose pre-training head is dropped for a classifier.
 
 Modules: `npz` (official files), `torch_hub` (timm / HF state dicts), `orbax_io` (our checkpoints),
-`surgery` (position-embedding resize, new head, pre-logits), `loading` (the two functions above).
+`surgery` (position-embedding resize, new head, pre-logits), `loading` (the two functions above), `remote`
+(gs:// and other URIs: read from a cached local copy, written through a temporary one).
 torch is never imported here; only reading a `.bin` / `.pth` imports it.
 """
 
+from vit_jax.interop import remote
 from vit_jax.interop.common import CheckpointError, Numerics
 from vit_jax.interop.loading import (
     SOURCE_FORMATS,
@@ -28,5 +30,5 @@ from vit_jax.interop.surgery import adapt_to_model, new_head, resize_posemb
 __all__ = [
     "SOURCE_FORMATS", "TARGET_FORMATS", "CheckpointError", "Numerics", "adapt_to_model", "apply_source_numerics",
     "detect_format",
-    "load_pretrained", "new_head", "read_checkpoint", "resize_posemb", "save_as",
+    "load_pretrained", "new_head", "read_checkpoint", "remote", "resize_posemb", "save_as",
 ]

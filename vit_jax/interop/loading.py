@@ -4,21 +4,25 @@ Sources: official / big_vision `.npz`; timm or HF weights (`.safetensors`, `.bin
 directory with `config.json`), told apart by their key names; our own orbax checkpoints. Loading adapts the
 checkpoint to the target model (new head, resized position embeddings, dropped pre-logits; each logged) and
 sets the model config's numerics (GELU flavour, LayerNorm eps) to those the weights were trained with.
+Paths may be remote (gs://...): read from a cached local copy, written through a temporary one (`remote`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
 from absl import logging
 
-from vit_jax.interop import npz, orbax_io, surgery, torch_hub
+from vit_jax.interop import npz, orbax_io, remote, surgery, torch_hub
 from vit_jax.interop.common import (
     OFFICIAL_NUMERICS,
     POSEMB_KEY,
@@ -61,6 +65,26 @@ def _read(path: str, source_format: str | None, num_heads: int | None) -> Checkp
     if source_format not in (None, "auto") + SOURCE_FORMATS:
         raise CheckpointError(f"source_format must be one of {SOURCE_FORMATS} (or None to detect), "
                               f"got {source_format!r}")
+    with _from_local_copy(path) as local:
+        ckpt = _read_local(local, source_format, num_heads)
+    if local != path:
+        ckpt.location = f"{path} (copied to {ckpt.location})"
+    return ckpt
+
+
+@contextlib.contextmanager
+def _from_local_copy(path: str) -> Iterator[str]:
+    """A local path for `path` (`remote.local_copy`); errors about the copy name the remote path too."""
+    local = remote.local_copy(path)
+    try:
+        yield local
+    except CheckpointError as e:
+        if local == path:
+            raise
+        raise CheckpointError(f"{path} (copied to {local}): {e}") from e
+
+
+def _read_local(path: str, source_format: str | None, num_heads: int | None) -> Checkpoint:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):
@@ -172,13 +196,19 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
 
 def source_numerics(path: str, source_format: str | None = None) -> Numerics | None:
     """The numerics the weights at `path` were computed with, cheaply (no weights are read for npz / timm / HF
-    directories; an orbax checkpoint's recorded config). None when the source does not say."""
+    directories; an orbax checkpoint's recorded config). None when the source does not say. A remote
+    checkpoint is copied into the cache first (`remote.local_copy`), where `load_pretrained` finds it."""
     path = os.fspath(path)
+    with _from_local_copy(path) as local:
+        return _local_numerics(local, source_format)
+
+
+def _local_numerics(path: str, source_format: str | None) -> Numerics | None:
     if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):
         return orbax_io.read_numerics(path)
     if os.path.isdir(path):
         return torch_hub.hf_numerics(_hf_dir_files(path)[1], None)
-    ckpt = _read(path, source_format, num_heads=None)
+    ckpt = _read_local(path, source_format, num_heads=None)
     if ckpt.source_format == "npz":
         return OFFICIAL_NUMERICS
     if ckpt.source_format == "timm":
@@ -226,6 +256,8 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
     if target_format not in TARGET_FORMATS:
         raise CheckpointError(f"target_format must be one of {TARGET_FORMATS}, got {target_format!r}")
     path = os.fspath(path)
+    if remote.is_remote(path):
+        return _save_remote(params, model_config, path.rstrip("/"), target_format)
     flat = params_to_canonical(params)
     if "head/kernel" not in flat:
         raise CheckpointError("params have no head/kernel: not a classification model's params")
@@ -265,6 +297,17 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
         path = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
     logging.info("wrote %s (%s, %d classes, %dpx)", path, target_format, num_classes, image_size)
     return path
+
+
+def _save_remote(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str) -> str:
+    """`save_as` to a remote path: written into a temporary local directory, then copied up."""
+    if target_format == "orbax" and not remote.is_empty_or_missing(path):
+        raise CheckpointError(f"{path}: exists and is not empty; give a new directory for the orbax checkpoint")
+    with tempfile.TemporaryDirectory(prefix="vit_jax_save_") as tmp:
+        local = os.path.join(tmp, path.rsplit("/", 1)[-1])
+        written = save_as(params, model_config, local, target_format)
+        remote.upload(local, path)
+    return path + written[len(local):].replace(os.sep, "/")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,16 +21,21 @@ from vit_jax.interop.common import CheckpointError, Flat, Numerics, params_to_ca
 
 def is_orbax_dir(path: str) -> bool:
     """True for a workdir, a CheckpointManager directory or a step directory of ours."""
-    return os.path.isdir(path) and _step_dir(path, must_exist=False) is not None
+    return os.path.isdir(path) and step_dir(path, must_exist=False) is not None
 
 
-def _step_dir(path: str, must_exist: bool = True) -> str | None:
-    if os.path.isdir(os.path.join(path, "params")):
+def step_dir(path: str, must_exist: bool = True, *, isdir: Callable[[str], bool] = os.path.isdir,
+             listdir: Callable[[str], list[str]] = os.listdir) -> str | None:
+    """The step directory `path` names: itself, its latest step, or its `checkpoints/`'s latest step.
+
+    `isdir` / `listdir` probe the file system (`vit_jax.interop.remote` passes tf.io.gfile's for remote paths).
+    """
+    if isdir(os.path.join(path, "params")):
         return path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return _step_dir(os.path.join(path, "checkpoints"), must_exist)
-    steps = [int(name) for name in os.listdir(path)
-             if name.isdigit() and os.path.isdir(os.path.join(path, name, "params"))]
+    if isdir(os.path.join(path, "checkpoints")):
+        return step_dir(os.path.join(path, "checkpoints"), must_exist, isdir=isdir, listdir=listdir)
+    steps = [int(name) for name in listdir(path)
+             if name.isdigit() and isdir(os.path.join(path, name, "params"))]
     if steps:
         return os.path.join(path, str(max(steps)))
     if must_exist:
@@ -42,8 +48,8 @@ def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
     """Canonical params of the latest (or given) step, the numerics its run was configured with, the step dir."""
     import orbax.checkpoint as ocp
 
-    step_dir = _step_dir(path)
-    params_dir = os.path.abspath(os.path.join(step_dir, "params"))  # orbax wants absolute paths
+    step = step_dir(path)
+    params_dir = os.path.abspath(os.path.join(step, "params"))  # orbax wants absolute paths
     checkpointer = ocp.StandardCheckpointer()
     try:
         metadata = checkpointer.metadata(params_dir)
@@ -56,12 +62,12 @@ def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{params_dir}: unreadable orbax params ({type(e).__name__}: {e})") from e
     flat = params_to_canonical(jax.tree.map(np.asarray, params))
-    return flat, _read_numerics(step_dir), step_dir
+    return flat, _read_numerics(step), step
 
 
 def read_numerics(path: str) -> Numerics | None:
     """The numerics recorded with the latest (or given) step of an orbax checkpoint, without reading params."""
-    return _read_numerics(_step_dir(path))
+    return _read_numerics(step_dir(path))
 
 
 def _read_numerics(step_dir: str) -> Numerics | None:

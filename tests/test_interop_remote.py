@@ -1,0 +1,124 @@
+"""Checkpoints at remote URIs: read through a cached local copy, written through a temporary one.
+
+The remote file system is TensorFlow's in-memory `ram://` (the same tf.io.gfile code path as gs://, offline).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.test_interop_common import random_params, tiny_config
+from tests.train_helpers import tiny_config as tiny_train_config
+from vit_jax import checkpoints, sharding, train
+from vit_jax.interop import CheckpointError, detect_format, load_pretrained, remote, save_as
+from vit_jax.interop.common import flatten, params_to_canonical
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch) -> str:
+    """A fresh ram:// directory, and a fresh cache for remote copies."""
+    monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path / "cache"))
+    return f"ram://{uuid.uuid4().hex}"
+
+
+def _assert_same(loaded: dict, expected: dict) -> None:
+    loaded, expected = flatten(loaded), params_to_canonical(expected)
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+
+
+def _cached_files(tmp_path) -> list[str]:
+    root = tmp_path / "cache"
+    return sorted(str(p.relative_to(root)).split(os.sep, 1)[1] for p in root.rglob("*") if p.is_file())
+
+
+def test_npz_written_to_and_read_from_a_remote_path_through_the_cache(bucket, tmp_path):
+    config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-5)  # loading resets them to npz's
+    params = random_params(config, 7)
+    path = f"{bucket}/ckpts/vit.npz"
+    assert save_as(params, config, path, "npz") == path
+    assert tf.io.gfile.exists(path) and not os.path.exists("ram:")  # nothing written to a local "ram:" directory
+    assert detect_format(path) == "npz"
+
+    _assert_same(load_pretrained(path, config), params)
+    assert config.gelu_approximate is True and config.layernorm_epsilon == 1e-6
+    assert _cached_files(tmp_path) == ["ckpts/.vit_jax_copy.json", "ckpts/vit.npz"]
+    (copy,) = (tmp_path / "cache").rglob("vit.npz")
+    copied_at = copy.stat().st_mtime_ns
+    load_pretrained(path, tiny_config())
+    assert copy.stat().st_mtime_ns == copied_at  # unchanged remote file: the copy is reused
+
+    tf.io.gfile.remove(path)  # replaced by a checkpoint of another size: copied again
+    other = random_params(config, 3, seed=5)
+    save_as(other, config, path, "npz")
+    _assert_same(load_pretrained(path, tiny_config()), other)
+
+
+def test_hf_directory_round_trips_through_a_remote_path_with_its_numerics(bucket, tmp_path):
+    config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)  # HF ViT's defaults
+    params = random_params(config, 4)
+    path = f"{bucket}/hf"
+    assert save_as(params, config, path, "hf") == path
+    assert sorted(tf.io.gfile.listdir(path)) == ["config.json", "model.safetensors"]
+
+    loaded_config = tiny_config()
+    _assert_same(load_pretrained(path, loaded_config), params)
+    assert loaded_config.gelu_approximate is False and loaded_config.layernorm_epsilon == 1e-12
+    assert _cached_files(tmp_path) == ["hf/.vit_jax_copy.json", "hf/config.json", "hf/model.safetensors"]
+
+
+def test_remote_training_workdir_loads_its_latest_step_without_optimizer_state(bucket, tmp_path):
+    config = tiny_train_config(**{"mesh.data": 1})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    state = train.init_state(config, mesh, config.total_steps)
+    workdir = str(tmp_path / "run")
+    ckpt = checkpoints.Checkpoints(workdir, keep=2)
+    for step in (1, 2):
+        params = jax.tree.map(lambda x, s=step: x + s, state["params"])
+        ckpt.save(step, params, state["opt_state"], {"step": step, "config": config.to_json_best_effort()}, None)
+    ckpt.close()
+    remote.upload(workdir, f"{bucket}/run")
+
+    loaded = load_pretrained(f"{bucket}/run", tiny_train_config().model)
+    _assert_same(loaded, jax.device_get(params))  # step 2's
+    copied = _cached_files(tmp_path)
+    assert any(name.startswith("2/params/") for name in copied)
+    assert not any(name.startswith(("2/opt_state", "1/")) for name in copied), copied
+
+
+def test_missing_corrupt_and_occupied_remote_paths_are_refused_by_name(bucket):
+    config = tiny_config()
+    with pytest.raises(CheckpointError, match=f"^{bucket}/nope.npz: no such file or directory"):
+        load_pretrained(f"{bucket}/nope.npz", config)
+
+    with tf.io.gfile.GFile(f"{bucket}/junk.safetensors", "wb") as f:
+        f.write(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=rf"^{bucket}/junk.safetensors \(copied to .*\): .*unrecognised "
+                                              r"checkpoint file"):
+        load_pretrained(f"{bucket}/junk.safetensors", config)
+
+    tf.io.gfile.makedirs(f"{bucket}/orbax")
+    with tf.io.gfile.GFile(f"{bucket}/orbax/README", "wb") as f:
+        f.write(b"someone else's")
+    with pytest.raises(CheckpointError, match=f"{bucket}/orbax: exists and is not empty"):
+        save_as(random_params(config, 2), config, f"{bucket}/orbax", "orbax")
+
+
+def test_orbax_export_to_a_remote_directory_loads_back(bucket):
+    config = tiny_config()
+    params = random_params(config, 6)
+    assert save_as(params, config, f"{bucket}/exported", "orbax") == f"{bucket}/exported/0"
+    _assert_same(load_pretrained(f"{bucket}/exported", tiny_config()), params)
+
+
+def test_local_paths_are_not_copied(tmp_path):
+    assert not remote.is_remote(str(tmp_path)) and remote.is_remote("gs://bucket/x.npz")
+    assert remote.local_copy(str(tmp_path / "x.npz"), cache=str(tmp_path / "c")) == str(tmp_path / "x.npz")
+    assert not (tmp_path / "c").exists()
