@@ -150,3 +150,22 @@ def test_our_manual_datasets_missing_name_their_prepare_command(tmp_path):
     with pytest.raises(data.DatasetError, match=rf"looked for {tmp_path}/imagenet21k/1.0.0.*"
                                                 rf"--dataset=imagenet21k --data_dir={tmp_path} --manual_dir="):
         data.dataset_info(config)
+
+
+
+def test_the_prepared_check_sees_remote_uris(config):
+    """A gs:// data dir's dataset_info.json is found through tf.io.gfile (here its in-memory ram://), which
+    os.path.exists never sees; TFDS and ArrayRecord read gs:// from there on."""
+    import os
+    import uuid
+
+    import tensorflow as tf
+
+    from vit_jax.data import datasets
+
+    info = os.path.join(datasets._own_builder_dir("digits", config.tfds_data_dir), "dataset_info.json")
+    remote_info = f"ram://{uuid.uuid4().hex}/tfds/digits/dataset_info.json"
+    assert datasets._exists(info) and not datasets._exists(remote_info)
+    tf.io.gfile.makedirs(os.path.dirname(remote_info))
+    tf.io.gfile.copy(info, remote_info)
+    assert datasets._exists(remote_info) and not os.path.exists(remote_info)

@@ -76,6 +76,13 @@ def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
                            f"{sorted(OWN_BUILDERS)}{hint}") from None
 
 
+def _exists(path: str) -> bool:
+    """os.path.exists for local paths and gs:// (any tf.io.gfile URI), where TFDS and ArrayRecord read too."""
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+
+
 def _own_builder_dir(name: str, data_dir: str) -> str:
     return os.path.join(data_dir, name, str(OWN_BUILDERS[name].VERSION))
 
@@ -101,13 +108,13 @@ def load_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.Da
     data_dir = resolve_data_dir(data_dir)
     if name in OWN_BUILDERS:
         builder_dir = _own_builder_dir(name, data_dir)
-        if not os.path.exists(os.path.join(builder_dir, "dataset_info.json")):
+        if not _exists(os.path.join(builder_dir, "dataset_info.json")):
             if name in BUILT_ON_FIRST_USE:
                 try:
                     prepare(name, data_dir)
                 except OSError:
                     # Another process on this machine may have finished the same build first.
-                    if not os.path.exists(os.path.join(builder_dir, "dataset_info.json")):
+                    if not _exists(os.path.join(builder_dir, "dataset_info.json")):
                         raise
             else:
                 raise DatasetError(f"dataset {name!r} is not prepared: looked for {builder_dir}. Prepare it with: "
