@@ -1,0 +1,36 @@
+"""The benchmarks' FLOP bookkeeping (no timing here: the benchmarks print their figures, tests never time)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import common  # noqa: E402
+import matmul_bound  # noqa: E402
+
+from vit_jax.errors import UserError  # noqa: E402
+
+
+@pytest.mark.parametrize("config_file, classifier, representation_size", [
+    ("vit_b16.py", "token", 0), ("vit_b16.py", "gap", 0), ("vit_l16.py", "token", 1024)])
+def test_step_matmuls_account_for_three_forward_passes(config_file, classifier, representation_size):
+    """Forward + input gradient + weight gradient of every matmul = 3x the analytic forward (vit_jax.summary),
+    less the patch embedding's input gradient, which a training step never computes."""
+    config = common.load_config(os.path.join(common.ROOT, "configs", config_file), "float32", 8)
+    config.model.classifier, config.model.representation_size = classifier, representation_size
+    matmuls = matmul_bound.step_matmuls(config)
+    total = sum(mm.flops * mm.count for mm in matmuls)
+    (patch_fwd,) = [mm for mm in matmuls if mm.name == "patch embedding fwd"]
+    expected = 3 * common.forward_flops_per_image(config) * config.batch_size
+    assert total + patch_fwd.flops == pytest.approx(expected, rel=1e-9)
+
+
+def test_step_matmuls_refuse_hybrids():
+    config = common.load_config(os.path.join(common.ROOT, "configs", "vit_b16.py"), "float32", 8)
+    config.model.resnet_layers = (3, 4, 9)
+    with pytest.raises(UserError, match="only plain ViTs"):
+        matmul_bound.step_matmuls(config)
