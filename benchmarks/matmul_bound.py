@@ -47,27 +47,37 @@ class Matmul:
         return 2.0 * out * contracted
 
 
-def _dense(name: str, count: int, rows: int, d_in: int, d_out: int, input_grad: bool = True) -> list[Matmul]:
-    """y = x @ W forward; dx = dy @ W^T and dW = x^T @ dy backward."""
-    out = [Matmul(f"{name} fwd", count, (rows, d_in), (d_in, d_out), ((1,), (0,))),
-           Matmul(f"{name} dW", count, (rows, d_in), (rows, d_out), ((0,), (0,)))]
+def _dense(name: str, count: int, lead: tuple[int, ...], d_in: int, d_out: int, input_grad: bool = True
+           ) -> list[Matmul]:
+    """y = x @ W forward; dx = dy @ W^T and dW = x^T @ dy backward; x is `lead + (d_in,)` (`vit_jax.models.layers.
+    Dense` flattens the leading axes into one in float32 and keeps them in bf16: the forms the step computes)."""
+    n = len(lead)
+    out = [Matmul(f"{name} fwd", count, lead + (d_in,), (d_in, d_out), ((n,), (0,))),
+           Matmul(f"{name} dW", count, lead + (d_in,), lead + (d_out,), (tuple(range(n)), tuple(range(n))))]
     if input_grad:
-        out.append(Matmul(f"{name} dx", count, (rows, d_out), (d_in, d_out), ((1,), (1,))))
+        out.append(Matmul(f"{name} dx", count, lead + (d_out,), (d_in, d_out), ((n,), (1,))))
     return out
 
 
 def step_matmuls(config) -> list[Matmul]:
     """Every matmul of one training step of the config's plain ViT, grouped by shape."""
+    import jax.numpy as jnp
+
     from vit_jax.errors import UserError
+    from vit_jax.models.layers import LOW_PRECISION
 
     m = config.model
     if m.resnet_layers or m.axial:
         raise UserError(f"variant {m.variant!r}: only plain ViTs are listed (no hybrid / axial)")
     batch, grid = config.batch_size, config.image_size // m.patch_size
     tokens = grid * grid + (1 if m.classifier == "token" else 0)
-    rows, width, layers, heads = batch * tokens, m.hidden_size, m.num_layers, m.num_heads
+    width, layers, heads = m.hidden_size, m.num_layers, m.num_heads
     head_dim, bh = width // heads, batch * heads
-    out = _dense("patch embedding", 1, batch * grid * grid, m.patch_size ** 2 * 3, width, input_grad=False)
+    flat = jnp.dtype(m.dtype) not in LOW_PRECISION
+    rows = (batch * tokens,) if flat else (batch, tokens)
+    # The patch embedding is an einsum over (batch, rows, cols) of patches, flattened or not.
+    patches = (batch * grid * grid,) if flat else (batch, grid * grid)
+    out = _dense("patch embedding", 1, patches, m.patch_size ** 2 * 3, width, input_grad=False)
     out += _dense("query/key/value", 3 * layers, rows, width, width)
     out += _dense("attention out", layers, rows, width, width)
     out += _dense("MLP in", layers, rows, width, m.mlp_dim)
@@ -79,8 +89,8 @@ def step_matmuls(config) -> list[Matmul]:
             Matmul("P v fwd; dq = dlogits k", 2 * layers, p, q, ((2,), (1,)), bdims),
             Matmul("dv = P^T dout; dk = dlogits^T q", 2 * layers, p, q, ((1,), (1,)), bdims)]
     if m.representation_size:
-        out += _dense("pre-logits", 1, batch, width, m.representation_size)
-    out += _dense("head", 1, batch, m.representation_size or width, config.num_classes)
+        out += _dense("pre-logits", 1, (batch,), width, m.representation_size)
+    out += _dense("head", 1, (batch,), m.representation_size or width, config.num_classes)
     return out
 
 

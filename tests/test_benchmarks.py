@@ -15,12 +15,13 @@ import matmul_bound  # noqa: E402
 from vit_jax.errors import UserError  # noqa: E402
 
 
-@pytest.mark.parametrize("config_file, classifier, representation_size", [
-    ("vit_b16.py", "token", 0), ("vit_b16.py", "gap", 0), ("vit_l16.py", "token", 1024)])
-def test_step_matmuls_account_for_three_forward_passes(config_file, classifier, representation_size):
+@pytest.mark.parametrize("config_file, classifier, representation_size, dtype", [
+    ("vit_b16.py", "token", 0, "float32"), ("vit_b16.py", "gap", 0, "bfloat16"),
+    ("vit_l16.py", "token", 1024, "float32"), ("vit_s32.py", "token", 0, "bfloat16")])
+def test_step_matmuls_account_for_three_forward_passes(config_file, classifier, representation_size, dtype):
     """Forward + input gradient + weight gradient of every matmul = 3x the analytic forward (vit_jax.summary),
     less the patch embedding's input gradient, which a training step never computes."""
-    config = common.load_config(os.path.join(common.ROOT, "configs", config_file), "float32", 8)
+    config = common.load_config(os.path.join(common.ROOT, "configs", config_file), dtype, 8)
     config.model.classifier, config.model.representation_size = classifier, representation_size
     matmuls = matmul_bound.step_matmuls(config)
     total = sum(mm.flops * mm.count for mm in matmuls)
