@@ -49,7 +49,7 @@ def test_npz_written_to_and_read_from_a_remote_path_through_the_cache(bucket, tm
 
     _assert_same(load_pretrained(path, config), params)
     assert config.gelu_approximate is True and config.layernorm_epsilon == 1e-6
-    assert _cached_files(tmp_path) == ["ckpts/.vit_jax_copy.json", "ckpts/vit.npz"]
+    assert _cached_files(tmp_path) == [".vit_jax_copy.lock", "ckpts/.vit_jax_copy.json", "ckpts/vit.npz"]
     (copy,) = (tmp_path / "cache").rglob("vit.npz")
     copied_at = copy.stat().st_mtime_ns
     load_pretrained(path, tiny_config())
@@ -71,7 +71,22 @@ def test_hf_directory_round_trips_through_a_remote_path_with_its_numerics(bucket
     loaded_config = tiny_config()
     _assert_same(load_pretrained(path, loaded_config), params)
     assert loaded_config.gelu_approximate is False and loaded_config.layernorm_epsilon == 1e-12
-    assert _cached_files(tmp_path) == ["hf/.vit_jax_copy.json", "hf/config.json", "hf/model.safetensors"]
+    assert _cached_files(tmp_path) == [".vit_jax_copy.lock", "hf/.vit_jax_copy.json", "hf/config.json",
+                                       "hf/model.safetensors"]
+
+
+def test_a_file_loses_the_numerics_of_a_config_json_deleted_beside_it(bucket):
+    config = tiny_config(gelu_approximate=True, layernorm_epsilon=1e-5)
+    save_as(random_params(config, 4), config, f"{bucket}/hf", "hf")
+    weights = f"{bucket}/hf/model.safetensors"
+    first = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
+    load_pretrained(weights, first)
+    assert first.gelu_approximate is True and first.layernorm_epsilon == 1e-5  # from the config.json beside it
+
+    tf.io.gfile.remove(f"{bucket}/hf/config.json")  # the cached copy of it must not still count
+    again = tiny_config(gelu_approximate=True, layernorm_epsilon=1e-5)
+    load_pretrained(weights, again)
+    assert again.gelu_approximate is False and again.layernorm_epsilon == 1e-12  # HF's defaults
 
 
 def test_remote_training_workdir_loads_its_latest_step_without_optimizer_state(bucket, tmp_path):
@@ -91,6 +106,12 @@ def test_remote_training_workdir_loads_its_latest_step_without_optimizer_state(b
     copied = _cached_files(tmp_path)
     assert any(name.startswith("2/params/") for name in copied)
     assert not any(name.startswith(("2/opt_state", "1/")) for name in copied), copied
+    _assert_same(load_pretrained(f"{bucket}/run/checkpoints/2/", tiny_train_config().model), jax.device_get(params))
+
+    # On a bucket orbax writes a step in place and its commit file last: a step without one is still being written.
+    tf.io.gfile.remove(f"{bucket}/run/checkpoints/2/commit_success.txt")
+    step_1 = jax.tree.map(lambda x: x + 1, state["params"])
+    _assert_same(load_pretrained(f"{bucket}/run", tiny_train_config().model), jax.device_get(step_1))
 
 
 def test_missing_corrupt_and_occupied_remote_paths_are_refused_by_name(bucket):
@@ -103,6 +124,10 @@ def test_missing_corrupt_and_occupied_remote_paths_are_refused_by_name(bucket):
     with pytest.raises(CheckpointError, match=rf"^{bucket}/junk.safetensors \(copied to .*\): .*unrecognised "
                                               r"checkpoint file"):
         load_pretrained(f"{bucket}/junk.safetensors", config)
+
+    tf.io.gfile.makedirs(f"{bucket}/empty")
+    with pytest.raises(CheckpointError, match=f"^{bucket}/empty: a directory that is neither an orbax checkpoint"):
+        load_pretrained(f"{bucket}/empty", config)
 
     tf.io.gfile.makedirs(f"{bucket}/orbax")
     with tf.io.gfile.GFile(f"{bucket}/orbax/README", "wb") as f:

@@ -80,7 +80,10 @@ def _exists(path: str) -> bool:
     """os.path.exists for local paths and gs:// (any tf.io.gfile URI), where TFDS and ArrayRecord read too."""
     import tensorflow as tf
 
-    return tf.io.gfile.exists(path)
+    try:
+        return tf.io.gfile.exists(path)
+    except tf.errors.OpError as e:  # a bucket this machine may not read, no network
+        raise DatasetError(f"{path}: cannot check whether it exists ({type(e).__name__}: {e.message})") from e
 
 
 def _own_builder_dir(name: str, data_dir: str) -> str:

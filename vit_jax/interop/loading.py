@@ -69,7 +69,15 @@ def _read(path: str, source_format: str | None, num_heads: int | None) -> Checkp
         ckpt = _read_local(local, source_format, num_heads)
     if local != path:
         ckpt.location = f"{path} (copied to {ckpt.location})"
+        ckpt.numerics = _named_remotely(ckpt.numerics, local, path)
     return ckpt
+
+
+def _named_remotely(numerics: Numerics | None, local: str, path: str) -> Numerics | None:
+    """`numerics` with the remote path in its origin where it names the local copy."""
+    if numerics is None or local == path:
+        return numerics
+    return dataclasses.replace(numerics, origin=numerics.origin.replace(local, path))
 
 
 @contextlib.contextmanager
@@ -200,7 +208,7 @@ def source_numerics(path: str, source_format: str | None = None) -> Numerics | N
     checkpoint is copied into the cache first (`remote.local_copy`), where `load_pretrained` finds it."""
     path = os.fspath(path)
     with _from_local_copy(path) as local:
-        return _local_numerics(local, source_format)
+        return _named_remotely(_local_numerics(local, source_format), local, path)
 
 
 def _local_numerics(path: str, source_format: str | None) -> Numerics | None:
@@ -307,7 +315,9 @@ def _save_remote(params: Any, model_config: ml_collections.ConfigDict, path: str
         local = os.path.join(tmp, path.rsplit("/", 1)[-1])
         written = save_as(params, model_config, local, target_format)
         remote.upload(local, path)
-    return path + written[len(local):].replace(os.sep, "/")
+    written = path + written[len(local):].replace(os.sep, "/")
+    logging.info("uploaded to %s", written)
+    return written
 
 
 def _require(condition: bool, message: str) -> None:

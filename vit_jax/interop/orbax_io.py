@@ -25,17 +25,20 @@ def is_orbax_dir(path: str) -> bool:
 
 
 def step_dir(path: str, must_exist: bool = True, *, isdir: Callable[[str], bool] = os.path.isdir,
-             listdir: Callable[[str], list[str]] = os.listdir) -> str | None:
+             listdir: Callable[[str], list[str]] = os.listdir,
+             finalized: Callable[[str], bool] = lambda step: True) -> str | None:
     """The step directory `path` names: itself, its latest step, or its `checkpoints/`'s latest step.
 
-    `isdir` / `listdir` probe the file system (`vit_jax.interop.remote` passes tf.io.gfile's for remote paths).
+    `isdir` / `listdir` probe the file system (`vit_jax.interop.remote` passes tf.io.gfile's for remote paths);
+    a numbered step counts only if `finalized(step_dir)` (remote: orbax's commit file is there).
     """
     if isdir(os.path.join(path, "params")):
         return path
     if isdir(os.path.join(path, "checkpoints")):
-        return step_dir(os.path.join(path, "checkpoints"), must_exist, isdir=isdir, listdir=listdir)
+        return step_dir(os.path.join(path, "checkpoints"), must_exist, isdir=isdir, listdir=listdir,
+                        finalized=finalized)
     steps = [int(name) for name in listdir(path)
-             if name.isdigit() and isdir(os.path.join(path, name, "params"))]
+             if name.isdigit() and isdir(os.path.join(path, name, "params")) and finalized(os.path.join(path, name))]
     if steps:
         return os.path.join(path, str(max(steps)))
     if must_exist:

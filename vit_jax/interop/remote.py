@@ -4,18 +4,23 @@ The readers (numpy's zip reader, safetensors, torch, orbax) want local files, an
 more than once per run (its numerics, then its weights), so a remote checkpoint is copied once into a cache
 (`$VIT_JAX_CACHE`, else `$XDG_CACHE_HOME/vit_jax`, else `~/.cache/vit_jax`) and copied again only when the
 remote file's size or modification time changed. Only what loading reads is copied: a file and the
-`config.json` beside it; an HF model directory's config and weights; an orbax checkpoint's latest (or given)
-step without its optimizer state and data-iterator state.
+`config.json` beside it; an HF model directory's config and weights; an orbax checkpoint's latest finalized
+(or given) step without its optimizer state and data-iterator state. Processes sharing a cache take turns on an
+entry (a lock file), so a run of many processes per host copies each file once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import posixpath
 import re
 import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from vit_jax.interop import orbax_io, torch_hub
@@ -23,7 +28,9 @@ from vit_jax.interop.common import CheckpointError
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _MANIFEST = ".vit_jax_copy.json"  # {relative path: [size, mtime_nsec]} of what a cache entry was copied from
+_LOCK = ".vit_jax_copy.lock"
 _SKIPPED_ITEMS = ("opt_state", "data")  # orbax step items that loading never reads
+_COMMIT_FILE = "commit_success.txt"  # orbax writes it last into a step directory
 
 
 def is_remote(path: str) -> bool:
@@ -44,10 +51,15 @@ def _gfile() -> Any:
     return tf.io.gfile
 
 
-def _tf_errors() -> tuple[type[BaseException], ...]:
+@contextlib.contextmanager
+def _errors(path: str, doing: str) -> Iterator[None]:
+    """tf.io.gfile errors (missing bucket, no permission, network) as CheckpointErrors naming `path`."""
     import tensorflow as tf
 
-    return (tf.errors.OpError,)
+    try:
+        yield
+    except tf.errors.OpError as e:
+        raise CheckpointError(f"{path}: cannot {doing} ({type(e).__name__}: {e.message})") from e
 
 
 def local_copy(path: str, cache: str | None = None) -> str:
@@ -61,49 +73,66 @@ def local_copy(path: str, cache: str | None = None) -> str:
         return path
     gfile = _gfile()
     path = path.rstrip("/")
-    try:
+    cache = cache or cache_dir()
+    with _errors(path, "read"):
         if not gfile.exists(path):
             raise CheckpointError(f"{path}: no such file or directory")
         if gfile.isdir(path):
-            step = orbax_io.step_dir(path, must_exist=False, isdir=gfile.isdir, listdir=lambda p: _listdir(gfile, p))
+            step = orbax_io.step_dir(path, must_exist=False, isdir=gfile.isdir, listdir=lambda p: _listdir(gfile, p),
+                                     finalized=_finalized(gfile))
             root = step or path
             names = _orbax_files(gfile, step) if step else _hf_files(gfile, path)
-            target = _sync(gfile, root, names, cache)
-        else:
-            root, name = posixpath.split(path)
-            names = [name] + (["config.json"] if name != "config.json" and gfile.exists(f"{root}/config.json") else [])
-            target = os.path.join(_sync(gfile, root, names, cache), name)
-    except _tf_errors() as e:
-        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e.message})") from e
-    return target
+            if not names:
+                raise CheckpointError(
+                    f"{path}: a directory that is neither an orbax checkpoint (params/, finalized step dirs, "
+                    f"checkpoints/) nor an HF model (config.json + one of {torch_hub.HF_WEIGHT_NAMES})")
+            return _sync(gfile, root, names, root, cache)
+        root, name = posixpath.split(path)
+        names = [name] + (["config.json"] if name != "config.json" and gfile.exists(f"{root}/config.json") else [])
+        return os.path.join(_sync(gfile, root, names, path, cache), name)
 
 
 def upload(local: str, path: str) -> None:
-    """Copy a local file or directory tree to the remote `path` (a directory's files keep their relative paths)."""
+    """Copy a local file or directory tree to the remote `path`, deepest files first (orbax's commit file and
+    step metadata, at the top of a step, arrive after the arrays they vouch for)."""
     gfile = _gfile()
-    try:
+    with _errors(path, "write"):
         if not os.path.isdir(local):
             gfile.makedirs(posixpath.dirname(path))
             gfile.copy(local, path, overwrite=True)
             return
-        for dirpath, _, files in os.walk(local):
+        for dirpath, _, files in os.walk(local, topdown=False):
             rel = os.path.relpath(dirpath, local)
             dest = path if rel == "." else posixpath.join(path, *rel.split(os.sep))
             gfile.makedirs(dest)
-            for name in files:
+            for name in sorted(files, key=lambda n: n == _COMMIT_FILE):
                 gfile.copy(os.path.join(dirpath, name), posixpath.join(dest, name), overwrite=True)
-    except _tf_errors() as e:
-        raise CheckpointError(f"{path}: cannot write ({type(e).__name__}: {e.message})") from e
 
 
 def is_empty_or_missing(path: str) -> bool:
     """True when nothing exists at the remote `path`, or it is an empty directory."""
     gfile = _gfile()
-    return not gfile.exists(path) or (gfile.isdir(path) and not gfile.listdir(path))
+    with _errors(path, "read"):
+        return not gfile.exists(path) or (gfile.isdir(path) and not gfile.listdir(path))
 
 
 def _listdir(gfile: Any, path: str) -> list[str]:
     return [name.rstrip("/") for name in gfile.listdir(path)]
+
+
+def _finalized(gfile: Any) -> Callable[[str], bool]:
+    """A step counts if orbax's commit file is in it, or if no step beside it has one (a tree from an orbax that
+    wrote none); on a bucket orbax writes a step in place, so a step without it may still be being written."""
+    any_commit: dict[str, bool] = {}
+
+    def finalized(step: str) -> bool:
+        parent = posixpath.dirname(step)
+        if parent not in any_commit:
+            any_commit[parent] = any(gfile.exists(f"{parent}/{name}/{_COMMIT_FILE}")
+                                     for name in _listdir(gfile, parent) if name.isdigit())
+        return not any_commit[parent] or gfile.exists(f"{step}/{_COMMIT_FILE}")
+
+    return finalized
 
 
 def _orbax_files(gfile: Any, step: str) -> list[str]:
@@ -124,30 +153,56 @@ def _hf_files(gfile: Any, path: str) -> list[str]:
     return [name for name in names if name == "config.json"] + weights[:1]
 
 
-def _sync(gfile: Any, root: str, names: list[str], cache: str | None) -> str:
-    """Copy `root`/name for each name into this root's cache entry unless an unchanged copy is there; its path."""
-    key = hashlib.sha256(root.encode()).hexdigest()[:16]
-    entry = os.path.join(cache or cache_dir(), key, posixpath.basename(root) or "root")
+def _sync(gfile: Any, root: str, names: list[str], key: str, cache: str) -> str:
+    """Make `key`'s cache entry hold exactly `root`/name for each name, copying what changed; its path."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    entry = os.path.join(cache, digest, posixpath.basename(root) or "root")
+    try:
+        os.makedirs(entry, exist_ok=True)
+        with open(os.path.join(cache, digest, _LOCK), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process copying the same checkpoint: wait, then reuse
+            _sync_locked(gfile, root, names, entry)
+    except OSError as e:
+        raise CheckpointError(f"{key}: cannot copy it into the cache {cache} ({e}); set VIT_JAX_CACHE to a "
+                              "writable directory with room for the checkpoint") from e
+    return entry
+
+
+def _sync_locked(gfile: Any, root: str, names: list[str], entry: str) -> None:
     manifest_path = os.path.join(entry, _MANIFEST)
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError):
         manifest = {}
+    wanted = set(names)
+    for dirpath, _, files in os.walk(entry):  # files the remote no longer has (a deleted config.json) go
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), entry).replace(os.sep, "/")
+            if rel != _MANIFEST and rel not in wanted:
+                os.remove(os.path.join(dirpath, name))
+                manifest.pop(rel, None)
     for name in names:
-        stat = gfile.stat(f"{root}/{name}")
-        source = [stat.length, stat.mtime_nsec]
-        dest = os.path.join(entry, *name.split("/"))
-        if manifest.get(name) == source and os.path.isfile(dest) and os.path.getsize(dest) == stat.length:
-            continue
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.tmp-{os.getpid()}"
-        with gfile.GFile(f"{root}/{name}", "rb") as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, length=16 << 20)
-        os.replace(tmp, dest)
+        with _errors(f"{root}/{name}", "read"):
+            stat = gfile.stat(f"{root}/{name}")
+            source = [stat.length, stat.mtime_nsec]
+            dest = os.path.join(entry, *name.split("/"))
+            if manifest.get(name) == source and os.path.isfile(dest) and os.path.getsize(dest) == stat.length:
+                continue
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".copy-")
+            try:
+                with gfile.GFile(f"{root}/{name}", "rb") as src, os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, length=16 << 20)
+                if os.path.getsize(tmp) != stat.length:
+                    raise CheckpointError(f"{root}/{name}: changed while it was copied ({stat.length} bytes listed, "
+                                          f"{os.path.getsize(tmp)} read); try again")
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         manifest[name] = source
-    tmp = f"{manifest_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    fd, tmp = tempfile.mkstemp(dir=entry, prefix=".manifest-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(manifest, f)
     os.replace(tmp, manifest_path)
-    return entry
