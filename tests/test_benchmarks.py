@@ -23,15 +23,16 @@ def test_step_matmuls_account_for_three_forward_passes(config_file, classifier, 
     less the patch embedding's input gradient, which a training step never computes."""
     config = common.load_config(os.path.join(common.ROOT, "configs", config_file), dtype, 8)
     config.model.classifier, config.model.representation_size = classifier, representation_size
-    matmuls = matmul_bound.step_matmuls(config)
-    total = sum(mm.flops * mm.count for mm in matmuls)
-    (patch_fwd,) = [mm for mm in matmuls if mm.name == "patch embedding fwd"]
+    contractions = matmul_bound.step_contractions(config)
+    total = sum(c.flops * c.count * (1 + len(c.grads)) for c in contractions)
+    (patch,) = [c for c in contractions if c.name == "patch embedding"]
+    assert patch.grads == (1,)  # the kernel's gradient only
     expected = 3 * common.forward_flops_per_image(config) * config.batch_size
-    assert total + patch_fwd.flops == pytest.approx(expected, rel=1e-9)
+    assert total + patch.flops == pytest.approx(expected, rel=1e-9)
 
 
 def test_step_matmuls_refuse_hybrids():
     config = common.load_config(os.path.join(common.ROOT, "configs", "vit_b16.py"), "float32", 8)
     config.model.resnet_layers = (3, 4, 9)
     with pytest.raises(UserError, match="only plain ViTs"):
-        matmul_bound.step_matmuls(config)
+        matmul_bound.step_contractions(config)
