@@ -7,6 +7,7 @@ the same thread count, so both see the same machine state. Timings are the media
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -22,6 +23,17 @@ if ROOT not in sys.path:  # `python benchmarks/x.py` from anywhere: configs/ and
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "vit_b16.py")
 DTYPES = ("float32", "bfloat16")
+
+
+def argument_parser(doc: str, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
+    """The flags every model benchmark takes: --dtype, --batch, --config, --repeats, --peak_size."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_argument("--peak_size", type=int, default=4096, help="matmul size for the peak (0: skip)")
+    return parser
 
 
 def load_config(path: str, dtype: str, batch: int, num_classes: int = 1000):

@@ -16,7 +16,6 @@ line last.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 
@@ -114,13 +113,11 @@ def time_contraction(c: Contraction, dtype: str, repeats: int) -> tuple[float, f
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float32", choices=common.DTYPES)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per contraction (median)")
-    parser.add_argument("--peak_size", type=int, default=4096, help="matmul size for the peak")
-    args = parser.parse_args(argv)
+    args = common.argument_parser(__doc__, 7, "timed runs per contraction (median)").parse_args(argv)
+    if args.peak_size < 1:
+        from vit_jax.errors import UserError
+
+        raise UserError(f"--peak_size must be > 0 here (the bound is a fraction of the peak), got {args.peak_size}")
     config = common.load_config(args.config, args.dtype, args.batch)
     contractions = step_contractions(config)
     step_seconds = train_step.time_ours(config, 5)

@@ -21,12 +21,7 @@ import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float32", choices=common.DTYPES)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--peak_size", type=int, default=4096, help="matmul size for the peak (0: skip)")
+    parser = common.argument_parser(__doc__, 5, "timed steps (median reported)")
     parser.add_argument("--no-timm", dest="timm", action="store_false", help="skip timm")
     return parser.parse_args(argv)
 
