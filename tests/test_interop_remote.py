@@ -5,6 +5,7 @@ The remote file system is TensorFlow's in-memory `ram://` (the same tf.io.gfile 
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -136,10 +137,13 @@ def test_missing_corrupt_and_occupied_remote_paths_are_refused_by_name(bucket):
         save_as(random_params(config, 2), config, f"{bucket}/orbax", "orbax")
 
 
-def test_orbax_export_to_a_remote_directory_loads_back(bucket):
+def test_orbax_export_to_a_remote_directory_loads_back(bucket, caplog):
     config = tiny_config()
     params = random_params(config, 6)
+    caplog.set_level(logging.INFO)
     assert save_as(params, config, f"{bucket}/exported", "orbax") == f"{bucket}/exported/0"
+    ours = " ".join(r.getMessage() for r in caplog.records if r.filename == "loading.py")
+    assert f"wrote {bucket}/exported/0 (orbax" in ours and "vit_jax_save_" not in ours  # not the temporary copy
     _assert_same(load_pretrained(f"{bucket}/exported", tiny_config()), params)
 
 

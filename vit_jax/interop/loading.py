@@ -266,6 +266,11 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
     path = os.fspath(path)
     if remote.is_remote(path):
         return _save_remote(params, model_config, path.rstrip("/"), target_format)
+    return _write(params, model_config, path, target_format, shown=path)
+
+
+def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str, shown: str) -> str:
+    """`save_as` into the local `path`; logs name `shown` (the remote destination of a copy)."""
     flat = params_to_canonical(params)
     if "head/kernel" not in flat:
         raise CheckpointError("params have no head/kernel: not a classification model's params")
@@ -288,7 +293,7 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
         extra = (", global_pool='avg', class_token=False, fc_norm=False" if m.classifier == "gap" else "") + (
             ", act_layer='gelu_tanh'" if m.gelu_approximate else "")
         logging.info("timm: timm.create_model(<vit name>, pretrained=True, num_classes=%d, img_size=%d, "
-                     "pretrained_cfg_overlay=dict(file=%r)%s)", num_classes, image_size, path, extra)
+                     "pretrained_cfg_overlay=dict(file=%r)%s)", num_classes, image_size, shown, extra)
     elif target_format == "hf":
         _require(m.classifier == "token", "HF ViTForImageClassification classifies the class token; "
                                           "classifier='gap' cannot be exported to hf")
@@ -302,8 +307,9 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
                                     metadata={"format": "pt"})
     else:
         meta = {"step": 0, "config": {"model": m.to_dict()}, "source": "vit_jax.interop.save_as"}
-        path = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
-    logging.info("wrote %s (%s, %d classes, %dpx)", path, target_format, num_classes, image_size)
+        written = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
+        shown, path = shown + written[len(path):].replace(os.sep, "/"), written
+    logging.info("wrote %s (%s, %d classes, %dpx)", shown, target_format, num_classes, image_size)
     return path
 
 
@@ -313,11 +319,9 @@ def _save_remote(params: Any, model_config: ml_collections.ConfigDict, path: str
         raise CheckpointError(f"{path}: exists and is not empty; give a new directory for the orbax checkpoint")
     with tempfile.TemporaryDirectory(prefix="vit_jax_save_") as tmp:
         local = os.path.join(tmp, path.rsplit("/", 1)[-1])
-        written = save_as(params, model_config, local, target_format)
+        written = _write(params, model_config, local, target_format, shown=path)
         remote.upload(local, path)
-    written = path + written[len(local):].replace(os.sep, "/")
-    logging.info("uploaded to %s", written)
-    return written
+    return path + written[len(local):].replace(os.sep, "/")
 
 
 def _require(condition: bool, message: str) -> None:
