@@ -98,7 +98,7 @@ def _read_local(path: str, source_format: str | None, num_heads: int | None) -> 
     if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):
         flat, numerics, step_dir = orbax_io.read_orbax(path)
         return Checkpoint(flat, "orbax", numerics, step_dir)
-    weights_path, config_path = _hf_dir_files(path) if os.path.isdir(path) else (path, None)
+    weights_path, config_path = torch_hub.hf_dir_files(path) if os.path.isdir(path) else (path, None)
     kind = _file_kind(weights_path) if source_format in (None, "auto") else None
     if (source_format == "npz" or kind == "npz") and num_heads is None:  # format detection only
         return Checkpoint({}, "npz", OFFICIAL_NUMERICS, weights_path)
@@ -118,17 +118,6 @@ def _read_local(path: str, source_format: str | None, num_heads: int | None) -> 
         config_path = beside if os.path.isfile(beside) else None
     numerics = torch_hub.hf_numerics(config_path, num_heads)
     return Checkpoint(torch_hub.hf_to_canonical(state, num_heads, weights_path), "hf", numerics, weights_path)
-
-
-def _hf_dir_files(path: str) -> tuple[str, str]:
-    """(weights file, config.json) of an HF model directory."""
-    config_path = os.path.join(path, "config.json")
-    for name in torch_hub.HF_WEIGHT_NAMES:
-        weights = os.path.join(path, name)
-        if os.path.isfile(weights) and os.path.isfile(config_path):
-            return weights, config_path
-    raise CheckpointError(f"{path}: a directory that is neither an orbax checkpoint (params/, step dirs, "
-                          f"checkpoints/) nor an HF model (config.json + one of {torch_hub.HF_WEIGHT_NAMES})")
 
 
 def _file_kind(path: str) -> str:
@@ -215,7 +204,7 @@ def _local_numerics(path: str, source_format: str | None) -> Numerics | None:
     if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):
         return orbax_io.read_numerics(path)
     if os.path.isdir(path):
-        return torch_hub.hf_numerics(_hf_dir_files(path)[1], None)
+        return torch_hub.hf_numerics(torch_hub.hf_dir_files(path)[1], None)
     ckpt = _read_local(path, source_format, num_heads=None)
     if ckpt.source_format == "npz":
         return OFFICIAL_NUMERICS

@@ -80,13 +80,10 @@ def local_copy(path: str, cache: str | None = None) -> str:
         if gfile.isdir(path):
             step = orbax_io.step_dir(path, must_exist=False, isdir=gfile.isdir, listdir=lambda p: _listdir(gfile, p),
                                      finalized=_finalized(gfile))
-            root = step or path
-            names = _orbax_files(gfile, step) if step else _hf_files(gfile, path)
-            if not names:
-                raise CheckpointError(
-                    f"{path}: a directory that is neither an orbax checkpoint (params/, finalized step dirs, "
-                    f"checkpoints/) nor an HF model (config.json + one of {torch_hub.HF_WEIGHT_NAMES})")
-            return _sync(gfile, root, names, root, cache)
+            if step:
+                return _sync(gfile, step, _orbax_files(gfile, step), step, cache)
+            names = [posixpath.basename(f) for f in torch_hub.hf_dir_files(path, isfile=gfile.exists)]
+            return _sync(gfile, path, names, path, cache)
         root, name = posixpath.split(path)
         names = [name] + (["config.json"] if name != "config.json" and gfile.exists(f"{root}/config.json") else [])
         return os.path.join(_sync(gfile, root, names, path, cache), name)
@@ -144,13 +141,6 @@ def _orbax_files(gfile: Any, step: str) -> list[str]:
             continue
         names += [name if rel == "." else f"{rel}/{name}" for name in files]
     return names
-
-
-def _hf_files(gfile: Any, path: str) -> list[str]:
-    """config.json and the first weights file of an HF model directory (whatever of them exists)."""
-    names = [name for name in ("config.json", *torch_hub.HF_WEIGHT_NAMES) if gfile.exists(f"{path}/{name}")]
-    weights = [name for name in names if name != "config.json"]
-    return [name for name in names if name == "config.json"] + weights[:1]
 
 
 def _sync(gfile: Any, root: str, names: list[str], key: str, cache: str) -> str:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -27,6 +28,18 @@ from vit_jax.interop.common import POSEMB_KEY, CheckpointError, Flat, Numerics, 
 
 HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # in an HF model directory
 _APPROXIMATE_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def hf_dir_files(path: str, isfile: Callable[[str], bool] = os.path.isfile) -> tuple[str, str]:
+    """(weights file, config.json) of an HF model directory; `isfile` probes the file system (`remote` passes
+    tf.io.gfile's). Anything else is refused, naming what a checkpoint directory may be."""
+    config_path = os.path.join(path, "config.json")
+    for name in HF_WEIGHT_NAMES:
+        weights = os.path.join(path, name)
+        if isfile(weights) and isfile(config_path):
+            return weights, config_path
+    raise CheckpointError(f"{path}: a directory that is neither an orbax checkpoint (params/, step dirs, "
+                          f"checkpoints/) nor an HF model (config.json + one of {HF_WEIGHT_NAMES})")
 
 
 # ----------------------------------------------------------------------------------------------- files
