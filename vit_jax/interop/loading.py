@@ -259,7 +259,8 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
 
 
 def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str, shown: str) -> str:
-    """`save_as` into the local `path`; logs name `shown` (the remote destination of a copy)."""
+    """`save_as` into the local `path`; logs and the returned path name `shown` (the remote destination of a copy)
+    instead."""
     flat = params_to_canonical(params)
     if "head/kernel" not in flat:
         raise CheckpointError("params have no head/kernel: not a classification model's params")
@@ -297,9 +298,9 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
     else:
         meta = {"step": 0, "config": {"model": m.to_dict()}, "source": "vit_jax.interop.save_as"}
         written = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
-        shown, path = shown + written[len(path):].replace(os.sep, "/"), written
+        shown += written[len(path):].replace(os.sep, "/")  # the step directory
     logging.info("wrote %s (%s, %d classes, %dpx)", shown, target_format, num_classes, image_size)
-    return path
+    return shown
 
 
 def _save_remote(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str) -> str:
@@ -310,7 +311,7 @@ def _save_remote(params: Any, model_config: ml_collections.ConfigDict, path: str
         local = os.path.join(tmp, path.rsplit("/", 1)[-1])
         written = _write(params, model_config, local, target_format, shown=path)
         remote.upload(local, path)
-    return path + written[len(local):].replace(os.sep, "/")
+    return written
 
 
 def _require(condition: bool, message: str) -> None:
