@@ -72,6 +72,25 @@ def time_runs(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[floa
     return times
 
 
+def time_runs_cpu(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[tuple[float, float]]:
+    """(wall seconds, cores busy) of each of `repeats` calls of `fn`; cores = the process's CPU time (all its
+    threads, user + system) / wall time, e.g. 1.0 for a computation that keeps one of the two cores busy."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall = time.perf_counter() - start
+        runs.append((wall, (time.process_time() - cpu) / wall))
+    return runs
+
+
+def median_run(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The (wall, cores) of the run with the median wall time."""
+    return sorted(runs)[(len(runs) - 1) // 2]
+
+
 def median(times: list[float]) -> float:
     return statistics.median(times)
 

@@ -81,8 +81,11 @@ def step_contractions(config) -> list[Contraction]:
     return out
 
 
-def time_contraction(c: Contraction, dtype: str, repeats: int) -> tuple[float, float]:
-    """Median seconds of its forward and of its backward alone, jitted with the step's CPU compiler options."""
+Run = tuple[float, float]  # (wall seconds, cores busy): common.time_runs_cpu
+
+
+def time_contraction(c: Contraction, dtype: str, repeats: int) -> tuple[Run, Run]:
+    """The median run of its forward and of its backward alone, jitted with the step's CPU compiler options."""
     import jax
     import jax.numpy as jnp
 
@@ -104,10 +107,10 @@ def time_contraction(c: Contraction, dtype: str, repeats: int) -> tuple[float, f
     cotangent = jax.random.normal(jax.random.key(2), out.shape, jnp.float32).astype(out.dtype)
     fwd = jax.jit(forward, compiler_options=options)
     bwd = jax.jit(backward, compiler_options=options)
-    fwd_s = common.median(common.time_runs(lambda: fwd(lhs, rhs).block_until_ready(), repeats, warmup=2))
-    bwd_s = common.median(common.time_runs(lambda: jax.block_until_ready(bwd(lhs, rhs, cotangent)), repeats,
-                                           warmup=2))
-    return fwd_s, bwd_s
+    fwd_run = common.median_run(common.time_runs_cpu(lambda: fwd(lhs, rhs).block_until_ready(), repeats, warmup=2))
+    bwd_run = common.median_run(common.time_runs_cpu(lambda: jax.block_until_ready(bwd(lhs, rhs, cotangent)),
+                                                     repeats, warmup=2))
+    return fwd_run, bwd_run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -118,41 +121,49 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--peak_size must be > 0 here (the bound is a fraction of the peak), got {args.peak_size}")
     config = common.load_config(args.config, args.dtype, args.batch)
     contractions = step_contractions(config)
-    step_seconds = train_step.time_ours(config, 5)
+    step_seconds, step_cores = common.median_run(common.time_runs_cpu(train_step.step_runner(config), 5, warmup=2))
     # Two passes, the faster of each: the first contractions timed right after the step read up to 2x slow.
     passes = [[time_contraction(c, args.dtype, args.repeats) for c in contractions] for _ in range(2)]
-    timed = [(c, min(a[0], b[0]), min(a[1], b[1])) for c, a, b in zip(contractions, *passes)]
+    timed = [(c, min(a[0], b[0]), min(a[1], b[1])) for c, a, b in zip(contractions, *passes)]  # (wall, cores)
     peaks = common.matmul_peaks(args.dtype, args.peak_size, 5)
     peak_name = "float32" if args.dtype == "float32" else "bfloat16_f32acc"  # bf16: the model's accumulation
     peak = peaks[peak_name]
 
     flops = sum(c.flops * c.count * (1 + len(c.grads)) for c in contractions)
     analytic = 3 * common.forward_flops_per_image(config) * config.batch_size
-    matmul_seconds = sum((fwd + bwd) * c.count for c, fwd, bwd in timed)
+    matmul_seconds = sum((fwd[0] + bwd[0]) * c.count for c, fwd, bwd in timed)
+    matmul_cpu = sum((fwd[0] * fwd[1] + bwd[0] * bwd[1]) * c.count for c, fwd, bwd in timed)
+    step_cpu = step_seconds * step_cores
     rest = step_seconds - matmul_seconds
     rows = [("config", f"{config.model.variant} {config.image_size}px batch {config.batch_size} {args.dtype}")]
     width = max(len(c.name) for c in contractions) + 5
-    for c, fwd, bwd in timed:
+    for c, (fwd, fwd_cores), (bwd, bwd_cores) in timed:
         bwd_flops = c.flops * len(c.grads)
         rows.append((f"{c.name} x{c.count}".ljust(width),
-                     f"fwd {fwd * 1e3:7.2f} ms {c.flops / fwd / 1e9:6.1f} GFLOP/s, bwd {bwd * 1e3:7.2f} ms "
-                     f"{bwd_flops / bwd / 1e9:6.1f} GFLOP/s -> {(fwd + bwd) * c.count * 1e3:7.1f} ms/step"))
+                     f"fwd {fwd * 1e3:7.2f} ms {c.flops / fwd / 1e9:6.1f} GFLOP/s {fwd_cores:4.2f} cores, "
+                     f"bwd {bwd * 1e3:7.2f} ms {bwd_flops / bwd / 1e9:6.1f} GFLOP/s {bwd_cores:4.2f} cores "
+                     f"-> {(fwd + bwd) * c.count * 1e3:7.1f} ms/step"))
     rows += [
         ("matmul FLOPs / analytic", f"{flops / 1e9:.1f} / {analytic / 1e9:.1f} GFLOP"),
         ("step's matmuls alone", f"{matmul_seconds:.3f} s ({flops / matmul_seconds / 1e9:.1f} GFLOP/s, "
                                  f"{flops / matmul_seconds / 1e9 / peak:.1%} of the peak)"),
-        ("whole step", f"{step_seconds:.3f} s ({config.batch_size / step_seconds:.2f} img/s)"),
+        ("whole step", f"{step_seconds:.3f} s ({config.batch_size / step_seconds:.2f} img/s, "
+                       f"{step_cores:.2f} cores busy)"),
         ("rest of the step", f"{rest:.3f} s ({rest / step_seconds:.1%})"),
+        ("CPU time: step / matmuls / rest", f"{step_cpu:.3f} / {matmul_cpu:.3f} / {step_cpu - matmul_cpu:.3f} "
+                                            f"core-s (rest {1 - matmul_cpu / step_cpu:.1%})"),
         (f"matmul peak {peak_name}", f"{peak:.1f} GFLOP/s"),
         ("MFU of the step", f"{analytic / step_seconds / 1e9 / peak:.1%}"),
         ("MFU if the rest cost nothing", f"{analytic / matmul_seconds / 1e9 / peak:.1%}"),
     ]
     result = {"benchmark": "matmul_bound", "config": args.config, "variant": config.model.variant,
               "dtype": args.dtype, "batch": config.batch_size, "step_s": step_seconds,
-              "matmul_s": matmul_seconds, "rest_s": rest, "matmul_gflop": flops / 1e9,
+              "matmul_s": matmul_seconds, "rest_s": rest, "step_cpu_s": step_cpu, "matmul_cpu_s": matmul_cpu,
+              "matmul_gflop": flops / 1e9,
               "analytic_gflop": analytic / 1e9, "peak_gflop_s": peak,
               "mfu": analytic / step_seconds / 1e9 / peak, "mfu_matmuls_only": analytic / matmul_seconds / 1e9 / peak,
-              "contractions": {c.name: {"count": c.count, "spec": c.spec, "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3}
+              "contractions": {c.name: {"count": c.count, "spec": c.spec, "fwd_ms": fwd[0] * 1e3,
+                                        "fwd_cores": fwd[1], "bwd_ms": bwd[0] * 1e3, "bwd_cores": bwd[1]}
                                for c, fwd, bwd in timed}}
     common.print_table(rows, result)
     return result

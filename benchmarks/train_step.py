@@ -16,6 +16,7 @@ JSON line last.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
 
@@ -26,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def time_ours(config, repeats: int) -> float:
-    """Median seconds of our jitted train step (state donated and carried over, as in training)."""
+def step_runner(config) -> Callable[[], None]:
+    """One call = one of our jitted train steps (state donated and carried over, as in training), blocking."""
     import jax
     import jax.numpy as jnp
 
@@ -46,7 +47,12 @@ def time_ours(config, repeats: int) -> float:
         holder["state"], metrics = step(holder["state"], data)
         jax.block_until_ready((holder["state"], metrics))
 
-    return common.median(common.time_runs(run, repeats, warmup=2))
+    return run
+
+
+def time_ours(config, repeats: int) -> float:
+    """Median seconds of our jitted train step."""
+    return common.median(common.time_runs(step_runner(config), repeats, warmup=2))
 
 
 def time_timm(config, repeats: int) -> float:

@@ -36,3 +36,9 @@ def test_step_matmuls_refuse_hybrids():
     config.model.resnet_layers = (3, 4, 9)
     with pytest.raises(UserError, match="only plain ViTs"):
         matmul_bound.step_contractions(config)
+
+
+def test_median_run_is_the_run_with_the_median_wall_time():
+    runs = [(3.0, 1.5), (1.0, 2.0), (2.0, 1.0), (5.0, 1.9)]
+    assert common.median_run(runs) == (2.0, 1.0)  # even count: the lower middle
+    assert common.median_run(runs[:3]) == (2.0, 1.0)
