@@ -13,3 +13,18 @@ with contextlib.suppress(ImportError):
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_pytest(tmp_path_factory):
+    """Temporary files of the code under test go under pytest's base directory (it keeps the last three runs),
+    not the machine's /tmp: TFDS leaves an empty mkdtemp directory for every builder of an unprepared dataset
+    (`DatasetInfo.initialize_from_bucket`), dozens per run."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = previous
