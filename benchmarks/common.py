@@ -1,8 +1,9 @@
 """Shared helpers of the model benchmarks: config loading, timing, the on-the-spot matmul peak, timm setup.
 
 The benchmarks compare our jitted JAX step with timm's `vit_base_patch16_224` in the same process and with
-the same thread count, so both see the same machine state. Timings are the median of `repeats` runs after
-`warmup` untimed ones (the first includes XLA compilation / torch's lazy init).
+the same thread count, so both see the same machine state, in rounds (ours, the matmul peak, timm; the median
+round reported). Timings are the median of `repeats` runs after `warmup` untimed ones (the first includes XLA
+compilation / torch's lazy init).
 """
 
 from __future__ import annotations
@@ -184,38 +185,93 @@ def print_table(rows: list[tuple[str, str]], result: dict) -> None:
     print(json.dumps(result, sort_keys=True))
 
 
-def compare(benchmark: str, args: Any, config: Any, threads: int | None, time_ours: Callable[[Any, int], float],
-            time_timm: Callable[[Any, int], float], flops_per_run: float, unit: str, what: str) -> dict:
-    """Time ours, then the matmul peak, then timm (same process, batch and threads); print the table and JSON.
+def median_over_rounds(rounds: list[dict], flops_per_run: float) -> dict:
+    """Each round's timings -> its img/s, ratio and MFU, and the median of each over the rounds.
 
-    The peak is measured right after ours: this shared machine's matmul rate drifts (340-425 GFLOP/s float32 over a
-    day, 414 -> 361 within one run), so MFU compares two figures taken under the same conditions.
-    `unit` names one timed run ("batch" or "step"); `what` is how our row and the FLOP count are labelled.
+    A round is {"ours_s", "timm_s" (None without timm), "peaks" {name: GFLOP/s}}, timed back to back. The
+    summary ratio and MFU are medians of the per-round figures (each pairs timings taken minutes apart), not
+    ratios of medians.
     """
+    per_round = []
+    for r in rounds:
+        achieved = flops_per_run / r["ours_s"] / 1e9
+        per_round.append({
+            "ours_s": r["ours_s"], "timm_s": r["timm_s"], "achieved_gflop_s": achieved,
+            "ratio_vs_timm": r["timm_s"] / r["ours_s"] if r["timm_s"] else None,
+            "peak_gflop_s": dict(r["peaks"]), "mfu": {name: achieved / peak for name, peak in r["peaks"].items()}})
+
+    def mid(values: list[float | None]) -> float | None:
+        return None if None in values else median(values)
+
+    names = list(rounds[0]["peaks"])
+    return {
+        "ours_s": median([r["ours_s"] for r in per_round]), "timm_s": mid([r["timm_s"] for r in per_round]),
+        "ratio_vs_timm": mid([r["ratio_vs_timm"] for r in per_round]),
+        "achieved_gflop_s": median([r["achieved_gflop_s"] for r in per_round]),
+        "peak_gflop_s": {n: median([r["peak_gflop_s"][n] for r in per_round]) for n in names},
+        "mfu": {n: median([r["mfu"][n] for r in per_round]) for n in names},
+        "rounds": per_round,
+    }
+
+
+def compare(benchmark: str, args: Any, config: Any, threads: int | None,
+            ours_runner: Callable[[Any], Callable[[], None]], timm_runner: Callable[[Any], Callable[[], None]],
+            flops_per_run: float, unit: str, what: str) -> dict:
+    """Time ours, then the matmul peak, then timm (same process, batch and threads), --rounds times over; print the
+    table and JSON.
+
+    `*_runner(config)` builds one side and returns a call that runs one `unit` (a "batch" or "step") to completion.
+    This shared machine's speed drifts (the float32 matmul peak 340-425 GFLOP/s over a day, 414 -> 361 within one
+    run), so each round pairs figures taken under the same conditions: the peak right after ours, timm right after
+    the peak; the summary is the median round figure. `what` labels our row and the FLOP count.
+    """
+    if args.rounds < 1:
+        from vit_jax.errors import UserError
+
+        raise UserError(f"--rounds must be >= 1, got {args.rounds}")
     load_before = load_average()
-    ours = time_ours(config, args.repeats)
-    peaks = matmul_peaks(args.dtype, args.peak_size, 5) if args.peak_size else {}
-    timm_seconds = time_timm(config, args.repeats) if args.timm else None
-    achieved = flops_per_run / ours / 1e9
+    run_ours = ours_runner(config)
+    run_timm = timm_runner(config) if args.timm else None
+    rounds = []
+    for i in range(args.rounds):
+        warmup = 2 if i == 0 else 1  # the first calls compile (XLA) / initialise lazily (torch)
+        ours = median(time_runs(run_ours, args.repeats, warmup))
+        peaks = matmul_peaks(args.dtype, args.peak_size, 5) if args.peak_size else {}
+        timm_seconds = median(time_runs(run_timm, args.repeats, warmup)) if run_timm else None
+        rounds.append({"ours_s": ours, "timm_s": timm_seconds, "peaks": peaks})
+    summary = median_over_rounds(rounds, flops_per_run)
+    ours, timm_seconds, achieved = summary["ours_s"], summary["timm_s"], summary["achieved_gflop_s"]
     result = {
         "benchmark": benchmark, "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
         "batch": config.batch_size, "image_size": config.image_size, "threads": threads, "repeats": args.repeats,
         "ours_img_s": config.batch_size / ours, f"ours_{unit}_s": ours,
         "timm_img_s": config.batch_size / timm_seconds if timm_seconds else None,
-        "ratio_vs_timm": timm_seconds / ours if timm_seconds else None,
+        "ratio_vs_timm": summary["ratio_vs_timm"],
         f"gflop_per_{unit}": flops_per_run / 1e9, "achieved_gflop_s": achieved,
-        "peak_gflop_s": peaks, "mfu": {name: achieved / peak for name, peak in peaks.items()},
+        "peak_gflop_s": summary["peak_gflop_s"], "mfu": summary["mfu"],
+        "rounds": [{"ours_img_s": config.batch_size / r["ours_s"],
+                    "timm_img_s": config.batch_size / r["timm_s"] if r["timm_s"] else None,
+                    "ratio_vs_timm": r["ratio_vs_timm"], "peak_gflop_s": r["peak_gflop_s"], "mfu": r["mfu"]}
+                   for r in summary["rounds"]],
         "load_average": f"{load_before} -> {load_average()}",
     }
-    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}"),
-            (f"ours (jax {what[0]})", f"{result['ours_img_s']:.2f} img/s ({ours:.3f} s/{unit})")]
+    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}")]
+    if args.rounds > 1:
+        for i, r in enumerate(result["rounds"], 1):
+            parts = [f"ours {r['ours_img_s']:.2f} img/s"]
+            if r["timm_img_s"]:
+                parts.append(f"timm {r['timm_img_s']:.2f} img/s, {r['ratio_vs_timm']:.2f}x")
+            parts += [f"MFU {r['mfu'][n]:.1%} of {r['peak_gflop_s'][n]:.0f}" for n in r["mfu"]]
+            rows.append((f"round {i}", ", ".join(parts)))
+    label = f" (median of {args.rounds} rounds)" if args.rounds > 1 else ""
+    rows.append((f"ours (jax {what[0]})", f"{result['ours_img_s']:.2f} img/s ({ours:.3f} s/{unit}){label}"))
     if timm_seconds:
         rows += [("timm vit_base_patch16_224", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/{unit})"
                   + (" autocast bf16" if args.dtype == "bfloat16" else "")),
-                 ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x")]
+                 ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x{label}")]
     rows.append(("achieved", f"{achieved:.1f} GFLOP/s ({what[1]})"))
-    for name, peak in peaks.items():
-        rows.append((f"matmul peak {name}", f"{peak:.1f} GFLOP/s -> MFU {achieved / peak:.1%}"))
+    for name, peak in summary["peak_gflop_s"].items():
+        rows.append((f"matmul peak {name}", f"{peak:.1f} GFLOP/s -> MFU {summary['mfu'][name]:.1%}{label}"))
     rows.append(("load average", result["load_average"]))
     print_table(rows, result)
     return result

@@ -1,26 +1,28 @@
 """Inference throughput: our jitted forward pass against timm's ViT-B/16, same process and threads.
 
   python benchmarks/inference.py [--dtype=float32|bfloat16] [--batch=8] [--config=configs/vit_b16.py]
-      [--repeats=5] [--peak_size=4096] [--no-timm]
+      [--repeats=5] [--rounds=3] [--peak_size=4096] [--no-timm]
 
 Ours: `vit_jax.predict.make_classifier` (the jitted `model.apply(params, images, train=False)` + softmax that
 `python -m vit_jax.predict` runs, with its CPU compiler options), float32 params (their matmul kernels cast once
 to a bf16 --dtype by `predict.cast_for_inference`, as predict does), compute in --dtype, float32 logits.
 timm: `vit_base_patch16_224` in eval mode under `torch.inference_mode()`, with --dtype=bfloat16 also under
 `torch.autocast("cpu", torch.bfloat16)`. Both are timed after warm-up as the median of --repeats batches, torch
-with one thread per core. Achieved GFLOP/s counts
+with one thread per core, in --rounds rounds of ours, peak, timm (median round reported). Achieved GFLOP/s counts
 the analytic forward FLOPs (`vit_jax.summary`); MFU divides it by a large XLA matmul measured on the spot in
 --dtype (for bf16 both plain and accumulating in float32). Prints a table, then one JSON line last.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
 from train_step import parse_args
 
 
-def time_ours(config, repeats: int) -> float:
-    """Median seconds of one jitted forward pass over the batch."""
+def forward_runner(config) -> Callable[[], None]:
+    """One call = one jitted forward pass over the batch, blocking."""
     import jax
     import jax.numpy as jnp
 
@@ -33,11 +35,11 @@ def time_ours(config, repeats: int) -> float:
     params = jax.jit(lambda x: model.init(jax.random.key(0), x)["params"])(images[:1])
     params = predict.cast_for_inference(params, config.model.dtype)  # what `vit_jax.predict` does
     forward = predict.make_classifier(config.model, config.num_classes)
-    return common.median(common.time_runs(lambda: forward(params, images).block_until_ready(), repeats, warmup=2))
+    return lambda: forward(params, images).block_until_ready()
 
 
-def time_timm(config, repeats: int) -> float:
-    """Median seconds of one timm eval forward pass at the same batch (autocast bf16 for --dtype=bfloat16)."""
+def timm_forward_runner(config) -> Callable[[], None]:
+    """One call = one timm eval forward pass at the same batch (autocast bf16 for --dtype=bfloat16)."""
     import contextlib
 
     import torch
@@ -52,14 +54,14 @@ def time_timm(config, repeats: int) -> float:
         with torch.inference_mode(), autocast:
             model(images)
 
-    return common.median(common.time_runs(run, repeats, warmup=2))
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     threads = common.torch_threads() if args.timm else None
     config = common.load_config(args.config, args.dtype, args.batch)
-    return common.compare("inference", args, config, threads, time_ours, time_timm,
+    return common.compare("inference", args, config, threads, forward_runner, timm_forward_runner,
                           common.forward_flops_per_image(config) * config.batch_size, "batch",
                           ("forward", "analytic forward"))
 

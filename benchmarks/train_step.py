@@ -1,13 +1,14 @@
 """Training-step throughput: our jitted `vit_jax.train` step against timm's ViT-B/16, same process and threads.
 
   python benchmarks/train_step.py [--dtype=float32|bfloat16] [--batch=8] [--config=configs/vit_b16.py]
-      [--repeats=5] [--peak_size=4096] [--no-timm]
+      [--repeats=5] [--rounds=3] [--peak_size=4096] [--no-timm]
 
 Ours: `vit_jax.train.make_train_step` (the real step: forward, backward, grad clipping, AdamW; dropout as the
 config says; float32 params, compute in --dtype) on a one-device mesh with a 1000-class head. timm:
 `vit_base_patch16_224` with the same dropout, cross-entropy, `clip_grad_norm_` and AdamW; with
 --dtype=bfloat16 under `torch.autocast("cpu", torch.bfloat16)`. Both are timed after warm-up as the
-median of --repeats steps, torch with one thread per core. Achieved GFLOP/s counts the analytic FLOPs
+median of --repeats steps, torch with one thread per core; ours, the peak and timm are timed in turn --rounds
+times (the machine drifts) and the summary is the median round. Achieved GFLOP/s counts the analytic FLOPs
 (forward x 3, `vit_jax.summary`); MFU divides it by a large XLA matmul measured on the spot in --dtype
 (for bf16 both plain and accumulating in float32, the path the model takes). Prints a table, then one
 JSON line last.
@@ -23,6 +24,7 @@ import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on s
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.argument_parser(__doc__, 5, "timed steps (median reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of ours, peak, timm (median reported)")
     parser.add_argument("--no-timm", dest="timm", action="store_false", help="skip timm")
     return parser.parse_args(argv)
 
@@ -50,13 +52,8 @@ def step_runner(config) -> Callable[[], None]:
     return run
 
 
-def time_ours(config, repeats: int) -> float:
-    """Median seconds of our jitted train step."""
-    return common.median(common.time_runs(step_runner(config), repeats, warmup=2))
-
-
-def time_timm(config, repeats: int) -> float:
-    """Median seconds of one timm training step (forward, backward, clip, AdamW) at the same batch."""
+def timm_step_runner(config) -> Callable[[], None]:
+    """One call = one timm training step (forward, backward, clip, AdamW) at the same batch."""
     import contextlib
 
     import torch
@@ -77,14 +74,14 @@ def time_timm(config, repeats: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm)
         optimizer.step()
 
-    return common.median(common.time_runs(run, repeats, warmup=2))
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     threads = common.torch_threads() if args.timm else None
     config = common.load_config(args.config, args.dtype, args.batch)
-    return common.compare("train_step", args, config, threads, time_ours, time_timm,
+    return common.compare("train_step", args, config, threads, step_runner, timm_step_runner,
                           3 * common.forward_flops_per_image(config) * config.batch_size, "step",
                           ("train step", "analytic forward x 3"))
 

@@ -42,3 +42,24 @@ def test_median_run_is_the_run_with_the_median_wall_time():
     runs = [(3.0, 1.5), (1.0, 2.0), (2.0, 1.0), (5.0, 1.9)]
     assert common.median_run(runs) == (2.0, 1.0)  # even count: the lower middle
     assert common.median_run(runs[:3]) == (2.0, 1.0)
+
+
+def test_rounds_summarise_as_the_median_round_figures():
+    """The ratio and MFU are medians of the per-round figures (not ratios of medians)."""
+    flops = 100e9  # per run
+    rounds = [{"ours_s": 1.0, "timm_s": 2.0, "peaks": {"float32": 200.0}},   # 2.0x, 100 GFLOP/s = 50%
+              {"ours_s": 2.0, "timm_s": 3.0, "peaks": {"float32": 100.0}},   # 1.5x, 50 GFLOP/s = 50%
+              {"ours_s": 0.5, "timm_s": 1.5, "peaks": {"float32": 400.0}}]   # 3.0x, 200 GFLOP/s = 50%
+    summary = common.median_over_rounds(rounds, flops)
+    assert summary["ours_s"] == 1.0 and summary["timm_s"] == 2.0
+    assert summary["ratio_vs_timm"] == pytest.approx(2.0)
+    assert summary["mfu"]["float32"] == pytest.approx(0.5)
+    assert summary["peak_gflop_s"]["float32"] == 200.0
+    assert [r["ratio_vs_timm"] for r in summary["rounds"]] == pytest.approx([2.0, 1.5, 3.0])
+    rounds[2]["peaks"]["float32"] = 800.0  # that round's MFU 25%: the median MFU is still 50%, the median peak 200
+    assert common.median_over_rounds(rounds, flops)["mfu"]["float32"] == pytest.approx(0.5)
+
+
+def test_rounds_without_timm_have_no_ratio():
+    summary = common.median_over_rounds([{"ours_s": 1.0, "timm_s": None, "peaks": {}}], 1e9)
+    assert summary["ratio_vs_timm"] is None and summary["timm_s"] is None and summary["mfu"] == {}
