@@ -24,7 +24,11 @@ def _temporary_files_under_pytest(tmp_path_factory):
     """Temporary files of the code under test go under pytest's base directory (it keeps the last three runs),
     not the machine's /tmp: TFDS leaves an empty mkdtemp directory for every builder of an unprepared dataset
     (`DatasetInfo.initialize_from_bucket`), dozens per run."""
-    previous = tempfile.tempdir
-    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    previous, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tempfile"))  # env: for subprocesses
     yield
     tempfile.tempdir = previous
+    if previous_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous_env
