@@ -278,8 +278,15 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a benchmark's main: bad input (vit_jax's UserError) is one `error:` line and exit code 2."""
+    """Run a benchmark's main: bad input (vit_jax's UserError) is one `error:` line and exit code 2.
+
+    First restarts the process with huge pages for XLA's buffers where that helps, as `python -m vit_jax.main`
+    does (`vit_jax.hugepages`), so the benchmarks time what a training run gets.
+    """
+    from vit_jax import hugepages
     from vit_jax.errors import UserError
+
+    hugepages.restart_with_hugepages()
 
     try:
         main()

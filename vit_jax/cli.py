@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
+from vit_jax import hugepages
 from vit_jax.errors import UserError
 
 EXIT_BAD_INPUT = 2
@@ -32,7 +33,12 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
-    """`absl.app.run(main)`, with flag errors and `UserError`s reported in one line and exit code 2."""
+    """`absl.app.run(main)`, with flag errors and `UserError`s reported in one line and exit code 2.
+
+    First restarts the process with huge pages for XLA's per-step buffers where that helps
+    (`vit_jax.hugepages`).
+    """
+    hugepages.restart_with_hugepages()
 
     def guarded(argv: Sequence[str]) -> None:
         try:
