@@ -39,6 +39,14 @@ def test_no_restart_when_it_would_change_nothing(env, libc, thp):
     assert hugepages.environment(env, libc, thp) is None
 
 
+@pytest.mark.parametrize("platforms, accelerator, restarts", [
+    ("", False, True), ("", True, False),  # a TPU / GPU host computes there: its path is left alone
+    ("cpu", True, True), ("tpu,cpu", True, False), ("cuda", False, False), (" cpu , cuda", True, True)])
+def test_only_cpu_runs_restart(platforms, accelerator, restarts):
+    env = {"JAX_PLATFORMS": platforms} if platforms else {}
+    assert (hugepages.environment(env, GLIBC, "madvise", accelerator) is not None) == restarts
+
+
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
     path = tmp_path / "enabled"
     path.write_text("always [madvise] never\n")
@@ -75,10 +83,11 @@ def _probe(**env: str) -> tuple[str, int, str]:
     return tunables, int(faults), result.stderr
 
 
-_SUPPORTED = hugepages.environment({}, platform.libc_ver(), hugepages.thp_mode()) is not None
+_SUPPORTED = hugepages.environment({}, platform.libc_ver(), hugepages.thp_mode(),
+                                  hugepages.accelerator_present()) is not None
 
 
-@pytest.mark.skipif(not _SUPPORTED, reason="glibc < 2.35 or the kernel's THP mode is not madvise")
+@pytest.mark.skipif(not _SUPPORTED, reason="glibc < 2.35, THP mode not madvise, or an accelerator")
 def test_a_command_restarts_once_with_huge_pages_and_faults_far_less():
     tunables, faults, stderr = _probe()
     assert tunables == "glibc.malloc.hugetlb=1"

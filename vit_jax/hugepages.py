@@ -8,11 +8,13 @@ maps (`madvise(MADV_HUGEPAGE)`), which the kernel honours when
 /sys/kernel/mm/transparent_hugepage/enabled is `madvise` (with `always` it uses them anyway): ~1,300 faults of
 2 MB, and the step ~10% faster. glibc reads the tunable only when a process starts, so the `python -m vit_jax.*`
 commands (`vit_jax.cli.run`) and the benchmarks start themselves again once with it set, before any work.
-`VIT_JAX_HUGEPAGES=0` turns that off; a `glibc.malloc.hugetlb` already in GLIBC_TUNABLES is left as it is.
+`VIT_JAX_HUGEPAGES=0` turns that off; a `glibc.malloc.hugetlb` already in GLIBC_TUNABLES is left as it is. Only
+CPU runs restart: not on a host with a TPU or NVIDIA GPU (device files), unless JAX_PLATFORMS puts cpu first.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -45,17 +47,29 @@ def _glibc_version(libc: tuple[str, str]) -> tuple[int, ...] | None:
         return None
 
 
-def environment(env: Mapping[str, str], libc: tuple[str, str], thp: str | None) -> dict[str, str] | None:
+def accelerator_present() -> bool:
+    """Whether this host has a TPU (/dev/accel*, /dev/vfio/<n>) or an NVIDIA GPU (/dev/nvidia<n>)."""
+    return any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*"))
+
+
+def cpu_run(env: Mapping[str, str], accelerator: bool) -> bool:
+    """Whether jax will compute on the CPU: JAX_PLATFORMS's first platform, else whether there is no accelerator."""
+    platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    return platforms[0] == "cpu" if platforms else not accelerator
+
+
+def environment(env: Mapping[str, str], libc: tuple[str, str], thp: str | None,
+                accelerator: bool = False) -> dict[str, str] | None:
     """`env` with the tunable added, or None when a restart would change nothing or is not wanted.
 
     Nothing to do off glibc >= 2.35 (`libc`: `platform.libc_ver()`), unless the kernel's THP mode (`thp`:
-    `thp_mode()`) is `madvise`, when the tunable is already there (or another value of it), or when
-    VIT_JAX_HUGEPAGES=0.
+    `thp_mode()`) is `madvise`, when the tunable is already there (or another value of it), when
+    VIT_JAX_HUGEPAGES=0, or when jax will not compute on the CPU (`cpu_run`; `accelerator`: `accelerator_present()`).
     """
     version = _glibc_version(libc)
     tunables = env.get("GLIBC_TUNABLES", "")
     if (env.get(OPT_OUT, "1") == "0" or version is None or version < _MIN_GLIBC or thp != "madvise"
-            or "glibc.malloc.hugetlb" in tunables):
+            or "glibc.malloc.hugetlb" in tunables or not cpu_run(env, accelerator)):
         return None
     return {**env, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
@@ -65,7 +79,7 @@ def restart_with_hugepages() -> None:
 
     Returns only when nothing is to be done; call it first thing in a command's `__main__`.
     """
-    env = environment(os.environ, platform.libc_ver(), thp_mode())
+    env = environment(os.environ, platform.libc_ver(), thp_mode(), accelerator_present())
     argv = getattr(sys, "orig_argv", None)
     if env is None or not sys.executable or not argv:
         return
