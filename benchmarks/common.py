@@ -254,6 +254,7 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
                     "ratio_vs_timm": r["ratio_vs_timm"], "peak_gflop_s": r["peak_gflop_s"], "mfu": r["mfu"]}
                    for r in summary["rounds"]],
         "load_average": f"{load_before} -> {load_average()}",
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages for malloc: vit_jax.hugepages
     }
     rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}")]
     if args.rounds > 1:
@@ -273,6 +274,7 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
     for name, peak in summary["peak_gflop_s"].items():
         rows.append((f"matmul peak {name}", f"{peak:.1f} GFLOP/s -> MFU {summary['mfu'][name]:.1%}{label}"))
     rows.append(("load average", result["load_average"]))
+    rows.append(("GLIBC_TUNABLES", result["glibc_tunables"] or "(none)"))
     print_table(rows, result)
     return result
 

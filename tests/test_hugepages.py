@@ -88,12 +88,12 @@ _SUPPORTED = hugepages.environment({}, platform.libc_ver(), hugepages.thp_mode()
 
 
 @pytest.mark.skipif(not _SUPPORTED, reason="glibc < 2.35, THP mode not madvise, or an accelerator")
-def test_a_command_restarts_once_with_huge_pages_and_faults_far_less():
+def test_a_command_restarts_with_huge_pages_and_faults_far_less():
     tunables, faults, stderr = _probe()
     assert tunables == "glibc.malloc.hugetlb=1"
-    assert stderr.count("vit_jax: restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == 1
-    plain_tunables, plain_faults, plain_stderr = _probe(VIT_JAX_HUGEPAGES="0")
-    assert plain_tunables == "-" and "restarting" not in plain_stderr
+    assert stderr == ""  # silent: a command's bad input stays one line on stderr
+    plain_tunables, plain_faults, _ = _probe(VIT_JAX_HUGEPAGES="0")
+    assert plain_tunables == "-"
     # 2 x 256 MiB in 4 KiB pages: 131,072 faults; in 2 MiB pages: 256 (plus the odd small page).
     assert plain_faults > 100_000
     assert faults < plain_faults / 20

@@ -7,7 +7,8 @@ With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for tra
 maps (`madvise(MADV_HUGEPAGE)`), which the kernel honours when
 /sys/kernel/mm/transparent_hugepage/enabled is `madvise` (with `always` it uses them anyway): ~1,300 faults of
 2 MB, and the step ~10% faster. glibc reads the tunable only when a process starts, so the `python -m vit_jax.*`
-commands (`vit_jax.cli.run`) and the benchmarks start themselves again once with it set, before any work.
+commands (`vit_jax.cli.run`) and the benchmarks start themselves again once with it set, before any work
+(silently).
 `VIT_JAX_HUGEPAGES=0` turns that off; a `glibc.malloc.hugetlb` already in GLIBC_TUNABLES is left as it is. Only
 CPU runs restart: not on a host with a TPU or NVIDIA GPU (device files), unless JAX_PLATFORMS puts cpu first.
 """
@@ -77,12 +78,13 @@ def environment(env: Mapping[str, str], libc: tuple[str, str], thp: str | None,
 def restart_with_hugepages() -> None:
     """Re-execute this process (same interpreter, same command line) with the tunable set, if that helps.
 
-    Returns only when nothing is to be done; call it first thing in a command's `__main__`.
+    Returns only when nothing is to be done; call it first thing in a command's `__main__`. Silent: a command's
+    bad input stays one line on stderr; the benchmarks print the GLIBC_TUNABLES they ran with.
     """
     env = environment(os.environ, platform.libc_ver(), thp_mode(), accelerator_present())
     argv = getattr(sys, "orig_argv", None)
     if env is None or not sys.executable or not argv:
         return
-    print(f"vit_jax: restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (transparent huge pages for XLA's "
-          f"per-step buffers; {OPT_OUT}=0 turns this off)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execve(sys.executable, list(argv), env)
