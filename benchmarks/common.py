@@ -63,14 +63,7 @@ def load_config(path: str, dtype: str, batch: int, num_classes: int = 1000):
 
 def time_runs(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     """Seconds of each of `repeats` calls of `fn` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+    return [wall for wall, _ in time_runs_cpu(fn, repeats, warmup)]
 
 
 def time_runs_cpu(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[tuple[float, float]]:
