@@ -75,7 +75,7 @@ def _read(path: str, source_format: str | None, num_heads: int | None) -> Checkp
 
 def _named_remotely(numerics: Numerics | None, local: str, path: str) -> Numerics | None:
     """`numerics` with the remote path in its origin where it names the local copy."""
-    if numerics is None or local == path:
+    if numerics is None:
         return numerics
     return dataclasses.replace(numerics, origin=numerics.origin.replace(local, path))
 
