@@ -70,10 +70,10 @@ def step_contractions(config) -> list[Contraction]:
            dense("attention out", layers, width, width),
            dense("MLP in", layers, width, m.mlp_dim),
            dense("MLP out", layers, m.mlp_dim, width),
-           Contraction("attention logits", layers, "bqhd,bkhd->bhqk", (batch, tokens, heads, head_dim),
-                       (batch, tokens, heads, head_dim), keep_f32=True),
-           Contraction("attention values", layers, "bhqk,bkhd->bqhd", (batch, heads, tokens, tokens),
-                       (batch, tokens, heads, head_dim))]
+           Contraction("attention logits", layers, "bhqd,bhkd->bhqk", (batch, heads, tokens, head_dim),
+                       (batch, heads, tokens, head_dim), keep_f32=True),
+           Contraction("attention values", layers, "bhqk,bhkd->bhqd", (batch, heads, tokens, tokens),
+                       (batch, heads, tokens, head_dim))]
     if m.representation_size:
         out.append(Contraction("pre-logits", 1, "bk,kn->bn", (batch, width), (width, m.representation_size)))
     features = m.representation_size or width

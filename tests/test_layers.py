@@ -21,7 +21,9 @@ def _bf16_round(x):
 
 @pytest.mark.parametrize("spec,shape_a,shape_b", [
     ("mk,kn->mn", (64, 2048), (2048, 96)),  # a Dense layer
-    ("bqhd,bkhd->bhqk", (2, 70, 3, 512), (2, 70, 3, 512)),  # attention logits (batched)
+    ("bhqd,bhkd->bhqk", (2, 3, 70, 512), (2, 3, 70, 512)),  # attention logits (batched, heads first)
+    ("bhqk,bhkd->bhqd", (2, 3, 70, 70), (2, 3, 70, 128)),  # attention-weighted values
+    ("bqhd,bkhd->bhqk", (2, 70, 3, 512), (2, 70, 3, 512)),  # batched, batch axes apart (einsum transposes)
     ("mk,kn->mn", (8, 2048), (2048, 96)),  # skinny (the head)
 ])
 def test_bf16_einsum_accumulates_in_float32_forward_and_backward(spec, shape_a, shape_b):
