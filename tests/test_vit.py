@@ -164,6 +164,35 @@ def test_forward_matches_float64_reference(classifier):
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_gradients_match_float64_finite_differences(classifier):
+    """The float32 gradient (on CPU: softmax's own VJP, heads-first attention) along random directions, against
+    central differences of the float64 reference forward."""
+    config = tiny_config(classifier=classifier)
+    model = build_model(config, 5)
+    params = init_random(model, 16)
+    images = jax.random.normal(jax.random.key(3), (3, 16, 16, 3))
+    weights = np.asarray(jax.random.normal(jax.random.key(4), (3, 5)), np.float64)
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) * weights))(params)
+    leaves, treedef = jax.tree.flatten(params)
+    for seed in range(3):
+        keys = jax.random.split(jax.random.key(10 + seed), len(leaves))
+        direction = [np.asarray(jax.random.normal(k, leaf.shape), np.float64) for k, leaf in zip(keys, leaves)]
+        if seed == 2:  # only the attention kernels: the heads-first matmuls and softmax alone
+            paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            direction = [d if "MultiHeadDotProductAttention" in path and "kernel" in path else 0 * d
+                         for path, d in zip(paths, direction)]
+        eps = 1e-5
+
+        def loss(sign, direction=direction):
+            moved = jax.tree.unflatten(treedef, [np.asarray(leaf, np.float64) + sign * eps * d
+                                                 for leaf, d in zip(leaves, direction)])
+            return np.sum(reference_vit(moved, images, classifier, patch=4, num_heads=2) * weights)
+
+        expected = (loss(1) - loss(-1)) / (2 * eps)
+        got = sum(np.vdot(np.asarray(g, np.float64), d) for g, d in zip(jax.tree.leaves(grads), direction))
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model32 = build_model(tiny_config(), 5)
     model16 = build_model(tiny_config(dtype="bfloat16"), 5)
