@@ -175,6 +175,7 @@ def test_gradients_match_float64_finite_differences(classifier):
     weights = np.asarray(jax.random.normal(jax.random.key(4), (3, 5)), np.float64)
     grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) * weights))(params)
     leaves, treedef = jax.tree.flatten(params)
+    eps = 1e-5
     for seed in range(3):
         keys = jax.random.split(jax.random.key(10 + seed), len(leaves))
         direction = [np.asarray(jax.random.normal(k, leaf.shape), np.float64) for k, leaf in zip(keys, leaves)]
@@ -182,7 +183,6 @@ def test_gradients_match_float64_finite_differences(classifier):
             paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
             direction = [d if "MultiHeadDotProductAttention" in path and "kernel" in path else 0 * d
                          for path, d in zip(paths, direction)]
-        eps = 1e-5
 
         def loss(sign, direction=direction):
             moved = jax.tree.unflatten(treedef, [np.asarray(leaf, np.float64) + sign * eps * d
