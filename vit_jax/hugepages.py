@@ -63,9 +63,9 @@ def environment(env: Mapping[str, str], libc: tuple[str, str], thp: str | None,
                 accelerator: bool = False) -> dict[str, str] | None:
     """`env` with the tunable added, or None when a restart would change nothing or is not wanted.
 
-    Nothing to do off glibc >= 2.35 (`libc`: `platform.libc_ver()`), unless the kernel's THP mode (`thp`:
-    `thp_mode()`) is `madvise`, when the tunable is already there (or another value of it), when
-    VIT_JAX_HUGEPAGES=0, or when jax will not compute on the CPU (`cpu_run`; `accelerator`: `accelerator_present()`).
+    None without glibc >= 2.35 (`libc`: `platform.libc_ver()`), when the kernel's THP mode (`thp`: `thp_mode()`)
+    is not `madvise`, when the tunable is already there (or another value of it), when VIT_JAX_HUGEPAGES=0, or
+    when jax will not compute on the CPU (`cpu_run`; `accelerator`: `accelerator_present()`).
     """
     version = _glibc_version(libc)
     tunables = env.get("GLIBC_TUNABLES", "")
