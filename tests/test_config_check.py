@@ -37,7 +37,13 @@ def base():
 
 
 @pytest.mark.parametrize("mutate, field, hint", [
-    (lambda c: setattr(c, "image_size", 225), "image_size", "divisible by model.patch_size=16"),
+    (lambda c: setattr(c, "image_size", 225), "image_size", "divisible by model.patch_size=16 (the nearest are 224 "
+     "and 240)"),
+    (lambda c: setattr(c.model, "variant", "L/16"), "model.variant", "hidden_size=768 (L/16: 1024)"),
+    (lambda c: setattr(c.model, "variant", "X/16"), "model.variant", "or 'custom'"),
+    (lambda c: setattr(c.model, "mlp_dim", 1024), "model.variant", "mlp_dim=1024 (B/16: 3072)"),
+    (lambda c: setattr(c.model, "resnet_layers", (3, 4, 9)), "model.variant", "resnet_layers=(3, 4, 9) (B/16: ())"),
+    (lambda c: setattr(c.model, "axial", True), "model.classifier", "set model.classifier='gap'"),
     (lambda c: setattr(c.model, "classifier", "cls"), "model.classifier", "'token', 'gap'"),
     (lambda c: setattr(c, "batch_size", 4100), "batch_size", "multiple of 8"),
     (lambda c: setattr(c.model, "num_heads", 5), "model.num_heads", "must divide model.hidden_size=768"),
@@ -59,6 +65,14 @@ def test_bad_config_names_field_value_and_valid_choices(mutate, field, hint):
     assert hint in str(err.value)
 
 
+def test_custom_sizes_validate_and_a_variants_own_numbers_match_it():
+    config = base()
+    config.model.variant, config.model.mlp_dim = "custom", 1024
+    validate(config, num_devices=8)
+    config = common.get_config("R50+B/16")  # the hybrid's ResNet stages are part of its variant
+    validate(config, num_devices=8)
+
+
 def test_unknown_variant_is_clear():
     with pytest.raises(ValueError, match="unknown variant 'B/15'.*valid"):
         common.get_config("B/15")
@@ -73,6 +87,8 @@ def test_mesh_minus_one_takes_the_rest():
 @pytest.mark.parametrize("override, message", [
     ("--config.image_size=225", "config.image_size=225 is invalid"),
     ("--config.modle.x=3", "unknown config field"),
+    ("--config.batchsize=32",
+     "unknown config field 'batchsize' in --config.batchsize=32 (did you mean \"batch_size\")"),
     ("--config.image_size=abc", "invalid literal"),
     ("--config.model.classifier=cls", "config.model.classifier='cls' is invalid"),
 ])
@@ -83,4 +99,19 @@ def test_command_line_bad_input_is_one_line_and_exit_2(override, message):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config=configs/no_such.py"], "flag --config=configs/no_such.py: no such config file"),
+    (["--config=configs/no_such.py", "--config.batch_size=8"], "configs/{common.py,demo.py,"),
+    (["--config=configs/finetune.py:cifar11"],
+     "flag --config=configs/finetune.py:cifar11: configs/finetune.py: unknown dataset 'cifar11'; valid: ['cifar10',"),
+    (["--config=configs/demo.py:foo"], "TypeError: get_config() takes 0 positional arguments but 1 was given"),
+])
+def test_a_config_file_that_cannot_load_is_one_line_and_exit_2(flags, message):
+    result = subprocess.run([sys.executable, "-m", "vit_jax.summary", *flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr

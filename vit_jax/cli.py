@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -18,18 +20,64 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _unknown_field(error: BaseException, argv: Sequence[str]) -> str:
+    """ml_collections raises KeyError("'name'\\nDid you mean ...?"), sometimes inside an AttributeError."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    name, _, hint = str(error.args[0] if error.args else error).partition("\n")
+    name = name.strip("\"'")
+    given = [arg for arg in argv[1:] if name in arg.split("=")[0].lstrip("-").split(".")]
+    return (f"unknown config field {name!r}" + (f" in {given[0]}" if given else "")
+            + (f" ({hint.strip().split(' instead of ')[0].lower()})" if hint.strip() else "")
+            + "; the fields are those of the config file (see configs/common.py)")
+
+
+def _config_file_error(message: str) -> str:
+    """A config file's get_config() failed: ml_collections puts the whole traceback in the flag error; keep the
+    flag and the exception's own message (its type only when it is not one of ours)."""
+    head, _, trace = message.partition("Error whilst parsing config file:")
+    lines = trace.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    after = lines[frames[-1] + 1:] if frames else lines
+    start = next((i for i, line in enumerate(after) if line and not line[0].isspace()), 0)
+    error = " ".join(" ".join(after[start:]).split())
+    error = re.sub(r"^vit_jax\.[\w.]*Error: ", "", error)  # ConfigError, UserError: the message says it all
+    return f"{' '.join(head.split())} {error}"
+
+
+def _unreadable_config_file(argv: Sequence[str], error: BaseException | None) -> str:
+    path = next((arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")), "").split(":", 1)[0]
+    reason = str(error).strip().splitlines()[-1].strip() if error is not None and str(error).strip() else ""
+    if error is not None and "No such file" not in reason:
+        return f"flag --config={path}: the config file cannot be read: {reason}"
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    known = sorted(f for f in os.listdir(configs) if f.endswith(".py") and not f.startswith("_")) \
+        if os.path.isdir(configs) else []
+    return (f"flag --config={path}: no such config file (in {os.getcwd()})"
+            + (f"; the project's are configs/{{{','.join(known)}}}" if known else ""))
+
+
+def _check_config_files_loaded(argv: Sequence[str]) -> None:
+    """A config file that cannot be read is only reported when first used (ml_collections); report it now."""
+    value = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if type(value).__name__ == "_ErrorConfig":  # ml_collections.config_flags' stand-in for a failed load
+        _fail(_unreadable_config_file(argv, object.__getattribute__(value, "_error")))
+
+
 def _parse_flags(argv: Sequence[str]) -> list[str]:
     """absl flag parsing where an unknown or ill-typed flag or config override is a one-line error."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except (KeyError, AttributeError) as e:  # ml_collections: a field the config does not have
-        name = str(e.args[0] if e.args else e).strip("\"'")
-        given = [arg for arg in argv[1:] if name in arg.split("=")[0].lstrip("-").split(".")]
-        _fail(f"unknown config field {name!r}" + (f" in {given[0]}" if given else "")
-              + "; the fields are those of the config file (see configs/common.py)")
+        _fail(_unknown_field(e, argv))
+    except OSError as e:  # an override touched a config file that could not be read
+        _fail(_unreadable_config_file(argv, e.__cause__))
     except (flags.Error, TypeError, ValueError) as e:
-        _fail(" ".join(str(e).split()))
-    raise AssertionError("unreachable")
+        message = str(e)
+        _fail(_config_file_error(message) if "Error whilst parsing config file:" in message
+              else " ".join(message.split()))
+    _check_config_files_loaded(argv)
+    return rest
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
@@ -44,6 +92,9 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
         try:
             main(argv)
         except UserError as e:
+            # The command ends here: errors of background work it abandons (orbax's pending reads of a damaged
+            # checkpoint, collected at exit) would only bury the one line that says what is wrong.
+            sys.unraisablehook = lambda unraisable: None
             _fail(str(e))
 
     app.run(guarded, flags_parser=_parse_flags)

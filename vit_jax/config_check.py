@@ -7,7 +7,7 @@ import math
 import ml_collections
 
 from vit_jax.errors import UserError
-from vit_jax.models.variants import resnet_stride
+from vit_jax.models.variants import parse_variant, resnet_stride
 
 CLASSIFIERS = ("token", "gap")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,14 +55,41 @@ def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int)
     return sizes
 
 
+def _check_variant(model: ml_collections.ConfigDict) -> None:
+    """`model.variant` names the architecture (summaries, plans): a paper variant whose numbers the fields hold,
+    or "custom". Overriding the label alone would build one model and report another."""
+    variant = model.get("variant", "custom")
+    if variant == "custom":
+        return
+    try:
+        numbers = parse_variant(variant)
+    except ValueError as e:
+        raise ConfigError(f"config.model.variant={variant!r} is invalid: {e}, or 'custom'") from None
+    expected = {"hidden_size": numbers.hidden_size, "num_layers": numbers.num_layers, "num_heads": numbers.num_heads,
+                "mlp_dim": numbers.mlp_dim, "patch_size": numbers.patch_size,
+                "resnet_layers": tuple(numbers.resnet_layers or ())}
+    actual = {field: tuple(model[field]) if field == "resnet_layers" else model[field] for field in expected}
+    differ = [f"{field}={actual[field]!r} ({variant}: {want!r})" for field, want in expected.items()
+              if actual[field] != want]
+    if differ:
+        raise ConfigError(
+            f"config.model.variant={variant!r} does not match the architecture fields: {', '.join(differ)}. "
+            "A config file's argument picks the variant (e.g. --config=configs/common.py:L/16 or "
+            "--config=configs/finetune.py:cifar10,L/16); to set sizes field by field, also pass "
+            "--config.model.variant=custom")
+
+
 def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
-    """Architecture checks: sizes, heads, patch vs image size, classifier, dtype."""
+    """Architecture checks: sizes, heads, the variant label, patch vs image size, classifier, dtype."""
     for field in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size"):
         _positive_int(model, field)
     if model.hidden_size % model.num_heads:
         _fail("model.num_heads", model.num_heads, f"must divide model.hidden_size={model.hidden_size}")
     if model.classifier not in CLASSIFIERS:
         _fail("model.classifier", model.classifier, f"expected one of {CLASSIFIERS}")
+    if model.get("axial", False) and model.classifier != "gap":
+        _fail("model.classifier", model.classifier, "an axial model (model.axial=True) has no class token: "
+              "set model.classifier='gap'")
     if model.dtype not in DTYPES:
         _fail("model.dtype", model.dtype, f"expected one of {DTYPES}")
     if isinstance(model.representation_size, bool) or not isinstance(model.representation_size, int) \
@@ -81,10 +108,11 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         _fail("image_size", image_size, "expected a positive integer")
     if image_size % model.patch_size:
-        valid = [s for s in range(max(model.patch_size, image_size - 4 * model.patch_size),
-                                  image_size + 4 * model.patch_size) if s % model.patch_size == 0][:6]
+        below = image_size // model.patch_size * model.patch_size
+        nearest = ([below] if below else []) + [below + model.patch_size]
         _fail("image_size", image_size, f"must be divisible by model.patch_size={model.patch_size} "
-              f"(e.g. {valid})")
+              f"(the nearest are {' and '.join(map(str, nearest))})")
+    _check_variant(model)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
