@@ -37,6 +37,69 @@ def test_restore_onto_a_different_mesh_and_keep_the_newest(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+def _saved_tiny_run(directory) -> dict:
+    config = tiny_config(**{"mesh.data": 1})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    state = train.init_state(config, mesh, config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(directory), keep=2)
+    ckpt.save(2, state["params"], state["opt_state"], {"step": 2, "rng": [1, 2]}, {"position": 2})
+    ckpt.close()
+    return state
+
+
+def _restore(directory, **overrides) -> dict:
+    config = tiny_config(**{"mesh.data": 1, **overrides})
+    abstract = train.abstract_state(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(directory), keep=2)
+    try:
+        return ckpt.restore(2, abstract["params"], abstract["opt_state"])
+    finally:
+        ckpt.close()
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {path: open(path, "rb").read() for path in glob.glob(f"{directory}/**/*", recursive=True)
+            if os.path.isfile(path)}
+
+
+def test_resuming_with_another_model_lists_every_differing_key_and_changes_nothing(tmp_path):
+    _saved_tiny_run(tmp_path)
+    before = _files(tmp_path)
+    with pytest.raises(checkpoints.CheckpointReadError) as err:
+        _restore(tmp_path, **{"model.hidden_size": 48, "model.mlp_dim": 96})
+    message = str(err.value)
+    assert "was written by another model" in message and "hidden_size 32, mlp_dim 64 vs model 48, 96" in message
+    # every parameter of the 2-block tiny model differs but the head's bias and the classes: all are named
+    assert "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel (stored (32, 64), this run (48, 96))" in message
+    assert "head/kernel (stored (32, 10), this run (48, 10))" in message
+    assert message.count("(stored ") == int(re.search(r"(\d+) of another shape", message).group(1))
+    assert f"--config.pretrained={tmp_path}" in message
+    assert _files(tmp_path) == before
+
+
+def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
+    _saved_tiny_run(tmp_path)
+    with pytest.raises(checkpoints.CheckpointReadError, match="another optimizer.*opt_state keys differ"):
+        _restore(tmp_path, **{"optimizer.name": "sgd"})
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "delete"])
+# orbax's other pending reads fail too and are reported at garbage collection
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
+    _saved_tiny_run(tmp_path)
+    data = glob.glob(f"{tmp_path}/checkpoints/2/params/ocdbt.process_0/d/*")
+    assert data
+    for path in data:
+        if damage == "overwrite":
+            with open(path, "wb") as f:
+                f.write(np.random.default_rng(0).bytes(64))
+        else:
+            os.remove(path)
+    with pytest.raises(checkpoints.CheckpointReadError, match="checkpoints/2 cannot be read: its files are damaged"):
+        _restore(tmp_path)
+
+
 # End to end through `python -m vit_jax.main` on the digits dataset with a tiny model.
 
 TOTAL_STEPS = 200

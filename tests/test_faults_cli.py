@@ -141,3 +141,35 @@ def test_image_files_that_are_not_images(tmp_path):
 def test_eval_mode_without_a_checkpoint(tmp_path, digits_dir):
     result = run_main(tmp_path / "w", f"--config.tfds_data_dir={digits_dir}", "--mode=eval")
     assert_bad_input(result, tmp_path / "w", "--mode=eval found no checkpoint")
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == errors[0]  # nothing printed after it
+    return errors[0]
+
+
+def test_resuming_a_workdir_with_another_model_or_damaged_files(tmp_path, digits_dir):
+    """Each is one error line (nothing after it, no traceback), and the checkpoint stays as it was."""
+    workdir = tmp_path / "w"
+    first = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = workdir / "checkpoints" / "2"
+
+    def files() -> dict:
+        return {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+
+    before = files()
+    wider = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=4",
+                     "--config.model.hidden_size=48", "--config.model.mlp_dim=96")
+    error = _one_error_line(wider)
+    assert f"{checkpoint} was written by another model than this run's config (checkpoint hidden_size 32, " \
+           "mlp_dim 64 vs model 48, 96)" in error and "--config.pretrained=" in error
+    assert files() == before
+
+    for data_file in (checkpoint / "params").glob("ocdbt.process_0/d/*"):
+        data_file.write_bytes(b"\0" * 64)
+    damaged = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=4")
+    assert f"{checkpoint} cannot be read: its files are damaged or incomplete" in _one_error_line(damaged)

@@ -25,6 +25,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vit_jax.errors import UserError
+from vit_jax.interop.common import architecture_difference
+from vit_jax.interop.orbax_io import item_tree_metadata
 
 ITEMS = ("params", "opt_state", "meta", "data")
 
@@ -35,6 +37,45 @@ class CheckpointWriteError(UserError):
     Raised before training when the workdir is unwritable, and when a checkpoint save fails; a failed save never
     touches the checkpoints already complete (the step's files stay in a temporary directory, ignored on restore).
     """
+
+
+class CheckpointReadError(UserError):
+    """A training checkpoint that cannot be resumed: another model or optimizer's, or damaged files."""
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'mu/Transformer/encoder_norm/bias' -> shape, for an abstract state and for orbax's stored metadata alike
+    (optax's named tuples are saved as dicts, so attribute, key and index steps all become plain names)."""
+    def name(key: Any) -> str:
+        for attribute in ("name", "key", "idx"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def layout_difference(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int | None = None) -> str:
+    """The keys missing, unexpected and of another shape in `stored` against `wanted`; '' when they agree."""
+    missing = sorted(set(wanted) - set(stored))
+    unexpected = sorted(set(stored) - set(wanted))
+    wrong = sorted(k for k in set(stored) & set(wanted) if stored[k] != wanted[k])
+
+    def listed(keys: list[str], describe) -> str:
+        shown = keys if limit is None else keys[:limit]
+        more = f", ... ({len(keys) - len(shown)} more)" if len(keys) > len(shown) else ""
+        return ", ".join(describe(k) for k in shown) + more
+
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape: " + listed(wrong, lambda k: f"{k} (stored {stored[k]}, "
+                                                                               f"this run {wanted[k]})"))
+    if missing:
+        parts.append(f"{len(missing)} missing: " + listed(missing, lambda k: f"{k} {wanted[k]}"))
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: " + listed(unexpected, lambda k: f"{k} {stored[k]}"))
+    return "; ".join(parts)
 
 
 def check_writable(workdir: str) -> None:
@@ -101,6 +142,7 @@ class Checkpoints:
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._pending_step: int | None = None  # the step of the save in flight
+        self._closed = False
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -145,9 +187,34 @@ class Checkpoints:
         Returns {"params", "opt_state", "meta", "data_state"}; data_state is this process's iterator state
         (None when the checkpoint was written by a different number of processes).
         """
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+        where = os.path.join(self.directory, str(step))
+        workdir = os.path.dirname(self.directory)
+        advice = ("The checkpoint is left as it is: resume it with the config it was written with, or start in "
+                  f"another --workdir, afresh or fine-tuning from it with --config.pretrained={workdir}")
+        for item, abstract in (("params", abstract_params), ("opt_state", abstract_opt_state)):
+            try:
+                tree = item_tree_metadata(os.path.join(where, item))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointReadError(f"{where}: the {item} metadata cannot be read ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0] if str(e) else ''}). {advice}") from None
+            stored, wanted = _leaf_shapes(tree), _leaf_shapes(abstract)
+            # Every parameter key is listed; an optimizer's state differs wholesale (another optimizer.name).
+            difference = layout_difference(stored, wanted, limit=None if item == "params" else 6)
+            if difference:
+                cause = architecture_difference(stored, wanted) if item == "params" else ""
+                what = "model" if item == "params" else "optimizer"
+                raise CheckpointReadError(f"{where} was written by another {what} than this run's config"
+                                          + (f" ({cause})" if cause else "") + f": its {item} keys differ "
+                                          f"({difference}). {advice}")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax and TensorStore raise ValueError, OSError or a bare Exception
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointReadError(f"{where} cannot be read: its files are damaged or incomplete "
+                                      f"({type(e).__name__}: {first[:300]}). {advice}") from None
         states = (restored["data"] or {}).get("processes") or []
         data_state = states[jax.process_index()] if len(states) == jax.process_count() else None
         return {"params": restored["params"], "opt_state": restored["opt_state"], "meta": restored["meta"],
@@ -161,7 +228,12 @@ class Checkpoints:
         self._pending_step = None
 
     def close(self) -> None:
-        """Finish pending saves and release the manager's threads (`CheckpointWriteError` if a save failed)."""
+        """Finish pending saves and release the manager's threads (`CheckpointWriteError` if a save failed).
+
+        Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.wait()
         finally:

@@ -406,7 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             return result
         return _train_loop(config, workdir, mesh, num_steps, ckpt, state, data_state, meta)
     except UserError:
-        # Bad input found while starting (a foreign pre-trained file, undecodable data): leave no trace.
+        # Bad input found while starting (a foreign pre-trained file, undecodable data): leave no trace. The
+        # manager closes first: its background threads may still be working in the directories removed.
+        ckpt.close()
         _remove_if_empty(created)
         raise
     finally:
@@ -561,6 +563,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                             "train first, or pass --config.pretrained=PATH")
         state, _, meta = restore_or_init(config, mesh, num_steps, ckpt)
     except UserError:
+        ckpt.close()  # first: its background threads may still be working in the directories removed
         _remove_if_empty(created)  # evaluating writes nothing, not even the directories a failed start made
         raise
     finally:

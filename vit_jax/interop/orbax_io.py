@@ -8,9 +8,11 @@ rng, config) and "data". Accepted paths: a workdir (holding `checkpoints/`), a C
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -47,6 +49,35 @@ def step_dir(path: str, must_exist: bool = True, *, isdir: Callable[[str], bool]
     return None
 
 
+class _StepMetadataNotHere(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_step_metadata() -> Iterator[None]:
+    """Orbax warns, reading one item of a step, that the step's _CHECKPOINT_METADATA is not in the item's
+    directory: it is one level up, as in every CheckpointManager step, so the warning says nothing."""
+    quiet = _StepMetadataNotHere()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def item_tree_metadata(item_dir: str) -> Any:
+    """The stored tree of one orbax item (a step's "params" or "opt_state"): array metadata with shape and dtype,
+    read without the arrays."""
+    import orbax.checkpoint as ocp
+
+    with _quiet_step_metadata():
+        metadata = ocp.StandardCheckpointer().metadata(os.path.abspath(item_dir))
+    item_metadata = getattr(metadata, "item_metadata", metadata)
+    return getattr(item_metadata, "tree", item_metadata)
+
+
 def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
     """Canonical params of the latest (or given) step, the numerics its run was configured with, the step dir."""
     import orbax.checkpoint as ocp
@@ -55,15 +86,16 @@ def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
     params_dir = os.path.abspath(os.path.join(step, "params"))  # orbax wants absolute paths
     checkpointer = ocp.StandardCheckpointer()
     try:
-        metadata = checkpointer.metadata(params_dir)
-        item_metadata = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(item_metadata, "tree", item_metadata)
+        tree = item_tree_metadata(params_dir)
         device = jax.local_devices(backend="cpu")[0]
         sharding = jax.sharding.SingleDeviceSharding(device)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
-        params = checkpointer.restore(params_dir, target)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{params_dir}: unreadable orbax params ({type(e).__name__}: {e})") from e
+        with _quiet_step_metadata():
+            params = checkpointer.restore(params_dir, target)
+    except Exception as e:  # orbax and TensorStore raise OSError, ValueError or a bare Exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{params_dir}: unreadable orbax params, damaged or incomplete "
+                              f"({type(e).__name__}: {first[:300]})") from e
     flat = params_to_canonical(jax.tree.map(np.asarray, params))
     return flat, _read_numerics(step), step
 
