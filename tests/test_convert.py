@@ -15,8 +15,9 @@ from vit_jax.interop.common import POSEMB_KEY, flatten, params_to_canonical
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny_config() as overrides of the ViT-B/16 config.
-TINY = ["--config=configs/vit_b16.py", "--config.model.hidden_size=64", "--config.model.num_layers=2",
-        "--config.model.num_heads=4", "--config.model.mlp_dim=128", "--config.model.patch_size=8"]
+TINY = ["--config=configs/vit_b16.py", "--config.model.variant=custom", "--config.model.hidden_size=64",
+        "--config.model.num_layers=2", "--config.model.num_heads=4", "--config.model.mlp_dim=128",
+        "--config.model.patch_size=8"]
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
@@ -75,3 +76,54 @@ def test_bad_source_is_one_error_line_naming_it_and_exit_2(tmp_path):
     assert len(errors) == 1 and str(bad) in errors[0] and "not an .npz archive" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("out, to, message", [
+    ("taken.npz", "npz", "exists; give a new file name"),
+    ("weights.safetensors", "npz", "a npz checkpoint is one .npz file"),
+    ("weights.npz", "timm", "a timm checkpoint is one .safetensors file"),
+    ("no_dir/sub/weights.npz", "npz", "does not exist; create it first"),
+    ("folder.npz", "npz", "is a directory"),
+    ("taken.npz", "hf", "is a file; a hf checkpoint is a directory"),
+    ("full", "hf", "exists and is not empty"),
+    ("full", "orbax", "exists and is not empty"),
+])
+def test_a_destination_that_holds_something_or_cannot_be_written_is_refused(tmp_path, out, to, message):
+    from vit_jax.interop import CheckpointError, check_destination
+
+    (tmp_path / "taken.npz").write_bytes(b"earlier work")
+    (tmp_path / "folder.npz").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("earlier work")
+    with pytest.raises(CheckpointError, match=message):
+        check_destination(str(tmp_path / out), to)
+
+
+@pytest.mark.parametrize("out, to", [("new.npz", "npz"), ("new.safetensors", "timm"), ("new_dir", "hf"),
+                                     ("empty", "orbax")])
+def test_a_new_destination_is_accepted(tmp_path, out, to):
+    from vit_jax.interop import check_destination
+
+    (tmp_path / "empty").mkdir()
+    check_destination(str(tmp_path / out), to)
+
+
+def test_convert_never_overwrites_an_existing_file(tmp_path, source):
+    out = tmp_path / "photo.npz"
+    out.write_bytes(b"not to be lost")
+    result = _convert(f"--src={source[0]}", *TINY, f"--out={out}", "--to=npz")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "exists" in errors[0], result.stderr[-2000:]
+    assert out.read_bytes() == b"not to be lost"
+
+
+def test_a_checkpoint_without_transformer_blocks_says_it_is_no_vit(tmp_path):
+    from safetensors.numpy import save_file
+
+    from vit_jax.interop import CheckpointError
+
+    path = tmp_path / "fragment.safetensors"  # timm key names, but only two tensors and no transformer block
+    save_file({"cls_token": np.zeros((1, 1, 64), np.float32), "pos_embed": np.zeros((1, 17, 64), np.float32)},
+              str(path))
+    with pytest.raises(CheckpointError, match=r"not a ViT checkpoint: none of its 2 key\(s\) is a transformer bl"):
+        load_pretrained(str(path), tiny_config())

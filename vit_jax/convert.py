@@ -7,7 +7,8 @@
 
 The config gives the architecture (`config.model`); the source's format is detected from the file
 (`--from` forces it). The head and resolution are the checkpoint's own unless `--num_classes` /
-`--image_size` ask for others (a new zero head; resized position embeddings). Bad input: one line, exit 2.
+`--image_size` ask for others (a new zero head; resized position embeddings). Nothing is overwritten: --out is a
+new .npz / .safetensors file (npz, timm) or a new or empty directory (hf, orbax). Bad input: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vit_jax import cli
-from vit_jax.interop import SOURCE_FORMATS, TARGET_FORMATS, load_pretrained, save_as
+from vit_jax.interop import SOURCE_FORMATS, TARGET_FORMATS, check_destination, load_pretrained, save_as
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b16.py.", lock_config=True)
 _SRC = flags.DEFINE_string("src", None, "Checkpoint to read: .npz, .safetensors/.bin/.pth, HF or orbax dir.")
@@ -37,6 +38,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     model_config = _CONFIG.value.model
+    check_destination(_OUT.value, _TO.value)  # before reading: a bad --out costs nothing and overwrites nothing
     params = load_pretrained(_SRC.value, model_config, num_classes=_NUM_CLASSES.value or None,
                              image_size=_IMAGE_SIZE.value or None,
                              source_format=None if _FROM.value == "auto" else _FROM.value,

@@ -20,6 +20,7 @@ from vit_jax.interop.loading import (
     SOURCE_FORMATS,
     TARGET_FORMATS,
     apply_source_numerics,
+    check_destination,
     detect_format,
     load_pretrained,
     read_checkpoint,
@@ -29,6 +30,6 @@ from vit_jax.interop.surgery import adapt_to_model, new_head, resize_posemb
 
 __all__ = [
     "SOURCE_FORMATS", "TARGET_FORMATS", "CheckpointError", "Numerics", "adapt_to_model", "apply_source_numerics",
-    "detect_format",
+    "check_destination", "detect_format",
     "load_pretrained", "new_head", "read_checkpoint", "remote", "resize_posemb", "save_as",
 ]

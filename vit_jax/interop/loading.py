@@ -173,8 +173,13 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
     flat = ckpt.flat
     if num_classes is None:
         head = flat.get("head/kernel")
+        if head is None and not any(key.startswith("Transformer/encoderblock") for key in flat):
+            shown = ", ".join(sorted(flat)[:8]) + (", ..." if len(flat) > 8 else "")
+            raise CheckpointError(f"{ckpt.location}: not a ViT checkpoint: none of its {len(flat)} key(s) is a "
+                                  f"transformer block's ({shown})")
         if head is None:
-            raise CheckpointError(f"{ckpt.location}: has no classification head; pass num_classes")
+            raise CheckpointError(f"{ckpt.location}: has no classification head (head/kernel); give the class "
+                                  "count of a new zero head (num_classes, --num_classes on the command line)")
         num_classes = int(head.shape[-1])
     if image_size is None:
         image_size = _source_grid_side(flat, ckpt.location) * model_config.patch_size
@@ -240,6 +245,42 @@ def _apply_numerics(model_config: ml_collections.ConfigDict, numerics: Numerics)
                               "or set_numerics=False") from e
     logging.info("numerics of %s: set model.gelu_approximate=%s, model.layernorm_epsilon=%g (were %s, %g)",
                  numerics.origin, wanted[0], wanted[1], current[0], current[1])
+
+
+# The file a single-file target is written as; readers (and `detect_format`) go by the suffix.
+TARGET_SUFFIXES = {"npz": ".npz", "timm": ".safetensors"}
+
+
+def check_destination(path: str, target_format: str) -> None:
+    """Refuse a destination `save_as` would fail on or that holds something already (nothing is overwritten):
+    a file target (npz, timm) must be a new file named with its format's suffix in an existing directory; a
+    directory target (hf, orbax) must be new or empty."""
+    if target_format not in TARGET_FORMATS:
+        raise CheckpointError(f"target_format must be one of {TARGET_FORMATS}, got {target_format!r}")
+    path = os.fspath(path)
+    suffix = TARGET_SUFFIXES.get(target_format)
+    if suffix and not path.endswith(suffix):
+        raise CheckpointError(f"{path}: a {target_format} checkpoint is one {suffix} file; name it *{suffix}")
+    if remote.is_remote(path):
+        if not remote.is_empty_or_missing(path):
+            raise CheckpointError(f"{path}: exists; give a new {'file' if suffix else 'directory'} (nothing is "
+                                  "overwritten)")
+        return
+    if suffix:
+        if os.path.isdir(path):
+            raise CheckpointError(f"{path}: is a directory; a {target_format} checkpoint is one {suffix} file")
+        if os.path.lexists(path):
+            raise CheckpointError(f"{path}: exists; give a new file name or remove it first (nothing is "
+                                  "overwritten)")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise CheckpointError(f"{path}: its directory {parent} does not exist; create it first")
+        return
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a file; a {target_format} checkpoint is a directory: give a new one")
+    if os.path.isdir(path) and os.listdir(path):
+        raise CheckpointError(f"{path}: exists and is not empty; give a new directory for the {target_format} "
+                              "checkpoint (nothing is overwritten)")
 
 
 def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str) -> str:
