@@ -153,6 +153,30 @@ def test_our_manual_datasets_missing_name_their_prepare_command(tmp_path):
 
 
 
+@pytest.mark.parametrize("manual_dir, said", [("", "no --manual_dir was given"), ("{tmp}/nope", "does not exist")])
+def test_preparing_a_manual_dataset_without_its_files_says_what_to_download_and_writes_nothing(tmp_path, manual_dir,
+                                                                                                 said):
+    target = tmp_path / "tfds"
+    with pytest.raises(data.DatasetError, match=f"imagenet2012 is prepared from files you download yourself, and "
+                                                f".*{said}.*ILSVRC2012_img_train.tar"):
+        data.prepare("imagenet2012", str(target), manual_dir.format(tmp=tmp_path))
+    assert not target.exists()
+
+
+def test_preparing_into_a_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("kept")
+    with pytest.raises(data.DatasetError, match="is a file, not a directory"):
+        data.prepare("digits", str(path))
+    assert path.read_text() == "kept"
+
+
+def test_a_manual_dir_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(data.DatasetError, match=f"'{tmp_path}/my_images' is not a directory"):
+        data.prepare("image_folder", str(tmp_path / "tfds"), "~/my_images")
+
+
 def test_the_prepared_check_sees_remote_uris(config):
     """A gs:// data dir's dataset_info.json is found through tf.io.gfile (here its in-memory ram://), which
     os.path.exists never sees; TFDS and ArrayRecord read gs:// from there on."""

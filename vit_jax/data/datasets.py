@@ -93,6 +93,16 @@ def _own_builder_dir(name: str, data_dir: str) -> str:
 def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
     """Build dataset `name` into `data_dir` as ArrayRecord (downloading if TFDS can); returns its directory."""
     data_dir = resolve_data_dir(data_dir)
+    # A shell leaves `~` in --manual_dir=~/x alone; TFDS expands it for its own builders, ours need it done here.
+    manual_dir = os.path.expanduser(manual_dir) if manual_dir and "://" not in manual_dir else manual_dir
+    if "://" not in data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DatasetError(f"--data_dir={data_dir} is a file, not a directory: give the directory datasets are "
+                           "written into")
+    if name in MANUAL_FILES and not (manual_dir and _exists(manual_dir)):
+        got = f"--manual_dir={manual_dir} does not exist" if manual_dir else "no --manual_dir was given"
+        raise DatasetError(f"{name} is prepared from files you download yourself, and {got}: put "
+                           f"{MANUAL_FILES[name]} in a directory and run: "
+                           f"{prepare_command(name, data_dir, manual_dir or '/path/to/downloads')}")
     if name == "digits":
         builder = Digits(data_dir=data_dir, file_format=ARRAY_RECORD)
     elif name == "imagenet21k":
