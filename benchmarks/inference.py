@@ -58,7 +58,7 @@ def timm_forward_runner(config) -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__, "timed batches (median reported)")
     threads = common.torch_threads() if args.timm else None
     config = common.load_config(args.config, args.dtype, args.batch)
     return common.compare("inference", args, config, threads, forward_runner, timm_forward_runner,

@@ -22,8 +22,10 @@ from collections.abc import Callable
 import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = common.argument_parser(__doc__, 5, "timed steps (median reported)")
+def parse_args(argv: list[str] | None = None, doc: str = __doc__,
+               repeats_help: str = "timed steps (median reported)") -> argparse.Namespace:
+    """The flags of this benchmark and of inference.py (which passes its own description)."""
+    parser = common.argument_parser(doc, 5, repeats_help)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of ours, peak, timm (median reported)")
     parser.add_argument("--no-timm", dest="timm", action="store_false", help="skip timm")
     return parser.parse_args(argv)
