@@ -57,6 +57,37 @@ def _restore(directory, **overrides) -> dict:
         ckpt.close()
 
 
+@pytest.mark.parametrize("overrides", [
+    {"optimizer.name": "sgd", "optimizer.weight_decay": 0.0},
+    {"optimizer.name": "sgd", "optimizer.weight_decay": 1e-4},
+    {"optimizer.grad_clip_norm": 0.0},
+    {"model.scan": True},
+], ids=["sgd", "sgd_decay", "no_clip", "scan"])
+def test_the_layout_check_accepts_what_each_optimizer_and_scan_save(tmp_path, overrides):
+    """The stored metadata (optax's named tuples saved as dicts) and the abstract state name their keys alike."""
+    config = tiny_config(**{"mesh.data": 1, **overrides})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    state = train.init_state(config, mesh, config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+    ckpt.save(2, state["params"], state["opt_state"], {"step": 2, "rng": [1, 2]}, {"position": 2})
+    ckpt.close()
+    restored = _restore(tmp_path, **overrides)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["opt_state"]),
+                 jax.device_get(state["opt_state"]))
+
+
+def test_restore_reads_a_remote_checkpoints_metadata_at_its_uri(monkeypatch):
+    """gs:// paths reach orbax as they are (os.path.abspath would turn them into a local 'gs:/...')."""
+    import orbax.checkpoint as ocp
+
+    from vit_jax.interop import orbax_io
+
+    seen = []
+    monkeypatch.setattr(ocp.StandardCheckpointer, "metadata", lambda self, path: seen.append(path))
+    orbax_io.item_tree_metadata("gs://bucket/run/checkpoints/2/params")
+    assert seen == ["gs://bucket/run/checkpoints/2/params"]
+
+
 def _files(directory) -> dict[str, bytes]:
     return {path: open(path, "rb").read() for path in glob.glob(f"{directory}/**/*", recursive=True)
             if os.path.isfile(path)}
@@ -83,20 +114,25 @@ def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
         _restore(tmp_path, **{"optimizer.name": "sgd"})
 
 
-@pytest.mark.parametrize("damage", ["overwrite", "delete"])
+@pytest.mark.parametrize("damage", ["overwrite", "delete", "metadata"])
 # orbax's other pending reads fail too and are reported at garbage collection
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
     _saved_tiny_run(tmp_path)
     data = glob.glob(f"{tmp_path}/checkpoints/2/params/ocdbt.process_0/d/*")
     assert data
+    if damage == "metadata":  # orbax then describes no array at all
+        os.remove(f"{tmp_path}/checkpoints/2/params/_METADATA")
+        with pytest.raises(checkpoints.CheckpointReadError, match="checkpoints/2: the params metadata is missing"):
+            _restore(tmp_path)
+        return
     for path in data:
         if damage == "overwrite":
             with open(path, "wb") as f:
                 f.write(np.random.default_rng(0).bytes(64))
         else:
             os.remove(path)
-    with pytest.raises(checkpoints.CheckpointReadError, match="checkpoints/2 cannot be read: its files are damaged"):
+    with pytest.raises(checkpoints.CheckpointReadError, match="checkpoints/2 cannot be read .*damaged or incomplete"):
         _restore(tmp_path)
 
 

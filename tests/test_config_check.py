@@ -44,6 +44,8 @@ def base():
     (lambda c: setattr(c.model, "mlp_dim", 1024), "model.variant", "mlp_dim=1024 (B/16: 3072)"),
     (lambda c: setattr(c.model, "resnet_layers", (3, 4, 9)), "model.variant", "resnet_layers=(3, 4, 9) (B/16: ())"),
     (lambda c: setattr(c.model, "axial", True), "model.classifier", "set model.classifier='gap'"),
+    (lambda c: (setattr(c.model, "variant", "R50+B/16"), setattr(c.model, "resnet_layers", (3, 4, 9)),
+                setattr(c.model, "resnet_width", 2)), "model.variant", "resnet_width=2 (R50+B/16: 1)"),
     (lambda c: setattr(c.model, "classifier", "cls"), "model.classifier", "'token', 'gap'"),
     (lambda c: setattr(c, "batch_size", 4100), "batch_size", "multiple of 8"),
     (lambda c: setattr(c.model, "num_heads", 5), "model.num_heads", "must divide model.hidden_size=768"),
@@ -105,6 +107,7 @@ def test_command_line_bad_input_is_one_line_and_exit_2(override, message):
 @pytest.mark.parametrize("flags, message", [
     (["--config=configs/no_such.py"], "flag --config=configs/no_such.py: no such config file"),
     (["--config=configs/no_such.py", "--config.batch_size=8"], "configs/{common.py,demo.py,"),
+    (["--config", "configs/no_such.py"], "flag --config=configs/no_such.py: no such config file"),
     (["--config=configs/finetune.py:cifar11"],
      "flag --config=configs/finetune.py:cifar11: configs/finetune.py: unknown dataset 'cifar11'; valid: ['cifar10',"),
     (["--config=configs/demo.py:foo"], "TypeError: get_config() takes 0 positional arguments but 1 was given"),

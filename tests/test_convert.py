@@ -20,8 +20,8 @@ TINY = ["--config=configs/vit_b16.py", "--config.model.variant=custom", "--confi
         "--config.model.patch_size=8"]
 
 
-def _convert(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+def _convert(*args: str, **env_overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **env_overrides}
     env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, "-m", "vit_jax.convert", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -108,12 +108,14 @@ def test_a_new_destination_is_accepted(tmp_path, out, to):
     check_destination(str(tmp_path / out), to)
 
 
-def test_convert_never_overwrites_an_existing_file(tmp_path, source):
+def test_convert_never_overwrites_an_existing_file_and_expands_a_tilde(tmp_path, source):
     out = tmp_path / "photo.npz"
     out.write_bytes(b"not to be lost")
-    result = _convert(f"--src={source[0]}", *TINY, f"--out={out}", "--to=npz")
+    # --out=~/photo.npz: the shell leaves the ~ of --flag=~/... to the program
+    result = _convert(f"--src={source[0]}", *TINY, "--out=~/photo.npz", "--to=npz", HOME=str(tmp_path))
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and "exists" in errors[0], result.stderr[-2000:]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert f"{out}: exists; give a new file name" in errors[0]
     assert out.read_bytes() == b"not to be lost"
 
 

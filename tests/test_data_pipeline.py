@@ -153,13 +153,20 @@ def test_our_manual_datasets_missing_name_their_prepare_command(tmp_path):
 
 
 
-@pytest.mark.parametrize("manual_dir, said", [("", "no --manual_dir was given"), ("{tmp}/nope", "does not exist")])
+@pytest.mark.parametrize("manual_dir, said", [
+    ("", "TFDS's default manual directory {tmp}/tfds/downloads/manual does not hold ILSVRC2012_img_train.tar or "
+         "ILSVRC2012_img_val.tar"),
+    ("{tmp}/nope", "--manual_dir={tmp}/nope does not hold ILSVRC2012_img_train.tar or"),
+    ("{tmp}", "--manual_dir={tmp} does not hold ILSVRC2012_img_val.tar:"),
+])
 def test_preparing_a_manual_dataset_without_its_files_says_what_to_download_and_writes_nothing(tmp_path, manual_dir,
                                                                                                  said):
     target = tmp_path / "tfds"
-    with pytest.raises(data.DatasetError, match=f"imagenet2012 is prepared from files you download yourself, and "
-                                                f".*{said}.*ILSVRC2012_img_train.tar"):
+    (tmp_path / "ILSVRC2012_img_train.tar").write_bytes(b"")  # one of the two
+    with pytest.raises(data.DatasetError) as error:
         data.prepare("imagenet2012", str(target), manual_dir.format(tmp=tmp_path))
+    assert "imagenet2012 is prepared from files you download yourself, and " in str(error.value)
+    assert said.format(tmp=tmp_path) in str(error.value)
     assert not target.exists()
 
 

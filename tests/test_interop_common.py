@@ -27,6 +27,7 @@ def tiny_config(classifier: str = "token", representation_size: int = 0, resnet_
                 patch_size: int = 8) -> ml_collections.ConfigDict:
     """A 2-block, width-64 ViT (or a 2-stage hybrid) small enough for CPU tests."""
     m = common.model_config("Ti/16")
+    m.variant = "custom"
     m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim, m.patch_size = 64, 2, 4, 128, patch_size
     m.classifier, m.representation_size, m.resnet_layers, m.scan = classifier, representation_size, resnet_layers, scan
     m.gelu_approximate, m.layernorm_epsilon, m.dropout_rate = gelu_approximate, layernorm_epsilon, 0.0

@@ -82,7 +82,8 @@ def test_original_checkpoint_names():
 
 def tiny_config(**overrides):
     config = common.model_config("Ti/16")
-    config.update(dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, patch_size=4, dropout_rate=0.0))
+    config.update(dict(variant="custom", hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, patch_size=4,
+                       dropout_rate=0.0))
     config.update(overrides)
     return config
 

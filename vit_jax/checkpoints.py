@@ -56,6 +56,11 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 def layout_difference(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int | None = None) -> str:
     """The keys missing, unexpected and of another shape in `stored` against `wanted`; '' when they agree."""
     missing = sorted(set(wanted) - set(stored))
@@ -189,15 +194,18 @@ class Checkpoints:
         """
         where = os.path.join(self.directory, str(step))
         workdir = os.path.dirname(self.directory)
-        advice = ("The checkpoint is left as it is: resume it with the config it was written with, or start in "
-                  f"another --workdir, afresh or fine-tuning from it with --config.pretrained={workdir}")
+        advice = ("The checkpoint is left as it is: resume or evaluate it with the config it was written with, or "
+                  f"start in another --workdir, afresh or fine-tuning from it with --config.pretrained={workdir}")
         for item, abstract in (("params", abstract_params), ("opt_state", abstract_opt_state)):
             try:
                 tree = item_tree_metadata(os.path.join(where, item))
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except Exception as e:  # orbax mostly returns no tree instead (below)
                 raise CheckpointReadError(f"{where}: the {item} metadata cannot be read ({type(e).__name__}: "
-                                          f"{str(e).splitlines()[0] if str(e) else ''}). {advice}") from None
+                                          f"{_first_line(e)}). {advice}") from e
             stored, wanted = _leaf_shapes(tree), _leaf_shapes(abstract)
+            if wanted and not stored:
+                raise CheckpointReadError(f"{where}: the {item} metadata is missing or damaged (no array is "
+                                          f"described in {os.path.join(where, item)}). {advice}")
             # Every parameter key is listed; an optimizer's state differs wholesale (another optimizer.name).
             difference = layout_difference(stored, wanted, limit=None if item == "params" else 6)
             if difference:
@@ -212,9 +220,8 @@ class Checkpoints:
                 opt_state=ocp.args.StandardRestore(abstract_opt_state),
                 meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax and TensorStore raise ValueError, OSError or a bare Exception
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointReadError(f"{where} cannot be read: its files are damaged or incomplete "
-                                      f"({type(e).__name__}: {first[:300]}). {advice}") from None
+            raise CheckpointReadError(f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}); its files "
+                                      f"may be damaged or incomplete, or out of reach. {advice}") from e
         states = (restored["data"] or {}).get("processes") or []
         data_state = states[jax.process_index()] if len(states) == jax.process_count() else None
         return {"params": restored["params"], "opt_state": restored["opt_state"], "meta": restored["meta"],

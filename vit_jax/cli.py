@@ -28,8 +28,12 @@ def _unknown_field(error: BaseException, argv: Sequence[str]) -> str:
     name = name.strip("\"'")
     given = [arg for arg in argv[1:] if name in arg.split("=")[0].lstrip("-").split(".")]
     return (f"unknown config field {name!r}" + (f" in {given[0]}" if given else "")
-            + (f" ({hint.strip().split(' instead of ')[0].lower()})" if hint.strip() else "")
+            + (f" ({_lower_first(hint.strip().split(' instead of ')[0])})" if hint.strip() else "")
             + "; the fields are those of the config file (see configs/common.py)")
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def _config_file_error(message: str) -> str:
@@ -46,7 +50,11 @@ def _config_file_error(message: str) -> str:
 
 
 def _unreadable_config_file(argv: Sequence[str], error: BaseException | None) -> str:
-    path = next((arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")), "").split(":", 1)[0]
+    args = list(argv[1:])
+    path = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), "")
+    if not path and "--config" in args[:-1]:  # --config FILE, two words
+        path = args[args.index("--config") + 1]
+    path = path.split(":", 1)[0]
     reason = str(error).strip().splitlines()[-1].strip() if error is not None and str(error).strip() else ""
     if error is not None and "No such file" not in reason:
         return f"flag --config={path}: the config file cannot be read: {reason}"

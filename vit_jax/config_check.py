@@ -68,7 +68,9 @@ def _check_variant(model: ml_collections.ConfigDict) -> None:
     expected = {"hidden_size": numbers.hidden_size, "num_layers": numbers.num_layers, "num_heads": numbers.num_heads,
                 "mlp_dim": numbers.mlp_dim, "patch_size": numbers.patch_size,
                 "resnet_layers": tuple(numbers.resnet_layers or ())}
-    actual = {field: tuple(model[field]) if field == "resnet_layers" else model[field] for field in expected}
+    if numbers.resnet_layers:
+        expected["resnet_width"] = 1  # BiT's width multiplier: the paper's hybrids use the plain ResNet
+    actual = {field: tuple(model[field] or ()) if field == "resnet_layers" else model.get(field) for field in expected}
     differ = [f"{field}={actual[field]!r} ({variant}: {want!r})" for field, want in expected.items()
               if actual[field] != want]
     if differ:

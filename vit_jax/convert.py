@@ -13,6 +13,7 @@ new .npz / .safetensors file (npz, timm) or a new or empty directory (hf, orbax)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -38,12 +39,14 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     model_config = _CONFIG.value.model
-    check_destination(_OUT.value, _TO.value)  # before reading: a bad --out costs nothing and overwrites nothing
-    params = load_pretrained(_SRC.value, model_config, num_classes=_NUM_CLASSES.value or None,
+    # A shell leaves `~` in --out=~/x alone.
+    source, out = (path if "://" in path else os.path.expanduser(path) for path in (_SRC.value, _OUT.value))
+    check_destination(out, _TO.value)  # before reading: a bad --out costs nothing and overwrites nothing
+    params = load_pretrained(source, model_config, num_classes=_NUM_CLASSES.value or None,
                              image_size=_IMAGE_SIZE.value or None,
                              source_format=None if _FROM.value == "auto" else _FROM.value,
                              resize_method=_RESIZE.value)
-    written = save_as(params, model_config, _OUT.value, _TO.value)
+    written = save_as(params, model_config, out, _TO.value)
     print(f"wrote {written} ({_TO.value})")
 
 

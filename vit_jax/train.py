@@ -408,8 +408,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except UserError:
         # Bad input found while starting (a foreign pre-trained file, undecodable data): leave no trace. The
         # manager closes first: its background threads may still be working in the directories removed.
-        ckpt.close()
-        _remove_if_empty(created)
+        try:
+            ckpt.close()
+        finally:
+            _remove_if_empty(created)
         raise
     finally:
         ckpt.close()
@@ -563,8 +565,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                             "train first, or pass --config.pretrained=PATH")
         state, _, meta = restore_or_init(config, mesh, num_steps, ckpt)
     except UserError:
-        ckpt.close()  # first: its background threads may still be working in the directories removed
-        _remove_if_empty(created)  # evaluating writes nothing, not even the directories a failed start made
+        try:
+            ckpt.close()  # first: its background threads may still be working in the directories removed
+        finally:
+            _remove_if_empty(created)  # evaluating writes nothing, not even the directories a failed start made
         raise
     finally:
         ckpt.close()

@@ -27,6 +27,7 @@ BUILT_ON_FIRST_USE = ("digits",)
 LABEL_KINDS = ("single", "multi")
 # What the manual_dir of TFDS datasets that cannot be downloaded must hold.
 MANUAL_FILES = {"imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org"}
+MANUAL_FILE_NAMES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
 ARRAY_RECORD = "array_record"
 
 
@@ -98,11 +99,15 @@ def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
     if "://" not in data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DatasetError(f"--data_dir={data_dir} is a file, not a directory: give the directory datasets are "
                            "written into")
-    if name in MANUAL_FILES and not (manual_dir and _exists(manual_dir)):
-        got = f"--manual_dir={manual_dir} does not exist" if manual_dir else "no --manual_dir was given"
-        raise DatasetError(f"{name} is prepared from files you download yourself, and {got}: put "
-                           f"{MANUAL_FILES[name]} in a directory and run: "
-                           f"{prepare_command(name, data_dir, manual_dir or '/path/to/downloads')}")
+    if name in MANUAL_FILE_NAMES:
+        # Without --manual_dir TFDS looks in DATA_DIR/downloads/manual.
+        where = manual_dir or os.path.join(data_dir, "downloads", "manual")
+        missing = [f for f in MANUAL_FILE_NAMES[name] if not _exists(os.path.join(where, f))]
+        if missing:
+            given = f"--manual_dir={manual_dir}" if manual_dir else f"TFDS's default manual directory {where}"
+            raise DatasetError(f"{name} is prepared from files you download yourself, and {given} does not hold "
+                               f"{' or '.join(missing)}: put {MANUAL_FILES[name]} in a directory and run: "
+                               f"{prepare_command(name, data_dir, manual_dir or '/path/to/downloads')}")
     if name == "digits":
         builder = Digits(data_dir=data_dir, file_format=ARRAY_RECORD)
     elif name == "imagenet21k":

@@ -50,6 +50,8 @@ def step_dir(path: str, must_exist: bool = True, *, isdir: Callable[[str], bool]
 
 
 class _StepMetadataNotHere(logging.Filter):
+    """Drops orbax's warning that a step's _CHECKPOINT_METADATA is not in the item directory being read."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Metadata file does not exist")
 
@@ -72,10 +74,15 @@ def item_tree_metadata(item_dir: str) -> Any:
     read without the arrays."""
     import orbax.checkpoint as ocp
 
-    with _quiet_step_metadata():
-        metadata = ocp.StandardCheckpointer().metadata(os.path.abspath(item_dir))
+    with _quiet_step_metadata(), ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(_absolute(item_dir))
     item_metadata = getattr(metadata, "item_metadata", metadata)
     return getattr(item_metadata, "tree", item_metadata)
+
+
+def _absolute(path: str) -> str:
+    """What orbax wants: an absolute local path, or a URI (gs://...) as it is."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
@@ -83,19 +90,20 @@ def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
     import orbax.checkpoint as ocp
 
     step = step_dir(path)
-    params_dir = os.path.abspath(os.path.join(step, "params"))  # orbax wants absolute paths
-    checkpointer = ocp.StandardCheckpointer()
+    params_dir = _absolute(os.path.join(step, "params"))
     try:
         tree = item_tree_metadata(params_dir)
+        if not jax.tree.leaves(tree):  # orbax returns no tree when the item's metadata file is missing or bad
+            raise ValueError("no array metadata: the item's _METADATA file is missing or damaged")
         device = jax.local_devices(backend="cpu")[0]
         sharding = jax.sharding.SingleDeviceSharding(device)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
-        with _quiet_step_metadata():
+        with _quiet_step_metadata(), ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(params_dir, target)
     except Exception as e:  # orbax and TensorStore raise OSError, ValueError or a bare Exception
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{params_dir}: unreadable orbax params, damaged or incomplete "
-                              f"({type(e).__name__}: {first[:300]})") from e
+        raise CheckpointError(f"{params_dir}: unreadable orbax params ({type(e).__name__}: {first[:300]}); its "
+                              "files may be damaged or incomplete") from e
     flat = params_to_canonical(jax.tree.map(np.asarray, params))
     return flat, _read_numerics(step), step
 
