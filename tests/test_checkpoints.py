@@ -76,6 +76,18 @@ def test_the_layout_check_accepts_what_each_optimizer_and_scan_save(tmp_path, ov
                  jax.device_get(state["opt_state"]))
 
 
+def test_params_alone_restore_under_another_optimizer(tmp_path):
+    """What --mode=eval reads: an Adam run's params, with an SGD config; the optimizer state is not read."""
+    state = _saved_tiny_run(tmp_path)
+    config = tiny_config(**{"mesh.data": 1, "optimizer.name": "sgd"})
+    abstract = train.abstract_state(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+    restored = ckpt.restore(2, abstract["params"], None)
+    ckpt.close()
+    assert restored["opt_state"] is None and restored["meta"]["step"] == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]), jax.device_get(state["params"]))
+
+
 def test_restore_reads_a_remote_checkpoints_metadata_at_its_uri(monkeypatch):
     """gs:// paths reach orbax as they are (os.path.abspath would turn them into a local 'gs:/...')."""
     import orbax.checkpoint as ocp

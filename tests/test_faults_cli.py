@@ -169,6 +169,13 @@ def test_resuming_a_workdir_with_another_model_or_damaged_files(tmp_path, digits
            "mlp_dim 64 vs model 48, 96)" in error and "--config.pretrained=" in error
     assert files() == before
 
+    # Evaluating reads the params alone: another optimizer in the config does not matter.
+    evaluated = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=2", "--mode=eval",
+                         "--config.optimizer.name=sgd")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "eval of step 2 on test: " in evaluated.stdout + evaluated.stderr
+    assert files() == before
+
     for data_file in (checkpoint / "params").glob("ocdbt.process_0/d/*"):
         data_file.write_bytes(b"\0" * 64)
     damaged = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=4")

@@ -186,17 +186,20 @@ class Checkpoints:
                                        f"{' '.join(str(cause).split())}; {kept}. Free space or fix permissions, "
                                        "then rerun the same command to resume") from e
 
-    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> dict[str, Any]:
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any | None) -> dict[str, Any]:
         """Read `step` onto the shardings of the abstract trees (jax.ShapeDtypeStruct with `sharding`).
 
         Returns {"params", "opt_state", "meta", "data_state"}; data_state is this process's iterator state
-        (None when the checkpoint was written by a different number of processes).
+        (None when the checkpoint was written by a different number of processes). With `abstract_opt_state`
+        None the optimizer state is not read (opt_state None): evaluating needs only the params.
         """
         where = os.path.join(self.directory, str(step))
         workdir = os.path.dirname(self.directory)
         advice = ("The checkpoint is left as it is: resume or evaluate it with the config it was written with, or "
                   f"start in another --workdir, afresh or fine-tuning from it with --config.pretrained={workdir}")
-        for item, abstract in (("params", abstract_params), ("opt_state", abstract_opt_state)):
+        items = {"params": abstract_params, "opt_state": abstract_opt_state}
+        items = {item: abstract for item, abstract in items.items() if abstract is not None}
+        for item, abstract in items.items():
             try:
                 tree = item_tree_metadata(os.path.join(where, item))
             except Exception as e:  # orbax mostly returns no tree instead (below)
@@ -216,15 +219,14 @@ class Checkpoints:
                                           f"({difference}). {advice}")
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                **{item: ocp.args.StandardRestore(abstract) for item, abstract in items.items()},
                 meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax and TensorStore raise ValueError, OSError or a bare Exception
             raise CheckpointReadError(f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}); its files "
                                       f"may be damaged or incomplete, or out of reach. {advice}") from e
         states = (restored["data"] or {}).get("processes") or []
         data_state = states[jax.process_index()] if len(states) == jax.process_count() else None
-        return {"params": restored["params"], "opt_state": restored["opt_state"], "meta": restored["meta"],
+        return {"params": restored["params"], "opt_state": restored.get("opt_state"), "meta": restored["meta"],
                 "data_state": data_state}
 
     def wait(self) -> None:

@@ -256,11 +256,13 @@ def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any)
 
 
 def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int,
-                    ckpt: checkpoints.Checkpoints) -> tuple[State, dict | None, dict]:
+                    ckpt: checkpoints.Checkpoints, params_only: bool = False) -> tuple[State, dict | None, dict]:
     """The start state, the data iterator state to continue from, and the saved meta.
 
     Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop)
     -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
+    `params_only` (evaluation) does not read a checkpoint's optimizer state (opt_state None), so it may be
+    evaluated under another optimizer config.
     """
     if config.pretrained:  # the weights' numerics (GELU, LayerNorm eps), also when resuming a fine-tune of them
         from vit_jax import interop
@@ -269,7 +271,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = abstract_state(config, mesh, num_steps)
-        restored = ckpt.restore(latest, abstract["params"], abstract["opt_state"])
+        restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"])
         meta = restored["meta"]
         replicated = sharding.replicated(mesh)
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
@@ -563,7 +565,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         if ckpt.latest_step() is None and not config.pretrained:
             raise UserError(f"--mode=eval found no checkpoint in {ckpt.directory} and config.pretrained is empty: "
                             "train first, or pass --config.pretrained=PATH")
-        state, _, meta = restore_or_init(config, mesh, num_steps, ckpt)
+        state, _, meta = restore_or_init(config, mesh, num_steps, ckpt, params_only=True)
     except UserError:
         try:
             ckpt.close()  # first: its background threads may still be working in the directories removed
