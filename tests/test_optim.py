@@ -52,6 +52,27 @@ def test_adam_step_is_clipped_adamw_with_decay_on_kernels_only():
     np.testing.assert_allclose(updates["bias"], 0.0, atol=1e-12)  # zero grads, no decay on biases
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_decay_reaches_kernels_only_by_name_also_when_scanned(scan):
+    """A scanned model's stacked LayerNorm scales and attention's (heads, head_dim) biases are not kernels."""
+    import jax
+
+    from vit_jax import sharding, train
+
+    config = tiny_config(**{"model.scan": scan, "mesh.data": 1})
+    params = train.init_state(config, sharding.make_mesh(config, jax.devices()[:1]), 10)["params"]
+    decayed = {jax.tree_util.keystr(path) for path, on in jax.tree_util.tree_flatten_with_path(
+        optim._kernels_only(params))[0] if on}
+    names = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert decayed == {name for name in names if name.endswith("['kernel']")}
+    block = "['encoderblock']" if scan else "['encoderblock_0']"
+    assert f"['Transformer']{block}['MultiHeadDotProductAttention_1']['query']['kernel']" in decayed
+    for kept in (f"['Transformer']{block}['LayerNorm_0']['scale']",
+                 f"['Transformer']{block}['MultiHeadDotProductAttention_1']['query']['bias']",
+                 "['Transformer']['posembed_input']['pos_embedding']", "['cls']"):
+        assert kept in names and kept not in decayed
+
+
 def test_sgd_uses_momentum():
     config = tiny_config(**{"optimizer.name": "sgd", "optimizer.lr": 1.0, "optimizer.warmup_steps": 0,
                             "optimizer.weight_decay": 0.0, "optimizer.grad_clip_norm": 0.0, "optimizer.momentum": 0.9})

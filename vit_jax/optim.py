@@ -53,8 +53,17 @@ def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int)
 
 
 def _kernels_only(params: Any) -> Any:
-    """Weight-decay mask: matrices and convolution kernels, not biases, LayerNorm scales or embeddings' 1-D parts."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """Weight-decay mask: every leaf named "kernel" (dense and convolution kernels, as big_vision's `.*/kernel`);
+    not biases, LayerNorm / GroupNorm scales, position embeddings, the class token or the mask embedding.
+
+    By name, not by rank: a scanned model stacks every block's parameters (a LayerNorm scale becomes 2-D), and
+    attention's query/key/value biases are (heads, head_dim); by rank both were decayed.
+    """
+    def is_kernel(path: tuple, _: Any) -> bool:
+        last = path[-1] if path else None
+        return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
