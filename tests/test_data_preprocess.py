@@ -141,3 +141,20 @@ def test_randaugment_changes_the_image_and_is_reproducible_from_the_seed():
     np.testing.assert_array_equal(first, second)
     assert any(not np.array_equal(np.asarray(randaugment(image, 2, 10, np.random.default_rng(s))), _photo(32, 32))
                for s in range(5))
+
+
+@pytest.mark.parametrize("kind", ["png_16_bit", "tiff_32_bit_int", "tiff_float_unit"])
+def test_high_bit_depth_grayscale_is_scaled_not_clipped(kind):
+    """Pillow's convert("RGB") clips 16-bit and float pixels to 255: images came out white (or black)."""
+    ramp = np.arange(64 * 64, dtype=np.float64).reshape(64, 64) * 16  # 0 .. 65520
+    image = {"png_16_bit": lambda: Image.fromarray(ramp.astype(np.uint16)),
+             "tiff_32_bit_int": lambda: Image.fromarray(ramp.astype(np.int32)),
+             "tiff_float_unit": lambda: Image.fromarray((ramp / 65535).astype(np.float32))}[kind]()
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG" if kind.startswith("png") else "TIFF")
+    decoded = preprocess.open_image(buffer.getvalue())
+    pixels = preprocess.crop_and_resize(decoded, preprocess.central_box(*decoded.size, 1.0), 64)
+    expected = np.rint(ramp / 257.0)  # the same ramp in 8 bits, computed apart from pillow
+    assert pixels.shape == (64, 64, 3)
+    np.testing.assert_allclose(pixels[..., 0], expected, atol=1)
+    np.testing.assert_array_equal(pixels[..., 0], pixels[..., 2])

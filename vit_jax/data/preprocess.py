@@ -86,6 +86,19 @@ def central_box(width: int, height: int, fraction: float) -> Box:
     return (margin_x, margin_y, width - margin_x, height - margin_y)
 
 
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """Single-channel images of more than 8 bits as 8-bit grayscale: pillow's convert("RGB") clips them to 255
+    instead of scaling (a 16-bit PNG came out almost white, a float TIFF black)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0  # 16-bit range onto 0..255
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return image
+
+
 def crop_and_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
     """Decode `image`, crop `box` and resize it to (size, size, 3) uint8 RGB with bilinear (antialiased) filtering."""
     try:
@@ -97,6 +110,7 @@ def crop_and_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
             image.draft("RGB", needed)
         scale_x, scale_y = image.size[0] / full_width, image.size[1] / full_height
         scaled = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
+        image = _to_8_bits(image)
         if image.mode != "RGB":
             image = image.convert("RGB")
         # reducing_gap: shrink by an integer factor first when the box is much larger (~15% faster, same quality).
