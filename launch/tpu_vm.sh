@@ -86,7 +86,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [[ -f "$REPO/${CONFIG%%:*}" ]] || die "--config '$CONFIG' is not a file of this checkout ($REPO); e.g. configs/vit_l16.py"
 
 # Chips per slice and the recommended image, from the accelerator type (v4 and v5p count TensorCores, 2 per chip).
-[[ "$ACCELERATOR_TYPE" =~ ^(v4|v5litepod|v5p|v6e)-([0-9]+)$ ]] ||
+[[ "$ACCELERATOR_TYPE" =~ ^(v4|v5litepod|v5p|v6e)-([1-9][0-9]*)$ ]] ||
   die "--accelerator-type '$ACCELERATOR_TYPE' is invalid: expected v4-N, v5litepod-N, v5p-N or v6e-N (e.g. v4-512)"
 GENERATION="${BASH_REMATCH[1]}"
 SIZE="${BASH_REMATCH[2]}"

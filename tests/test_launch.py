@@ -87,6 +87,7 @@ def test_dry_run_single_host_copies_a_local_workdir_out(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--accelerator-type", "v3-8"], "--accelerator-type 'v3-8' is invalid"),
+    (["--accelerator-type", "v4-08"], "--accelerator-type 'v4-08' is invalid"),  # bash read 08 as octal
     (["--accelerator-type", "v5litepod-16", "--workdir", "/tmp/run"], "has 4 hosts"),
     (["--config", "configs/nope.py"], "--config 'configs/nope.py' is not a file"),
     (["--name", "Bad_Name"], "--name 'Bad_Name' is invalid"),
@@ -126,7 +127,11 @@ def test_slurm_script_runs_main_on_every_task_with_the_given_args(tmp_path):
         "--workdir=/shared/runs/l16 --config.mesh.fsdp=8"]
     missing = subprocess.run(["bash", str(SLURM)], env={k: v for k, v in env.items() if k != "CONFIG"},
                              capture_output=True, text=True, timeout=60)
-    assert missing.returncode != 0 and "set CONFIG" in missing.stderr
+    assert missing.returncode == 2 and missing.stderr.startswith("error: set CONFIG"), missing.stderr
+    typo = subprocess.run(["bash", str(SLURM)], env={**env, "CONFIG": "configs/vit_l61.py"}, capture_output=True,
+                          text=True, timeout=60)
+    assert typo.returncode == 2 and "error: CONFIG=configs/vit_l61.py is not a file" in typo.stderr, typo.stderr
+    assert len(calls.read_text().splitlines()) == 1  # neither reached srun
 
 
 def _shellcheck() -> str | None:
