@@ -92,6 +92,7 @@ def test_mesh_minus_one_takes_the_rest():
     ("--config.batchsize=32",
      "unknown config field 'batchsize' in --config.batchsize=32 (did you mean \"batch_size\")"),
     ("--config.image_size=abc", "invalid literal"),
+    ("stray", "unexpected arguments ['stray']: pass options as --flag=value"),
     ("--config.model.classifier=cls", "config.model.classifier='cls' is invalid"),
 ])
 def test_command_line_bad_input_is_one_line_and_exit_2(override, message):

@@ -226,6 +226,7 @@ def test_axial_masked_patch_prediction_predicts_every_patch():
     ("masked_patch.corrupt_fraction", 0.0, "corrupt_fraction=0.0"),
     ("masked_patch.mask_fraction", 0.95, "sum to at most 1"),
     ("masked_patch.colour_bits", 9, "colour_bits=9"),
+    ("image_size", 4, "random_fraction=0.1 is invalid for 1 patch per image"),  # patch 4: one 4x4 patch
 ])
 def test_check_config_names_bad_fields(field, value, match):
     config = run_config()

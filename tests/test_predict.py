@@ -169,6 +169,8 @@ def test_read_image_errors_name_the_file(tmp_path):
         predict.read_image(tmp_path / "cut.png", 16)
     with pytest.raises(UserError, match=r"missing\.jpg: no such file"):
         predict.read_image(tmp_path / "missing.jpg", 16)
+    with pytest.raises(UserError, match=r"is a directory; pass image files"):
+        predict.read_image(tmp_path, 16)
 
 
 def test_top_k_orders_by_probability_and_names_the_classes():

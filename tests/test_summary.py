@@ -63,3 +63,13 @@ def test_scanned_model_counts_like_the_unrolled_one():
     assert (scanned["params"], scanned["gflops_per_image"]) == (plain["params"], plain["gflops_per_image"])
     assert scanned["xla_gflops_per_image"] == pytest.approx(plain["xla_gflops_per_image"], rel=1e-6)
     assert config.model.scan  # the caller's config is left as it was
+
+
+@pytest.mark.parametrize("num_classes", [0, -3])
+def test_a_head_without_classes_is_a_config_error(num_classes):
+    from vit_jax.config_check import ConfigError
+
+    config = common.get_config("Ti/16")
+    config.num_classes = num_classes
+    with pytest.raises(ConfigError, match=f"config.num_classes={num_classes} is invalid"):
+        summarize(config)

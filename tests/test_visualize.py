@@ -169,3 +169,16 @@ def test_cli_draws_figures_from_a_training_workdir(trained_digits, tmp_path):
     # The learned position embeddings are drawn: the similarity figure is not one flat colour.
     with Image.open(tmp_path / "figures" / "position_embedding_similarity.png") as image:
         assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 50
+
+
+def test_out_and_image_paths_that_cannot_work_are_user_errors(tmp_path):
+    a_file = tmp_path / "figure.png"
+    a_file.write_bytes(b"kept")
+    with pytest.raises(UserError, match="is a file; give a directory"):
+        visualize._check_out(a_file)
+    with pytest.raises(UserError, match="cannot be created: .* is a file"):
+        visualize._check_out(a_file / "sub")
+    visualize._check_out(tmp_path / "new" / "dir")  # creatable: fine, and nothing is made yet
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UserError, match="is a directory; pass image files"):
+        visualize.load_image(tmp_path, 16)

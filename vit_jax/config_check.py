@@ -25,6 +25,11 @@ def _fail(field: str, value, valid: str) -> None:
     raise ConfigError(f"config.{field}={value!r} is invalid: {valid}")
 
 
+def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
+    """`config.<field>` (dotted), if a positive integer; else a ConfigError naming it."""
+    return _positive_int(config, field)
+
+
 def _positive_int(config: ml_collections.ConfigDict, field: str) -> int:
     value = config
     for part in field.split("."):

@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli
+from vit_jax.errors import UserError
 from vit_jax.interop import SOURCE_FORMATS, TARGET_FORMATS, check_destination, load_pretrained, save_as
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b16.py.", lock_config=True)
@@ -37,7 +38,7 @@ _RESIZE = flags.DEFINE_enum("resize_method", "bilinear", ["bilinear", "bicubic"]
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise UserError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
     model_config = _CONFIG.value.model
     # A shell leaves `~` in --out=~/x alone.
     source, out = (path if "://" in path else os.path.expanduser(path) for path in (_SRC.value, _OUT.value))

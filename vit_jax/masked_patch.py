@@ -60,6 +60,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(mp.colour_bits, bool) or not isinstance(mp.colour_bits, int) or not 1 <= mp.colour_bits <= 8:
         raise ConfigError(f"config.masked_patch.colour_bits={mp.colour_bits!r} is invalid: expected an integer "
                           "in [1, 8] (3 gives the paper's 512 colours)")
+    num_patches = (config.image_size // config.model.patch_size) ** 2
+    if config.objective == "masked_patch_prediction" and mp.random_fraction > 0 and num_patches < 2:
+        raise ConfigError(f"config.masked_patch.random_fraction={mp.random_fraction!r} is invalid for "
+                          f"{num_patches} patch per image (image_size={config.image_size}, "
+                          f"model.patch_size={config.model.patch_size}): replacing a patch by another of the same "
+                          "image needs at least 2; set it to 0 or use smaller patches")
 
 
 def num_colour_classes(colour_bits: int) -> int:

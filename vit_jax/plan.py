@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli, config_check
@@ -408,7 +408,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise UserError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
     # This process only compiles: keep JAX's own backend on the CPU, even where libtpu or a TPU is present.
     jax.config.update("jax_platforms", "cpu")
     use_tpu_prng()

@@ -70,6 +70,8 @@ def read_image(path: str | pathlib.Path, image_size: int, crop_fraction: float =
     from vit_jax.data import preprocess  # imports grain/TFDS: only once images are read
 
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass image files (e.g. {path}/*.jpg)")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
@@ -244,7 +246,10 @@ def main(argv: Sequence[str]) -> None:
             names = read_labels_file(flags.FLAGS.labels, num_classes)
         else:
             names = dataset_label_names(config, num_classes)
-            if names is None:
+            if names is None and num_classes != config.num_classes:
+                print(f"note: the checkpoint has {num_classes} classes, config.dataset={config.dataset!r} has "
+                      f"{config.num_classes}: printing class indices (--labels=FILE names them)", file=sys.stderr)
+            elif names is None:
                 logging.info("no class names for dataset %r with %d classes: printing class indices",
                              config.dataset, num_classes)
         for prediction in predict(config, params, images, k=min(flags.FLAGS.top_k, num_classes), names=names):

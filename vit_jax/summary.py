@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli, config_check
@@ -140,6 +140,7 @@ def xla_forward_flops(config: ml_collections.ConfigDict) -> float:
 def summarize(config: ml_collections.ConfigDict) -> dict:
     """Parameter count, analytic and XLA GFLOPs per image, and the per-layer table of a config."""
     config_check.validate_model(config.model, config.image_size)
+    config_check.positive_int(config, "num_classes")
     config = _unscanned(config)
     rows = layer_table(config)
     analytic = sum(r.flops for r in rows)
@@ -178,7 +179,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise config_check.ConfigError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
     summary = summarize(flags.FLAGS.config)
     if flags.FLAGS.json:
         summary = {k: v for k, v in summary.items() if k != "layers"} | {"layers": summary["layers"]}

@@ -574,6 +574,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         raise
     finally:
         ckpt.close()
+    _remove_if_empty(created)  # evaluating writes nothing: not even the directories opening the manager made
     metrics = evaluate(config, make_eval_step(config, mesh), state["params"], mesh)
     _report(f"eval of step {meta.get('step', 0)} on {config.eval_split}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

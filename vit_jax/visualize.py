@@ -67,12 +67,15 @@ def preprocess(image: Image.Image, image_size: int, crop_fraction: float = 1.0) 
 def load_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
     """An image file, preprocessed as evaluation does; a missing or unreadable file is a `UserError`."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise UserError(f"image {str(path)!r}: is a directory; pass image files (e.g. {path}/*.jpg)")
     if not path.is_file():
         raise UserError(f"image {str(path)!r}: no such file")
     try:
         with Image.open(path) as image:
             return preprocess(image, image_size, crop_fraction)
-    except (UnidentifiedImageError, OSError, ValueError) as e:  # ValueError: the data module's CorruptImageError
+    # ValueError: the data module's CorruptImageError; DecompressionBombError: a file claiming too many pixels
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"image {str(path)!r}: not an image file PIL can read (PNG, JPEG, ...): "
                         f"{' '.join(str(e).split())}") from e
 
@@ -260,7 +263,11 @@ def load_params(path: str, model_config: ml_collections.ConfigDict, source_forma
     """
     from vit_jax import interop  # imported here: only this entry point needs the checkpoint readers
 
-    return interop.load_pretrained(path, model_config, source_format=source_format)
+    try:
+        return interop.load_pretrained(path, model_config, source_format=source_format)
+    except interop.MissingHeadError:
+        # A masked-patch-prediction checkpoint: no figure reads the head, so a 1-class zero one will do.
+        return interop.load_pretrained(path, model_config, num_classes=1, source_format=source_format)
 
 
 def _define_flags() -> None:
@@ -280,6 +287,8 @@ def main(argv: Sequence[str]) -> None:
     config_check.validate_model(config.model, config.image_size)
     if flags.FLAGS.num_components < 1:
         raise UserError(f"--num_components={flags.FLAGS.num_components}: expected a positive integer")
+    out = pathlib.Path(flags.FLAGS.out).expanduser()
+    _check_out(out)
     crop_fraction = config.pp.eval_crop_fraction
     # Read every image before the (slow) checkpoint, so a bad file fails at once.
     if len(argv) > 1:
@@ -287,8 +296,22 @@ def main(argv: Sequence[str]) -> None:
     else:
         images = sample_images(config.image_size, crop_fraction)
     params = load_params(flags.FLAGS.checkpoint, config.model, flags.FLAGS.source_format)
-    for path in render_figures(config, params, images, flags.FLAGS.out, flags.FLAGS.num_components):
-        print(path)
+    try:
+        for path in render_figures(config, params, images, out, flags.FLAGS.num_components):
+            print(path)
+    except OSError as e:
+        raise UserError(f"--out={out}: cannot write the figures there ({e.strerror or e})") from e
+
+
+def _check_out(out: pathlib.Path) -> None:
+    """--out must be a directory or creatable as one: found before the slow work, not after it."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == out and not out.is_dir():
+        raise UserError(f"--out={out}: is a file; give a directory for the figures")
+    if not existing.is_dir():
+        raise UserError(f"--out={out}: cannot be created: {existing} is a file")
 
 
 if __name__ == "__main__":

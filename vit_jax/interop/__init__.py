@@ -15,7 +15,7 @@ torch is never imported here; only reading a `.bin` / `.pth` imports it.
 """
 
 from vit_jax.interop import remote
-from vit_jax.interop.common import CheckpointError, Numerics
+from vit_jax.interop.common import CheckpointError, MissingHeadError, Numerics
 from vit_jax.interop.loading import (
     SOURCE_FORMATS,
     TARGET_FORMATS,
@@ -29,7 +29,7 @@ from vit_jax.interop.loading import (
 from vit_jax.interop.surgery import adapt_to_model, new_head, resize_posemb
 
 __all__ = [
-    "SOURCE_FORMATS", "TARGET_FORMATS", "CheckpointError", "Numerics", "adapt_to_model", "apply_source_numerics",
-    "check_destination", "detect_format",
-    "load_pretrained", "new_head", "read_checkpoint", "remote", "resize_posemb", "save_as",
+    "SOURCE_FORMATS", "TARGET_FORMATS", "CheckpointError", "MissingHeadError", "Numerics", "adapt_to_model",
+    "apply_source_numerics", "check_destination", "detect_format", "load_pretrained", "new_head", "read_checkpoint",
+    "remote", "resize_posemb", "save_as",
 ]

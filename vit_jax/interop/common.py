@@ -33,6 +33,10 @@ class CheckpointError(UserError):
     """A checkpoint that cannot become this model's params: foreign, truncated, unsafe or mismatched."""
 
 
+class MissingHeadError(CheckpointError):
+    """A checkpoint without a classification head (masked patch prediction) read without a class count."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Numerics:
     """How the weights were computed with at home: GELU flavour and LayerNorm epsilon."""

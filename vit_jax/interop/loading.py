@@ -29,6 +29,7 @@ from vit_jax.interop.common import (
     TIMM_NUMERICS,
     CheckpointError,
     Flat,
+    MissingHeadError,
     Numerics,
     canonical_to_params,
     check_matches,
@@ -178,8 +179,8 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
             raise CheckpointError(f"{ckpt.location}: not a ViT checkpoint: none of its {len(flat)} key(s) is a "
                                   f"transformer block's ({shown})")
         if head is None:
-            raise CheckpointError(f"{ckpt.location}: has no classification head (head/kernel); give the class "
-                                  "count of a new zero head (num_classes, --num_classes on the command line)")
+            raise MissingHeadError(f"{ckpt.location}: has no classification head (head/kernel); give the class "
+                                   "count of a new zero head (num_classes, --num_classes on the command line)")
         num_classes = int(head.shape[-1])
     if image_size is None:
         image_size = _source_grid_side(flat, ckpt.location) * model_config.patch_size
