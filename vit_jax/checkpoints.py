@@ -245,6 +245,9 @@ class Checkpoints:
         self._closed = True
         try:
             self.wait()
+            # remove_partial's clean-up of unfinished steps runs in a thread that close() does not join: a failed
+            # start removes the directories it created right after, and the thread then failed on them.
+            getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         finally:
             self.manager.close()
 
