@@ -156,6 +156,10 @@ def test_bad_paths_and_formats(tmp_path, flat_params):
         load_pretrained(str(tmp_path / "absent.npz"), tiny_config())
     with pytest.raises(CheckpointError, match="neither an orbax checkpoint .* nor an HF model"):
         load_pretrained(str(tmp_path), tiny_config())
+    crashed = tmp_path / "crashed_run"  # a workdir whose run stopped before its first save
+    (crashed / "checkpoints" / "10.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="crashed_run: its checkpoints/ holds no finished checkpoint yet"):
+        load_pretrained(str(crashed), tiny_config())
     path = _write_npz(tmp_path / "vit.npz", flat_params)
     with pytest.raises(CheckpointError, match=r"source_format must be one of \('npz', 'timm', 'hf', 'orbax'\)"):
         load_pretrained(path, tiny_config(), source_format="jax")
