@@ -97,6 +97,9 @@ case "$GENERATION" in
   v6e) CHIPS=$SIZE; CHIPS_PER_HOST=$((SIZE <= 8 ? SIZE : 4)); DEFAULT_RUNTIME="v2-alpha-tpuv6e" ;;
 esac
 ((CHIPS >= 1)) || die "--accelerator-type '$ACCELERATOR_TYPE' has no whole chip"
+if [[ "$GENERATION" == v4 || "$GENERATION" == v5p ]] && ((SIZE % 2)); then
+  die "--accelerator-type '$ACCELERATOR_TYPE' is invalid: $GENERATION-N counts TensorCores, 2 per chip: N is even (e.g. $GENERATION-8)"
+fi
 HOSTS=$(((CHIPS + CHIPS_PER_HOST - 1) / CHIPS_PER_HOST))
 RUNTIME_VERSION="${RUNTIME_VERSION:-$DEFAULT_RUNTIME}"
 if ((HOSTS > 1)) && [[ "$WORKDIR" != gs://* ]]; then

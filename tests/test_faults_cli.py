@@ -176,8 +176,14 @@ def test_resuming_a_workdir_with_another_model_or_damaged_files(tmp_path, digits
     assert "eval of step 2 on test: " in evaluated.stdout + evaluated.stderr
     assert files() == before
 
+    # A longer run resumes, and says that the learning rate now follows the longer schedule.
+    longer = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=4")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "resuming a run scheduled over 2 steps with one of 4 steps: from step 2 the learning rate" in longer.stderr
+    checkpoint = workdir / "checkpoints" / "4"
+
     for data_file in (checkpoint / "params").glob("ocdbt.process_0/d/*"):
         data_file.write_bytes(b"\0" * 64)
-    damaged = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=4")
+    damaged = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=6")
     error = _one_error_line(damaged)
     assert f"{checkpoint} cannot be read (" in error and "may be damaged or incomplete" in error

@@ -88,6 +88,7 @@ def test_dry_run_single_host_copies_a_local_workdir_out(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--accelerator-type", "v3-8"], "--accelerator-type 'v3-8' is invalid"),
     (["--accelerator-type", "v4-08"], "--accelerator-type 'v4-08' is invalid"),  # bash read 08 as octal
+    (["--accelerator-type", "v4-7"], "counts TensorCores, 2 per chip: N is even"),
     (["--accelerator-type", "v5litepod-16", "--workdir", "/tmp/run"], "has 4 hosts"),
     (["--config", "configs/nope.py"], "--config 'configs/nope.py' is not a file"),
     (["--name", "Bad_Name"], "--name 'Bad_Name' is invalid"),

@@ -111,6 +111,17 @@ def test_cli_without_libtpu_is_one_line_and_exit_2():
         "error: compiling for a TPU topology needs libtpu, which is not installed: pip install -e .[tpu]")
 
 
+def test_a_config_the_slice_cannot_run_is_reported_even_without_libtpu():
+    hide_libtpu = ("import sys, runpy; sys.modules['libtpu'] = None; sys.argv = sys.argv[1:]; "
+                   "runpy.run_module('vit_jax.plan', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hide_libtpu, "plan", "--config=configs/vit_b16.py",
+                             "--config.batch_size=100", "--topology=v5e:16x16"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config.batch_size=100 is invalid") and "256 data x fsdp devices" in last, last
+
+
 def test_cli_bad_topology_exit_2():
     result = subprocess.run([sys.executable, "-m", "vit_jax.plan", "--config=configs/vit_b16.py",
                              "--topology=tpu9:4x4"], cwd=ROOT, capture_output=True, text=True, timeout=120)

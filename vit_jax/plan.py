@@ -325,6 +325,7 @@ def plan_for_topology(config: ml_collections.ConfigDict, topology: Topology, mfu
     """`plan` on a TPU topology plus FLOPs, estimated step time and images/s, and suggestions when it won't fit."""
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu={mfu} is invalid: expected a fraction of peak in (0, 1], e.g. 0.5")
+    config_check.validate(config, topology.num_chips)  # a config that cannot work says so, with or without libtpu
     result = plan(config, topology_devices(topology), topology.chip.hbm_bytes)
     mesh_shape = result["mesh"]
     result["per_chip_micro_batch"] = config.batch_size // config.accum_steps // _batch_devices(mesh_shape)

@@ -278,6 +278,11 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                  "params": restored["params"], "opt_state": restored["opt_state"],
                  "rng": jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated)}
         logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
+        planned = meta.get("num_steps")
+        if not params_only and planned is not None and planned != num_steps:
+            logging.warning("resuming a run scheduled over %d steps with one of %d steps: from step %d the learning "
+                            "rate follows the new schedule (%g there)", planned, num_steps, meta["step"],
+                            float(optim.learning_rate_schedule(config.optimizer, num_steps)(meta["step"])))
         return state, restored["data_state"], meta
     state = init_state(config, mesh, num_steps)
     if config.pretrained:
@@ -520,7 +525,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 _check_finite(pending)  # never save a state that has diverged
                 ckpt.save(step, state["params"], state["opt_state"],
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
-                           "train_loss": train_loss, "config": config.to_json_best_effort()},
+                           "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort()},
                           train_iter.get_state())
             if preempted:
                 ckpt.wait()
