@@ -25,8 +25,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vit_jax.errors import UserError
-from vit_jax.interop.common import architecture_difference
-from vit_jax.interop.orbax_io import item_tree_metadata
+from vit_jax.interop.common import architecture_difference, key_differences
+from vit_jax.interop.orbax_io import describe_error, item_tree_metadata
 
 ITEMS = ("params", "opt_state", "meta", "data")
 
@@ -56,16 +56,9 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
 def layout_difference(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int | None = None) -> str:
     """The keys missing, unexpected and of another shape in `stored` against `wanted`; '' when they agree."""
-    missing = sorted(set(wanted) - set(stored))
-    unexpected = sorted(set(stored) - set(wanted))
-    wrong = sorted(k for k in set(stored) & set(wanted) if stored[k] != wanted[k])
+    missing, unexpected, wrong = key_differences(stored, wanted)
 
     def listed(keys: list[str], describe) -> str:
         shown = keys if limit is None else keys[:limit]
@@ -203,8 +196,8 @@ class Checkpoints:
             try:
                 tree = item_tree_metadata(os.path.join(where, item))
             except Exception as e:  # orbax mostly returns no tree instead (below)
-                raise CheckpointReadError(f"{where}: the {item} metadata cannot be read ({type(e).__name__}: "
-                                          f"{_first_line(e)}). {advice}") from e
+                raise CheckpointReadError(f"{where}: the {item} metadata cannot be read ({describe_error(e)}). "
+                                          f"{advice}") from e
             stored, wanted = _leaf_shapes(tree), _leaf_shapes(abstract)
             if wanted and not stored:
                 raise CheckpointReadError(f"{where}: the {item} metadata is missing or damaged (no array is "
@@ -222,8 +215,8 @@ class Checkpoints:
                 **{item: ocp.args.StandardRestore(abstract) for item, abstract in items.items()},
                 meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax and TensorStore raise ValueError, OSError or a bare Exception
-            raise CheckpointReadError(f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}); its files "
-                                      f"may be damaged or incomplete, or out of reach. {advice}") from e
+            raise CheckpointReadError(f"{where} cannot be read ({describe_error(e)}); its files may be damaged or "
+                                      f"incomplete, or out of reach. {advice}") from e
         states = (restored["data"] or {}).get("processes") or []
         data_state = states[jax.process_index()] if len(states) == jax.process_count() else None
         return {"params": restored["params"], "opt_state": restored.get("opt_state"), "meta": restored["meta"],

@@ -178,15 +178,22 @@ def architecture_difference(flat_shapes: Mapping[str, tuple], expected: Mapping[
             + ", ".join(str(theirs[name]) for name in names))
 
 
+def key_differences(found: Mapping[str, tuple], expected: Mapping[str, tuple]
+                    ) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, of another shape): the sorted keys where `found` shapes differ from `expected`."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
+    return missing, unexpected, wrong
+
+
 def check_matches(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple], source: str) -> None:
     """Raise CheckpointError listing every missing, unexpected and wrong-shaped key (with both shapes).
 
     The message opens with the architecture difference behind them when the shapes show one (width, depth, MLP
     size, heads, patch, tokens, classes), so a foreign checkpoint reads as one cause before the key list.
     """
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    wrong = sorted(k for k in set(flat) & set(expected) if tuple(flat[k].shape) != tuple(expected[k]))
+    missing, unexpected, wrong = key_differences({k: tuple(v.shape) for k, v in flat.items()}, expected)
     if not (missing or unexpected or wrong):
         return
     parts = []

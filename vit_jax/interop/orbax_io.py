@@ -80,6 +80,12 @@ def item_tree_metadata(item_dir: str) -> Any:
     return getattr(item_metadata, "tree", item_metadata)
 
 
+def describe_error(error: BaseException) -> str:
+    """'Type: first line' of an orbax / TensorStore error, whose message can run on for pages of spec JSON."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def _absolute(path: str) -> str:
     """What orbax wants: an absolute local path, or a URI (gs://...) as it is."""
     return path if "://" in path else os.path.abspath(path)
@@ -101,9 +107,8 @@ def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
         with _quiet_step_metadata(), ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(params_dir, target)
     except Exception as e:  # orbax and TensorStore raise OSError, ValueError or a bare Exception
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{params_dir}: unreadable orbax params ({type(e).__name__}: {first[:300]}); its "
-                              "files may be damaged or incomplete") from e
+        raise CheckpointError(f"{params_dir}: unreadable orbax params ({describe_error(e)}); its files may be "
+                              "damaged or incomplete") from e
     flat = params_to_canonical(jax.tree.map(np.asarray, params))
     return flat, _read_numerics(step), step
 
