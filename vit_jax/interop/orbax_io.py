@@ -22,8 +22,10 @@ from vit_jax.interop.common import CheckpointError, Flat, Numerics, params_to_ca
 
 
 def is_orbax_dir(path: str) -> bool:
-    """True for a workdir, a CheckpointManager directory or a step directory of ours."""
-    return os.path.isdir(path) and step_dir(path, must_exist=False) is not None
+    """True for a workdir (even one whose run has not saved yet), a CheckpointManager directory or a step
+    directory of ours."""
+    return os.path.isdir(path) and (os.path.isdir(os.path.join(path, "checkpoints"))
+                                    or step_dir(path, must_exist=False) is not None)
 
 
 def step_dir(path: str, must_exist: bool = True, *, isdir: Callable[[str], bool] = os.path.isdir,
@@ -37,8 +39,11 @@ def step_dir(path: str, must_exist: bool = True, *, isdir: Callable[[str], bool]
     if isdir(os.path.join(path, "params")):
         return path
     if isdir(os.path.join(path, "checkpoints")):
-        return step_dir(os.path.join(path, "checkpoints"), must_exist, isdir=isdir, listdir=listdir,
-                        finalized=finalized)
+        found = step_dir(os.path.join(path, "checkpoints"), False, isdir=isdir, listdir=listdir, finalized=finalized)
+        if found is None and must_exist:
+            raise CheckpointError(f"{path}: its checkpoints/ holds no finished checkpoint yet (a run stopped before "
+                                  "its first save?): train longer, or give another checkpoint")
+        return found
     steps = [int(name) for name in listdir(path)
              if name.isdigit() and isdir(os.path.join(path, name, "params")) and finalized(os.path.join(path, name))]
     if steps:

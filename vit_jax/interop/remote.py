@@ -78,7 +78,9 @@ def local_copy(path: str, cache: str | None = None) -> str:
         if not gfile.exists(path):
             raise CheckpointError(f"{path}: no such file or directory")
         if gfile.isdir(path):
-            step = orbax_io.step_dir(path, must_exist=False, isdir=gfile.isdir, listdir=lambda p: _listdir(gfile, p),
+            # A workdir (with checkpoints/) must hold a finished step; another directory may be an HF model.
+            step = orbax_io.step_dir(path, must_exist=gfile.isdir(posixpath.join(path, "checkpoints")),
+                                     isdir=gfile.isdir, listdir=lambda p: _listdir(gfile, p),
                                      finalized=_finalized(gfile))
             if step:
                 return _sync(gfile, step, _orbax_files(gfile, step), step, cache)

@@ -38,9 +38,6 @@ def hf_dir_files(path: str, isfile: Callable[[str], bool] = os.path.isfile) -> t
         weights = os.path.join(path, name)
         if isfile(weights) and isfile(config_path):
             return weights, config_path
-    if "://" not in path and os.path.isdir(os.path.join(path, "checkpoints")):
-        raise CheckpointError(f"{path}: its checkpoints/ holds no finished checkpoint yet (a run stopped before "
-                              "its first save?): train longer, or give another checkpoint")
     raise CheckpointError(f"{path}: a directory that is neither an orbax checkpoint (params/, step dirs, "
                           f"checkpoints/) nor an HF model (config.json + one of {HF_WEIGHT_NAMES})")
 
