@@ -27,10 +27,6 @@ def _fail(field: str, value, valid: str) -> None:
 
 def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
     """`config.<field>` (dotted), if a positive integer; else a ConfigError naming it."""
-    return _positive_int(config, field)
-
-
-def _positive_int(config: ml_collections.ConfigDict, field: str) -> int:
     value = config
     for part in field.split("."):
         value = value[part]
@@ -89,7 +85,7 @@ def _check_variant(model: ml_collections.ConfigDict) -> None:
 def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     """Architecture checks: sizes, heads, the variant label, patch vs image size, classifier, dtype."""
     for field in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size"):
-        _positive_int(model, field)
+        positive_int(model, field)
     if model.hidden_size % model.num_heads:
         _fail("model.num_heads", model.num_heads, f"must divide model.hidden_size={model.hidden_size}")
     if model.classifier not in CLASSIFIERS:
@@ -125,7 +121,7 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Check a whole run config against `num_devices`; returns the resolved mesh shape."""
     validate_model(config.model, config.image_size)
-    _positive_int(config, "num_classes")
+    positive_int(config, "num_classes")
     if config.label_kind not in LABEL_KINDS:
         _fail("label_kind", config.label_kind, f"expected one of {LABEL_KINDS}")
     if config.optimizer.name not in OPTIMIZERS:
@@ -136,7 +132,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         _fail("optimizer.lr", config.optimizer.lr, "expected a positive learning rate")
     for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints"):
-        _positive_int(config, field)
+        positive_int(config, field)
     if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
         _fail("total_steps", config.total_steps, "expected a positive step count, or 0 with num_epochs > 0")
     mesh = resolve_mesh_shape(config.mesh, num_devices)
