@@ -25,9 +25,8 @@ from vit_jax.data.errors import DatasetError
 OWN_BUILDERS = {"digits": Digits, "imagenet21k": Imagenet21k, "image_folder": ImageFolder}
 BUILT_ON_FIRST_USE = ("digits",)
 LABEL_KINDS = ("single", "multi")
-# What the manual_dir of TFDS datasets that cannot be downloaded must hold.
-MANUAL_FILES = {"imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org"}
-MANUAL_FILE_NAMES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+# What the manual_dir of TFDS datasets that cannot be downloaded must hold, and where those files come from.
+MANUAL_FILES = {"imagenet2012": (("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"), "image-net.org")}
 ARRAY_RECORD = "array_record"
 
 
@@ -58,11 +57,17 @@ def prepare_command(name: str, data_dir: str, manual_dir: str = "") -> str:
     return shlex.join(args)
 
 
+def _manual_files(name: str) -> str:
+    """'A and B from SOURCE': the files `name`'s manual_dir must hold."""
+    files, source = MANUAL_FILES[name]
+    return f"{' and '.join(files)} from {source}"
+
+
 def _needs_manual(name: str) -> str:
     if name == "imagenet21k" or name == "image_folder":
         return f" ({name} is prepared from local files: see vit_jax/data/builders/{name}.py for the layout)"
     if name in MANUAL_FILES:
-        return f" (--manual_dir must hold {MANUAL_FILES[name]})"
+        return f" (--manual_dir must hold {_manual_files(name)})"
     return ""
 
 
@@ -99,14 +104,14 @@ def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
     if "://" not in data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DatasetError(f"--data_dir={data_dir} is a file, not a directory: give the directory datasets are "
                            "written into")
-    if name in MANUAL_FILE_NAMES:
+    if name in MANUAL_FILES:
         # Without --manual_dir TFDS looks in DATA_DIR/downloads/manual.
         where = manual_dir or os.path.join(data_dir, "downloads", "manual")
-        missing = [f for f in MANUAL_FILE_NAMES[name] if not _exists(os.path.join(where, f))]
+        missing = [f for f in MANUAL_FILES[name][0] if not _exists(os.path.join(where, f))]
         if missing:
             given = f"--manual_dir={manual_dir}" if manual_dir else f"TFDS's default manual directory {where}"
             raise DatasetError(f"{name} is prepared from files you download yourself, and {given} does not hold "
-                               f"{' or '.join(missing)}: put {MANUAL_FILES[name]} in a directory and run: "
+                               f"{' or '.join(missing)}: put {_manual_files(name)} in a directory and run: "
                                f"{prepare_command(name, data_dir, manual_dir or '/path/to/downloads')}")
     if name == "digits":
         builder = Digits(data_dir=data_dir, file_format=ARRAY_RECORD)
