@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -101,8 +102,10 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             main(argv)
         except UserError as e:
             # The command ends here: errors of background work it abandons (orbax's pending reads of a damaged
-            # checkpoint, collected at exit) would only bury the one line that says what is wrong.
+            # checkpoint, collected at exit: unraisable exceptions, and asyncio's "Task exception was never
+            # retrieved" with a traceback) would only bury the one line that says what is wrong.
             sys.unraisablehook = lambda unraisable: None
+            logging.getLogger("asyncio").disabled = True
             _fail(str(e))
 
     app.run(guarded, flags_parser=_parse_flags)

@@ -1,0 +1,45 @@
+"""The command-line wrapper: a `UserError` is one line on stderr and exit code 2, whatever is left behind."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A command that abandons failed background work, as a read of a damaged orbax checkpoint does: one asyncio
+# task's exception is raised, its siblings' are never retrieved, and asyncio logs them, with their tracebacks,
+# when the tasks are collected.
+ABANDONING_COMMAND = """
+import asyncio, gc
+from vit_jax import cli
+from vit_jax.errors import UserError
+
+async def fail(n):
+    raise ValueError(f"shard {n} is damaged")
+
+async def read():
+    tasks = [asyncio.ensure_future(fail(n)) for n in range(3)]
+    await asyncio.sleep(0)  # all three fail
+    await tasks[0]
+
+def main(argv):
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(read())
+    except ValueError as e:
+        raise UserError(f"checkpoint cannot be read ({e})") from e
+    finally:
+        loop.close()
+
+cli.run(main)
+"""
+
+
+def test_a_user_error_is_one_line_even_when_background_work_failed_too():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", ABANDONING_COMMAND], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: checkpoint cannot be read (shard 0 is damaged)"], \
+        result.stderr
