@@ -123,6 +123,38 @@ def test_hybrid_npz_round_trip(tmp_path):
     np.testing.assert_array_equal(logits_of(loaded_config, loaded, images), logits_of(config, params, images))
 
 
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_hybrid_npz_matches_timm_resnetv2_hybrid_as_independent_model(tmp_path, classifier):
+    """The BiT trunk (stem padding, stride on the 3x3 conv, projection shortcuts, GroupNorm(32), weight
+    standardisation) against timm's port of the official hybrid, reading our .npz with its own loader."""
+    torch = pytest.importorskip("torch")
+    from functools import partial
+
+    from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2
+    from timm.models.vision_transformer import VisionTransformer, _load_weights
+
+    config = tiny_config(resnet_layers=(1, 1), classifier=classifier)  # stride-8 trunk, 1x1 patches
+    params = random_params(config, 9)
+    path = str(tmp_path / "hybrid.npz")
+    save_as(params, config, path, "npz")
+    # timm's hybrids standardise with sqrt(var + 1e-8) where BiT divides by std + 1e-5 (a ~1e-4 relative
+    # difference, which the GroupNorm after each conv removes); its GroupNorm eps is set to the official 1e-6.
+    backbone = ResNetV2(layers=(1, 1), num_classes=0, global_pool="", preact=False, stem_type="same",
+                        conv_layer=partial(StdConv2dSame, eps=1e-8),
+                        norm_layer=partial(GroupNormAct, num_groups=32, eps=1e-6))
+    gap = classifier == "gap"
+    model = VisionTransformer(img_size=IMAGE_SIZE, patch_size=1, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                              num_classes=9, global_pool="avg" if gap else "token", class_token=not gap,
+                              fc_norm=False, act_layer=lambda: torch.nn.GELU(approximate="tanh"),
+                              embed_layer=partial(HybridEmbed, backbone=backbone)).eval()
+    _load_weights(model, path)
+    images = random_images()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(logits_of(config, params, images), expected, atol=1e-4, rtol=0)
+
+
 def test_map_head_checkpoint_is_refused_by_name(tmp_path):
     flat = params_to_canonical(random_params(tiny_config(), 3))
     flat["MAPHead_0/probe"] = np.zeros((1, 1, 64), np.float32)
