@@ -119,5 +119,9 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     c.masked_patch.colour_bits = 3  # target: mean colour per patch, this many bits per channel (3 -> 512 classes)
 
     c.pretrained = ""  # path of a checkpoint to start from (.npz, timm/HF, orbax); "" = from scratch
+    # Training from `pretrained`: "reset" puts a new zero-initialised head, as the paper and big_vision do;
+    # "keep" keeps the checkpoint's head where it has num_classes outputs (e.g. ImageNet-1k weights fine-tuned on
+    # ImageNet-1k at a higher resolution). Evaluating a checkpoint (--mode=eval) always keeps its head.
+    c.pretrained_head = "reset"
     c.profile_steps = 0  # >0: write a profiler trace of this many steps after the first log
     return c

@@ -54,6 +54,7 @@ def base():
     (lambda c: setattr(c.mesh, "fsdp", 3), "mesh", "does not divide the 8 available devices"),
     (lambda c: setattr(c.mesh, "fsdp", -1), "mesh.fsdp", "only one mesh axis may be -1"),
     (lambda c: setattr(c, "label_kind", "multilabel"), "label_kind", "'single', 'multi'"),
+    (lambda c: setattr(c, "pretrained_head", "zero"), "pretrained_head", "'reset', 'keep'"),
     (lambda c: setattr(c, "accum_steps", 3), "batch_size", "accum_steps=3"),
     (lambda c: (setattr(c.model, "resnet_layers", (3, 4, 9)), setattr(c.model, "patch_size", 8)),
      "model.patch_size", "stride 16"),

@@ -190,3 +190,31 @@ def test_finetune_presets_follow_the_paper(dataset):
 def test_finetune_rejects_an_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'cifar11'.*valid:"):
         finetune.get_config("cifar11")
+
+
+def _head(params) -> np.ndarray:
+    return np.asarray(jax.device_get(params["head"]["kernel"]))
+
+
+@pytest.mark.parametrize("pretrained_head", ["reset", "keep"])
+def test_a_checkpoint_with_this_runs_class_count_gets_a_zero_head_unless_kept(pretrained, tmp_path,
+                                                                              pretrained_head):
+    """Fine-tuning the 10-class digits checkpoint on 10 classes: a new zero head, as the paper (its head only with
+    pretrained_head='keep'); evaluating the checkpoint keeps its head either way."""
+    pretrained_dir, _, _ = pretrained
+    config = _digits_config(**{"pretrained": pretrained_dir, "pretrained_head": pretrained_head,
+                               "tfds_data_dir": str(tmp_path / "unused")})
+    old = np.asarray(_checkpoint_params(pretrained_dir)["head"]["kernel"])
+    assert old.shape == (32, 10) and np.any(old)
+    state, _ = _step0_state(config, str(tmp_path / "train"))
+    if pretrained_head == "reset":
+        assert not np.any(_head(state["params"]))
+    else:
+        np.testing.assert_array_equal(_head(state["params"]), old)
+    ckpt = checkpoints.Checkpoints(str(tmp_path / "eval"), keep=1)
+    try:
+        evaluated, _, _ = train.restore_or_init(config, sharding.make_mesh(config), config.total_steps, ckpt,
+                                                params_only=True)
+    finally:
+        ckpt.close()
+    np.testing.assert_array_equal(_head(evaluated["params"]), old)

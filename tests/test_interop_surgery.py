@@ -83,6 +83,17 @@ def test_adapt_keeps_a_fitting_head_and_pre_logits_untouched():
         np.testing.assert_array_equal(adapted[key], value)
 
 
+def test_adapt_resets_a_fitting_head_when_asked_and_keeps_the_rest():
+    flat = _checkpoint()
+    expected = {k: v.shape for k, v in flat.items()}
+    adapted, actions = adapt_to_model(flat, expected, reset_head=True, head_bias_init=-1.0)
+    assert actions == ["new zero-initialised head with 21 classes (fine-tuning starts from a new head; the "
+                       "checkpoint's has the same class count)"]
+    assert not adapted["head/kernel"].any() and (adapted["head/bias"] == -1.0).all()
+    for key in ("cls", POSEMB_KEY, "encoder/kernel"):
+        np.testing.assert_array_equal(adapted[key], flat[key])
+
+
 def test_new_head_shapes():
     head = new_head(8, 3, 0.5)
     assert head["head/kernel"].shape == (8, 3) and not head["head/kernel"].any()

@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("linear", "cosine")
 LABEL_KINDS = ("single", "multi")
+PRETRAINED_HEADS = ("reset", "keep")
 MESH_AXES = ("data", "fsdp", "model")
 
 
@@ -124,6 +125,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     positive_int(config, "num_classes")
     if config.label_kind not in LABEL_KINDS:
         _fail("label_kind", config.label_kind, f"expected one of {LABEL_KINDS}")
+    if config.get("pretrained_head", "reset") not in PRETRAINED_HEADS:
+        _fail("pretrained_head", config.pretrained_head, f"expected one of {PRETRAINED_HEADS}")
     if config.optimizer.name not in OPTIMIZERS:
         _fail("optimizer.name", config.optimizer.name, f"expected one of {OPTIMIZERS}")
     if config.optimizer.schedule not in SCHEDULES:

@@ -240,8 +240,10 @@ def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
     return traverse_util.unflatten_dict({name: np.asarray(old[name], new[name].dtype) for name in new}, sep="/")
 
 
-def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any) -> Any:
+def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any, reset_head: bool = False) -> Any:
     """Params from `config.pretrained` (vit_jax.interop), adapted to this model (head, resolution, objective).
+
+    `reset_head`: a new zero head even where the checkpoint's has this run's class count (fine-tuning).
 
     Also sets `config.model`'s numerics (GELU flavour, LayerNorm eps) to the weights' origin, in place: every
     model built from `config` afterwards (the train and eval steps) computes as the weights did at home.
@@ -251,7 +253,8 @@ def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any)
     patch_classes = (masked_patch.num_colour_classes(config.masked_patch.colour_bits)
                      if config.objective == "masked_patch_prediction" else 0)
     loaded = interop.load_pretrained(config.pretrained, config.model, num_classes=config.num_classes,
-                                     image_size=config.image_size, masked_patch_classes=patch_classes)
+                                     image_size=config.image_size, masked_patch_classes=patch_classes,
+                                     reset_head=reset_head)
     return _merge_pretrained(loaded, fresh_params)
 
 
@@ -259,8 +262,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                     ckpt: checkpoints.Checkpoints, params_only: bool = False) -> tuple[State, dict | None, dict]:
     """The start state, the data iterator state to continue from, and the saved meta.
 
-    Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop)
-    -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
+    Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop; a
+    training run puts a new zero head unless `config.pretrained_head` is "keep", an evaluation keeps the
+    checkpoint's) -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
     `params_only` (evaluation) does not read a checkpoint's optimizer state (opt_state None), so it may be
     evaluated under another optimizer config.
     """
@@ -286,7 +290,8 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         return state, restored["data_state"], meta
     state = init_state(config, mesh, num_steps)
     if config.pretrained:
-        params = load_pretrained_params(config, state["params"])
+        reset_head = not params_only and config.get("pretrained_head", "reset") == "reset"
+        params = load_pretrained_params(config, state["params"], reset_head)
         shardings = state_shardings(config, mesh, num_steps)
         state["params"] = jax.device_put(params, shardings["params"])
         tx = optim.make_optimizer(config, num_steps)

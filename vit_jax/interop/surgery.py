@@ -53,7 +53,8 @@ def _cubic_weight(distance: np.ndarray) -> np.ndarray:
 
 def _cubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     """Bicubic (a = -0.75) with half-pixel centres and clamped borders: `torch.nn.functional.interpolate(
-    mode="bicubic", align_corners=False)`, which timm uses to resize position embeddings."""
+    mode="bicubic", align_corners=False)`, timm's `resample_abs_pos_embed(..., antialias=False)`. (timm's
+    default, antialias=True, switches torch to another kernel, PIL's a = -0.5, enlarging a grid too.)"""
     matrix = np.zeros((n_out, n_in))
     scale = n_in / n_out
     for i in range(n_out):
@@ -79,7 +80,8 @@ def resize_posemb(posemb: np.ndarray, new_grid: int | tuple[int, int], *, num_pr
     """(1, prefix + g*g, D) position embeddings -> (1, prefix + h*w, D) for a new patch grid.
 
     The first `num_prefix_tokens` entries (the class token's) are kept apart, bit for bit; the rest are
-    reshaped to their square grid and interpolated (bilinear as the original code, or bicubic as timm).
+    reshaped to their square grid and interpolated (bilinear as the original code and
+    big_vision, or torch's bicubic without antialiasing).
     Resizing to the same grid returns the input unchanged.
     """
     new_shape = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
@@ -120,15 +122,17 @@ def _drop(flat: Flat, keys: tuple[str, ...]) -> list[str]:
 
 
 def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init: float = 0.0,
-                   resize_method: str = "bilinear", source: str = "checkpoint") -> tuple[Flat, list[str]]:
+                   resize_method: str = "bilinear", reset_head: bool = False,
+                   source: str = "checkpoint") -> tuple[Flat, list[str]]:
     """Make a checkpoint fit a target model: swap task heads, drop unwanted pre_logits, resize the posemb.
 
     Task heads: a masked-patch-prediction checkpoint's `mask_embedding` / `masked_patch_head` are dropped for a
     classifier, which gets a new zero head (and a fresh pre_logits if it has one); a classifier checkpoint
     loaded into the pre-training model loses `head` / `pre_logits` and gets a fresh masked-patch head. A head
-    for another class count becomes a new zero head. Returns the adapted params and one line per change made.
-    Raises CheckpointError listing every key that still does not fit (missing, unexpected, wrong shape) —
-    never a partial load.
+    for another class count becomes a new zero head; with `reset_head`, so does one of the right shape
+    (fine-tuning starts from a zero head, as in the paper and big_vision, whatever the checkpoint's class
+    count). Returns the adapted params and one line per change made. Raises CheckpointError listing every key
+    that still does not fit (missing, unexpected, wrong shape) — never a partial load.
     """
     flat = dict(flat)
     actions: list[str] = []
@@ -163,6 +167,8 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
             head_stale = "the checkpoint has no classification head"
         elif have is not None and not head_stale and tuple(have.shape) != tuple(want):
             head_stale = f"the checkpoint's head has {have.shape[-1]} classes"
+        elif have is not None and not head_stale and reset_head:
+            head_stale = "fine-tuning starts from a new head; the checkpoint's has the same class count"
         if head_stale:
             flat.update(new_head(want[0], want[1], head_bias_init))
             actions.append(f"new zero-initialised head with {want[1]} classes ({head_stale})")
