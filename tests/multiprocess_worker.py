@@ -1,7 +1,9 @@
 """One process of tests/test_multiprocess.py: `python tests/multiprocess_worker.py PID NPROC PORT OUTDIR`.
 
 Four devices in all (NPROC processes x 4/NPROC CPU devices), a (data 2, fsdp 2) mesh: a few training steps on
-fixed synthetic batches, a checkpoint saved and read back onto a (fsdp 2, model 2) mesh. Prints one JSON line.
+fixed synthetic batches, a checkpoint saved and read back onto a (fsdp 2, model 2) mesh; then the start of a
+fine-tuning run from `config.pretrained` (an .npz every process reads) on an (fsdp 4) mesh, whose params span
+both processes. Prints one JSON line.
 """
 
 import json
@@ -12,11 +14,14 @@ process_id, num_processes, port, outdir = int(sys.argv[1]), int(sys.argv[2]), in
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // num_processes}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tests.train_helpers import synthetic_batch, tiny_config, to_device  # noqa: E402
 from vit_jax import checkpoints, main, sharding, train  # noqa: E402
+from vit_jax.interop import save_as  # noqa: E402
+from vit_jax.models.vit import build_model  # noqa: E402
 
 
 def checksum(tree) -> float:
@@ -46,6 +51,19 @@ other_mesh = sharding.make_mesh(other)
 abstract = train.abstract_state(other, other_mesh, other.total_steps)
 restored = ckpt.restore(4, abstract["params"], abstract["opt_state"])
 ckpt.close()
+
+host = nn.unbox(build_model(config.model, config.num_classes).init(
+    jax.random.key(3), np.zeros((1, 16, 16, 3), np.float32), train=False)["params"])
+host = jax.device_get(host)
+pretrained = f"{outdir}_pretrained_{process_id}.npz"
+save_as(host, config.model, pretrained, "npz")
+fine = tiny_config(**SGD, **{"mesh.data": 1, "mesh.fsdp": 4, "pretrained": pretrained})
+empty = checkpoints.Checkpoints(f"{outdir}_finetune", keep=1)
+fine_state, _, _ = train.restore_or_init(fine, sharding.make_mesh(fine), fine.total_steps, empty)
+empty.close()
+expected = float(sum(np.abs(np.asarray(x, np.float64)).sum()
+                     for name, branch in host.items() if name != "head" for x in jax.tree.leaves(branch)))
 print(json.dumps({"losses": losses, "params": checksum(state["params"]), "restored": checksum(restored["params"]),
+                  "finetune_start": checksum(fine_state["params"]), "pretrained_without_head": expected,
                   "data_state": restored["data_state"], "processes": jax.process_count(),
                   "finite": bool(np.isfinite(losses).all())}), flush=True)

@@ -47,5 +47,7 @@ def test_two_processes_match_one(tmp_path):
         assert result["params"] == pytest.approx(reference["params"], rel=1e-5)
         # The checkpoint read back onto another mesh equals what was saved; each process gets its data state.
         assert result["restored"] == pytest.approx(result["params"], rel=1e-6)
+    for result in results + [reference]:  # config.pretrained onto params sharded over both processes; new zero head
+        assert result["finetune_start"] == pytest.approx(result["pretrained_without_head"], rel=1e-5)
     assert [r["data_state"] for r in results] == [{"process": 0}, {"process": 1}]
     assert reference["data_state"] == {"process": 0}

@@ -235,7 +235,8 @@ def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
     from vit_jax.interop.common import check_matches
 
     old = traverse_util.flatten_dict(dict(loaded), sep="/")
-    new = traverse_util.flatten_dict(jax.device_get(fresh), sep="/")
+    # Names, shapes and dtypes only: `fresh` may be sharded over processes, whose arrays no process can fetch.
+    new = traverse_util.flatten_dict(dict(fresh), sep="/")
     check_matches(old, {name: tuple(value.shape) for name, value in new.items()}, "config.pretrained")
     return traverse_util.unflatten_dict({name: np.asarray(old[name], new[name].dtype) for name in new}, sep="/")
 
