@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 
 from tests.train_helpers import synthetic_batch, tiny_config, to_device  # noqa: E402
 from vit_jax import checkpoints, main, sharding, train  # noqa: E402
+from vit_jax.config_check import ConfigError  # noqa: E402
+from vit_jax.data.pipeline import check_rows_per_process  # noqa: E402
 from vit_jax.interop import save_as  # noqa: E402
 from vit_jax.models.vit import build_model  # noqa: E402
 
@@ -61,9 +63,17 @@ fine = tiny_config(**SGD, **{"mesh.data": 1, "mesh.fsdp": 4, "pretrained": pretr
 empty = checkpoints.Checkpoints(f"{outdir}_finetune", keep=1)
 fine_state, _, _ = train.restore_or_init(fine, sharding.make_mesh(fine), fine.total_steps, empty)
 empty.close()
+# A model axis across both processes: each would load its own rows for the same batch rows.
+spanning = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 1, "mesh.model": 4})
+try:
+    check_rows_per_process(sharding.batch_sharding(sharding.make_mesh(spanning)), spanning.batch_size, "batch_size")
+    spanning_error = ""
+except ConfigError as e:
+    spanning_error = str(e)
 expected = float(sum(np.abs(np.asarray(x, np.float64)).sum()
                      for name, branch in host.items() if name != "head" for x in jax.tree.leaves(branch)))
 print(json.dumps({"losses": losses, "params": checksum(state["params"]), "restored": checksum(restored["params"]),
                   "finetune_start": checksum(fine_state["params"]), "pretrained_without_head": expected,
+                  "spanning_error": spanning_error,
                   "data_state": restored["data_state"], "processes": jax.process_count(),
                   "finite": bool(np.isfinite(losses).all())}), flush=True)

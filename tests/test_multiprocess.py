@@ -50,4 +50,10 @@ def test_two_processes_match_one(tmp_path):
     for result in results + [reference]:  # config.pretrained onto params sharded over both processes; new zero head
         assert result["finetune_start"] == pytest.approx(result["pretrained_without_head"], rel=1e-5)
     assert [r["data_state"] for r in results] == [{"process": 0}, {"process": 1}]
+    assert reference["spanning_error"] == ""  # mesh.model=4 within one process's 4 devices
+    for result in results:
+        assert result["spanning_error"] == (
+            "config.batch_size=16: rows 0:16 of each batch would sit on devices of processes [0, 1] (mesh "
+            "{'data': 1, 'fsdp': 1, 'model': 4}), but every process loads rows of its own; keep config.mesh.model "
+            "within one process: at most, and a divisor of, its 2 devices")
     assert reference["data_state"] == {"process": 0}

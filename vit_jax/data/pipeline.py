@@ -52,6 +52,27 @@ def per_process_batch(global_batch: int, process_count: int, field: str) -> int:
     return global_batch // process_count
 
 
+def check_rows_per_process(batch_sharding: jax.sharding.Sharding, global_batch: int, field: str) -> None:
+    """Raise `ConfigError` if two processes hold the same rows of a batch on `batch_sharding`.
+
+    Each process loads rows no other process loads (`process_share`). Rows on devices of several processes, as
+    when a mesh's model axis spans processes, would get different examples on each, and the global array
+    would be assembled with a smaller batch than the config's.
+    """
+    owners: dict[tuple[int, int], set[int]] = collections.defaultdict(set)
+    for device, index in batch_sharding.devices_indices_map((global_batch,)).items():
+        owners[index[0].indices(global_batch)[:2]].add(device.process_index)
+    shared = sorted((rows, processes) for rows, processes in owners.items() if len(processes) > 1)
+    if shared:
+        (start, stop), processes = shared[0]
+        mesh = getattr(batch_sharding, "mesh", None)
+        axes = f" (mesh {dict(mesh.shape)})" if mesh is not None else ""
+        raise ConfigError(f"config.{field}={global_batch}: rows {start}:{stop} of each batch would sit on devices "
+                          f"of processes {sorted(processes)}{axes}, but every process loads rows of its own; "
+                          f"keep config.mesh.model within one process: at most, and a divisor of, its "
+                          f"{jax.local_device_count()} devices")
+
+
 def process_share(source: LabeledSource, process_index: int, process_count: int) -> grain.MapDataset:
     """The examples this process reads: every process_count-th one, starting at process_index (disjoint shares)."""
     dataset = grain.MapDataset.source(source)
@@ -204,6 +225,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, batch_sharding: jax.s
     only that process's share of the batch.
     """
     process_index, process_count = _resolve_processes(process_index, process_count)
+    check_rows_per_process(batch_sharding, config.batch_size, "batch_size")
     dataset, _ = make_train_dataset(config, process_index=process_index, process_count=process_count)
     identity = {"dataset": config.dataset, "split": config.train_split, "batch_size": config.batch_size,
                 "image_size": config.image_size, "shuffle_seed": config.shuffle_seed,
@@ -270,5 +292,6 @@ def make_eval_iterator(config: ml_collections.ConfigDict, batch_sharding: jax.sh
                        ) -> Iterator[dict[str, jax.Array]]:
     """A fresh pass over the eval split: global batches of eval_batch_size with "mask" (1 real, 0 padding)."""
     process_index, process_count = _resolve_processes(process_index, process_count)
+    check_rows_per_process(batch_sharding, config.eval_batch_size, "eval_batch_size")
     batches = eval_batches(config, process_index=process_index, process_count=process_count)  # errors raise here
     return (to_global(batch, batch_sharding, ("image", "label", "mask")) for batch in batches)
