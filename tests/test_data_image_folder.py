@@ -182,3 +182,21 @@ def test_imagenet21k_builds_from_synset_tars_and_folders_with_a_hashed_validatio
     held_out = sum(imagenet21k.is_validation(n) for n in all_names)
     assert 0 < held_out < 20 and path == info.data_dir
     assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (450 - held_out, held_out, 3)
+
+
+def test_an_eval_split_of_only_corrupt_images_is_an_error_not_a_zero_score(tmp_path):
+    from vit_jax import sharding as mesh_sharding
+    from vit_jax import train
+
+    source = tmp_path / "images"
+    for i in range(4):
+        _write_image(source / "train" / ("a" if i % 2 else "b") / f"{i}.png", seed=i, fmt="PNG")
+        (source / "validation" / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        (source / "validation" / ("a" if i % 2 else "b") / f"{i}.jpg").write_bytes(b"<html>not found</html>")
+    config = _config(tmp_path / "tfds", source, num_classes=2)
+    data.prepare("image_folder", config.tfds_data_dir, config.tfds_manual_dir)
+    mesh = mesh_sharding.make_mesh(config)
+    params = train.init_state(config, mesh, config.total_steps)["params"]
+    with pytest.raises(data.DatasetError, match=r"config.eval_split='validation' of 'image_folder': no image of it "
+                                                r"could be decoded"):
+        train.evaluate(config, train.make_eval_step(config, mesh), params, mesh)

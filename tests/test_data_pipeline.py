@@ -109,6 +109,19 @@ def test_eval_sees_every_example_once_with_padding_masked(config, sharding):
     np.testing.assert_array_equal(np.asarray(again[1]["image"]), np.asarray(batches[1]["image"]))
 
 
+def test_a_process_without_eval_examples_still_yields_its_padding_batches(config):
+    """297 test digits over 400 processes: process 350's share is empty, but it must join every eval step with
+    batches of the same shapes and dtypes as a process with examples (a raise there would hang the others)."""
+    config = config.copy_and_resolve_references()
+    config.eval_batch_size = 400
+    empty = list(pipeline.eval_batches(config, process_index=350, process_count=400))
+    full = list(pipeline.eval_batches(config, process_index=0, process_count=400))
+    assert len(empty) == len(full) == 1 and full[0]["mask"].tolist() == [1.0] and empty[0]["mask"].tolist() == [0.0]
+    for key, value in full[0].items():
+        assert (empty[0][key].shape, empty[0][key].dtype) == (value.shape, value.dtype), key
+        assert not empty[0][key].any()
+
+
 def test_worker_processes_give_a_resumable_stream(config, sharding):
     config = config.copy_and_resolve_references()
     config.data_workers = 2

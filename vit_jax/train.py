@@ -217,7 +217,11 @@ def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any
     for batch in data.make_eval_iterator(config, sharding.batch_sharding(mesh)):
         for key, value in jax.device_get(eval_step(params, batch)).items():
             totals[key] = totals.get(key, 0.0) + float(value)
-    count = max(totals.pop("count", 0.0), 1.0)
+    count = totals.pop("count", 0.0)
+    if not count:  # a global sum: every process raises
+        raise data.DatasetError(f"config.eval_split={config.eval_split!r} of {config.dataset!r}: no image of it "
+                                "could be decoded (each was skipped as corrupt, see the warnings above); check "
+                                "the files the dataset was prepared from")
     return {key: value / count for key, value in totals.items()}
 
 

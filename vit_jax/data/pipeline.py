@@ -234,15 +234,17 @@ def make_train_iterator(config: ml_collections.ConfigDict, batch_sharding: jax.s
     return TrainIterator(dataset, batch_sharding, config.prefetch_batches, identity)
 
 
-def _rebatch(batches: Iterator[dict[str, np.ndarray]], batch_size: int, num_batches: int
-             ) -> Iterator[dict[str, np.ndarray]]:
-    """Exactly `num_batches` batches of `batch_size` rows from variable-sized ones, zero-padded (mask 0) at the end."""
+def _rebatch(batches: Iterator[dict[str, np.ndarray]], batch_size: int, num_batches: int,
+             template: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """Exactly `num_batches` batches of `batch_size` rows from variable-sized ones, zero-padded (mask 0) at the end.
+
+    `template` (zero rows of each key, as the batches have them) shapes the padding, also of a process whose
+    share has no decodable image, or none at all: every process must take part in each eval step.
+    """
     pending: list[dict[str, np.ndarray]] = []
     pending_rows = 0
-    template: dict[str, np.ndarray] | None = None
     produced = 0
     for batch in batches:
-        template = template or batch
         pending.append(batch)
         pending_rows += len(batch["mask"])
         while pending_rows >= batch_size:
@@ -254,8 +256,6 @@ def _rebatch(batches: Iterator[dict[str, np.ndarray]], batch_size: int, num_batc
     if produced > num_batches or (produced == num_batches and pending_rows):
         raise AssertionError(f"eval produced more than the expected {num_batches} batches")
     while produced < num_batches:
-        if template is None:
-            raise DatasetError("the eval split yielded no decodable image on this process")
         rows = [b for b in pending if len(b["mask"])]
         merged = ({key: np.concatenate([b[key] for b in rows]) for key in template} if rows
                   else {key: value[:0] for key, value in template.items()})
@@ -277,12 +277,16 @@ def eval_batches(config: ml_collections.ConfigDict, *, process_index: int, proce
                                           crop_fraction=config.pp.eval_crop_fraction)
     dataset = process_share(source, process_index, process_count).map(transform)
     stream = dataset.to_iter_dataset(_read_options()).batch(batch_size, drop_remainder=False)
-    return _closing(iter(_with_workers(stream, config)), batch_size, num_batches)
+    size = config.image_size
+    template = {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0, config.num_classes), np.float32),
+                "mask": np.zeros((0,), np.float32), "index": np.zeros((0,), np.int64)}  # as EvalPreprocess's
+    return _closing(iter(_with_workers(stream, config)), batch_size, num_batches, template)
 
 
-def _closing(iterator, batch_size: int, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
+def _closing(iterator, batch_size: int, num_batches: int, template: dict[str, np.ndarray]
+             ) -> Iterator[dict[str, np.ndarray]]:
     try:
-        yield from _rebatch(iterator, batch_size, num_batches)
+        yield from _rebatch(iterator, batch_size, num_batches, template)
     finally:
         iterator.close()
 
