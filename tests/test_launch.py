@@ -119,12 +119,12 @@ def test_slurm_script_runs_main_on_every_task_with_the_given_args(tmp_path):
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CONFIG="configs/vit_l16.py",
-               WORKDIR="/shared/runs/l16", VENV=str(venv), SLURM_SUBMIT_DIR=str(ROOT))
+               WORKDIR="/shared/runs/l16", VENV=str(venv), SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="12")
     result = subprocess.run(["bash", str(SLURM), "--config.mesh.fsdp=8"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert calls.read_text().splitlines() == [
-        f"srun --kill-on-bad-exit=1 {venv}/bin/python -m vit_jax.main --config=configs/vit_l16.py "
+        f"srun --kill-on-bad-exit=1 --cpus-per-task=12 {venv}/bin/python -m vit_jax.main --config=configs/vit_l16.py "
         "--workdir=/shared/runs/l16 --config.mesh.fsdp=8"]
     missing = subprocess.run(["bash", str(SLURM)], env={k: v for k, v in env.items() if k != "CONFIG"},
                              capture_output=True, text=True, timeout=60)
