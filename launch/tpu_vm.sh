@@ -25,7 +25,7 @@ usage: launch/tpu_vm.sh --name NAME --zone ZONE --accelerator-type TYPE --config
   --zone              e.g. us-central2-b (v4), us-west4-a (v5e), us-east5-a (v5p), us-east5-b (v6e)
   --accelerator-type  v4-N (N TensorCores), v5litepod-N (N chips), v5p-N (N TensorCores), v6e-N (N chips)
   --config            a config file of this checkout, e.g. configs/vit_l16.py
-  --workdir           checkpoints + TensorBoard; must be gs://... on a multi-host slice
+  --workdir           checkpoints + TensorBoard; must be gs://... on a multi-host slice or with --spot
   --project           GCP project (default: gcloud's configured project)
   --runtime-version   TPU VM image (default: the one Google recommends for JAX on that generation)
   --spot, --reserved  request spot or reserved capacity
@@ -104,6 +104,9 @@ HOSTS=$(((CHIPS + CHIPS_PER_HOST - 1) / CHIPS_PER_HOST))
 RUNTIME_VERSION="${RUNTIME_VERSION:-$DEFAULT_RUNTIME}"
 if ((HOSTS > 1)) && [[ "$WORKDIR" != gs://* ]]; then
   die "--workdir '$WORKDIR' is local, but $ACCELERATOR_TYPE has $HOSTS hosts that all write checkpoints: use gs://BUCKET/PATH"
+fi
+if [[ "$CAPACITY" == --spot && "$WORKDIR" != gs://* ]]; then
+  die "--workdir '$WORKDIR' is local, but a preempted --spot slice loses its disk, and the checkpoints to resume from with it: use gs://BUCKET/PATH"
 fi
 OUT="${OUT:-tpu_runs/$NAME}"
 

@@ -72,11 +72,11 @@ def test_dry_run_prints_the_whole_job_and_runs_nothing(tmp_path):
 def test_dry_run_single_host_copies_a_local_workdir_out(tmp_path):
     result, _ = _tpu_vm(tmp_path, "--dry-run", "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
                         "v5litepod-8", "--config", "configs/finetune.py:cifar10,B/16", "--workdir", "workdir/b16",
-                        "--spot", "--keep")
+                        "--reserved", "--keep")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert ("gcloud compute tpus queued-resources create b16 --node-id=b16 --zone=us-west4-a "
-            "--accelerator-type=v5litepod-8 --runtime-version=v2-alpha-tpuv5-lite --spot") in lines
+            "--accelerator-type=v5litepod-8 --runtime-version=v2-alpha-tpuv5-lite --reserved") in lines
     assert "gcloud compute tpus tpu-vm scp --recurse 'b16:~/vit_jax/workdir/b16' tpu_runs/b16/ --worker=0 " \
            "--zone=us-west4-a" in lines
     remote = shlex.split(next(line for line in lines if "vit_jax.main" in line))[-1]
@@ -90,6 +90,7 @@ def test_dry_run_single_host_copies_a_local_workdir_out(tmp_path):
     (["--accelerator-type", "v4-08"], "--accelerator-type 'v4-08' is invalid"),  # bash read 08 as octal
     (["--accelerator-type", "v4-7"], "counts TensorCores, 2 per chip: N is even"),
     (["--accelerator-type", "v5litepod-16", "--workdir", "/tmp/run"], "has 4 hosts"),
+    (["--workdir", "/tmp/run", "--spot"], "a preempted --spot slice loses its disk"),
     (["--config", "configs/nope.py"], "--config 'configs/nope.py' is not a file"),
     (["--name", "Bad_Name"], "--name 'Bad_Name' is invalid"),
     (["--bogus"], "unknown argument '--bogus'"),
