@@ -30,9 +30,35 @@ def test_inception_crop_boxes_lie_inside_with_the_configured_area_and_aspect_rat
         assert 0 <= left < right <= 400 and 0 <= top < bottom <= 300
         width, height = right - left, bottom - top
         areas.append(width * height / (400 * 300))
-        if (width, height) != (400, 300):  # the whole image is the fallback after 10 misses
+        if (width, height) != (400, 300):  # the whole image is the fallback after 100 misses
             assert 3 / 4 - 0.02 <= width / height <= 4 / 3 + 0.02
     assert 0.04 <= min(areas) < 0.15 and max(areas) > 0.9
+
+
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (100, 20)])
+def test_inception_crop_boxes_are_distributed_as_tensorflows_sample_distorted_bounding_box(width, height):
+    """The paper's code crops with TF's op: area and aspect-ratio quantiles of 2000 boxes against 2000 of TF's."""
+    tf = pytest.importorskip("tensorflow")
+
+    def quantiles(boxes):
+        boxes = np.asarray(boxes, np.float64)
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        return np.quantile(w * h / (width * height), [0.1, 0.5, 0.9]), np.quantile(w / h, [0.1, 0.5, 0.9])
+
+    theirs = []
+    for i in range(2000):
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            [height, width, 3], tf.zeros([0, 0, 4], tf.float32), seed=[i, 7], area_range=(0.05, 1.0),
+            min_object_covered=0, use_image_if_no_bounding_boxes=True)
+        top, left, h, w = int(begin[0]), int(begin[1]), int(size[0]), int(size[1])
+        theirs.append((left, top, left + w, top + h))
+    rng = np.random.default_rng(0)
+    ours = [preprocess.inception_crop_box(width, height, rng) for _ in range(2000)]
+    for left, top, right, bottom in ours:
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    (our_area, our_ratio), (tf_area, tf_ratio) = quantiles(ours), quantiles(theirs)
+    np.testing.assert_allclose(our_area, tf_area, atol=0.025)
+    np.testing.assert_allclose(our_ratio, tf_ratio, atol=0.03)
 
 
 def test_train_preprocess_gives_the_configured_size_dtype_and_labels():
