@@ -89,6 +89,25 @@ def test_crop_and_resize_matches_pillow_crop_then_resize_and_jpeg_draft_stays_cl
     assert np.abs(drafted.astype(int) - reference.astype(int)).mean() < 4
 
 
+@pytest.mark.parametrize("shape, box, size", [
+    ((427, 640), (0, 0, 640, 427), 224),  # shrink: no antialiasing
+    ((32, 32), (0, 0, 32, 32), 100),  # enlarge, as CIFAR to 100px
+    ((300, 400), (37.4, 20.6, 337.4, 280.6), 96),  # a fractional (central-crop) box: whole pixels, as TF slices
+])
+def test_resize_without_antialiasing_matches_tf_image_resize(shape, box, size):
+    tf = pytest.importorskip("tensorflow")
+    pixels = np.random.default_rng(3).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "PNG")), box, size, antialias=False)
+    left, top, right, bottom = (round(v) for v in box)
+    crop = tf.image.crop_to_bounding_box(pixels, top, left, bottom - top, right - left)
+    expected = tf.image.resize(crop, (size, size), method="bilinear", antialias=False).numpy()
+    assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+    assert np.abs(ours - expected).max() <= 0.51  # TF returns floats; ours are rounded to uint8 (float32 order)
+    # Pillow's antialiased filter is another resize when it shrinks.
+    antialiased = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "PNG")), box, size)
+    assert (np.abs(antialiased - expected).mean() > 5) == (right - left > size)
+
+
 def test_flip_mirrors_half_the_time_and_translate_shifts_with_black_fill():
     image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
     rng = np.random.default_rng(0)

@@ -128,8 +128,15 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
     return image
 
 
-def crop_and_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
-    """Decode `image`, crop `box` and resize it to (size, size, 3) uint8 RGB with bilinear (antialiased) filtering."""
+def crop_and_resize(image: Image.Image, box: Box, size: int, antialias: bool = True) -> np.ndarray:
+    """Decode `image`, crop `box` and resize it to (size, size, 3) uint8 RGB, bilinear.
+
+    `antialias`: pillow's filter, which widens when it shrinks (and JPEGs decoded at a reduced DCT scale: fast).
+    Without: `tf.image.resize(method="bilinear", antialias=False)` of the box rounded to whole pixels, as the
+    paper's code and big_vision resize (each output pixel from the 4 nearest source pixels).
+    """
+    if not antialias:
+        return _crop_and_resize_as_tf(image, box, size)
     try:
         full_width, full_height = image.size
         box_width, box_height = box[2] - box[0], box[3] - box[1]
@@ -147,6 +154,35 @@ def crop_and_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
         return np.asarray(resized, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"cannot decode image: {e}") from None
+
+
+def _decode_rgb(image: Image.Image) -> np.ndarray:
+    image = _to_8_bits(image)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+
+
+def _crop_and_resize_as_tf(image: Image.Image, box: Box, size: int) -> np.ndarray:
+    try:
+        pixels = _decode_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f"cannot decode image: {e}") from None
+    left, top, right, bottom = (round(v) for v in box)
+    return resize_bilinear(pixels[top:bottom, left:right], size)
+
+
+def resize_bilinear(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (size, size, C) uint8: bilinear, half-pixel centres, no antialiasing (TF2's default)."""
+
+    def taps(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.clip((np.arange(size) + 0.5) * (n_in / size) - 0.5, 0, n_in - 1)
+        low = np.floor(x).astype(np.int64)
+        return low, np.minimum(low + 1, n_in - 1), (x - low).astype(np.float32)
+
+    (y0, y1, fy), (x0, x1, fx) = taps(pixels.shape[0]), taps(pixels.shape[1])
+    source = pixels.astype(np.float32)
+    rows = source[y0] * (1 - fy)[:, None, None] + source[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def flip_left_right(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -203,6 +239,7 @@ class TrainPreprocess:
     random_translate: int = 0
     randaugment_layers: int = 0
     randaugment_magnitude: float = 10.0
+    antialias: bool = False
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict | None:
         try:
@@ -210,7 +247,7 @@ class TrainPreprocess:
             width, height = image.size
             box = (inception_crop_box(width, height, rng, self.crop_min_area) if self.inception_crop
                    else (0, 0, width, height))
-            pixels = crop_and_resize(image, box, self.image_size)
+            pixels = crop_and_resize(image, box, self.image_size, self.antialias)
         except CorruptImageError as e:
             record_corrupt_image(int(example["index"]), e)
             return None
@@ -235,11 +272,13 @@ class EvalPreprocess:
     image_size: int
     num_classes: int
     crop_fraction: float = 1.0
+    antialias: bool = False
 
     def __call__(self, example: dict) -> dict | None:
         try:
             image = open_image(example["image"])
-            pixels = crop_and_resize(image, central_box(*image.size, self.crop_fraction), self.image_size)
+            pixels = crop_and_resize(image, central_box(*image.size, self.crop_fraction), self.image_size,
+                                     self.antialias)
         except CorruptImageError as e:
             record_corrupt_image(int(example["index"]), e)
             return None
