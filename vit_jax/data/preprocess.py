@@ -5,8 +5,9 @@ train: decode -> Inception crop (random resized crop) -> resize to image_size ->
 eval:  decode -> resize to image_size / eval_crop_fraction -> central crop image_size -> values in [-1, 1]
 labels: one-hot (one class per image) or multi-hot (several); mixup mixes whole batches.
 
-Crop and resize happen in one pillow call on the region of interest, after JPEG "draft" decoding at the
-smallest 1/2, 1/4 or 1/8 scale that still covers the output (the costly part of decoding large photos).
+Resizing is tf.image.resize's bilinear without antialiasing by default, as the paper's code (`antialias=True`:
+crop and resize in one pillow call on the region of interest, with its antialiased filter, after JPEG "draft"
+decoding at the smallest 1/2, 1/4 or 1/8 scale that still covers the output: faster on large photos).
 Images stay uint8 until the batch is assembled: 4x less to move between worker processes.
 A file that cannot be decoded raises `CorruptImageError`; the pipeline skips it and logs the count.
 """
