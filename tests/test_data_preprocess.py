@@ -188,6 +188,31 @@ def test_randaugment_changes_the_image_and_is_reproducible_from_the_seed():
                for s in range(5))
 
 
+@pytest.mark.parametrize("magnitude, threshold", [(5, 128), (10, 0), (15, 128), (20, 0)])
+def test_randaugment_solarize_threshold_wraps_at_256_as_the_tf_reference(magnitude, threshold):
+    """The reference casts int(M / 10 * 256) to uint8: M=10 and 20 invert every pixel (big_vision#110)."""
+    pixels = _photo(16, 16)
+    out = np.asarray(OPS["Solarize"](Image.fromarray(pixels), float(magnitude), np.random.default_rng(0)))
+    np.testing.assert_array_equal(out, np.where(pixels < threshold, pixels, 255 - pixels))
+
+
+@pytest.mark.parametrize("size, magnitude", [((224, 224), 10), ((32, 48), 3), ((300, 200), 15)])
+def test_randaugment_contrast_matches_the_tf_reference(size, magnitude):
+    """The reference's `contrast` op, in TF: it blends towards histogram total / 256, not the mean grey level."""
+    tf = pytest.importorskip("tensorflow")
+    pixels = _photo(*size)
+    factor = magnitude / 10 * 1.8 + 0.1
+    grey = tf.cast(tf.image.rgb_to_grayscale(pixels), tf.int32)
+    hist = tf.histogram_fixed_width(grey, [0, 255], nbins=256)
+    mean = tf.reduce_sum(tf.cast(hist, tf.float32)) / 256.0
+    degenerate = tf.image.grayscale_to_rgb(tf.cast(tf.clip_by_value(tf.ones_like(grey, tf.float32) * mean, 0.0, 255.0),
+                                                   tf.uint8))
+    blended = tf.cast(degenerate, tf.float32) + factor * (tf.cast(pixels, tf.float32) - tf.cast(degenerate, tf.float32))
+    expected = tf.cast(tf.clip_by_value(blended, 0.0, 255.0), tf.uint8).numpy()
+    out = np.asarray(OPS["Contrast"](Image.fromarray(pixels), float(magnitude), np.random.default_rng(0)))
+    np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("kind", ["png_16_bit", "tiff_32_bit_int", "tiff_float_unit"])
 def test_high_bit_depth_grayscale_is_scaled_not_clipped(kind):
     """Pillow's convert("RGB") clips 16-bit and float pixels to 255: images came out white (or black)."""

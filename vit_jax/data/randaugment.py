@@ -3,7 +3,8 @@
 Follows the TensorFlow reference (`distort_image_with_randaugment` of the EfficientNet code, which big_vision
 uses): each of `num_layers` rounds applies one op drawn uniformly from 16, at `magnitude` on a 0..10 scale
 (larger values extrapolate); geometric ops fill with grey (128). Pixel translations and the cutout size are
-given relative to the image (the reference's 100 and 40 px at 224).
+given relative to the image (the reference's 100 and 40 px at 224). Its quirks are kept, since the AugReg
+checkpoints were trained with them: Solarize's threshold wraps at 256, Contrast blends towards pixel count / 256.
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
                            fillcolor=FILL)
 
 
+def _solarize(image: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
+    # The reference compares uint8 pixels with a threshold cast to uint8, which wraps: 256 -> 0 (magnitudes 10 and
+    # 20 invert the whole image), 384 -> 128 (google-research/big_vision#110). Pillow keeps every pixel at >= 256.
+    return ImageOps.solarize(image, int(level / MAX_LEVEL * 256) % 256)
+
+
+def _contrast(image: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
+    # The reference blends towards a grey of histogram total / 256 (pixel count / 256, capped at 255; 196 at
+    # 224 px), not the mean grey level as pillow's ImageEnhance.Contrast, then truncates to uint8 as its `blend`.
+    pixels = np.asarray(image, np.float32)
+    grey = np.float32(np.floor(min(255.0, pixels.shape[0] * pixels.shape[1] / 256.0)))
+    blended = grey + (level / MAX_LEVEL * 1.8 + 0.1) * (pixels - grey)
+    return Image.fromarray(np.clip(blended, 0.0, 255.0).astype(np.uint8))
+
+
 def _solarize_add(image: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
     pixels = np.asarray(image).astype(np.int32)
     added = np.clip(pixels + int(level / MAX_LEVEL * 110), 0, 255)
@@ -49,10 +65,10 @@ OPS = {
     "Invert": lambda image, level, rng: ImageOps.invert(image),
     "Rotate": lambda image, level, rng: image.rotate(_signed(level / MAX_LEVEL * 30.0, rng), fillcolor=FILL),
     "Posterize": lambda image, level, rng: ImageOps.posterize(image, max(1, int(level / MAX_LEVEL * 4))),
-    "Solarize": lambda image, level, rng: ImageOps.solarize(image, int(level / MAX_LEVEL * 256)),
+    "Solarize": _solarize,
     "SolarizeAdd": _solarize_add,
     "Color": _enhance(ImageEnhance.Color),
-    "Contrast": _enhance(ImageEnhance.Contrast),
+    "Contrast": _contrast,
     "Brightness": _enhance(ImageEnhance.Brightness),
     "Sharpness": _enhance(ImageEnhance.Sharpness),
     "ShearX": lambda image, level, rng: _affine(image, (1, _signed(level / MAX_LEVEL * 0.3, rng), 0, 0, 1, 0)),
