@@ -60,6 +60,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(mp.colour_bits, bool) or not isinstance(mp.colour_bits, int) or not 1 <= mp.colour_bits <= 8:
         raise ConfigError(f"config.masked_patch.colour_bits={mp.colour_bits!r} is invalid: expected an integer "
                           "in [1, 8] (3 gives the paper's 512 colours)")
+    if config.objective == "masked_patch_prediction" and config.model.resnet_layers:
+        raise ConfigError(f"config.model.resnet_layers={tuple(config.model.resnet_layers)} is invalid with "
+                          "objective='masked_patch_prediction': patches are corrupted after the ResNet trunk, whose "
+                          "receptive field spans neighbouring patches, so the model would see the colours it is "
+                          "asked for; pre-train a plain ViT (resnet_layers=())")
     num_patches = (config.image_size // config.model.patch_size) ** 2
     if config.objective == "masked_patch_prediction" and mp.random_fraction > 0 and num_patches < 2:
         raise ConfigError(f"config.masked_patch.random_fraction={mp.random_fraction!r} is invalid for "
