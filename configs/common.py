@@ -71,7 +71,7 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     c.pp.crop_min_area = 0.05  # inception crop's smallest area fraction
     # Resizing: False = tf.image.resize's bilinear without antialiasing, as the paper's code and big_vision (the
     # checkpoints they made saw that); True = pillow's antialiased bilinear, from JPEGs decoded at a reduced DCT
-    # scale (faster on large photos; vit_jax.predict always resizes so).
+    # scale (faster, and no aliasing, on photos many times image_size). predict and visualize follow it too.
     c.pp.antialias = False
     c.pp.flip = True
     c.pp.eval_crop_fraction = 1.0  # eval: resize to image_size / fraction, then central crop

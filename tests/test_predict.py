@@ -148,14 +148,16 @@ def test_read_image_matches_eval_preprocessing_for_any_size(tmp_path):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (37, 53, 3), np.uint8)
     Image.fromarray(pixels).save(tmp_path / "odd.png")
-    image = predict.read_image(tmp_path / "odd.png", 16, crop_fraction=0.875)
+    antialiased = predict.read_image(tmp_path / "odd.png", 16, crop_fraction=0.875, antialias=True)
     reference = Image.fromarray(pixels).resize((16, 16), Image.Resampling.BILINEAR,
                                                box=(53 * 0.0625, 37 * 0.0625, 53 * 0.9375, 37 * 0.9375))
-    assert image.shape == (16, 16, 3) and image.dtype == np.float32
-    np.testing.assert_allclose(image, np.asarray(reference, np.float32) / 127.5 - 1, atol=1e-5)
+    assert antialiased.shape == (16, 16, 3) and antialiased.dtype == np.float32
+    np.testing.assert_allclose(antialiased, np.asarray(reference, np.float32) / 127.5 - 1, atol=1e-5)
     example = {"image": (tmp_path / "odd.png").read_bytes(), "label": 0, "index": 0}
-    evaluated = preprocess.EvalPreprocess(16, 1, 0.875)(example)["image"]
-    np.testing.assert_array_equal(image, preprocess.to_unit_range(evaluated))
+    for antialias in (False, True):  # the eval pipeline's pixels, with either resize
+        image = predict.read_image(tmp_path / "odd.png", 16, crop_fraction=0.875, antialias=antialias)
+        evaluated = preprocess.EvalPreprocess(16, 1, 0.875, antialias=antialias)(example)["image"]
+        np.testing.assert_array_equal(image, preprocess.to_unit_range(evaluated))
 
 
 def test_read_image_errors_name_the_file(tmp_path):
@@ -179,11 +181,18 @@ def test_top_k_orders_by_probability_and_names_the_classes():
         {"label": "b", "index": 1, "prob": 0.4}, {"label": "d", "index": 3, "prob": 0.4},
         {"label": "a", "index": 0, "prob": 0.1}]
     assert [entry["label"] for entry in predict.top_k(probs, 2)] == ["1", "3"]
+    # Sigmoids of logits 20 and 30 are both 1.0 in float32: the logits rank them.
+    logits = np.array([20.0, 30.0, 5.0], np.float32)
+    saturated = 1 / (1 + np.exp(-logits))
+    assert saturated[0] == saturated[1] == 1.0
+    assert [entry["index"] for entry in predict.top_k(saturated, 3, logits=logits)] == [1, 0, 2]
 
 
 def test_labels_file_must_name_every_class(tmp_path):
     (tmp_path / "labels.txt").write_text("cat\ndog\n\n")
     assert predict.read_labels_file(str(tmp_path / "labels.txt"), 2) == ["cat", "dog"]
+    (tmp_path / "notepad.txt").write_bytes("cat\r\ndog\r\n".encode("utf-8-sig"))  # a byte-order mark first
+    assert predict.read_labels_file(str(tmp_path / "notepad.txt"), 2) == ["cat", "dog"]
     with pytest.raises(UserError, match="has 2 names.*3 classes"):
         predict.read_labels_file(str(tmp_path / "labels.txt"), 3)
 

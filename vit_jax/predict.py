@@ -5,7 +5,8 @@ Classifies JPEG/PNG (anything pillow reads) files of any size with a trained mod
 and line: `{"image": PATH, "top_k": [{"label": NAME, "index": I, "prob": P}, ...]}`.
 
 Images are preprocessed exactly as evaluation does (`vit_jax.data.preprocess`: the central
-`pp.eval_crop_fraction` of each side, resized to `config.image_size`, values in [-1, 1]). Probabilities are
+`pp.eval_crop_fraction` of each side, resized to `config.image_size` as `pp.antialias` says, values in
+[-1, 1]); for phone photos many times `image_size`, `--config.pp.antialias=True` avoids aliasing. Probabilities are
 a softmax over the classes (a sigmoid per class for `config.label_kind="multi"`). Label names come from
 `--labels` (a text file, one name per line) or else the config's dataset (its TFDS class names), else the
 class index stands in. The checkpoint is a training workdir, its `checkpoints/` directory or anything else
@@ -65,7 +66,8 @@ class Prediction:
         return "\n".join(lines)
 
 
-def read_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+def read_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0,
+               antialias: bool = False) -> np.ndarray:
     """(image_size, image_size, 3) float32 in [-1, 1], preprocessed as evaluation does; bad files are `UserError`."""
     from vit_jax.data import preprocess  # imports grain/TFDS: only once images are read
 
@@ -80,7 +82,8 @@ def read_image(path: str | pathlib.Path, image_size: int, crop_fraction: float =
         raise UserError(f"{path}: cannot read the file ({e.strerror or e})") from e
     try:
         image = preprocess.open_image(data)
-        pixels = preprocess.crop_and_resize(image, preprocess.central_box(*image.size, crop_fraction), image_size)
+        pixels = preprocess.crop_and_resize(image, preprocess.central_box(*image.size, crop_fraction), image_size,
+                                            antialias)
     except preprocess.CorruptImageError as e:
         detail = re.sub(r"\s*<_io\.BytesIO object at \w+>", "", " ".join(str(e).split()))  # no memory addresses
         raise UserError(f"{path}: not an image file pillow can read (JPEG, PNG, ...): {detail}") from e
@@ -110,7 +113,7 @@ def load_params(checkpoint: str, config: ml_collections.ConfigDict, source_forma
 def read_labels_file(path: str, num_classes: int) -> list[str]:
     """Class names from a text file, one per line (line i names class i); must name every class."""
     try:
-        names = [line.strip() for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()]
+        names = [line.strip() for line in pathlib.Path(path).read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--labels={path}: cannot read it as a UTF-8 text file ({e})") from e
     while names and not names[-1]:
@@ -150,15 +153,19 @@ def dataset_label_names(config: ml_collections.ConfigDict, num_classes: int) -> 
     return list(feature.names)
 
 
-def make_classifier(model_config: ml_collections.ConfigDict, num_classes: int, label_kind: str = "single"
-                    ) -> Callable[[Any, np.ndarray], jax.Array]:
-    """`probs(params, images)`, jitted: softmax over classes ("single") or a sigmoid per class ("multi")."""
+def make_classifier(model_config: ml_collections.ConfigDict, num_classes: int, label_kind: str = "single",
+                    with_logits: bool = False) -> Callable[[Any, np.ndarray], Any]:
+    """`probs(params, images)`, jitted: softmax over classes ("single") or a sigmoid per class ("multi").
+
+    `with_logits`: `(probs, logits)`, the logits to rank by (float32 probabilities of 1.0 or 0.0 tie).
+    """
     model = build_model(model_config, num_classes)
 
     @functools.partial(jax.jit, compiler_options=xla_options.compiler_options())
-    def probabilities(params: Any, images: jax.Array) -> jax.Array:
+    def probabilities(params: Any, images: jax.Array) -> Any:
         logits = model.apply({"params": params}, images, train=False).astype(jnp.float32)
-        return jax.nn.sigmoid(logits) if label_kind == "multi" else jax.nn.softmax(logits, axis=-1)
+        probs = jax.nn.sigmoid(logits) if label_kind == "multi" else jax.nn.softmax(logits, axis=-1)
+        return (probs, logits) if with_logits else probs
 
     return probabilities
 
@@ -184,9 +191,12 @@ def cast_for_inference(params: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
         for path, value in flat.items()})
 
 
-def top_k(probs: np.ndarray, k: int, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The k most probable classes of one image's `probs`, most probable first (ties: lower index first)."""
-    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
+def top_k(probs: np.ndarray, k: int, names: Sequence[str] | None = None,
+          logits: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """The k most probable classes of one image's `probs`, most probable first, ranked by `logits` if given
+    (probabilities saturated to the same float tie where logits do not); ties: lower index first."""
+    scores = np.asarray(probs if logits is None else logits)
+    order = np.argsort(-scores, kind="stable")[:k]
     return [{"label": names[i] if names is not None else str(int(i)), "index": int(i), "prob": float(probs[i])}
             for i in order]
 
@@ -198,16 +208,18 @@ def predict(config: ml_collections.ConfigDict, params: Mapping[str, Any], images
         return []
     params = cast_for_inference(params, config.model.dtype)  # unboxed too
     num_classes = int(np.shape(params["head"]["kernel"])[-1])
-    probabilities = make_classifier(config.model, num_classes, config.label_kind)
+    classify = make_classifier(config.model, num_classes, config.label_kind, with_logits=True)
     pixels = np.stack([image for _, image in images]).astype(np.float32)
     batch = min(BATCH_SIZE, len(pixels))
-    probs = []
+    probs, logits = [], []
     for start in range(0, len(pixels), batch):
         chunk = pixels[start:start + batch]
         padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)])
-        probs.append(np.asarray(probabilities(params, padded))[:len(chunk)])
-    all_probs = np.concatenate(probs)
-    return [Prediction(name, top_k(p, k, names)) for (name, _), p in zip(images, all_probs)]
+        chunk_probs, chunk_logits = classify(params, padded)
+        probs.append(np.asarray(chunk_probs)[:len(chunk)])
+        logits.append(np.asarray(chunk_logits)[:len(chunk)])
+    return [Prediction(name, top_k(p, k, names, scores)) for (name, _), p, scores
+            in zip(images, np.concatenate(probs), np.concatenate(logits))]
 
 
 def _define_flags() -> None:
@@ -236,7 +248,8 @@ def main(argv: Sequence[str]) -> None:
     images, failures = [], []
     for path in paths:
         try:
-            images.append((path, read_image(path, config.image_size, config.pp.eval_crop_fraction)))
+            images.append((path, read_image(path, config.image_size, config.pp.eval_crop_fraction,
+                                            config.pp.get("antialias", False))))
         except UserError as e:
             failures.append(path)
             print(f"error: {e}", file=sys.stderr, flush=True)

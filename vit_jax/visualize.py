@@ -52,19 +52,22 @@ def figure_pixels(size_inches: tuple[float, float]) -> tuple[int, int]:
     return round(size_inches[0] * FIGURE_DPI), round(size_inches[1] * FIGURE_DPI)
 
 
-def preprocess(image: Image.Image, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+def preprocess(image: Image.Image, image_size: int, crop_fraction: float = 1.0, antialias: bool = False
+               ) -> np.ndarray:
     """RGB (image_size, image_size, 3) float32 in [-1, 1], exactly as evaluation preprocesses.
 
-    The central `crop_fraction` of each side, resized to image_size, with `vit_jax.data.preprocess`'s functions.
+    The central `crop_fraction` of each side, resized to image_size (as `pp.antialias` says), with
+    `vit_jax.data.preprocess`'s functions.
     """
     # Imported here: importing vit_jax.data brings in grain and TFDS (~3 s), needed only once images are read.
     from vit_jax.data import preprocess as data_preprocess
 
     box = data_preprocess.central_box(*image.size, crop_fraction)
-    return data_preprocess.to_unit_range(data_preprocess.crop_and_resize(image, box, image_size))
+    return data_preprocess.to_unit_range(data_preprocess.crop_and_resize(image, box, image_size, antialias))
 
 
-def load_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0) -> np.ndarray:
+def load_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0, antialias: bool = False
+               ) -> np.ndarray:
     """An image file, preprocessed as evaluation does; a missing or unreadable file is a `UserError`."""
     path = pathlib.Path(path)
     if path.is_dir():
@@ -73,21 +76,22 @@ def load_image(path: str | pathlib.Path, image_size: int, crop_fraction: float =
         raise UserError(f"image {str(path)!r}: no such file")
     try:
         with Image.open(path) as image:
-            return preprocess(image, image_size, crop_fraction)
+            return preprocess(image, image_size, crop_fraction, antialias)
     # ValueError: the data module's CorruptImageError; DecompressionBombError: a file claiming too many pixels
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"image {str(path)!r}: not an image file PIL can read (PNG, JPEG, ...): "
                         f"{' '.join(str(e).split())}") from e
 
 
-def sample_images(image_size: int, crop_fraction: float = 1.0) -> list[tuple[str, np.ndarray]]:
+def sample_images(image_size: int, crop_fraction: float = 1.0, antialias: bool = False
+                  ) -> list[tuple[str, np.ndarray]]:
     """scikit-image's sample photos (SAMPLE_IMAGES), preprocessed, with their names."""
     try:
         import skimage.data  # only needed when no image is given
     except ImportError as e:
         raise UserError("no IMAGE given and scikit-image (its sample photos stand in) is not installed: "
                         "pass image files or `pip install scikit-image`") from e
-    return [(name, preprocess(Image.fromarray(getattr(skimage.data, name)()), image_size, crop_fraction))
+    return [(name, preprocess(Image.fromarray(getattr(skimage.data, name)()), image_size, crop_fraction, antialias))
             for name in SAMPLE_IMAGES]
 
 
@@ -289,12 +293,13 @@ def main(argv: Sequence[str]) -> None:
         raise UserError(f"--num_components={flags.FLAGS.num_components}: expected a positive integer")
     out = pathlib.Path(flags.FLAGS.out).expanduser()
     _check_out(out)
-    crop_fraction = config.pp.eval_crop_fraction
+    crop_fraction, antialias = config.pp.eval_crop_fraction, config.pp.get("antialias", False)
     # Read every image before the (slow) checkpoint, so a bad file fails at once.
     if len(argv) > 1:
-        images = [(pathlib.Path(p).stem, load_image(p, config.image_size, crop_fraction)) for p in argv[1:]]
+        images = [(pathlib.Path(p).stem, load_image(p, config.image_size, crop_fraction, antialias))
+                  for p in argv[1:]]
     else:
-        images = sample_images(config.image_size, crop_fraction)
+        images = sample_images(config.image_size, crop_fraction, antialias)
     params = load_params(flags.FLAGS.checkpoint, config.model, flags.FLAGS.source_format)
     try:
         for path in render_figures(config, params, images, out, flags.FLAGS.num_components):
