@@ -235,3 +235,19 @@ def test_check_config_names_bad_fields(field, value, match):
     (config[section] if section else config)[name] = value
     with pytest.raises(ConfigError, match=match):
         masked_patch.check_config(config)
+
+
+def test_eval_corrupts_each_batch_differently_and_each_evaluation_alike():
+    from vit_jax import sharding, train
+
+    config = run_config()
+    config.mesh.data, config.mesh.fsdp, config.mesh.model = 1, 1, 1
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    model = masked_patch.build_pretraining_model(config)
+    params = random_params(model, (1, 16, 16, 3))
+    images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1.0, maxval=1.0)
+    batch = {"image": images, "label": jnp.zeros((4, 10)), "mask": jnp.ones((4,))}
+    step = train.make_eval_step(config, mesh)
+    first, again, second = (jax.device_get(step(params, batch, np.int32(i))) for i in (0, 0, 1))
+    assert first == again  # evaluations are comparable
+    assert first["loss"] != second["loss"]  # the same images, corrupted elsewhere in the next batch

@@ -94,7 +94,7 @@ def test_eval_step_counts_each_real_example_once():
     batch = synthetic_batch(config, 5)
     mask = np.array([1.0] * 11 + [0.0] * 5, np.float32)
     device_batch = to_device({**batch, "mask": mask}, sharding.batch_sharding(mesh))
-    sums = jax.device_get(train.make_eval_step(config, mesh)(params, device_batch))
+    sums = jax.device_get(train.make_eval_step(config, mesh)(params, device_batch, np.int32(0)))
     logits = np.asarray(build_model(config.model, config.num_classes).apply({"params": jax.device_get(params)},
                                                                             batch["image"]))
     truth = batch["label"].argmax(-1)

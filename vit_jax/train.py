@@ -179,7 +179,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
 
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
-    """`eval_step(params, batch) -> sums` over the real (mask 1) examples of a batch, jitted for the mesh.
+    """`eval_step(params, batch, batch_index) -> sums` over the real (mask 1) examples of a batch, jitted for the mesh.
 
     Classification sums: loss, top1, top5 (for multi-label: whether the top-1 / any top-5 class is a positive)
     and count. Masked patch prediction: loss and accuracy over the predicted patches, and their count.
@@ -189,10 +189,11 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
     batch_sharding = sharding.batch_sharding(mesh)
     top_k = min(5, config.num_classes)
 
-    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def eval_step(params: Any, batch: dict[str, jax.Array], batch_index: jax.Array) -> dict[str, jax.Array]:
         mask = batch["mask"]
         if config.objective == "masked_patch_prediction":
-            rng = jax.random.PRNGKey(config.seed)  # the same corruption at every evaluation
+            # The same corruption at every evaluation, another in each batch (not one pattern for every batch).
+            rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), batch_index)
             _, metrics = masked_patch.masked_patch_loss(model, params, batch["image"], rng, config, train=False,
                                                         example_weights=mask)
             count = metrics["num_predicted"]
@@ -205,7 +206,8 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
         return {"loss": jnp.sum(losses * mask), "top1": jnp.sum(hits[:, 0] * mask),
                 "top5": jnp.sum(jnp.any(hits, axis=-1) * mask), "count": jnp.sum(mask)}
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding), out_shardings=sharding.replicated(mesh),
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, sharding.replicated(mesh)),
+                   out_shardings=sharding.replicated(mesh),
                    compiler_options=xla_options.compiler_options(mesh.devices.flat))
 
 
@@ -214,8 +216,8 @@ def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any
     from vit_jax import data
 
     totals: dict[str, float] = {}
-    for batch in data.make_eval_iterator(config, sharding.batch_sharding(mesh)):
-        for key, value in jax.device_get(eval_step(params, batch)).items():
+    for index, batch in enumerate(data.make_eval_iterator(config, sharding.batch_sharding(mesh))):
+        for key, value in jax.device_get(eval_step(params, batch, np.int32(index))).items():
             totals[key] = totals.get(key, 0.0) + float(value)
     count = totals.pop("count", 0.0)
     if not count:  # a global sum: every process raises
