@@ -9,8 +9,10 @@ Batch arithmetic: `batch_size` is the global batch of one optimizer step. Each s
 `accum_steps` micro-batches of `batch_size // accum_steps`, each sharded over the mesh's data x fsdp
 devices, so per-device micro-batch = batch_size / accum_steps / (data * fsdp).
 
-Weight decay follows the paper's convention: `optimizer.weight_decay` is multiplied by the learning
-rate schedule (optax.adamw), as in the paper's "weight decay 0.1" for JFT/ImageNet-21k.
+Weight decay follows the paper's convention: `optimizer.weight_decay` is multiplied by the learning rate
+(optax.adamw; flax.optim.Adam in the original code): the paper's 0.03 for ImageNet-21k, 0.1 for JFT-300M.
+big_vision's `wd` is multiplied by the schedule only, not by the base learning rate: its `lr=1e-3, wd=1e-4`
+is `optimizer.weight_decay = wd / lr = 0.1` here.
 """
 
 from __future__ import annotations
