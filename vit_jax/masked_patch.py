@@ -12,7 +12,9 @@ The pre-training model is the classifier's `VisionTransformer` with `masked_patc
 `embedding`, `cls`, `Transformer/...` tree plus `mask_embedding` and `masked_patch_head`, and no `head`.
 Fine-tuning keeps the encoder and starts a fresh zero head (`classifier_params_from_pretraining`).
 
-  python -m vit_jax.main --config=configs/vit_b16.py --workdir=/tmp/mpp --config.objective=masked_patch_prediction
+  python -m vit_jax.main --config=configs/vit_b16_mpp.py --workdir=/tmp/mpp   # the paper's optimizer for it
+
+(`--config.objective=masked_patch_prediction` on any other config keeps that config's optimizer and schedule.)
 """
 
 from __future__ import annotations
