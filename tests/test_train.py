@@ -105,6 +105,11 @@ def test_eval_step_counts_each_real_example_once():
     np.testing.assert_allclose(sums["loss"], losses[real].sum(), rtol=1e-5)
     assert sums["top1"] == np.sum((logits.argmax(-1) == truth)[real])
     assert sums["top5"] == np.sum((top5 == truth[:, None]).any(-1)[real])
+    few = tiny_config(**{"mesh.data": 8, "eval_batch_size": 16, "num_classes": 5})
+    few_params = train.init_state(few, mesh, few.total_steps)["params"]
+    few_batch = to_device({**synthetic_batch(few, 5), "mask": mask}, sharding.batch_sharding(mesh))
+    assert set(jax.device_get(train.make_eval_step(few, mesh)(few_params, few_batch, np.int32(0)))) == {
+        "loss", "top1", "count"}  # top-5 of 5 classes is always right: not reported
 
 
 def test_nonfinite_loss_names_the_first_bad_step():
