@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from absl import flags, logging
@@ -41,6 +41,25 @@ def _managed_cluster() -> bool:
     return any(not env.opt_in_only_method and env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
 
 
+# MPI launchers' rank counts: a launcher that started several processes JAX did not join is an error.
+_LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def check_process_count(environ: Mapping[str, str], process_count: int) -> None:
+    """Raise ConfigError if an MPI launcher started more processes than jax.distributed joined.
+
+    JAX finds Open MPI only through OMPI_MCA_orte_hnp_uri (Open MPI 4 and older): under Open MPI 5 or MPICH each
+    rank would otherwise train alone, all writing one workdir.
+    """
+    for name in _LAUNCHER_SIZES:
+        size = environ.get(name, "")
+        if size.isdigit() and int(size) > process_count:
+            raise config_check.ConfigError(
+                f"{name}={size}: the launcher started {size} processes but JAX joined {process_count}; pass "
+                f"--coordinator_address=HOST:PORT (of rank 0) --num_processes={size} --process_id=<this rank> "
+                "(e.g. $OMPI_COMM_WORLD_RANK or $PMI_RANK)")
+
+
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
     """Join the other processes of a multi-host job (a no-op for a single process outside a cluster)."""
@@ -49,8 +68,12 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
             raise config_check.ConfigError(
                 f"--coordinator_address={coordinator_address} needs --num_processes and --process_id as well")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif num_processes is not None or process_id is not None:
+        raise config_check.ConfigError("--num_processes and --process_id need --coordinator_address=HOST:PORT "
+                                       "(of process 0) as well")
     elif _managed_cluster():
         jax.distributed.initialize()
+    check_process_count(os.environ, jax.process_count())
 
 
 class _QuietLibraries(pylogging.Filter):
