@@ -7,11 +7,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A command that abandons failed background work, as a read of a damaged orbax checkpoint does: one asyncio
-# task's exception is raised, its siblings' are never retrieved, and asyncio logs them, with their tracebacks,
-# when the tasks are collected.
+# A command that abandons failed background work, as a read of a damaged orbax checkpoint does: a callback from
+# another thread finds the event loop closed (printed through sys.excepthook); one asyncio task's exception is
+# raised, its siblings' are never retrieved, and asyncio logs them, with tracebacks, when they are collected.
 ABANDONING_COMMAND = """
-import asyncio, gc
+import asyncio, sys, threading
 from vit_jax import cli
 from vit_jax.errors import UserError
 
@@ -23,7 +23,20 @@ async def read():
     await asyncio.sleep(0)  # all three fail
     await tasks[0]
 
+def late_callback():
+    # What TensorStore's threads do when a read completes after its event loop was closed: native code calls
+    # loop.call_soon_threadsafe, and PyErr_Print hands the RuntimeError to sys.excepthook.
+    closed = asyncio.new_event_loop()
+    closed.close()
+    try:
+        closed.call_soon_threadsafe(print)
+    except RuntimeError:
+        sys.excepthook(*sys.exc_info())
+
 def main(argv):
+    worker = threading.Thread(target=late_callback)
+    worker.start()
+    worker.join()
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(read())

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -89,6 +90,18 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     return rest
 
 
+def _without_closed_loop_errors(hook: Callable[..., None]) -> Callable[..., None]:
+    """`sys.excepthook` minus asyncio's "Event loop is closed", which TensorStore's threads print (PyErr_Print) when
+    they complete an orbax read whose event loop was closed: a damaged checkpoint's abandoned reads."""
+
+    def filtered(exc_type: type, exc: BaseException, traceback: Any) -> None:
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        hook(exc_type, exc, traceback)
+
+    return filtered
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
     """`absl.app.run(main)`, with flag errors and `UserError`s reported in one line and exit code 2.
 
@@ -98,6 +111,7 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     hugepages.restart_with_hugepages()
 
     def guarded(argv: Sequence[str]) -> None:
+        sys.excepthook = _without_closed_loop_errors(sys.excepthook)
         try:
             main(argv)
         except UserError as e:
