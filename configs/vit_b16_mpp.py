@@ -1,7 +1,9 @@
 """ViT-B/16 masked patch prediction with the paper's self-supervised recipe (appendix B.1.2).
 
   python -m vit_jax.main --config=configs/vit_b16_mpp.py --workdir=gs://bucket/b16_mpp \
-      --config.dataset=image_folder --config.tfds_data_dir=...   # JFT in the paper; labels are not read
+      --config.dataset=image_folder --config.tfds_data_dir=... --config.num_classes=N   # JFT in the paper
+
+The labels are not trained on, but the dataset is still checked against `num_classes` (and `label_kind`).
 
 Adam at a base learning rate of 2e-4, 10k warmup steps, cosine decay, 1M steps at batch 4096 (about 14 epochs of
 JFT-300M); 50% of the patches corrupted (80% mask token, 10% another patch, 10% kept), the 3-bit mean colour of

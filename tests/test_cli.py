@@ -56,3 +56,12 @@ def test_a_user_error_is_one_line_even_when_background_work_failed_too():
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == ["error: checkpoint cannot be read (shard 0 is damaged)"], \
         result.stderr
+
+
+def test_the_main_threads_own_event_loop_error_is_still_shown():
+    command = ("from vit_jax import cli\n\ndef main(argv):\n    raise RuntimeError('Event loop is closed')\n\n"
+               "cli.run(main)\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "RuntimeError: Event loop is closed" in result.stderr, result.stderr

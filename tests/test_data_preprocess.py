@@ -78,14 +78,14 @@ def test_crop_and_resize_matches_pillow_crop_then_resize_and_jpeg_draft_stays_cl
     y, x = np.mgrid[:480, :640]
     pixels = np.stack([x * 255 // 640, y * 255 // 480, (x // 4 + y // 4) % 128], axis=-1).astype(np.uint8)
     box = (100, 50, 420, 370)
-    ours = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "PNG")), box, 32)
+    ours = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "PNG")), box, 32, antialias=True)
     reference = np.asarray(Image.fromarray(pixels).crop(box).resize((32, 32), Image.Resampling.BILINEAR))
     assert ours.shape == (32, 32, 3)
     # Close: differences come from the filter's reach past the box edge and the integer pre-reduction.
     difference = np.abs(ours.astype(int) - reference.astype(int))
     assert difference.mean() < 1.0 and difference[2:-2, 2:-2].max() <= 4
     # JPEG is decoded at a reduced DCT scale when the output is much smaller; the result stays close.
-    drafted = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "JPEG")), box, 32)
+    drafted = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "JPEG")), box, 32, antialias=True)
     assert np.abs(drafted.astype(int) - reference.astype(int)).mean() < 4
 
 
@@ -104,7 +104,8 @@ def test_resize_without_antialiasing_matches_tf_image_resize(shape, box, size):
     assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
     assert np.abs(ours - expected).max() <= 0.51  # TF returns floats; ours are rounded to uint8 (float32 order)
     # Pillow's antialiased filter is another resize when it shrinks.
-    antialiased = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "PNG")), box, size)
+    antialiased = preprocess.crop_and_resize(preprocess.open_image(_encoded(pixels, "PNG")), box, size,
+                                             antialias=True)
     assert (np.abs(antialiased - expected).mean() > 5) == (right - left > size)
 
 
@@ -164,12 +165,24 @@ def test_mixup_is_a_convex_combination_of_the_batch_and_its_roll():
     np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, rtol=1e-6)
 
 
-def test_corrupt_bytes_raise_corrupt_image_error():
+@pytest.mark.parametrize("antialias", [False, True])
+def test_corrupt_bytes_raise_corrupt_image_error(antialias):
     with pytest.raises(preprocess.CorruptImageError):
         preprocess.open_image(b"not an image at all")
     truncated = _encoded(_photo(), "JPEG")[:400]
     with pytest.raises(preprocess.CorruptImageError):
-        preprocess.crop_and_resize(preprocess.open_image(truncated), (0, 0, 400, 300), 16)
+        preprocess.crop_and_resize(preprocess.open_image(truncated), (0, 0, 400, 300), 16, antialias)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_a_central_box_smaller_than_a_pixel_still_gives_an_image(antialias):
+    """A 2x2 image's central 30% is (0.7, 0.7, 1.3, 1.3): whole pixels, it is one pixel, never an empty crop."""
+    pixels = np.array([[[0, 0, 0], [10, 10, 10]], [[20, 20, 20], [30, 30, 30]]], np.uint8)
+    image = preprocess.open_image(_encoded(pixels, "PNG"))
+    out = preprocess.crop_and_resize(image, preprocess.central_box(2, 2, 0.3), 4, antialias)
+    assert out.shape == (4, 4, 3)
+    if not antialias:
+        assert (out == 30).all()  # pixel (1, 1)
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -213,8 +226,9 @@ def test_randaugment_contrast_matches_the_tf_reference(size, magnitude):
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("antialias", [False, True])
 @pytest.mark.parametrize("kind", ["png_16_bit", "tiff_32_bit_int", "tiff_float_unit"])
-def test_high_bit_depth_grayscale_is_scaled_not_clipped(kind):
+def test_high_bit_depth_grayscale_is_scaled_not_clipped(kind, antialias):
     """Pillow's convert("RGB") clips 16-bit and float pixels to 255: images came out white (or black)."""
     ramp = np.arange(64 * 64, dtype=np.float64).reshape(64, 64) * 16  # 0 .. 65520
     image = {"png_16_bit": lambda: Image.fromarray(ramp.astype(np.uint16)),
@@ -223,7 +237,7 @@ def test_high_bit_depth_grayscale_is_scaled_not_clipped(kind):
     buffer = io.BytesIO()
     image.save(buffer, "PNG" if kind.startswith("png") else "TIFF")
     decoded = preprocess.open_image(buffer.getvalue())
-    pixels = preprocess.crop_and_resize(decoded, preprocess.central_box(*decoded.size, 1.0), 64)
+    pixels = preprocess.crop_and_resize(decoded, preprocess.central_box(*decoded.size, 1.0), 64, antialias)
     expected = np.rint(ramp / 257.0)  # the same ramp in 8 bits, computed apart from pillow
     assert pixels.shape == (64, 64, 3)
     np.testing.assert_allclose(pixels[..., 0], expected, atol=1)

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,11 +92,13 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def _without_closed_loop_errors(hook: Callable[..., None]) -> Callable[..., None]:
-    """`sys.excepthook` minus asyncio's "Event loop is closed", which TensorStore's threads print (PyErr_Print) when
-    they complete an orbax read whose event loop was closed: a damaged checkpoint's abandoned reads."""
+    """`sys.excepthook` minus asyncio's "Event loop is closed" printed from other threads: TensorStore's threads
+    print it (PyErr_Print) when they complete an orbax read whose event loop was closed (a damaged checkpoint's
+    abandoned reads). The main thread's own errors are all shown."""
 
     def filtered(exc_type: type, exc: BaseException, traceback: Any) -> None:
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                and threading.current_thread() is not threading.main_thread()):
             return
         hook(exc_type, exc, traceback)
 

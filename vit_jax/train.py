@@ -215,7 +215,8 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
 
 
 def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any, mesh: Mesh) -> dict[str, float]:
-    """One pass over the eval split, every example counted once: {"loss", "top1", "top5"} or {"loss", "accuracy"}."""
+    """One pass over the eval split, every example counted once: {"loss", "top1", "top5"} (top5 with more than 5
+    classes) or {"loss", "accuracy"} (masked patch prediction)."""
     from vit_jax import data
 
     totals: dict[str, float] = {}

@@ -129,7 +129,7 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
     return image
 
 
-def crop_and_resize(image: Image.Image, box: Box, size: int, antialias: bool = True) -> np.ndarray:
+def crop_and_resize(image: Image.Image, box: Box, size: int, antialias: bool = False) -> np.ndarray:
     """Decode `image`, crop `box` and resize it to (size, size, 3) uint8 RGB, bilinear.
 
     `antialias`: pillow's filter, which widens when it shrinks (and JPEGs decoded at a reduced DCT scale: fast).
@@ -167,7 +167,9 @@ def _crop_and_resize_as_tf(image: Image.Image, box: Box, size: int) -> np.ndarra
         pixels = _decode_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"cannot decode image: {e}") from None
-    left, top, right, bottom = (round(v) for v in box)
+    height, width = pixels.shape[:2]
+    left, top = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
+    right, bottom = max(round(box[2]), left + 1), max(round(box[3]), top + 1)  # at least one pixel
     return resize_bilinear(pixels[top:bottom, left:right], size)
 
 
