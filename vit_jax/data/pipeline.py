@@ -279,10 +279,7 @@ def eval_batches(config: ml_collections.ConfigDict, *, process_index: int, proce
                                           antialias=config.pp.get("antialias", False))
     dataset = process_share(source, process_index, process_count).map(transform)
     stream = dataset.to_iter_dataset(_read_options()).batch(batch_size, drop_remainder=False)
-    size = config.image_size
-    template = {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0, config.num_classes), np.float32),
-                "mask": np.zeros((0,), np.float32), "index": np.zeros((0,), np.int64)}  # as EvalPreprocess's
-    return _closing(iter(_with_workers(stream, config)), batch_size, num_batches, template)
+    return _closing(iter(_with_workers(stream, config)), batch_size, num_batches, transform.empty_batch())
 
 
 def _closing(iterator, batch_size: int, num_batches: int, template: dict[str, np.ndarray]

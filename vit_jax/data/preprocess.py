@@ -136,37 +136,35 @@ def crop_and_resize(image: Image.Image, box: Box, size: int, antialias: bool = F
     Without: `tf.image.resize(method="bilinear", antialias=False)` of the box rounded to whole pixels, as the
     paper's code and big_vision resize (each output pixel from the 4 nearest source pixels).
     """
-    if not antialias:
-        return _crop_and_resize_as_tf(image, box, size)
+    resize = _crop_and_resize_with_pillow if antialias else _crop_and_resize_as_tf
     try:
-        full_width, full_height = image.size
-        box_width, box_height = box[2] - box[0], box[3] - box[1]
-        if image.format == "JPEG":
-            # Decode at the smallest DCT scale at which the box still has >= size pixels per side.
-            needed = (math.ceil(full_width * size / box_width), math.ceil(full_height * size / box_height))
-            image.draft("RGB", needed)
-        scale_x, scale_y = image.size[0] / full_width, image.size[1] / full_height
-        scaled = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
-        image = _to_8_bits(image)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        # reducing_gap: shrink by an integer factor first when the box is much larger (~15% faster, same quality).
-        resized = image.resize((size, size), Image.Resampling.BILINEAR, box=scaled, reducing_gap=2.0)
-        return np.asarray(resized, dtype=np.uint8)
+        return resize(image, box, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"cannot decode image: {e}") from None
 
 
-def _decode_rgb(image: Image.Image) -> np.ndarray:
+def _rgb(image: Image.Image) -> Image.Image:
+    """Decoded 8-bit RGB (grayscale of more bits scaled, not clipped)."""
     image = _to_8_bits(image)
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _crop_and_resize_with_pillow(image: Image.Image, box: Box, size: int) -> np.ndarray:
+    full_width, full_height = image.size
+    box_width, box_height = box[2] - box[0], box[3] - box[1]
+    if image.format == "JPEG":
+        # Decode at the smallest DCT scale at which the box still has >= size pixels per side.
+        needed = (math.ceil(full_width * size / box_width), math.ceil(full_height * size / box_height))
+        image.draft("RGB", needed)
+    scale_x, scale_y = image.size[0] / full_width, image.size[1] / full_height
+    scaled = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
+    # reducing_gap: shrink by an integer factor first when the box is much larger (~15% faster, same quality).
+    resized = _rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=scaled, reducing_gap=2.0)
+    return np.asarray(resized, dtype=np.uint8)
 
 
 def _crop_and_resize_as_tf(image: Image.Image, box: Box, size: int) -> np.ndarray:
-    try:
-        pixels = _decode_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"cannot decode image: {e}") from None
+    pixels = np.asarray(_rgb(image), dtype=np.uint8)
     height, width = pixels.shape[:2]
     left, top = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
     right, bottom = max(round(box[2]), left + 1), max(round(box[3]), top + 1)  # at least one pixel
@@ -287,6 +285,12 @@ class EvalPreprocess:
             return None
         return {"image": pixels, "label": encode_label(example["label"], self.num_classes),
                 "mask": np.float32(1.0), "index": np.int64(example["index"])}
+
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        """Zero rows of each key, with the shapes and dtypes a batch of this transform's outputs has."""
+        size = self.image_size
+        return {"image": np.zeros((0, size, size, 3), np.uint8), "label": np.zeros((0, self.num_classes), np.float32),
+                "mask": np.zeros((0,), np.float32), "index": np.zeros((0,), np.int64)}
 
 
 @dataclasses.dataclass(frozen=True)
