@@ -125,7 +125,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     positive_int(config, "num_classes")
     if config.label_kind not in LABEL_KINDS:
         _fail("label_kind", config.label_kind, f"expected one of {LABEL_KINDS}")
-    if config.get("pretrained_head", "reset") not in PRETRAINED_HEADS:
+    if config.pretrained_head not in PRETRAINED_HEADS:
         _fail("pretrained_head", config.pretrained_head, f"expected one of {PRETRAINED_HEADS}")
     if config.optimizer.name not in OPTIMIZERS:
         _fail("optimizer.name", config.optimizer.name, f"expected one of {OPTIMIZERS}")

@@ -249,7 +249,7 @@ def main(argv: Sequence[str]) -> None:
     for path in paths:
         try:
             images.append((path, read_image(path, config.image_size, config.pp.eval_crop_fraction,
-                                            config.pp.get("antialias", False))))
+                                            config.pp.antialias)))
         except UserError as e:
             failures.append(path)
             print(f"error: {e}", file=sys.stderr, flush=True)

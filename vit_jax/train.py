@@ -301,7 +301,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         return state, restored["data_state"], meta
     state = init_state(config, mesh, num_steps)
     if config.pretrained:
-        reset_head = not params_only and config.get("pretrained_head", "reset") == "reset"
+        reset_head = not params_only and config.pretrained_head == "reset"
         params = load_pretrained_params(config, state["params"], reset_head)
         shardings = state_shardings(config, mesh, num_steps)
         state["params"] = jax.device_put(params, shardings["params"])

@@ -293,7 +293,7 @@ def main(argv: Sequence[str]) -> None:
         raise UserError(f"--num_components={flags.FLAGS.num_components}: expected a positive integer")
     out = pathlib.Path(flags.FLAGS.out).expanduser()
     _check_out(out)
-    crop_fraction, antialias = config.pp.eval_crop_fraction, config.pp.get("antialias", False)
+    crop_fraction, antialias = config.pp.eval_crop_fraction, config.pp.antialias
     # Read every image before the (slow) checkpoint, so a bad file fails at once.
     if len(argv) > 1:
         images = [(pathlib.Path(p).stem, load_image(p, config.image_size, crop_fraction, antialias))

@@ -135,7 +135,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int,
         image_size=config.image_size, num_classes=config.num_classes, inception_crop=config.pp.inception_crop,
         crop_min_area=config.pp.crop_min_area, flip=config.pp.flip, random_translate=config.pp.random_translate,
         randaugment_layers=config.pp.randaugment_layers, randaugment_magnitude=config.pp.randaugment_magnitude,
-        antialias=config.pp.get("antialias", False))
+        antialias=config.pp.antialias)
     dataset = process_share(source, process_index, process_count)
     dataset = dataset.shuffle(seed=config.shuffle_seed).repeat()
     dataset = dataset.random_map(transform, seed=_seed("augment", config.shuffle_seed, process_index))
@@ -276,7 +276,7 @@ def eval_batches(config: ml_collections.ConfigDict, *, process_index: int, proce
     num_batches = max(1, math.ceil(math.ceil(len(source) / process_count) / batch_size))
     transform = preprocess.EvalPreprocess(image_size=config.image_size, num_classes=config.num_classes,
                                           crop_fraction=config.pp.eval_crop_fraction,
-                                          antialias=config.pp.get("antialias", False))
+                                          antialias=config.pp.antialias)
     dataset = process_share(source, process_index, process_count).map(transform)
     stream = dataset.to_iter_dataset(_read_options()).batch(batch_size, drop_remainder=False)
     return _closing(iter(_with_workers(stream, config)), batch_size, num_batches, transform.empty_batch())
