@@ -20,8 +20,13 @@ def _signed(value: float, rng: np.random.Generator) -> float:
     return value if rng.random() < 0.5 else -value
 
 
+def _blend_factor(level: float) -> float:
+    """The enhancement ops' blend factor: 0.1 (towards the degenerate image) .. 1.9 (away from it)."""
+    return level / MAX_LEVEL * 1.8 + 0.1
+
+
 def _enhance(enhancer):
-    return lambda image, level, rng: enhancer(image).enhance(level / MAX_LEVEL * 1.8 + 0.1)
+    return lambda image, level, rng: enhancer(image).enhance(_blend_factor(level))
 
 
 def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
@@ -40,7 +45,7 @@ def _contrast(image: Image.Image, level: float, rng: np.random.Generator) -> Ima
     # 224 px), not the mean grey level as pillow's ImageEnhance.Contrast, then truncates to uint8 as its `blend`.
     pixels = np.asarray(image, np.float32)
     grey = np.float32(np.floor(min(255.0, pixels.shape[0] * pixels.shape[1] / 256.0)))
-    blended = grey + (level / MAX_LEVEL * 1.8 + 0.1) * (pixels - grey)
+    blended = grey + _blend_factor(level) * (pixels - grey)
     return Image.fromarray(np.clip(blended, 0.0, 255.0).astype(np.uint8))
 
 
