@@ -7,11 +7,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A command that abandons failed background work, as a read of a damaged orbax checkpoint does: a callback from
-# another thread finds the event loop closed (printed through sys.excepthook); one asyncio task's exception is
-# raised, its siblings' are never retrieved, and asyncio logs them, with tracebacks, when they are collected.
+# A command that abandons failed background work, as a read of a damaged orbax checkpoint does: native code in
+# another thread calls onto the closed event loop (reported as unraisable, before the error reaches the CLI); one
+# asyncio task's exception is raised, its siblings' are never retrieved, and asyncio logs them, with tracebacks,
+# when they are collected.
 ABANDONING_COMMAND = """
-import asyncio, sys, threading
+import asyncio, functools, threading
 from vit_jax import cli
 from vit_jax.errors import UserError
 
@@ -25,13 +26,15 @@ async def read():
 
 def late_callback():
     # What TensorStore's threads do when a read completes after its event loop was closed: native code calls
-    # loop.call_soon_threadsafe, and PyErr_Print hands the RuntimeError to sys.excepthook.
+    # loop.call_soon_threadsafe and reports the RuntimeError as unraisable. Here the native caller is the
+    # finaliser slot calling a __del__ that is the bound call_soon_threadsafe itself (no Python frame before it).
     closed = asyncio.new_event_loop()
     closed.close()
-    try:
-        closed.call_soon_threadsafe(print)
-    except RuntimeError:
-        sys.excepthook(*sys.exc_info())
+
+    class Late:
+        __del__ = functools.partial(closed.call_soon_threadsafe, print)
+
+    Late()
 
 def main(argv):
     worker = threading.Thread(target=late_callback)

@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,16 +90,21 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     return rest
 
 
-def _without_closed_loop_errors(hook: Callable[..., None]) -> Callable[..., None]:
-    """`sys.excepthook` minus asyncio's "Event loop is closed" printed from other threads: TensorStore's threads
-    print it (PyErr_Print) when they complete an orbax read whose event loop was closed (a damaged checkpoint's
-    abandoned reads). The main thread's own errors are all shown."""
+def _without_late_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`sys.unraisablehook` minus TensorStore's calls onto a closed event loop.
 
-    def filtered(exc_type: type, exc: BaseException, traceback: Any) -> None:
-        if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-                and threading.current_thread() is not threading.main_thread()):
+    When orbax abandons the reads of a damaged checkpoint, the reads that complete after it closed their event
+    loop call `loop.call_soon_threadsafe` from TensorStore's threads. The RuntimeError("Event loop is closed") is
+    reported as unraisable, with no object, while the error is on its way to the one line that says what is
+    wrong. Only that error is dropped, and only when native code called asyncio directly.
+    """
+
+    def filtered(unraisable: Any) -> None:
+        traceback = unraisable.exc_traceback
+        if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+                and traceback is not None and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
             return
-        hook(exc_type, exc, traceback)
+        hook(unraisable)
 
     return filtered
 
@@ -114,7 +118,7 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     hugepages.restart_with_hugepages()
 
     def guarded(argv: Sequence[str]) -> None:
-        sys.excepthook = _without_closed_loop_errors(sys.excepthook)
+        sys.unraisablehook = _without_late_loop_callbacks(sys.unraisablehook)
         try:
             main(argv)
         except UserError as e:
