@@ -216,7 +216,9 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
     `*_runner(config)` builds one side and returns a call that runs one `unit` (a "batch" or "step") to completion.
     This shared machine's speed drifts (the float32 matmul peak 340-425 GFLOP/s over a day, 414 -> 361 within one
     run), so each round pairs figures taken under the same conditions: the peak right after ours, timm right after
-    the peak; the summary is the median round figure. `what` labels our row and the FLOP count.
+    the peak; the summary is the median round figure. A round's peak is the faster of the peaks measured just before
+    and just after ours: one slow reading of the peak, from a neighbour's burst, would otherwise raise that round's
+    MFU (a 389 GFLOP/s reading beside 429-431 gave one round 94.5%). `what` labels our row and the FLOP count.
     """
     if args.rounds < 1:
         from vit_jax.errors import UserError
@@ -228,8 +230,10 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
     rounds = []
     for i in range(args.rounds):
         warmup = 2 if i == 0 else 1  # the first calls compile (XLA) / initialise lazily (torch)
+        before = matmul_peaks(args.dtype, args.peak_size, 5) if args.peak_size else {}
         ours = median(time_runs(run_ours, args.repeats, warmup))
         peaks = matmul_peaks(args.dtype, args.peak_size, 5) if args.peak_size else {}
+        peaks = {name: max(peak, before.get(name, 0.0)) for name, peak in peaks.items()}
         timm_seconds = median(time_runs(run_timm, args.repeats, warmup)) if run_timm else None
         rounds.append({"ours_s": ours, "timm_s": timm_seconds, "peaks": peaks})
     summary = median_over_rounds(rounds, flops_per_run)
