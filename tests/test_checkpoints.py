@@ -201,11 +201,11 @@ def test_sigterm_saves_then_sigkill_and_restart_repeat_the_uninterrupted_run(ref
     data_dir, reference_losses = reference
     workdir = str(tmp_path)
 
-    # 1. SIGTERM (preemption) mid-run: a checkpoint at the current step, then a clean exit.
+    # 1. SIGTERM (preemption) mid-run: a checkpoint at the current step, then exit code 75 (EX_TEMPFAIL: resume).
     run = start(workdir, data_dir)
     wait_for(run, lambda: run.last_step() >= 10)
     run.process.send_signal(signal.SIGTERM)
-    assert run.finish(240) == 0, run.stderr[-3000:]
+    assert run.finish(240) == 75, run.stderr[-3000:]
     (saved,) = [int(m.group(1)) for line in run.lines if (m := re.match(r"preempted: saved a checkpoint at step "
                                                                           r"(\d+)", line))]
     assert 10 <= saved < TOTAL_STEPS

@@ -3,7 +3,9 @@
 Pre-trains or fine-tunes, evaluates and checkpoints with the same code on one CPU, one GPU or a TPU pod.
 The entry point is intentionally thin: it sets up the processes, validates the config before anything is
 compiled, and hands over to `vit_jax.train`. Bad input (an invalid config, a missing dataset) is one line on
-stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 1.
+stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 1. A run stopped by SIGTERM
+(preemption, a scheduler's time limit) saves a checkpoint and exits with `PREEMPTED_EXIT_CODE`, 75 (EX_TEMPFAIL:
+try again), so a retry loop or `launch/slurm_gpu.sbatch` can tell it from a finished run (0) and resume.
 
 Multi-host: on Cloud TPU, Slurm, Open MPI or Kubernetes, `jax.distributed.initialize()` finds its peers by
 itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
@@ -41,6 +43,8 @@ def _managed_cluster() -> bool:
     return any(not env.opt_in_only_method and env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
 
 
+# EX_TEMPFAIL (sysexits.h): the run was stopped (SIGTERM) after saving a checkpoint; the same command resumes it.
+PREEMPTED_EXIT_CODE = 75
 # MPI launchers' rank counts: a launcher that started several processes JAX did not join is an error.
 _LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
@@ -104,12 +108,14 @@ def main(argv: Sequence[str]) -> None:
                  jax.device_count(), jax.devices()[0].device_kind, config)
     try:
         if _MODE.value == "train":
-            train.train_and_evaluate(config, _WORKDIR.value)
+            result = train.train_and_evaluate(config, _WORKDIR.value)
         else:
-            train.evaluate_checkpoint(config, _WORKDIR.value)
+            result = train.evaluate_checkpoint(config, _WORKDIR.value)
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if result.get("preempted"):
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
