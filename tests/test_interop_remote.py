@@ -151,3 +151,34 @@ def test_local_paths_are_not_copied(tmp_path):
     assert not remote.is_remote(str(tmp_path)) and remote.is_remote("gs://bucket/x.npz")
     assert remote.local_copy(str(tmp_path / "x.npz"), cache=str(tmp_path / "c")) == str(tmp_path / "x.npz")
     assert not (tmp_path / "c").exists()
+
+
+def _fake_steps(root: str, steps: dict[int, bool], makedirs=os.makedirs, write=None) -> None:
+    """Step directories `root/<n>/params/`, each with orbax's commit file if `steps[n]` (the layout only)."""
+    for step, committed in steps.items():
+        makedirs(f"{root}/{step}/params")
+        if committed and write:
+            write(f"{root}/{step}/commit_success.txt")
+
+
+def test_pinned_step_names_the_latest_finished_step_local_and_remote(bucket, tmp_path):
+    workdir = str(tmp_path / "run")
+    _fake_steps(f"{workdir}/checkpoints", {3: True, 5: True})
+    latest = f"{workdir}/checkpoints/5"
+    assert remote.pinned_step(workdir) == latest
+    assert remote.pinned_step(f"{workdir}/checkpoints") == latest
+    assert remote.pinned_step(f"{workdir}/checkpoints/3") == f"{workdir}/checkpoints/3"
+    npz = tmp_path / "vit.npz"
+    npz.write_bytes(b"")
+    assert remote.pinned_step(str(npz)) == str(npz)  # not a workdir: as it is
+    os.makedirs(tmp_path / "fresh" / "checkpoints")
+    with pytest.raises(CheckpointError, match="fresh: its checkpoints/ holds no finished checkpoint yet"):
+        remote.pinned_step(str(tmp_path / "fresh"))
+
+    def touch(path: str) -> None:
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(b"")
+
+    _fake_steps(f"{bucket}/run/checkpoints", {3: True, 5: False}, tf.io.gfile.makedirs, touch)
+    assert remote.pinned_step(f"{bucket}/run") == f"{bucket}/run/checkpoints/3"  # 5 is still being written
+    assert remote.pinned_step(f"{bucket}/vit.npz") == f"{bucket}/vit.npz"

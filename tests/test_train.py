@@ -169,3 +169,22 @@ def test_demo_reaches_95_percent_and_a_rerun_reports_without_training(tmp_path):
     again = _main("--config=configs/demo.py", f"--workdir={workdir}", data, timeout=300)
     assert again.returncode == 0 and "already holds the finished run" in again.stdout
     assert "step 100/" not in again.stdout
+
+
+def test_pin_pretrained_takes_process_0s_step_and_refuses_disagreement(tmp_path):
+    from vit_jax.interop import CheckpointError
+
+    workdir = tmp_path / "pretrain"
+    for step in (3, 5):
+        (workdir / "checkpoints" / str(step) / "params").mkdir(parents=True)
+    latest, earlier = str(workdir / "checkpoints" / "5"), str(workdir / "checkpoints" / "3")
+    assert train.pin_pretrained(str(workdir)) == latest  # one process: no broadcast
+    sent = []
+    assert train.pin_pretrained(str(workdir), lambda x: sent.append(int(x)) or x) == latest and sent == [5]
+    assert train.pin_pretrained(str(workdir), lambda x: np.int32(3)) == earlier  # process 0 saw 3 as the latest
+    with pytest.raises(CheckpointError, match=r"pretrain is step 5 for process 0 but not a workdir \(used as it "
+                                              r"is\) for process 0: every process must see the same checkpoint"):
+        train.pin_pretrained(str(workdir), lambda x: np.int32(-1))
+    npz = tmp_path / "vit.npz"
+    npz.write_bytes(b"")
+    assert train.pin_pretrained(str(npz), lambda x: x) == str(npz)

@@ -251,8 +251,42 @@ def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
     return traverse_util.unflatten_dict({name: np.asarray(old[name], new[name].dtype) for name in new}, sep="/")
 
 
-def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any, reset_head: bool = False) -> Any:
-    """Params from `config.pretrained` (vit_jax.interop), adapted to this model (head, resolution, objective).
+def pin_pretrained(path: str, broadcast: Callable[[Any], Any] | None = None) -> str:
+    """`config.pretrained` pinned to one step: the step directory a workdir's latest finished step is now, chosen
+    by process 0 for every process (`path` itself when it names no workdir).
+
+    A run that fine-tunes from a workdir another run is still writing would otherwise read its numerics and its
+    weights, or each process its weights, from whatever step was latest at that moment. `broadcast` sends process
+    0's value to all (default: `multihost_utils.broadcast_one_to_all` when there are several processes).
+    """
+    from vit_jax import interop
+
+    pinned = interop.remote.pinned_step(path)
+    if broadcast is None:
+        if jax.process_count() == 1:
+            return pinned
+        from jax.experimental import multihost_utils
+
+        broadcast = multihost_utils.broadcast_one_to_all
+    name = pinned.rstrip("/").rsplit("/", 1)[-1]
+    mine = int(name) if pinned != path and name.isdigit() else -1
+    chosen = int(broadcast(np.int32(mine)))
+    if chosen == mine:
+        return pinned
+    if -1 in (mine, chosen):
+        seen = {-1: "not a workdir (used as it is)"}
+        raise interop.CheckpointError(
+            f"config.pretrained={path} is {seen.get(mine, f'step {mine}')} for process {jax.process_index()} but "
+            f"{seen.get(chosen, f'step {chosen}')} for process 0: every process must see the same checkpoint")
+    logging.info("config.pretrained=%s: process 0 chose step %d (this process saw %d as the latest)", path, chosen,
+                 mine)
+    return pinned.rstrip("/")[:-len(name)] + str(chosen)
+
+
+def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any, reset_head: bool = False,
+                           path: str | None = None) -> Any:
+    """Params from `path` (default `config.pretrained`; vit_jax.interop), adapted to this model (head, resolution,
+    objective).
 
     `reset_head`: a new zero head even where the checkpoint's has this run's class count (fine-tuning).
 
@@ -263,7 +297,7 @@ def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any,
 
     patch_classes = (masked_patch.num_colour_classes(config.masked_patch.colour_bits)
                      if config.objective == "masked_patch_prediction" else 0)
-    loaded = interop.load_pretrained(config.pretrained, config.model, num_classes=config.num_classes,
+    loaded = interop.load_pretrained(path or config.pretrained, config.model, num_classes=config.num_classes,
                                      image_size=config.image_size, masked_patch_classes=patch_classes,
                                      reset_head=reset_head)
     return _merge_pretrained(loaded, fresh_params)
@@ -279,10 +313,11 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     `params_only` (evaluation) does not read a checkpoint's optimizer state (opt_state None), so it may be
     evaluated under another optimizer config.
     """
-    if config.pretrained:  # the weights' numerics (GELU, LayerNorm eps), also when resuming a fine-tune of them
+    pretrained = pin_pretrained(config.pretrained) if config.pretrained else ""
+    if pretrained:  # the weights' numerics (GELU, LayerNorm eps), also when resuming a fine-tune of them
         from vit_jax import interop
 
-        interop.apply_source_numerics(config.pretrained, config.model)
+        interop.apply_source_numerics(pretrained, config.model)
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = abstract_state(config, mesh, num_steps)
@@ -300,14 +335,14 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                             float(optim.learning_rate_schedule(config.optimizer, num_steps)(meta["step"])))
         return state, restored["data_state"], meta
     state = init_state(config, mesh, num_steps)
-    if config.pretrained:
+    if pretrained:
         reset_head = not params_only and config.pretrained_head == "reset"
-        params = load_pretrained_params(config, state["params"], reset_head)
+        params = load_pretrained_params(config, state["params"], reset_head, pretrained)
         shardings = state_shardings(config, mesh, num_steps)
         state["params"] = jax.device_put(params, shardings["params"])
         tx = optim.make_optimizer(config, num_steps)
         state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
-        logging.info("initialised from pre-trained %s", config.pretrained)
+        logging.info("initialised from pre-trained %s", pretrained)
     return state, None, {}
 
 

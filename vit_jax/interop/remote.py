@@ -62,6 +62,26 @@ def _errors(path: str, doing: str) -> Iterator[None]:
         raise CheckpointError(f"{path}: cannot {doing} ({type(e).__name__}: {e.message})") from e
 
 
+def pinned_step(path: str) -> str:
+    """The step directory an orbax workdir or `checkpoints/` directory at `path` names now (its latest finished
+    step), local or remote; `path` itself for anything else (a step directory, a file, an HF model directory).
+
+    Reading through the returned path more than once (the numerics, then the weights), or from several processes,
+    reads one step, even while the run that owns the workdir saves a newer one.
+    """
+    path = os.fspath(path)
+    if not is_remote(path):
+        return orbax_io.step_dir(path) if orbax_io.is_orbax_dir(path) else path
+    gfile = _gfile()
+    with _errors(path, "read"):
+        root = path.rstrip("/")
+        if not gfile.isdir(root):
+            return path
+        step = orbax_io.step_dir(root, must_exist=gfile.isdir(posixpath.join(root, "checkpoints")),
+                                 isdir=gfile.isdir, listdir=lambda p: _listdir(gfile, p), finalized=_finalized(gfile))
+        return step or path
+
+
 def local_copy(path: str, cache: str | None = None) -> str:
     """`path` when it is local; else a local copy of the checkpoint it names, kept in `cache` (default `cache_dir()`).
 
