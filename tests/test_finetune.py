@@ -218,3 +218,19 @@ def test_a_checkpoint_with_this_runs_class_count_gets_a_zero_head_unless_kept(pr
     finally:
         ckpt.close()
     np.testing.assert_array_equal(_head(evaluated["params"]), old)
+
+
+def test_evaluating_a_checkpoint_for_other_classes_is_refused_not_scored_at_chance(pretrained, tmp_path):
+    """--mode=eval of the 10-class checkpoint as a 7-class model: an error, where a new zero head would score
+    chance accuracy without a word."""
+    from vit_jax.interop import CheckpointError
+
+    pretrained_dir, _, _ = pretrained
+    config = _digits_config(pretrained=pretrained_dir, num_classes=7, tfds_data_dir=str(tmp_path / "unused"))
+    ckpt = checkpoints.Checkpoints(str(tmp_path / "eval"), keep=1)
+    try:
+        with pytest.raises(CheckpointError, match=r"cannot be evaluated as a 7-class classifier: the checkpoint's "
+                                                  r"head has 10 classes"):
+            train.restore_or_init(config, sharding.make_mesh(config), config.total_steps, ckpt, params_only=True)
+    finally:
+        ckpt.close()

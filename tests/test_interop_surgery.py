@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -92,6 +94,22 @@ def test_adapt_resets_a_fitting_head_when_asked_and_keeps_the_rest():
     assert not adapted["head/kernel"].any() and (adapted["head/bias"] == -1.0).all()
     for key in ("cls", POSEMB_KEY, "encoder/kernel"):
         np.testing.assert_array_equal(adapted[key], flat[key])
+
+
+@pytest.mark.parametrize("classes, pre_logits, reason", [
+    (10, 0, "the checkpoint's head has 10 classes"),
+    (21, 16, "its input was the dropped pre_logits"),
+])
+def test_evaluation_refuses_a_head_that_cannot_serve_instead_of_a_new_one(classes, pre_logits, reason):
+    flat = _checkpoint(classes, pre_logits)
+    expected = {"cls": (1, 1, 8), POSEMB_KEY: (1, 17, 8), "encoder/kernel": (8, 8), "head/kernel": (8, 21),
+                "head/bias": (21,)}
+    with pytest.raises(CheckpointError, match=rf"^ckpt.npz: cannot be evaluated as a 21-class classifier: "
+                                              rf"{re.escape(reason)}, and a new head would score chance"):
+        adapt_to_model(flat, expected, require_head=True, source="ckpt.npz")
+    fitting = _checkpoint()
+    adapted, actions = adapt_to_model(fitting, {k: v.shape for k, v in fitting.items()}, require_head=True)
+    assert actions == [] and adapted["head/kernel"] is fitting["head/kernel"]
 
 
 def test_new_head_shapes():

@@ -284,11 +284,12 @@ def pin_pretrained(path: str, broadcast: Callable[[Any], Any] | None = None) -> 
 
 
 def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any, reset_head: bool = False,
-                           path: str | None = None) -> Any:
+                           path: str | None = None, require_head: bool = False) -> Any:
     """Params from `path` (default `config.pretrained`; vit_jax.interop), adapted to this model (head, resolution,
     objective).
 
     `reset_head`: a new zero head even where the checkpoint's has this run's class count (fine-tuning).
+    `require_head`: the checkpoint's own head or an error, never a new one (evaluation).
 
     Also sets `config.model`'s numerics (GELU flavour, LayerNorm eps) to the weights' origin, in place: every
     model built from `config` afterwards (the train and eval steps) computes as the weights did at home.
@@ -299,7 +300,7 @@ def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any,
                      if config.objective == "masked_patch_prediction" else 0)
     loaded = interop.load_pretrained(path or config.pretrained, config.model, num_classes=config.num_classes,
                                      image_size=config.image_size, masked_patch_classes=patch_classes,
-                                     reset_head=reset_head)
+                                     reset_head=reset_head, require_head=require_head)
     return _merge_pretrained(loaded, fresh_params)
 
 
@@ -337,7 +338,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     state = init_state(config, mesh, num_steps)
     if pretrained:
         reset_head = not params_only and config.pretrained_head == "reset"
-        params = load_pretrained_params(config, state["params"], reset_head, pretrained)
+        params = load_pretrained_params(config, state["params"], reset_head, pretrained, require_head=params_only)
         shardings = state_shardings(config, mesh, num_steps)
         state["params"] = jax.device_put(params, shardings["params"])
         tx = optim.make_optimizer(config, num_steps)

@@ -158,13 +158,15 @@ def _source_grid_side(flat: Flat, source: str) -> int:
 def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_classes: int | None = None,
                     image_size: int | None = None, source_format: str | None = None,
                     resize_method: str = "bilinear", set_numerics: bool = True,
-                    masked_patch_classes: int = 0, reset_head: bool = False) -> dict[str, Any]:
+                    masked_patch_classes: int = 0, reset_head: bool = False,
+                    require_head: bool = False) -> dict[str, Any]:
     """Params for the model `model_config` describes, from any supported checkpoint.
 
     `num_classes` / `image_size` (default: the checkpoint's own) give the target model; a different class
     count gets a new zero-initialised head (`reset_head`: whatever the class count), a different resolution
     resized position embeddings, and a `representation_size=0` config drops the checkpoint's pre_logits — each
-    logged. A masked-patch-prediction checkpoint loses its pre-training head (logged) and gets a new zero head;
+    logged; `require_head` (evaluation) raises CheckpointError instead of putting in a new head. A
+    masked-patch-prediction checkpoint loses its pre-training head (logged) and gets a new zero head;
     `masked_patch_classes > 0` targets the pre-training model instead
     (`vit_jax.masked_patch.build_pretraining_model`). With `set_numerics`, `model_config.gelu_approximate` and
     `.layernorm_epsilon` are set (in place) to the weights' origin, so `build_model(model_config, ...)` computes
@@ -188,6 +190,7 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
     expected = expected_shapes(model_config, num_classes, image_size, masked_patch_classes)
     flat, actions = surgery.adapt_to_model(flat, expected, head_bias_init=model_config.head_bias_init,
                                            resize_method=resize_method, reset_head=reset_head,
+                                           require_head=require_head,
                                            source=f"{ckpt.location} ({ckpt.source_format})")
     for action in actions:
         logging.info("%s: %s", ckpt.location, action)

@@ -122,7 +122,7 @@ def _drop(flat: Flat, keys: tuple[str, ...]) -> list[str]:
 
 
 def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init: float = 0.0,
-                   resize_method: str = "bilinear", reset_head: bool = False,
+                   resize_method: str = "bilinear", reset_head: bool = False, require_head: bool = False,
                    source: str = "checkpoint") -> tuple[Flat, list[str]]:
     """Make a checkpoint fit a target model: swap task heads, drop unwanted pre_logits, resize the posemb.
 
@@ -131,8 +131,9 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
     loaded into the pre-training model loses `head` / `pre_logits` and gets a fresh masked-patch head. A head
     for another class count becomes a new zero head; with `reset_head`, so does one of the right shape
     (fine-tuning starts from a zero head, as in the paper and big_vision, whatever the checkpoint's class
-    count). Returns the adapted params and one line per change made. Raises CheckpointError listing every key
-    that still does not fit (missing, unexpected, wrong shape) — never a partial load.
+    count). `require_head` (evaluation) refuses instead a checkpoint whose own head cannot serve: a new zero head
+    would score chance. Returns the adapted params and one line per change made. Raises CheckpointError listing
+    every key that still does not fit (missing, unexpected, wrong shape) — never a partial load.
     """
     flat = dict(flat)
     actions: list[str] = []
@@ -169,6 +170,10 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
             head_stale = f"the checkpoint's head has {have.shape[-1]} classes"
         elif have is not None and not head_stale and reset_head:
             head_stale = "fine-tuning starts from a new head; the checkpoint's has the same class count"
+        if head_stale and require_head:
+            raise CheckpointError(f"{source}: cannot be evaluated as a {want[1]}-class classifier: {head_stale}, and "
+                                  "a new head would score chance; evaluate a checkpoint trained for these classes, "
+                                  "or fine-tune this one first (--mode=train)")
         if head_stale:
             flat.update(new_head(want[0], want[1], head_bias_init))
             actions.append(f"new zero-initialised head with {want[1]} classes ({head_stale})")
