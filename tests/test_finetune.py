@@ -187,6 +187,17 @@ def test_finetune_presets_follow_the_paper(dataset):
     config_check.validate(config, 8)
 
 
+@pytest.mark.parametrize("arg, lr, dropout", [
+    # google-research/vision_transformer: configs/vit.py (lr) and configs/models.py (dropout_rate).
+    ("cifar10,B/16", 0.01, 0.0), ("cifar10", 0.01, 0.0), ("cifar100,B/16", 0.03, 0.0), ("cifar10,B/32", 0.03, 0.0),
+    ("imagenet2012,L/16", 0.03, 0.1), ("imagenet2012,L/32", 0.03, 0.0), ("imagenet2012,H/14", 0.03, 0.1),
+    ("cifar10,R50+B/16", 0.03, 0.1), ("oxford_iiit_pet,S/16", 0.003, 0.0),
+])
+def test_finetune_keeps_the_original_codes_learning_rate_and_dropout_exceptions(arg, lr, dropout):
+    config = finetune.get_config(arg)
+    assert (config.optimizer.lr, config.model.dropout_rate) == (lr, dropout)
+
+
 def test_finetune_rejects_an_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'cifar11'.*valid:"):
         finetune.get_config("cifar11")
