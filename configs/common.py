@@ -12,7 +12,10 @@ devices, so per-device micro-batch = batch_size / accum_steps / (data * fsdp).
 Weight decay follows the paper's convention: `optimizer.weight_decay` is multiplied by the learning rate
 (optax.adamw; flax.optim.Adam in the original code): the paper's 0.03 for ImageNet-21k, 0.1 for JFT-300M.
 big_vision's `wd` is multiplied by the schedule only, not by the base learning rate: its `lr=1e-3, wd=1e-4`
-is `optimizer.weight_decay = wd / lr = 0.1` here.
+is `optimizer.weight_decay = wd / lr = 0.1` here. That conversion is for Adam: with SGD, `weight_decay` is an
+L2 term added to the gradient before momentum (optax.add_decayed_weights: classic L2 regularisation), which
+momentum 0.9 amplifies about tenfold against big_vision's decoupled decay. The SGD momentum buffer is float32
+(the original code and big_vision keep it in bfloat16 to save memory: the same update up to its rounding).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     m.resnet_layers = tuple(v.resnet_layers or ())
     m.resnet_width = 1
     m.classifier = "token"  # "token" (class token) or "gap" (global average pool, no class token)
-    m.representation_size = 0  # 0: no pre-logits layer; >0: a tanh Dense layer of this size before the head
+    # 0: no pre-logits layer (big_vision, AugReg); >0: a tanh Dense layer of this size before the head (the
+    # paper's ImageNet-21k pre-training used hidden_size; fine-tuning drops it).
+    m.representation_size = 0
     m.dropout_rate = 0.1
     m.attention_dropout_rate = 0.0
     m.stochastic_depth = 0.0  # drop-path rate at the last block, linearly increasing from 0
@@ -49,7 +54,7 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     # Numerics of the weights' origin: the original checkpoints use tanh-approximate GELU and LN eps 1e-6.
     m.gelu_approximate = True
     m.layernorm_epsilon = 1e-6
-    m.head_bias_init = 0.0  # about -6.9 for sigmoid (multi-label) pre-training
+    m.head_bias_init = 0.0  # for sigmoid (multi-label) pre-training big_vision's vit_i21k.py uses -10
     return m
 
 
