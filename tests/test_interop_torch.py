@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.test_interop_common import IMAGE_SIZE, logits_of, random_images, random_params, tiny_config
-from vit_jax.interop import detect_format, load_pretrained, save_as
+from vit_jax.interop import CheckpointError, detect_format, load_pretrained, save_as
 from vit_jax.interop.common import flatten, params_to_canonical
 
 torch = pytest.importorskip("torch")
@@ -200,3 +200,53 @@ def test_timm_checkpoint_at_another_resolution_and_class_count(tmp_path):
                                       interpolation="bicubic", antialias=False).numpy()
     np.testing.assert_allclose(flat["Transformer/posembed_input/pos_embedding"], expected, atol=1e-5)
     assert flat["head/kernel"].shape == (64, 3) and not flat["head/kernel"].any()
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 8}, r"num_attention_heads=8 but the model config has num_heads=4"),
+    ({"hidden_act": "relu"}, r"hidden_act='relu' is not supported; valid: \['gelu', "),
+])
+def test_hf_directories_whose_config_the_model_cannot_follow_are_refused(tmp_path, change, message):
+    """8 heads of width 8 hold the same arrays as 4 of 16: only config.json tells them apart, so it is read."""
+    import json
+
+    _hf_model().save_pretrained(tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=f"^{cfg_path}: {message}"):
+        load_pretrained(str(tmp_path / "hf"), tiny_config())
+
+
+def test_timm_models_this_model_cannot_compute_are_refused(tmp_path):
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    fc_norm = VisionTransformer(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                                num_classes=NUM_CLASSES, global_pool="avg", class_token=False, fc_norm=True)
+    path = str(tmp_path / "fc_norm.safetensors")
+    save_file(fc_norm.state_dict(), path)
+    with pytest.raises(CheckpointError, match=rf"^{path}: timm model with fc_norm \(LayerNorm after pooling\)"):
+        load_pretrained(path, tiny_config(classifier="gap"))
+
+    hybrid = {"patch_embed.backbone.stem.conv.weight": torch.zeros(64, 3, 7, 7),
+              **{k: v for k, v in _timm_model("token").state_dict().items() if not k.startswith("patch_embed.")}}
+    path = str(tmp_path / "hybrid.safetensors")
+    save_file(hybrid, path)
+    with pytest.raises(CheckpointError, match=rf"^{path}: a timm hybrid \(ResNetV2 backbone"):
+        load_pretrained(path, tiny_config())
+
+
+def test_bfloat16_safetensors_are_read_through_torch(tmp_path):
+    """numpy has no bfloat16: such a file is read through torch, to float32 values equal to the bf16 ones."""
+    from safetensors.torch import save_file
+
+    model = _timm_model("token", seed=3)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    path = str(tmp_path / "bf16.safetensors")
+    save_file(state, path)
+    params = flatten(load_pretrained(path, tiny_config()))
+    np.testing.assert_array_equal(params["cls"].reshape(-1), state["cls_token"].float().numpy().reshape(-1))
+    np.testing.assert_array_equal(params["head/bias"], state["head.bias"].float().numpy())
