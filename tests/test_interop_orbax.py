@@ -94,6 +94,27 @@ def test_training_checkpoint_loads_at_new_resolution_and_class_count(classifier_
     assert "model.gelu_approximate=False" in log
 
 
+def test_a_checkpoint_without_a_head_needs_a_class_count_and_each_command_says_what_it_does(masked_patch_run):
+    """load_pretrained cannot guess a class count; predict refuses (it would predict nothing); visualize, whose
+    figures never read the head, takes a 1-class zero head and the encoder as trained."""
+    from vit_jax import predict, visualize
+    from vit_jax.errors import UserError
+    from vit_jax.interop import MissingHeadError
+
+    workdir, trained, config = masked_patch_run
+    with pytest.raises(MissingHeadError, match=rf"^{workdir}/checkpoints/2: has no classification head"):
+        load_pretrained(workdir, tiny_config().model)
+    with pytest.raises(UserError, match=rf"^--checkpoint={workdir}: has no classification head .* predict needs a "
+                                        "fine-tuned classifier"):
+        predict.load_params(workdir, tiny_config())
+    loaded = flatten(visualize.load_params(workdir, tiny_config().model))
+    assert loaded["head/kernel"].shape == (32, 1) and not loaded["head/kernel"].any()
+    old = params_to_canonical(trained)
+    for key in old:
+        if not key.startswith(("masked_patch_head", "mask_embedding")):
+            np.testing.assert_array_equal(loaded[key], old[key], err_msg=key)
+
+
 def test_masked_patch_checkpoint_loads_into_a_classifier(masked_patch_run, caplog):
     workdir, trained, _ = masked_patch_run
     assert "masked_patch_head" in trained and "head" not in trained

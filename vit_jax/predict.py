@@ -102,11 +102,9 @@ def load_params(checkpoint: str, config: ml_collections.ConfigDict, source_forma
     try:
         params = interop.load_pretrained(checkpoint, config.model, image_size=config.image_size,
                                          source_format=source_format)
-    except interop.CheckpointError as e:
-        if "classification head" in str(e):
-            raise UserError(f"--checkpoint={checkpoint}: has no classification head (a masked-patch-prediction "
-                            "or feature-extractor checkpoint?); predict needs a fine-tuned classifier") from e
-        raise
+    except interop.MissingHeadError as e:
+        raise UserError(f"--checkpoint={checkpoint}: has no classification head (a masked-patch-prediction "
+                        "or feature-extractor checkpoint?); predict needs a fine-tuned classifier") from e
     return params, int(np.shape(params["head"]["kernel"])[-1])
 
 
