@@ -1,7 +1,9 @@
 """Optimizer, schedule, step count and losses against hand-computed references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests.train_helpers import tiny_config
@@ -84,6 +86,47 @@ def test_sgd_uses_momentum():
     second, _ = tx.update(grads, state, params)
     np.testing.assert_allclose(first["w"], [-1.0, -2.0], rtol=1e-3)
     np.testing.assert_allclose(second["w"], [-1.9, -3.8], rtol=1e-3)  # g + 0.9 g, lr ~1 (cosine barely moved)
+
+
+def _by_name(tree):
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_sgd_weight_decay_is_l2_on_kernels_only_through_momentum():
+    """SGD with weight_decay: the first step is -lr * (g + wd * w) on kernels and -lr * g on every other leaf
+    (biases, LayerNorm, position embeddings, the class token); the second carries the decayed gradient in momentum.
+    Reference in float64 numpy."""
+    lr, wd, mu, num_steps = 0.1, 0.25, 0.9, 100
+    config = tiny_config(**{"optimizer.name": "sgd", "optimizer.lr": lr, "optimizer.warmup_steps": 0,
+                            "optimizer.schedule": "linear", "optimizer.weight_decay": wd,
+                            "optimizer.grad_clip_norm": 0.0, "optimizer.momentum": mu})
+    tx = optim.make_optimizer(config, num_steps)
+    shapes = {"embedding": {"kernel": (2, 2, 3, 4), "bias": (4,)}, "cls": (1, 1, 4),
+              "Transformer": {"posembed_input": {"pos_embedding": (1, 5, 4)}, "encoderblock_0": {
+                  "LayerNorm_0": {"scale": (4,), "bias": (4,)},
+                  "MultiHeadDotProductAttention_1": {"query": {"kernel": (4, 2, 2), "bias": (2, 2)}},
+                  "MlpBlock_3": {"Dense_0": {"kernel": (4, 8), "bias": (8,)}}}},
+              "head": {"kernel": (4, 3), "bias": (3,)}}
+    rng = np.random.RandomState(0)
+    params, grads, grads_2 = (jax.tree.map(lambda shape: jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                                           shapes, is_leaf=lambda x: isinstance(x, tuple)) for _ in range(3))
+
+    state = tx.init(params)
+    first, state = tx.update(grads, state, params)
+    second, _ = tx.update(grads_2, state, optax.apply_updates(params, first))
+
+    w0, g1, g2, got1, got2 = (_by_name(jax.tree.map(lambda a: np.asarray(a, np.float64), t))
+                              for t in (params, grads, grads_2, first, second))
+    kernels = {name for name in w0 if name.endswith("['kernel']")}
+    assert len(kernels) == 4 and len(w0) == 12  # both kinds of leaf are in the tree
+    lr_2 = lr * (1 - 1 / num_steps)  # the linear decay at step 1 (at step 0 it is exactly lr: no warmup)
+    for name, w in w0.items():
+        decay = wd if name in kernels else 0.0
+        d1 = g1[name] + decay * w  # L2: the decay joins the gradient before momentum (from a zero buffer)
+        np.testing.assert_allclose(got1[name], -lr * d1, rtol=1e-6, atol=1e-8, err_msg=name)
+        w1 = w - lr * d1
+        expected2 = -lr_2 * (g2[name] + decay * w1 + mu * d1)
+        np.testing.assert_allclose(got2[name], expected2, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_losses_match_their_formulas():
