@@ -130,6 +130,39 @@ def test_abstract_state_carries_the_shardings_the_step_is_compiled_for():
     assert batch_shardings["image"].spec == sharding.batch_sharding(mesh).spec
 
 
+def test_step_flops_counts_every_block_and_micro_batch_near_3x_the_analytic_forward():
+    """XLA counts a loop body once: scanned blocks and accumulation scans must still count the whole step, and a
+    training step costs about 3 forward passes (forward + two backward matmuls each)."""
+    from vit_jax.summary import layer_table
+
+    def flops(**overrides):
+        # Batch 128: the once-per-step optimizer update, which step_flops counts once per micro-batch, stays small.
+        config = tiny_config(**{"mesh.data": 1, "batch_size": 128, **overrides})
+        return train.step_flops(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps), config
+
+    plain, config = flops()
+    accumulated, _ = flops(**{"accum_steps": 4, "model.scan": True})
+    assert accumulated == pytest.approx(plain, rel=0.01)
+    analytic = 3 * sum(row.flops for row in layer_table(config)) * config.batch_size
+    assert plain == pytest.approx(analytic, rel=0.10)
+    assert accumulated == pytest.approx(analytic, rel=0.10)
+
+
+def test_progress_line_mfu_eta_and_throughput():
+    assert jax.device_count() == 8  # tests/conftest.py: MFU divides by the peak of all 8 devices
+    # 2e12 FLOP in 1 s on 8 devices of 1e12 FLOP/s peak: 25%; 100 steps left at 1 s/step: 1m40s.
+    assert train.progress_line(400, 500, 0.21, 850.0, 1.0, 2e12, 1e12) == (
+        "step 400/500 | loss 0.2100 | 850 img/s | ETA 1m40s | 2 TFLOP/s | MFU 25.0%")
+    # 3700 steps at 0.5 s: 1850 s (under an hour: minutes and seconds); 3e12 FLOP in 0.5 s = 6 TFLOP/s of
+    # 8 x 2e12: 37.5%.
+    assert train.progress_line(300, 4000, 1.23456, 12345.6, 0.5, 3e12, 2e12) == (
+        "step 300/4000 | loss 1.2346 | 12,346 img/s | ETA 30m50s | 6 TFLOP/s | MFU 37.5%")
+    # 7322 s: over an hour, hours and minutes; an unknown device peak gives no MFU.
+    assert train.progress_line(0, 7322, 2.5, 8.0, 1.0, 1.5e12, None) == (
+        "step 0/7322 | loss 2.5000 | 8 img/s | ETA 2h02m | 1.5 TFLOP/s | MFU n/a")
+    assert train.peak_flops_per_device() is None  # a CPU has no entry in PEAK_FLOPS
+
+
 def _main(*args, timeout=900):
     import os
     import subprocess
