@@ -120,6 +120,26 @@ def _gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
+def _attention_branch(x, blk, eps=1e-6):
+    """An encoder block's first residual branch, Attn(LN(x)), in float64 numpy (`blk`: the block's params)."""
+    y = _layer_norm(x, blk["LayerNorm_0"]["scale"], blk["LayerNorm_0"]["bias"], eps)
+    att = blk["MultiHeadDotProductAttention_1"]
+    q, k, v = (np.einsum("btd,dhk->bthk", y, att[n]["kernel"]) + att[n]["bias"] for n in ("query", "key", "value"))
+    logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    y = np.einsum("bhqt,bthk->bqhk", weights, v)
+    return np.einsum("bqhk,hkd->bqd", y, att["out"]["kernel"]) + att["out"]["bias"]
+
+
+def _mlp_branch(x, blk, eps=1e-6):
+    """An encoder block's second residual branch, MLP(LN(x)), in float64 numpy."""
+    y = _layer_norm(x, blk["LayerNorm_2"]["scale"], blk["LayerNorm_2"]["bias"], eps)
+    mlp = blk["MlpBlock_3"]
+    y = _gelu_tanh(y @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"])
+    return y @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
+
+
 def reference_vit(params, images, classifier, patch, num_heads, eps=1e-6):
     """The ViT forward pass in float64 numpy, written from the paper's equations."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
@@ -136,18 +156,8 @@ def reference_vit(params, images, classifier, patch, num_heads, eps=1e-6):
     i = 0
     while f"encoderblock_{i}" in t:
         blk = t[f"encoderblock_{i}"]
-        y = _layer_norm(x, blk["LayerNorm_0"]["scale"], blk["LayerNorm_0"]["bias"], eps)
-        att = blk["MultiHeadDotProductAttention_1"]
-        q, k, v = (np.einsum("btd,dhk->bthk", y, att[n]["kernel"]) + att[n]["bias"] for n in ("query", "key", "value"))
-        logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
-        weights = np.exp(logits - logits.max(-1, keepdims=True))
-        weights /= weights.sum(-1, keepdims=True)
-        y = np.einsum("bhqt,bthk->bqhk", weights, v)
-        x = x + np.einsum("bqhk,hkd->bqd", y, att["out"]["kernel"]) + att["out"]["bias"]
-        y = _layer_norm(x, blk["LayerNorm_2"]["scale"], blk["LayerNorm_2"]["bias"], eps)
-        mlp = blk["MlpBlock_3"]
-        y = _gelu_tanh(y @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"])
-        x = x + y @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
+        x = x + _attention_branch(x, blk, eps)
+        x = x + _mlp_branch(x, blk, eps)
         i += 1
     x = _layer_norm(x, t["encoder_norm"]["scale"], t["encoder_norm"]["bias"], eps)
     x = x[:, 0] if classifier == "token" else x.mean(1)
@@ -251,6 +261,84 @@ def test_stochastic_depth_and_dropout_only_in_training():
     train = [model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(s)}) for s in (0, 1)]
     assert not np.allclose(train[0], train[1])
     assert not np.allclose(train[0], eval_a)
+
+
+def _noise_params(module, x, scale=0.5, **kwargs):
+    """Noise of the shapes `module.init(..., x, **kwargs)` gives (in training it needs a dropout rng to init)."""
+    shapes = jax.eval_shape(
+        lambda: module.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, x[:1], **kwargs))
+    rng = np.random.RandomState(1)  # numpy: no small jax program to compile per leaf shape
+    return jax.tree.map(lambda a: (scale * rng.standard_normal(a.shape)).astype(np.float32),
+                        nn.unbox(shapes["params"]))
+
+
+def _kept_branches(x, out, blk, keep, atol=1e-4):
+    """(batch, 2) 0/1: which of an EncoderBlock's residual branches (attention, MLP) each example kept, found as
+    the one of the four keep/drop combinations, computed in float64 (a kept branch rescaled by 1 / keep), that the
+    block's output `out` equals. Asserts that exactly one combination matches every example: a branch kept for
+    some tokens of an example and dropped for others, or kept without the rescaling, matches none."""
+    x, out = np.asarray(x, np.float64), np.asarray(out, np.float64)
+    blk = jax.tree.map(lambda a: np.asarray(a, np.float64), blk)
+    attention = _attention_branch(x, blk) / keep
+    combos, candidates = [], []
+    for a in (0, 1):
+        mid = x + a * attention
+        mlp = _mlp_branch(mid, blk) / keep
+        for m in (0, 1):
+            combos.append((a, m))
+            candidates.append(mid + m * mlp)
+    errors = np.stack([np.abs(out - c).max(axis=(1, 2)) for c in candidates], axis=1)  # (batch, 4)
+    ranked = np.sort(errors, axis=1)
+    assert ranked[:, 0].max() < atol  # every example is one of the four
+    assert ranked[:, 1].min() > 100 * atol  # and only one: the test can tell them apart
+    return np.array(combos)[errors.argmin(axis=1)]
+
+
+def test_stochastic_depth_drops_whole_branches_per_example_at_its_rate():
+    """Drop-path on a plain EncoderBlock: per example, each residual branch is kept whole (x + branch / keep) or
+    dropped whole (nothing added), the attention and MLP branches independently, each dropped at the rate."""
+    from vit_jax.models.vit import EncoderBlock
+
+    rate, n = 0.5, 4096
+    block = EncoderBlock(num_heads=2, mlp_dim=16, use_stochastic_depth=True, deterministic=False)
+    x = jax.random.normal(jax.random.key(2), (n, 4, 8))
+    params = _noise_params(block, x)
+    out = jax.jit(lambda p: block.apply({"params": p}, x, rate, rngs={"dropout": jax.random.key(3)}))(params)
+    kept = _kept_branches(x, out, params, keep=1 - rate)
+    sigma = np.sqrt(rate * (1 - rate) / n)
+    dropped = 1 - kept.mean(axis=0)  # (attention, MLP)
+    assert np.all(np.abs(dropped - rate) < 5 * sigma), dropped
+    both = kept.sum(axis=1) == 0  # independent draws: both dropped at rate^2
+    assert abs(both.mean() - rate**2) < 5 * np.sqrt(rate**2 * (1 - rate**2) / n), both.mean()
+    np.testing.assert_array_equal(np.asarray(out)[both], np.asarray(x)[both])  # exactly the input
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_encoder_stochastic_depth_grows_linearly_from_zero_at_the_first_block(scan):
+    """Encoder(stochastic_depth=0.5) over 3 blocks drops at 0, 0.25, 0.5: measured block by block from each
+    block's captured input and output (with scan the rates are a scanned array, the blocks' rngs split)."""
+    from vit_jax.models.vit import Encoder
+
+    n, rates = 4096, (0.0, 0.25, 0.5)
+    encoder = Encoder(num_layers=3, num_heads=2, mlp_dim=16, stochastic_depth=0.5, scan=scan)
+    x = jax.random.normal(jax.random.key(2), (n, 4, 8))
+    params = _noise_params(encoder, x, train=True)
+    _, state = jax.jit(lambda p: encoder.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(3)},
+                                               capture_intermediates=True, mutable=["intermediates"]))(params)
+    captured = jax.device_get(state["intermediates"])
+    if scan:
+        outputs = list(captured["encoderblock"]["__call__"][0])  # stacked over depth
+        blocks = [jax.tree.map(lambda a, i=i: a[i], params["encoderblock"]) for i in range(3)]
+    else:
+        outputs = [captured[f"encoderblock_{i}"]["__call__"][0] for i in range(3)]
+        blocks = [params[f"encoderblock_{i}"] for i in range(3)]
+    inputs = [captured["posembed_input"]["__call__"][0], *outputs[:-1]]  # dropout_rate 0: posembed feeds block 0
+    for i, rate in enumerate(rates):
+        dropped = 1 - _kept_branches(inputs[i], outputs[i], blocks[i], keep=1 - rate).mean(axis=0)
+        if rate == 0:
+            np.testing.assert_array_equal(dropped, 0.0)  # the first block never drops
+        else:
+            assert np.all(np.abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / n)), (i, dropped)
 
 
 def test_hybrid_forward_and_stride():
