@@ -92,6 +92,21 @@ def base():
      "config.mesh.model=0 is invalid: expected a positive integer or -1"),
     (lambda c: setattr(c.mesh, "data", -2), "mesh.data",
      "config.mesh.data=-2 is invalid: expected a positive integer or -1"),
+    (lambda c: (setattr(c.model, "variant", "custom"), setattr(c.model, "resnet_layers", (3, 4, 9)),
+                setattr(c.model, "resnet_width", 0)), "model.resnet_width",
+     "config.model.resnet_width=0 is invalid: expected a positive integer width multiplier"),
+    (lambda c: setattr(c.optimizer, "weight_decay", -0.1), "optimizer.weight_decay",
+     "config.optimizer.weight_decay=-0.1 is invalid: expected a decay >= 0 (0: none)"),
+    (lambda c: setattr(c.optimizer, "grad_clip_norm", -1.0), "optimizer.grad_clip_norm",
+     "config.optimizer.grad_clip_norm=-1.0 is invalid: expected a norm >= 0 (0: no clipping)"),
+    (lambda c: setattr(c.optimizer, "label_smoothing", 1.5), "optimizer.label_smoothing",
+     "config.optimizer.label_smoothing=1.5 is invalid: expected a value in [0, 1)"),
+    (lambda c: setattr(c.optimizer, "momentum", 1.5), "optimizer.momentum",
+     "config.optimizer.momentum=1.5 is invalid: expected a value in [0, 1)"),
+    (lambda c: setattr(c.optimizer, "b2", 1.0), "optimizer.b2",
+     "config.optimizer.b2=1.0 is invalid: expected a value in [0, 1)"),
+    (lambda c: setattr(c.optimizer, "b1", float("nan")), "optimizer.b1",
+     "config.optimizer.b1=nan is invalid: expected a value in [0, 1)"),
 ])
 def test_bad_config_names_field_value_and_valid_choices(mutate, field, hint):
     config = base()

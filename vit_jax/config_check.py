@@ -105,6 +105,8 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     if model.resnet_layers:
         if any(not isinstance(n, int) or n <= 0 for n in model.resnet_layers):
             _fail("model.resnet_layers", model.resnet_layers, "expected positive units per stage, e.g. (3, 4, 9)")
+        if isinstance(model.resnet_width, bool) or not isinstance(model.resnet_width, int) or model.resnet_width <= 0:
+            _fail("model.resnet_width", model.resnet_width, "expected a positive integer width multiplier (1: BiT-R50)")
         stride = resnet_stride(tuple(model.resnet_layers))
         if model.patch_size % stride:
             _fail("model.patch_size", model.patch_size,
@@ -131,8 +133,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         _fail("optimizer.name", config.optimizer.name, f"expected one of {OPTIMIZERS}")
     if config.optimizer.schedule not in SCHEDULES:
         _fail("optimizer.schedule", config.optimizer.schedule, f"expected one of {SCHEDULES}")
-    if not config.optimizer.lr > 0:
-        _fail("optimizer.lr", config.optimizer.lr, "expected a positive learning rate")
+    opt = config.optimizer
+    if not opt.lr > 0:
+        _fail("optimizer.lr", opt.lr, "expected a positive learning rate")
+    for field, what in (("weight_decay", "a decay >= 0 (0: none)"), ("grad_clip_norm", "a norm >= 0 (0: no clipping)")):
+        if not opt[field] >= 0:  # also refuses nan
+            _fail(f"optimizer.{field}", opt[field], f"expected {what}")
+    for field in ("b1", "b2", "momentum", "label_smoothing"):
+        if not 0.0 <= opt[field] < 1.0:
+            _fail(f"optimizer.{field}", opt[field], "expected a value in [0, 1)")
     for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints"):
         positive_int(config, field)
