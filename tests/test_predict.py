@@ -160,6 +160,28 @@ def test_read_image_matches_eval_preprocessing_for_any_size(tmp_path):
         np.testing.assert_array_equal(image, preprocess.to_unit_range(evaluated))
 
 
+def test_read_image_resizes_to_image_size_and_scales_to_unit_range(tmp_path):
+    pixels = np.zeros((30, 50, 3), np.uint8)
+    pixels[..., 0] = 255  # pure red, any size: resizing keeps it red
+    pixels[..., 2] = 51
+    Image.fromarray(pixels).save(tmp_path / "red.png")
+    image = predict.read_image(tmp_path / "red.png", 16)
+    assert image.shape == (16, 16, 3) and image.dtype == np.float32
+    np.testing.assert_allclose(image[..., 0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(image[..., 1], -1.0, atol=1e-6)
+    np.testing.assert_allclose(image[..., 2], 51 / 127.5 - 1, atol=1e-6)
+
+
+def test_read_image_crops_the_centre_with_eval_crop_fraction(tmp_path):
+    pixels = np.zeros((20, 20), np.uint8)
+    pixels[5:15, 5:15] = 255  # white centre half, black border
+    Image.fromarray(pixels).convert("RGB").save(tmp_path / "centre.png")
+    image = predict.read_image(tmp_path / "centre.png", 10, crop_fraction=0.5)
+    assert image.shape == (10, 10, 3)
+    np.testing.assert_allclose(image, 1.0, atol=1e-6)  # only the white centre is left
+    np.testing.assert_allclose(predict.read_image(tmp_path / "centre.png", 20)[0, 0], -1.0, atol=1e-6)
+
+
 def test_read_image_errors_name_the_file(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     buffer = io.BytesIO()

@@ -31,36 +31,6 @@ def png_size(path):
         return image.size
 
 
-def test_load_image_resizes_to_image_size_and_scales_to_unit_range(tmp_path):
-    pixels = np.zeros((30, 50, 3), np.uint8)
-    pixels[..., 0] = 255  # pure red, any size: resizing keeps it red
-    pixels[..., 2] = 51
-    Image.fromarray(pixels).save(tmp_path / "red.png")
-    image = visualize.load_image(tmp_path / "red.png", 16)
-    assert image.shape == (16, 16, 3) and image.dtype == np.float32
-    np.testing.assert_allclose(image[..., 0], 1.0, atol=1e-6)
-    np.testing.assert_allclose(image[..., 1], -1.0, atol=1e-6)
-    np.testing.assert_allclose(image[..., 2], 51 / 127.5 - 1, atol=1e-6)
-
-
-def test_load_image_crops_the_centre_with_eval_crop_fraction(tmp_path):
-    pixels = np.zeros((20, 20), np.uint8)
-    pixels[5:15, 5:15] = 255  # white centre half, black border
-    Image.fromarray(pixels).convert("RGB").save(tmp_path / "centre.png")
-    image = visualize.load_image(tmp_path / "centre.png", 10, crop_fraction=0.5)
-    assert image.shape == (10, 10, 3)
-    np.testing.assert_allclose(image, 1.0, atol=1e-6)  # only the white centre is left
-    np.testing.assert_allclose(visualize.load_image(tmp_path / "centre.png", 20)[0, 0], -1.0, atol=1e-6)
-
-
-def test_load_image_errors_name_the_file(tmp_path):
-    (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(UserError, match="notes.txt.*not an image"):
-        visualize.load_image(tmp_path / "notes.txt", 16)
-    with pytest.raises(UserError, match="missing.png.*no such file"):
-        visualize.load_image(tmp_path / "missing.png", 16)
-
-
 def test_sample_images_are_preprocessed_photos():
     images = visualize.sample_images(32)
     assert [name for name, _ in images] == list(visualize.SAMPLE_IMAGES)
@@ -180,5 +150,3 @@ def test_out_and_image_paths_that_cannot_work_are_user_errors(tmp_path):
         visualize._check_out(a_file / "sub")
     visualize._check_out(tmp_path / "new" / "dir")  # creatable: fine, and nothing is made yet
     assert not (tmp_path / "new").exists()
-    with pytest.raises(UserError, match="is a directory; pass image files"):
-        visualize.load_image(tmp_path, 16)

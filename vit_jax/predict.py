@@ -81,13 +81,10 @@ def read_image(path: str | pathlib.Path, image_size: int, crop_fraction: float =
     except OSError as e:
         raise UserError(f"{path}: cannot read the file ({e.strerror or e})") from e
     try:
-        image = preprocess.open_image(data)
-        pixels = preprocess.crop_and_resize(image, preprocess.central_box(*image.size, crop_fraction), image_size,
-                                            antialias)
+        return preprocess.eval_pixels(preprocess.open_image(data), image_size, crop_fraction, antialias)
     except preprocess.CorruptImageError as e:
         detail = re.sub(r"\s*<_io\.BytesIO object at \w+>", "", " ".join(str(e).split()))  # no memory addresses
         raise UserError(f"{path}: not an image file pillow can read (JPEG, PNG, ...): {detail}") from e
-    return preprocess.to_unit_range(pixels)
 
 
 def load_params(checkpoint: str, config: ml_collections.ConfigDict, source_format: str | None = None

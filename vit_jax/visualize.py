@@ -32,9 +32,9 @@ from absl import flags, logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from ml_collections import config_flags
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from vit_jax import analysis, cli, config_check
+from vit_jax import analysis, cli, config_check, predict
 from vit_jax.errors import UserError
 
 # Figure sizes in inches at FIGURE_DPI: every PNG of a kind has the same pixel size, whatever the model.
@@ -52,37 +52,6 @@ def figure_pixels(size_inches: tuple[float, float]) -> tuple[int, int]:
     return round(size_inches[0] * FIGURE_DPI), round(size_inches[1] * FIGURE_DPI)
 
 
-def preprocess(image: Image.Image, image_size: int, crop_fraction: float = 1.0, antialias: bool = False
-               ) -> np.ndarray:
-    """RGB (image_size, image_size, 3) float32 in [-1, 1], exactly as evaluation preprocesses.
-
-    The central `crop_fraction` of each side, resized to image_size (as `pp.antialias` says), with
-    `vit_jax.data.preprocess`'s functions.
-    """
-    # Imported here: importing vit_jax.data brings in grain and TFDS (~3 s), needed only once images are read.
-    from vit_jax.data import preprocess as data_preprocess
-
-    box = data_preprocess.central_box(*image.size, crop_fraction)
-    return data_preprocess.to_unit_range(data_preprocess.crop_and_resize(image, box, image_size, antialias))
-
-
-def load_image(path: str | pathlib.Path, image_size: int, crop_fraction: float = 1.0, antialias: bool = False
-               ) -> np.ndarray:
-    """An image file, preprocessed as evaluation does; a missing or unreadable file is a `UserError`."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise UserError(f"image {str(path)!r}: is a directory; pass image files (e.g. {path}/*.jpg)")
-    if not path.is_file():
-        raise UserError(f"image {str(path)!r}: no such file")
-    try:
-        with Image.open(path) as image:
-            return preprocess(image, image_size, crop_fraction, antialias)
-    # ValueError: the data module's CorruptImageError; DecompressionBombError: a file claiming too many pixels
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"image {str(path)!r}: not an image file PIL can read (PNG, JPEG, ...): "
-                        f"{' '.join(str(e).split())}") from e
-
-
 def sample_images(image_size: int, crop_fraction: float = 1.0, antialias: bool = False
                   ) -> list[tuple[str, np.ndarray]]:
     """scikit-image's sample photos (SAMPLE_IMAGES), preprocessed, with their names."""
@@ -91,7 +60,9 @@ def sample_images(image_size: int, crop_fraction: float = 1.0, antialias: bool =
     except ImportError as e:
         raise UserError("no IMAGE given and scikit-image (its sample photos stand in) is not installed: "
                         "pass image files or `pip install scikit-image`") from e
-    return [(name, preprocess(Image.fromarray(getattr(skimage.data, name)()), image_size, crop_fraction, antialias))
+    from vit_jax.data.preprocess import eval_pixels  # imports grain and TFDS (~3 s): only once images are read
+
+    return [(name, eval_pixels(Image.fromarray(getattr(skimage.data, name)()), image_size, crop_fraction, antialias))
             for name in SAMPLE_IMAGES]
 
 
@@ -296,7 +267,7 @@ def main(argv: Sequence[str]) -> None:
     crop_fraction, antialias = config.pp.eval_crop_fraction, config.pp.antialias
     # Read every image before the (slow) checkpoint, so a bad file fails at once.
     if len(argv) > 1:
-        images = [(pathlib.Path(p).stem, load_image(p, config.image_size, crop_fraction, antialias))
+        images = [(pathlib.Path(p).stem, predict.read_image(p, config.image_size, crop_fraction, antialias))
                   for p in argv[1:]]
     else:
         images = sample_images(config.image_size, crop_fraction, antialias)

@@ -200,6 +200,13 @@ def random_translate(image: np.ndarray, max_shift: int, rng: np.random.Generator
     return padded[dy:dy + image.shape[0], dx:dx + image.shape[1]]
 
 
+def eval_pixels(image: Image.Image, size: int, crop_fraction: float = 1.0, antialias: bool = False) -> np.ndarray:
+    """One image as evaluation sees it: the central `crop_fraction` of each side resized to `size` (TF-style
+    bilinear, or pillow's antialiased with `antialias`), float32 (size, size, 3) in [-1, 1]. For images from
+    outside a dataset (predict, visualize)."""
+    return to_unit_range(crop_and_resize(image, central_box(*image.size, crop_fraction), size, antialias))
+
+
 def to_unit_range(images: np.ndarray) -> np.ndarray:
     """uint8 pixels 0..255 -> float32 in [-1, 1] (the paper's value range)."""
     return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
