@@ -66,17 +66,24 @@ def time_runs(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[floa
     return [wall for wall, _ in time_runs_cpu(fn, repeats, warmup)]
 
 
-def time_runs_cpu(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[tuple[float, float]]:
-    """(wall seconds, cores busy) of each of `repeats` calls of `fn`; cores = the process's CPU time (all its
-    threads, user + system) / wall time, e.g. 1.0 for a computation that keeps one of the two cores busy."""
+def time_runs_cpu(fn: Callable[[], Any], repeats: int, warmup: int = 1, calls: int = 1
+                  ) -> list[tuple[float, float]]:
+    """(wall seconds per call, cores busy) of each of `repeats` runs of `calls` calls of `fn`; cores = the
+    process's CPU time (all its threads, user + system) / wall time, e.g. 1.0 for a computation that keeps one of
+    the two cores busy.
+
+    Linux books the CPU time of a thread running on another core at that core's scheduler ticks (~4 ms), so for
+    calls of a few ms give `calls` enough for a run to span many ticks.
+    """
     for _ in range(warmup):
         fn()
     runs = []
     for _ in range(repeats):
         start, cpu = time.perf_counter(), time.process_time()
-        fn()
+        for _ in range(calls):
+            fn()
         wall = time.perf_counter() - start
-        runs.append((wall, (time.process_time() - cpu) / wall))
+        runs.append((wall / calls, (time.process_time() - cpu) / wall))
     return runs
 
 

@@ -107,9 +107,11 @@ def time_contraction(c: Contraction, dtype: str, repeats: int) -> tuple[Run, Run
     cotangent = jax.random.normal(jax.random.key(2), out.shape, jnp.float32).astype(out.dtype)
     fwd = jax.jit(forward, compiler_options=options)
     bwd = jax.jit(backward, compiler_options=options)
-    fwd_run = common.median_run(common.time_runs_cpu(lambda: fwd(lhs, rhs).block_until_ready(), repeats, warmup=2))
+    # 5 calls per timed run: CPU time is booked per scheduler tick (common.time_runs_cpu), and a call is a few ms.
+    fwd_run = common.median_run(common.time_runs_cpu(lambda: fwd(lhs, rhs).block_until_ready(), repeats, warmup=2,
+                                                     calls=5))
     bwd_run = common.median_run(common.time_runs_cpu(lambda: jax.block_until_ready(bwd(lhs, rhs, cotangent)),
-                                                     repeats, warmup=2))
+                                                     repeats, warmup=2, calls=5))
     return fwd_run, bwd_run
 
 

@@ -44,6 +44,20 @@ def test_median_run_is_the_run_with_the_median_wall_time():
     assert common.median_run(runs[:3]) == (2.0, 1.0)
 
 
+def test_time_runs_cpu_reports_per_call_figures_over_runs_of_several_calls(monkeypatch):
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(common.time, "process_time", lambda: clock["cpu"])
+
+    def call():  # 10 ms of wall, both cores busy (20 ms of CPU)
+        clock["wall"] += 0.010
+        clock["cpu"] += 0.020
+
+    runs = common.time_runs_cpu(call, repeats=3, warmup=2, calls=4)
+    assert clock["wall"] == pytest.approx(0.010 * (2 + 3 * 4))  # the warm-up calls, then 3 runs of 4
+    assert runs == [pytest.approx((0.010, 2.0))] * 3
+
+
 def test_rounds_summarise_as_the_median_round_figures():
     """The ratio and MFU are medians of the per-round figures (not ratios of medians)."""
     flops = 100e9  # per run
