@@ -112,6 +112,59 @@ def test_eval_step_counts_each_real_example_once():
         "loss", "top1", "count"}  # top-5 of 5 classes is always right: not reported
 
 
+def _sigmoid_cross_entropy_float64(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(batch,) sum over classes of -z log sigmoid(x) - (1 - z) log(1 - sigmoid(x)), in the stable form."""
+    x, z = logits.astype(np.float64), labels.astype(np.float64)
+    return (np.maximum(x, 0) - x * z + np.log1p(np.exp(-np.abs(x)))).sum(axis=-1)
+
+
+def test_multi_label_eval_counts_positive_guesses_and_sigmoid_loss_of_real_rows_only(monkeypatch):
+    """label_kind="multi": top1 = the argmax class is a positive, top5 = one of the 5 largest is, loss = summed
+    sigmoid cross-entropy; `evaluate` averages the sums of two batches over their 25 real rows. The padding rows
+    carry images and all-positive labels (a hit and a loss if they were counted), not the pipeline's zeros."""
+    config = tiny_config(**{"mesh.data": 8, "eval_batch_size": 16, "label_kind": "multi"})
+    mesh = sharding.make_mesh(config, jax.devices())
+    params = jax.device_get(train.init_state(config, mesh, config.total_steps)["params"])
+    rng = np.random.RandomState(7)
+    # The head is zero-initialised (all logits equal, every argmax class 0): random, so the ranking means something.
+    params["head"] = {"kernel": rng.normal(0, 1, params["head"]["kernel"].shape).astype(np.float32),
+                      "bias": rng.normal(0, 1, params["head"]["bias"].shape).astype(np.float32)}
+    images = rng.uniform(-1, 1, (32, 16, 16, 3)).astype(np.float32)
+    labels = (rng.uniform(size=(32, 10)) < 0.3).astype(np.float32)
+    labels[3] = 0.0  # no positive at all: a miss for top1 and top5
+    labels[5] = 1.0  # every class positive: a hit for both
+    mask = np.ones(32, np.float32)
+    mask[25:] = 0.0  # the second batch: 9 real rows, then 7 of padding
+    labels[25:] = 1.0
+    logits = np.asarray(jax.jit(build_model(config.model, config.num_classes).apply)({"params": params}, images),
+                        np.float64)
+    real = mask > 0
+    ranked = np.argsort(-logits, axis=-1)
+    top1_hits = labels[np.arange(32), ranked[:, 0]] > 0
+    top5_hits = (np.take_along_axis(labels, ranked[:, :5], axis=-1) > 0).any(-1)
+    losses = _sigmoid_cross_entropy_float64(logits, labels)
+    assert 0 < top1_hits[real].sum() < top5_hits[real].sum() < 25  # neither test is trivially all or nothing
+
+    eval_step = train.make_eval_step(config, mesh)
+    batches = [to_device({"image": images[s], "label": labels[s], "mask": mask[s]}, sharding.batch_sharding(mesh))
+               for s in (slice(0, 16), slice(16, 32))]
+    for index, (batch, rows) in enumerate(zip(batches, (slice(0, 16), slice(16, 32)))):
+        sums = jax.device_get(eval_step(params, batch, np.int32(index)))
+        kept = real[rows]
+        assert set(sums) == {"loss", "top1", "top5", "count"}
+        assert sums["count"] == kept.sum()
+        assert sums["top1"] == top1_hits[rows][kept].sum() and sums["top5"] == top5_hits[rows][kept].sum()
+        np.testing.assert_allclose(sums["loss"], losses[rows][kept].sum(), rtol=1e-5)
+
+    from vit_jax import data
+    monkeypatch.setattr(data, "make_eval_iterator", lambda config, batch_sharding: iter(batches))
+    metrics = train.evaluate(config, eval_step, params, mesh)
+    assert set(metrics) == {"loss", "top1", "top5"}
+    np.testing.assert_allclose(metrics["loss"], losses[real].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["top1"], top1_hits[real].mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["top5"], top5_hits[real].mean(), rtol=1e-6)
+
+
 def test_nonfinite_loss_names_the_first_bad_step():
     pending = [(7, {"loss": jnp.float32(0.5)}), (8, {"loss": jnp.float32(np.nan)}), (9, {"loss": jnp.float32(np.inf)})]
     with pytest.raises(train.NonFiniteLossError, match="at step 8"):
