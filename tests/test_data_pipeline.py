@@ -49,6 +49,90 @@ def _first_epoch_indices(config, process_index, process_count, share_size):
             return indices[:share_size]
 
 
+def _reference(config, split, indices):
+    """Examples `indices` of `split` preprocessed without the code under test: the records read through TFDS's
+    own data source, PNGs decoded by TensorFlow, resized as the default pipeline (tf.image.resize bilinear,
+    antialias=False) and scaled to [-1, 1] in float64; with their one-hot labels."""
+    import glob
+    import os
+
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    (info,) = glob.glob(os.path.join(config.tfds_data_dir, "digits", "*", "dataset_info.json"))
+    source = tfds.builder_from_directory(os.path.dirname(info)).as_data_source(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    examples = [source[int(i)] for i in indices]
+    pixels = tf.stack([tf.io.decode_png(e["image"], channels=3) for e in examples])
+    size = (config.image_size, config.image_size)
+    images = tf.image.resize(pixels, size, method="bilinear", antialias=False).numpy().astype(np.float64)
+    labels = np.eye(config.num_classes)[[int(e["label"]) for e in examples]]
+    return images / 127.5 - 1.0, labels
+
+
+def _unaugmented(config, mixup_alpha=0.0):
+    config = config.copy_and_resolve_references()
+    config.pp.inception_crop, config.pp.flip, config.pp.random_translate = False, False, 0
+    config.pp.randaugment_layers, config.pp.mixup_alpha = 0, mixup_alpha
+    return config
+
+
+def test_train_rows_are_their_source_examples_preprocessed_as_tensorflow(config, sharding):
+    """Without crop, flip, shift and RandAugment, row r of a global batch is the example the host stream's
+    `index` r names (decoded, resized to 16x16 as TF's bilinear, in [-1, 1]) with its one-hot label."""
+    config = _unaugmented(config)
+    indices = next(iter(pipeline.make_train_dataset(config, process_index=0, process_count=1)[0]))["index"]
+    assert sorted(indices) != list(indices) and len(set(indices)) == 64  # shuffled: the row order matters
+    iterator = data.make_train_iterator(config, sharding)
+    batch = next(iterator)
+    iterator.close()
+    images, labels = _reference(config, "train", indices)
+    np.testing.assert_allclose(np.asarray(batch["image"]), images, rtol=0, atol=1 / 127.5)
+    np.testing.assert_array_equal(np.asarray(batch["label"]), labels)
+    assert np.abs(images - images[np.roll(np.arange(64), 1)]).max() > 1  # rows one off would not pass
+
+
+def test_eval_rows_are_the_split_in_order_preprocessed_as_tensorflow(config, sharding):
+    batches = list(data.make_eval_iterator(config, sharding))
+    real = np.concatenate([np.asarray(b["mask"]) for b in batches]) > 0
+    got_images = np.concatenate([np.asarray(b["image"]) for b in batches])[real]
+    got_labels = np.concatenate([np.asarray(b["label"]) for b in batches])[real]
+    images, labels = _reference(config, "test", range(297))
+    np.testing.assert_allclose(got_images, images, rtol=0, atol=1 / 127.5)
+    np.testing.assert_array_equal(got_labels, labels)
+
+
+def test_mixup_mixes_each_row_with_the_previous_one_by_one_weight_for_images_and_labels(config):
+    """MixupBatch mixes the batch with itself rolled by one: row r = lam * row r + (1 - lam) * row r-1 (row 0
+    with the last), one lam per batch. lam is read off the label rows and off the images separately."""
+    mixed = next(iter(pipeline.make_train_dataset(_unaugmented(config, 1.0), process_index=0, process_count=1)[0]))
+    plain = next(iter(pipeline.make_train_dataset(_unaugmented(config), process_index=0, process_count=1)[0]))
+    np.testing.assert_array_equal(mixed["index"], plain["index"])  # mixup draws from a stream of its own
+    source_images, source_labels = _reference(config, "train", plain["index"])
+    images = plain["image"].astype(np.float64) / 127.5 - 1.0  # the un-mixed batch of the same seed
+    np.testing.assert_allclose(images, source_images, rtol=0, atol=1 / 127.5)
+    classes = source_labels.argmax(-1)
+    previous = np.roll(np.arange(64), 1)
+
+    label = mixed["label"].astype(np.float64)
+    np.testing.assert_allclose(label.sum(axis=1), 1.0, rtol=0, atol=1e-6)
+    differ = classes != classes[previous]
+    assert differ.sum() > 40 and (label[differ].max(axis=1) < 1 - 1e-3).all()  # no longer one-hot
+    lams = label[differ, classes[differ]]
+    np.testing.assert_allclose(label[differ, classes[previous][differ]], 1.0 - lams, rtol=0, atol=1e-6)
+    lam = lams.mean()
+    np.testing.assert_allclose(lams, lam, rtol=0, atol=1e-6)  # one weight for the batch
+    assert 0.02 < lam < 0.98, lam  # far enough from 0 and 1 for the image check to tell the rows apart
+    np.testing.assert_allclose(label, lam * source_labels + (1 - lam) * source_labels[previous], rtol=0, atol=1e-6)
+
+    difference = images - images[previous]
+    lam_of_images = np.sum((mixed["image"] - images[previous]) * difference) / np.sum(difference**2)
+    np.testing.assert_allclose(lam_of_images, lam, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mixed["image"], lam * images + (1 - lam) * images[previous], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mixed["image"], lam * source_images + (1 - lam) * source_images[previous], rtol=0,
+                               atol=1 / 127.5)
+
+
 def test_two_processes_read_disjoint_shares_whose_union_is_the_split(config):
     shares = [_first_epoch_indices(config, p, 2, 750) for p in (0, 1)]
     assert all(len(set(share)) == 750 for share in shares)  # one epoch of a share: no repeats
