@@ -232,6 +232,53 @@ def test_a_missing_dataset_says_where_it_looked_and_how_to_prepare_it(tmp_path, 
     assert f"python -m vit_jax.data.prepare --dataset={name} --data_dir={tmp_path}{extra}" in message
 
 
+def test_our_dataset_prepared_as_tfrecord_names_the_format_and_the_prepare_command(config, tmp_path, sharding):
+    """Only digits' metadata, its dataset_info.json saying fileFormat tfrecord (what `tfds build` writes by
+    default): no record file is needed for the check, and none is read."""
+    import glob
+    import os
+    import shutil
+
+    (info,) = glob.glob(os.path.join(config.tfds_data_dir, "digits", "*", "dataset_info.json"))
+    target = tmp_path / "digits" / os.path.basename(os.path.dirname(info))
+    target.mkdir(parents=True)
+    shutil.copy(os.path.join(os.path.dirname(info), "features.json"), target)
+    metadata = json.loads(open(info).read())
+    assert metadata["fileFormat"] == "array_record"
+    (target / "dataset_info.json").write_text(json.dumps({**metadata, "fileFormat": "tfrecord"}))
+    tfrecord = config.copy_and_resolve_references()
+    tfrecord.tfds_data_dir = str(tmp_path)
+    for call in (lambda: data.dataset_info(tfrecord), lambda: data.make_train_iterator(tfrecord, sharding)):
+        with pytest.raises(data.DatasetError) as error:
+            call()
+        assert str(error.value) == (f"dataset 'digits' at {target} was prepared as tfrecord, but grain reads "
+                                    f"array_record; prepare it again with: python -m vit_jax.data.prepare "
+                                    f"--dataset=digits --data_dir={tmp_path}")
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "vit_jax/data/datasets.py:76 _tfds_builder calls tfds.builder(name, file_format='array_record'), which raises "
+    "ValueError('... File format is already set to FileFormat.TFRECORD. Got FileFormat.ARRAY_RECORD') for a TFDS "
+    "dataset prepared as TFRecord; only DatasetNotFoundError is caught, so the file-format DatasetError of "
+    "load_builder (line 151) is never reached for TFDS datasets"))
+def test_a_tfds_dataset_prepared_as_tfrecord_names_the_format_and_the_prepare_command(tmp_path):
+    """cifar10 as `tfds build` leaves it by default: TFRecord. Only its metadata is written (TFDS's own
+    DatasetInfo, no download, no records)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path), file_format="tfrecord")
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_dir)
+    config = demo.get_config()
+    config.dataset, config.num_classes, config.image_size = "cifar10", 10, 32
+    config.tfds_data_dir = str(tmp_path)
+    with pytest.raises(data.DatasetError) as error:
+        data.dataset_info(config)
+    assert f"dataset 'cifar10' at {builder.data_dir} was prepared as tfrecord, but grain reads array_record" in str(
+        error.value)
+    assert f"python -m vit_jax.data.prepare --dataset=cifar10 --data_dir={tmp_path}" in str(error.value)
+
+
 def test_an_unknown_dataset_name_suggests_the_close_ones(tmp_path):
     config = demo.get_config()
     config.dataset = "cifar11"
