@@ -252,15 +252,16 @@ def test_our_dataset_prepared_as_tfrecord_names_the_format_and_the_prepare_comma
         with pytest.raises(data.DatasetError) as error:
             call()
         assert str(error.value) == (f"dataset 'digits' at {target} was prepared as tfrecord, but grain reads "
-                                    f"array_record; prepare it again with: python -m vit_jax.data.prepare "
-                                    f"--dataset=digits --data_dir={tmp_path}")
+                                    f"array_record; remove that directory (or choose another data_dir) and prepare "
+                                    f"it again with: python -m vit_jax.data.prepare --dataset=digits "
+                                    f"--data_dir={tmp_path}")
+    from vit_jax.data import datasets
+
+    with pytest.raises(data.DatasetError) as error:  # preparing over it: the same advice, not TFDS's ValueError
+        datasets.prepare("digits", str(tmp_path))
+    assert str(error.value).startswith(f"dataset 'digits' at {target} was prepared as tfrecord, but grain reads")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "vit_jax/data/datasets.py:76 _tfds_builder calls tfds.builder(name, file_format='array_record'), which raises "
-    "ValueError('... File format is already set to FileFormat.TFRECORD. Got FileFormat.ARRAY_RECORD') for a TFDS "
-    "dataset prepared as TFRecord; only DatasetNotFoundError is caught, so the file-format DatasetError of "
-    "load_builder (line 151) is never reached for TFDS datasets"))
 def test_a_tfds_dataset_prepared_as_tfrecord_names_the_format_and_the_prepare_command(tmp_path):
     """cifar10 as `tfds build` leaves it by default: TFRecord. Only its metadata is written (TFDS's own
     DatasetInfo, no download, no records)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import shlex
 
 import ml_collections
@@ -28,6 +29,8 @@ LABEL_KINDS = ("single", "multi")
 # What the manual_dir of TFDS datasets that cannot be downloaded must hold, and where those files come from.
 MANUAL_FILES = {"imagenet2012": (("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"), "image-net.org")}
 ARRAY_RECORD = "array_record"
+# TFDS's ValueError when a builder is asked for ArrayRecord where the dataset was prepared in another format.
+_OTHER_FORMAT = re.compile(r"File format is already set to FileFormat\.(\w+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +74,33 @@ def _needs_manual(name: str) -> str:
     return ""
 
 
+def _prepared_as(name: str, where: str, file_format: str, data_dir: str, manual_dir: str = "") -> DatasetError:
+    """The error for a dataset prepared in another file format (`tfds build` writes TFRecord by default)."""
+    return DatasetError(f"dataset {name!r} at {where} was prepared as {file_format}, but grain reads {ARRAY_RECORD}; "
+                        f"remove that directory (or choose another data_dir) and prepare it again with: "
+                        f"{prepare_command(name, data_dir, manual_dir)}")
+
+
+def _other_format(error: ValueError) -> str | None:
+    found = _OTHER_FORMAT.search(str(error))
+    return found.group(1).lower() if found else None
+
+
 def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(name, data_dir=data_dir, file_format=ARRAY_RECORD)
-    except tfds.core.registered.DatasetNotFoundError:
+    except tfds.core.registered.DatasetNotFoundError:  # a ValueError too: caught first
         candidates = list(OWN_BUILDERS) + list(tfds.list_builders())
         close = difflib.get_close_matches(name.split(":")[0], candidates, n=3)
         hint = f"; did you mean {close}?" if close else ""
         raise DatasetError(f"config.dataset={name!r} is neither a TFDS dataset nor one of ours "
                            f"{sorted(OWN_BUILDERS)}{hint}") from None
+    except ValueError as e:
+        file_format = _other_format(e)
+        if file_format is None:
+            raise
+        where = tfds.builder(name, data_dir=data_dir, file_format=file_format).data_dir
+        raise _prepared_as(name, str(where), file_format, data_dir) from None
 
 
 def _exists(path: str) -> bool:
@@ -113,14 +134,21 @@ def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
             raise DatasetError(f"{name} is prepared from files you download yourself, and {given} does not hold "
                                f"{' or '.join(missing)}: put {_manual_files(name)} in a directory and run: "
                                f"{prepare_command(name, data_dir, manual_dir or '/path/to/downloads')}")
-    if name == "digits":
-        builder = Digits(data_dir=data_dir, file_format=ARRAY_RECORD)
-    elif name == "imagenet21k":
-        builder = Imagenet21k(manual_dir=manual_dir, data_dir=data_dir, file_format=ARRAY_RECORD)
-    elif name == "image_folder":
-        builder = ImageFolder(source_dir=manual_dir, data_dir=data_dir, file_format=ARRAY_RECORD)
-    else:
+    if name not in OWN_BUILDERS:
         builder = _tfds_builder(name, data_dir)
+    else:
+        try:
+            if name == "digits":
+                builder = Digits(data_dir=data_dir, file_format=ARRAY_RECORD)
+            elif name == "imagenet21k":
+                builder = Imagenet21k(manual_dir=manual_dir, data_dir=data_dir, file_format=ARRAY_RECORD)
+            else:
+                builder = ImageFolder(source_dir=manual_dir, data_dir=data_dir, file_format=ARRAY_RECORD)
+        except ValueError as e:  # an earlier preparation in another format, as _tfds_builder finds for TFDS's
+            file_format = _other_format(e)
+            if file_format is None:
+                raise
+            raise _prepared_as(name, _own_builder_dir(name, data_dir), file_format, data_dir, manual_dir) from None
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
     builder.download_and_prepare(file_format=ARRAY_RECORD, download_config=download_config)
     return str(builder.data_dir)
@@ -149,9 +177,7 @@ def load_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.Da
             raise DatasetError(f"dataset {name!r} is not prepared: looked for {builder.data_dir}. Prepare it with: "
                                f"{prepare_command(name, data_dir, manual_dir)}{_needs_manual(name)}")
     if builder.info.file_format is not None and builder.info.file_format.value != ARRAY_RECORD:
-        raise DatasetError(f"dataset {name!r} at {builder.data_dir} was prepared as {builder.info.file_format.value}, "
-                           f"but grain reads {ARRAY_RECORD}; prepare it again with: "
-                           f"{prepare_command(name, data_dir, manual_dir)}")
+        raise _prepared_as(name, str(builder.data_dir), builder.info.file_format.value, data_dir, manual_dir)
     return builder
 
 
