@@ -34,6 +34,14 @@ def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
                            fillcolor=FILL)
 
 
+def _shear(image: Image.Image, shear: float, horizontal: bool) -> Image.Image:
+    # The reference maps output pixel (x, y) to input (x + shear * y, y), pixel corners at integers; pillow maps
+    # pixel centres (x + 0.5, y + 0.5), so its offset takes the shear of that half pixel back.
+    if horizontal:
+        return _affine(image, (1, shear, -shear / 2, 0, 1, 0))
+    return _affine(image, (1, 0, 0, shear, 1, -shear / 2))
+
+
 def _solarize(image: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
     # The reference compares uint8 pixels with a threshold cast to uint8, which wraps: 256 -> 0 (magnitudes 10 and
     # 20 invert the whole image), 384 -> 128 (google-research/big_vision#110). Pillow keeps every pixel at >= 256.
@@ -69,15 +77,16 @@ OPS = {
     "Equalize": lambda image, level, rng: ImageOps.equalize(image),
     "Invert": lambda image, level, rng: ImageOps.invert(image),
     "Rotate": lambda image, level, rng: image.rotate(_signed(level / MAX_LEVEL * 30.0, rng), fillcolor=FILL),
-    "Posterize": lambda image, level, rng: ImageOps.posterize(image, max(1, int(level / MAX_LEVEL * 4))),
+    # Bits kept: 4 at magnitude 10, all 8 from 20 (past 20 the reference's shift by 8 - bits < 0 is undefined).
+    "Posterize": lambda image, level, rng: ImageOps.posterize(image, min(8, max(1, int(level / MAX_LEVEL * 4)))),
     "Solarize": _solarize,
     "SolarizeAdd": _solarize_add,
     "Color": _enhance(ImageEnhance.Color),
     "Contrast": _contrast,
     "Brightness": _enhance(ImageEnhance.Brightness),
     "Sharpness": _enhance(ImageEnhance.Sharpness),
-    "ShearX": lambda image, level, rng: _affine(image, (1, _signed(level / MAX_LEVEL * 0.3, rng), 0, 0, 1, 0)),
-    "ShearY": lambda image, level, rng: _affine(image, (1, 0, 0, _signed(level / MAX_LEVEL * 0.3, rng), 1, 0)),
+    "ShearX": lambda image, level, rng: _shear(image, _signed(level / MAX_LEVEL * 0.3, rng), horizontal=True),
+    "ShearY": lambda image, level, rng: _shear(image, _signed(level / MAX_LEVEL * 0.3, rng), horizontal=False),
     "TranslateX": lambda image, level, rng: _affine(
         image, (1, 0, _signed(level / MAX_LEVEL * 100 / 224 * image.width, rng), 0, 1, 0)),
     "TranslateY": lambda image, level, rng: _affine(
