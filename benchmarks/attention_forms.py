@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vit_jax import xla_options
     from vit_jax.errors import UserError
 
-    parser = common.argument_parser(__doc__, 15, "timed runs per form (median)")
+    parser = common.argument_parser(__doc__, 15, "timed runs per form (median)", peak=False)
     parser.add_argument("--pad", default="3,11", help="comma-separated token paddings to time the core with")
     args = parser.parse_args(argv)
     try:

@@ -26,14 +26,15 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "vit_b16.py")
 DTYPES = ("float32", "bfloat16")
 
 
-def argument_parser(doc: str, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
-    """The flags every model benchmark takes: --dtype, --batch, --config, --repeats, --peak_size."""
+def argument_parser(doc: str, repeats: int, repeats_help: str, peak: bool = True) -> argparse.ArgumentParser:
+    """The flags every model benchmark takes: --dtype, --batch, --config, --repeats, and --peak_size with `peak`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
-    parser.add_argument("--peak_size", type=int, default=4096, help="matmul size for the peak (0: skip)")
+    if peak:
+        parser.add_argument("--peak_size", type=int, default=4096, help="matmul size for the peak (0: skip)")
     return parser
 
 
@@ -217,8 +218,8 @@ def median_over_rounds(rounds: list[dict], flops_per_run: float) -> dict:
 def compare(benchmark: str, args: Any, config: Any, threads: int | None,
             ours_runner: Callable[[Any], Callable[[], None]], timm_runner: Callable[[Any], Callable[[], None]],
             flops_per_run: float, unit: str, what: str) -> dict:
-    """Time ours, then the matmul peak, then timm (same process, batch and threads), --rounds times over; print the
-    table and JSON.
+    """Time the matmul peak, ours, the peak again, then timm (same process, batch and threads), --rounds times
+    over; print the table and JSON.
 
     `*_runner(config)` builds one side and returns a call that runs one `unit` (a "batch" or "step") to completion.
     This shared machine's speed drifts (the float32 matmul peak 340-425 GFLOP/s over a day, 414 -> 361 within one

@@ -77,3 +77,20 @@ def test_rounds_summarise_as_the_median_round_figures():
 def test_rounds_without_timm_have_no_ratio():
     summary = common.median_over_rounds([{"ours_s": 1.0, "timm_s": None, "peaks": {}}], 1e9)
     assert summary["ratio_vs_timm"] is None and summary["timm_s"] is None and summary["mfu"] == {}
+
+
+def test_a_rounds_peak_is_the_faster_reading_before_or_after_ours(monkeypatch, capsys):
+    """One slow reading of the peak must not lift a round's MFU: each round takes the faster of its two."""
+    import types
+
+    readings = iter([400.0, 300.0,    # round 1: before, after (a neighbour's burst after)
+                     250.0, 500.0])   # round 2: before slow, after fast
+    monkeypatch.setattr(common, "matmul_peaks", lambda dtype, size, repeats: {"float32": next(readings)})
+    monkeypatch.setattr(common, "time_runs", lambda fn, repeats, warmup=1: [1.0] * repeats)
+    config = types.SimpleNamespace(batch_size=8, image_size=224, model=types.SimpleNamespace(variant="B/16"))
+    args = types.SimpleNamespace(rounds=2, repeats=3, peak_size=4096, timm=False, dtype="float32", config="c.py")
+    result = common.compare("train_step", args, config, 2, lambda c: (lambda: None), None, 200e9, "step",
+                            ("train step", "analytic"))
+    assert [r["peak_gflop_s"]["float32"] for r in result["rounds"]] == [400.0, 500.0]
+    assert [r["mfu"]["float32"] for r in result["rounds"]] == pytest.approx([0.5, 0.4])  # 200 GFLOP/s achieved
+    assert capsys.readouterr().out.splitlines()[-1].startswith("{")  # the JSON line last

@@ -396,8 +396,8 @@ def test_randaugment_autocontrast_is_the_tf_reference_within_a_grey_level():
 
 @pytest.mark.parametrize("magnitude", [20, 25, 40])
 def test_randaugment_posterize_from_magnitude_20_keeps_all_8_bits(magnitude):
-    """The reference keeps 8 - (8 - int(M / 10 * 4)) bits: all 8 at M=20; past that its negative shift is
-    undefined (pillow raised on bits > 8), so ours keeps the image."""
+    """The reference keeps int(M / 10 * 4) bits: all 8 at M=20. From 22.5 its shift 8 - bits < 0 is undefined
+    (TF 2.21 keeps the top bit only) and pillow raised; ours keeps the image, a deliberate departure."""
     pixels = _ra_pixels()
     np.testing.assert_array_equal(_ours("Posterize", pixels, magnitude), pixels)
 
@@ -449,8 +449,8 @@ def test_randaugment_rotate_and_shear_equal_the_tf_reference_transform_for_eithe
 @pytest.mark.parametrize("op, size", [("ShearX", (24, 24)), ("ShearY", (24, 24)), ("ShearX", (20, 28)),
                                       ("ShearY", (20, 28))])
 def test_randaugment_shear_at_magnitude_10_equals_the_tf_reference_transform(op, size):
-    """Pillow samples at pixel centres, the reference at corners: without the half-pixel correction 7% (+0.3) or
-    14% (-0.3) of the pixels came from the neighbouring column or row. Left out: the rows (ShearX) or columns
+    """Pillow puts pixel corners at integers, the reference pixel centres: without the half-pixel correction 7%
+    (+0.3) or 14% (-0.3) of the pixels came from the neighbouring column or row. Left out: the rows (ShearX) or columns
     (ShearY) where 0.3 x index is a half-integer, a tie between two source pixels that the reference breaks in
     float32 (0.3f x 5 rounds to exactly 1.5, then away from zero) and pillow in float64 (index 5, 15, 25)."""
     pixels = _ra_pixels(*size)

@@ -268,13 +268,14 @@ def test_pin_pretrained_takes_process_0s_step_and_refuses_disagreement(tmp_path)
     for step in (3, 5):
         (workdir / "checkpoints" / str(step) / "params").mkdir(parents=True)
     latest, earlier = str(workdir / "checkpoints" / "5"), str(workdir / "checkpoints" / "3")
-    assert train.pin_pretrained(str(workdir)) == latest  # one process: no broadcast
+    assert train.pin_pretrained(str(workdir)) == latest  # one process: nothing gathered
     sent = []
-    assert train.pin_pretrained(str(workdir), lambda x: sent.append(int(x)) or x) == latest and sent == [5]
-    assert train.pin_pretrained(str(workdir), lambda x: np.int32(3)) == earlier  # process 0 saw 3 as the latest
-    with pytest.raises(CheckpointError, match=r"pretrain is step 5 for process 0 but not a workdir \(used as it "
-                                              r"is\) for process 0: every process must see the same checkpoint"):
-        train.pin_pretrained(str(workdir), lambda x: np.int32(-1))
+    assert train.pin_pretrained(str(workdir), lambda x: sent.append(int(x)) or np.array([x, 5])) == latest
+    assert sent == [5]
+    assert train.pin_pretrained(str(workdir), lambda x: np.array([3, x])) == earlier  # process 0 saw 3 as latest
+    with pytest.raises(CheckpointError, match=r"pretrain is not a workdir \(used as it is\) for process 0, step 5 "
+                                              r"for process 1: every process must see the same checkpoint"):
+        train.pin_pretrained(str(workdir), lambda x: np.array([-1, x]))
     npz = tmp_path / "vit.npz"
     npz.write_bytes(b"")
-    assert train.pin_pretrained(str(npz), lambda x: x) == str(npz)
+    assert train.pin_pretrained(str(npz), lambda x: np.array([x, x])) == str(npz)

@@ -3,9 +3,10 @@
 Pre-trains or fine-tunes, evaluates and checkpoints with the same code on one CPU, one GPU or a TPU pod.
 The entry point is intentionally thin: it sets up the processes, validates the config before anything is
 compiled, and hands over to `vit_jax.train`. Bad input (an invalid config, a missing dataset) is one line on
-stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 1. A run stopped by SIGTERM
-(preemption, a scheduler's time limit) saves a checkpoint and exits with `PREEMPTED_EXIT_CODE`, 75 (EX_TEMPFAIL:
-try again), so a retry loop or `launch/slurm_gpu.sbatch` can tell it from a finished run (0) and resume.
+stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 1. A training loop stopped by
+SIGTERM (preemption, a scheduler's time limit) saves a checkpoint and exits with `PREEMPTED_EXIT_CODE`, 75
+(EX_TEMPFAIL: try again), so a retry loop can tell it from a finished run (0) and resume; before the loop starts
+(start-up, compilation) or in --mode=eval, SIGTERM ends the process as usual (143).
 
 Multi-host: on Cloud TPU, Slurm, Open MPI or Kubernetes, `jax.distributed.initialize()` finds its peers by
 itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
@@ -35,6 +36,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
+# EX_TEMPFAIL (sysexits.h): the run was stopped (SIGTERM) after saving a checkpoint; the same command resumes it.
+PREEMPTED_EXIT_CODE = 75
+
 
 def _managed_cluster() -> bool:
     """Whether jax.distributed can find its peers by itself (Cloud TPU, Slurm, Open MPI, Kubernetes, ...)."""
@@ -43,8 +47,6 @@ def _managed_cluster() -> bool:
     return any(not env.opt_in_only_method and env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
 
 
-# EX_TEMPFAIL (sysexits.h): the run was stopped (SIGTERM) after saving a checkpoint; the same command resumes it.
-PREEMPTED_EXIT_CODE = 75
 # MPI launchers' rank counts: a launcher that started several processes JAX did not join is an error.
 _LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 

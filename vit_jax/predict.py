@@ -98,7 +98,7 @@ def load_params(checkpoint: str, config: ml_collections.ConfigDict, source_forma
 
     try:
         params = interop.load_pretrained(checkpoint, config.model, image_size=config.image_size,
-                                         source_format=source_format)
+                                         source_format=source_format, require_head=True)
     except interop.MissingHeadError as e:
         raise UserError(f"--checkpoint={checkpoint}: has no classification head (a masked-patch-prediction "
                         "or feature-extractor checkpoint?); predict needs a fine-tuned classifier") from e

@@ -251,33 +251,35 @@ def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
     return traverse_util.unflatten_dict({name: np.asarray(old[name], new[name].dtype) for name in new}, sep="/")
 
 
-def pin_pretrained(path: str, broadcast: Callable[[Any], Any] | None = None) -> str:
+def pin_pretrained(path: str, gather: Callable[[Any], Any] | None = None) -> str:
     """`config.pretrained` pinned to one step: the step directory a workdir's latest finished step is now, chosen
     by process 0 for every process (`path` itself when it names no workdir).
 
     A run that fine-tunes from a workdir another run is still writing would otherwise read its numerics and its
-    weights, or each process its weights, from whatever step was latest at that moment. `broadcast` sends process
-    0's value to all (default: `multihost_utils.broadcast_one_to_all` when there are several processes).
+    weights, or each process its weights, from whatever step was latest at that moment. `gather` collects every
+    process's value (default: `multihost_utils.process_allgather` when there are several processes), so that
+    processes that disagree on what `path` is all stop with the same error rather than some waiting for others.
     """
     from vit_jax import interop
 
     pinned = interop.remote.pinned_step(path)
-    if broadcast is None:
+    if gather is None:
         if jax.process_count() == 1:
             return pinned
         from jax.experimental import multihost_utils
 
-        broadcast = multihost_utils.broadcast_one_to_all
+        gather = multihost_utils.process_allgather
     name = pinned.rstrip("/").rsplit("/", 1)[-1]
     mine = int(name) if pinned != path and name.isdigit() else -1
-    chosen = int(broadcast(np.int32(mine)))
+    seen = [int(v) for v in np.asarray(gather(np.int32(mine))).reshape(-1)]
+    if -1 in seen and any(v != -1 for v in seen):
+        described = [f"{'not a workdir (used as it is)' if v == -1 else f'step {v}'} for process {i}"
+                     for i, v in enumerate(seen)]
+        raise interop.CheckpointError(f"config.pretrained={path} is {', '.join(described)}: every process must see "
+                                      "the same checkpoint")
+    chosen = seen[0]
     if chosen == mine:
         return pinned
-    if -1 in (mine, chosen):
-        seen = {-1: "not a workdir (used as it is)"}
-        raise interop.CheckpointError(
-            f"config.pretrained={path} is {seen.get(mine, f'step {mine}')} for process {jax.process_index()} but "
-            f"{seen.get(chosen, f'step {chosen}')} for process 0: every process must see the same checkpoint")
     logging.info("config.pretrained=%s: process 0 chose step %d (this process saw %d as the latest)", path, chosen,
                  mine)
     return pinned.rstrip("/")[:-len(name)] + str(chosen)
@@ -581,6 +583,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                           train_iter.get_state())
             if preempted:
                 ckpt.wait()
+                if jax.process_count() > 1:  # all saved before any exits: a launcher may kill the rest at the first
+                    from jax.experimental import multihost_utils  # exit (srun --kill-on-bad-exit, exit code 75)
+
+                    multihost_utils.sync_global_devices("vit_jax: preemption checkpoint saved")
                 _report(f"preempted: saved a checkpoint at step {step}; rerun the same command to resume")
                 writer.flush()
                 return {"step": step, "train_loss": train_loss, "preempted": True}

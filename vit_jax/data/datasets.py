@@ -86,7 +86,7 @@ def _other_format(error: ValueError) -> str | None:
     return found.group(1).lower() if found else None
 
 
-def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(name, data_dir=data_dir, file_format=ARRAY_RECORD)
     except tfds.core.registered.DatasetNotFoundError:  # a ValueError too: caught first
@@ -100,7 +100,7 @@ def _tfds_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         if file_format is None:
             raise
         where = tfds.builder(name, data_dir=data_dir, file_format=file_format).data_dir
-        raise _prepared_as(name, str(where), file_format, data_dir) from None
+        raise _prepared_as(name, str(where), file_format, data_dir, manual_dir) from None
 
 
 def _exists(path: str) -> bool:
@@ -135,7 +135,7 @@ def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
                                f"{' or '.join(missing)}: put {_manual_files(name)} in a directory and run: "
                                f"{prepare_command(name, data_dir, manual_dir or '/path/to/downloads')}")
     if name not in OWN_BUILDERS:
-        builder = _tfds_builder(name, data_dir)
+        builder = _tfds_builder(name, data_dir, manual_dir)
     else:
         try:
             if name == "digits":
@@ -172,7 +172,7 @@ def load_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.Da
                                    f"{prepare_command(name, data_dir, manual_dir)}{_needs_manual(name)}")
         builder = tfds.builder_from_directory(builder_dir)
     else:
-        builder = _tfds_builder(name, data_dir)
+        builder = _tfds_builder(name, data_dir, manual_dir)
         if not builder.is_prepared():
             raise DatasetError(f"dataset {name!r} is not prepared: looked for {builder.data_dir}. Prepare it with: "
                                f"{prepare_command(name, data_dir, manual_dir)}{_needs_manual(name)}")

@@ -35,8 +35,8 @@ def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
 
 
 def _shear(image: Image.Image, shear: float, horizontal: bool) -> Image.Image:
-    # The reference maps output pixel (x, y) to input (x + shear * y, y), pixel corners at integers; pillow maps
-    # pixel centres (x + 0.5, y + 0.5), so its offset takes the shear of that half pixel back.
+    # The reference maps output pixel (x, y) to input (x + shear * y, y) in pixel indices (centres at integers);
+    # pillow has corners at integers and maps the centre (x + 0.5, y + 0.5), adding shear / 2: taken back here.
     if horizontal:
         return _affine(image, (1, shear, -shear / 2, 0, 1, 0))
     return _affine(image, (1, 0, 0, shear, 1, -shear / 2))
@@ -77,7 +77,8 @@ OPS = {
     "Equalize": lambda image, level, rng: ImageOps.equalize(image),
     "Invert": lambda image, level, rng: ImageOps.invert(image),
     "Rotate": lambda image, level, rng: image.rotate(_signed(level / MAX_LEVEL * 30.0, rng), fillcolor=FILL),
-    # Bits kept: 4 at magnitude 10, all 8 from 20 (past 20 the reference's shift by 8 - bits < 0 is undefined).
+    # Bits kept: 4 at magnitude 10, 8 at 20. From 22.5 the reference shifts by 8 - bits < 0, undefined in C++
+    # (TF 2.21 keeps only the top bit); pillow raised. A deliberate departure: the image is kept, all 8 bits.
     "Posterize": lambda image, level, rng: ImageOps.posterize(image, min(8, max(1, int(level / MAX_LEVEL * 4)))),
     "Solarize": _solarize,
     "SolarizeAdd": _solarize_add,

@@ -131,13 +131,15 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
     loaded into the pre-training model loses `head` / `pre_logits` and gets a fresh masked-patch head. A head
     for another class count becomes a new zero head; with `reset_head`, so does one of the right shape
     (fine-tuning starts from a zero head, as in the paper and big_vision, whatever the checkpoint's class
-    count). `require_head` (evaluation) refuses instead a checkpoint whose own head cannot serve: a new zero head
-    would score chance. Returns the adapted params and one line per change made. Raises CheckpointError listing
-    every key that still does not fit (missing, unexpected, wrong shape) — never a partial load.
+    count). `require_head` (evaluation, prediction) refuses instead a checkpoint whose own head cannot serve: a
+    new zero head would score chance. Returns the adapted params and one line per change made. Raises
+    CheckpointError listing every key that still does not fit (missing, unexpected, wrong shape) — never a partial
+    load.
     """
     flat = dict(flat)
     actions: list[str] = []
     head_stale = ""
+    advice = "evaluate a checkpoint trained for these classes, or fine-tune this one first (--mode=train)"
     if MASKED_PATCH_KEYS[1] in flat and MASKED_PATCH_KEYS[1] not in expected:
         classes = flat[MASKED_PATCH_KEYS[1]].shape[-1]
         dropped = _drop(flat, MASKED_PATCH_KEYS)
@@ -150,6 +152,7 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
                   else "the model is the masked-patch-prediction model")
         actions.append(f"dropped pre_logits ({size} units): {reason}")
         head_stale = "its input was the dropped pre_logits"
+        advice = f"set model.representation_size={size} to keep them"
     if HEAD_KEYS[0] in flat and HEAD_KEYS[0] not in expected:
         classes = flat[HEAD_KEYS[0]].shape[-1]
         _drop(flat, HEAD_KEYS)
@@ -172,8 +175,7 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
             head_stale = "fine-tuning starts from a new head; the checkpoint's has the same class count"
         if head_stale and require_head:
             raise CheckpointError(f"{source}: cannot be evaluated as a {want[1]}-class classifier: {head_stale}, and "
-                                  "a new head would score chance; evaluate a checkpoint trained for these classes, "
-                                  "or fine-tune this one first (--mode=train)")
+                                  f"a new head would score chance; {advice}")
         if head_stale:
             flat.update(new_head(want[0], want[1], head_bias_init))
             actions.append(f"new zero-initialised head with {want[1]} classes ({head_stale})")
