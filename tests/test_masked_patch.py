@@ -219,6 +219,10 @@ def test_axial_masked_patch_prediction_predicts_every_patch():
     loss, metrics = jax.jit(lambda p: masked_patch.masked_patch_loss(
         model, p, jnp.zeros((2, 16, 16, 3)), jax.random.key(0), config, train=False))(params)
     assert np.isfinite(float(loss)) and float(metrics["num_predicted"]) == 2 * 8
+    initial = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
+    loss0, _ = masked_patch.masked_patch_loss(model, initial, jnp.zeros((2, 16, 16, 3)), jax.random.key(0), config,
+                                              train=False)
+    assert float(loss0) == pytest.approx(np.log(512), rel=1e-5)  # zero head: uniform over 512 colours
 
 
 @pytest.mark.parametrize("field, value, match", [
