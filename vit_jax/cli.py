@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,10 +124,12 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             main(argv)
         except UserError as e:
             # The command ends here: errors of background work it abandons (orbax's pending reads of a damaged
-            # checkpoint, collected at exit: unraisable exceptions, and asyncio's "Task exception was never
-            # retrieved" with a traceback) would only bury the one line that says what is wrong.
+            # checkpoint, collected at exit: unraisable exceptions, asyncio's "Task exception was never
+            # retrieved" with a traceback, and Python's RuntimeWarning for reads never started) would only bury
+            # the one line that says what is wrong.
             sys.unraisablehook = lambda unraisable: None
             logging.getLogger("asyncio").disabled = True
+            warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
             _fail(str(e))
 
     app.run(guarded, flags_parser=_parse_flags)
