@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from vit_jax import checkpoints, masked_patch, optim, sharding, xla_options
@@ -266,8 +267,6 @@ def pin_pretrained(path: str, gather: Callable[[Any], Any] | None = None) -> str
     if gather is None:
         if jax.process_count() == 1:
             return pinned
-        from jax.experimental import multihost_utils
-
         gather = multihost_utils.process_allgather
     name = pinned.rstrip("/").rsplit("/", 1)[-1]
     mine = int(name) if pinned != path and name.isdigit() else -1
@@ -285,10 +284,10 @@ def pin_pretrained(path: str, gather: Callable[[Any], Any] | None = None) -> str
     return pinned.rstrip("/")[:-len(name)] + str(chosen)
 
 
-def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any, reset_head: bool = False,
-                           path: str | None = None, require_head: bool = False) -> Any:
-    """Params from `path` (default `config.pretrained`; vit_jax.interop), adapted to this model (head, resolution,
-    objective).
+def load_pretrained_params(config: ml_collections.ConfigDict, path: str, fresh_params: Any, reset_head: bool = False,
+                           require_head: bool = False) -> Any:
+    """Params from `path` (`config.pretrained` pinned to a step; vit_jax.interop), adapted to this model (head,
+    resolution, objective).
 
     `reset_head`: a new zero head even where the checkpoint's has this run's class count (fine-tuning).
     `require_head`: the checkpoint's own head or an error, never a new one (evaluation).
@@ -300,7 +299,7 @@ def load_pretrained_params(config: ml_collections.ConfigDict, fresh_params: Any,
 
     patch_classes = (masked_patch.num_colour_classes(config.masked_patch.colour_bits)
                      if config.objective == "masked_patch_prediction" else 0)
-    loaded = interop.load_pretrained(path or config.pretrained, config.model, num_classes=config.num_classes,
+    loaded = interop.load_pretrained(path, config.model, num_classes=config.num_classes,
                                      image_size=config.image_size, masked_patch_classes=patch_classes,
                                      reset_head=reset_head, require_head=require_head)
     return _merge_pretrained(loaded, fresh_params)
@@ -340,7 +339,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     state = init_state(config, mesh, num_steps)
     if pretrained:
         reset_head = not params_only and config.pretrained_head == "reset"
-        params = load_pretrained_params(config, state["params"], reset_head, pretrained, require_head=params_only)
+        params = load_pretrained_params(config, pretrained, state["params"], reset_head, require_head=params_only)
         shardings = state_shardings(config, mesh, num_steps)
         state["params"] = jax.device_put(params, shardings["params"])
         tx = optim.make_optimizer(config, num_steps)
@@ -584,8 +583,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
             if preempted:
                 ckpt.wait()
                 if jax.process_count() > 1:  # all saved before any exits: a launcher may kill the rest at the first
-                    from jax.experimental import multihost_utils  # exit (srun --kill-on-bad-exit, exit code 75)
-
+                    # exit (srun --kill-on-bad-exit, exit code 75)
                     multihost_utils.sync_global_devices("vit_jax: preemption checkpoint saved")
                 _report(f"preempted: saved a checkpoint at step {step}; rerun the same command to resume")
                 writer.flush()
