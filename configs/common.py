@@ -129,6 +129,18 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     # (the rest, 0.1, keep their embedding but are still predicted)
     c.masked_patch.colour_bits = 3  # target: mean colour per patch, this many bits per channel (3 -> 512 classes)
 
+    # Few-shot linear evaluation of the frozen pre-logits features (vit_jax/fewshot.py; the paper's Section 4.1
+    # and big_vision's common_fewshot.py). Datasets: (dataset, train_split, test_split) tuples, or on the command
+    # line --config.fewshot.datasets=oxford_iiit_pet,train,test. Empty: off. With datasets, a training run
+    # evaluates them at step 0, every `every_steps` (0: not in between) and at the end; --mode=fewshot evaluates
+    # a checkpoint.
+    c.fewshot = ml_collections.ConfigDict()
+    c.fewshot.datasets = ()
+    c.fewshot.shots = (1, 5, 10, 25)
+    c.fewshot.l2_reg = 2.0**10
+    c.fewshot.seeds = 3  # draws of the shots per dataset; accuracies are their mean
+    c.fewshot.every_steps = 0
+
     c.pretrained = ""  # path of a checkpoint to start from (.npz, timm/HF, orbax); "" = from scratch
     # Training from `pretrained`: "reset" puts a new zero-initialised head, as the paper and big_vision do;
     # "keep" keeps the checkpoint's head where it has num_classes outputs (e.g. ImageNet-1k weights fine-tuned on

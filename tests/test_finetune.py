@@ -22,6 +22,7 @@ from configs import demo_finetune, finetune
 from tests.train_helpers import tiny_config
 from vit_jax import checkpoints, config_check, data, sharding, train
 from vit_jax.data.builders.digits import NUM_TRAIN, load_digits_uint8
+from vit_jax.errors import UserError
 from vit_jax.interop.surgery import resize_posemb
 
 PRETRAIN_STEPS = 150
@@ -265,3 +266,49 @@ def test_rerunning_a_finished_workdir_reports_without_training_and_restores_lost
     assert sorted(os.listdir(copy / "checkpoints")) == steps_before
     out = capsys.readouterr().out
     assert "already holds the finished run" in out and "step 1/" not in out
+
+
+def test_fewshot_features_are_what_the_head_sees(pretrained):
+    """The features few-shot evaluation regresses on, multiplied by the checkpoint's own head, classify the test
+    split exactly as the run's evaluation did."""
+    from vit_jax import fewshot
+
+    workdir, config, result = pretrained
+    mesh = sharding.make_mesh(config)
+    ckpt = checkpoints.Checkpoints(workdir, keep=1)
+    try:
+        state, _, _ = train.restore_or_init(config, mesh, config.total_steps, ckpt, params_only=True)
+    finally:
+        ckpt.close()
+    represent = fewshot.make_representation_fn(config, mesh)
+    features, labels = fewshot.split_features(config, represent, state["params"], mesh, config.eval_split)
+    assert features.shape == (len(load_digits_uint8()[1]) - NUM_TRAIN, config.model.hidden_size)
+    head = jax.device_get(state["params"]["head"])
+    accuracy = np.mean(np.argmax(features @ head["kernel"] + head["bias"], axis=1) == labels)
+    assert accuracy == pytest.approx(result["test_accuracy"], abs=1.5 / len(labels))
+
+
+def test_fewshot_mode_scores_a_checkpoint_whatever_its_head_and_writes_nothing(pretrained, tmp_path, capsys):
+    """--mode=fewshot of the 10-class digits checkpoint under a 2-class config (its head is not read, where
+    --mode=eval refuses it): 10 shots per class of its features recognise digits far above chance (0.1), and
+    better than 1 shot (the checkpoint's own head scores ~0.56 after its 150 steps)."""
+    from vit_jax import fewshot
+
+    pretrained_dir, pre_config, _ = pretrained
+    config = _digits_config(pretrained=pretrained_dir, num_classes=2, tfds_data_dir=pre_config.tfds_data_dir,
+                            **{"fewshot.datasets": ("digits,train,test",), "fewshot.shots": (1, 10),
+                               "fewshot.seeds": 2})
+    workdir = tmp_path / "fewshot"
+    scores = train.evaluate_checkpoint(config, str(workdir), mode="fewshot")
+    assert set(scores) == {"digits_1shot", "digits_10shot"}
+    assert scores["digits_10shot"] > max(0.4, scores["digits_1shot"] + 0.05)
+    assert not workdir.exists()
+    assert f"few-shot of {pretrained_dir}: digits_1shot" in capsys.readouterr().out
+    with pytest.raises(fewshot.FewshotError, match=r"200 shots need 200 training images of every class"):
+        with config.unlocked():
+            config.fewshot.shots = (200,)
+        train.evaluate_checkpoint(config, str(workdir), mode="fewshot")
+    with config.unlocked():
+        config.fewshot.datasets = ()
+    with pytest.raises(UserError, match=r"--mode=fewshot needs datasets to evaluate on"):
+        train.evaluate_checkpoint(config, str(workdir), mode="fewshot")

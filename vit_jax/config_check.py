@@ -161,4 +161,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
               f"must split evenly over the {batch_devices} data x fsdp devices; use a multiple of {batch_devices}")
     if config.model.num_heads % mesh["model"]:
         _fail("mesh.model", mesh["model"], f"tensor parallelism must divide model.num_heads={config.model.num_heads}")
+    if "fewshot" in config:
+        from vit_jax import fewshot  # it imports this module
+
+        fewshot.validate(config)
     return mesh

@@ -1,4 +1,4 @@
-"""`python -m vit_jax.main --config=configs/vit_l16.py --workdir=DIR [--mode=train|eval] [--config.x=y]`.
+"""`python -m vit_jax.main --config=configs/vit_l16.py --workdir=DIR [--mode=train|eval|fewshot] [--config.x=y]`.
 
 Pre-trains or fine-tunes, evaluates and checkpoints with the same code on one CPU, one GPU or a TPU pod.
 The entry point is intentionally thin: it sets up the processes, validates the config before anything is
@@ -6,7 +6,7 @@ compiled, and hands over to `vit_jax.train`. Bad input (an invalid config, a mis
 stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 1. A training loop stopped by
 SIGTERM (preemption, a scheduler's time limit) saves a checkpoint and exits with `PREEMPTED_EXIT_CODE`, 75
 (EX_TEMPFAIL: try again), so a retry loop can tell it from a finished run (0) and resume; before the loop starts
-(start-up, compilation) or in --mode=eval, SIGTERM ends the process as usual (143).
+(start-up, compilation) or in --mode=eval or fewshot, SIGTERM ends the process as usual (143).
 
 Multi-host: on Cloud TPU, Slurm, Open MPI or Kubernetes, `jax.distributed.initialize()` finds its peers by
 itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
@@ -28,9 +28,10 @@ from vit_jax import cli, config_check, plan
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file, e.g. configs/vit_b16.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, TensorBoard logs and final_metrics.json.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "fewshot"],
                           "train: train (resuming from the workdir) and evaluate; eval: evaluate the latest "
-                          "checkpoint.")
+                          "checkpoint (else config.pretrained); fewshot: few-shot linear evaluation of its "
+                          "features on config.fewshot.datasets.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0, for multi-process runs outside managed clusters.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -112,7 +113,7 @@ def main(argv: Sequence[str]) -> None:
         if _MODE.value == "train":
             result = train.train_and_evaluate(config, _WORKDIR.value)
         else:
-            result = train.evaluate_checkpoint(config, _WORKDIR.value)
+            result = train.evaluate_checkpoint(config, _WORKDIR.value, _MODE.value)
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

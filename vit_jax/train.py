@@ -28,7 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from vit_jax import checkpoints, masked_patch, optim, sharding, xla_options
+from vit_jax import checkpoints, fewshot, masked_patch, optim, sharding, xla_options
 from vit_jax.models.vit import build_model
 
 State = dict[str, Any]
@@ -306,15 +306,18 @@ def load_pretrained_params(config: ml_collections.ConfigDict, path: str, fresh_p
 
 
 def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int,
-                    ckpt: checkpoints.Checkpoints, params_only: bool = False) -> tuple[State, dict | None, dict]:
+                    ckpt: checkpoints.Checkpoints, params_only: bool = False, require_head: bool | None = None
+                    ) -> tuple[State, dict | None, dict]:
     """The start state, the data iterator state to continue from, and the saved meta.
 
     Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop; a
     training run puts a new zero head unless `config.pretrained_head` is "keep", an evaluation keeps the
     checkpoint's) -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
     `params_only` (evaluation) does not read a checkpoint's optimizer state (opt_state None), so it may be
-    evaluated under another optimizer config.
+    evaluated under another optimizer config. `require_head` (default: `params_only`) refuses a pre-trained
+    checkpoint whose head cannot serve this config; few-shot evaluation, which reads no head, turns it off.
     """
+    require_head = params_only if require_head is None else require_head
     pretrained = pin_pretrained(config.pretrained) if config.pretrained else ""
     if pretrained:  # the weights' numerics (GELU, LayerNorm eps), also when resuming a fine-tune of them
         from vit_jax import interop
@@ -339,7 +342,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     state = init_state(config, mesh, num_steps)
     if pretrained:
         reset_head = not params_only and config.pretrained_head == "reset"
-        params = load_pretrained_params(config, pretrained, state["params"], reset_head, require_head=params_only)
+        params = load_pretrained_params(config, pretrained, state["params"], reset_head, require_head=require_head)
         shardings = state_shardings(config, mesh, num_steps)
         state["params"] = jax.device_put(params, shardings["params"])
         tx = optim.make_optimizer(config, num_steps)
@@ -425,6 +428,15 @@ def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: floa
     return result
 
 
+def _fewshot_line(step: int, results: dict[str, float]) -> str:
+    return f"few-shot at step {step}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in results.items())
+
+
+def _log_fewshot(writer: Any, step: int, results: dict[str, float]) -> None:
+    writer.write_scalars(step, {f"fewshot/{key}": value for key, value in results.items()})
+    _report(_fewshot_line(step, results))
+
+
 def _summary_line(result: dict) -> str:
     loss = "n/a" if result["train_loss"] is None else f"{result['train_loss']:.4f}"
     return (f"final: step {result['step']} | train loss {loss} | "
@@ -445,6 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints.check_writable(workdir)
     mesh = sharding.make_mesh(config)
     info = data.dataset_info(config)
+    if "fewshot" in config:
+        fewshot.check_datasets(config)  # prepared, with both splits: before anything is written
     num_steps = optim.total_steps(config, info.num_train_examples)
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a gs:// one
@@ -525,6 +539,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
 
     train_step = make_train_step(config, mesh, num_steps)
     eval_step = make_eval_step(config, mesh)
+    fewshot_every = config.fewshot.every_steps if "fewshot" in config and config.fewshot.datasets else None
+    represent = fewshot.make_representation_fn(config, mesh) if fewshot_every is not None else None
+    last_fewshot: dict[str, float] | None = None
+    if represent is not None and start_step == 0:  # the baseline, and a check of the datasets before training
+        _log_fewshot(writer, 0, fewshot.evaluate(config, state["params"], mesh, represent))
     flops = step_flops(config, mesh, num_steps)
     peak = peak_flops_per_device()
     watcher = checkpoints.PreemptionWatcher()
@@ -573,6 +592,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 writer.write_scalars(step, {f"eval/{key}": value for key, value in last_eval.items()})
                 _report(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
                 timer_start = time.perf_counter()
+            if represent is not None and (step == num_steps or (fewshot_every and step % fewshot_every == 0)):
+                last_fewshot = fewshot.evaluate(config, state["params"], mesh, represent)
+                _log_fewshot(writer, step, last_fewshot)
+                timer_start = time.perf_counter()
 
             if step % config.checkpoint_every == 0 or step == num_steps or preempted:
                 _check_finite(pending)  # never save a state that has diverged
@@ -596,6 +619,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         writer.close()
 
     result = _final_result(config, step, train_loss, last_eval)
+    if last_fewshot is not None:
+        result["fewshot"] = last_fewshot
     write_final_metrics(workdir, result)
     _report(_summary_line(result))
     return result
@@ -612,21 +637,33 @@ def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """--mode=eval: evaluate the latest checkpoint in `workdir` (else `config.pretrained`) on the eval split."""
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: str = "eval") -> dict[str, float]:
+    """--mode=eval: evaluate the latest checkpoint in `workdir` (else `config.pretrained`) on the eval split.
+
+    --mode=fewshot: few-shot linear evaluation of its features on `config.fewshot.datasets` instead; the
+    checkpoint's head is not read, and `config.dataset` need not be prepared.
+    """
     from vit_jax import data
     from vit_jax.errors import UserError
 
+    if mode not in ("eval", "fewshot"):
+        raise ValueError(f"mode={mode!r}: expected 'eval' or 'fewshot'")
+    if mode == "fewshot" and not fewshot.validate(config):
+        raise UserError("--mode=fewshot needs datasets to evaluate on: set --config.fewshot.datasets, e.g. "
+                        "--config.fewshot.datasets=oxford_iiit_pet,train,test (dataset,train_split,test_split)")
     mesh = sharding.make_mesh(config)
-    info = data.dataset_info(config)
-    num_steps = optim.total_steps(config, info.num_train_examples)
+    if mode == "eval":
+        num_steps = optim.total_steps(config, data.dataset_info(config).num_train_examples)
+    else:  # only the parameters are read: the schedule's length does not matter
+        num_steps = _default_num_steps(config)
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
         if ckpt.latest_step() is None and not config.pretrained:
-            raise UserError(f"--mode=eval found no checkpoint in {ckpt.directory} and config.pretrained is empty: "
+            raise UserError(f"--mode={mode} found no checkpoint in {ckpt.directory} and config.pretrained is empty: "
                             "train first, or pass --config.pretrained=PATH")
-        state, _, meta = restore_or_init(config, mesh, num_steps, ckpt, params_only=True)
+        state, _, meta = restore_or_init(config, mesh, num_steps, ckpt, params_only=True,
+                                         require_head=mode == "eval")
     except UserError:
         try:
             ckpt.close()  # first: its background threads may still be working in the directories removed
@@ -636,6 +673,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     finally:
         ckpt.close()
     _remove_if_empty(created)  # evaluating writes nothing: not even the directories opening the manager made
+    if mode == "fewshot":
+        metrics = fewshot.evaluate(config, state["params"], mesh)
+        source = f"step {meta['step']}" if "step" in meta else config.pretrained
+        _report(f"few-shot of {source}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
+        return metrics
     metrics = evaluate(config, make_eval_step(config, mesh), state["params"], mesh)
     _report(f"eval of step {meta.get('step', 0)} on {config.eval_split}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

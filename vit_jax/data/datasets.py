@@ -190,6 +190,15 @@ def _label_kind_and_classes(feature, name: str, label_key: str) -> tuple[str, in
                        "of class labels")
 
 
+def label_classes(name: str, data_dir: str, manual_dir: str = "") -> tuple[str, int]:
+    """("single" or "multi", class count) of prepared dataset `name`, read from its features."""
+    builder = load_builder(name, data_dir, manual_dir)
+    _, label_key = builder.info.supervised_keys or ("image", "label")
+    if label_key not in builder.info.features:
+        raise DatasetError(f"dataset {name!r} has features {sorted(builder.info.features)}, expected a label")
+    return _label_kind_and_classes(builder.info.features[label_key], name, label_key)
+
+
 def split_size(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int:
     """Examples in `split` (TFDS split syntax such as `train[:98%]`); a bad split names the valid ones."""
     try:

@@ -1,0 +1,263 @@
+"""Few-shot linear evaluation of frozen representations (the paper's Section 4.1; big_vision's `fewshot_lsr`).
+
+For each dataset of `config.fewshot.datasets`, the model's pre-logits features (the class token or the pooled
+tokens, after `pre_logits` if the model has one) of a training split and a test split are computed once. Then,
+for each seed and each shot count, `shots` images per class are drawn from the training features and an
+L2-regularised least-squares regression maps them to {-1, 1} one-hot targets; the test accuracy of its argmax is
+averaged over the seeds. This is how the paper tracks pre-training cheaply (Figures 3, 4 and 6: linear 5-shot
+ImageNet), without fine-tuning anything.
+
+Solving follows big_vision: features standardised with the drawn examples' mean and standard deviation, a
+constant feature 100 for an (almost unregularised) bias, one eigendecomposition of the smaller Gram matrix per
+draw. Here it runs in float64 NumPy on the host, where big_vision used float32 on the host's CPU device.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from vit_jax import sharding, xla_options
+from vit_jax.config_check import ConfigError
+from vit_jax.errors import UserError
+from vit_jax.models.vit import build_model
+
+BIAS_CONSTANT = 100.0
+
+
+class FewshotError(UserError):
+    """A few-shot dataset that cannot be evaluated as configured (too few images of a class, multi-label)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FewshotTask:
+    """One dataset of `config.fewshot.datasets`: draw shots from `train_split`, score on `test_split`."""
+
+    dataset: str
+    train_split: str
+    test_split: str
+
+    @property
+    def name(self) -> str:
+        """The metric prefix: the dataset name without its TFDS config or version (`cars196:2.1.0` -> cars196)."""
+        return re.split(r"[:/]", self.dataset)[0]
+
+
+def parse_tasks(datasets: Sequence[Any]) -> list[FewshotTask]:
+    """`config.fewshot.datasets`: each entry a (dataset, train_split, test_split) tuple or a
+    "dataset,train_split,test_split" string (as `--config.fewshot.datasets=digits,train,test` gives)."""
+    if isinstance(datasets, str):
+        datasets = (datasets,)
+    tasks = []
+    for entry in datasets:
+        parts = tuple(p.strip() for p in entry.split(",")) if isinstance(entry, str) else tuple(entry)
+        if len(parts) != 3 or not all(isinstance(p, str) and p for p in parts):
+            raise ConfigError(f"config.fewshot.datasets entry {entry!r} is invalid: expected (dataset, train_split, "
+                              "test_split), e.g. ('oxford_iiit_pet', 'train', 'test') or 'digits,train,test'")
+        tasks.append(FewshotTask(*parts))
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.fewshot.datasets={tuple(datasets)!r} is invalid: each dataset may appear once "
+                          f"(its metrics are named after it: {names})")
+    return tasks
+
+
+def validate(config: ml_collections.ConfigDict) -> list[FewshotTask]:
+    """Check `config.fewshot` (shots, seeds, l2_reg, every_steps, datasets); returns the parsed tasks."""
+    fewshot = config.fewshot
+    tasks = parse_tasks(fewshot.datasets)
+    if tasks and config.get("objective") == "masked_patch_prediction":
+        raise ConfigError(f"config.fewshot.datasets={tuple(fewshot.datasets)!r} with objective="
+                          "'masked_patch_prediction': few-shot evaluation reads the classifier's pre-logits "
+                          "features, which a masked patch prediction model does not have; evaluate the checkpoint "
+                          "with --mode=fewshot and a classification config of the same model instead")
+    shots = fewshot.shots
+    if (not isinstance(shots, (tuple, list)) or not shots
+            or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shots)):
+        raise ConfigError(f"config.fewshot.shots={shots!r} is invalid: expected a tuple of positive integers, "
+                          "e.g. (1, 5, 10, 25)")
+    if isinstance(fewshot.seeds, bool) or not isinstance(fewshot.seeds, int) or fewshot.seeds <= 0:
+        raise ConfigError(f"config.fewshot.seeds={fewshot.seeds!r} is invalid: expected a positive integer")
+    if not fewshot.l2_reg > 0:  # also refuses nan
+        raise ConfigError(f"config.fewshot.l2_reg={fewshot.l2_reg!r} is invalid: expected a positive "
+                          "regularisation strength (big_vision: 2**10)")
+    every = fewshot.every_steps
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"config.fewshot.every_steps={every!r} is invalid: expected 0 (at the start and the end "
+                          "of training only) or a positive step interval")
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The regression.
+
+@dataclasses.dataclass(frozen=True)
+class RidgeCache:
+    """What one draw's regressions share across l2 strengths: w(l2) = lhs diag(1 / (eigs + l2)) rhs."""
+
+    mean: np.ndarray  # (1, D) of the drawn features
+    std: np.ndarray  # (1, D), plus 1e-5
+    eigs: np.ndarray  # (K,), K = min(N, D + 1)
+    lhs: np.ndarray  # (D + 1, K)
+    rhs: np.ndarray  # (K, C)
+
+
+def _design(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    z = (np.asarray(x, np.float64) - mean) / std
+    return np.pad(z, ((0, 0), (0, 1)), constant_values=BIAS_CONSTANT)
+
+
+def ridge_cache(x: np.ndarray, labels: np.ndarray, num_classes: int) -> RidgeCache:
+    """Standardise `x` (N, D), append the bias feature, and eigendecompose the smaller Gram matrix.
+
+    With Z the design matrix and Y the {-1, 1} targets, the ridge weights are (Z^T Z + l2 I)^-1 Z^T Y, or,
+    equally, Z^T (Z Z^T + l2 I)^-1 Y: the second needs only an N x N problem when there are fewer examples
+    than features (few shots of few classes).
+    """
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=0, keepdims=True)
+    std = x.std(axis=0, keepdims=True) + 1e-5
+    z = _design(x, mean, std)
+    y = 2.0 * np.eye(num_classes)[np.asarray(labels)] - 1.0
+    if z.shape[0] >= z.shape[1]:
+        eigs, q = np.linalg.eigh(z.T @ z)
+        lhs, rhs = q, q.T @ (z.T @ y)
+    else:
+        eigs, q = np.linalg.eigh(z @ z.T)
+        lhs, rhs = z.T @ q, q.T @ y
+    return RidgeCache(mean=mean, std=std, eigs=eigs, lhs=lhs, rhs=rhs)
+
+
+def ridge_weights(cache: RidgeCache, l2_reg: float) -> np.ndarray:
+    """(D + 1, C) weights of the regression with strength `l2_reg` (the last row multiplies the bias feature)."""
+    return (cache.lhs / (cache.eigs + l2_reg)) @ cache.rhs
+
+
+def ridge_accuracy(cache: RidgeCache, x_test: np.ndarray, labels_test: np.ndarray, l2_reg: float) -> float:
+    """Fraction of `x_test` whose highest regression output is its label."""
+    scores = _design(x_test, cache.mean, cache.std) @ ridge_weights(cache, l2_reg)
+    return float(np.mean(np.argmax(scores, axis=1) == np.asarray(labels_test)))
+
+
+def draw_shots(labels: np.ndarray, num_classes: int, shots: int, seed: int, task: str = "") -> np.ndarray:
+    """Indices of `shots` examples of each class, drawn without replacement (a fixed permutation per seed, so
+    the 5 shots of a seed are among its 10). Too few examples of a class is a `FewshotError`, not fewer shots."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels, minlength=num_classes)
+    short = {c: int(n) for c, n in enumerate(counts) if n < shots}
+    if short:
+        listed = dict(list(short.items())[:10])
+        more = f" and {len(short) - 10} more" if len(short) > 10 else ""
+        raise FewshotError(f"few-shot {task or 'dataset'}: {shots} shots need {shots} training images of every "
+                           f"class, but {len(short)} of the {num_classes} classes have fewer (class: images "
+                           f"{listed}{more}); use fewer shots or a larger train split")
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in range(num_classes)]
+    return np.concatenate(picks)
+
+
+def evaluate_features(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], num_classes: int,
+                      shots: Sequence[int], seeds: int, l2_reg: float, task: str = "") -> dict[int, float]:
+    """Mean test accuracy over `seeds` draws for each shot count, from precomputed (features, labels)."""
+    (x, y), (x_test, y_test) = train, test
+    accuracies: dict[int, list[float]] = {n: [] for n in shots}
+    for seed in range(seeds):
+        for n in shots:
+            picked = draw_shots(y, num_classes, n, seed, task)
+            cache = ridge_cache(x[picked], y[picked], num_classes)
+            accuracies[n].append(ridge_accuracy(cache, x_test, y_test, l2_reg))
+    return {n: float(np.mean(values)) for n, values in accuracies.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Representations.
+
+def make_representation_fn(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """`represent(params, images, mask, labels) -> (features, mask, classes)`, each gathered on every device.
+
+    `features` (batch, width) float32 is what the head sees; `classes` the argmax of the one-hot labels.
+    """
+    model = build_model(config.model, config.num_classes)
+
+    def represent(params: Any, images: jax.Array, mask: jax.Array, labels: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        _, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
+        features = state["intermediates"]["pre_logits"][0].astype(jnp.float32)
+        return features, mask, jnp.argmax(labels, axis=-1)
+
+    return jax.jit(represent, out_shardings=sharding.replicated(mesh),
+                   compiler_options=xla_options.compiler_options(mesh.devices.flat))
+
+
+def task_config(config: ml_collections.ConfigDict, task: FewshotTask) -> ml_collections.ConfigDict:
+    """`config` reading `task`'s dataset: its test or train split as the eval split, its class count, single-label."""
+    from vit_jax.data import datasets
+
+    kind, num_classes = datasets.label_classes(task.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+    if kind != "single":
+        raise FewshotError(f"few-shot dataset {task.dataset!r} has several labels per image: few-shot "
+                           "regression needs one class per image")
+    derived = copy.deepcopy(config)
+    with derived.unlocked():
+        derived.dataset = task.dataset
+        derived.train_split, derived.eval_split = task.train_split, task.test_split
+        derived.num_classes, derived.label_kind = num_classes, "single"
+    return derived
+
+
+def check_datasets(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """Each few-shot dataset's `task_config`, once its dataset and both splits are found (else a DatasetError
+    that says how to prepare it): a training run checks before it writes anything."""
+    from vit_jax import data
+
+    configs = []
+    for task in validate(config):
+        derived = task_config(config, task)
+        data.dataset_info(derived)  # both splits exist and are not empty
+        configs.append(derived)
+    return configs
+
+
+def split_features(config: ml_collections.ConfigDict, represent: Callable, params: Any, mesh: Mesh, split: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of every decodable image of `split` of `config.dataset`, in one padded pass."""
+    from vit_jax import data
+
+    split_config = copy.deepcopy(config)
+    with split_config.unlocked():
+        split_config.eval_split = split
+    features, labels = [], []
+    for batch in data.make_eval_iterator(split_config, sharding.batch_sharding(mesh)):
+        rows, mask, classes = jax.device_get(represent(params, batch["image"], batch["mask"], batch["label"]))
+        keep = np.asarray(mask) > 0
+        features.append(np.asarray(rows)[keep])
+        labels.append(np.asarray(classes)[keep])
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def evaluate(config: ml_collections.ConfigDict, params: Any, mesh: Mesh,
+             represent: Callable | None = None) -> dict[str, float]:
+    """{"<dataset>_<shots>shot": mean accuracy} for every few-shot dataset of `config` and shot count."""
+    fewshot = config.fewshot
+    tasks = validate(config)
+    represent = represent or make_representation_fn(config, mesh)
+    results: dict[str, float] = {}
+    for task, task_cfg in zip(tasks, check_datasets(config)):
+        train = split_features(task_cfg, represent, params, mesh, task.train_split)
+        test = split_features(task_cfg, represent, params, mesh, task.test_split)
+        logging.info("few-shot %s: %d train and %d test features of size %d", task.name, len(train[0]),
+                     len(test[0]), train[0].shape[1])
+        scores = evaluate_features(train, test, task_cfg.num_classes, tuple(fewshot.shots), fewshot.seeds,
+                                   fewshot.l2_reg, task.dataset)
+        results.update({f"{task.name}_{n}shot": accuracy for n, accuracy in scores.items()})
+    return results
