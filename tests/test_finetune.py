@@ -312,3 +312,42 @@ def test_fewshot_mode_scores_a_checkpoint_whatever_its_head_and_writes_nothing(p
         config.fewshot.datasets = ()
     with pytest.raises(UserError, match=r"--mode=fewshot needs datasets to evaluate on"):
         train.evaluate_checkpoint(config, str(workdir), mode="fewshot")
+
+
+def _real_like_folder(root, rows) -> str:
+    """An image folder of digits test images with only a 'validation' split of multi-label records."""
+    import json
+
+    images, _ = load_digits_uint8()
+    root.mkdir()
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in range(10)))
+    lines = []
+    for index, labels in rows:
+        Image.fromarray(images[index]).save(root / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "labels": [str(c) for c in labels]}))
+    (root / "validation.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+def test_eval_of_a_real_like_split_scores_labelled_images_only_and_needs_no_train_split(pretrained, tmp_path):
+    """ImageNet ReaL's form: one 'validation' split, a set of correct classes per image, some images with none.
+    --mode=eval scores the top-1 class against the set and leaves the unlabelled images out of every metric
+    (big_vision's classification evaluator): the same as a folder holding only the labelled images."""
+    pretrained_dir, _, _ = pretrained
+    _, digit = load_digits_uint8()
+    # Labelled test images get their digit and sometimes the next one too; every third image gets no label.
+    rows = [(i, () if i % 3 == 0 else (int(digit[i]),) + ((int(digit[i] + 1) % 10,) if i % 2 else ()))
+            for i in range(NUM_TRAIN, NUM_TRAIN + 90)]
+    scores = {}
+    for name, chosen in (("with_unlabelled", rows), ("labelled_only", [r for r in rows if r[1]])):
+        source = _real_like_folder(tmp_path / name, chosen)
+        tfds_dir = str(tmp_path / f"tfds_{name}")
+        data.prepare("image_folder", tfds_dir, source)
+        config = _digits_config(dataset="image_folder", tfds_data_dir=tfds_dir, tfds_manual_dir=source,
+                                label_kind="multi", train_split="train", eval_split="validation",
+                                pretrained=pretrained_dir)
+        scores[name] = train.evaluate_checkpoint(config, str(tmp_path / f"eval_{name}"))
+    assert set(scores["with_unlabelled"]) == {"loss", "top1", "top5"}
+    for key in ("loss", "top1", "top5"):
+        assert scores["with_unlabelled"][key] == pytest.approx(scores["labelled_only"][key], rel=1e-6), key
+    assert 0.2 < scores["labelled_only"]["top1"] < scores["labelled_only"]["top5"]

@@ -183,8 +183,9 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
     """`eval_step(params, batch, batch_index) -> sums` over the real (mask 1) examples of a batch, jitted for the mesh.
 
     Classification sums: loss, top1, top5 (for multi-label: whether the top-1 / any top-5 class is a positive;
-    no top5 with 5 classes or fewer) and count. Masked patch prediction: loss and accuracy over the predicted
-    patches, and their count.
+    no top5 with 5 classes or fewer) and count, over the examples with at least one label: as big_vision, an
+    image without any (ImageNet ReaL has 3,163 of 50,000) counts for nothing, not as a miss. Masked patch
+    prediction: loss and accuracy over the predicted patches, and their count.
     """
     model = make_model(config)
     param_shardings = state_shardings(config, mesh)["params"]
@@ -202,6 +203,7 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
             return {"loss": metrics["loss"] * count, "accuracy": metrics["accuracy"] * count, "count": count}
         logits = model.apply({"params": params}, batch["image"], train=False)
         labels = batch["label"]
+        mask = mask * jnp.any(labels > 0, axis=-1)  # unlabelled images are not scored (big_vision, ReaL)
         losses = optim.per_example_loss(logits, labels, config.label_kind)
         _, top = jax.lax.top_k(logits, top_k)
         hits = jnp.take_along_axis(labels, top, axis=-1) > 0  # (batch, k): is the i-th guess a true class?
@@ -227,8 +229,8 @@ def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any
     count = totals.pop("count", 0.0)
     if not count:  # a global sum: every process raises
         raise data.DatasetError(f"config.eval_split={config.eval_split!r} of {config.dataset!r}: no image of it "
-                                "could be decoded (each was skipped as corrupt, see the warnings above); check "
-                                "the files the dataset was prepared from")
+                                "could be decoded with a label (each was skipped as corrupt, see the warnings above, "
+                                "or has no label); check the files the dataset was prepared from")
     return {key: value / count for key, value in totals.items()}
 
 
@@ -652,10 +654,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
         raise UserError("--mode=fewshot needs datasets to evaluate on: set --config.fewshot.datasets, e.g. "
                         "--config.fewshot.datasets=oxford_iiit_pet,train,test (dataset,train_split,test_split)")
     mesh = sharding.make_mesh(config)
-    if mode == "eval":
-        num_steps = optim.total_steps(config, data.dataset_info(config).num_train_examples)
-    else:  # only the parameters are read: the schedule's length does not matter
-        num_steps = _default_num_steps(config)
+    if mode == "eval":  # the eval split only: ImageNet ReaL and ImageNet-v2 have no other
+        data.dataset_info(config, train=False)
+    num_steps = _default_num_steps(config)  # only the parameters are read: the schedule's length does not matter
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:

@@ -27,7 +27,8 @@ OWN_BUILDERS = {"digits": Digits, "imagenet21k": Imagenet21k, "image_folder": Im
 BUILT_ON_FIRST_USE = ("digits",)
 LABEL_KINDS = ("single", "multi")
 # What the manual_dir of TFDS datasets that cannot be downloaded must hold, and where those files come from.
-MANUAL_FILES = {"imagenet2012": (("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"), "image-net.org")}
+MANUAL_FILES = {"imagenet2012": (("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"), "image-net.org"),
+                "imagenet2012_real": (("ILSVRC2012_img_val.tar",), "image-net.org")}  # + ReaL labels, downloaded
 ARRAY_RECORD = "array_record"
 # TFDS's ValueError when a builder is asked for ArrayRecord where the dataset was prepared in another format.
 _OTHER_FORMAT = re.compile(r"File format is already set to FileFormat\.(\w+)")
@@ -213,9 +214,12 @@ def split_size(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int
     return size
 
 
-def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, train_split: str, eval_split: str,
-                              num_classes: int, label_kind: str) -> DatasetInfo:
-    """Check the config's class count and label kind against the prepared dataset and describe it."""
+def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, train_split: str | None,
+                              eval_split: str, num_classes: int, label_kind: str) -> DatasetInfo:
+    """Check the config's class count and label kind against the prepared dataset and describe it.
+
+    `train_split` None: only the eval split is checked (evaluation), and `num_train_examples` is 0.
+    """
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     features = builder.info.features
     if image_key not in features or label_key not in features:
@@ -230,16 +234,18 @@ def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, trai
         raise DatasetError(f"dataset {name!r} has one or more labels per image ({label_key!r}); set "
                            "--config.label_kind=multi (multi-hot labels, sigmoid loss)")
     return DatasetInfo(name=name, data_dir=str(builder.data_dir),
-                       num_train_examples=split_size(builder, train_split, "train_split"),
+                       num_train_examples=0 if train_split is None else split_size(builder, train_split,
+                                                                                    "train_split"),
                        num_eval_examples=split_size(builder, eval_split, "eval_split"),
                        num_classes=found_classes, label_kind=label_kind, image_key=image_key, label_key=label_key)
 
 
-def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-    """Sizes, classes and label kind of `config.dataset`, checked against the config (see `DatasetInfo`)."""
+def dataset_info(config: ml_collections.ConfigDict, train: bool = True) -> DatasetInfo:
+    """Sizes, classes and label kind of `config.dataset`, checked against the config (see `DatasetInfo`);
+    `train=False` (evaluation) checks the eval split only."""
     builder = load_builder(config.dataset, config.tfds_data_dir, config.tfds_manual_dir)
-    return dataset_info_from_builder(builder, config.dataset, config.train_split, config.eval_split,
-                                     config.num_classes, config.label_kind)
+    return dataset_info_from_builder(builder, config.dataset, config.train_split if train else None,
+                                     config.eval_split, config.num_classes, config.label_kind)
 
 
 class LabeledSource:
@@ -268,7 +274,8 @@ class LabeledSource:
 def open_split(config: ml_collections.ConfigDict, split: str) -> tuple[LabeledSource, DatasetInfo]:
     """A random-access source over `split` of `config.dataset` and the dataset's checked description."""
     builder = load_builder(config.dataset, config.tfds_data_dir, config.tfds_manual_dir)
-    info = dataset_info_from_builder(builder, config.dataset, config.train_split, config.eval_split,
+    train_split = config.train_split if split == config.train_split else None  # evaluating reads no other split
+    info = dataset_info_from_builder(builder, config.dataset, train_split, config.eval_split,
                                      config.num_classes, config.label_kind)
     return LabeledSource(builder, split, info.image_key, info.label_key), info
 
