@@ -133,6 +133,39 @@ def test_mixup_mixes_each_row_with_the_previous_one_by_one_weight_for_images_and
                                atol=1 / 127.5)
 
 
+def _mixup_weights(config, process_index, process_count, batches=3):
+    """The mixup weight of each of the first `batches` batches of a process, read off its labels."""
+    mixed, _ = pipeline.make_train_dataset(_unaugmented(config, 1.0), process_index=process_index,
+                                           process_count=process_count)
+    weights = []
+    for batch, _ in zip(mixed, range(batches)):
+        label = batch["label"].astype(np.float64)
+        classes = np.argmax(np.eye(config.num_classes)[_reference_labels(config, batch["index"])], axis=-1)
+        differ = classes != np.roll(classes, 1)
+        weights.append(float(label[differ, classes[differ]].mean()))
+    return weights
+
+
+def _reference_labels(config, indices):
+    import glob
+    import os
+
+    import tensorflow_datasets as tfds
+
+    (info,) = glob.glob(os.path.join(config.tfds_data_dir, "digits", "*", "dataset_info.json"))
+    source = tfds.builder_from_directory(os.path.dirname(info)).as_data_source(split="train")
+    return [int(source[int(i)]["label"]) for i in indices]
+
+
+def test_mixup_draws_one_weight_per_step_for_every_process(config):
+    """Two processes mix their (different) rows with the same weight at each step, the weights of a one-process
+    run: one lam per global batch, as big_vision draws it inside the train step."""
+    one = _mixup_weights(config, 0, 1)
+    assert len(set(np.round(one, 6))) == 3  # a new weight each step
+    np.testing.assert_allclose(_mixup_weights(config, 0, 2), one, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_mixup_weights(config, 1, 2), one, rtol=0, atol=1e-6)
+
+
 def test_two_processes_read_disjoint_shares_whose_union_is_the_split(config):
     shares = [_first_epoch_indices(config, p, 2, 750) for p in (0, 1)]
     assert all(len(set(share)) == 750 for share in shares)  # one epoch of a share: no repeats

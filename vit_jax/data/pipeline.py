@@ -142,7 +142,9 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int,
     stream = dataset.to_iter_dataset(_read_options())  # drops the None of corrupt images
     stream = stream.batch(batch_size, drop_remainder=True)
     if config.pp.mixup_alpha > 0:
-        mix_seed = _seed("mixup", config.shuffle_seed, process_index)
+        # The same weights on every process: one lam per global step, as big_vision draws it in the train step
+        # (and the weights do not depend on the process count).
+        mix_seed = _seed("mixup", config.shuffle_seed, 0)
         stream = stream.random_map(preprocess.MixupBatch(config.pp.mixup_alpha), seed=mix_seed)
     return _with_workers(stream, config), info
 
