@@ -75,7 +75,7 @@ def test_axial_equals_full_attention_masked_to_rows_then_columns_float64():
         params = random_params(model, images_shape, dtype=jnp.float64, scale=0.3)
         images = jax.random.normal(jax.random.key(3), images_shape, jnp.float64)
         _, state = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))(params, images)
-        pooled = np.asarray(state["intermediates"]["pre_logits"][0])
+        pooled = np.asarray(state["intermediates"]["representation"][0])
     assert pooled.dtype == np.float64  # (the logits themselves are float32 by contract)
     logits = pooled @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])
     expected = reference_axial_vit(params, images, patch=4)

@@ -74,8 +74,8 @@ def test_draws_take_each_class_equally_nest_across_shot_counts_and_change_with_t
 
 def test_a_class_with_fewer_images_than_shots_is_an_error_naming_it():
     labels = np.array([0] * 7 + [1] * 12 + [2] * 3)
-    with pytest.raises(fewshot.FewshotError, match=r"digits: 5 shots need 5 training images of every class, but 2 "
-                                                   r"of the 4 classes have fewer \(class: images \{2: 3, 3: 0\}"):
+    with pytest.raises(fewshot.FewshotError, match=r"digits: 5 shot\(s\) need 5 training image\(s\) of every class, "
+                                                   r"but 2 of the 4 classes have fewer \(class: images \{2: 3, 3: 0\}"):
         fewshot.draw_shots(labels, 4, 5, seed=0, task="digits")
 
 
@@ -98,6 +98,10 @@ def test_datasets_parse_from_tuples_and_command_line_strings():
     ({"datasets": (("digits", "train", "test"), "digits,train,test")}, r"each dataset may appear once"),
     ({"shots": (1, 0)}, r"config.fewshot.shots=\(1, 0\) is invalid: expected a tuple of positive integers"),
     ({"shots": ()}, r"config.fewshot.shots=\(\) is invalid"),
+    ({"shots": (5, 5)}, r"config.fewshot.shots=\(5, 5\) is invalid: each shot count may appear once"),
+    ({"datasets": ("digits", "train", "test")}, r"it reads as three datasets; one \(dataset, train_split, "
+                                                r"test_split\) entry is written \(\('digits', 'train', 'test'\),\)"),
+    ({"l2_reg": math.inf}, r"config.fewshot.l2_reg=inf is invalid"),
     ({"seeds": 0}, r"config.fewshot.seeds=0 is invalid: expected a positive integer"),
     ({"l2_reg": 0.0}, r"config.fewshot.l2_reg=0.0 is invalid: expected a positive regularisation strength"),
     ({"l2_reg": math.nan}, r"config.fewshot.l2_reg=nan is invalid"),
@@ -106,6 +110,67 @@ def test_datasets_parse_from_tuples_and_command_line_strings():
 def test_config_check_refuses_bad_fewshot_fields(fields, message):
     with pytest.raises(config_check.ConfigError, match=message):
         config_check.validate(_config(**fields), 8)
+
+
+def test_a_non_numeric_l2_reg_from_a_config_file_is_a_config_error():
+    config = _config()
+    with config.unlocked():
+        del config.fewshot["l2_reg"]
+        config.fewshot.l2_reg = "strong"
+    with pytest.raises(config_check.ConfigError, match=r"config.fewshot.l2_reg='strong' is invalid"):
+        fewshot.validate(config)
+
+
+@pytest.mark.parametrize("overrides", [{"model.representation_size": 24, "model.scan": True},
+                                       {"model.classifier": "gap", "model.dtype": "bfloat16"}])
+def test_features_times_the_head_are_the_models_logits(overrides):
+    """What few-shot regresses on is what the head sees: pooled tokens, after pre_logits (tanh) if the model has
+    one; with scan and in bfloat16 too (the plain model: test_finetune, against a trained head)."""
+    import jax
+
+    from tests.train_helpers import synthetic_batch
+    from vit_jax import sharding, train
+
+    config = tiny_config(**{"mesh.data": 1, **overrides})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    params = jax.device_get(train.init_state(config, mesh, config.total_steps)["params"])
+    rng = np.random.default_rng(4)
+    params["head"] = {k: rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in params["head"].items()}
+    batch = synthetic_batch(config, 1)
+    batch = {**batch, "mask": np.ones(len(batch["image"]), np.float32), "index": np.arange(len(batch["image"]))}
+    features, mask, classes, index = jax.device_get(fewshot.make_representation_fn(config, mesh)(params, batch))
+    width = overrides.get("model.representation_size") or config.model.hidden_size
+    assert features.shape == (config.batch_size, width) and features.dtype == np.float32
+    np.testing.assert_array_equal(classes, batch["label"].argmax(-1))
+    np.testing.assert_array_equal(index, batch["index"])
+    logits = jax.jit(train.make_model(config).apply)({"params": params}, batch["image"])
+    expected = features @ params["head"]["kernel"] + params["head"]["bias"]
+    tolerance = 3e-2 if config.model.dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_features_come_back_in_the_splits_order_whatever_order_the_batches_hold(monkeypatch):
+    """Several processes read strided shares, so a batch's rows are not in split order: features are sorted by
+    each row's index, and padding (mask 0) is dropped, so a seed draws the same images on any process count."""
+    import jax
+
+    from vit_jax import data, sharding
+
+    config = tiny_config(**{"mesh.data": 1})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    order = np.random.default_rng(5).permutation(20)
+    batches = [{"index": np.concatenate([order[:10], [0, 0]]), "mask": np.array([1.0] * 10 + [0, 0])},
+               {"index": np.concatenate([order[10:], [0, 0]]), "mask": np.array([1.0] * 10 + [0, 0])}]
+    monkeypatch.setattr(data, "make_eval_iterator", lambda config, batch_sharding, keys: iter(batches))
+
+    def represent(params, batch):  # feature = 10 x index, class = index % 3, padding rows -1
+        index = batch["index"].astype(np.float32)
+        return np.where(batch["mask"][:, None] > 0, index[:, None] * 10, -1.0), batch["mask"], \
+            batch["index"] % 3, batch["index"]
+
+    features, labels = fewshot.split_features(config, represent, None, mesh, "train")
+    np.testing.assert_array_equal(features[:, 0], np.arange(20) * 10.0)
+    np.testing.assert_array_equal(labels, np.arange(20) % 3)
 
 
 def test_masked_patch_prediction_has_no_features_to_evaluate():
@@ -131,6 +196,22 @@ def test_a_missing_fewshot_dataset_fails_before_the_run_writes_anything(tmp_path
     config.dataset, config.train_split, config.eval_split = "digits", "train", "test"
     config.tfds_data_dir = digits_dir
     with pytest.raises(data.DatasetError, match=r"dataset 'oxford_iiit_pet' is not prepared.*vit_jax.data.prepare"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_bad_fewshot_entry_is_named_and_too_few_shots_stop_a_run_before_it_writes(tmp_path, digits_dir):
+    from vit_jax import data, train
+
+    config = _config(datasets=("digits,trian,test",))
+    config.dataset, config.train_split, config.eval_split = "digits", "train", "test"
+    config.tfds_data_dir = digits_dir
+    with pytest.raises(data.DatasetError, match=r"config.fewshot.datasets entry 'digits,trian,test': "
+                                                r"config.train_split='trian' is not a split of digits"):
+        fewshot.check_datasets(config)
+    config.fewshot.datasets, config.fewshot.shots = ("digits,train[:100],test",), (1, 25)
+    config.pp.inception_crop, config.eval_batch_size = False, 128
+    with pytest.raises(fewshot.FewshotError, match=r"25 shot\(s\) need 25 training image\(s\) of every class"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
 

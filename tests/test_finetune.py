@@ -304,7 +304,7 @@ def test_fewshot_mode_scores_a_checkpoint_whatever_its_head_and_writes_nothing(p
     assert scores["digits_10shot"] > max(0.4, scores["digits_1shot"] + 0.05)
     assert not workdir.exists()
     assert f"few-shot of {pretrained_dir}: digits_1shot" in capsys.readouterr().out
-    with pytest.raises(fewshot.FewshotError, match=r"200 shots need 200 training images of every class"):
+    with pytest.raises(fewshot.FewshotError, match=r"200 shot\(s\) need 200 training image\(s\) of every class"):
         with config.unlocked():
             config.fewshot.shots = (200,)
         train.evaluate_checkpoint(config, str(workdir), mode="fewshot")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,6 +59,10 @@ def parse_tasks(datasets: Sequence[Any]) -> list[FewshotTask]:
     "dataset,train_split,test_split" string (as `--config.fewshot.datasets=digits,train,test` gives)."""
     if isinstance(datasets, str):
         datasets = (datasets,)
+    if len(datasets) == 3 and all(isinstance(d, str) and "," not in d for d in datasets):
+        raise ConfigError(f"config.fewshot.datasets={tuple(datasets)!r} is invalid: it reads as three datasets; "
+                          f"one (dataset, train_split, test_split) entry is written {(tuple(datasets),)!r} or "
+                          f"{','.join(datasets)!r}")
     tasks = []
     for entry in datasets:
         parts = tuple(p.strip() for p in entry.split(",")) if isinstance(entry, str) else tuple(entry)
@@ -86,9 +91,12 @@ def validate(config: ml_collections.ConfigDict) -> list[FewshotTask]:
             or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shots)):
         raise ConfigError(f"config.fewshot.shots={shots!r} is invalid: expected a tuple of positive integers, "
                           "e.g. (1, 5, 10, 25)")
+    if len(set(shots)) != len(shots):
+        raise ConfigError(f"config.fewshot.shots={shots!r} is invalid: each shot count may appear once")
     if isinstance(fewshot.seeds, bool) or not isinstance(fewshot.seeds, int) or fewshot.seeds <= 0:
         raise ConfigError(f"config.fewshot.seeds={fewshot.seeds!r} is invalid: expected a positive integer")
-    if not fewshot.l2_reg > 0:  # also refuses nan
+    l2_reg = fewshot.l2_reg
+    if isinstance(l2_reg, bool) or not isinstance(l2_reg, (int, float)) or not 0 < l2_reg < math.inf:  # and nan
         raise ConfigError(f"config.fewshot.l2_reg={fewshot.l2_reg!r} is invalid: expected a positive "
                           "regularisation strength (big_vision: 2**10)")
     every = fewshot.every_steps
@@ -159,7 +167,7 @@ def draw_shots(labels: np.ndarray, num_classes: int, shots: int, seed: int, task
     if short:
         listed = dict(list(short.items())[:10])
         more = f" and {len(short) - 10} more" if len(short) > 10 else ""
-        raise FewshotError(f"few-shot {task or 'dataset'}: {shots} shots need {shots} training images of every "
+        raise FewshotError(f"few-shot {task or 'dataset'}: {shots} shot(s) need {shots} training image(s) of every "
                            f"class, but {len(short)} of the {num_classes} classes have fewer (class: images "
                            f"{listed}{more}); use fewer shots or a larger train split")
     picks = [rng.permutation(np.flatnonzero(labels == c))[:shots] for c in range(num_classes)]
@@ -183,17 +191,17 @@ def evaluate_features(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarr
 # Representations.
 
 def make_representation_fn(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
-    """`represent(params, images, mask, labels) -> (features, mask, classes)`, each gathered on every device.
+    """`represent(params, batch) -> (features, mask, classes, index)`, each gathered on every device.
 
-    `features` (batch, width) float32 is what the head sees; `classes` the argmax of the one-hot labels.
+    `batch` is an eval batch with "index"; `features` (batch, width) float32 are what the head sees (pooled,
+    after `pre_logits` if the model has it); `classes` the argmax of the one-hot labels.
     """
     model = build_model(config.model, config.num_classes)
 
-    def represent(params: Any, images: jax.Array, mask: jax.Array, labels: jax.Array
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        _, state = model.apply({"params": params}, images, train=False, mutable=["intermediates"])
-        features = state["intermediates"]["pre_logits"][0].astype(jnp.float32)
-        return features, mask, jnp.argmax(labels, axis=-1)
+    def represent(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+        _, state = model.apply({"params": params}, batch["image"], train=False, mutable=["intermediates"])
+        features = state["intermediates"]["representation"][0].astype(jnp.float32)
+        return features, batch["mask"], jnp.argmax(batch["label"], axis=-1), batch["index"]
 
     return jax.jit(represent, out_shardings=sharding.replicated(mesh),
                    compiler_options=xla_options.compiler_options(mesh.devices.flat))
@@ -222,27 +230,39 @@ def check_datasets(config: ml_collections.ConfigDict) -> list[ml_collections.Con
 
     configs = []
     for task in validate(config):
-        derived = task_config(config, task)
-        data.dataset_info(derived)  # both splits exist and are not empty
+        try:
+            derived = task_config(config, task)
+            data.dataset_info(derived)  # both splits exist and are not empty
+        except data.DatasetError as e:  # it names the run's own fields (config.train_split, ...): say which entry
+            raise data.DatasetError(f"config.fewshot.datasets entry "
+                                    f"{','.join((task.dataset, task.train_split, task.test_split))!r}: {e}") from None
         configs.append(derived)
     return configs
 
 
 def split_features(config: ml_collections.ConfigDict, represent: Callable, params: Any, mesh: Mesh, split: str
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of every decodable image of `split` of `config.dataset`, in one padded pass."""
+    """(features, labels) of every decodable image of `split` of `config.dataset`, in one padded pass, in the
+    split's order: whatever the process count and batch size, a seed draws the same images."""
     from vit_jax import data
 
     split_config = copy.deepcopy(config)
     with split_config.unlocked():
         split_config.eval_split = split
-    features, labels = [], []
-    for batch in data.make_eval_iterator(split_config, sharding.batch_sharding(mesh)):
-        rows, mask, classes = jax.device_get(represent(params, batch["image"], batch["mask"], batch["label"]))
-        keep = np.asarray(mask) > 0
-        features.append(np.asarray(rows)[keep])
-        labels.append(np.asarray(classes)[keep])
-    return np.concatenate(features), np.concatenate(labels)
+    features, labels, indices = [], [], []
+    keys = ("image", "label", "mask", "index")
+    for batch in data.make_eval_iterator(split_config, sharding.batch_sharding(mesh), keys=keys):
+        rows, mask, classes, index = (np.asarray(a) for a in jax.device_get(represent(params, batch)))
+        keep = mask > 0
+        features.append(rows[keep])
+        labels.append(classes[keep])
+        indices.append(index[keep])
+    order = np.argsort(np.concatenate(indices), kind="stable")
+    features_array, labels_array = np.concatenate(features)[order], np.concatenate(labels)[order]
+    if not len(labels_array):
+        raise data.DatasetError(f"few-shot {config.dataset!r} split {split!r}: no image of it could be decoded "
+                                "(each was skipped as corrupt, see the warnings above)")
+    return features_array, labels_array
 
 
 def evaluate(config: ml_collections.ConfigDict, params: Any, mesh: Mesh,
@@ -254,6 +274,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, mesh: Mesh,
     results: dict[str, float] = {}
     for task, task_cfg in zip(tasks, check_datasets(config)):
         train = split_features(task_cfg, represent, params, mesh, task.train_split)
+        draw_shots(train[1], task_cfg.num_classes, max(fewshot.shots), 0, task.dataset)  # before the test pass
         test = split_features(task_cfg, represent, params, mesh, task.test_split)
         logging.info("few-shot %s: %d train and %d test features of size %d", task.name, len(train[0]),
                      len(test[0]), train[0].shape[1])

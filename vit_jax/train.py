@@ -430,6 +430,10 @@ def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: floa
     return result
 
 
+def _has_fewshot(config: ml_collections.ConfigDict) -> bool:
+    return "fewshot" in config and bool(config.fewshot.datasets)
+
+
 def _fewshot_line(step: int, results: dict[str, float]) -> str:
     return f"few-shot at step {step}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in results.items())
 
@@ -476,6 +480,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 eval_step = make_eval_step(config, mesh)
                 result = _final_result(config, start_step, meta.get("train_loss"),
                                        evaluate(config, eval_step, state["params"], mesh))
+                if _has_fewshot(config):
+                    result["fewshot"] = fewshot.evaluate(config, state["params"], mesh)
                 write_final_metrics(workdir, result)
             _report(f"{workdir} already holds the finished run (step {start_step}).")
             _report(_summary_line(result))
@@ -531,9 +537,18 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     elif start_step:
         logging.warning("the checkpoint's data position was written by %s processes; the data order restarts",
                         "a different number of")
+    fewshot_every = config.fewshot.every_steps if _has_fewshot(config) else None
+    represent = fewshot.make_representation_fn(config, mesh) if fewshot_every is not None else None
+    last_fewshot: dict[str, float] | None = None
+    # A fresh run's baseline at initialisation, before anything is written: it also checks that every class has
+    # the shots (an error here leaves no trace in the workdir).
+    first_fewshot = (fewshot.evaluate(config, state["params"], mesh, represent)
+                     if represent is not None and start_step == 0 else None)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    if first_fewshot is not None:
+        _log_fewshot(writer, 0, first_fewshot)
     fully_addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state["params"]))
     parameter_overview.log_parameter_overview(jax.device_get(state["params"]) if fully_addressable else
                                               state["params"], include_stats=fully_addressable,
@@ -541,11 +556,6 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
 
     train_step = make_train_step(config, mesh, num_steps)
     eval_step = make_eval_step(config, mesh)
-    fewshot_every = config.fewshot.every_steps if "fewshot" in config and config.fewshot.datasets else None
-    represent = fewshot.make_representation_fn(config, mesh) if fewshot_every is not None else None
-    last_fewshot: dict[str, float] | None = None
-    if represent is not None and start_step == 0:  # the baseline, and a check of the datasets before training
-        _log_fewshot(writer, 0, fewshot.evaluate(config, state["params"], mesh, represent))
     flops = step_flops(config, mesh, num_steps)
     peak = peak_flops_per_device()
     watcher = checkpoints.PreemptionWatcher()
@@ -594,10 +604,6 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 writer.write_scalars(step, {f"eval/{key}": value for key, value in last_eval.items()})
                 _report(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
                 timer_start = time.perf_counter()
-            if represent is not None and (step == num_steps or (fewshot_every and step % fewshot_every == 0)):
-                last_fewshot = fewshot.evaluate(config, state["params"], mesh, represent)
-                _log_fewshot(writer, step, last_fewshot)
-                timer_start = time.perf_counter()
 
             if step % config.checkpoint_every == 0 or step == num_steps or preempted:
                 _check_finite(pending)  # never save a state that has diverged
@@ -605,6 +611,12 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
                            "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort()},
                           train_iter.get_state())
+            # After the save (a failure loses no step) and never on the way out of a preemption (a long pass).
+            if (represent is not None and not preempted
+                    and (step == num_steps or (fewshot_every and step % fewshot_every == 0))):
+                last_fewshot = fewshot.evaluate(config, state["params"], mesh, represent)
+                _log_fewshot(writer, step, last_fewshot)
+                timer_start = time.perf_counter()
             if preempted:
                 ckpt.wait()
                 if jax.process_count() > 1:  # all saved before any exits: a launcher may kill the rest at the first
@@ -650,12 +662,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
 
     if mode not in ("eval", "fewshot"):
         raise ValueError(f"mode={mode!r}: expected 'eval' or 'fewshot'")
-    if mode == "fewshot" and not fewshot.validate(config):
+    if mode == "fewshot" and not _has_fewshot(config):
         raise UserError("--mode=fewshot needs datasets to evaluate on: set --config.fewshot.datasets, e.g. "
                         "--config.fewshot.datasets=oxford_iiit_pet,train,test (dataset,train_split,test_split)")
     mesh = sharding.make_mesh(config)
     if mode == "eval":  # the eval split only: ImageNet ReaL and ImageNet-v2 have no other
         data.dataset_info(config, train=False)
+    else:  # prepared, with both splits, before a checkpoint is read
+        fewshot.check_datasets(config)
     num_steps = _default_num_steps(config)  # only the parameters are read: the schedule's length does not matter
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)

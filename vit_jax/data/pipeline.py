@@ -158,6 +158,8 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding, key
         if key == "image" and value.dtype == np.uint8:
             # Sent as uint8 (4x fewer bytes to the devices) and scaled there, keeping the sharding.
             out[key] = _uint8_to_unit_range(jax.make_array_from_process_local_data(sharding, value))
+        elif key == "index":  # positions in the split: exact as int32, not past 2^24 as float32
+            out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value, np.int32))
         else:
             out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value, np.float32))
     return out
@@ -293,10 +295,11 @@ def _closing(iterator, batch_size: int, num_batches: int, template: dict[str, np
 
 
 def make_eval_iterator(config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Sharding, *,
-                       process_index: int | None = None, process_count: int | None = None
-                       ) -> Iterator[dict[str, jax.Array]]:
-    """A fresh pass over the eval split: global batches of eval_batch_size with "mask" (1 real, 0 padding)."""
+                       process_index: int | None = None, process_count: int | None = None,
+                       keys: tuple[str, ...] = ("image", "label", "mask")) -> Iterator[dict[str, jax.Array]]:
+    """A fresh pass over the eval split: global batches of eval_batch_size with "mask" (1 real, 0 padding);
+    `keys` may add "index" (each row's position in the split, 0 for padding)."""
     process_index, process_count = _resolve_processes(process_index, process_count)
     check_rows_per_process(batch_sharding, config.eval_batch_size, "eval_batch_size")
     batches = eval_batches(config, process_index=process_index, process_count=process_count)  # errors raise here
-    return (to_global(batch, batch_sharding, ("image", "label", "mask")) for batch in batches)
+    return (to_global(batch, batch_sharding, keys) for batch in batches)

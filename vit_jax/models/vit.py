@@ -271,10 +271,10 @@ class Encoder(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT classifier: patch embedding (after an optional BiT trunk), encoder, token/GAP pooling, head.
 
-    `__call__` returns float32 logits; the pooled pre-logits and encoded tokens are sown under
-    `intermediates` for analysis (`mutable=["intermediates"]`). With `masked_patch_classes > 0` it returns
-    per-patch logits (batch, patches, masked_patch_classes) instead, and takes the corruption of the patch
-    embeddings as `patch_source` / `patch_mask` (see `corrupt_patches`).
+    `__call__` returns float32 logits; the encoded tokens (`encoded`) and what the head sees (`representation`:
+    pooled, after `pre_logits` if any) are sown under `intermediates` for analysis (`mutable=["intermediates"]`).
+    With `masked_patch_classes > 0` it returns per-patch logits (batch, patches, masked_patch_classes) instead,
+    and takes the corruption of the patch embeddings as `patch_source` / `patch_mask` (see `corrupt_patches`).
     """
 
     num_classes: int
@@ -348,7 +348,7 @@ class VisionTransformer(nn.Module):
                          kernel_init=_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
                          bias_init=_init(nn.initializers.zeros, ("mlp",)))(x)
             x = jnp.tanh(x)
-        self.sow("intermediates", "pre_logits", x)
+        self.sow("intermediates", "representation", x)  # what the head sees ("pre_logits" names a layer)
         logits = Dense(self.num_classes, dtype=self.dtype, name="head",
                           kernel_init=_init(nn.initializers.zeros, ("embed", "classes")),
                           bias_init=_init(nn.initializers.constant(self.head_bias_init), ("classes",)))(x)
