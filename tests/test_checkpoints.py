@@ -150,15 +150,18 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
 
 # End to end through `python -m vit_jax.main` on the digits dataset with a tiny model.
 
-TOTAL_STEPS = 200
+TOTAL_STEPS = 100
 RUN_FLAGS = ["--config=configs/demo.py", f"--config.total_steps={TOTAL_STEPS}", "--config.log_every=1",
-             "--config.eval_every=100000", "--config.checkpoint_every=50", "--config.model.hidden_size=32",
+             "--config.eval_every=100000", "--config.checkpoint_every=25", "--config.model.hidden_size=32",
              "--config.model.num_layers=1", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
              "--config.batch_size=16", "--config.eval_batch_size=64", "--config.optimizer.warmup_steps=5"]
 
 
 def start(workdir, data_dir) -> MainRun:
-    return MainRun(workdir, [*RUN_FLAGS, f"--config.tfds_data_dir={data_dir}"])
+    """The run; every start after the reference's loads its compiled step from a cache next to the data."""
+    cache = os.path.join(os.path.dirname(data_dir), "jax_cache")
+    return MainRun(workdir, [*RUN_FLAGS, f"--config.tfds_data_dir={data_dir}"],
+                   env={"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
 
 
 def wait_for(run: MainRun, condition) -> None:
