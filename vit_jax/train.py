@@ -463,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints.check_writable(workdir)
     mesh = sharding.make_mesh(config)
     info = data.dataset_info(config)
-    if "fewshot" in config:
+    if _has_fewshot(config):
         fewshot.check_datasets(config)  # prepared, with both splits: before anything is written
     num_steps = optim.total_steps(config, info.num_train_examples)
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
@@ -484,6 +484,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     result["fewshot"] = fewshot.evaluate(config, state["params"], mesh)
                 write_final_metrics(workdir, result)
             _report(f"{workdir} already holds the finished run (step {start_step}).")
+            if "fewshot" in result:
+                _report(_fewshot_line(start_step, result["fewshot"]))
             _report(_summary_line(result))
             return result
         return _train_loop(config, workdir, mesh, num_steps, ckpt, state, data_state, meta)

@@ -98,7 +98,8 @@ def _with_workers(dataset: grain.IterDataset, config: ml_collections.ConfigDict)
 
 
 def _seed(purpose: str, seed: int, process_index: int) -> int:
-    """Distinct, reproducible seeds per purpose and process (so hosts do not draw the same augmentations)."""
+    """Distinct, reproducible seeds per purpose and process (so hosts do not draw the same augmentations);
+    `process_index=0` on every process for a draw they share (mixup's weight)."""
     return zlib.crc32(f"{purpose}/{seed}/{process_index}".encode()) & 0x7FFFFFFF
 
 
