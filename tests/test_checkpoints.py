@@ -88,6 +88,28 @@ def test_params_alone_restore_under_another_optimizer(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]), jax.device_get(state["params"]))
 
 
+def test_resuming_or_evaluating_takes_the_numerics_the_run_recorded(tmp_path):
+    """A run fine-tuned from exact-GELU weights (timm, HF) records its numerics in each checkpoint's meta: a
+    resume or --mode=eval without --config.pretrained computes as it trained, not with the defaults (tanh GELU,
+    eps 1e-6)."""
+    trained = tiny_config(**{"mesh.data": 1, "model.gelu_approximate": False, "model.layernorm_epsilon": 1e-12})
+    mesh = sharding.make_mesh(trained, jax.devices()[:1])
+    state = train.init_state(trained, mesh, trained.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+    meta = {"step": 2, "rng": [1, 2], "config": trained.to_json_best_effort()}
+    ckpt.save(2, state["params"], state["opt_state"], meta, {"position": 2})
+    ckpt.close()
+    for params_only in (True, False):
+        config = tiny_config(**{"mesh.data": 1})
+        assert (config.model.gelu_approximate, config.model.layernorm_epsilon) == (True, 1e-6)
+        ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+        try:
+            train.restore_or_init(config, mesh, config.total_steps, ckpt, params_only=params_only)
+        finally:
+            ckpt.close()
+        assert (config.model.gelu_approximate, config.model.layernorm_epsilon) == (False, 1e-12)
+
+
 def test_restore_reads_a_remote_checkpoints_metadata_at_its_uri(monkeypatch):
     """gs:// paths reach orbax as they are (os.path.abspath would turn them into a local 'gs:/...')."""
     import orbax.checkpoint as ocp

@@ -312,6 +312,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                     ) -> tuple[State, dict | None, dict]:
     """The start state, the data iterator state to continue from, and the saved meta.
 
+    The model's numerics (GELU flavour, LayerNorm eps) are set in place to those of the weights: the ones of
+    `config.pretrained`, or else the ones a resumed checkpoint's run recorded (evaluating a fine-tune of timm
+    weights without its --config.pretrained still computes with exact GELU).
     Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop; a
     training run puts a new zero head unless `config.pretrained_head` is "keep", an evaluation keeps the
     checkpoint's) -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
@@ -330,6 +333,12 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         abstract = abstract_state(config, mesh, num_steps)
         restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"])
         meta = restored["meta"]
+        if not pretrained:  # the numerics the run was trained with, whatever this run's flags say
+            from vit_jax.interop import loading, orbax_io
+
+            recorded = orbax_io.numerics_from_meta(meta, f"{ckpt.directory}/{latest}")
+            if recorded is not None:
+                loading.apply_numerics(config.model, recorded)
         replicated = sharding.replicated(mesh)
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],

@@ -195,7 +195,7 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
     for action in actions:
         logging.info("%s: %s", ckpt.location, action)
     if set_numerics and ckpt.numerics is not None:
-        _apply_numerics(model_config, ckpt.numerics)
+        apply_numerics(model_config, ckpt.numerics)
     logging.info("%s: loaded %d arrays (%s) for a %d-class model at %dpx", ckpt.location, len(flat),
                  ckpt.source_format, num_classes, image_size)
     return canonical_to_params(flat, model_config.scan)
@@ -233,11 +233,12 @@ def apply_source_numerics(path: str, model_config: ml_collections.ConfigDict,
     """
     numerics = source_numerics(path, source_format)
     if numerics is not None:
-        _apply_numerics(model_config, numerics)
+        apply_numerics(model_config, numerics)
     return numerics
 
 
-def _apply_numerics(model_config: ml_collections.ConfigDict, numerics: Numerics) -> None:
+def apply_numerics(model_config: ml_collections.ConfigDict, numerics: Numerics) -> None:
+    """Set `model_config`'s GELU flavour and LayerNorm eps to `numerics` (in place), logging a change."""
     current = (model_config.gelu_approximate, float(model_config.layernorm_epsilon))
     wanted = (numerics.gelu_approximate, float(numerics.layernorm_epsilon))
     if current == wanted:

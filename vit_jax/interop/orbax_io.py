@@ -134,16 +134,21 @@ def _read_numerics(step_dir: str) -> Numerics | None:
         meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_dir}: unreadable meta item ({e})") from e
+    return numerics_from_meta(meta, meta_dir)
+
+
+def numerics_from_meta(meta: dict | None, where: str) -> Numerics | None:
+    """model.gelu_approximate / model.layernorm_epsilon of the config a run recorded in a step's meta item."""
     config = (meta or {}).get("config") or {}
     if isinstance(config, str):  # vit_jax.train records `config.to_json_best_effort()`
         try:
             config = json.loads(config)
         except json.JSONDecodeError as e:
-            raise CheckpointError(f"{meta_dir}: the recorded config is not JSON ({e})") from e
+            raise CheckpointError(f"{where}: the recorded config is not JSON ({e})") from e
     model = config.get("model") or {} if isinstance(config, dict) else {}
     if "gelu_approximate" not in model or "layernorm_epsilon" not in model:
         return None
-    return Numerics(bool(model["gelu_approximate"]), float(model["layernorm_epsilon"]), f"{step_dir} meta config")
+    return Numerics(bool(model["gelu_approximate"]), float(model["layernorm_epsilon"]), f"{where} meta config")
 
 
 def write_orbax(params: Any, meta: dict[str, Any], path: str) -> str:
