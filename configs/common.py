@@ -129,6 +129,10 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     # (the rest, 0.1, keep their embedding but are still predicted)
     c.masked_patch.colour_bits = 3  # target: mean colour per patch, this many bits per channel (3 -> 512 classes)
 
+    # More test sets scored at every evaluation (vit_jax/extra_evals.py), each "dataset,split" with the model's
+    # classes, e.g. ("imagenet2012_real,validation", "imagenet_v2,test") while fine-tuning on imagenet2012.
+    c.extra_evals = ()
+
     # Few-shot linear evaluation of the frozen pre-logits features (vit_jax/fewshot.py; the paper's Section 4.1
     # and big_vision's common_fewshot.py). Datasets: (dataset, train_split, test_split) tuples, or on the command
     # line --config.fewshot.datasets=oxford_iiit_pet,train,test. Empty: off. With datasets, a training run

@@ -165,4 +165,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         from vit_jax import fewshot  # it imports this module
 
         fewshot.validate(config)
+    from vit_jax import extra_evals  # it imports this module
+
+    extra_evals.validate(config)
     return mesh

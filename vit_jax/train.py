@@ -28,7 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from vit_jax import checkpoints, fewshot, masked_patch, optim, sharding, xla_options
+from vit_jax import checkpoints, extra_evals, fewshot, masked_patch, optim, sharding, xla_options
 from vit_jax.models.vit import build_model
 
 State = dict[str, Any]
@@ -439,6 +439,17 @@ def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: floa
     return result
 
 
+def _evaluate_extra(extra: dict[str, ml_collections.ConfigDict], params: Any, mesh: Mesh
+                    ) -> dict[str, dict[str, float]]:
+    """{name: metrics} of each `config.extra_evals` entry (`extra_evals.eval_configs`), reported as they come."""
+    results = {}
+    for name, extra_config in extra.items():
+        results[name] = evaluate(extra_config, make_eval_step(extra_config, mesh), params, mesh)
+        _report(f"eval of {name} on {extra_config.eval_split}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
+    return results
+
+
 def _has_fewshot(config: ml_collections.ConfigDict) -> bool:
     return "fewshot" in config and bool(config.fewshot.datasets)
 
@@ -472,6 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints.check_writable(workdir)
     mesh = sharding.make_mesh(config)
     info = data.dataset_info(config)
+    extra = extra_evals.eval_configs(config)  # prepared, with the model's classes: before anything is written
     if _has_fewshot(config):
         fewshot.check_datasets(config)  # prepared, with both splits: before anything is written
     num_steps = optim.total_steps(config, info.num_train_examples)
@@ -489,6 +501,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 eval_step = make_eval_step(config, mesh)
                 result = _final_result(config, start_step, meta.get("train_loss"),
                                        evaluate(config, eval_step, state["params"], mesh))
+                if extra:
+                    result["extra_evals"] = _evaluate_extra(extra, state["params"], mesh)
                 if _has_fewshot(config):
                     result["fewshot"] = fewshot.evaluate(config, state["params"], mesh)
                 write_final_metrics(workdir, result)
@@ -497,7 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 _report(_fewshot_line(start_step, result["fewshot"]))
             _report(_summary_line(result))
             return result
-        return _train_loop(config, workdir, mesh, num_steps, ckpt, state, data_state, meta)
+        return _train_loop(config, workdir, mesh, num_steps, ckpt, state, data_state, meta, extra)
     except UserError:
         # Bad input found while starting (a foreign pre-trained file, undecodable data): leave no trace. The
         # manager closes first: its background threads may still be working in the directories removed.
@@ -533,7 +547,8 @@ def _remove_if_empty(directories: list[str]) -> None:
 
 
 def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num_steps: int,
-                ckpt: checkpoints.Checkpoints, state: State, data_state: dict | None, meta: dict) -> dict:
+                ckpt: checkpoints.Checkpoints, state: State, data_state: dict | None, meta: dict,
+                extra: dict[str, ml_collections.ConfigDict] | None = None) -> dict:
     """Steps from the state's step to `num_steps`: log, profile, eval, checkpoint, stop on preemption or NaN."""
     from clu import metric_writers, parameter_overview  # clu's writers import tensorflow: only when training
 
@@ -567,6 +582,9 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
 
     train_step = make_train_step(config, mesh, num_steps)
     eval_step = make_eval_step(config, mesh)
+    extra_steps = {name: (extra_config, make_eval_step(extra_config, mesh))
+                   for name, extra_config in (extra or {}).items()}
+    last_extra: dict[str, dict[str, float]] = {}
     flops = step_flops(config, mesh, num_steps)
     peak = peak_flops_per_device()
     watcher = checkpoints.PreemptionWatcher()
@@ -614,6 +632,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 last_eval = evaluate(config, eval_step, state["params"], mesh)
                 writer.write_scalars(step, {f"eval/{key}": value for key, value in last_eval.items()})
                 _report(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                for name, (extra_config, extra_step) in extra_steps.items():
+                    last_extra[name] = evaluate(extra_config, extra_step, state["params"], mesh)
+                    writer.write_scalars(step, {f"eval_{name}/{key}": v for key, v in last_extra[name].items()})
+                    _report(f"eval of {name} at step {step}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in last_extra[name].items()))
                 timer_start = time.perf_counter()
 
             if step % config.checkpoint_every == 0 or step == num_steps or preempted:
@@ -644,6 +667,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         writer.close()
 
     result = _final_result(config, step, train_loss, last_eval)
+    if last_extra:
+        result["extra_evals"] = last_extra
     if last_fewshot is not None:
         result["fewshot"] = last_fewshot
     write_final_metrics(workdir, result)
@@ -663,7 +688,8 @@ def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: str = "eval") -> dict[str, float]:
-    """--mode=eval: evaluate the latest checkpoint in `workdir` (else `config.pretrained`) on the eval split.
+    """--mode=eval: evaluate the latest checkpoint in `workdir` (else `config.pretrained`) on the eval split,
+    and on each `config.extra_evals` test set (its metrics as "<dataset>/top1", ...).
 
     --mode=fewshot: few-shot linear evaluation of its features on `config.fewshot.datasets` instead; the
     checkpoint's head is not read, and `config.dataset` need not be prepared.
@@ -677,8 +703,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
         raise UserError("--mode=fewshot needs datasets to evaluate on: set --config.fewshot.datasets, e.g. "
                         "--config.fewshot.datasets=oxford_iiit_pet,train,test (dataset,train_split,test_split)")
     mesh = sharding.make_mesh(config)
+    extra = {}
     if mode == "eval":  # the eval split only: ImageNet ReaL and ImageNet-v2 have no other
         data.dataset_info(config, train=False)
+        extra = extra_evals.eval_configs(config)
     else:  # prepared, with both splits, before a checkpoint is read
         fewshot.check_datasets(config)
     num_steps = _default_num_steps(config)  # only the parameters are read: the schedule's length does not matter
@@ -707,4 +735,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
     metrics = evaluate(config, make_eval_step(config, mesh), state["params"], mesh)
     _report(f"eval of step {meta.get('step', 0)} on {config.eval_split}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    # The eval split's {"loss", "top1", ...}, then each extra test set's as "<name>/top1", ...
+    for name, values in (_evaluate_extra(extra, state["params"], mesh) if extra else {}).items():
+        metrics.update({f"{name}/{key}": value for key, value in values.items()})
     return metrics

@@ -1,0 +1,102 @@
+"""Extra test sets scored at every evaluation (vit_jax/extra_evals.py): config parsing and checks, and a training
+run that scores the eval split again (the same numbers as its own evaluation) and a ReaL-like multi-label folder
+(the same numbers as --mode=eval of it)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.train_helpers import tiny_config
+from vit_jax import config_check, data, extra_evals, train
+from vit_jax.data.builders.digits import NUM_TRAIN, load_digits_uint8
+
+
+@pytest.mark.parametrize("entries, message", [
+    (("digits,test,extra",), r"entry 'digits,test,extra' is invalid: expected 'dataset,split'"),
+    (("digits", "test"), r"it reads as two datasets; one \(dataset, split\) entry is written "
+                         r"\(\('digits', 'test'\),\)"),
+    (("digits,test", ("digits", "train")), r"each dataset may appear once"),
+])
+def test_bad_entries_are_config_errors(entries, message):
+    config = tiny_config(extra_evals=entries)
+    with pytest.raises(config_check.ConfigError, match=message):
+        config_check.validate(config, 8)
+
+
+def test_entries_parse_from_strings_and_tuples():
+    parsed = extra_evals.parse(("imagenet2012_real, validation", ("imagenet_v2:3.0.0", "test")))
+    assert [(e.name, e.dataset, e.split) for e in parsed] == [
+        ("imagenet2012_real", "imagenet2012_real", "validation"), ("imagenet_v2", "imagenet_v2:3.0.0", "test")]
+
+
+def test_masked_patch_prediction_has_no_classes_to_score():
+    config = tiny_config(extra_evals=("digits,test",))
+    config.objective = "masked_patch_prediction"
+    with pytest.raises(config_check.ConfigError, match=r"a masked patch prediction model does not predict"):
+        extra_evals.validate(config)
+
+
+def _folder(root, rows, classes=10) -> str:
+    """Digits images with only a 'validation' split of multi-label records (ImageNet ReaL's form)."""
+    images, _ = load_digits_uint8()
+    root.mkdir()
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in range(classes)))
+    lines = []
+    for index, labels in rows:
+        Image.fromarray(images[index]).save(root / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "labels": [str(c) for c in labels]}))
+    (root / "validation.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+def _config(tmp_path, extra, manual_dir=""):
+    config = tiny_config(**{"dataset": "digits", "train_split": "train", "eval_split": "test",
+                            "tfds_data_dir": str(tmp_path / "tfds"), "tfds_manual_dir": manual_dir,
+                            "pp.inception_crop": False, "total_steps": 3, "optimizer.warmup_steps": 1,
+                            "eval_batch_size": 128, "extra_evals": extra})
+    config_check.validate(config, 8)
+    return config
+
+
+def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
+    _, digit = load_digits_uint8()
+    # A quarter unlabelled, the rest with their digit and another one that also counts as right.
+    rows = [(i, () if i % 4 == 0 else (int(digit[i]), int(digit[i] + 3) % 10))
+            for i in range(NUM_TRAIN, NUM_TRAIN + 60)]
+    folder = _folder(tmp_path / "real_like", rows)
+    data.prepare("image_folder", str(tmp_path / "tfds"), folder)
+    config = _config(tmp_path, ("digits,test", "image_folder,validation"), folder)
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+
+    out = capsys.readouterr().out
+    assert "eval of digits at step 3: " in out and "eval of image_folder at step 3: " in out, out
+    extra = result["extra_evals"]
+    assert set(extra) == {"digits", "image_folder"}
+    assert extra["digits"]["top1"] == pytest.approx(result["test_accuracy"], abs=1e-9)  # the eval split again
+    assert extra["digits"]["loss"] == pytest.approx(result["test_loss"], rel=1e-6)
+    assert json.loads((tmp_path / "run" / train.FINAL_METRICS).read_text())["extra_evals"] == extra
+
+    # --mode=eval of the folder itself (multi-label): the same numbers as the run's extra evaluation.
+    direct = tiny_config(**{"dataset": "image_folder", "eval_split": "validation", "label_kind": "multi",
+                            "tfds_data_dir": str(tmp_path / "tfds"), "tfds_manual_dir": folder,
+                            "eval_batch_size": 128})
+    again = train.evaluate_checkpoint(direct, str(tmp_path / "run"))
+    for key in ("loss", "top1", "top5"):
+        assert again[key] == pytest.approx(extra["image_folder"][key], rel=1e-6), key
+    assert 0.0 <= extra["image_folder"]["top1"] <= extra["image_folder"]["top5"] <= 1.0
+
+
+def test_an_extra_test_set_of_other_classes_stops_the_run_before_it_writes(tmp_path):
+    folder = _folder(tmp_path / "three", [(NUM_TRAIN + i, (str(i % 3),)) for i in range(6)], classes=3)
+    data.prepare("image_folder", str(tmp_path / "tfds"), folder)
+    config = _config(tmp_path, ("image_folder,validation",), folder)
+    with pytest.raises(data.DatasetError, match=r"config.extra_evals entry 'image_folder,validation': dataset "
+                                                r"'image_folder' has 3 classes and the model 10"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+    np.testing.assert_equal(len(os.listdir(folder)), 6 + 2)  # the folder is left as it was

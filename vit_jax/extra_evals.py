@@ -1,0 +1,88 @@
+"""More test sets scored beside the eval split at every evaluation: `config.extra_evals`.
+
+big_vision's ImageNet configs score the validation split, ImageNet ReaL and ImageNet-v2 as they train; the
+paper's tables report all three. Each entry names a prepared dataset with the model's classes and one of its
+splits, e.g. `("imagenet2012_real,validation", "imagenet_v2,test")`; its label kind is the dataset's own (ReaL's
+sets of correct classes are multi-label: top-1 is right when it is in the set, and unlabelled images are left
+out). Metrics are logged as `eval_<dataset>/top1` (and loss, top5) and stored in `final_metrics.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from vit_jax.config_check import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraEval:
+    """One entry of `config.extra_evals`."""
+
+    dataset: str
+    split: str
+
+    @property
+    def name(self) -> str:
+        """The metric prefix: the dataset name without its TFDS config or version."""
+        return re.split(r"[:/]", self.dataset)[0]
+
+
+def parse(entries: Sequence[Any]) -> list[ExtraEval]:
+    """`config.extra_evals`: "dataset,split" strings or (dataset, split) tuples."""
+    if isinstance(entries, str):
+        entries = (entries,)
+    if len(entries) == 2 and all(isinstance(e, str) and "," not in e for e in entries):
+        raise ConfigError(f"config.extra_evals={tuple(entries)!r} is invalid: it reads as two datasets; one "
+                          f"(dataset, split) entry is written {(tuple(entries),)!r} or {','.join(entries)!r}")
+    evals = []
+    for entry in entries:
+        parts = tuple(p.strip() for p in entry.split(",")) if isinstance(entry, str) else tuple(entry)
+        if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+            raise ConfigError(f"config.extra_evals entry {entry!r} is invalid: expected 'dataset,split', e.g. "
+                              "'imagenet2012_real,validation' or ('imagenet_v2', 'test')")
+        evals.append(ExtraEval(*parts))
+    names = [e.name for e in evals]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.extra_evals={tuple(entries)!r} is invalid: each dataset may appear once (its "
+                          f"metrics are named after it: {names})")
+    return evals
+
+
+def validate(config: ml_collections.ConfigDict) -> list[ExtraEval]:
+    """Parse `config.extra_evals`; only a classifier has classes to score."""
+    evals = parse(config.get("extra_evals", ()))
+    if evals and config.get("objective") == "masked_patch_prediction":
+        raise ConfigError(f"config.extra_evals={tuple(config.extra_evals)!r} with objective="
+                          "'masked_patch_prediction': extra evaluations score classes, which a masked patch "
+                          "prediction model does not predict")
+    return evals
+
+
+def eval_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """{name: `config` evaluating that entry's split}, each checked: prepared, the split there and not empty,
+    the model's class count; the label kind is the dataset's. Raises a DatasetError naming the entry."""
+    from vit_jax import data
+    from vit_jax.data import datasets
+
+    configs = {}
+    for entry in validate(config):
+        where = f"config.extra_evals entry '{entry.dataset},{entry.split}'"
+        try:
+            kind, num_classes = datasets.label_classes(entry.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+            if num_classes != config.num_classes:
+                raise data.DatasetError(f"dataset {entry.dataset!r} has {num_classes} classes and the model "
+                                        f"{config.num_classes}: an extra evaluation scores the model's own classes")
+            derived = copy.deepcopy(config)
+            with derived.unlocked():
+                derived.dataset, derived.eval_split, derived.label_kind = entry.dataset, entry.split, kind
+            data.dataset_info(derived, train=False)  # the split is there and not empty
+        except data.DatasetError as e:  # it names the run's own fields (config.eval_split, ...): say which entry
+            raise data.DatasetError(f"{where}: {e}") from None
+        configs[entry.name] = derived
+    return configs
