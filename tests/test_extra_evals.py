@@ -64,6 +64,9 @@ def _config(tmp_path, extra, manual_dir=""):
 
 
 def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
+    """A multi-label (sigmoid) run with exact GELU and LayerNorm eps 0.5, where the defaults are tanh and 1e-6:
+    its eval split scored again as an extra set gives its own numbers (same loss, same numerics), in the run and
+    in a later --mode=eval under the default flags; a ReaL-like folder gives the numbers of --mode=eval on it."""
     _, digit = load_digits_uint8()
     # A quarter unlabelled, the rest with their digit and another one that also counts as right.
     rows = [(i, () if i % 4 == 0 else (int(digit[i]), int(digit[i] + 3) % 10))
@@ -71,6 +74,7 @@ def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
     folder = _folder(tmp_path / "real_like", rows)
     data.prepare("image_folder", str(tmp_path / "tfds"), folder)
     config = _config(tmp_path, ("digits,test", "image_folder,validation"), folder)
+    config.label_kind, config.model.gelu_approximate, config.model.layernorm_epsilon = "multi", False, 0.5
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
 
     out = capsys.readouterr().out
@@ -80,6 +84,13 @@ def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
     assert extra["digits"]["top1"] == pytest.approx(result["test_accuracy"], abs=1e-9)  # the eval split again
     assert extra["digits"]["loss"] == pytest.approx(result["test_loss"], rel=1e-6)
     assert json.loads((tmp_path / "run" / train.FINAL_METRICS).read_text())["extra_evals"] == extra
+
+    # --mode=eval with the default numerics flags: the checkpoint's recorded ones apply to the extra set too.
+    later = _config(tmp_path, ("digits,test",))
+    later.label_kind = "multi"
+    scores = train.evaluate_checkpoint(later, str(tmp_path / "run"))
+    assert scores["loss"] == pytest.approx(result["test_loss"], rel=1e-6)
+    assert scores["digits/loss"] == pytest.approx(result["test_loss"], rel=1e-6)
 
     # --mode=eval of the folder itself (multi-label): the same numbers as the run's extra evaluation.
     direct = tiny_config(**{"dataset": "image_folder", "eval_split": "validation", "label_kind": "multi",

@@ -66,7 +66,10 @@ def validate(config: ml_collections.ConfigDict) -> list[ExtraEval]:
 
 def eval_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
     """{name: `config` evaluating that entry's split}, each checked: prepared, the split there and not empty,
-    the model's class count; the label kind is the dataset's. Raises a DatasetError naming the entry."""
+    the model's class count; multi-label if the dataset or the run is. Raises a DatasetError naming the entry.
+
+    Copies of `config` as it is now: derive them after the model's numerics are set (`train.restore_or_init`).
+    """
     from vit_jax import data
     from vit_jax.data import datasets
 
@@ -80,7 +83,9 @@ def eval_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.
                                         f"{config.num_classes}: an extra evaluation scores the model's own classes")
             derived = copy.deepcopy(config)
             with derived.unlocked():
-                derived.dataset, derived.eval_split, derived.label_kind = entry.dataset, entry.split, kind
+                # Multi-label scoring where the set or the run is multi-label (the loss the run trains with).
+                derived.dataset, derived.eval_split = entry.dataset, entry.split
+                derived.label_kind = "multi" if "multi" in (kind, config.label_kind) else "single"
             data.dataset_info(derived, train=False)  # the split is there and not empty
         except data.DatasetError as e:  # it names the run's own fields (config.eval_split, ...): say which entry
             raise data.DatasetError(f"{where}: {e}") from None

@@ -338,6 +338,11 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
 
             recorded = orbax_io.numerics_from_meta(meta, f"{ckpt.directory}/{latest}")
             if recorded is not None:
+                if (config.model.gelu_approximate, config.model.layernorm_epsilon) != (
+                        recorded.gelu_approximate, recorded.layernorm_epsilon):
+                    logging.warning("the checkpoint was trained with model.gelu_approximate=%s, "
+                                    "model.layernorm_epsilon=%g: computing with those, not this config's",
+                                    recorded.gelu_approximate, recorded.layernorm_epsilon)
                 loading.apply_numerics(config.model, recorded)
         replicated = sharding.replicated(mesh)
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
@@ -444,10 +449,22 @@ def _evaluate_extra(extra: dict[str, ml_collections.ConfigDict], params: Any, me
     """{name: metrics} of each `config.extra_evals` entry (`extra_evals.eval_configs`), reported as they come."""
     results = {}
     for name, extra_config in extra.items():
-        results[name] = evaluate(extra_config, make_eval_step(extra_config, mesh), params, mesh)
+        results[name] = _evaluate_named(name, extra_config, make_eval_step(extra_config, mesh), params, mesh)
         _report(f"eval of {name} on {extra_config.eval_split}: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
     return results
+
+
+def _evaluate_named(name: str, config: ml_collections.ConfigDict, eval_step: Callable, params: Any, mesh: Mesh
+                    ) -> dict[str, float]:
+    """`evaluate` of an extra test set; its data errors name the entry, not the run's own eval split."""
+    from vit_jax import data
+
+    try:
+        return evaluate(config, eval_step, params, mesh)
+    except data.DatasetError as e:
+        raise data.DatasetError(f"config.extra_evals entry '{config.dataset},{config.eval_split}' ({name}): {e}"
+                                ) from None
 
 
 def _has_fewshot(config: ml_collections.ConfigDict) -> bool:
@@ -483,7 +500,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints.check_writable(workdir)
     mesh = sharding.make_mesh(config)
     info = data.dataset_info(config)
-    extra = extra_evals.eval_configs(config)  # prepared, with the model's classes: before anything is written
+    extra_evals.eval_configs(config)  # prepared, with the model's classes: before anything is written
     if _has_fewshot(config):
         fewshot.check_datasets(config)  # prepared, with both splits: before anything is written
     num_steps = optim.total_steps(config, info.num_train_examples)
@@ -492,6 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, remove_partial=True)
     try:
         state, data_state, meta = restore_or_init(config, mesh, num_steps, ckpt)
+        extra = extra_evals.eval_configs(config)  # again: copies with the numerics restore_or_init set
         start_step = int(meta.get("step", 0))
         final_path = epath.Path(workdir) / FINAL_METRICS
         if start_step >= num_steps:
@@ -507,6 +525,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     result["fewshot"] = fewshot.evaluate(config, state["params"], mesh)
                 write_final_metrics(workdir, result)
             _report(f"{workdir} already holds the finished run (step {start_step}).")
+            for name, values in result.get("extra_evals", {}).items():
+                _report(f"eval of {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
             if "fewshot" in result:
                 _report(_fewshot_line(start_step, result["fewshot"]))
             _report(_summary_line(result))
@@ -632,8 +652,9 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 last_eval = evaluate(config, eval_step, state["params"], mesh)
                 writer.write_scalars(step, {f"eval/{key}": value for key, value in last_eval.items()})
                 _report(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-                for name, (extra_config, extra_step) in extra_steps.items():
-                    last_extra[name] = evaluate(extra_config, extra_step, state["params"], mesh)
+                # Not on the way out of a preemption: the checkpoint first (the last step's rerun scores them).
+                for name, (extra_config, extra_step) in ({} if preempted else extra_steps).items():
+                    last_extra[name] = _evaluate_named(name, extra_config, extra_step, state["params"], mesh)
                     writer.write_scalars(step, {f"eval_{name}/{key}": v for key, v in last_extra[name].items()})
                     _report(f"eval of {name} at step {step}: "
                             + ", ".join(f"{k} {v:.4f}" for k, v in last_extra[name].items()))
@@ -706,7 +727,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
     extra = {}
     if mode == "eval":  # the eval split only: ImageNet ReaL and ImageNet-v2 have no other
         data.dataset_info(config, train=False)
-        extra = extra_evals.eval_configs(config)
+        extra = extra_evals.eval_configs(config)  # checked before a checkpoint is read
     else:  # prepared, with both splits, before a checkpoint is read
         fewshot.check_datasets(config)
     num_steps = _default_num_steps(config)  # only the parameters are read: the schedule's length does not matter
@@ -735,7 +756,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
     metrics = evaluate(config, make_eval_step(config, mesh), state["params"], mesh)
     _report(f"eval of step {meta.get('step', 0)} on {config.eval_split}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    # The eval split's {"loss", "top1", ...}, then each extra test set's as "<name>/top1", ...
+    # The eval split's {"loss", "top1", ...}, then each extra test set's as "<name>/top1", ...; their configs
+    # copied again, with the numerics the restore set.
+    extra = extra_evals.eval_configs(config) if extra else {}
     for name, values in (_evaluate_extra(extra, state["params"], mesh) if extra else {}).items():
         metrics.update({f"{name}/{key}": value for key, value in values.items()})
     return metrics

@@ -134,7 +134,7 @@ def _read_numerics(step_dir: str) -> Numerics | None:
         meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_dir}: unreadable meta item ({e})") from e
-    return numerics_from_meta(meta, meta_dir)
+    return numerics_from_meta(meta, step_dir)
 
 
 def numerics_from_meta(meta: dict | None, where: str) -> Numerics | None:
@@ -148,7 +148,11 @@ def numerics_from_meta(meta: dict | None, where: str) -> Numerics | None:
     model = config.get("model") or {} if isinstance(config, dict) else {}
     if "gelu_approximate" not in model or "layernorm_epsilon" not in model:
         return None
-    return Numerics(bool(model["gelu_approximate"]), float(model["layernorm_epsilon"]), f"{where} meta config")
+    gelu, eps = model["gelu_approximate"], model["layernorm_epsilon"]
+    if not isinstance(gelu, bool) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise CheckpointError(f"{where}: the recorded config has model.gelu_approximate={gelu!r} and "
+                              f"model.layernorm_epsilon={eps!r}; expected a bool and a number")
+    return Numerics(gelu, float(eps), f"{where} meta config")
 
 
 def write_orbax(params: Any, meta: dict[str, Any], path: str) -> str:
