@@ -9,17 +9,16 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.train_helpers import tiny_config
+from tests.train_helpers import real_like_folder, tiny_config
 from vit_jax import config_check, data, extra_evals, train
 from vit_jax.data.builders.digits import NUM_TRAIN, load_digits_uint8
 
 
 @pytest.mark.parametrize("entries, message", [
-    (("digits,test,extra",), r"entry 'digits,test,extra' is invalid: expected 'dataset,split'"),
-    (("digits", "test"), r"it reads as two datasets; one \(dataset, split\) entry is written "
-                         r"\(\('digits', 'test'\),\)"),
+    (("digits,test,extra",), r"entry 'digits,test,extra' is invalid: expected \(dataset, split\)"),
+    (("digits", "test"), r"config.extra_evals=\('digits', 'test'\) is invalid: it reads as two datasets; one "
+                         r"\(dataset, split\) entry is written \(\('digits', 'test'\),\)"),
     (("digits,test", ("digits", "train")), r"each dataset may appear once"),
 ])
 def test_bad_entries_are_config_errors(entries, message):
@@ -41,19 +40,6 @@ def test_masked_patch_prediction_has_no_classes_to_score():
         extra_evals.validate(config)
 
 
-def _folder(root, rows, classes=10) -> str:
-    """Digits images with only a 'validation' split of multi-label records (ImageNet ReaL's form)."""
-    images, _ = load_digits_uint8()
-    root.mkdir()
-    (root / "classes.txt").write_text("".join(f"{c}\n" for c in range(classes)))
-    lines = []
-    for index, labels in rows:
-        Image.fromarray(images[index]).save(root / f"{index}.png")
-        lines.append(json.dumps({"image": f"{index}.png", "labels": [str(c) for c in labels]}))
-    (root / "validation.jsonl").write_text("\n".join(lines) + "\n")
-    return str(root)
-
-
 def _config(tmp_path, extra, manual_dir=""):
     config = tiny_config(**{"dataset": "digits", "train_split": "train", "eval_split": "test",
                             "tfds_data_dir": str(tmp_path / "tfds"), "tfds_manual_dir": manual_dir,
@@ -71,7 +57,7 @@ def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
     # A quarter unlabelled, the rest with their digit and another one that also counts as right.
     rows = [(i, () if i % 4 == 0 else (int(digit[i]), int(digit[i] + 3) % 10))
             for i in range(NUM_TRAIN, NUM_TRAIN + 60)]
-    folder = _folder(tmp_path / "real_like", rows)
+    folder = real_like_folder(tmp_path / "real_like", rows)
     data.prepare("image_folder", str(tmp_path / "tfds"), folder)
     config = _config(tmp_path, ("digits,test", "image_folder,validation"), folder)
     config.label_kind, config.model.gelu_approximate, config.model.layernorm_epsilon = "multi", False, 0.5
@@ -103,7 +89,7 @@ def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
 
 
 def test_an_extra_test_set_of_other_classes_stops_the_run_before_it_writes(tmp_path):
-    folder = _folder(tmp_path / "three", [(NUM_TRAIN + i, (str(i % 3),)) for i in range(6)], classes=3)
+    folder = real_like_folder(tmp_path / "three", [(NUM_TRAIN + i, (str(i % 3),)) for i in range(6)], classes=3)
     data.prepare("image_folder", str(tmp_path / "tfds"), folder)
     config = _config(tmp_path, ("image_folder,validation",), folder)
     with pytest.raises(data.DatasetError, match=r"config.extra_evals entry 'image_folder,validation': dataset "

@@ -19,7 +19,7 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import demo_finetune, finetune
-from tests.train_helpers import tiny_config
+from tests.train_helpers import real_like_folder, tiny_config
 from vit_jax import checkpoints, config_check, data, sharding, train
 from vit_jax.data.builders.digits import NUM_TRAIN, load_digits_uint8
 from vit_jax.errors import UserError
@@ -314,21 +314,6 @@ def test_fewshot_mode_scores_a_checkpoint_whatever_its_head_and_writes_nothing(p
         train.evaluate_checkpoint(config, str(workdir), mode="fewshot")
 
 
-def _real_like_folder(root, rows) -> str:
-    """An image folder of digits test images with only a 'validation' split of multi-label records."""
-    import json
-
-    images, _ = load_digits_uint8()
-    root.mkdir()
-    (root / "classes.txt").write_text("".join(f"{c}\n" for c in range(10)))
-    lines = []
-    for index, labels in rows:
-        Image.fromarray(images[index]).save(root / f"{index}.png")
-        lines.append(json.dumps({"image": f"{index}.png", "labels": [str(c) for c in labels]}))
-    (root / "validation.jsonl").write_text("\n".join(lines) + "\n")
-    return str(root)
-
-
 def test_eval_of_a_real_like_split_scores_labelled_images_only_and_needs_no_train_split(pretrained, tmp_path):
     """ImageNet ReaL's form: one 'validation' split, a set of correct classes per image, some images with none.
     --mode=eval scores the top-1 class against the set and leaves the unlabelled images out of every metric
@@ -340,7 +325,7 @@ def test_eval_of_a_real_like_split_scores_labelled_images_only_and_needs_no_trai
             for i in range(NUM_TRAIN, NUM_TRAIN + 90)]
     scores = {}
     for name, chosen in (("with_unlabelled", rows), ("labelled_only", [r for r in rows if r[1]])):
-        source = _real_like_folder(tmp_path / name, chosen)
+        source = real_like_folder(tmp_path / name, chosen)
         tfds_dir = str(tmp_path / f"tfds_{name}")
         data.prepare("image_folder", tfds_dir, source)
         config = _digits_config(dataset="image_folder", tfds_data_dir=tfds_dir, tfds_manual_dir=source,

@@ -114,3 +114,23 @@ class MainRun:
             reader.join(10)
         return self.process.returncode
 
+
+
+def real_like_folder(root, rows, classes: int = 10) -> str:
+    """ImageNet ReaL's form from digits images: an image folder (`root`, created) with only a 'validation' split
+    of multi-label records, `rows` = [(digits index, class ids)], an empty tuple for an unlabelled image."""
+    import json
+
+    from PIL import Image
+
+    from vit_jax.data.builders.digits import load_digits_uint8
+
+    images, _ = load_digits_uint8()
+    root.mkdir()
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in range(classes)))
+    lines = []
+    for index, labels in rows:
+        Image.fromarray(images[index]).save(root / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "labels": [str(c) for c in labels]}))
+    (root / "validation.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import ml_collections
 
@@ -34,6 +35,28 @@ def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         _fail(field, value, "expected a positive integer")
     return value
+
+
+def dataset_entries(value, field: str, parts: tuple[str, ...], example: str) -> list[tuple[str, ...]]:
+    """Entries of a dataset-list field (`extra_evals`, `fewshot.datasets`): each a tuple of `parts` strings or
+    one comma-separated string (what `--config.<field>=a,b` gives); a dataset (its name before any TFDS config
+    or version) at most once, as metrics are named after it."""
+    entries = (value,) if isinstance(value, str) else tuple(value)
+    if len(entries) == len(parts) and all(isinstance(e, str) and "," not in e for e in entries):
+        count = {2: "two", 3: "three"}.get(len(parts), str(len(parts)))
+        _fail(field, entries, f"it reads as {count} datasets; one ({', '.join(parts)}) entry is written "
+              f"{(entries,)!r} or {','.join(entries)!r}")
+    parsed = []
+    for entry in entries:
+        fields = tuple(p.strip() for p in entry.split(",")) if isinstance(entry, str) else tuple(entry)
+        if len(fields) != len(parts) or not all(isinstance(f, str) and f for f in fields):
+            raise ConfigError(f"config.{field} entry {entry!r} is invalid: expected ({', '.join(parts)}), "
+                              f"e.g. {example}")
+        parsed.append(fields)
+    names = [re.split(r"[:/]", fields[0])[0] for fields in parsed]
+    if len(set(names)) != len(names):
+        _fail(field, entries, f"each dataset may appear once (its metrics are named after it: {names})")
+    return parsed
 
 
 def resolve_mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

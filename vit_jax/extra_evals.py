@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from vit_jax.config_check import ConfigError
+from vit_jax.config_check import ConfigError, dataset_entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,23 +35,9 @@ class ExtraEval:
 
 def parse(entries: Sequence[Any]) -> list[ExtraEval]:
     """`config.extra_evals`: "dataset,split" strings or (dataset, split) tuples."""
-    if isinstance(entries, str):
-        entries = (entries,)
-    if len(entries) == 2 and all(isinstance(e, str) and "," not in e for e in entries):
-        raise ConfigError(f"config.extra_evals={tuple(entries)!r} is invalid: it reads as two datasets; one "
-                          f"(dataset, split) entry is written {(tuple(entries),)!r} or {','.join(entries)!r}")
-    evals = []
-    for entry in entries:
-        parts = tuple(p.strip() for p in entry.split(",")) if isinstance(entry, str) else tuple(entry)
-        if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
-            raise ConfigError(f"config.extra_evals entry {entry!r} is invalid: expected 'dataset,split', e.g. "
-                              "'imagenet2012_real,validation' or ('imagenet_v2', 'test')")
-        evals.append(ExtraEval(*parts))
-    names = [e.name for e in evals]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"config.extra_evals={tuple(entries)!r} is invalid: each dataset may appear once (its "
-                          f"metrics are named after it: {names})")
-    return evals
+    parsed = dataset_entries(entries, "extra_evals", ("dataset", "split"),
+                             "'imagenet2012_real,validation' or ('imagenet_v2', 'test')")
+    return [ExtraEval(*fields) for fields in parsed]
 
 
 def validate(config: ml_collections.ConfigDict) -> list[ExtraEval]:

@@ -29,7 +29,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from vit_jax import sharding, xla_options
-from vit_jax.config_check import ConfigError
+from vit_jax.config_check import ConfigError, dataset_entries
 from vit_jax.errors import UserError
 from vit_jax.models.vit import build_model
 
@@ -57,24 +57,9 @@ class FewshotTask:
 def parse_tasks(datasets: Sequence[Any]) -> list[FewshotTask]:
     """`config.fewshot.datasets`: each entry a (dataset, train_split, test_split) tuple or a
     "dataset,train_split,test_split" string (as `--config.fewshot.datasets=digits,train,test` gives)."""
-    if isinstance(datasets, str):
-        datasets = (datasets,)
-    if len(datasets) == 3 and all(isinstance(d, str) and "," not in d for d in datasets):
-        raise ConfigError(f"config.fewshot.datasets={tuple(datasets)!r} is invalid: it reads as three datasets; "
-                          f"one (dataset, train_split, test_split) entry is written {(tuple(datasets),)!r} or "
-                          f"{','.join(datasets)!r}")
-    tasks = []
-    for entry in datasets:
-        parts = tuple(p.strip() for p in entry.split(",")) if isinstance(entry, str) else tuple(entry)
-        if len(parts) != 3 or not all(isinstance(p, str) and p for p in parts):
-            raise ConfigError(f"config.fewshot.datasets entry {entry!r} is invalid: expected (dataset, train_split, "
-                              "test_split), e.g. ('oxford_iiit_pet', 'train', 'test') or 'digits,train,test'")
-        tasks.append(FewshotTask(*parts))
-    names = [task.name for task in tasks]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"config.fewshot.datasets={tuple(datasets)!r} is invalid: each dataset may appear once "
-                          f"(its metrics are named after it: {names})")
-    return tasks
+    entries = dataset_entries(datasets, "fewshot.datasets", ("dataset", "train_split", "test_split"),
+                              "('oxford_iiit_pet', 'train', 'test') or 'digits,train,test'")
+    return [FewshotTask(*fields) for fields in entries]
 
 
 def validate(config: ml_collections.ConfigDict) -> list[FewshotTask]:
