@@ -41,6 +41,9 @@ def test_finetune_notebook_executes_top_to_bottom(tmp_path, monkeypatch):
     before, after = map(float, re.search(r"test accuracy at 32px: ([\d.]+)% before fine-tuning, ([\d.]+)% after",
                                          outputs).groups())
     assert after >= 50.0 and after > before, outputs  # fine-tuning at 32px helps the 16px model
+    shots = re.search(r"few-shot of \S+: digits_1shot ([\d.]+)%, digits_5shot ([\d.]+)%, digits_10shot ([\d.]+)%",
+                      outputs)
+    assert shots and 10.0 < float(shots.group(3)) <= 100.0, outputs  # 10 shots of each digit: above chance
     predicted = re.findall(r"test_\d\.png: true (\d), predicted (\d) \(", outputs)
     assert len(predicted) == 8
     figures = sorted(path.name for path in tmp_path.glob("vit_finetune_*/figures/*.png"))
