@@ -37,6 +37,11 @@ def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
     return value
 
 
+def dataset_name(dataset: str) -> str:
+    """What metrics of a dataset are named after: its TFDS name without config or version (`cars196:2.1.0`)."""
+    return re.split(r"[:/]", dataset)[0]
+
+
 def dataset_entries(value, field: str, parts: tuple[str, ...], example: str) -> list[tuple[str, ...]]:
     """Entries of a dataset-list field (`extra_evals`, `fewshot.datasets`): each a tuple of `parts` strings or
     one comma-separated string (what `--config.<field>=a,b` gives); a dataset (its name before any TFDS config
@@ -53,7 +58,7 @@ def dataset_entries(value, field: str, parts: tuple[str, ...], example: str) -> 
             raise ConfigError(f"config.{field} entry {entry!r} is invalid: expected ({', '.join(parts)}), "
                               f"e.g. {example}")
         parsed.append(fields)
-    names = [re.split(r"[:/]", fields[0])[0] for fields in parsed]
+    names = [dataset_name(fields[0]) for fields in parsed]
     if len(set(names)) != len(names):
         _fail(field, entries, f"each dataset may appear once (its metrics are named after it: {names})")
     return parsed

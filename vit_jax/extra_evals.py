@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
-from vit_jax.config_check import ConfigError, dataset_entries
+from vit_jax.config_check import ConfigError, dataset_entries, dataset_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +28,8 @@ class ExtraEval:
 
     @property
     def name(self) -> str:
-        """The metric prefix: the dataset name without its TFDS config or version."""
-        return re.split(r"[:/]", self.dataset)[0]
+        """The metric prefix (`config_check.dataset_name`)."""
+        return dataset_name(self.dataset)
 
 
 def parse(entries: Sequence[Any]) -> list[ExtraEval]:

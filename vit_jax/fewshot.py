@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from vit_jax import sharding, xla_options
-from vit_jax.config_check import ConfigError, dataset_entries
+from vit_jax.config_check import ConfigError, dataset_entries, dataset_name
 from vit_jax.errors import UserError
 from vit_jax.models.vit import build_model
 
@@ -50,8 +49,8 @@ class FewshotTask:
 
     @property
     def name(self) -> str:
-        """The metric prefix: the dataset name without its TFDS config or version (`cars196:2.1.0` -> cars196)."""
-        return re.split(r"[:/]", self.dataset)[0]
+        """The metric prefix (`config_check.dataset_name`)."""
+        return dataset_name(self.dataset)
 
 
 def parse_tasks(datasets: Sequence[Any]) -> list[FewshotTask]:
