@@ -191,13 +191,19 @@ def _label_kind_and_classes(feature, name: str, label_key: str) -> tuple[str, in
                        "of class labels")
 
 
+def _keys_and_labels(builder: tfds.core.DatasetBuilder, name: str) -> tuple[str, str, str, int]:
+    """(image key, label key, "single" or "multi", class count) of a prepared dataset, from its features."""
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    features = builder.info.features
+    if image_key not in features or label_key not in features:
+        raise DatasetError(f"dataset {name!r} has features {sorted(features)}, expected an image and a label")
+    return (image_key, label_key, *_label_kind_and_classes(features[label_key], name, label_key))
+
+
 def label_classes(name: str, data_dir: str, manual_dir: str = "") -> tuple[str, int]:
     """("single" or "multi", class count) of prepared dataset `name`, read from its features."""
-    builder = load_builder(name, data_dir, manual_dir)
-    _, label_key = builder.info.supervised_keys or ("image", "label")
-    if label_key not in builder.info.features:
-        raise DatasetError(f"dataset {name!r} has features {sorted(builder.info.features)}, expected a label")
-    return _label_kind_and_classes(builder.info.features[label_key], name, label_key)
+    _, _, kind, num_classes = _keys_and_labels(load_builder(name, data_dir, manual_dir), name)
+    return kind, num_classes
 
 
 def split_size(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int:
@@ -220,11 +226,7 @@ def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, trai
 
     `train_split` None: only the eval split is checked (evaluation), and `num_train_examples` is 0.
     """
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
-    features = builder.info.features
-    if image_key not in features or label_key not in features:
-        raise DatasetError(f"dataset {name!r} has features {sorted(features)}, expected an image and a label")
-    kind, found_classes = _label_kind_and_classes(features[label_key], name, label_key)
+    image_key, label_key, kind, found_classes = _keys_and_labels(builder, name)
     if num_classes != found_classes:
         raise DatasetError(f"config.num_classes={num_classes} but dataset {name!r} has {found_classes} classes; "
                            f"set --config.num_classes={found_classes}")
