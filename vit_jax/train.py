@@ -444,27 +444,33 @@ def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: floa
     return result
 
 
-def _evaluate_extra(extra: dict[str, ml_collections.ConfigDict], params: Any, mesh: Mesh
+def _metrics_text(metrics: dict[str, float], percent: bool = False) -> str:
+    return ", ".join(f"{k} {100 * v:.2f}%" if percent else f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+ExtraSteps = dict[str, tuple[ml_collections.ConfigDict, Callable]]
+
+
+def _extra_steps(extra: dict[str, ml_collections.ConfigDict], mesh: Mesh) -> ExtraSteps:
+    """{name: (config, its compiled eval step)} of the `extra_evals.eval_configs` result `extra`."""
+    return {name: (extra_config, make_eval_step(extra_config, mesh)) for name, extra_config in extra.items()}
+
+
+def _evaluate_extra(extra_steps: ExtraSteps, params: Any, mesh: Mesh, when: str | None = None
                     ) -> dict[str, dict[str, float]]:
-    """{name: metrics} of each `config.extra_evals` entry (`extra_evals.eval_configs`), reported as they come."""
-    results = {}
-    for name, extra_config in extra.items():
-        results[name] = _evaluate_named(name, extra_config, make_eval_step(extra_config, mesh), params, mesh)
-        _report(f"eval of {name} on {extra_config.eval_split}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
-    return results
-
-
-def _evaluate_named(name: str, config: ml_collections.ConfigDict, eval_step: Callable, params: Any, mesh: Mesh
-                    ) -> dict[str, float]:
-    """`evaluate` of an extra test set; its data errors name the entry, not the run's own eval split."""
+    """{name: metrics} of each `config.extra_evals` test set, reported as they come ("eval of NAME WHEN: ...",
+    WHEN by default "on SPLIT"); a data error names the entry, not the run's own eval split."""
     from vit_jax import data
 
-    try:
-        return evaluate(config, eval_step, params, mesh)
-    except data.DatasetError as e:
-        raise data.DatasetError(f"config.extra_evals entry '{config.dataset},{config.eval_split}' ({name}): {e}"
-                                ) from None
+    results = {}
+    for name, (extra_config, eval_step) in extra_steps.items():
+        try:
+            results[name] = evaluate(extra_config, eval_step, params, mesh)
+        except data.DatasetError as e:
+            raise data.DatasetError(f"config.extra_evals entry '{extra_config.dataset},{extra_config.eval_split}' "
+                                    f"({name}): {e}") from None
+        _report(f"eval of {name} {when or 'on ' + extra_config.eval_split}: {_metrics_text(results[name])}")
+    return results
 
 
 def _has_fewshot(config: ml_collections.ConfigDict) -> bool:
@@ -472,7 +478,7 @@ def _has_fewshot(config: ml_collections.ConfigDict) -> bool:
 
 
 def _fewshot_line(step: int, results: dict[str, float]) -> str:
-    return f"few-shot at step {step}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in results.items())
+    return f"few-shot at step {step}: {_metrics_text(results, percent=True)}"
 
 
 def _log_fewshot(writer: Any, step: int, results: dict[str, float]) -> None:
@@ -520,13 +526,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 result = _final_result(config, start_step, meta.get("train_loss"),
                                        evaluate(config, eval_step, state["params"], mesh))
                 if extra:
-                    result["extra_evals"] = _evaluate_extra(extra, state["params"], mesh)
+                    result["extra_evals"] = _evaluate_extra(_extra_steps(extra, mesh), state["params"], mesh)
                 if _has_fewshot(config):
                     result["fewshot"] = fewshot.evaluate(config, state["params"], mesh)
                 write_final_metrics(workdir, result)
             _report(f"{workdir} already holds the finished run (step {start_step}).")
             for name, values in result.get("extra_evals", {}).items():
-                _report(f"eval of {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                _report(f"eval of {name}: {_metrics_text(values)}")
             if "fewshot" in result:
                 _report(_fewshot_line(start_step, result["fewshot"]))
             _report(_summary_line(result))
@@ -602,8 +608,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
 
     train_step = make_train_step(config, mesh, num_steps)
     eval_step = make_eval_step(config, mesh)
-    extra_steps = {name: (extra_config, make_eval_step(extra_config, mesh))
-                   for name, extra_config in (extra or {}).items()}
+    extra_steps = _extra_steps(extra or {}, mesh)
     last_extra: dict[str, dict[str, float]] = {}
     flops = step_flops(config, mesh, num_steps)
     peak = peak_flops_per_device()
@@ -651,13 +656,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
             if step % config.eval_every == 0 or step == num_steps:
                 last_eval = evaluate(config, eval_step, state["params"], mesh)
                 writer.write_scalars(step, {f"eval/{key}": value for key, value in last_eval.items()})
-                _report(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-                # Not on the way out of a preemption: the checkpoint first (the last step's rerun scores them).
-                for name, (extra_config, extra_step) in ({} if preempted else extra_steps).items():
-                    last_extra[name] = _evaluate_named(name, extra_config, extra_step, state["params"], mesh)
-                    writer.write_scalars(step, {f"eval_{name}/{key}": v for key, v in last_extra[name].items()})
-                    _report(f"eval of {name} at step {step}: "
-                            + ", ".join(f"{k} {v:.4f}" for k, v in last_extra[name].items()))
+                _report(f"eval at step {step}: {_metrics_text(last_eval)}")
+                if extra_steps and not preempted:  # on the way out of a preemption the checkpoint comes first
+                    last_extra = _evaluate_extra(extra_steps, state["params"], mesh, f"at step {step}")
+                    writer.write_scalars(step, {f"eval_{name}/{key}": value for name, values in last_extra.items()
+                                                for key, value in values.items()})
                 timer_start = time.perf_counter()
 
             if step % config.checkpoint_every == 0 or step == num_steps or preempted:
@@ -751,14 +754,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
     if mode == "fewshot":
         metrics = fewshot.evaluate(config, state["params"], mesh)
         source = f"step {meta['step']}" if "step" in meta else config.pretrained
-        _report(f"few-shot of {source}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
+        _report(f"few-shot of {source}: {_metrics_text(metrics, percent=True)}")
         return metrics
     metrics = evaluate(config, make_eval_step(config, mesh), state["params"], mesh)
-    _report(f"eval of step {meta.get('step', 0)} on {config.eval_split}: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    # The eval split's {"loss", "top1", ...}, then each extra test set's as "<name>/top1", ...; their configs
-    # copied again, with the numerics the restore set.
-    extra = extra_evals.eval_configs(config) if extra else {}
-    for name, values in (_evaluate_extra(extra, state["params"], mesh) if extra else {}).items():
-        metrics.update({f"{name}/{key}": value for key, value in values.items()})
+    _report(f"eval of step {meta.get('step', 0)} on {config.eval_split}: {_metrics_text(metrics)}")
+    if extra:  # each extra test set's as "<name>/top1", ...; their configs copied again, with the restored numerics
+        extra_steps = _extra_steps(extra_evals.eval_configs(config), mesh)
+        for name, values in _evaluate_extra(extra_steps, state["params"], mesh).items():
+            metrics.update({f"{name}/{key}": value for key, value in values.items()})
     return metrics
