@@ -207,9 +207,9 @@ def task_config(config: ml_collections.ConfigDict, task: FewshotTask) -> ml_coll
     return derived
 
 
-def check_datasets(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """Each few-shot dataset's `task_config`, once its dataset and both splits are found (else a DatasetError
-    that says how to prepare it): a training run checks before it writes anything."""
+def check_datasets(config: ml_collections.ConfigDict) -> list[tuple[FewshotTask, ml_collections.ConfigDict]]:
+    """Each few-shot dataset with its `task_config`, once its dataset and both splits are found (else a
+    DatasetError that says how to prepare it): a training run checks before it writes anything."""
     from vit_jax import data
 
     configs = []
@@ -220,7 +220,7 @@ def check_datasets(config: ml_collections.ConfigDict) -> list[ml_collections.Con
         except data.DatasetError as e:  # it names the run's own fields (config.train_split, ...): say which entry
             raise data.DatasetError(f"config.fewshot.datasets entry "
                                     f"{','.join((task.dataset, task.train_split, task.test_split))!r}: {e}") from None
-        configs.append(derived)
+        configs.append((task, derived))
     return configs
 
 
@@ -253,10 +253,9 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, mesh: Mesh,
              represent: Callable | None = None) -> dict[str, float]:
     """{"<dataset>_<shots>shot": mean accuracy} for every few-shot dataset of `config` and shot count."""
     fewshot = config.fewshot
-    tasks = validate(config)
     represent = represent or make_representation_fn(config, mesh)
     results: dict[str, float] = {}
-    for task, task_cfg in zip(tasks, check_datasets(config)):
+    for task, task_cfg in check_datasets(config):
         train = split_features(task_cfg, represent, params, mesh, task.train_split)
         draw_shots(train[1], task_cfg.num_classes, max(fewshot.shots), 0, task.dataset)  # before the test pass
         test = split_features(task_cfg, represent, params, mesh, task.test_split)

@@ -337,13 +337,10 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
             from vit_jax.interop import loading, orbax_io
 
             recorded = orbax_io.numerics_from_meta(meta, f"{ckpt.directory}/{latest}")
-            if recorded is not None:
-                if (config.model.gelu_approximate, config.model.layernorm_epsilon) != (
-                        recorded.gelu_approximate, recorded.layernorm_epsilon):
-                    logging.warning("the checkpoint was trained with model.gelu_approximate=%s, "
-                                    "model.layernorm_epsilon=%g: computing with those, not this config's",
-                                    recorded.gelu_approximate, recorded.layernorm_epsilon)
-                loading.apply_numerics(config.model, recorded)
+            if recorded is not None and loading.apply_numerics(config.model, recorded):
+                logging.warning("the checkpoint was trained with model.gelu_approximate=%s, "
+                                "model.layernorm_epsilon=%g: computing with those, not this config's",
+                                recorded.gelu_approximate, recorded.layernorm_epsilon)
         replicated = sharding.replicated(mesh)
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],

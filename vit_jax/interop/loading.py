@@ -237,12 +237,13 @@ def apply_source_numerics(path: str, model_config: ml_collections.ConfigDict,
     return numerics
 
 
-def apply_numerics(model_config: ml_collections.ConfigDict, numerics: Numerics) -> None:
-    """Set `model_config`'s GELU flavour and LayerNorm eps to `numerics` (in place), logging a change."""
+def apply_numerics(model_config: ml_collections.ConfigDict, numerics: Numerics) -> bool:
+    """Set `model_config`'s GELU flavour and LayerNorm eps to `numerics` (in place), logging a change; whether
+    they changed."""
     current = (model_config.gelu_approximate, float(model_config.layernorm_epsilon))
     wanted = (numerics.gelu_approximate, float(numerics.layernorm_epsilon))
     if current == wanted:
-        return
+        return False
     try:
         model_config.gelu_approximate, model_config.layernorm_epsilon = wanted
     except (AttributeError, TypeError) as e:
@@ -251,6 +252,7 @@ def apply_numerics(model_config: ml_collections.ConfigDict, numerics: Numerics) 
                               "or set_numerics=False") from e
     logging.info("numerics of %s: set model.gelu_approximate=%s, model.layernorm_epsilon=%g (were %s, %g)",
                  numerics.origin, wanted[0], wanted[1], current[0], current[1])
+    return True
 
 
 # The file a single-file target is written as; readers (and `detect_format`) go by the suffix.
