@@ -115,6 +115,35 @@ def test_remote_training_workdir_loads_its_latest_step_without_optimizer_state(b
     _assert_same(load_pretrained(f"{bucket}/run", tiny_train_config().model), jax.device_get(step_1))
 
 
+def test_a_remote_steps_polyak_average_is_read_without_its_params(bucket, tmp_path):
+    """WORKDIR/checkpoints/STEP/ema names the step's averaged params: only they and the meta are copied; the
+    params of a plain path are copied without the average; a step without one says so."""
+    config = tiny_train_config(**{"mesh.data": 1})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    state = train.init_state(config, mesh, config.total_steps)
+    workdir = str(tmp_path / "run")
+    ckpt = checkpoints.Checkpoints(workdir, keep=2)
+    average = jax.tree.map(lambda x: x - 1, state["params"])
+    ckpt.save(1, state["params"], state["opt_state"], {"step": 1, "config": config.to_json_best_effort()}, None,
+              ema=average)
+    ckpt.save(2, state["params"], state["opt_state"], {"step": 2, "config": config.to_json_best_effort()}, None)
+    ckpt.close()
+    remote.upload(workdir, f"{bucket}/run")
+
+    _assert_same(load_pretrained(f"{bucket}/run/checkpoints/1/ema", tiny_train_config().model),
+                 jax.device_get(average))
+    copied = _cached_files(tmp_path)
+    assert any(name.startswith("1/ema/") for name in copied) and any(name.startswith("1/meta/") for name in copied)
+    assert not any(name.startswith(("1/params", "1/opt_state")) for name in copied), copied
+    _assert_same(load_pretrained(f"{bucket}/run/checkpoints/1", tiny_train_config().model),
+                 jax.device_get(state["params"]))
+    entries = sorted(sorted(p.name for p in (digest / "1").iterdir() if p.is_dir())
+                     for digest in (tmp_path / "cache").iterdir())
+    assert entries == [["ema", "meta"], ["meta", "params"]]
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 holds no Polyak average"):
+        load_pretrained(f"{bucket}/run/checkpoints/2/ema", tiny_train_config().model)
+
+
 def test_missing_corrupt_and_occupied_remote_paths_are_refused_by_name(bucket):
     config = tiny_config()
     with pytest.raises(CheckpointError, match=f"^{bucket}/nope.npz: no such file or directory"):

@@ -143,3 +143,17 @@ def test_losses_match_their_formulas():
     np.testing.assert_allclose(optim.smooth_labels(multi, 0.2, "multi"), [[0.9, 0.9, 0.1]], rtol=1e-6)
     with pytest.raises(ConfigError, match="label_kind"):
         optim.per_example_loss(logits, labels, "ranking")
+
+
+def test_update_ema_is_the_bias_corrected_moving_average_in_float64():
+    """After k updates: sum_j d^(k-j) (1 - d) p_j / (1 - d^k), whatever the average started from."""
+    decay, rng = 0.9, np.random.RandomState(0)
+    trajectory = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(30)]
+    ema = jnp.full((3, 4), 123.0)  # the start has no weight
+    for k, params in enumerate(trajectory, start=1):
+        ema = optim.update_ema(ema, jnp.asarray(params), decay, jnp.int32(k))
+        weights = np.array([decay ** (k - j) * (1 - decay) for j in range(1, k + 1)]) / (1 - decay ** k)
+        expected = sum(w * p.astype(np.float64) for w, p in zip(weights, trajectory[:k]))
+        np.testing.assert_allclose(np.asarray(ema), expected, rtol=2e-5, atol=2e-6, err_msg=f"step {k}")
+    assert float(optim.ema_weight(0.9999, jnp.int32(1))) == 1.0
+    assert float(optim.ema_weight(0.9999, jnp.int32(10 ** 6))) == pytest.approx(1e-4, rel=1e-3)

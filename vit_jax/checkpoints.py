@@ -1,7 +1,8 @@
 """Training checkpoints: an orbax CheckpointManager at WORKDIR/checkpoints, one subdirectory per step.
 
 Items of a step: "params" (the model's param tree, plain float32 arrays), "opt_state" (the optax state),
-"meta" (JSON: step, rng, config) and "data" (JSON: {"processes": [train iterator state of process 0, 1, ...]}).
+"ema" (the Polyak average of the params, same tree; only with `optimizer.ema_decay` > 0), "meta" (JSON: step,
+rng, config) and "data" (JSON: {"processes": [train iterator state of process 0, 1, ...]}).
 Saves are asynchronous and atomic (a step directory appears only when complete); the newest `keep` are kept.
 Restoring takes abstract arrays carrying the shardings wanted now, so a checkpoint written on one mesh is read
 onto any other. A SIGTERM (preemption notice) is turned into a save at the next step boundary: by our own
@@ -28,7 +29,7 @@ from vit_jax.errors import UserError
 from vit_jax.interop.common import architecture_difference, key_differences
 from vit_jax.interop.orbax_io import describe_error, item_tree_metadata
 
-ITEMS = ("params", "opt_state", "meta", "data")
+ITEMS = ("params", "opt_state", "ema", "meta", "data")
 
 
 class CheckpointWriteError(UserError):
@@ -150,15 +151,18 @@ class Checkpoints:
         """Steps of the complete checkpoints on disk, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, params: Any, opt_state: Any, meta: dict, data_state: dict | None) -> None:
-        """Start an async save of `step` (every process must call this; each gives its own `data_state`).
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict, data_state: dict | None,
+             ema: Any | None = None) -> None:
+        """Start an async save of `step` (every process must call this; each gives its own `data_state`);
+        `ema`, the Polyak-averaged params, is saved as the "ema" item when given.
 
         A failed earlier save (disk full, permissions) raises `CheckpointWriteError` here or in `wait`/`close`.
         """
         data = {"processes": _gather_process_states(data_state)}
+        arrays = {"params": params, "opt_state": opt_state, **({} if ema is None else {"ema": ema})}
         with self._reporting_failures(step):
             self.manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                **{item: ocp.args.StandardSave(tree) for item, tree in arrays.items()},
                 meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data)), force=True)
         self._pending_step = step
 
@@ -179,18 +183,25 @@ class Checkpoints:
                                        f"{' '.join(str(cause).split())}; {kept}. Free space or fix permissions, "
                                        "then rerun the same command to resume") from e
 
-    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any | None) -> dict[str, Any]:
+    def has_ema(self, step: int) -> bool:
+        """Whether the checkpoint of `step` holds Polyak-averaged params (an "ema" item)."""
+        return os.path.isdir(os.path.join(self.directory, str(step), "ema"))
+
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any | None,
+                read_ema: bool = False) -> dict[str, Any]:
         """Read `step` onto the shardings of the abstract trees (jax.ShapeDtypeStruct with `sharding`).
 
-        Returns {"params", "opt_state", "meta", "data_state"}; data_state is this process's iterator state
+        Returns {"params", "opt_state", "ema", "meta", "data_state"}; data_state is this process's iterator state
         (None when the checkpoint was written by a different number of processes). With `abstract_opt_state`
-        None the optimizer state is not read (opt_state None): evaluating needs only the params.
+        None the optimizer state is not read (opt_state None): evaluating needs only the params. `read_ema`
+        reads the Polyak-averaged params too, onto the params' shardings, where the step has them (else None).
         """
         where = os.path.join(self.directory, str(step))
         workdir = os.path.dirname(self.directory)
         advice = ("The checkpoint is left as it is: resume or evaluate it with the config it was written with, or "
                   f"start in another --workdir, afresh or fine-tuning from it with --config.pretrained={workdir}")
-        items = {"params": abstract_params, "opt_state": abstract_opt_state}
+        items = {"params": abstract_params, "opt_state": abstract_opt_state,
+                 "ema": abstract_params if read_ema and self.has_ema(step) else None}
         items = {item: abstract for item, abstract in items.items() if abstract is not None}
         for item, abstract in items.items():
             try:
@@ -206,7 +217,7 @@ class Checkpoints:
             difference = layout_difference(stored, wanted, limit=None if item == "params" else 6)
             if difference:
                 cause = architecture_difference(stored, wanted) if item == "params" else ""
-                what = "model" if item == "params" else "optimizer"
+                what = "optimizer" if item == "opt_state" else "model"
                 raise CheckpointReadError(f"{where} was written by another {what} than this run's config"
                                           + (f" ({cause})" if cause else "") + f": its {item} keys differ "
                                           f"({difference}). {advice}")
@@ -219,8 +230,8 @@ class Checkpoints:
                                       f"incomplete, or out of reach. {advice}") from e
         states = (restored["data"] or {}).get("processes") or []
         data_state = states[jax.process_index()] if len(states) == jax.process_count() else None
-        return {"params": restored["params"], "opt_state": restored.get("opt_state"), "meta": restored["meta"],
-                "data_state": data_state}
+        return {"params": restored["params"], "opt_state": restored.get("opt_state"), "ema": restored.get("ema"),
+                "meta": restored["meta"], "data_state": data_state}
 
     def wait(self) -> None:
         """Block until pending async saves are on disk (`CheckpointWriteError` if one failed)."""

@@ -167,7 +167,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     for field, what in (("weight_decay", "a decay >= 0 (0: none)"), ("grad_clip_norm", "a norm >= 0 (0: no clipping)")):
         if not opt[field] >= 0:  # also refuses nan
             _fail(f"optimizer.{field}", opt[field], f"expected {what}")
-    for field in ("b1", "b2", "momentum", "label_smoothing"):
+    for field in ("b1", "b2", "momentum", "label_smoothing", "ema_decay"):
         if not 0.0 <= opt[field] < 1.0:
             _fail(f"optimizer.{field}", opt[field], "expected a value in [0, 1)")
     for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "eval_every", "checkpoint_every",

@@ -4,6 +4,7 @@ Pre-training (`optimizer.name="adam"`): Adam (b1 0.9, b2 0.999) with decoupled w
 convention (optax.adamw: the decay is scaled by the learning-rate schedule), on kernels only. Fine-tuning
 (`"sgd"`): SGD with momentum 0.9 (plus L2 weight decay on kernels when `weight_decay > 0`). Both clip the
 global gradient norm first (1.0), and follow a linear warmup to `lr` then a linear or cosine decay to 0.
+Polyak averaging (`optimizer.ema_decay` > 0) keeps an exponential moving average of the parameters beside them.
 """
 
 from __future__ import annotations
@@ -101,3 +102,20 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, label_kind: str) -> j
     if label_kind == "multi":
         return optax.sigmoid_binary_cross_entropy(logits, labels).sum(axis=-1)
     raise ConfigError(f"config.label_kind={label_kind!r} is invalid: expected 'single' or 'multi'")
+
+
+def ema_weight(decay: float, step: jax.Array) -> jax.Array:
+    """Weight of the newest parameters in the average after `step` (>= 1) updates: (1 - d) / (1 - d^step).
+
+    The bias-corrected moving average (as Adam's moments): after k steps the average is
+    sum_j d^(k-j) (1 - d) p_j / (1 - d^k), so the parameters it started from have no weight (step 1 gives 1:
+    the average is the first step's parameters) and no warm-up of the decay is needed.
+    """
+    decay = jnp.float32(decay)  # one rounding of it on both sides: exactly 1 at step 1
+    return (1.0 - decay) / (1.0 - jnp.power(decay, jnp.asarray(step, jnp.float32)))
+
+
+def update_ema(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """The Polyak average after `step` updates, `params` being the parameters that step produced."""
+    weight = ema_weight(decay, step)  # as (1 - w) a + w p: exactly the params at step 1, whatever a was
+    return jax.tree.map(lambda a, p: (1.0 - weight).astype(a.dtype) * a + weight.astype(a.dtype) * p, ema, params)

@@ -125,7 +125,7 @@ class Memory:
     """Per-chip bytes of one compiled training step."""
 
     params: int  # the parameters' shards on one chip
-    opt_state: int  # the optimizer state's shards
+    opt_state: int  # the optimizer state's shards (with the Polyak average of the params, if the run keeps one)
     batch: int  # the step's input images and labels
     other_inputs: int  # step counter, rng, ...
     temporaries: int  # activations kept for the backward pass, gradients, workspaces
@@ -219,7 +219,8 @@ def report(config: ml_collections.ConfigDict, topology: Topology, result: dict) 
         "",
         "per-chip memory (compiled)",
     ]
-    rows = [("params", memory.params), ("optimizer state", memory.opt_state), ("batch", memory.batch),
+    optimizer = "optimizer state + average" if config.optimizer.ema_decay > 0 else "optimizer state"
+    rows = [("params", memory.params), (optimizer, memory.opt_state), ("batch", memory.batch),
             ("other inputs", memory.other_inputs), ("activations/temporaries", memory.temporaries),
             ("other outputs", memory.outputs), ("compiled code", memory.code)]
     lines += [f"  {name:<26}{_fmt_bytes(size):>14}" for name, size in rows]
@@ -245,6 +246,13 @@ def report(config: ml_collections.ConfigDict, topology: Topology, result: dict) 
 
 def _field(state, name: str):
     return state[name] if isinstance(state, dict) else getattr(state, name)
+
+
+def _optimizer_part(state):
+    """The optimizer state, with the Polyak average of the params where the run keeps one (what the optimizer
+    adds to the params)."""
+    opt_state = _field(state, "opt_state")
+    return {"opt_state": opt_state, "ema": state["ema"]} if isinstance(state, dict) and "ema" in state else opt_state
 
 
 def _out_of_hbm_temporaries(error: Exception) -> int | None:
@@ -293,7 +301,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_b
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     params = _field(state, "params")
-    opt_state = _field(state, "opt_state")
+    opt_state = _optimizer_part(state)
     param_bytes = per_device_bytes(params, jax.tree.map(lambda x: x.sharding, params))
     opt_bytes = per_device_bytes(opt_state, jax.tree.map(lambda x: x.sharding, opt_state))
     batch_bytes = per_device_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
@@ -312,7 +320,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_b
     # The compiled executable's own input layouts: what each chip really holds of params and optimizer state.
     (state_shardings, batch_shardings), _ = compiled.input_shardings
     param_bytes = per_device_bytes(params, _field(state_shardings, "params"))
-    opt_bytes = per_device_bytes(opt_state, _field(state_shardings, "opt_state"))
+    opt_bytes = per_device_bytes(opt_state, _optimizer_part(state_shardings))
     batch_bytes = per_device_bytes(batch, batch_shardings)
     other_inputs = stats.argument_size_in_bytes - param_bytes - opt_bytes - batch_bytes
     memory = Memory(param_bytes, opt_bytes, batch_bytes, other_inputs, stats.temp_size_in_bytes,

@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` is the whole run and reads top to bottom: mesh and data, state (resumed,
 pre-trained or fresh), then the loop (step, log, profile, eval, checkpoint, preemption) and the final report.
-The state is a dict {"step", "params", "opt_state", "rng"} of global arrays laid out by `vit_jax.sharding`;
+The state is a dict {"step", "params", "opt_state", "rng"} of global arrays laid out by `vit_jax.sharding`
+(and "ema", the Polyak average of the params, laid out as they are, when `optimizer.ema_decay` > 0);
 the step is `jax.jit` with explicit in/out shardings and the state donated. Each step draws its randomness
 from fold_in(rng, step), so a resumed run repeats the uninterrupted one exactly.
 """
@@ -54,6 +55,11 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     return build_model(config.model, config.num_classes)
 
 
+def uses_ema(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run keeps a Polyak average of its parameters (`optimizer.ema_decay` > 0)."""
+    return config.optimizer.ema_decay > 0
+
+
 def _default_num_steps(config: ml_collections.ConfigDict) -> int:
     # Used where only shapes matter (lowering for vit_jax.plan): the schedule's values do not change the program.
     return max(config.total_steps, config.optimizer.warmup_steps + 1)
@@ -74,7 +80,8 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     opt_state = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
                                       transform_non_params=lambda _: sharding.replicated(mesh))
     replicated = sharding.replicated(mesh)
-    return {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
+    shardings = {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
+    return {**shardings, "ema": params} if uses_ema(config) else shardings
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None = None) -> State:
@@ -84,7 +91,8 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int
 
     def init(rng):
         params = nn.unbox(_boxed_params(model, config, rng))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
+        return _with_ema(config, {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                                  "rng": rng})
 
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = state_shardings(config, mesh, num_steps)
@@ -99,9 +107,17 @@ def init_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int) ->
 
     def init(init_rng, train_rng):
         params = nn.unbox(_boxed_params(model, config, init_rng))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": train_rng}
+        return _with_ema(config, {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                                  "rng": train_rng})
 
     return jax.jit(init, out_shardings=state_shardings(config, mesh, num_steps))(init_rng, train_rng)
+
+
+def _with_ema(config: ml_collections.ConfigDict, state: State) -> State:
+    """`state` with its Polyak average started at its params, when the run keeps one (traced: a separate copy)."""
+    if not uses_ema(config):
+        return state
+    return {**state, "ema": jax.tree.map(jnp.copy, state["params"])}
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -169,6 +185,9 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state, "rng": state["rng"]}
+        if "ema" in state:
+            new_state["ema"] = optim.update_ema(state["ema"], new_state["params"], config.optimizer.ema_decay,
+                                                new_state["step"])
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"]),
                    **aux}
         return new_state, metrics
@@ -331,7 +350,8 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = abstract_state(config, mesh, num_steps)
-        restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"])
+        restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"],
+                                read_ema=params_only or uses_ema(config))
         meta = restored["meta"]
         if not pretrained:  # the numerics the run was trained with, whatever this run's flags say
             from vit_jax.interop import loading, orbax_io
@@ -345,6 +365,15 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],
                  "rng": jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated)}
+        if restored["ema"] is not None:
+            state["ema"] = restored["ema"]
+        elif uses_ema(config) and not params_only:
+            state["ema"] = _copy(state["params"], jax.tree.map(lambda x: x.sharding, abstract["params"]))
+            logging.warning("the checkpoint of step %d holds no Polyak average (its run had optimizer.ema_decay=0): "
+                            "the average starts from its params", meta["step"])
+        if not params_only and not uses_ema(config) and ckpt.has_ema(latest):
+            logging.warning("the checkpoint of step %d holds a Polyak average, but optimizer.ema_decay is 0: it is "
+                            "not carried on, and later checkpoints will not hold one", meta["step"])
         logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
         planned = meta.get("num_steps")
         if not params_only and planned is not None and planned != num_steps:
@@ -360,8 +389,17 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         state["params"] = jax.device_put(params, shardings["params"])
         tx = optim.make_optimizer(config, num_steps)
         state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
+        if "ema" in state:
+            state["ema"] = _copy(state["params"], shardings["params"])
         logging.info("initialised from pre-trained %s", pretrained)
+    if params_only:  # evaluating a fresh or pre-trained model: its average would be the params themselves
+        state.pop("ema", None)
     return state, None, {}
+
+
+def _copy(tree: Any, shardings: Any) -> Any:
+    """A copy of `tree` in new buffers laid out by `shardings` (the Polyak average starts as the params)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,13 +469,26 @@ def write_final_metrics(workdir: str, result: dict) -> None:
         (epath.Path(workdir) / FINAL_METRICS).write_text(json.dumps(result, indent=2))
 
 
-def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: float | None,
-                  eval_metrics: dict[str, float]) -> dict:
+def _test_metrics(config: ml_collections.ConfigDict, eval_metrics: dict[str, float]) -> dict[str, float]:
     accuracy_key = "accuracy" if config.objective == "masked_patch_prediction" else "top1"
-    result = {"step": step, "train_loss": train_loss, "test_accuracy": eval_metrics[accuracy_key],
-              "test_loss": eval_metrics["loss"], "eval_split": config.eval_split}
+    result = {"test_accuracy": eval_metrics[accuracy_key], "test_loss": eval_metrics["loss"]}
     if "top5" in eval_metrics:
         result["test_top5"] = eval_metrics["top5"]
+    return result
+
+
+def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: float | None,
+                  evaluations: dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]]) -> dict:
+    """final_metrics.json: the eval split's metrics of the params, "extra_evals" (each test set's), and under
+    "ema" the same of the Polyak average; `evaluations` is `_evaluate_weights`'s result per weight set."""
+    metrics, extra = evaluations["params"]
+    result = {"step": step, "train_loss": train_loss, **_test_metrics(config, metrics),
+              "eval_split": config.eval_split}
+    if extra:
+        result["extra_evals"] = extra
+    if "ema" in evaluations:
+        metrics, extra = evaluations["ema"]
+        result["ema"] = {**_test_metrics(config, metrics), **({"extra_evals": extra} if extra else {})}
     return result
 
 
@@ -453,10 +504,10 @@ def _extra_steps(extra: dict[str, ml_collections.ConfigDict], mesh: Mesh) -> Ext
     return {name: (extra_config, make_eval_step(extra_config, mesh)) for name, extra_config in extra.items()}
 
 
-def _evaluate_extra(extra_steps: ExtraSteps, params: Any, mesh: Mesh, when: str | None = None
+def _evaluate_extra(extra_steps: ExtraSteps, params: Any, mesh: Mesh, when: str | None = None, label: str = ""
                     ) -> dict[str, dict[str, float]]:
-    """{name: metrics} of each `config.extra_evals` test set, reported as they come ("eval of NAME WHEN: ...",
-    WHEN by default "on SPLIT"); a data error names the entry, not the run's own eval split."""
+    """{name: metrics} of each `config.extra_evals` test set, reported as they come ("eval of NAME[LABEL] WHEN:
+    ...", WHEN by default "on SPLIT"); a data error names the entry, not the run's own eval split."""
     from vit_jax import data
 
     results = {}
@@ -466,7 +517,7 @@ def _evaluate_extra(extra_steps: ExtraSteps, params: Any, mesh: Mesh, when: str 
         except data.DatasetError as e:
             raise data.DatasetError(f"config.extra_evals entry '{extra_config.dataset},{extra_config.eval_split}' "
                                     f"({name}): {e}") from None
-        _report(f"eval of {name} {when or 'on ' + extra_config.eval_split}: {_metrics_text(results[name])}")
+        _report(f"eval of {name}{label} {when or 'on ' + extra_config.eval_split}: {_metrics_text(results[name])}")
     return results
 
 
@@ -485,8 +536,41 @@ def _log_fewshot(writer: Any, step: int, results: dict[str, float]) -> None:
 
 def _summary_line(result: dict) -> str:
     loss = "n/a" if result["train_loss"] is None else f"{result['train_loss']:.4f}"
+    averaged = f" | Polyak average {100 * result['ema']['test_accuracy']:.2f}%" if "ema" in result else ""
     return (f"final: step {result['step']} | train loss {loss} | "
-            f"{result['eval_split']} accuracy {100 * result['test_accuracy']:.2f}%")
+            f"{result['eval_split']} accuracy {100 * result['test_accuracy']:.2f}%{averaged}")
+
+
+def _weight_sets(state: State) -> dict[str, Any]:
+    """The parameters an evaluation scores: the params, and their Polyak average where the state keeps one."""
+    return {"params": state["params"], **({"ema": state["ema"]} if "ema" in state else {})}
+
+
+def _evaluate_weights(config: ml_collections.ConfigDict, eval_step: Callable, extra_steps: ExtraSteps,
+                      weights: dict[str, Any], mesh: Mesh, when: str, extra_when: str | None = None,
+                      with_extra: bool = True) -> dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]]:
+    """{weight set: (eval split metrics, {extra test set: metrics})} of `_weight_sets`, each reported as it comes
+    ("eval WHEN: ...", the average's "eval (Polyak average) WHEN: ..."; the extra test sets' as
+    `_evaluate_extra` with `extra_when`)."""
+    results = {}
+    for kind, params in weights.items():
+        label = " (Polyak average)" if kind == "ema" else ""
+        metrics = evaluate(config, eval_step, params, mesh)
+        _report(f"eval{label} {when}: {_metrics_text(metrics)}")
+        extra = _evaluate_extra(extra_steps, params, mesh, extra_when, label) if extra_steps and with_extra else {}
+        results[kind] = (metrics, extra)
+    return results
+
+
+def _log_evaluations(writer: Any, step: int,
+                     evaluations: dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]]) -> None:
+    """TensorBoard scalars eval/*, eval_<test set>/*, and eval_ema/*, eval_ema_<test set>/* for the average."""
+    for kind, (metrics, extra) in evaluations.items():
+        tag = "eval_ema" if kind == "ema" else "eval"
+        scalars = {f"{tag}/{key}": value for key, value in metrics.items()}
+        scalars.update({f"{tag}_{name}/{key}": value for name, values in extra.items()
+                        for key, value in values.items()})
+        writer.write_scalars(step, scalars)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -519,17 +603,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if final_path.exists():
                 result = json.loads(final_path.read_text())
             else:
-                eval_step = make_eval_step(config, mesh)
-                result = _final_result(config, start_step, meta.get("train_loss"),
-                                       evaluate(config, eval_step, state["params"], mesh))
-                if extra:
-                    result["extra_evals"] = _evaluate_extra(_extra_steps(extra, mesh), state["params"], mesh)
+                evaluations = _evaluate_weights(config, make_eval_step(config, mesh), _extra_steps(extra, mesh),
+                                                _weight_sets(state), mesh, f"of step {start_step}")
+                result = _final_result(config, start_step, meta.get("train_loss"), evaluations)
                 if _has_fewshot(config):
                     result["fewshot"] = fewshot.evaluate(config, state["params"], mesh)
                 write_final_metrics(workdir, result)
             _report(f"{workdir} already holds the finished run (step {start_step}).")
             for name, values in result.get("extra_evals", {}).items():
                 _report(f"eval of {name}: {_metrics_text(values)}")
+            for name, values in result.get("ema", {}).get("extra_evals", {}).items():
+                _report(f"eval of {name} (Polyak average): {_metrics_text(values)}")
             if "fewshot" in result:
                 _report(_fewshot_line(start_step, result["fewshot"]))
             _report(_summary_line(result))
@@ -606,7 +690,6 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     train_step = make_train_step(config, mesh, num_steps)
     eval_step = make_eval_step(config, mesh)
     extra_steps = _extra_steps(extra or {}, mesh)
-    last_extra: dict[str, dict[str, float]] = {}
     flops = step_flops(config, mesh, num_steps)
     peak = peak_flops_per_device()
     watcher = checkpoints.PreemptionWatcher()
@@ -615,7 +698,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
 
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     train_loss = meta.get("train_loss")
-    last_eval: dict[str, float] | None = None
+    last_evaluations: dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]] = {}
     profile_start = None
     timer_step, timer_start = start_step, time.perf_counter()
     step = start_step
@@ -651,13 +734,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                              os.path.join(workdir, "profile"))
 
             if step % config.eval_every == 0 or step == num_steps:
-                last_eval = evaluate(config, eval_step, state["params"], mesh)
-                writer.write_scalars(step, {f"eval/{key}": value for key, value in last_eval.items()})
-                _report(f"eval at step {step}: {_metrics_text(last_eval)}")
-                if extra_steps and not preempted:  # on the way out of a preemption the checkpoint comes first
-                    last_extra = _evaluate_extra(extra_steps, state["params"], mesh, f"at step {step}")
-                    writer.write_scalars(step, {f"eval_{name}/{key}": value for name, values in last_extra.items()
-                                                for key, value in values.items()})
+                # On the way out of a preemption the checkpoint comes before the extra test sets.
+                last_evaluations = _evaluate_weights(config, eval_step, extra_steps, _weight_sets(state), mesh,
+                                                     f"at step {step}", f"at step {step}", with_extra=not preempted)
+                _log_evaluations(writer, step, last_evaluations)
                 timer_start = time.perf_counter()
 
             if step % config.checkpoint_every == 0 or step == num_steps or preempted:
@@ -665,7 +745,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 ckpt.save(step, state["params"], state["opt_state"],
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
                            "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort()},
-                          train_iter.get_state())
+                          train_iter.get_state(), ema=state.get("ema"))
             # After the save (a failure loses no step) and never on the way out of a preemption (a long pass).
             if (represent is not None and not preempted
                     and (step == num_steps or (fewshot_every and step % fewshot_every == 0))):
@@ -687,9 +767,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         writer.flush()
         writer.close()
 
-    result = _final_result(config, step, train_loss, last_eval)
-    if last_extra:
-        result["extra_evals"] = last_extra
+    result = _final_result(config, step, train_loss, last_evaluations)
     if last_fewshot is not None:
         result["fewshot"] = last_fewshot
     write_final_metrics(workdir, result)
@@ -753,10 +831,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
         source = f"step {meta['step']}" if "step" in meta else config.pretrained
         _report(f"few-shot of {source}: {_metrics_text(metrics, percent=True)}")
         return metrics
-    metrics = evaluate(config, make_eval_step(config, mesh), state["params"], mesh)
-    _report(f"eval of step {meta.get('step', 0)} on {config.eval_split}: {_metrics_text(metrics)}")
-    if extra:  # each extra test set's as "<name>/top1", ...; their configs copied again, with the restored numerics
-        extra_steps = _extra_steps(extra_evals.eval_configs(config), mesh)
-        for name, values in _evaluate_extra(extra_steps, state["params"], mesh).items():
-            metrics.update({f"{name}/{key}": value for key, value in values.items()})
+    # Each extra test set's configs copied again, with the restored numerics.
+    extra_steps = _extra_steps(extra_evals.eval_configs(config), mesh) if extra else {}
+    evaluations = _evaluate_weights(config, make_eval_step(config, mesh), extra_steps, _weight_sets(state), mesh,
+                                    f"of step {meta.get('step', 0)} on {config.eval_split}")
+    metrics = {}
+    for kind, (values, extra_values) in evaluations.items():  # the average's as "ema/top1", "ema/<name>/top1", ...
+        prefix = "ema/" if kind == "ema" else ""
+        metrics.update({f"{prefix}{key}": value for key, value in values.items()})
+        metrics.update({f"{prefix}{name}/{key}": value for name, test_set in extra_values.items()
+                        for key, value in test_set.items()})
     return metrics

@@ -94,6 +94,7 @@ def _from_local_copy(path: str) -> Iterator[str]:
 
 
 def _read_local(path: str, source_format: str | None, num_heads: int | None) -> Checkpoint:
+    orbax_io.split_item(path)  # a step's "ema" item its run did not keep: an error saying so
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):

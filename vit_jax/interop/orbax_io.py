@@ -1,9 +1,11 @@
 """Our own orbax training checkpoints as a source (and a target) of params.
 
 The layout (vit_jax/checkpoints.py): a CheckpointManager directory (WORKDIR/checkpoints) with one
-subdirectory per step, each with items "params" (plain float32 arrays), "opt_state", "meta" (JSON: step,
-rng, config) and "data". Accepted paths: a workdir (holding `checkpoints/`), a CheckpointManager directory
-(its latest step is read) or one step directory. Only "params" and "meta" are read.
+subdirectory per step, each with items "params" (plain float32 arrays), "opt_state", "ema" (the Polyak average
+of the params, when the run kept one), "meta" (JSON: step, rng, config) and "data". Accepted paths: a workdir
+(holding `checkpoints/`), a CheckpointManager directory (its latest step is read) or one step directory, whose
+"params" are read; or a step's "ema" item directory (WORKDIR/checkpoints/STEP/ema), whose averaged params are
+read instead. Besides those, only "meta" is read.
 """
 
 from __future__ import annotations
@@ -20,12 +22,31 @@ import numpy as np
 
 from vit_jax.interop.common import CheckpointError, Flat, Numerics, params_to_canonical
 
+AVERAGE_ITEM = "ema"  # a step's Polyak-averaged params (vit_jax.checkpoints)
+
 
 def is_orbax_dir(path: str) -> bool:
-    """True for a workdir (even one whose run has not saved yet), a CheckpointManager directory or a step
-    directory of ours."""
+    """True for a workdir (even one whose run has not saved yet), a CheckpointManager directory, a step
+    directory of ours or a step's "ema" item."""
+    if split_item(path)[1] == AVERAGE_ITEM:
+        return True
     return os.path.isdir(path) and (os.path.isdir(os.path.join(path, "checkpoints"))
                                     or step_dir(path, must_exist=False) is not None)
+
+
+def split_item(path: str, isdir: Callable[[str], bool] = os.path.isdir) -> tuple[str, str]:
+    """(step directory, "ema") for a step's "ema" item directory, else (`path`, "params").
+
+    A path ending in "ema" inside a step directory (one with a "meta" or "params" item) that has no such item is
+    an error naming why: the run that wrote the step kept no Polyak average.
+    """
+    parent, name = os.path.split(path.rstrip("/"))
+    if name != AVERAGE_ITEM or not (isdir(os.path.join(parent, "meta")) or isdir(os.path.join(parent, "params"))):
+        return path, "params"
+    if not isdir(path):
+        raise CheckpointError(f"{path}: the checkpoint {parent} holds no Polyak average (its run had "
+                              "optimizer.ema_decay=0); give the step directory for its params")
+    return parent, AVERAGE_ITEM
 
 
 def step_dir(path: str, must_exist: bool = True, *, isdir: Callable[[str], bool] = os.path.isdir,
@@ -97,11 +118,13 @@ def _absolute(path: str) -> str:
 
 
 def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
-    """Canonical params of the latest (or given) step, the numerics its run was configured with, the step dir."""
+    """Canonical params of the latest (or given) step (or of its Polyak average), the numerics its run was
+    configured with, and the step directory (the "ema" item's, for the average)."""
     import orbax.checkpoint as ocp
 
-    step = step_dir(path)
-    params_dir = _absolute(os.path.join(step, "params"))
+    root, item = split_item(path)
+    step = root if item == AVERAGE_ITEM else step_dir(path)
+    params_dir = _absolute(os.path.join(step, item))
     try:
         tree = item_tree_metadata(params_dir)
         if not jax.tree.leaves(tree):  # orbax returns no tree when the item's metadata file is missing or bad
@@ -112,15 +135,16 @@ def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
         with _quiet_step_metadata(), ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(params_dir, target)
     except Exception as e:  # orbax and TensorStore raise OSError, ValueError or a bare Exception
-        raise CheckpointError(f"{params_dir}: unreadable orbax params ({describe_error(e)}); its files may be "
+        raise CheckpointError(f"{params_dir}: unreadable orbax {item} ({describe_error(e)}); its files may be "
                               "damaged or incomplete") from e
     flat = params_to_canonical(jax.tree.map(np.asarray, params))
-    return flat, _read_numerics(step), step
+    return flat, _read_numerics(step), step if item == "params" else os.path.join(step, item)
 
 
 def read_numerics(path: str) -> Numerics | None:
     """The numerics recorded with the latest (or given) step of an orbax checkpoint, without reading params."""
-    return _read_numerics(step_dir(path))
+    root, item = split_item(path)
+    return _read_numerics(root if item == AVERAGE_ITEM else step_dir(path))
 
 
 def _read_numerics(step_dir: str) -> Numerics | None:

@@ -5,7 +5,8 @@ more than once per run (its numerics, then its weights), so a remote checkpoint 
 (`$VIT_JAX_CACHE`, else `$XDG_CACHE_HOME/vit_jax`, else `~/.cache/vit_jax`) and copied again only when the
 remote file's size or modification time changed. Only what loading reads is copied: a file and the
 `config.json` beside it; an HF model directory's config and weights; an orbax checkpoint's latest finalized
-(or given) step without its optimizer state and data-iterator state. Processes sharing a cache take turns on an
+(or given) step without its optimizer state, data-iterator state and Polyak average (a step's "ema" item path:
+the average and the meta, without the params). Processes sharing a cache take turns on an
 entry (a lock file), so a run of many processes per host copies each file once.
 """
 
@@ -29,6 +30,7 @@ from vit_jax.interop.common import CheckpointError
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _MANIFEST = ".vit_jax_copy.json"  # {relative path: [size, mtime_nsec]} of what a cache entry was copied from
 _LOCK = ".vit_jax_copy.lock"
+_WEIGHT_ITEMS = ("params", orbax_io.AVERAGE_ITEM)  # orbax step items holding weights: loading reads one of them
 _SKIPPED_ITEMS = ("opt_state", "data")  # orbax step items that loading never reads
 _COMMIT_FILE = "commit_success.txt"  # orbax writes it last into a step directory
 
@@ -71,7 +73,8 @@ def pinned_step(path: str) -> str:
     """
     path = os.fspath(path)
     if not is_remote(path):
-        return orbax_io.step_dir(path) if orbax_io.is_orbax_dir(path) else path
+        named_item = orbax_io.split_item(path)[1] != "params"  # a step's "ema" item: pinned already
+        return orbax_io.step_dir(path) if orbax_io.is_orbax_dir(path) and not named_item else path
     gfile = _gfile()
     with _errors(path, "read"):
         root = path.rstrip("/")
@@ -95,8 +98,12 @@ def local_copy(path: str, cache: str | None = None) -> str:
     path = path.rstrip("/")
     cache = cache or cache_dir()
     with _errors(path, "read"):
+        step, item = orbax_io.split_item(path, isdir=gfile.isdir)  # first: a missing average says why
         if not gfile.exists(path):
             raise CheckpointError(f"{path}: no such file or directory")
+        if item != "params":  # a step's Polyak average: its item and the step's meta
+            copied = _sync(gfile, step, _orbax_files(gfile, step, item), path, cache)
+            return os.path.join(copied, item)
         if gfile.isdir(path):
             # A workdir (with checkpoints/) must hold a finished step; another directory may be an HF model.
             step = orbax_io.step_dir(path, must_exist=gfile.isdir(posixpath.join(path, "checkpoints")),
@@ -154,12 +161,14 @@ def _finalized(gfile: Any) -> Callable[[str], bool]:
     return finalized
 
 
-def _orbax_files(gfile: Any, step: str) -> list[str]:
-    """The step directory's files, relative to it, without the items loading never reads."""
+def _orbax_files(gfile: Any, step: str, item: str = "params") -> list[str]:
+    """The step directory's files, relative to it, without the items loading never reads (of the weight items,
+    only `item` is kept)."""
+    skipped = _SKIPPED_ITEMS + tuple(name for name in _WEIGHT_ITEMS if name != item)
     names = []
     for dirpath, _, files in gfile.walk(step):
         rel = posixpath.relpath(dirpath.rstrip("/"), step)
-        if rel.split("/")[0] in _SKIPPED_ITEMS:
+        if rel.split("/")[0] in skipped:
             continue
         names += [name if rel == "." else f"{rel}/{name}" for name in files]
     return names
