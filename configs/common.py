@@ -115,6 +115,10 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     # Polyak averaging: an exponential moving average of the parameters, evaluated beside them (eval_ema/*) and
     # saved as each checkpoint's "ema" item; 0 = off. The paper's Table 2 fine-tunes used 0.9999.
     c.optimizer.ema_decay = 0.0
+    # Fine-tuning controls (vit_jax/optim.py): a regex over parameter paths left untouched, e.g. '(?!head/).*' for a
+    # linear probe; and the layer-wise learning-rate decay of BEiT / timm (1.0 = off; 0.65-0.75 is common).
+    c.optimizer.freeze = ""
+    c.optimizer.layer_decay = 1.0
 
     # Mesh: sizes of the (data, fsdp, model) axes; -1 means "all remaining devices".
     c.mesh = ml_collections.ConfigDict()

@@ -1,5 +1,7 @@
 """Optimizer, schedule, step count and losses against hand-computed references."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +159,96 @@ def test_update_ema_is_the_bias_corrected_moving_average_in_float64():
         np.testing.assert_allclose(np.asarray(ema), expected, rtol=2e-5, atol=2e-6, err_msg=f"step {k}")
     assert float(optim.ema_weight(0.9999, jnp.int32(1))) == 1.0
     assert float(optim.ema_weight(0.9999, jnp.int32(10 ** 6))) == pytest.approx(1e-4, rel=1e-3)
+
+
+def _model_params(config, seed: int = 0) -> dict:
+    import flax.linen as nn
+
+    from vit_jax.models.vit import build_model
+
+    model = build_model(config.model, config.num_classes)
+    images = jnp.zeros((1, config.image_size, config.image_size, 3))
+    return nn.unbox(model.init(jax.random.PRNGKey(seed), images, train=False)["params"])
+
+
+def _random_like(tree, seed: int):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_layer_decay_scales_each_layers_adam_update_by_decay_to_its_depth(scan):
+    """Two blocks, decay 0.5: embeddings (patch, class token, position) 0.125, block 0 0.25, block 1 0.5, final norm
+    and head 1; the update with decay is the update without it times that, decoupled weight decay included."""
+    base = {"optimizer.lr": 0.1, "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0.3, "model.scan": scan}
+    params = _model_params(tiny_config(**base))
+    grads = _random_like(params, 1)
+    plain = optim.make_optimizer(tiny_config(**base), 10)
+    decayed = optim.make_optimizer(tiny_config(**base, **{"optimizer.layer_decay": 0.5}), 10)
+    want, _ = plain.update(grads, plain.init(params), params)
+    got, _ = decayed.update(grads, decayed.init(params), params)
+    expected = {"embedding/kernel": 0.125, "cls": 0.125, "Transformer/posembed_input/pos_embedding": 0.125,
+                "Transformer/encoder_norm/scale": 1.0, "head/kernel": 1.0}
+    blocks = ["Transformer/encoderblock/MlpBlock_3/Dense_0/kernel"] if scan else [
+        "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel", "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"]
+    seen = set()
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        name = optim.param_path(path)
+        if name in expected:
+            np.testing.assert_allclose(g, expected[name] * w, rtol=1e-6, err_msg=name)
+            seen.add(name)
+        elif name in blocks and scan:
+            np.testing.assert_allclose(g[0], 0.25 * w[0], rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(g[1], 0.5 * w[1], rtol=1e-6, err_msg=name)
+            seen.add(name)
+        elif name in blocks:
+            np.testing.assert_allclose(g, (0.25 if "encoderblock_0/" in name else 0.5) * w, rtol=1e-6, err_msg=name)
+            seen.add(name)
+    assert seen == set(expected) | set(blocks)
+
+
+def test_frozen_parameters_get_no_update_no_state_and_clipping_sees_the_rest_only():
+    """A linear probe ('(?!head/).*'): the head's update is clipped AdamW of the head's gradients alone."""
+    base = {"optimizer.lr": 0.1, "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0.3,
+            "optimizer.grad_clip_norm": 0.5}
+    config = tiny_config(**base, **{"optimizer.freeze": "(?!head/).*"})
+    params = _model_params(config)
+    grads = _random_like(params, 2)
+    tx = optim.make_optimizer(config, 10)
+    state = tx.init(params)
+    updates, _ = tx.update(grads, state, params)
+    head_tx = optim.make_optimizer(tiny_config(**base), 10)
+    head_updates, _ = head_tx.update(grads["head"], head_tx.init(params["head"]), params["head"])
+    for key in ("kernel", "bias"):
+        np.testing.assert_allclose(updates["head"][key], head_updates[key], rtol=1e-6)
+    for path, update in jax.tree_util.tree_leaves_with_path(updates):
+        if not optim.param_path(path).startswith("head/"):
+            assert not np.any(np.asarray(update)), optim.param_path(path)
+    # Adam's two moments for the head's two leaves only (plus counts), not for the frozen backbone.
+    moments = [x for x in jax.tree.leaves(state) if x.ndim > 0]
+    assert sorted(x.shape for x in moments) == sorted([params["head"]["kernel"].shape,
+                                                       params["head"]["bias"].shape] * 2)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("headd/.*", r"matches no parameter; it is matched against whole paths such as Transformer/"),
+    (".*", r"matches every parameter: nothing would train"),
+])
+def test_a_freeze_pattern_that_matches_nothing_or_everything_is_a_config_error(pattern, message):
+    config = tiny_config(**{"optimizer.freeze": pattern})
+    tx = optim.make_optimizer(config, 10)
+    with pytest.raises(ConfigError, match=rf"config.optimizer.freeze='{re.escape(pattern)}' {message}"):
+        tx.init(_model_params(config))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optimizer.layer_decay", 0.0, r"expected a factor in \(0, 1\]"),
+    ("optimizer.layer_decay", 1.5, r"expected a factor in \(0, 1\]"),
+    ("optimizer.freeze", "head/(", r"expected a regular expression over parameter paths \(missing \)"),
+])
+def test_bad_fine_tuning_controls_are_config_errors(field, value, message):
+    from vit_jax import config_check
+
+    with pytest.raises(ConfigError, match=rf"config.{field}=.*{message}"):
+        config_check.validate(tiny_config(**{field: value}), 8)

@@ -144,7 +144,7 @@ def test_b16_on_v5e_2x2_reports_memory_and_flops_matching_summary():
     assert report["fits"] is True and report["num_chips"] == 4
     assert report["settings"] == {"variant": "B/16", "image_size": 224, "batch_size": batch, "accum_steps": 1,
                                   "dtype": "float32", "remat": False, "scan": True, "optimizer": "adam",
-                                  "prng_impl": "rbg"}
+                                  "ema_decay": 0.0, "freeze": "", "prng_impl": "rbg"}
     assert report["hbm_bytes_per_chip"] == plan.CHIPS["v5e"].hbm_bytes
     # 86.6M float32 params sharded over at most 4 chips, Adam's two moments alike.
     assert 86.5e6 * 4 / 4 <= report["params_bytes_per_chip"] <= 86.6e6 * 4 * 1.01
@@ -273,3 +273,18 @@ def test_tpu_host_needs_libtpu_and_tpu_device_files(monkeypatch):
     monkeypatch.setattr(glob, "glob", lambda pattern: [pattern])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
     assert plan.tpu_host() is True  # libtpu found and a device file present
+
+
+def test_the_average_counts_with_the_optimizer_state_and_frozen_parameters_have_none():
+    from tests.train_helpers import tiny_config
+
+    def memory(**overrides):
+        config = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8, "batch_size": 8, **overrides})
+        return plan.plan(config, jax.devices())["memory"]
+
+    plain, averaged = memory(), memory(**{"optimizer.ema_decay": 0.9999})
+    assert averaged.params == plain.params
+    assert averaged.opt_state == plain.opt_state + plain.params
+    probe = memory(**{"optimizer.freeze": "(?!head/).*"})
+    head_bytes = (32 + 1) * 10 * 4  # kernel and bias of the 10-class head on hidden 32, float32, replicated
+    assert probe.opt_state < 2 * head_bytes + 64  # Adam's two moments of the head (and its counts) only

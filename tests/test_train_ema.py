@@ -91,8 +91,9 @@ def test_a_run_saves_evaluates_and_resumes_its_average(tmp_path, data_dir, capsy
     for step in (2, 4):
         assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step), "ema"))
 
-    # --mode=eval scores both.
-    scores = train.evaluate_checkpoint(config, workdir)
+    # --mode=eval scores both, whatever this config's decay.
+    without = _digits_config(data_dir, **{"optimizer.ema_decay": 0.0})
+    scores = train.evaluate_checkpoint(without, workdir)
     assert scores["top1"] == pytest.approx(result["test_accuracy"])
     assert scores["ema/top1"] == pytest.approx(result["ema"]["test_accuracy"])
     assert scores["ema/loss"] == pytest.approx(result["ema"]["test_loss"], rel=1e-6)
@@ -100,12 +101,18 @@ def test_a_run_saves_evaluates_and_resumes_its_average(tmp_path, data_dir, capsy
     # Resumed from step 2, the run ends on the same average (restored, not restarted from the params).
     final = _canonical_ema(workdir, 4)
     resumed = str(tmp_path / "resumed")
-    shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns("4", train.FINAL_METRICS))
+    shutil.copytree(workdir, resumed, ignore=lambda d, names: [n for n in names if n == train.FINAL_METRICS
+                                                               or (n == "4" and d.endswith("checkpoints"))])
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2"]
     again = train.train_and_evaluate(config, resumed)
     for key, value in final.items():
         np.testing.assert_array_equal(_canonical_ema(resumed, 4)[key], value, err_msg=key)
     assert again["ema"] == result["ema"]
+
+    # A finished run without its final_metrics.json is evaluated again, its average too (whatever the decay).
+    os.remove(os.path.join(resumed, train.FINAL_METRICS))
+    rerun = train.train_and_evaluate(without, resumed)
+    assert rerun["ema"]["test_loss"] == pytest.approx(result["ema"]["test_loss"], rel=1e-6)
 
 
 def test_resuming_without_a_saved_average_starts_it_at_the_params(tmp_path, data_dir, caplog):
@@ -113,8 +120,11 @@ def test_resuming_without_a_saved_average_starts_it_at_the_params(tmp_path, data
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir)
     assert not os.path.isdir(os.path.join(workdir, "checkpoints", "2", "ema"))
-    with pytest.raises(CheckpointError, match=r"checkpoints/2 holds no Polyak average \(its run had "
-                                              r"optimizer.ema_decay=0\)"):
+    # Finished: evaluated again with a decay, it reports no average (there is none to report).
+    os.remove(os.path.join(workdir, train.FINAL_METRICS))
+    assert "ema" not in train.train_and_evaluate(_digits_config(data_dir, **{"total_steps": 2}), workdir)
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 holds no Polyak average \(no 'ema' item: its "
+                                              r"run had optimizer.ema_decay=0"):
         _canonical_ema(workdir, 2)
 
     later = _digits_config(data_dir, **{"optimizer.ema_decay": 0.9})
@@ -129,3 +139,7 @@ def test_resuming_without_a_saved_average_starts_it_at_the_params(tmp_path, data
     expected = params_to_canonical(jax.device_get(state["params"]))
     for key, value in params_to_canonical(jax.device_get(state["ema"])).items():
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
+    # The average is a buffer of its own: the step (which donates the state) runs on it.
+    step = train.make_train_step(later, mesh, 4)
+    state, _ = step(state, to_device(synthetic_batch(later, 0), sharding.batch_sharding(mesh)))
+    assert int(state["step"]) == 3

@@ -185,7 +185,9 @@ class Checkpoints:
 
     def has_ema(self, step: int) -> bool:
         """Whether the checkpoint of `step` holds Polyak-averaged params (an "ema" item)."""
-        return os.path.isdir(os.path.join(self.directory, str(step), "ema"))
+        from etils import epath  # a gs:// workdir too
+
+        return (epath.Path(self.directory) / str(step) / "ema").is_dir()
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any | None,
                 read_ema: bool = False) -> dict[str, Any]:

@@ -170,6 +170,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     for field in ("b1", "b2", "momentum", "label_smoothing", "ema_decay"):
         if not 0.0 <= opt[field] < 1.0:
             _fail(f"optimizer.{field}", opt[field], "expected a value in [0, 1)")
+    if not 0.0 < opt.layer_decay <= 1.0:
+        _fail("optimizer.layer_decay", opt.layer_decay, "expected a factor in (0, 1] (1: one rate for every layer)")
+    if not isinstance(opt.freeze, str):
+        _fail("optimizer.freeze", opt.freeze, "expected a regular expression over parameter paths ('' for none)")
+    try:
+        re.compile(opt.freeze)
+    except re.error as e:
+        _fail("optimizer.freeze", opt.freeze, f"expected a regular expression over parameter paths ({e})")
     for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints"):
         positive_int(config, field)

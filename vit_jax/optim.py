@@ -4,12 +4,18 @@ Pre-training (`optimizer.name="adam"`): Adam (b1 0.9, b2 0.999) with decoupled w
 convention (optax.adamw: the decay is scaled by the learning-rate schedule), on kernels only. Fine-tuning
 (`"sgd"`): SGD with momentum 0.9 (plus L2 weight decay on kernels when `weight_decay > 0`). Both clip the
 global gradient norm first (1.0), and follow a linear warmup to `lr` then a linear or cosine decay to 0.
+Fine-tuning controls, as big_vision's and timm's: `optimizer.freeze` (a regex over parameter paths such as
+"Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel") leaves the parameters it matches as they are (no update, no
+weight decay, no optimizer state, and their gradients are never computed: a linear probe costs a forward pass);
+`optimizer.layer_decay` < 1 scales the learning rate of block i of L by layer_decay^(L + 1 - i) (embeddings
+layer_decay^(L + 1), the final norm and the head 1), as BEiT / timm's layer-wise decay.
 Polyak averaging (`optimizer.ema_decay` > 0) keeps an exponential moving average of the parameters beside them.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -67,8 +73,80 @@ def _kernels_only(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
+# Top-level parameters below the first block (layer 0 of `layer_multipliers`): patch embedding, class token, the
+# masked-patch objective's mask embedding, a hybrid's ResNet stem and stages (the position embedding is under
+# Transformer/, handled by name).
+EMBEDDING_PARAMS = ("embedding", "cls", "mask_embedding", "conv_root", "gn_root", "block1", "block2", "block3",
+                    "block4")
+
+
+def param_path(path: tuple) -> str:
+    """A parameter's path as "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" (big_vision's names)."""
+    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def frozen(config: ml_collections.ConfigDict, params: Any) -> Any:
+    """Tree of bools: the parameters `optimizer.freeze` matches (all False without a pattern).
+
+    A pattern that matches no parameter, or every one, is a ConfigError listing some of the paths.
+    """
+    pattern = config.optimizer.freeze
+    if not pattern:
+        return jax.tree.map(lambda _: False, params)
+    matcher = re.compile(pattern)  # validated by config_check
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(matcher.fullmatch(param_path(path))), params)
+    flags = jax.tree.leaves(mask)
+    if flags and (not any(flags) or all(flags)):  # (optax may init on a tree with no leaves)
+        paths = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        what = "no parameter" if not any(flags) else "every parameter: nothing would train"
+        raise ConfigError(f"config.optimizer.freeze={pattern!r} matches {what}; it is matched against whole paths "
+                          f"such as {', '.join(paths[:3])}, ... ({len(paths)} in all); e.g. '(?!head/).*' "
+                          "trains the head alone")
+    return mask
+
+
+def zero_frozen(config: ml_collections.ConfigDict, grads: Any) -> Any:
+    """`grads` with zeros for the frozen parameters (so XLA never computes theirs)."""
+    if not config.optimizer.freeze:
+        return grads
+    return jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen(config, grads))
+
+
+def layer_multipliers(config: ml_collections.ConfigDict, params: Any) -> Any:
+    """Tree of learning-rate multipliers for `optimizer.layer_decay` (floats; for a scanned model's stacked
+    blocks an array over the layer axis, shaped to broadcast): d^(L + 1 - layer), where the embeddings (patch,
+    class token, position, a hybrid's ResNet) are layer 0, block i is layer i + 1, the rest (final norm,
+    pre_logits, head) layer L + 1."""
+    decay, num_layers = config.optimizer.layer_decay, config.model.num_layers
+
+    def multiplier(path: tuple, leaf: Any) -> Any:
+        name = param_path(path)
+        if name.startswith("Transformer/encoderblock/"):  # scanned: (num_layers, ...)
+            layers = jnp.arange(1, num_layers + 1, dtype=jnp.float32)
+            return jnp.power(jnp.float32(decay), num_layers + 1 - layers).reshape((-1,) + (1,) * (leaf.ndim - 1))
+        block = re.match(r"Transformer/encoderblock_(\d+)/", name)
+        if block:
+            layer = int(block.group(1)) + 1
+        elif name.startswith("Transformer/posembed_input/") or name.split("/")[0] in EMBEDDING_PARAMS:
+            layer = 0
+        else:
+            layer = num_layers + 1
+        return float(decay ** (num_layers + 1 - layer))
+
+    return jax.tree_util.tree_map_with_path(multiplier, params)
+
+
+def _scale_by_layer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u * m, updates, layer_multipliers(config, updates)), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """clip(global norm) -> Adam(W) or momentum SGD, with the warmup + decay schedule over `num_steps`."""
+    """clip(global norm) -> Adam(W) or momentum SGD, with the warmup + decay schedule over `num_steps`; then the
+    layer-wise decay of the learning rate, and frozen parameters left out of all of it."""
     opt = config.optimizer
     schedule = learning_rate_schedule(opt, num_steps)
     parts = []
@@ -82,7 +160,14 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
         parts.append(optax.sgd(schedule, momentum=opt.momentum))
     else:
         raise ConfigError(f"config.optimizer.name={opt.name!r} is invalid: expected 'adam' or 'sgd'")
-    return optax.chain(*parts)
+    if opt.layer_decay != 1.0:
+        parts.append(_scale_by_layer(config))
+    tx = optax.chain(*parts)
+    if not opt.freeze:
+        return tx
+    # The frozen parameters get no update and no state; clipping sees the trainable gradients only.
+    labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "trained", frozen(config, params))  # noqa: E731
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def smooth_labels(labels: jax.Array, label_smoothing: float, label_kind: str) -> jax.Array:

@@ -353,6 +353,7 @@ def settings(config: ml_collections.ConfigDict) -> dict:
     return {"variant": config.model.variant, "image_size": config.image_size, "batch_size": config.batch_size,
             "accum_steps": config.accum_steps, "dtype": config.model.dtype, "remat": bool(config.model.remat),
             "scan": bool(config.model.scan), "optimizer": config.optimizer.name,
+            "ema_decay": config.optimizer.ema_decay, "freeze": config.optimizer.freeze,
             "prng_impl": str(jax.config.jax_default_prng_impl)}
 
 

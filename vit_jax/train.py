@@ -76,12 +76,28 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     tx = optim.make_optimizer(config, num_steps or _default_num_steps(config))
     boxed = jax.eval_shape(functools.partial(_boxed_params, model, config), jax.random.PRNGKey(0))
     params = sharding.param_shardings(boxed, mesh)
-    abstract_params = nn.unbox(boxed)
-    opt_state = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
-                                      transform_non_params=lambda _: sharding.replicated(mesh))
+    opt_state = _like_params(jax.eval_shape(tx.init, nn.unbox(boxed)), nn.unbox(boxed), params, mesh)
     replicated = sharding.replicated(mesh)
     shardings = {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
     return {**shardings, "ema": params} if uses_ema(config) else shardings
+
+
+def _like_params(tree: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for an optimizer state's leaves: a parameter's where the leaf's path ends with that parameter's
+    path and it has its shape (Adam's moments, momentum, in whatever optax nesting: also `multi_transform`'s,
+    which `optax.tree_map_params` cannot follow), replicated otherwise (step counts)."""
+    by_path = {tuple(path): (leaf.shape, shard) for (path, leaf), shard in
+               zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings))}
+    replicated = sharding.replicated(mesh)
+
+    def pick(path: tuple, leaf: Any) -> Any:
+        for start in range(len(path)):
+            shape, shard = by_path.get(tuple(path[start:]), (None, None))
+            if shard is not None and shape == leaf.shape:
+                return shard
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None = None) -> State:
@@ -181,6 +197,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                                  (jax.ShapeDtypeStruct((), jnp.float32), aux_shapes, params))
             (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+        grads = optim.zero_frozen(config, grads)  # never computed for `optimizer.freeze`'s parameters
         grads = jax.lax.with_sharding_constraint(grads, shardings["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
@@ -327,8 +344,8 @@ def load_pretrained_params(config: ml_collections.ConfigDict, path: str, fresh_p
 
 
 def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int,
-                    ckpt: checkpoints.Checkpoints, params_only: bool = False, require_head: bool | None = None
-                    ) -> tuple[State, dict | None, dict]:
+                    ckpt: checkpoints.Checkpoints, params_only: bool = False, require_head: bool | None = None,
+                    read_ema: bool = True) -> tuple[State, dict | None, dict]:
     """The start state, the data iterator state to continue from, and the saved meta.
 
     The model's numerics (GELU flavour, LayerNorm eps) are set in place to those of the weights: the ones of
@@ -340,6 +357,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     `params_only` (evaluation) does not read a checkpoint's optimizer state (opt_state None), so it may be
     evaluated under another optimizer config. `require_head` (default: `params_only`) refuses a pre-trained
     checkpoint whose head cannot serve this config; few-shot evaluation, which reads no head, turns it off.
+    The state holds "ema", the Polyak average, where a resumed checkpoint has one and it will be used (training
+    on with `optimizer.ema_decay` > 0, evaluating with `read_ema`, or re-evaluating a finished run), or where
+    training will keep one (started from the params: fresh, pre-trained, or resumed from a checkpoint without).
     """
     require_head = params_only if require_head is None else require_head
     pretrained = pin_pretrained(config.pretrained) if config.pretrained else ""
@@ -350,8 +370,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = abstract_state(config, mesh, num_steps)
+        trains_on = not params_only and latest < num_steps
         restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"],
-                                read_ema=params_only or uses_ema(config))
+                                read_ema=read_ema if params_only else uses_ema(config) or not trains_on)
         meta = restored["meta"]
         if not pretrained:  # the numerics the run was trained with, whatever this run's flags say
             from vit_jax.interop import loading, orbax_io
@@ -367,11 +388,11 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                  "rng": jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated)}
         if restored["ema"] is not None:
             state["ema"] = restored["ema"]
-        elif uses_ema(config) and not params_only:
+        elif uses_ema(config) and trains_on:
             state["ema"] = _copy(state["params"], jax.tree.map(lambda x: x.sharding, abstract["params"]))
-            logging.warning("the checkpoint of step %d holds no Polyak average (its run had optimizer.ema_decay=0): "
-                            "the average starts from its params", meta["step"])
-        if not params_only and not uses_ema(config) and ckpt.has_ema(latest):
+            logging.warning("the checkpoint of step %d holds no Polyak average (no 'ema' item): the average starts "
+                            "from its params", meta["step"])
+        if trains_on and not uses_ema(config) and ckpt.has_ema(latest):
             logging.warning("the checkpoint of step %d holds a Polyak average, but optimizer.ema_decay is 0: it is "
                             "not carried on, and later checkpoints will not hold one", meta["step"])
         logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
@@ -734,8 +755,9 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                              os.path.join(workdir, "profile"))
 
             if step % config.eval_every == 0 or step == num_steps:
-                # On the way out of a preemption the checkpoint comes before the extra test sets.
-                last_evaluations = _evaluate_weights(config, eval_step, extra_steps, _weight_sets(state), mesh,
+                # On the way out of a preemption the checkpoint comes before the average and the extra test sets.
+                weights = {"params": state["params"]} if preempted else _weight_sets(state)
+                last_evaluations = _evaluate_weights(config, eval_step, extra_steps, weights, mesh,
                                                      f"at step {step}", f"at step {step}", with_extra=not preempted)
                 _log_evaluations(writer, step, last_evaluations)
                 timer_start = time.perf_counter()
@@ -816,7 +838,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
             raise UserError(f"--mode={mode} found no checkpoint in {ckpt.directory} and config.pretrained is empty: "
                             "train first, or pass --config.pretrained=PATH")
         state, _, meta = restore_or_init(config, mesh, num_steps, ckpt, params_only=True,
-                                         require_head=mode == "eval")
+                                         require_head=mode == "eval", read_ema=mode == "eval")
     except UserError:
         try:
             ckpt.close()  # first: its background threads may still be working in the directories removed

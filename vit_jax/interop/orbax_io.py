@@ -37,15 +37,18 @@ def is_orbax_dir(path: str) -> bool:
 def split_item(path: str, isdir: Callable[[str], bool] = os.path.isdir) -> tuple[str, str]:
     """(step directory, "ema") for a step's "ema" item directory, else (`path`, "params").
 
-    A path ending in "ema" inside a step directory (one with a "meta" or "params" item) that has no such item is
-    an error naming why: the run that wrote the step kept no Polyak average.
+    A step directory is numbered and holds a "meta" or "params" item. A path ending in "ema" inside one that has
+    no such item is an error saying so.
     """
     parent, name = os.path.split(path.rstrip("/"))
-    if name != AVERAGE_ITEM or not (isdir(os.path.join(parent, "meta")) or isdir(os.path.join(parent, "params"))):
+    is_step = os.path.basename(parent).isdigit() and (isdir(os.path.join(parent, "meta"))
+                                                        or isdir(os.path.join(parent, "params")))
+    if name != AVERAGE_ITEM or not is_step:
         return path, "params"
     if not isdir(path):
-        raise CheckpointError(f"{path}: the checkpoint {parent} holds no Polyak average (its run had "
-                              "optimizer.ema_decay=0); give the step directory for its params")
+        raise CheckpointError(f"{path}: the checkpoint {parent} holds no Polyak average (no 'ema' item: its run "
+                              "had optimizer.ema_decay=0, or it was not written by training); give the step "
+                              "directory for its params")
     return parent, AVERAGE_ITEM
 
 
