@@ -168,13 +168,13 @@ def _model_params(config, seed: int = 0) -> dict:
 
     model = build_model(config.model, config.num_classes)
     images = jnp.zeros((1, config.image_size, config.image_size, 3))
-    return nn.unbox(model.init(jax.random.PRNGKey(seed), images, train=False)["params"])
+    init = jax.jit(lambda rng: model.init(rng, images, train=False)["params"])  # jitted: eager init is slow
+    return nn.unbox(init(jax.random.PRNGKey(seed)))
 
 
 def _random_like(tree, seed: int):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    rng = np.random.RandomState(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), tree)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -186,8 +186,8 @@ def test_layer_decay_scales_each_layers_adam_update_by_decay_to_its_depth(scan):
     grads = _random_like(params, 1)
     plain = optim.make_optimizer(tiny_config(**base), 10)
     decayed = optim.make_optimizer(tiny_config(**base, **{"optimizer.layer_decay": 0.5}), 10)
-    want, _ = plain.update(grads, plain.init(params), params)
-    got, _ = decayed.update(grads, decayed.init(params), params)
+    want, _ = jax.jit(plain.update)(grads, plain.init(params), params)  # jitted: eager optax is slow here
+    got, _ = jax.jit(decayed.update)(grads, decayed.init(params), params)
     expected = {"embedding/kernel": 0.125, "cls": 0.125, "Transformer/posembed_input/pos_embedding": 0.125,
                 "Transformer/encoder_norm/scale": 1.0, "head/kernel": 1.0}
     blocks = ["Transformer/encoderblock/MlpBlock_3/Dense_0/kernel"] if scan else [
@@ -217,9 +217,9 @@ def test_frozen_parameters_get_no_update_no_state_and_clipping_sees_the_rest_onl
     grads = _random_like(params, 2)
     tx = optim.make_optimizer(config, 10)
     state = tx.init(params)
-    updates, _ = tx.update(grads, state, params)
+    updates, _ = jax.jit(tx.update)(grads, state, params)
     head_tx = optim.make_optimizer(tiny_config(**base), 10)
-    head_updates, _ = head_tx.update(grads["head"], head_tx.init(params["head"]), params["head"])
+    head_updates, _ = jax.jit(head_tx.update)(grads["head"], head_tx.init(params["head"]), params["head"])
     for key in ("kernel", "bias"):
         np.testing.assert_allclose(updates["head"][key], head_updates[key], rtol=1e-6)
     for path, update in jax.tree_util.tree_leaves_with_path(updates):
@@ -232,7 +232,9 @@ def test_frozen_parameters_get_no_update_no_state_and_clipping_sees_the_rest_onl
 
 
 @pytest.mark.parametrize("pattern, message", [
-    ("headd/.*", r"matches no parameter; it is matched against whole paths such as Transformer/"),
+    ("headd/.*", r"matches no parameter; it is matched against whole paths such as head/kernel or "
+                 r"Transformer/encoder_norm/scale, under Transformer, cls, embedding, head; e.g. '\(\?!head/\)\.\*' "
+                 r"trains head alone"),
     (".*", r"matches every parameter: nothing would train"),
 ])
 def test_a_freeze_pattern_that_matches_nothing_or_everything_is_a_config_error(pattern, message):
@@ -246,9 +248,41 @@ def test_a_freeze_pattern_that_matches_nothing_or_everything_is_a_config_error(p
     ("optimizer.layer_decay", 0.0, r"expected a factor in \(0, 1\]"),
     ("optimizer.layer_decay", 1.5, r"expected a factor in \(0, 1\]"),
     ("optimizer.freeze", "head/(", r"expected a regular expression over parameter paths \(missing \)"),
+    ("optimizer.freeze", "Transformer/encoderblock_[01]/.*", r"with model.scan the blocks are one stacked "
+                                                              r"Transformer/encoderblock/"),
 ])
 def test_bad_fine_tuning_controls_are_config_errors(field, value, message):
     from vit_jax import config_check
 
     with pytest.raises(ConfigError, match=rf"config.{field}=.*{message}"):
-        config_check.validate(tiny_config(**{field: value}), 8)
+        config_check.validate(tiny_config(**{field: value, "model.scan": True}), 8)
+
+
+def test_layer_multipliers_place_a_hybrids_resnet_and_the_mask_embedding_below_the_blocks():
+    """By name, on a tree shaped like a hybrid's (ResNet stem and stages at the top) with pre_logits and the
+    masked-patch objective's parameters: 12 blocks, decay 0.5."""
+    config = tiny_config(**{"optimizer.layer_decay": 0.5, "model.num_layers": 12})
+    leaf = jnp.zeros((2,))
+    tree = {"conv_root": {"kernel": leaf}, "gn_root": {"scale": leaf},
+            "block3": {"unit1": {"conv1": {"kernel": leaf}}}, "embedding": {"kernel": leaf}, "mask_embedding": leaf,
+            "cls": leaf, "Transformer": {"posembed_input": {"pos_embedding": leaf},
+                                         "encoderblock_11": {"LayerNorm_0": {"scale": leaf}},
+                                         "encoder_norm": {"scale": leaf}},
+            "pre_logits": {"kernel": leaf}, "masked_patch_head": {"kernel": leaf}, "head": {"kernel": leaf}}
+    got = {optim.param_path(path): m for path, m in
+           jax.tree_util.tree_leaves_with_path(optim.layer_multipliers(config, tree))}
+    bottom = 0.5 ** 13
+    assert got == {"conv_root/kernel": bottom, "gn_root/scale": bottom, "block3/unit1/conv1/kernel": bottom,
+                   "embedding/kernel": bottom, "mask_embedding": bottom, "cls": bottom,
+                   "Transformer/posembed_input/pos_embedding": bottom,
+                   "Transformer/encoderblock_11/LayerNorm_0/scale": 0.5,
+                   "Transformer/encoder_norm/scale": 1.0, "pre_logits/kernel": 1.0, "masked_patch_head/kernel": 1.0,
+                   "head/kernel": 1.0}
+
+
+def test_layer_decay_leaves_the_optimizer_state_as_it_is():
+    """A run resumes from a checkpoint written with another decay: the state's tree is the same."""
+    params = _model_params(tiny_config())
+    states = [optim.make_optimizer(tiny_config(**{"optimizer.layer_decay": decay}), 10).init(params)
+              for decay in (1.0, 0.75)]
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])

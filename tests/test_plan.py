@@ -144,7 +144,7 @@ def test_b16_on_v5e_2x2_reports_memory_and_flops_matching_summary():
     assert report["fits"] is True and report["num_chips"] == 4
     assert report["settings"] == {"variant": "B/16", "image_size": 224, "batch_size": batch, "accum_steps": 1,
                                   "dtype": "float32", "remat": False, "scan": True, "optimizer": "adam",
-                                  "ema_decay": 0.0, "freeze": "", "prng_impl": "rbg"}
+                                  "ema_decay": 0.0, "freeze": "", "layer_decay": 1.0, "prng_impl": "rbg"}
     assert report["hbm_bytes_per_chip"] == plan.CHIPS["v5e"].hbm_bytes
     # 86.6M float32 params sharded over at most 4 chips, Adam's two moments alike.
     assert 86.5e6 * 4 / 4 <= report["params_bytes_per_chip"] <= 86.6e6 * 4 * 1.01

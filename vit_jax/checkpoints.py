@@ -219,7 +219,7 @@ class Checkpoints:
             difference = layout_difference(stored, wanted, limit=None if item == "params" else 6)
             if difference:
                 cause = architecture_difference(stored, wanted) if item == "params" else ""
-                what = "optimizer" if item == "opt_state" else "model"
+                what = "optimizer (optimizer.name, optimizer.freeze)" if item == "opt_state" else "model"
                 raise CheckpointReadError(f"{where} was written by another {what} than this run's config"
                                           + (f" ({cause})" if cause else "") + f": its {item} keys differ "
                                           f"({difference}). {advice}")

@@ -178,6 +178,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         re.compile(opt.freeze)
     except re.error as e:
         _fail("optimizer.freeze", opt.freeze, f"expected a regular expression over parameter paths ({e})")
+    if config.model.scan and "encoderblock_" in opt.freeze:
+        _fail("optimizer.freeze", opt.freeze, "names single blocks, but with model.scan the blocks are one stacked "
+              "Transformer/encoderblock/... (all frozen or none): set model.scan=False to freeze some of them")
     for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints"):
         positive_int(config, field)

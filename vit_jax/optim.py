@@ -7,8 +7,9 @@ global gradient norm first (1.0), and follow a linear warmup to `lr` then a line
 Fine-tuning controls, as big_vision's and timm's: `optimizer.freeze` (a regex over parameter paths such as
 "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel") leaves the parameters it matches as they are (no update, no
 weight decay, no optimizer state, and their gradients are never computed: a linear probe costs a forward pass);
-`optimizer.layer_decay` < 1 scales the learning rate of block i of L by layer_decay^(L + 1 - i) (embeddings
-layer_decay^(L + 1), the final norm and the head 1), as BEiT / timm's layer-wise decay.
+`optimizer.layer_decay` < 1 scales the learning rate of block i of L (encoderblock_{i-1}) by
+layer_decay^(L + 1 - i) (embeddings layer_decay^(L + 1), the final norm and the head 1), as BEiT / timm's
+layer-wise decay.
 Polyak averaging (`optimizer.ema_decay` > 0) keeps an exponential moving average of the parameters beside them.
 """
 
@@ -98,10 +99,12 @@ def frozen(config: ml_collections.ConfigDict, params: Any) -> Any:
     flags = jax.tree.leaves(mask)
     if flags and (not any(flags) or all(flags)):  # (optax may init on a tree with no leaves)
         paths = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        tops = sorted({path.split("/")[0] for path in paths})
         what = "no parameter" if not any(flags) else "every parameter: nothing would train"
+        head = next((name for name in ("head", "masked_patch_head") if name in tops), tops[-1])
         raise ConfigError(f"config.optimizer.freeze={pattern!r} matches {what}; it is matched against whole paths "
-                          f"such as {', '.join(paths[:3])}, ... ({len(paths)} in all); e.g. '(?!head/).*' "
-                          "trains the head alone")
+                          f"such as {head}/kernel or Transformer/encoder_norm/scale, under {', '.join(tops)}; e.g. "
+                          f"'(?!{head}/).*' trains {head} alone")
     return mask
 
 
@@ -136,12 +139,15 @@ def layer_multipliers(config: ml_collections.ConfigDict, params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(multiplier, params)
 
 
-def _scale_by_layer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def _scaled_by_layer(tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+                     ) -> optax.GradientTransformation:
+    """`tx` with each update times its `layer_multipliers`, and `tx`'s own state (so a run resumes from a
+    checkpoint written with another `layer_decay`)."""
     def update(updates, state, params=None):
-        del params
+        updates, state = tx.update(updates, state, params)
         return jax.tree.map(lambda u, m: u * m, updates, layer_multipliers(config, updates)), state
 
-    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+    return optax.GradientTransformation(tx.init, update)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
@@ -160,9 +166,9 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
         parts.append(optax.sgd(schedule, momentum=opt.momentum))
     else:
         raise ConfigError(f"config.optimizer.name={opt.name!r} is invalid: expected 'adam' or 'sgd'")
-    if opt.layer_decay != 1.0:
-        parts.append(_scale_by_layer(config))
     tx = optax.chain(*parts)
+    if opt.layer_decay != 1.0:
+        tx = _scaled_by_layer(tx, config)
     if not opt.freeze:
         return tx
     # The frozen parameters get no update and no state; clipping sees the trainable gradients only.

@@ -354,6 +354,7 @@ def settings(config: ml_collections.ConfigDict) -> dict:
             "accum_steps": config.accum_steps, "dtype": config.model.dtype, "remat": bool(config.model.remat),
             "scan": bool(config.model.scan), "optimizer": config.optimizer.name,
             "ema_decay": config.optimizer.ema_decay, "freeze": config.optimizer.freeze,
+            "layer_decay": config.optimizer.layer_decay,
             "prng_impl": str(jax.config.jax_default_prng_impl)}
 
 

@@ -185,10 +185,12 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         params = state["params"]
         if accum == 1:
             (loss, aux), grads = grad_fn(params, batch["image"], batch["label"], step_rng)
+            grads = optim.zero_frozen(config, grads)  # never computed for `optimizer.freeze`'s parameters
         else:
             def accumulate(carry, micro):
                 index, images, labels = micro
                 (loss, aux), grads = grad_fn(params, images, labels, jax.random.fold_in(step_rng, index))
+                grads = optim.zero_frozen(config, grads)  # as above, in each micro-batch
                 return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
             micro = (jnp.arange(accum), micro_batches(batch["image"]), micro_batches(batch["label"]))
@@ -197,7 +199,6 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                                  (jax.ShapeDtypeStruct((), jnp.float32), aux_shapes, params))
             (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
-        grads = optim.zero_frozen(config, grads)  # never computed for `optimizer.freeze`'s parameters
         grads = jax.lax.with_sharding_constraint(grads, shardings["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
