@@ -195,6 +195,11 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, label_kind: str) -> j
     raise ConfigError(f"config.label_kind={label_kind!r} is invalid: expected 'single' or 'multi'")
 
 
+def uses_ema(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run keeps a Polyak average of its parameters (`optimizer.ema_decay` > 0)."""
+    return config.optimizer.ema_decay > 0
+
+
 def ema_weight(decay: float, step: jax.Array) -> jax.Array:
     """Weight of the newest parameters in the average after `step` (>= 1) updates: (1 - d) / (1 - d^step).
 

@@ -204,6 +204,8 @@ def suggestions(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], m
 
 def report(config: ml_collections.ConfigDict, topology: Topology, result: dict) -> str:
     """The plan as a human-readable table."""
+    from vit_jax import optim  # optax: only once a plan is reported
+
     chip = topology.chip
     memory = result["memory"]
     m = config.model
@@ -219,7 +221,7 @@ def report(config: ml_collections.ConfigDict, topology: Topology, result: dict) 
         "",
         "per-chip memory (compiled)",
     ]
-    optimizer = "optimizer state + average" if config.optimizer.ema_decay > 0 else "optimizer state"
+    optimizer = "optimizer state + average" if optim.uses_ema(config) else "optimizer state"
     rows = [("params", memory.params), (optimizer, memory.opt_state), ("batch", memory.batch),
             ("other inputs", memory.other_inputs), ("activations/temporaries", memory.temporaries),
             ("other outputs", memory.outputs), ("compiled code", memory.code)]

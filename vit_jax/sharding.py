@@ -106,3 +106,21 @@ def param_shardings(boxed_params: Any, mesh: Mesh, rules: Sequence[tuple[str, An
         return replicated(mesh)
 
     return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def like_params(tree: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for an optimizer state's leaves: a parameter's where the leaf's path ends with that parameter's
+    path and it has its shape (Adam's moments, momentum, in whatever optax nesting: also `multi_transform`'s,
+    which `optax.tree_map_params` cannot follow), replicated otherwise (step counts)."""
+    by_path = {tuple(path): (leaf.shape, shard) for (path, leaf), shard in
+               zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings))}
+    whole = replicated(mesh)
+
+    def pick(path: tuple, leaf: Any) -> Any:
+        for start in range(len(path)):
+            shape, shard = by_path.get(tuple(path[start:]), (None, None))
+            if shard is not None and shape == leaf.shape:
+                return shard
+        return whole
+
+    return jax.tree_util.tree_map_with_path(pick, tree)

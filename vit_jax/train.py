@@ -55,11 +55,6 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
     return build_model(config.model, config.num_classes)
 
 
-def uses_ema(config: ml_collections.ConfigDict) -> bool:
-    """Whether the run keeps a Polyak average of its parameters (`optimizer.ema_decay` > 0)."""
-    return config.optimizer.ema_decay > 0
-
-
 def _default_num_steps(config: ml_collections.ConfigDict) -> int:
     # Used where only shapes matter (lowering for vit_jax.plan): the schedule's values do not change the program.
     return max(config.total_steps, config.optimizer.warmup_steps + 1)
@@ -76,28 +71,11 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     tx = optim.make_optimizer(config, num_steps or _default_num_steps(config))
     boxed = jax.eval_shape(functools.partial(_boxed_params, model, config), jax.random.PRNGKey(0))
     params = sharding.param_shardings(boxed, mesh)
-    opt_state = _like_params(jax.eval_shape(tx.init, nn.unbox(boxed)), nn.unbox(boxed), params, mesh)
+    abstract_params = nn.unbox(boxed)
+    opt_state = sharding.like_params(jax.eval_shape(tx.init, abstract_params), abstract_params, params, mesh)
     replicated = sharding.replicated(mesh)
     shardings = {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
-    return {**shardings, "ema": params} if uses_ema(config) else shardings
-
-
-def _like_params(tree: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for an optimizer state's leaves: a parameter's where the leaf's path ends with that parameter's
-    path and it has its shape (Adam's moments, momentum, in whatever optax nesting: also `multi_transform`'s,
-    which `optax.tree_map_params` cannot follow), replicated otherwise (step counts)."""
-    by_path = {tuple(path): (leaf.shape, shard) for (path, leaf), shard in
-               zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings))}
-    replicated = sharding.replicated(mesh)
-
-    def pick(path: tuple, leaf: Any) -> Any:
-        for start in range(len(path)):
-            shape, shard = by_path.get(tuple(path[start:]), (None, None))
-            if shard is not None and shape == leaf.shape:
-                return shard
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
+    return {**shardings, "ema": params} if optim.uses_ema(config) else shardings
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None = None) -> State:
@@ -131,7 +109,7 @@ def init_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int) ->
 
 def _with_ema(config: ml_collections.ConfigDict, state: State) -> State:
     """`state` with its Polyak average started at its params, when the run keeps one (traced: a separate copy)."""
-    if not uses_ema(config):
+    if not optim.uses_ema(config):
         return state
     return {**state, "ema": jax.tree.map(jnp.copy, state["params"])}
 
@@ -373,7 +351,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         abstract = abstract_state(config, mesh, num_steps)
         trains_on = not params_only and latest < num_steps
         restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"],
-                                read_ema=read_ema if params_only else uses_ema(config) or not trains_on)
+                                read_ema=read_ema if params_only else optim.uses_ema(config) or not trains_on)
         meta = restored["meta"]
         if not pretrained:  # the numerics the run was trained with, whatever this run's flags say
             from vit_jax.interop import loading, orbax_io
@@ -389,11 +367,11 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                  "rng": jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated)}
         if restored["ema"] is not None:
             state["ema"] = restored["ema"]
-        elif uses_ema(config) and trains_on:
+        elif optim.uses_ema(config) and trains_on:
             state["ema"] = _copy(state["params"], jax.tree.map(lambda x: x.sharding, abstract["params"]))
             logging.warning("the checkpoint of step %d holds no Polyak average (no 'ema' item): the average starts "
                             "from its params", meta["step"])
-        if trains_on and not uses_ema(config) and ckpt.has_ema(latest):
+        if trains_on and not optim.uses_ema(config) and ckpt.has_ema(latest):
             logging.warning("the checkpoint of step %d holds a Polyak average, but optimizer.ema_decay is 0: it is "
                             "not carried on, and later checkpoints will not hold one", meta["step"])
         logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
@@ -491,6 +469,11 @@ def write_final_metrics(workdir: str, result: dict) -> None:
         (epath.Path(workdir) / FINAL_METRICS).write_text(json.dumps(result, indent=2))
 
 
+ExtraSteps = dict[str, tuple[ml_collections.ConfigDict, Callable]]
+# {weight set ("params", "ema"): (eval split metrics, {extra test set: metrics})}, `_evaluate_weights`' result.
+Evaluations = dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]]
+
+
 def _test_metrics(config: ml_collections.ConfigDict, eval_metrics: dict[str, float]) -> dict[str, float]:
     accuracy_key = "accuracy" if config.objective == "masked_patch_prediction" else "top1"
     result = {"test_accuracy": eval_metrics[accuracy_key], "test_loss": eval_metrics["loss"]}
@@ -500,7 +483,7 @@ def _test_metrics(config: ml_collections.ConfigDict, eval_metrics: dict[str, flo
 
 
 def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: float | None,
-                  evaluations: dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]]) -> dict:
+                  evaluations: Evaluations) -> dict:
     """final_metrics.json: the eval split's metrics of the params, "extra_evals" (each test set's), and under
     "ema" the same of the Polyak average; `evaluations` is `_evaluate_weights`'s result per weight set."""
     metrics, extra = evaluations["params"]
@@ -516,9 +499,6 @@ def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: floa
 
 def _metrics_text(metrics: dict[str, float], percent: bool = False) -> str:
     return ", ".join(f"{k} {100 * v:.2f}%" if percent else f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-ExtraSteps = dict[str, tuple[ml_collections.ConfigDict, Callable]]
 
 
 def _extra_steps(extra: dict[str, ml_collections.ConfigDict], mesh: Mesh) -> ExtraSteps:
@@ -570,7 +550,7 @@ def _weight_sets(state: State) -> dict[str, Any]:
 
 def _evaluate_weights(config: ml_collections.ConfigDict, eval_step: Callable, extra_steps: ExtraSteps,
                       weights: dict[str, Any], mesh: Mesh, when: str, extra_when: str | None = None,
-                      with_extra: bool = True) -> dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]]:
+                      with_extra: bool = True) -> Evaluations:
     """{weight set: (eval split metrics, {extra test set: metrics})} of `_weight_sets`, each reported as it comes
     ("eval WHEN: ...", the average's "eval (Polyak average) WHEN: ..."; the extra test sets' as
     `_evaluate_extra` with `extra_when`)."""
@@ -585,7 +565,7 @@ def _evaluate_weights(config: ml_collections.ConfigDict, eval_step: Callable, ex
 
 
 def _log_evaluations(writer: Any, step: int,
-                     evaluations: dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]]) -> None:
+                     evaluations: Evaluations) -> None:
     """TensorBoard scalars eval/*, eval_<test set>/*, and eval_ema/*, eval_ema_<test set>/* for the average."""
     for kind, (metrics, extra) in evaluations.items():
         tag = "eval_ema" if kind == "ema" else "eval"
@@ -720,7 +700,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
 
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     train_loss = meta.get("train_loss")
-    last_evaluations: dict[str, tuple[dict[str, float], dict[str, dict[str, float]]]] = {}
+    last_evaluations: Evaluations = {}
     profile_start = None
     timer_step, timer_start = start_step, time.perf_counter()
     step = start_step
