@@ -71,6 +71,19 @@ def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
     assert extra["digits"]["loss"] == pytest.approx(result["test_loss"], rel=1e-6)
     assert json.loads((tmp_path / "run" / train.FINAL_METRICS).read_text())["extra_evals"] == extra
 
+    # The finished run started again: scored anew without its final_metrics.json, read back with it; each test
+    # set's line printed once either way.
+    (tmp_path / "run" / train.FINAL_METRICS).unlink()
+    for source in ("scored", "read"):
+        again = train.train_and_evaluate(config, str(tmp_path / "run"))
+        out = capsys.readouterr().out
+        assert "already holds the finished run" in out, out
+        lines = [line.split(":")[0] for line in out.splitlines()
+                 if line.startswith("eval of ") and not line.startswith("eval of step")]
+        assert lines == (["eval of digits on test", "eval of image_folder on validation"] if source == "scored"
+                         else ["eval of digits", "eval of image_folder"]), (source, out)
+        assert again["extra_evals"]["digits"]["loss"] == pytest.approx(extra["digits"]["loss"], rel=1e-6), source
+
     # --mode=eval with the default numerics flags: the checkpoint's recorded ones apply to the extra set too.
     later = _config(tmp_path, ("digits,test",))
     later.label_kind = "multi"

@@ -604,6 +604,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if start_step >= num_steps:
             if final_path.exists():
                 result = json.loads(final_path.read_text())
+                for name, values in result.get("extra_evals", {}).items():  # scored lines are printed as they come
+                    _report(f"eval of {name}: {_metrics_text(values)}")
+                for name, values in result.get("ema", {}).get("extra_evals", {}).items():
+                    _report(f"eval of {name} (Polyak average): {_metrics_text(values)}")
             else:
                 evaluations = _evaluate_weights(config, make_eval_step(config, mesh), _extra_steps(extra, mesh),
                                                 _weight_sets(state), mesh, f"of step {start_step}")
@@ -612,10 +616,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     result["fewshot"] = fewshot.evaluate(config, state["params"], mesh)
                 write_final_metrics(workdir, result)
             _report(f"{workdir} already holds the finished run (step {start_step}).")
-            for name, values in result.get("extra_evals", {}).items():
-                _report(f"eval of {name}: {_metrics_text(values)}")
-            for name, values in result.get("ema", {}).get("extra_evals", {}).items():
-                _report(f"eval of {name} (Polyak average): {_metrics_text(values)}")
             if "fewshot" in result:
                 _report(_fewshot_line(start_step, result["fewshot"]))
             _report(_summary_line(result))
