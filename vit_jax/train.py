@@ -564,8 +564,7 @@ def _evaluate_weights(config: ml_collections.ConfigDict, eval_step: Callable, ex
     return results
 
 
-def _log_evaluations(writer: Any, step: int,
-                     evaluations: Evaluations) -> None:
+def _log_evaluations(writer: Any, step: int, evaluations: Evaluations) -> None:
     """TensorBoard scalars eval/*, eval_<test set>/*, and eval_ema/*, eval_ema_<test set>/* for the average."""
     for kind, (metrics, extra) in evaluations.items():
         tag = "eval_ema" if kind == "ema" else "eval"
