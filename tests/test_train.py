@@ -288,6 +288,22 @@ def test_pin_pretrained_takes_process_0s_step_and_refuses_disagreement(tmp_path)
     assert train.pin_pretrained(str(npz), lambda x: np.array([x, x])) == str(npz)
 
 
+def test_pin_pretrained_gathers_before_raising_so_no_process_waits_for_one_that_cannot_read_the_path(tmp_path):
+    from vit_jax.interop import CheckpointError
+
+    unfinished = tmp_path / "pretrain"
+    (unfinished / "checkpoints").mkdir(parents=True)  # e.g. the workdir on this host, not yet synced
+    sent = []
+    with pytest.raises(CheckpointError, match="holds no finished checkpoint yet"):  # its own error, after the gather
+        train.pin_pretrained(str(unfinished), lambda x: sent.append(int(x)) or np.array([x, 5]))
+    assert len(sent) == 1
+    # A process that could read it (step 5) stops too, naming the process that could not.
+    (unfinished / "checkpoints" / "5" / "params").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"pretrain is step 5 for process 0, unreadable \(see that process's "
+                                              r"log\) for process 1: every process must see the same checkpoint"):
+        train.pin_pretrained(str(unfinished), lambda x: np.array([x, -2]))
+
+
 @pytest.mark.parametrize("accum_steps", [1, 2])
 def test_a_linear_probe_updates_the_head_alone_and_never_computes_the_backbones_gradients(accum_steps):
     probe = tiny_config(**{"optimizer.freeze": "(?!head/).*", "mesh.data": 1, "accum_steps": accum_steps})

@@ -269,6 +269,10 @@ def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
     return traverse_util.unflatten_dict({name: np.asarray(old[name], new[name].dtype) for name in new}, sep="/")
 
 
+_NOT_A_WORKDIR, _UNREADABLE = -1, -2  # pin_pretrained's gathered value when a process has no step to offer
+_PIN_STATES = {_NOT_A_WORKDIR: "not a workdir (used as it is)", _UNREADABLE: "unreadable (see that process's log)"}
+
+
 def pin_pretrained(path: str, gather: Callable[[Any], Any] | None = None) -> str:
     """`config.pretrained` pinned to one step: the step directory a workdir's latest finished step is now, chosen
     by process 0 for every process (`path` itself when it names no workdir).
@@ -276,21 +280,25 @@ def pin_pretrained(path: str, gather: Callable[[Any], Any] | None = None) -> str
     A run that fine-tunes from a workdir another run is still writing would otherwise read its numerics and its
     weights, or each process its weights, from whatever step was latest at that moment. `gather` collects every
     process's value (default: `multihost_utils.process_allgather` when there are several processes), so that
-    processes that disagree on what `path` is all stop with the same error rather than some waiting for others.
+    processes that disagree on what `path` is, or that cannot read it, all stop with an error rather than some
+    waiting for others.
     """
     from vit_jax import interop
 
-    pinned = interop.remote.pinned_step(path)
-    if gather is None:
-        if jax.process_count() == 1:
-            return pinned
-        gather = multihost_utils.process_allgather
+    if gather is None and jax.process_count() == 1:
+        return interop.remote.pinned_step(path)
+    gather = gather or multihost_utils.process_allgather
+    try:  # a process that cannot read `path` still takes part in the gather: the others would wait for it forever
+        pinned, failure = interop.remote.pinned_step(path), None
+    except interop.CheckpointError as error:
+        pinned, failure = path, error
     name = pinned.rstrip("/").rsplit("/", 1)[-1]
-    mine = int(name) if pinned != path and name.isdigit() else -1
+    mine = _UNREADABLE if failure else int(name) if pinned != path and name.isdigit() else _NOT_A_WORKDIR
     seen = [int(v) for v in np.asarray(gather(np.int32(mine))).reshape(-1)]
-    if -1 in seen and any(v != -1 for v in seen):
-        described = [f"{'not a workdir (used as it is)' if v == -1 else f'step {v}'} for process {i}"
-                     for i, v in enumerate(seen)]
+    if failure:
+        raise failure
+    if _UNREADABLE in seen or (_NOT_A_WORKDIR in seen and any(v != _NOT_A_WORKDIR for v in seen)):
+        described = [f"{_PIN_STATES.get(v, f'step {v}')} for process {i}" for i, v in enumerate(seen)]
         raise interop.CheckpointError(f"config.pretrained={path} is {', '.join(described)}: every process must see "
                                       "the same checkpoint")
     chosen = seen[0]
