@@ -232,6 +232,46 @@ def test_a_checkpoint_with_this_runs_class_count_gets_a_zero_head_unless_kept(pr
     np.testing.assert_array_equal(_head(evaluated["params"]), old)
 
 
+def test_a_pretrained_start_is_a_fresh_runs_state_around_the_loaded_params_without_initialising_the_model(
+        pretrained, tmp_path, monkeypatch):
+    """Step 0, the seed's train rng, the optimizer's init of the loaded params and an average equal to them (its own
+    buffers); nothing for evaluation but the params. The model's random initialisation (init_state) never runs."""
+    from vit_jax import optim
+
+    pretrained_dir, _, _ = pretrained
+    config = _digits_config(**{"pretrained": pretrained_dir, "optimizer.ema_decay": 0.9,
+                               "tfds_data_dir": str(tmp_path / "unused")})
+    mesh = sharding.make_mesh(config)
+    fresh = train.init_state(config, mesh, config.total_steps)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was initialised only to be replaced by the pre-trained weights")
+
+    monkeypatch.setattr(train, "init_state", refuse)
+    for params_only in (False, True):
+        ckpt = checkpoints.Checkpoints(str(tmp_path / f"run{params_only}"), keep=1)
+        try:
+            state, _, _ = train.restore_or_init(config, mesh, config.total_steps, ckpt, params_only=params_only)
+        finally:
+            ckpt.close()
+        assert int(state["step"]) == 0
+        np.testing.assert_array_equal(jax.device_get(state["rng"]), jax.device_get(fresh["rng"]))
+        params = jax.device_get(state["params"])
+        assert np.any(params["Transformer"]["encoder_norm"]["scale"] != 1)  # trained, not a fresh LayerNorm
+        assert np.any(params["head"]["kernel"]) == params_only  # training: a new zero head; evaluating: its own
+        if params_only:
+            assert state["opt_state"] is None and "ema" not in state
+            continue
+        expected = optim.make_optimizer(config, config.total_steps).init(state["params"])
+        assert jax.tree.structure(state["opt_state"]) == jax.tree.structure(expected)
+        for got, want in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(jax.device_get(got), jax.device_get(want))
+        for got, want in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(state["params"])):
+            np.testing.assert_array_equal(jax.device_get(got), jax.device_get(want))
+            pointer = [x.addressable_shards[0].data.unsafe_buffer_pointer() for x in (got, want)]
+            assert pointer[0] != pointer[1]  # each is updated in place by the donated step
+
+
 def test_evaluating_a_checkpoint_for_other_classes_is_refused_not_scored_at_chance(pretrained, tmp_path):
     """--mode=eval of the 10-class checkpoint as a 7-class model: an error, where a new zero head would score
     chance accuracy without a word."""

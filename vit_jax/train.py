@@ -389,20 +389,39 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                             "rate follows the new schedule (%g there)", planned, num_steps, meta["step"],
                             float(optim.learning_rate_schedule(config.optimizer, num_steps)(meta["step"])))
         return state, restored["data_state"], meta
-    state = init_state(config, mesh, num_steps)
     if pretrained:
-        reset_head = not params_only and config.pretrained_head == "reset"
-        params = load_pretrained_params(config, pretrained, state["params"], reset_head, require_head=require_head)
-        shardings = state_shardings(config, mesh, num_steps)
-        state["params"] = jax.device_put(params, shardings["params"])
-        tx = optim.make_optimizer(config, num_steps)
-        state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
-        if "ema" in state:
-            state["ema"] = _copy(state["params"], shardings["params"])
-        logging.info("initialised from pre-trained %s", pretrained)
-    if params_only:  # evaluating a fresh or pre-trained model: its average would be the params themselves
+        return _pretrained_state(config, mesh, num_steps, pretrained, params_only, require_head), None, {}
+    state = init_state(config, mesh, num_steps)
+    if params_only:  # evaluating a fresh model: its average would be the params themselves
         state.pop("ema", None)
     return state, None, {}
+
+
+def _pretrained_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int, path: str, params_only: bool,
+                      require_head: bool) -> State:
+    """The start state from pre-trained weights (`path` pinned): their params, a fresh optimizer state (None to
+    evaluate), a fresh run's step and rng, and the Polyak average started at the params when training keeps one.
+
+    The model's own initialisation never runs: only its shapes are needed, so a fine-tune does not build (and throw
+    away) a random model, its optimizer state and its average beside the weights it loads.
+    """
+    abstract = abstract_state(config, mesh, num_steps)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    param_shardings = shardings["params"]
+    reset_head = not params_only and config.pretrained_head == "reset"
+    params = jax.device_put(load_pretrained_params(config, path, abstract["params"], reset_head, require_head),
+                            param_shardings)
+    replicated = sharding.replicated(mesh)
+    train_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as init_state's
+    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": None,
+             "rng": jax.device_put(train_rng, replicated)}
+    if not params_only:
+        tx = optim.make_optimizer(config, num_steps)
+        state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+        if optim.uses_ema(config):
+            state["ema"] = _copy(params, param_shardings)
+    logging.info("initialised from pre-trained %s", path)
+    return state
 
 
 def _copy(tree: Any, shardings: Any) -> Any:
