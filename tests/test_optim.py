@@ -177,6 +177,16 @@ def _random_like(tree, seed: int):
     return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), tree)
 
 
+def test_param_path_names_params_and_optimizer_state_leaves_as_checkpoints_store_them():
+    params = {"Transformer": {"encoder_norm": {"scale": jnp.ones(2)}}, "head": {"kernel": jnp.zeros((2, 3))}}
+    assert [optim.param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)] == [
+        "Transformer/encoder_norm/scale", "head/kernel"]
+    state = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)).init(params)  # tuple > namedtuple > dict
+    assert [optim.param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(state)] == [
+        "1/0/count", "1/0/mu/Transformer/encoder_norm/scale", "1/0/mu/head/kernel",
+        "1/0/nu/Transformer/encoder_norm/scale", "1/0/nu/head/kernel"]
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_layer_decay_scales_each_layers_adam_update_by_decay_to_its_depth(scan):
     """Two blocks, decay 0.5: embeddings (patch, class token, position) 0.125, block 0 0.25, block 1 0.5, final norm

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from vit_jax.errors import UserError
 from vit_jax.interop.common import architecture_difference, key_differences
 from vit_jax.interop.orbax_io import describe_error, item_tree_metadata
+from vit_jax.optim import param_path
 
 ITEMS = ("params", "opt_state", "ema", "meta", "data")
 
@@ -45,16 +46,9 @@ class CheckpointReadError(UserError):
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """'mu/Transformer/encoder_norm/bias' -> shape, for an abstract state and for orbax's stored metadata alike
-    (optax's named tuples are saved as dicts, so attribute, key and index steps all become plain names)."""
-    def name(key: Any) -> str:
-        for attribute in ("name", "key", "idx"):
-            if hasattr(key, attribute):
-                return str(getattr(key, attribute))
-        return str(key)
-
+    """'mu/Transformer/encoder_norm/bias' -> shape, for an abstract state and for orbax's stored metadata alike."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+    return {param_path(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def layout_difference(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int | None = None) -> str:

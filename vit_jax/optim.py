@@ -82,8 +82,18 @@ EMBEDDING_PARAMS = ("embedding", "cls", "mask_embedding", "conv_root", "gn_root"
 
 
 def param_path(path: tuple) -> str:
-    """A parameter's path as "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" (big_vision's names)."""
-    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+    """A parameter's path as "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" (big_vision's names).
+
+    Dict keys, attribute names and sequence indices all become plain names, so an optimizer state's leaf reads as
+    it is stored in a checkpoint (optax's named tuples are saved as dicts): "0/mu/head/kernel".
+    """
+    def name(key: Any) -> str:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    return "/".join(name(key) for key in path)
 
 
 def frozen(config: ml_collections.ConfigDict, params: Any) -> Any:
