@@ -1,5 +1,7 @@
-"""launch/: the TPU VM script's dry run prints the whole job as gcloud commands; the Slurm script runs main on srun."""
+"""launch/: the TPU VM script's dry run prints the whole job as gcloud commands; the Slurm script runs main on srun,
+and under an srun stand-in of two tasks their processes join one run from Slurm's variables alone."""
 
+import json
 import os
 import pathlib
 import shlex
@@ -134,6 +136,72 @@ def test_slurm_script_runs_main_on_every_task_with_the_given_args(tmp_path):
                           text=True, timeout=60)
     assert typo.returncode == 2 and "error: CONFIG=configs/vit_l61.py is not a file" in typo.stderr, typo.stderr
     assert len(calls.read_text().splitlines()) == 1  # neither reached srun
+
+
+# A stand-in for srun on one host: SRUN_TASKS copies of the command, each with the variables Slurm gives a task
+# (jax.distributed reads them), each task's output in $SRUN_LOGS/task<i>.{out,err}; srun's own flags dropped.
+FAKE_SRUN = """#!/usr/bin/env bash
+command=()
+for arg in "$@"; do
+  if [[ ${#command[@]} -gt 0 || $arg != --* ]]; then command+=("$arg"); fi
+done
+pids=()
+for ((i = 0; i < SRUN_TASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$SRUN_TASKS SLURM_STEP_NODELIST=localhost \\
+    "${command[@]}" > "$SRUN_LOGS/task$i.out" 2> "$SRUN_LOGS/task$i.err" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def _slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX: 61440 + id % 4096) is free on this host."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randrange(61440, 65536)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return 4096 * 1000 + port - 61440
+    raise RuntimeError("no free port in 61440-65535")
+
+
+def test_slurm_script_trains_one_run_across_two_tasks_that_find_each_other_from_slurms_variables(tmp_path):
+    """The sbatch script as written, under an srun that starts two tasks on this host: vit_jax.main joins them with
+    jax.distributed from SLURM_* alone (no --coordinator_address) and trains one run over both processes."""
+    from vit_jax import data
+
+    tfds_dir = tmp_path / "tfds"
+    data.prepare("digits", str(tfds_dir))
+    bin_dir, logs, workdir = tmp_path / "bin", tmp_path / "logs", tmp_path / "run"
+    bin_dir.mkdir()
+    logs.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN)
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CONFIG": "configs/demo.py",
+           "WORKDIR": str(workdir), "VENV": str(pathlib.Path(sys.executable).parents[1]),  # this environment
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": str(_slurm_job_id()), "SRUN_TASKS": "2",
+           "SRUN_LOGS": str(logs), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)  # one CPU device per task: the mesh spans both
+    tiny = ["--config.model.hidden_size=32", "--config.model.num_layers=1", "--config.model.num_heads=2",
+            "--config.model.mlp_dim=64", "--config.batch_size=16", "--config.eval_batch_size=16",
+            "--config.total_steps=4", "--config.log_every=2", "--config.optimizer.warmup_steps=1",
+            f"--config.tfds_data_dir={tfds_dir}"]
+    result = subprocess.run(["bash", str(SLURM), *tiny], env=env, capture_output=True, text=True, timeout=300)
+    errors = [(logs / f"task{i}.err").read_text()[-3000:] for i in range(2) if (logs / f"task{i}.err").exists()]
+    assert result.returncode == 0, (result.stderr, errors)
+    for i in range(2):
+        assert f"process {i}/2, 2 devices" in (logs / f"task{i}.err").read_text(), errors[i]
+    assert json.loads((workdir / "final_metrics.json").read_text())["step"] == 4
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
 
 
 def _shellcheck() -> str | None:
