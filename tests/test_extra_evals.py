@@ -9,10 +9,11 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from tests.train_helpers import real_like_folder, tiny_config
 from vit_jax import config_check, data, extra_evals, train
-from vit_jax.data.builders.digits import NUM_TRAIN, load_digits_uint8
+from vit_jax.data.builders.digits import NUM_TRAIN, _png_bytes, load_digits_uint8, split_indices
 
 
 @pytest.mark.parametrize("entries, message", [
@@ -20,6 +21,7 @@ from vit_jax.data.builders.digits import NUM_TRAIN, load_digits_uint8
     (("digits", "test"), r"config.extra_evals=\('digits', 'test'\) is invalid: it reads as two datasets; one "
                          r"\(dataset, split\) entry is written \(\('digits', 'test'\),\)"),
     (("digits,test", ("digits", "train")), r"each dataset may appear once"),
+    (("cifar10_corrupted/fog_1,test", "cifar10_corrupted/fog_1:1.0.0,test"), r"each dataset may appear once"),
 ])
 def test_bad_entries_are_config_errors(entries, message):
     config = tiny_config(extra_evals=entries)
@@ -28,9 +30,11 @@ def test_bad_entries_are_config_errors(entries, message):
 
 
 def test_entries_parse_from_strings_and_tuples():
-    parsed = extra_evals.parse(("imagenet2012_real, validation", ("imagenet_v2:3.0.0", "test")))
+    parsed = extra_evals.parse(("imagenet2012_real, validation", ("imagenet_v2:3.0.0", "test"),
+                                "imagenet2012_corrupted/fog_5:3.1.0,validation"))
     assert [(e.name, e.dataset, e.split) for e in parsed] == [
-        ("imagenet2012_real", "imagenet2012_real", "validation"), ("imagenet_v2", "imagenet_v2:3.0.0", "test")]
+        ("imagenet2012_real", "imagenet2012_real", "validation"), ("imagenet_v2", "imagenet_v2:3.0.0", "test"),
+        ("imagenet2012_corrupted/fog_5", "imagenet2012_corrupted/fog_5:3.1.0", "validation")]
 
 
 def test_masked_patch_prediction_has_no_classes_to_score():
@@ -110,3 +114,40 @@ def test_an_extra_test_set_of_other_classes_stops_the_run_before_it_writes(tmp_p
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
     np.testing.assert_equal(len(os.listdir(folder)), 6 + 2)  # the folder is left as it was
+
+
+class DigitsShifted(tfds.core.GeneratorBasedBuilder):
+    """Digits' test split in one TFDS config per shift, rolled that many pixels to the right: a dataset of
+    corrupted copies like cifar10_corrupted or imagenet2012_corrupted, built offline."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="roll_0"), tfds.core.BuilderConfig(name="roll_2")]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=10)}), supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+        images, labels = load_digits_uint8()
+        shift = int(self.builder_config.name.split("_")[1])
+        for i in split_indices(labels)["test"]:
+            yield int(i), {"image": _png_bytes(np.roll(images[i], shift, axis=1)), "label": int(labels[i])}
+
+
+def test_each_config_of_one_dataset_is_a_test_set_of_its_own(tmp_path):
+    """cifar10_corrupted-style: two configs of one TFDS dataset scored side by side, named with their config; the
+    unshifted one is the run's own eval split again (the same numbers), the shifted one scores otherwise."""
+    for name in ("roll_0", "roll_2"):
+        tfds.builder(f"digits_shifted/{name}", data_dir=str(tmp_path / "tfds"),
+                     file_format="array_record").download_and_prepare()
+    config = _config(tmp_path, ("digits_shifted/roll_0,test", "digits_shifted/roll_2:1.0.0,test"))
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    extra = result["extra_evals"]
+    assert set(extra) == {"digits_shifted/roll_0", "digits_shifted/roll_2"}
+    assert extra["digits_shifted/roll_0"]["top1"] == pytest.approx(result["test_accuracy"], abs=1e-9)
+    assert extra["digits_shifted/roll_0"]["loss"] == pytest.approx(result["test_loss"], rel=1e-6)
+    assert extra["digits_shifted/roll_2"]["loss"] != pytest.approx(result["test_loss"], rel=1e-5)  # other images

@@ -38,14 +38,15 @@ def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
 
 
 def dataset_name(dataset: str) -> str:
-    """What metrics of a dataset are named after: its TFDS name without config or version (`cars196:2.1.0`)."""
-    return re.split(r"[:/]", dataset)[0]
+    """What metrics of a dataset are named after: its TFDS name and config without the version
+    (`cifar10_corrupted/fog_5:1.0.0` -> `cifar10_corrupted/fog_5`), so the configs of one dataset are told apart."""
+    return dataset.split(":")[0]
 
 
 def dataset_entries(value, field: str, parts: tuple[str, ...], example: str) -> list[tuple[str, ...]]:
     """Entries of a dataset-list field (`extra_evals`, `fewshot.datasets`): each a tuple of `parts` strings or
-    one comma-separated string (what `--config.<field>=a,b` gives); a dataset (its name before any TFDS config
-    or version) at most once, as metrics are named after it."""
+    one comma-separated string (what `--config.<field>=a,b` gives); a dataset (its name and config, whatever the
+    version) at most once, as metrics are named after it."""
     entries = (value,) if isinstance(value, str) else tuple(value)
     if len(entries) == len(parts) and all(isinstance(e, str) and "," not in e for e in entries):
         count = {2: "two", 3: "three"}.get(len(parts), str(len(parts)))
