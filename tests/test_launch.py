@@ -139,7 +139,9 @@ def test_slurm_script_runs_main_on_every_task_with_the_given_args(tmp_path):
 
 
 # A stand-in for srun on one host: SRUN_TASKS copies of the command, each with the variables Slurm gives a task
-# (jax.distributed reads them), each task's output in $SRUN_LOGS/task<i>.{out,err}; srun's own flags dropped.
+# (jax.distributed reads them) in a process group of its own, killed after SRUN_TIMEOUT seconds, each task's output in
+# $SRUN_LOGS/task<i>.{out,err}; srun's own flags dropped. As --kill-on-bad-exit, the first task to fail stops the
+# others (which would otherwise wait for it in jax.distributed.initialize).
 FAKE_SRUN = """#!/usr/bin/env bash
 command=()
 for arg in "$@"; do
@@ -148,11 +150,20 @@ done
 pids=()
 for ((i = 0; i < SRUN_TASKS; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$SRUN_TASKS SLURM_STEP_NODELIST=localhost \\
-    "${command[@]}" > "$SRUN_LOGS/task$i.out" 2> "$SRUN_LOGS/task$i.err" &
+    setsid timeout -s KILL "$SRUN_TIMEOUT" "${command[@]}" > "$SRUN_LOGS/task$i.out" 2> "$SRUN_LOGS/task$i.err" &
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for ((n = 0; n < SRUN_TASKS; n++)); do
+  wait -n
+  code=$?
+  if [[ $code -ne 0 ]]; then
+    status=$code
+    for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2> /dev/null; done  # each task's process group
+    wait
+    break
+  fi
+done
 exit $status
 """
 
@@ -178,6 +189,10 @@ def test_slurm_script_trains_one_run_across_two_tasks_that_find_each_other_from_
     jax.distributed from SLURM_* alone (no --coordinator_address) and trains one run over both processes."""
     from vit_jax import data
 
+    venv = pathlib.Path(sys.prefix)  # the script runs $VENV/bin/python: this interpreter with its packages
+    python = venv / "bin" / "python"
+    if not python.exists() or python.resolve() != pathlib.Path(sys.executable).resolve():
+        pytest.skip(f"this interpreter ({sys.executable}) is not {python}")
     tfds_dir = tmp_path / "tfds"
     data.prepare("digits", str(tfds_dir))
     bin_dir, logs, workdir = tmp_path / "bin", tmp_path / "logs", tmp_path / "run"
@@ -187,16 +202,17 @@ def test_slurm_script_trains_one_run_across_two_tasks_that_find_each_other_from_
     srun.write_text(FAKE_SRUN)
     srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CONFIG": "configs/demo.py",
-           "WORKDIR": str(workdir), "VENV": str(pathlib.Path(sys.executable).parents[1]),  # this environment
+           "WORKDIR": str(workdir), "VENV": str(venv),
            "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": str(_slurm_job_id()), "SRUN_TASKS": "2",
-           "SRUN_LOGS": str(logs), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+           "SRUN_TIMEOUT": "240", "SRUN_LOGS": str(logs), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)  # one CPU device per task: the mesh spans both
     tiny = ["--config.model.hidden_size=32", "--config.model.num_layers=1", "--config.model.num_heads=2",
             "--config.model.mlp_dim=64", "--config.batch_size=16", "--config.eval_batch_size=16",
             "--config.total_steps=4", "--config.log_every=2", "--config.optimizer.warmup_steps=1",
             f"--config.tfds_data_dir={tfds_dir}"]
     result = subprocess.run(["bash", str(SLURM), *tiny], env=env, capture_output=True, text=True, timeout=300)
-    errors = [(logs / f"task{i}.err").read_text()[-3000:] for i in range(2) if (logs / f"task{i}.err").exists()]
+    errors = {i: (logs / f"task{i}.err").read_text()[-3000:] if (logs / f"task{i}.err").exists() else "(none)"
+              for i in range(2)}
     assert result.returncode == 0, (result.stderr, errors)
     for i in range(2):
         assert f"process {i}/2, 2 devices" in (logs / f"task{i}.err").read_text(), errors[i]

@@ -1,5 +1,7 @@
 """The training step: identical on 1 and 8 devices, gradient accumulation = one big batch, eval counts, NaN stop."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,6 +299,12 @@ def test_pin_pretrained_gathers_before_raising_so_no_process_waits_for_one_that_
     with pytest.raises(CheckpointError, match="holds no finished checkpoint yet"):  # its own error, after the gather
         train.pin_pretrained(str(unfinished), lambda x: sent.append(int(x)) or np.array([x, 5]))
     assert len(sent) == 1
+    from vit_jax.interop import remote
+
+    denied = PermissionError(13, "Permission denied")  # not a CheckpointError: raised after the gather all the same
+    with pytest.raises(PermissionError), mock.patch.object(remote, "pinned_step", side_effect=denied):
+        train.pin_pretrained(str(unfinished), lambda x: sent.append(int(x)) or np.array([x, 5]))
+    assert sent == [-2, -2]
     # A process that could read it (step 5) stops too, naming the process that could not.
     (unfinished / "checkpoints" / "5" / "params").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"pretrain is step 5 for process 0, unreadable \(see that process's "

@@ -290,7 +290,7 @@ def pin_pretrained(path: str, gather: Callable[[Any], Any] | None = None) -> str
     gather = gather or multihost_utils.process_allgather
     try:  # a process that cannot read `path` still takes part in the gather: the others would wait for it forever
         pinned, failure = interop.remote.pinned_step(path), None
-    except interop.CheckpointError as error:
+    except Exception as error:  # noqa: BLE001 (a permission error, a missing gs:// client...): raised after the gather
         pinned, failure = path, error
     name = pinned.rstrip("/").rsplit("/", 1)[-1]
     mine = _UNREADABLE if failure else int(name) if pinned != path and name.isdigit() else _NOT_A_WORKDIR
