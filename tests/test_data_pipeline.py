@@ -321,6 +321,25 @@ def test_an_unknown_dataset_name_suggests_the_close_ones(tmp_path):
         data.dataset_info(config)
 
 
+@pytest.mark.parametrize("dataset, message", [
+    ("cifar10/fog_5", r"config.dataset='cifar10/fog_5': TFDS dataset 'cifar10' has no config 'fog_5' \(it has "
+                      r"none: write 'cifar10'\)"),
+    ("cifar10_corrupted/fog_9", r"has no config 'fog_9' \(its configs: \[.*'fog_5'.*\], written "
+                                r"'cifar10_corrupted/<config>'\)"),
+    ("cifar10:9.9.9", r"config.dataset='cifar10:9.9.9': TFDS dataset 'cifar10' has no version '9.9.9' \(its "
+                      r"versions: \['3.0.2'\]; or leave the version out for the latest\)"),
+])
+def test_an_unknown_tfds_config_or_version_lists_the_valid_ones(tmp_path, dataset, message):
+    config = demo.get_config()
+    config.dataset = dataset
+    config.tfds_data_dir = str(tmp_path)
+    with pytest.raises(data.DatasetError, match=message):
+        data.dataset_info(config)
+    with pytest.raises(data.DatasetError, match=message):  # and before any download
+        data.prepare(dataset, str(tmp_path))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written
+
+
 def test_our_manual_datasets_missing_name_their_prepare_command(tmp_path):
     config = demo.get_config()
     config.dataset = "imagenet21k"

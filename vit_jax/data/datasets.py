@@ -96,12 +96,35 @@ def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.D
         hint = f"; did you mean {close}?" if close else ""
         raise DatasetError(f"config.dataset={name!r} is neither a TFDS dataset nor one of ours "
                            f"{sorted(OWN_BUILDERS)}{hint}") from None
-    except ValueError as e:
-        file_format = _other_format(e)
+    except (ValueError, AssertionError) as e:  # TFDS asserts a version it does not know
+        file_format = _other_format(e) if isinstance(e, ValueError) else None
         if file_format is None:
-            raise
+            unknown = _unknown_config_or_version(name)
+            if unknown is None:
+                raise
+            raise unknown from None
         where = tfds.builder(name, data_dir=data_dir, file_format=file_format).data_dir
         raise _prepared_as(name, str(where), file_format, data_dir, manual_dir) from None
+
+
+def _unknown_config_or_version(name: str) -> DatasetError | None:
+    """The error for `name/config:version` naming a config or version its TFDS dataset does not have, listing
+    the ones it has; None when both are fine (the error is another)."""
+    base, _, version = name.partition(":")
+    base, _, config = base.partition("/")
+    try:
+        cls = tfds.builder_cls(base)
+    except Exception:  # noqa: BLE001 (the caller's error says more)
+        return None
+    configs = [c.name for c in cls.BUILDER_CONFIGS]
+    if config and config not in configs:
+        valid = f"its configs: {configs}, written '{base}/<config>'" if configs else f"it has none: write {base!r}"
+        return DatasetError(f"config.dataset={name!r}: TFDS dataset {base!r} has no config {config!r} ({valid})")
+    known = [str(v) for v in (cls.VERSION, *cls.SUPPORTED_VERSIONS) if v]
+    if version and not any(tfds.core.Version(v).match(version) for v in known):
+        return DatasetError(f"config.dataset={name!r}: TFDS dataset {base!r} has no version {version!r} (its "
+                            f"versions: {known}; or leave the version out for the latest)")
+    return None
 
 
 def _exists(path: str) -> bool:
