@@ -288,3 +288,7 @@ def test_the_average_counts_with_the_optimizer_state_and_frozen_parameters_have_
     probe = memory(**{"optimizer.freeze": "(?!head/).*"})
     head_bytes = (32 + 1) * 10 * 4  # kernel and bias of the 10-class head on hidden 32, float32, replicated
     assert probe.opt_state < 2 * head_bytes + 64  # Adam's two moments of the head (and its counts) only
+    # A probe's average is its head's: the frozen parameters are their own average, of which it keeps no copy.
+    averaged_probe = memory(**{"optimizer.freeze": "(?!head/).*", "optimizer.ema_decay": 0.9999})
+    head_per_chip = 32 * 10 * 4 // 8 + 10 * 4  # the kernel split over fsdp 8, the bias replicated
+    assert averaged_probe.opt_state == probe.opt_state + head_per_chip

@@ -115,6 +115,37 @@ def test_a_run_saves_evaluates_and_resumes_its_average(tmp_path, data_dir, capsy
     assert rerun["ema"]["test_loss"] == pytest.approx(result["ema"]["test_loss"], rel=1e-6)
 
 
+def test_with_frozen_parameters_the_average_holds_the_trained_ones_and_saves_whole(tmp_path, data_dir):
+    """A frozen parameter is its own average: the state keeps no copy of it (None), the saved "ema" item is
+    whole (the frozen ones exactly the params), and a resumed run trims it again and steps on."""
+    frozen = "embedding/.*|Transformer/encoderblock_0/.*"
+    config = _digits_config(data_dir, **{"optimizer.freeze": frozen, "total_steps": 2})
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    saved, params = _canonical_ema(workdir, 2), flatten(load_pretrained(
+        os.path.join(workdir, "checkpoints", "2"), tiny_config().model, num_classes=10, image_size=16))
+    assert set(saved) == set(params)
+    for key, value in saved.items():
+        if key.startswith(("embedding/", "Transformer/encoderblock_0/")):
+            np.testing.assert_array_equal(value, params[key], err_msg=key)
+    assert np.abs(saved["head/kernel"] - params["head/kernel"]).max() > 1e-6  # averaged, not the params
+
+    later = _digits_config(data_dir, **{"optimizer.freeze": frozen, "total_steps": 3})
+    mesh = sharding.make_mesh(later)
+    ckpt = checkpoints.Checkpoints(workdir, keep=3)
+    try:
+        state, _, _ = train.restore_or_init(later, mesh, 3, ckpt)
+    finally:
+        ckpt.close()
+    ema = jax.device_get(state["ema"])
+    assert ema["embedding"] == {"kernel": None, "bias": None}  # no copy of a frozen parameter
+    assert jax.tree.leaves(ema["Transformer"]["encoderblock_0"]) == [] and jax.tree.leaves(ema["head"])
+    np.testing.assert_array_equal(ema["head"]["kernel"], saved["head/kernel"])
+    step = train.make_train_step(later, mesh, 3)
+    state, _ = step(state, to_device(synthetic_batch(later, 0), sharding.batch_sharding(mesh)))
+    assert int(state["step"]) == 3 and jax.device_get(state["ema"])["embedding"] == {"kernel": None, "bias": None}
+
+
 def test_resuming_without_a_saved_average_starts_it_at_the_params(tmp_path, data_dir, caplog):
     config = _digits_config(data_dir, **{"optimizer.ema_decay": 0.0, "total_steps": 2})
     workdir = str(tmp_path / "run")

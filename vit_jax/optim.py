@@ -10,7 +10,8 @@ weight decay, no optimizer state, and their gradients are never computed: a line
 `optimizer.layer_decay` < 1 scales the learning rate of block i of L (encoderblock_{i-1}) by
 layer_decay^(L + 1 - i) (embeddings layer_decay^(L + 1), the final norm and the head 1), as BEiT / timm's
 layer-wise decay.
-Polyak averaging (`optimizer.ema_decay` > 0) keeps an exponential moving average of the parameters beside them.
+Polyak averaging (`optimizer.ema_decay` > 0) keeps an exponential moving average of the trained parameters beside
+them (a frozen parameter is its own average).
 """
 
 from __future__ import annotations
@@ -222,6 +223,27 @@ def ema_weight(decay: float, step: jax.Array) -> jax.Array:
 
 
 def update_ema(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
-    """The Polyak average after `step` updates, `params` being the parameters that step produced."""
+    """The Polyak average after `step` updates, `params` being the parameters that step produced (None where
+    the average holds none: a frozen parameter, see `trained_only`)."""
     weight = ema_weight(decay, step)  # as (1 - w) a + w p: exactly the params at step 1, whatever a was
-    return jax.tree.map(lambda a, p: (1.0 - weight).astype(a.dtype) * a + weight.astype(a.dtype) * p, ema, params)
+
+    def update(p: jax.Array, a: jax.Array | None) -> jax.Array | None:
+        return None if a is None else (1.0 - weight).astype(a.dtype) * a + weight.astype(a.dtype) * p
+
+    return jax.tree.map(update, params, ema)
+
+
+def trained_only(config: ml_collections.ConfigDict, tree: Any) -> Any:
+    """A params-shaped `tree` (values, shapes, shardings) with None for the parameters `optimizer.freeze` matches.
+
+    What the Polyak average holds: a frozen parameter's average is the parameter itself, so the average keeps no
+    copy of it (a linear probe's average is its head alone). `whole_average` puts the parameters back.
+    """
+    if not config.optimizer.freeze:
+        return tree
+    return jax.tree.map(lambda x, f: None if f else x, tree, frozen(config, tree))
+
+
+def whole_average(ema: Any, params: Any) -> Any:
+    """The Polyak average as a whole params tree: its own leaves, and `params`' where it holds None (frozen)."""
+    return jax.tree.map(lambda p, a: p if a is None else a, params, ema)

@@ -75,7 +75,7 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     opt_state = sharding.like_params(jax.eval_shape(tx.init, abstract_params), abstract_params, params, mesh)
     replicated = sharding.replicated(mesh)
     shardings = {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
-    return {**shardings, "ema": params} if optim.uses_ema(config) else shardings
+    return {**shardings, "ema": optim.trained_only(config, params)} if optim.uses_ema(config) else shardings
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None = None) -> State:
@@ -108,10 +108,11 @@ def init_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int) ->
 
 
 def _with_ema(config: ml_collections.ConfigDict, state: State) -> State:
-    """`state` with its Polyak average started at its params, when the run keeps one (traced: a separate copy)."""
+    """`state` with its Polyak average started at its params, when the run keeps one (traced: a separate copy of
+    the trained ones)."""
     if not optim.uses_ema(config):
         return state
-    return {**state, "ema": jax.tree.map(jnp.copy, state["params"])}
+    return {**state, "ema": jax.tree.map(jnp.copy, optim.trained_only(config, state["params"]))}
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -373,10 +374,11 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],
                  "rng": jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated)}
-        if restored["ema"] is not None:
-            state["ema"] = restored["ema"]
+        if restored["ema"] is not None:  # saved whole; training on, it holds the trained parameters only
+            state["ema"] = restored["ema"] if params_only else optim.trained_only(config, restored["ema"])
         elif optim.uses_ema(config) and trains_on:
-            state["ema"] = _copy(state["params"], jax.tree.map(lambda x: x.sharding, abstract["params"]))
+            state["ema"] = _copy(optim.trained_only(config, state["params"]),
+                                 jax.tree.map(lambda x: x.sharding, abstract["ema"]))
             logging.warning("the checkpoint of step %d holds no Polyak average (no 'ema' item): the average starts "
                             "from its params", meta["step"])
         if trains_on and not optim.uses_ema(config) and ckpt.has_ema(latest):
@@ -407,10 +409,9 @@ def _pretrained_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: 
     """
     abstract = abstract_state(config, mesh, num_steps)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    param_shardings = shardings["params"]
     reset_head = not params_only and config.pretrained_head == "reset"
     params = jax.device_put(load_pretrained_params(config, path, abstract["params"], reset_head, require_head),
-                            param_shardings)
+                            shardings["params"])
     replicated = sharding.replicated(mesh)
     train_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as init_state's
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": None,
@@ -419,7 +420,7 @@ def _pretrained_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: 
         tx = optim.make_optimizer(config, num_steps)
         state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
         if optim.uses_ema(config):
-            state["ema"] = _copy(params, param_shardings)
+            state["ema"] = _copy(optim.trained_only(config, params), shardings["ema"])
     logging.info("initialised from pre-trained %s", path)
     return state
 
@@ -572,7 +573,8 @@ def _summary_line(result: dict) -> str:
 
 def _weight_sets(state: State) -> dict[str, Any]:
     """The parameters an evaluation scores: the params, and their Polyak average where the state keeps one."""
-    return {"params": state["params"], **({"ema": state["ema"]} if "ema" in state else {})}
+    return {"params": state["params"],
+            **({"ema": optim.whole_average(state["ema"], state["params"])} if "ema" in state else {})}
 
 
 def _evaluate_weights(config: ml_collections.ConfigDict, eval_step: Callable, extra_steps: ExtraSteps,
@@ -774,7 +776,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 ckpt.save(step, state["params"], state["opt_state"],
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
                            "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort()},
-                          train_iter.get_state(), ema=state.get("ema"))
+                          train_iter.get_state(),
+                          ema=optim.whole_average(state["ema"], state["params"]) if "ema" in state else None)
             # After the save (a failure loses no step) and never on the way out of a preemption (a long pass).
             if (represent is not None and not preempted
                     and (step == num_steps or (fewshot_every and step % fewshot_every == 0))):
