@@ -328,6 +328,9 @@ def test_an_unknown_dataset_name_suggests_the_close_ones(tmp_path):
                                 r"'cifar10_corrupted/<config>'\)"),
     ("cifar10:9.9.9", r"config.dataset='cifar10:9.9.9': TFDS dataset 'cifar10' has no version '9.9.9' \(its "
                       r"versions: \['3.0.2'\]; or leave the version out for the latest\)"),
+    ("cifar10:1.0", r"config.dataset='cifar10:1.0': '1.0' is not a version: write x.y.z, each a number or \* "
+                    r"\('cifar10' has \['3.0.2'\]\)"),
+    ("eurosat/rgb:9.9.9", r"'eurosat' has no version '9.9.9' \(its versions: \['2.0.0'\]"),  # the config's own
 ])
 def test_an_unknown_tfds_config_or_version_lists_the_valid_ones(tmp_path, dataset, message):
     config = demo.get_config()

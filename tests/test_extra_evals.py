@@ -31,10 +31,11 @@ def test_bad_entries_are_config_errors(entries, message):
 
 def test_entries_parse_from_strings_and_tuples():
     parsed = extra_evals.parse(("imagenet2012_real, validation", ("imagenet_v2:3.0.0", "test"),
-                                "imagenet2012_corrupted/fog_5:3.1.0,validation"))
+                                "imagenet2012_corrupted/fog_5:3.1.0,validation", "huggingface:beans,test"))
     assert [(e.name, e.dataset, e.split) for e in parsed] == [
         ("imagenet2012_real", "imagenet2012_real", "validation"), ("imagenet_v2", "imagenet_v2:3.0.0", "test"),
-        ("imagenet2012_corrupted/fog_5", "imagenet2012_corrupted/fog_5:3.1.0", "validation")]
+        ("imagenet2012_corrupted/fog_5", "imagenet2012_corrupted/fog_5:3.1.0", "validation"),
+        ("huggingface:beans", "huggingface:beans", "test")]
 
 
 def test_masked_patch_prediction_has_no_classes_to_score():

@@ -39,8 +39,9 @@ def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
 
 def dataset_name(dataset: str) -> str:
     """What metrics of a dataset are named after: its TFDS name and config without the version
-    (`cifar10_corrupted/fog_5:1.0.0` -> `cifar10_corrupted/fog_5`), so the configs of one dataset are told apart."""
-    return dataset.split(":")[0]
+    (`cifar10_corrupted/fog_5:1.0.0` -> `cifar10_corrupted/fog_5`), so the configs of one dataset are told apart;
+    a namespace stays (`huggingface:beans`)."""
+    return re.sub(r":[\d*]+(\.[\d*]+)*$", "", dataset)
 
 
 def dataset_entries(value, field: str, parts: tuple[str, ...], example: str) -> list[tuple[str, ...]]:

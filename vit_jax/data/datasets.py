@@ -17,6 +17,7 @@ import shlex
 
 import ml_collections
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_builder
 
 from vit_jax.data.builders.digits import Digits
 from vit_jax.data.builders.image_folder import ImageFolder
@@ -109,22 +110,43 @@ def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.D
 
 def _unknown_config_or_version(name: str) -> DatasetError | None:
     """The error for `name/config:version` naming a config or version its TFDS dataset does not have, listing
-    the ones it has; None when both are fine (the error is another)."""
+    the ones it has; None when both are fine or cannot be checked (the caller's error is another)."""
+    if "=" in name:  # builder keyword arguments (`name/config:1.0.0/k=v`): TFDS's own error says more
+        return None
     base, _, version = name.partition(":")
     base, _, config = base.partition("/")
     try:
         cls = tfds.builder_cls(base)
-    except Exception:  # noqa: BLE001 (the caller's error says more)
+    except Exception:  # noqa: BLE001 (a namespaced or community dataset: the caller's error says more)
         return None
-    configs = [c.name for c in cls.BUILDER_CONFIGS]
-    if config and config not in configs:
-        valid = f"its configs: {configs}, written '{base}/<config>'" if configs else f"it has none: write {base!r}"
+    names = list(dict.fromkeys(c.name for c in cls.BUILDER_CONFIGS))
+    if config and config not in names:
+        valid = f"its configs: {names}, written '{base}/<config>'" if names else f"it has none: write {base!r}"
         return DatasetError(f"config.dataset={name!r}: TFDS dataset {base!r} has no config {config!r} ({valid})")
-    known = [str(v) for v in (cls.VERSION, *cls.SUPPORTED_VERSIONS) if v]
-    if version and not any(tfds.core.Version(v).match(version) for v in known):
-        return DatasetError(f"config.dataset={name!r}: TFDS dataset {base!r} has no version {version!r} (its "
-                            f"versions: {known}; or leave the version out for the latest)")
-    return None
+    if not version:
+        return None
+    # A version can live on the config (eurosat's, coco's) or on the class.
+    chosen = [c for c in cls.BUILDER_CONFIGS if c.name == config] if config else [cls.default_builder_config]
+    known: list[str] = []
+    for builder_config in chosen or [None]:
+        supported = (builder_config.supported_versions if builder_config and builder_config.supported_versions
+                     else cls.SUPPORTED_VERSIONS) or []
+        try:
+            canonical = [dataset_builder.canonical_version_for_config(cls, builder_config)]
+        except ValueError:
+            canonical = []
+        known += [str(v) for v in (*canonical, *supported) if v and str(v) not in known]
+    if not known:
+        return None
+    try:
+        matched = any(tfds.core.Version(v).match(version) for v in known)
+    except ValueError:  # not x.y.z
+        return DatasetError(f"config.dataset={name!r}: {version!r} is not a version: write x.y.z, each a number or * "
+                            f"({base!r} has {known})")
+    if matched:
+        return None
+    return DatasetError(f"config.dataset={name!r}: TFDS dataset {base!r} has no version {version!r} (its "
+                        f"versions: {known}; or leave the version out for the latest)")
 
 
 def _exists(path: str) -> bool:
