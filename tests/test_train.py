@@ -291,7 +291,7 @@ def test_pin_pretrained_takes_process_0s_step_and_refuses_disagreement(tmp_path)
 
 
 def test_pin_pretrained_gathers_before_raising_so_no_process_waits_for_one_that_cannot_read_the_path(tmp_path):
-    from vit_jax.interop import CheckpointError
+    from vit_jax.interop import CheckpointError, remote
 
     unfinished = tmp_path / "pretrain"
     (unfinished / "checkpoints").mkdir(parents=True)  # e.g. the workdir on this host, not yet synced
@@ -299,8 +299,6 @@ def test_pin_pretrained_gathers_before_raising_so_no_process_waits_for_one_that_
     with pytest.raises(CheckpointError, match="holds no finished checkpoint yet"):  # its own error, after the gather
         train.pin_pretrained(str(unfinished), lambda x: sent.append(int(x)) or np.array([x, 5]))
     assert len(sent) == 1
-    from vit_jax.interop import remote
-
     denied = PermissionError(13, "Permission denied")  # not a CheckpointError: raised after the gather all the same
     with pytest.raises(PermissionError), mock.patch.object(remote, "pinned_step", side_effect=denied):
         train.pin_pretrained(str(unfinished), lambda x: sent.append(int(x)) or np.array([x, 5]))

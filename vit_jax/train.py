@@ -377,8 +377,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         if restored["ema"] is not None:  # saved whole; training on, it holds the trained parameters only
             state["ema"] = restored["ema"] if params_only else optim.trained_only(config, restored["ema"])
         elif optim.uses_ema(config) and trains_on:
-            state["ema"] = _copy(optim.trained_only(config, state["params"]),
-                                 jax.tree.map(lambda x: x.sharding, abstract["ema"]))
+            state["ema"] = _start_average(config, state["params"], jax.tree.map(lambda x: x.sharding, abstract["ema"]))
             logging.warning("the checkpoint of step %d holds no Polyak average (no 'ema' item): the average starts "
                             "from its params", meta["step"])
         if trains_on and not optim.uses_ema(config) and ckpt.has_ema(latest):
@@ -420,14 +419,15 @@ def _pretrained_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: 
         tx = optim.make_optimizer(config, num_steps)
         state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
         if optim.uses_ema(config):
-            state["ema"] = _copy(optim.trained_only(config, params), shardings["ema"])
+            state["ema"] = _start_average(config, params, shardings["ema"])
     logging.info("initialised from pre-trained %s", path)
     return state
 
 
-def _copy(tree: Any, shardings: Any) -> Any:
-    """A copy of `tree` in new buffers laid out by `shardings` (the Polyak average starts as the params)."""
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+def _start_average(config: ml_collections.ConfigDict, params: Any, shardings: Any) -> Any:
+    """The Polyak average started at `params`: a copy of the trained ones in new buffers laid out by `shardings`
+    (the average's), as `_with_ema` starts it inside a fresh state."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(optim.trained_only(config, params))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -777,7 +777,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
                            "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort()},
                           train_iter.get_state(),
-                          ema=optim.whole_average(state["ema"], state["params"]) if "ema" in state else None)
+                          ema=_weight_sets(state).get("ema"))
             # After the save (a failure loses no step) and never on the way out of a preemption (a long pass).
             if (represent is not None and not preempted
                     and (step == num_steps or (fewshot_every and step % fewshot_every == 0))):
