@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tensorflow_datasets.core.dataset_builders import huggingface_dataset_builder
 
 from configs import demo
 from vit_jax import data
@@ -340,6 +341,29 @@ def test_an_unknown_tfds_config_or_version_lists_the_valid_ones(tmp_path, datase
         data.dataset_info(config)
     with pytest.raises(data.DatasetError, match=message):  # and before any download
         data.prepare(dataset, str(tmp_path))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written
+
+
+def test_a_namespaced_dataset_whose_builder_fails_offline_is_a_dataset_error(tmp_path, monkeypatch):
+    # What TFDS's huggingface builder raises offline, after its retries; the stand-in spares the test the wait.
+    def offline(name, **kwargs):
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as e:
+            raise RuntimeError(f"Failed to load Huggingface dataset builder with hf_repo_id={name}") from e
+
+    monkeypatch.setattr(huggingface_dataset_builder, "builder", offline)
+    config = demo.get_config()
+    config.dataset = "huggingface:beans"
+    config.tfds_data_dir = str(tmp_path)
+    message = (r"config.dataset='huggingface:beans': TFDS could not make the builder of this namespaced dataset "
+               r"\('huggingface'\): RuntimeError: Failed to load Huggingface dataset builder with hf_repo_id=beans "
+               r"\(ConnectionError: \[Errno -2\] Name or service not known\)\. TFDS looks namespaced datasets up "
+               r"over the network.*pip install datasets")
+    with pytest.raises(data.DatasetError, match=message):
+        data.dataset_info(config)
+    with pytest.raises(data.DatasetError, match=message):
+        data.prepare("huggingface:beans", str(tmp_path))
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing written
 
 

@@ -17,7 +17,7 @@ import shlex
 
 import ml_collections
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import dataset_builder
+from tensorflow_datasets.core import dataset_builder, naming
 
 from vit_jax.data.builders.digits import Digits
 from vit_jax.data.builders.image_folder import ImageFolder
@@ -31,6 +31,8 @@ LABEL_KINDS = ("single", "multi")
 MANUAL_FILES = {"imagenet2012": (("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"), "image-net.org"),
                 "imagenet2012_real": (("ILSVRC2012_img_val.tar",), "image-net.org")}  # + ReaL labels, downloaded
 ARRAY_RECORD = "array_record"
+# What a namespace's builder needs besides the network.
+_NAMESPACE_NEEDS = {"huggingface": ", and `huggingface:` needs Hugging Face's `datasets` (pip install datasets)"}
 # TFDS's ValueError when a builder is asked for ArrayRecord where the dataset was prepared in another format.
 _OTHER_FORMAT = re.compile(r"File format is already set to FileFormat\.(\w+)")
 
@@ -88,7 +90,15 @@ def _other_format(error: ValueError) -> str | None:
     return found.group(1).lower() if found else None
 
 
+def _namespace(name: str) -> str | None:
+    try:
+        return naming.parse_builder_name_kwargs(name)[0].namespace
+    except ValueError:  # TFDS's own error for the name follows from tfds.builder
+        return None
+
+
 def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
+    namespace = _namespace(name)
     try:
         return tfds.builder(name, data_dir=data_dir, file_format=ARRAY_RECORD)
     except tfds.core.registered.DatasetNotFoundError:  # a ValueError too: caught first
@@ -106,6 +116,16 @@ def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.D
             raise unknown from None
         where = tfds.builder(name, data_dir=data_dir, file_format=file_format).data_dir
         raise _prepared_as(name, str(where), file_format, data_dir, manual_dir) from None
+    except Exception as e:  # noqa: BLE001 (a namespace's builder: network or package errors of any type)
+        if namespace is None:
+            raise
+        cause = f"{type(e).__name__}: {e}"
+        if e.__cause__ is not None and str(e.__cause__) != str(e):  # TFDS wraps the network's error
+            cause += f" ({type(e.__cause__).__name__}: {e.__cause__})"
+        raise DatasetError(f"config.dataset={name!r}: TFDS could not make the builder of this namespaced dataset "
+                           f"({namespace!r}): {cause}. TFDS looks namespaced datasets up over the network, to prepare "
+                           f"and to read them{_NAMESPACE_NEEDS.get(namespace, '')}. Offline, use a TFDS dataset "
+                           "(tfds.list_builders()) or your own images with config.dataset='image_folder'") from e
 
 
 def _unknown_config_or_version(name: str) -> DatasetError | None:
