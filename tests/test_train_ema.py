@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.train_helpers import synthetic_batch, tiny_config, to_device
-from vit_jax import checkpoints, config_check, sharding, train
+from vit_jax import checkpoints, config_check, optim, sharding, train
 from vit_jax.interop import CheckpointError, load_pretrained
 from vit_jax.interop.common import flatten, params_to_canonical
 
@@ -133,10 +133,16 @@ def test_with_frozen_parameters_the_average_holds_the_trained_ones_and_saves_who
     later = _digits_config(data_dir, **{"optimizer.freeze": frozen, "total_steps": 3})
     mesh = sharding.make_mesh(later)
     ckpt = checkpoints.Checkpoints(workdir, keep=3)
+    requests = []
+    read = ckpt.manager.restore
+    ckpt.manager.restore = lambda step, args: requests.append(args) or read(step, args=args)
     try:
         state, _, _ = train.restore_or_init(later, mesh, 3, ckpt)
     finally:
         ckpt.close()
+    # The frozen parameters' average is not even read (orbax reads only the leaves asked for).
+    asked = {optim.param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(requests[0]["ema"].item)[0]}
+    assert asked == {key for key in params if not key.startswith(("embedding/", "Transformer/encoderblock_0/"))}
     ema = jax.device_get(state["ema"])
     assert ema["embedding"] == {"kernel": None, "bias": None}  # no copy of a frozen parameter
     assert jax.tree.leaves(ema["Transformer"]["encoderblock_0"]) == [] and jax.tree.leaves(ema["head"])

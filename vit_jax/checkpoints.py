@@ -51,6 +51,27 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {param_path(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
+def _save_args(item: str, tree: Any) -> ocp.args.CheckpointArgs:
+    # An item keeps the handler it first had in a manager: "ema", read in part (PyTreeRestore), is saved by
+    # PyTreeSave. The files are those of StandardSave, so any reader reads it.
+    return ocp.args.PyTreeSave(tree) if item == "ema" else ocp.args.StandardSave(tree)
+
+
+def _without_none(tree: Any) -> Any:
+    """A nested dict without its None leaves, nor the dicts left empty (what orbax's partial restore reads)."""
+    if not isinstance(tree, dict):
+        return tree
+    kept = {key: _without_none(value) for key, value in tree.items() if value is not None}
+    return {key: value for key, value in kept.items() if not (isinstance(value, dict) and not value)}
+
+
+def _with_none(like: Any, tree: Any) -> Any:
+    """`tree` (read by `_without_none(like)`) with `like`'s None leaves back in place."""
+    if not isinstance(like, dict):
+        return tree
+    return {key: None if value is None else _with_none(value, tree.get(key, {})) for key, value in like.items()}
+
+
 def layout_difference(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int | None = None) -> str:
     """The keys missing, unexpected and of another shape in `stored` against `wanted`; '' when they agree."""
     missing, unexpected, wrong = key_differences(stored, wanted)
@@ -156,7 +177,7 @@ class Checkpoints:
         arrays = {"params": params, "opt_state": opt_state, **({} if ema is None else {"ema": ema})}
         with self._reporting_failures(step):
             self.manager.save(step, args=ocp.args.Composite(
-                **{item: ocp.args.StandardSave(tree) for item, tree in arrays.items()},
+                **{item: _save_args(item, tree) for item, tree in arrays.items()},
                 meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data)), force=True)
         self._pending_step = step
 
@@ -184,20 +205,23 @@ class Checkpoints:
         return (epath.Path(self.directory) / str(step) / "ema").is_dir()
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any | None,
-                read_ema: bool = False) -> dict[str, Any]:
+                abstract_ema: Any | None = None) -> dict[str, Any]:
         """Read `step` onto the shardings of the abstract trees (jax.ShapeDtypeStruct with `sharding`).
 
         Returns {"params", "opt_state", "ema", "meta", "data_state"}; data_state is this process's iterator state
         (None when the checkpoint was written by a different number of processes). With `abstract_opt_state`
-        None the optimizer state is not read (opt_state None): evaluating needs only the params. `read_ema`
-        reads the Polyak-averaged params too, onto the params' shardings, where the step has them (else None).
+        None the optimizer state is not read (opt_state None): evaluating needs only the params. `abstract_ema`
+        reads the Polyak-averaged params too, where the step has them (else None): the leaves it holds, onto their
+        shardings; its None leaves (frozen parameters, whose average is the parameter) are neither read nor
+        returned, though the average is stored whole.
         """
         where = os.path.join(self.directory, str(step))
         workdir = os.path.dirname(self.directory)
         advice = ("The checkpoint is left as it is: resume or evaluate it with the config it was written with, or "
                   f"start in another --workdir, afresh or fine-tuning from it with --config.pretrained={workdir}")
+        read_ema = abstract_ema is not None and self.has_ema(step)
         items = {"params": abstract_params, "opt_state": abstract_opt_state,
-                 "ema": abstract_params if read_ema and self.has_ema(step) else None}
+                 "ema": abstract_params if read_ema else None}  # checked whole, as it is stored
         items = {item: abstract for item, abstract in items.items() if abstract is not None}
         for item, abstract in items.items():
             try:
@@ -218,15 +242,20 @@ class Checkpoints:
                                           + (f" ({cause})" if cause else "") + f": its {item} keys differ "
                                           f"({difference}). {advice}")
         try:
+            reads = {item: ocp.args.StandardRestore(abstract) for item, abstract in items.items() if item != "ema"}
+            if read_ema:
+                trained = _without_none(abstract_ema)
+                reads["ema"] = ocp.args.PyTreeRestore(
+                    trained, restore_args=ocp.checkpoint_utils.construct_restore_args(trained), partial_restore=True)
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                **{item: ocp.args.StandardRestore(abstract) for item, abstract in items.items()},
-                meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+                **reads, meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax and TensorStore raise ValueError, OSError or a bare Exception
             raise CheckpointReadError(f"{where} cannot be read ({describe_error(e)}); its files may be damaged or "
                                       f"incomplete, or out of reach. {advice}") from e
         states = (restored["data"] or {}).get("processes") or []
         data_state = states[jax.process_index()] if len(states) == jax.process_count() else None
-        return {"params": restored["params"], "opt_state": restored.get("opt_state"), "ema": restored.get("ema"),
+        ema = _with_none(abstract_ema, restored["ema"]) if read_ema else None
+        return {"params": restored["params"], "opt_state": restored.get("opt_state"), "ema": ema,
                 "meta": restored["meta"], "data_state": data_state}
 
     def wait(self) -> None:

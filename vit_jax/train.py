@@ -359,8 +359,11 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     if latest is not None:
         abstract = abstract_state(config, mesh, num_steps)
         trains_on = not params_only and latest < num_steps
+        reads_ema = read_ema if params_only else optim.uses_ema(config) or not trains_on
+        # Outside evaluation the average holds the trained parameters only: the frozen ones are not read.
+        abstract_ema = abstract["params"] if params_only else optim.trained_only(config, abstract["params"])
         restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"],
-                                read_ema=read_ema if params_only else optim.uses_ema(config) or not trains_on)
+                                abstract_ema if reads_ema else None)
         meta = restored["meta"]
         if not pretrained:  # the numerics the run was trained with, whatever this run's flags say
             from vit_jax.interop import loading, orbax_io
@@ -374,8 +377,8 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],
                  "rng": jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated)}
-        if restored["ema"] is not None:  # saved whole; training on, it holds the trained parameters only
-            state["ema"] = restored["ema"] if params_only else optim.trained_only(config, restored["ema"])
+        if restored["ema"] is not None:
+            state["ema"] = restored["ema"]
         elif optim.uses_ema(config) and trains_on:
             state["ema"] = _start_average(config, state["params"], jax.tree.map(lambda x: x.sharding, abstract["ema"]))
             logging.warning("the checkpoint of step %d holds no Polyak average (no 'ema' item): the average starts "
