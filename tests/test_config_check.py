@@ -107,6 +107,25 @@ def base():
      "config.optimizer.b2=1.0 is invalid: expected a value in [0, 1)"),
     (lambda c: setattr(c.optimizer, "b1", float("nan")), "optimizer.b1",
      "config.optimizer.b1=nan is invalid: expected a value in [0, 1)"),
+    (lambda c: setattr(c.pp, "crop_min_area", 5.0), "pp.crop_min_area",
+     "config.pp.crop_min_area=5.0 is invalid: expected the smallest crop's fraction of the image area, in (0, 1]; "
+     "big_vision's inception_crop(area_min=5) is in percent: write 0.05"),
+    (lambda c: setattr(c.pp, "crop_min_area", float("nan")), "pp.crop_min_area",
+     "config.pp.crop_min_area=nan is invalid: expected the smallest crop's fraction of the image area, in (0, 1]"),
+    (lambda c: setattr(c.pp, "crop_min_area", -0.1), "pp.crop_min_area", "in (0, 1]"),
+    (lambda c: setattr(c.pp, "eval_crop_fraction", 0.0), "pp.eval_crop_fraction",
+     "config.pp.eval_crop_fraction=0.0 is invalid: expected the fraction of each side kept, in (0, 1] (1: the "
+     "whole image)"),
+    (lambda c: setattr(c.pp, "eval_crop_fraction", 1.14), "pp.eval_crop_fraction", "in (0, 1]"),
+    (lambda c: setattr(c.pp, "mixup_alpha", -0.2), "pp.mixup_alpha",
+     "config.pp.mixup_alpha=-0.2 is invalid: expected a Beta(alpha, alpha) parameter >= 0 (0: no mixup)"),
+    (lambda c: setattr(c.pp, "randaugment_layers", -2), "pp.randaugment_layers",
+     "config.pp.randaugment_layers=-2 is invalid: expected an integer >= 0 (0: no RandAugment)"),
+    (lambda c: setattr(c.pp, "randaugment_magnitude", -10), "pp.randaugment_magnitude", "a magnitude >= 0"),
+    (lambda c: setattr(c.pp, "random_translate", -4), "pp.random_translate",
+     "config.pp.random_translate=-4 is invalid: expected an integer >= 0 (0: no shift)"),
+    (lambda c: setattr(c, "data_workers", -1), "data_workers", "an integer >= 0 (0: load in the main process)"),
+    (lambda c: setattr(c, "prefetch_batches", -1), "prefetch_batches", "an integer >= 0 (0: none ahead)"),
 ])
 def test_bad_config_names_field_value_and_valid_choices(mutate, field, hint):
     config = base()

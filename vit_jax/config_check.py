@@ -151,9 +151,47 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     _check_variant(model)
 
 
+def _non_negative_int(config: ml_collections.ConfigDict, field: str, zero: str) -> None:
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(field, value, f"expected an integer >= 0 ({zero})")
+
+
+def validate_eval_crop(pp: ml_collections.ConfigDict) -> None:
+    """Check what evaluation, predict and visualize crop: `pp.eval_crop_fraction` of each side."""
+    if isinstance(pp.eval_crop_fraction, bool) or not 0.0 < pp.eval_crop_fraction <= 1.0:
+        _fail("pp.eval_crop_fraction", pp.eval_crop_fraction, "expected the fraction of each side kept, in (0, 1] "
+              "(1: the whole image)")
+
+
+def validate_preprocessing(config: ml_collections.ConfigDict) -> None:
+    """Check `config.pp` and the data order's seed before any image is read: a bad value would otherwise turn an
+    augmentation off in silence, or fail in a loader thread (or at the first evaluation, hours in)."""
+    pp = config.pp
+    area = pp.crop_min_area  # a float field: the config refuses other types
+    if not 0.0 < area <= 1.0:
+        percent = f"; big_vision's inception_crop(area_min={area:g}) is in percent: write {area / 100:g}" if (
+            1.0 < area <= 100.0) else ""
+        _fail("pp.crop_min_area", area, f"expected the smallest crop's fraction of the image area, in (0, 1]{percent}")
+    validate_eval_crop(pp)
+    if isinstance(pp.mixup_alpha, bool) or not pp.mixup_alpha >= 0.0:  # also refuses nan
+        _fail("pp.mixup_alpha", pp.mixup_alpha, "expected a Beta(alpha, alpha) parameter >= 0 (0: no mixup)")
+    if isinstance(pp.randaugment_magnitude, bool) or not pp.randaugment_magnitude >= 0:
+        _fail("pp.randaugment_magnitude", pp.randaugment_magnitude, "expected a magnitude >= 0 (AugReg uses 10-20)")
+    _non_negative_int(config, "pp.randaugment_layers", "0: no RandAugment")
+    _non_negative_int(config, "pp.random_translate", "0: no shift")
+    _non_negative_int(config, "data_workers", "0: load in the main process")
+    _non_negative_int(config, "prefetch_batches", "0: none ahead")
+    if isinstance(config.shuffle_seed, bool) or not isinstance(config.shuffle_seed, int):
+        _fail("shuffle_seed", config.shuffle_seed, "expected an integer")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
     """Check a whole run config against `num_devices`; returns the resolved mesh shape."""
     validate_model(config.model, config.image_size)
+    validate_preprocessing(config)
     positive_int(config, "num_classes")
     if config.label_kind not in LABEL_KINDS:
         _fail("label_kind", config.label_kind, f"expected one of {LABEL_KINDS}")

@@ -235,6 +235,7 @@ def main(argv: Sequence[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the predictions, not the checkpoint readers' progress
     config_check.validate_model(config.model, config.image_size)
+    config_check.validate_eval_crop(config.pp)
     if flags.FLAGS.top_k < 1:
         raise UserError(f"--top_k={flags.FLAGS.top_k}: expected a positive integer")
     paths = argv[1:]

@@ -260,6 +260,7 @@ def main(argv: Sequence[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the written paths, not the checkpoint readers' progress
     config_check.validate_model(config.model, config.image_size)
+    config_check.validate_eval_crop(config.pp)
     if flags.FLAGS.num_components < 1:
         raise UserError(f"--num_components={flags.FLAGS.num_components}: expected a positive integer")
     out = pathlib.Path(flags.FLAGS.out).expanduser()
