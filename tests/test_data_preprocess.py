@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from vit_jax.data import preprocess
+from vit_jax.data.errors import DatasetError
 from vit_jax.data.randaugment import OPS, randaugment
 
 
@@ -153,6 +154,8 @@ def test_labels_one_hot_and_multi_hot_and_out_of_range():
     np.testing.assert_array_equal(preprocess.encode_label(np.array([], np.int64), 3), [0, 0, 0])
     with pytest.raises(ValueError, match=r"label 7 is outside \[0, 4\)"):
         preprocess.encode_label(7, 4)
+    with pytest.raises(DatasetError, match=r"an example has label -1, TFDS's mark of an unlabelled one"):
+        preprocess.encode_label(-1, 4)
 
 
 def test_mixup_is_a_convex_combination_of_the_batch_and_its_roll():

@@ -22,6 +22,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from vit_jax.data.errors import DatasetError
 from vit_jax.data.randaugment import randaugment
 
 # The Inception crop of the paper's code: tf.image.sample_distorted_bounding_box's default aspect ratios and tries.
@@ -215,6 +216,9 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
 def encode_label(label, num_classes: int) -> np.ndarray:
     """A class id -> one-hot, or a list/array of class ids -> multi-hot; float32 (num_classes,)."""
     ids = np.atleast_1d(np.asarray(label, dtype=np.int64))
+    if ids.size and ids.min() == -1:
+        raise DatasetError("an example has label -1, TFDS's mark of an unlabelled one (a test split, as "
+                           "imagenet2012's 'test', or stl10's 'unlabelled'): train and evaluate on a labelled split")
     if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
         raise ValueError(f"label {label} is outside [0, {num_classes}): is config.num_classes right?")
     encoded = np.zeros((num_classes,), np.float32)
