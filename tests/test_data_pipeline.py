@@ -206,7 +206,46 @@ def test_restoring_state_made_with_other_settings_is_an_error(config, sharding):
     other.batch_size = 32
     with pytest.raises(data.DatasetError, match=r"'batch_size': \(64, 32\)"):
         data.make_train_iterator(other, sharding).set_state(state)
+    mixing = config.copy_and_resolve_references()
+    mixing.pp.mixup_alpha = 0.2  # a pipeline step of its own: its state has another shape
+    with pytest.raises(data.DatasetError, match=r"'mixup': \(False, True\)"):
+        data.make_train_iterator(mixing, sharding).set_state(state)
+    with pytest.raises(data.DatasetError, match=r"its saved state does not fit this input pipeline \(KeyError"):
+        data.make_train_iterator(config, sharding).set_state({**state, "grain": {"parent": {}}})
     iterator.close()
+
+
+def test_a_state_of_another_pipeline_version_restarts_the_stream(config, sharding):
+    """An upgrade mid-run: the old positions name other examples, so the stream starts afresh (not an error)."""
+    iterator = data.make_train_iterator(config, sharding)
+    first = next(iterator)
+    next(iterator)
+    old = {**iterator.get_state(), "version": pipeline.STATE_VERSION - 1}
+    old.pop("mixup")  # a key that version did not write
+    restarted = data.make_train_iterator(config, sharding)
+    assert restarted.set_state(old) is False
+    np.testing.assert_array_equal(np.asarray(next(restarted)["image"]), np.asarray(first["image"]))
+    for each in (iterator, restarted):
+        each.close()
+
+
+def test_each_shuffle_seed_has_its_own_epochs(config):
+    """grain shuffles epoch e with seed + e: seeds s and s + 1 must not share epochs, one epoch apart."""
+    size = len(pipeline.open_split(config, config.train_split)[0])
+
+    def epochs(seed: int) -> list[list[int]]:
+        seeded = config.copy_and_resolve_references()
+        seeded.shuffle_seed = seed
+        stream = iter(pipeline.make_train_dataset(seeded, process_index=0, process_count=1)[0])
+        order = []
+        while len(order) < 2 * size:
+            order += next(stream)["index"].tolist()
+        return [order[:size], order[size:2 * size]]
+
+    first, second = epochs(0), epochs(1)
+    for epoch in first + second:
+        assert sorted(epoch) == list(range(size))  # each epoch is a permutation of the split
+    assert first[0] != first[1] and first[1] != second[0] and first[0] != second[0]
 
 
 def test_eval_sees_every_example_once_with_padding_masked(config, sharding):

@@ -698,11 +698,14 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     start_step = int(meta.get("step", 0))
     # The data first: a dataset that cannot feed the run fails before anything is written to the workdir.
     train_iter = data.make_train_iterator(config, sharding.batch_sharding(mesh))
-    if data_state is not None:
-        train_iter.set_state(data_state)
-    elif start_step:
-        logging.warning("the checkpoint's data position was written by %s processes; the data order restarts",
-                        "a different number of")
+    if data_state is None:
+        restarts = "was written by a different number of processes"
+    elif not train_iter.set_state(data_state):
+        restarts = f"is of another version of the input pipeline (state version {data_state.get('version')})"
+    else:
+        restarts = ""
+    if restarts and start_step:
+        logging.warning("the checkpoint's data position %s; the data order restarts", restarts)
     fewshot_every = config.fewshot.every_steps if _has_fewshot(config) else None
     represent = fewshot.make_representation_fn(config, mesh) if fewshot_every is not None else None
     last_fewshot: dict[str, float] | None = None

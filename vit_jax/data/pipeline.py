@@ -31,7 +31,7 @@ from vit_jax.data import preprocess
 from vit_jax.data.datasets import DatasetInfo, LabeledSource, open_split
 from vit_jax.data.errors import DatasetError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the shuffle's seed is hashed (the same position is other examples)
 DEVICE_KEYS = ("image", "label")  # what the training step receives; "index" stays on the host
 
 
@@ -138,7 +138,9 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int,
         randaugment_layers=config.pp.randaugment_layers, randaugment_magnitude=config.pp.randaugment_magnitude,
         antialias=config.pp.antialias)
     dataset = process_share(source, process_index, process_count)
-    dataset = dataset.shuffle(seed=config.shuffle_seed).repeat()
+    # grain reshuffles epoch e with seed + e: shuffle_seed itself would give seed s+1 the epochs of seed s, one
+    # epoch on. A hashed seed keeps the runs of a seed sweep apart.
+    dataset = dataset.shuffle(seed=_seed("shuffle", config.shuffle_seed, process_index)).repeat()
     dataset = dataset.random_map(transform, seed=_seed("augment", config.shuffle_seed, process_index))
     stream = dataset.to_iter_dataset(_read_options())  # drops the None of corrupt images
     stream = stream.batch(batch_size, drop_remainder=True)
@@ -205,17 +207,27 @@ class TrainIterator:
         """JSON-serialisable position: the grain state plus what must match on restore."""
         return {**self._identity, "version": STATE_VERSION, "grain": self._state}
 
-    def set_state(self, state: dict) -> None:
-        """Continue from a `get_state()` result of an iterator over the same data, batch and processes."""
+    def set_state(self, state: dict) -> bool:
+        """Continue from a `get_state()` result of an iterator over the same data, batch and processes.
+
+        False, and the stream starts afresh, when another version of this pipeline wrote `state` (an upgrade in
+        the middle of a run): its positions name other examples here. Other settings are a `DatasetError`.
+        """
+        if state.get("version") != STATE_VERSION:
+            return False
         saved = {key: state.get(key) for key in self._identity}
-        if saved != self._identity or state.get("version") != STATE_VERSION:
+        if saved != self._identity:
             changed = {k: (saved[k], v) for k, v in self._identity.items() if saved[k] != v}
-            changed = changed or {"version": (state.get("version"), STATE_VERSION)}
             raise DatasetError(f"cannot resume the data iterator exactly: its saved state was made with different "
                                f"settings (saved, now): {changed}")
         self._ahead.clear()
-        self._iterator.set_state(state["grain"])
+        try:
+            self._iterator.set_state(state["grain"])
+        except (KeyError, TypeError, ValueError) as e:  # a state of another pipeline's shape
+            raise DatasetError(f"cannot resume the data iterator exactly: its saved state does not fit this input "
+                               f"pipeline ({type(e).__name__}: {e})") from e
         self._state = state["grain"]
+        return True
 
     def close(self) -> None:
         """Stop grain's worker processes and reader threads."""
@@ -235,6 +247,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, batch_sharding: jax.s
     dataset, _ = make_train_dataset(config, process_index=process_index, process_count=process_count)
     identity = {"dataset": config.dataset, "split": config.train_split, "batch_size": config.batch_size,
                 "image_size": config.image_size, "shuffle_seed": config.shuffle_seed,
+                "mixup": config.pp.mixup_alpha > 0,  # a step of its own in the pipeline, with its own state
                 "process_index": process_index, "process_count": process_count,
                 "data_workers": config.data_workers}
     return TrainIterator(dataset, batch_sharding, config.prefetch_batches, identity)
