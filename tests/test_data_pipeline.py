@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorflow_datasets.core.dataset_builders import huggingface_dataset_builder
@@ -12,6 +13,7 @@ from tensorflow_datasets.core.dataset_builders import huggingface_dataset_builde
 from configs import demo
 from vit_jax import data
 from vit_jax.data import pipeline
+from vit_jax.data.builders.digits import _png_bytes, load_digits_uint8
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +296,41 @@ def test_worker_processes_give_a_resumable_stream(config, sharding):
 
 
 @pytest.mark.parametrize("name, extra", [("cifar10", ""), ("imagenet2012", " --manual_dir=/path/to/downloads")])
+class DigitsWithMask(tfds.core.GeneratorBasedBuilder):
+    """A few digits with a second image, as oxford_iiit_pet's segmentation mask, built offline."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
+            "segmentation_mask": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=10), "file_name": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        images, labels = load_digits_uint8()
+        for i in range(6):
+            yield i, {"image": _png_bytes(images[i]), "segmentation_mask": _png_bytes((images[i] > 8).astype(np.uint8)),
+                      "label": int(labels[i]), "file_name": f"{i}.png"}
+
+
+def test_reading_an_example_decodes_none_of_its_images(tmp_path, monkeypatch):
+    """The model's image is decoded by the pipeline (pillow); an example's other images are never decoded."""
+    tfds.builder("digits_with_mask", data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = demo.get_config()
+    config.dataset, config.tfds_data_dir, config.eval_split = "digits_with_mask", str(tmp_path), "train"
+    decoded = []
+    monkeypatch.setattr(tfds.features.Image, "decode_example_np",
+                        lambda self, example, **kwargs: decoded.append(example))
+    source, _ = pipeline.open_split(config, "train")
+    example = source[3]
+    assert decoded == []
+    assert isinstance(example["image"], bytes) and int(example["label"]) == int(load_digits_uint8()[1][3])
+
+
 def test_a_missing_dataset_says_where_it_looked_and_how_to_prepare_it(tmp_path, sharding, name, extra):
     config = demo.get_config()
     config.dataset = name

@@ -318,12 +318,15 @@ def dataset_info(config: ml_collections.ConfigDict, train: bool = True) -> Datas
 class LabeledSource:
     """Random access to a split as {"image": encoded bytes, "label": int | int array, "index": int}.
 
-    Images are not decoded here (grain workers decode them with pillow, and skip corrupt ones); picklable,
-    so grain's worker processes can each open it.
+    Images are not decoded here (grain workers decode them with pillow, and skip corrupt ones), and the other
+    images and videos an example holds are never decoded (oxford_iiit_pet's segmentation mask would double
+    each read's decoding); picklable, so grain's worker processes can each open it.
     """
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_key: str, label_key: str):
-        self._source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        skipped = [key for key, feature in builder.info.features.items()
+                   if key == image_key or isinstance(feature, (tfds.features.Image, tfds.features.Video))]
+        self._source = builder.as_data_source(split=split, decoders={k: tfds.decode.SkipDecoding() for k in skipped})
         self._image_key = image_key
         self._label_key = label_key
 
