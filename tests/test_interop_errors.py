@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
 
 from tests.test_interop_common import random_params, tiny_config
 from vit_jax.interop import CheckpointError, load_pretrained, save_as
-from vit_jax.interop.common import params_to_canonical
+from vit_jax.interop.common import flatten, params_to_canonical
 
 MLP_KERNEL = "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
 LN_SCALE = "Transformer/encoderblock_0/LayerNorm_0/scale"
@@ -104,9 +105,66 @@ def test_a_pickle_disguised_as_npz_is_refused_unread(tmp_path, flat_params):
 def test_an_npz_holding_a_pickled_object_array_is_refused(tmp_path, flat_params):
     path = str(tmp_path / "vit.npz")
     np.savez(path, **flat_params, extra=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(CheckpointError, match="unreadable array in .npz archive") as e:
+    with pytest.raises(CheckpointError, match="unreadable array in .npz archive: 'extra'") as e:
         load_pretrained(path, tiny_config())
     assert path in str(e.value)
+
+
+def test_an_npz_member_that_is_not_npy_is_named(tmp_path, flat_params):
+    path = _write_npz(tmp_path / "vit.npz", flat_params)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("README.txt", "weights of a tiny ViT\n")
+    with pytest.raises(CheckpointError, match=f"^{path}: member 'README.txt' is not a .npy array"):
+        load_pretrained(path, tiny_config())
+
+
+def test_an_npz_array_of_text_is_refused_naming_the_array(tmp_path, flat_params):
+    path = _write_npz(tmp_path / "vit.npz", {**flat_params, "notes": np.array(["lr=0.03"])})
+    with pytest.raises(CheckpointError, match=f"^{path}: array 'notes' has dtype <U7, not a weight's"):
+        load_pretrained(path, tiny_config())
+
+
+def test_arrays_outside_the_params_prefix_are_not_read(tmp_path, flat_params):
+    """Optimizer state beside `params/` (here a pickled object array and a README) cannot abort the load."""
+    path = _write_npz(tmp_path / "train_state.npz", {**{f"params/{k}": v for k, v in flat_params.items()},
+                                                      "opt/notes": np.array([{"lr": 0.03}], dtype=object)})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("README.txt", "a training state\n")
+    loaded = flatten(load_pretrained(path, tiny_config()))
+    np.testing.assert_array_equal(loaded[MLP_KERNEL], flat_params[MLP_KERNEL])
+
+
+def _fail_after_writing(file, exception: BaseException):
+    """What a serializer failing midway leaves: some bytes in its destination (a path or an open file)."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "wb") as f:
+            f.write(b"partial")
+    else:
+        file.write(b"partial")
+    raise exception
+
+
+@pytest.mark.parametrize("writer", ["npz", "safetensors"])
+def test_a_failed_write_leaves_no_temp_file_and_the_destination_unchanged(tmp_path, monkeypatch, flat_params,
+                                                                          writer):
+    from vit_jax.interop import npz, torch_hub
+
+    path = tmp_path / f"vit.{writer}"
+    path.write_bytes(b"previous contents")
+    if writer == "npz":  # interrupted (KeyboardInterrupt is a BaseException, not an Exception)
+        monkeypatch.setattr(np, "savez", lambda file, **arrays: _fail_after_writing(file, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            npz.write_npz(flat_params, str(path))
+    else:
+        import safetensors.numpy
+
+        disk_full = OSError("disk full")
+        monkeypatch.setattr(safetensors.numpy, "save_file",
+                            lambda tensors, filename, metadata=None: _fail_after_writing(filename, disk_full))
+        with pytest.raises(OSError, match="disk full"):
+            torch_hub.write_safetensors(torch_hub.canonical_to_timm(flat_params), str(path))
+    assert sorted(os.listdir(tmp_path)) == [path.name]
+    assert path.read_bytes() == b"previous contents"
 
 
 class _Exploit:

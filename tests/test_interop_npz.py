@@ -7,7 +7,7 @@ import pytest
 
 from tests.test_interop_common import IMAGE_SIZE, logits_of, random_images, random_params, tiny_config
 from vit_jax.interop import detect_format, load_pretrained, save_as
-from vit_jax.interop.common import POSEMB_KEY, flatten, params_to_canonical
+from vit_jax.interop.common import POSEMB_KEY, canonical_to_params, flatten, params_to_canonical
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -162,3 +162,29 @@ def test_map_head_checkpoint_is_refused_by_name(tmp_path):
 
     with pytest.raises(CheckpointError, match="MAPHead_0"):
         load_pretrained(path, tiny_config())
+
+
+@pytest.mark.parametrize("key, class_slot", [
+    ("Transformer/pos_embedding", True),  # big_vision before 2022: in the encoder, the class token's entry first
+    ("pos_embedding", True),  # top level, but still with the class token's entry
+    ("Transformer/pos_embedding", False),  # in the encoder, without it
+], ids=["encoder_with_slot", "top_level_with_slot", "encoder_without_slot"])
+def test_older_big_vision_posemb_layouts_give_the_canonical_logits(tmp_path, key, class_slot):
+    """As big_vision's fix_old_checkpoints: the encoder's posemb moves to the top level, and only a g*g one (no
+    class-token slot) gets a zero slot; a 1+g*g one is used as is."""
+    config = tiny_config(classifier="token")
+    params = random_params(config, 8)
+    flat = params_to_canonical(params)
+    if not class_slot:
+        flat[POSEMB_KEY][:, 0] = 0.0  # what a posemb without the slot computes
+        params = canonical_to_params(flat, scan=False)
+    bv = _big_vision_layout(flat, scanned=True, prefix="params/")
+    del bv["params/pos_embedding"]
+    bv[f"params/{key}"] = flat[POSEMB_KEY] if class_slot else flat[POSEMB_KEY][:, 1:]
+    path = str(tmp_path / "old_bv.npz")
+    np.savez(path, **bv)
+    loaded_config = tiny_config(classifier="token")
+    loaded = load_pretrained(path, loaded_config)
+    np.testing.assert_array_equal(flatten(loaded)[POSEMB_KEY], flat[POSEMB_KEY])
+    images = random_images()
+    np.testing.assert_array_equal(logits_of(loaded_config, loaded, images), logits_of(config, params, images))

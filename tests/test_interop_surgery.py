@@ -54,6 +54,15 @@ def test_a_non_square_grid_cannot_be_resized():
         resize_posemb(_posemb(4), 6, method="nearest")
 
 
+def test_a_non_square_checkpoint_grid_is_refused_naming_the_source():
+    """adapt_to_model's resize error says which checkpoint holds the non-square grid."""
+    flat = {"cls": np.zeros((1, 1, 8), np.float32), POSEMB_KEY: np.zeros((1, 1 + 15, 8), np.float32)}
+    expected = {"cls": (1, 1, 8), POSEMB_KEY: (1, 1 + 36, 8)}
+    with pytest.raises(CheckpointError, match=r"^odd\.safetensors \(timm\): position embeddings of 16 tokens "
+                                              r"\(1 prefix\) are not a square grid"):
+        adapt_to_model(flat, expected, source="odd.safetensors (timm)")
+
+
 def _checkpoint(classes: int = 21, pre_logits: int = 0) -> dict:
     rng = np.random.default_rng(2)
     flat = {"cls": rng.normal(size=(1, 1, 8)), POSEMB_KEY: _posemb(4), "encoder/kernel": rng.normal(size=(8, 8))}

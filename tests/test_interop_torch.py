@@ -45,12 +45,12 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------------- HF
 
 
-def _hf_model(hidden_act: str = "gelu", layer_norm_eps: float = 1e-12, seed: int = 0):
+def _hf_model(hidden_act: str = "gelu", layer_norm_eps: float = 1e-12, seed: int = 0, qkv_bias: bool = True):
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                        image_size=IMAGE_SIZE, patch_size=8, num_labels=NUM_CLASSES, hidden_act=hidden_act,
-                       layer_norm_eps=layer_norm_eps)
+                       layer_norm_eps=layer_norm_eps, qkv_bias=qkv_bias)
     torch.manual_seed(seed)
     return _perturb(ViTForImageClassification(config), seed)
 
@@ -109,14 +109,14 @@ def test_hf_export_refuses_what_hf_cannot_hold(tmp_path):
 # -------------------------------------------------------------------------------------------------- timm
 
 
-def _timm_model(pooling: str, seed: int = 0, act_layer: str = "gelu"):
+def _timm_model(pooling: str, seed: int = 0, act_layer: str = "gelu", **kwargs):
     from timm.models.vision_transformer import VisionTransformer
 
     gap = pooling == "avg"
     torch.manual_seed(seed)
     model = VisionTransformer(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
                               num_classes=NUM_CLASSES, global_pool=pooling, class_token=not gap, fc_norm=False,
-                              act_layer=act_layer)
+                              act_layer=act_layer, **kwargs)
     return _perturb(model, seed)
 
 
@@ -131,6 +131,38 @@ def test_timm_safetensors_loads_with_logits_parity(tmp_path, pooling):
     config = tiny_config(classifier="gap" if pooling == "avg" else "token")
     params = load_pretrained(path, config)
     assert config.gelu_approximate is False and config.layernorm_epsilon == 1e-6
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+
+
+@pytest.mark.parametrize("variant", [{"no_embed_class": True}, {"qkv_bias": False}],
+                         ids=["no_embed_class", "no_qkv_bias"])
+def test_timm_variants_this_model_computes_exactly_load_with_logits_parity(tmp_path, variant):
+    """no_embed_class (FlexiViT, big_vision ports: a g*g pos_embed beside a cls_token) gets a zero class-token
+    slot; qkv_bias=False gets zero q/k/v biases. Both compute what timm computes."""
+    from safetensors.torch import save_file
+
+    model = _timm_model("token", seed=6, **variant)
+    if "no_embed_class" in variant:
+        assert tuple(model.pos_embed.shape) == (1, 16, 64)  # no class-token slot
+    else:
+        assert model.blocks[0].attn.qkv.bias is None
+    path = str(tmp_path / "timm.safetensors")
+    save_file(model.state_dict(), path)
+    config = tiny_config()
+    params = load_pretrained(path, config)
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+
+
+def test_hf_without_qkv_bias_loads_with_logits_parity(tmp_path):
+    model = _hf_model(seed=4, qkv_bias=False)
+    names = list(model.state_dict())
+    assert any(n.endswith(("query.weight", "q_proj.weight")) for n in names)
+    assert not any(n.endswith(("query.bias", "q_proj.bias", "key.bias", "k_proj.bias")) for n in names)
+    model.save_pretrained(tmp_path / "hf")
+    config = tiny_config()
+    params = load_pretrained(str(tmp_path / "hf"), config)
     images = random_images()
     assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
 
@@ -179,6 +211,29 @@ def test_source_numerics_without_loading(tmp_path):
     save_file(_timm_model("token").state_dict(), str(tmp_path / "timm.safetensors"))
     apply_source_numerics(str(tmp_path / "timm.safetensors"), config)
     assert config.gelu_approximate is False and config.layernorm_epsilon == 1e-6
+
+
+def test_numerics_of_safetensors_come_from_key_names_without_reading_tensors(tmp_path, monkeypatch):
+    """timm vs HF is told from the safetensors header: reading the weights here raises, and the answer is right."""
+    from safetensors.torch import save_file
+
+    from vit_jax.interop import torch_hub
+    from vit_jax.interop.common import TIMM_NUMERICS
+    from vit_jax.interop.loading import source_numerics
+
+    save_file(_timm_model("token").state_dict(), str(tmp_path / "timm.safetensors"))
+    (tmp_path / "hf").mkdir()
+    save_file(_hf_model().state_dict(), str(tmp_path / "hf" / "weights.safetensors"))  # no config.json beside
+
+    def no_full_read(path, *args):
+        raise AssertionError(f"read every tensor of {path}")
+
+    monkeypatch.setattr(torch_hub, "read_state_dict", no_full_read)
+    monkeypatch.setattr(torch_hub, "_read_safetensors", no_full_read)
+    assert source_numerics(str(tmp_path / "timm.safetensors")) == TIMM_NUMERICS
+    hf = source_numerics(str(tmp_path / "hf" / "weights.safetensors"))
+    assert (hf.gelu_approximate, hf.layernorm_epsilon) == (False, 1e-12)
+    assert detect_format(str(tmp_path / "hf" / "weights.safetensors")) == "hf"
 
 
 def test_timm_checkpoint_at_another_resolution_and_class_count(tmp_path):

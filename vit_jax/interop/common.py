@@ -8,8 +8,11 @@ float32 numpy values. That is also the layout of the original vision_transformer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+import math
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -93,6 +96,33 @@ def unstack_scanned(flat: Mapping[str, np.ndarray], prefix: str = "Transformer/e
         else:
             out[name] = value
     return out
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` on a temp file beside `path`, then rename it over `path`: readers never see a partial
+    file. If anything fails (or is interrupted), the temp file is removed and `path` is left as it was."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def with_class_token_slot(posemb: np.ndarray, has_cls: bool) -> np.ndarray:
+    """(1, g*g, D) position embeddings of a model with a class token -> (1, 1 + g*g, D), a zero slot first.
+
+    big_vision and timm's `no_embed_class=True` add the position embeddings to the patch tokens only, then prepend
+    the class token; this model adds them after prepending it. With a zero class-token slot both compute the same.
+    Embeddings that already have the slot (1 + g*g tokens: never a perfect square) and those of a model without a
+    class token are returned unchanged.
+    """
+    tokens = posemb.shape[1] if posemb.ndim == 3 else 0
+    if not has_cls or not tokens or math.isqrt(tokens) ** 2 != tokens:
+        return posemb
+    return np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
 
 
 def canonical_to_params(flat: Mapping[str, np.ndarray], scan: bool) -> dict[str, Any]:

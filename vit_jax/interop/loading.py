@@ -107,10 +107,10 @@ def _read_local(path: str, source_format: str | None, num_heads: int | None) -> 
     if source_format == "npz" or kind == "npz":
         return Checkpoint(npz.to_canonical(npz.read_npz(weights_path), weights_path), "npz", OFFICIAL_NUMERICS,
                           weights_path)
+    if num_heads is None:  # format detection only: the key names suffice
+        return Checkpoint({}, _torch_flavour(weights_path, source_format), None, weights_path)
     state = torch_hub.read_state_dict(weights_path)
     flavour = source_format if source_format in ("timm", "hf") else torch_hub.flavour_of(state, weights_path)
-    if num_heads is None:  # format detection only
-        return Checkpoint({}, flavour, None, weights_path)
     if flavour == "timm":
         numerics = torch_hub.recorded_numerics(weights_path) or TIMM_NUMERICS
         return Checkpoint(torch_hub.timm_to_canonical(state, num_heads, weights_path), "timm", numerics,
@@ -120,6 +120,13 @@ def _read_local(path: str, source_format: str | None, num_heads: int | None) -> 
         config_path = beside if os.path.isfile(beside) else None
     numerics = torch_hub.hf_numerics(config_path, num_heads)
     return Checkpoint(torch_hub.hf_to_canonical(state, num_heads, weights_path), "hf", numerics, weights_path)
+
+
+def _torch_flavour(path: str, source_format: str | None) -> str:
+    """'timm' or 'hf': the one asked for, else told from the key names (a safetensors file's header only)."""
+    if source_format in ("timm", "hf"):
+        return source_format
+    return torch_hub.flavour_of(torch_hub.read_keys(path), path)
 
 
 def _file_kind(path: str) -> str:
@@ -203,9 +210,11 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
 
 
 def source_numerics(path: str, source_format: str | None = None) -> Numerics | None:
-    """The numerics the weights at `path` were computed with, cheaply (no weights are read for npz / timm / HF
-    directories; an orbax checkpoint's recorded config). None when the source does not say. A remote
-    checkpoint is copied into the cache first (`remote.local_copy`), where `load_pretrained` finds it."""
+    """The numerics the weights at `path` were computed with, cheaply: no weights are read for an `.npz`, a
+    `.safetensors` file (timm or HF is told from its header's key names) or an HF directory (its config.json);
+    an orbax checkpoint's recorded config is read. A torch `.bin` / `.pth` has no index of its names, so it is
+    read whole to tell timm from HF. None when the source does not say. A remote checkpoint is copied into the
+    cache first (`remote.local_copy`), where `load_pretrained` finds it."""
     path = os.fspath(path)
     with _from_local_copy(path) as local:
         return _named_remotely(_local_numerics(local, source_format), local, path)

@@ -194,8 +194,11 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
             old_side = math.isqrt(posemb.shape[1] - prefix)
             new_side = math.isqrt(want[1] - prefix)
             if new_side * new_side != want[1] - prefix:
-                raise CheckpointError(f"the model's {want[1]} position embeddings are not a square grid")
-            flat[POSEMB_KEY] = resize_posemb(posemb, new_side, num_prefix_tokens=prefix, method=resize_method)
+                raise CheckpointError(f"{source}: the model's {want[1]} position embeddings are not a square grid")
+            try:
+                flat[POSEMB_KEY] = resize_posemb(posemb, new_side, num_prefix_tokens=prefix, method=resize_method)
+            except CheckpointError as e:
+                raise CheckpointError(f"{source}: {e}") from e
             actions.append(f"resized position embeddings from a {old_side}x{old_side} to a {new_side}x{new_side} "
                            f"patch grid ({resize_method}, class token kept apart)")
     check_matches(flat, expected, source)

@@ -10,6 +10,10 @@ norm2, mlp.fc1, mlp.fc2}`, `norm`, `head`. HF (`ViTForImageClassification`, hub 
 layernorm_after, intermediate.dense, output.dense}`, `vit.layernorm`, `classifier`; a `ViTModel` has no `vit.`
 prefix and may carry `pooler.dense` (Dense + tanh on the class token: our `pre_logits`). transformers 5's
 in-memory names (`vit.layers.{i}.attention.q_proj`, `mlp.fc1`, ...) are accepted too.
+
+Variants that compute what this model computes are filled in exactly: q/k/v without biases (`qkv_bias=False`)
+get zero biases; a timm `pos_embed` without a class-token slot (`no_embed_class=True`: FlexiViT, big_vision ports)
+gets a zero slot.
 """
 
 from __future__ import annotations
@@ -18,13 +22,21 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from vit_jax.interop.common import POSEMB_KEY, CheckpointError, Flat, Numerics, num_layers_of
+from vit_jax.interop.common import (
+    POSEMB_KEY,
+    CheckpointError,
+    Flat,
+    Numerics,
+    num_layers_of,
+    with_class_token_slot,
+    write_atomically,
+)
 
 HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # in an HF model directory
 _APPROXIMATE_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -124,8 +136,27 @@ def _unwrap(state: dict[str, Any], path: str) -> Flat:
     return flat
 
 
-def flavour_of(state: Flat, path: str) -> str:
-    """'timm' or 'hf', told apart by the key names."""
+def read_keys(path: str) -> list[str]:
+    """The tensor names of a weights file, as `read_state_dict` would name them. A safetensors file's come from its
+    header alone (no tensor is read); a torch `.bin` / `.pth` has no index, so it is read whole."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    if not is_safetensors(path):
+        return list(read_state_dict(path))
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            keys = [k.removeprefix("module.") for k in f.keys()]
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
+    if not keys:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return keys
+
+
+def flavour_of(state: Iterable[str], path: str) -> str:
+    """'timm' or 'hf', told apart by the key names (of a state dict, or `read_keys`)."""
     keys = list(state)
     if any(k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed") for k in keys):
         return "timm"
@@ -166,12 +197,11 @@ def recorded_numerics(path: str) -> Numerics | None:
 
 
 def write_safetensors(state: Flat, path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write numpy tensors as safetensors (atomically)."""
+    """Write numpy tensors as safetensors (atomically: a failed write leaves no temp file and `path` unchanged)."""
     from safetensors.numpy import save_file
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ------------------------------------------------------------------------------------ shared reshapes
@@ -197,6 +227,11 @@ def _out_from_linear(weight: np.ndarray, num_heads: int, what: str) -> np.ndarra
     if in_features % num_heads:
         raise CheckpointError(f"{what}: {in_features} input features do not split into num_heads={num_heads}")
     return weight.T.reshape(num_heads, in_features // num_heads, out_features)
+
+
+def _zero_bias_if_none(bias: np.ndarray | None, weight: np.ndarray) -> np.ndarray:
+    """The bias of a torch Linear, or zeros when it has none (timm / HF `qkv_bias=False`: computes the same)."""
+    return np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
 
 
 def _take(state: Flat, name: str, taken: set[str]) -> np.ndarray | None:
@@ -237,14 +272,16 @@ def timm_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
     put("embedding/kernel", None if w is None else w.transpose(2, 3, 1, 0))
     put("embedding/bias", _take(state, "patch_embed.proj.bias", taken))
     put("cls", _take(state, "cls_token", taken))
-    put(POSEMB_KEY, _take(state, "pos_embed", taken))
+    pos_embed = _take(state, "pos_embed", taken)
+    put(POSEMB_KEY, None if pos_embed is None else with_class_token_slot(pos_embed, "cls" in flat))
     for i in _block_indices(state, r"blocks\.(\d+)\."):
         src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         for norm, ln in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
             put(f"{dst}{ln}/scale", _take(state, f"{src}{norm}.weight", taken))
             put(f"{dst}{ln}/bias", _take(state, f"{src}{norm}.bias", taken))
         qkv_w, qkv_b = _take(state, f"{src}attn.qkv.weight", taken), _take(state, f"{src}attn.qkv.bias", taken)
-        if qkv_w is not None and qkv_b is not None:
+        if qkv_w is not None:
+            qkv_b = _zero_bias_if_none(qkv_b, qkv_w)
             attn = f"{dst}MultiHeadDotProductAttention_1/"
             for name, w_part, b_part in zip(("query", "key", "value"), np.split(qkv_w, 3), np.split(qkv_b, 3)):
                 kernel, bias = _qkv_from_linear(w_part, b_part, num_heads, f"{path}: {src}attn.qkv")
@@ -356,7 +393,8 @@ def hf_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
         for name in ("query", "key", "value"):
             w = _take(state, f"{src}attention.attention.{name}.weight", taken)
             b = _take(state, f"{src}attention.attention.{name}.bias", taken)
-            if w is not None and b is not None:
+            if w is not None:
+                b = _zero_bias_if_none(b, w)
                 kernel, bias = _qkv_from_linear(w, b, num_heads, f"{path}: {src}attention.attention.{name}")
                 flat[f"{attn}{name}/kernel"], flat[f"{attn}{name}/bias"] = kernel, bias
         w = _take(state, f"{src}attention.output.dense.weight", taken)
