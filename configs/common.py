@@ -81,7 +81,9 @@ def get_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     # scale (faster, and no aliasing, on photos many times image_size). predict and visualize follow it too.
     c.pp.antialias = False
     c.pp.flip = True
-    c.pp.eval_crop_fraction = 1.0  # eval: resize to image_size / fraction, then central crop
+    # eval: the central fraction of each side, resized to image_size x image_size. Both sides: the aspect ratio is
+    # not kept (as the paper's code at 1.0), unlike big_vision's resize_small|central_crop or timm's crop_pct.
+    c.pp.eval_crop_fraction = 1.0
     c.pp.mixup_alpha = 0.0
     c.pp.randaugment_layers = 0  # 0: off; AugReg uses 2
     c.pp.randaugment_magnitude = 10

@@ -3,6 +3,8 @@
 train: decode -> Inception crop (random resized crop) -> resize to image_size -> horizontal flip
        [-> random translation (small images) -> RandAugment] -> values in [-1, 1]
 eval:  decode -> resize to image_size / eval_crop_fraction -> central crop image_size -> values in [-1, 1]
+       (both sides are resized alike: the aspect ratio is not kept, as in the paper's code; big_vision's
+       resize_small|central_crop and timm's crop_pct resize the short side)
 labels: one-hot (one class per image) or multi-hot (several); mixup mixes whole batches.
 
 Resizing is tf.image.resize's bilinear without antialiasing by default, as the paper's code (`antialias=True`:
