@@ -337,3 +337,22 @@ def test_a_linear_probe_updates_the_head_alone_and_never_computes_the_backbones_
     assert train.step_flops(probe, mesh, None) < 0.5 * train.step_flops(full, mesh, None)
     if accum_steps == 1:  # (a compiled scan's body is counted once)
         assert train.step_flops(probe, mesh, None) == pytest.approx(compiled_flops(probe), rel=0.02)
+
+
+def test_evaluating_a_fresh_model_builds_its_params_alone(tmp_path):
+    """No checkpoint and no pre-trained weights, params_only: the seed's params, no optimizer state, no average."""
+    from vit_jax import checkpoints
+
+    config = tiny_config(**{"optimizer.ema_decay": 0.9, "mesh.data": 1})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    ckpt = checkpoints.Checkpoints(str(tmp_path / "run"), keep=1)
+    try:
+        state, data_state, meta = train.restore_or_init(config, mesh, config.total_steps, ckpt, params_only=True)
+    finally:
+        ckpt.close()
+    assert set(state) == {"step", "params", "opt_state", "rng"} and state["opt_state"] is None
+    assert data_state is None and meta == {} and int(state["step"]) == 0
+    full = train.init_state(config, mesh, config.total_steps)  # what training would start from
+    for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(full["params"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(state["rng"]), np.asarray(full["rng"]))

@@ -93,18 +93,25 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def init_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int) -> State:
-    """A fresh state from `config.seed`, created directly in its sharded layout (never whole on one device)."""
+def init_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int, params_only: bool = False) -> State:
+    """A fresh state from `config.seed`, created directly in its sharded layout (never whole on one device).
+
+    `params_only` (evaluating a fresh model) builds no optimizer state (opt_state None) and no average.
+    """
     model = make_model(config)
     tx = optim.make_optimizer(config, num_steps)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    shardings = state_shardings(config, mesh, num_steps)
+    if params_only:
+        shardings = {key: shardings[key] for key in ("step", "params", "rng")}
 
     def init(init_rng, train_rng):
         params = nn.unbox(_boxed_params(model, config, init_rng))
-        return _with_ema(config, {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                                  "rng": train_rng})
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "rng": train_rng}
+        return state if params_only else _with_ema(config, {**state, "opt_state": tx.init(params)})
 
-    return jax.jit(init, out_shardings=state_shardings(config, mesh, num_steps))(init_rng, train_rng)
+    state = jax.jit(init, out_shardings=shardings)(init_rng, train_rng)
+    return {**state, "opt_state": None} if params_only else state
 
 
 def _with_ema(config: ml_collections.ConfigDict, state: State) -> State:
@@ -395,10 +402,8 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         return state, restored["data_state"], meta
     if pretrained:
         return _pretrained_state(config, mesh, num_steps, pretrained, params_only, require_head), None, {}
-    state = init_state(config, mesh, num_steps)
-    if params_only:  # evaluating a fresh model: its average would be the params themselves
-        state.pop("ema", None)
-    return state, None, {}
+    # Evaluating a fresh model: no optimizer state, and no average (it would be the params themselves).
+    return init_state(config, mesh, num_steps, params_only), None, {}
 
 
 def _pretrained_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int, path: str, params_only: bool,
