@@ -8,7 +8,8 @@ replaced by a new zero-initialised one with `num_classes` outputs and the positi
 384px grid, both when `config.pretrained` is loaded (vit_jax.interop). SGD with momentum 0.9, batch 512, no
 weight decay, global-norm clip 1, cosine decay after a short warmup. The paper picks the learning rate from a
 grid on a held-out part of the training split (1% ImageNet, 2% CIFAR, 10% Pets and Flowers, hence the
-`train[:N%]` splits below); the defaults below are from that grid:
+`train[:N%]` splits below, which these runs train on as the original code does; the paper then retrains on the
+whole training split, so for its tables set `--config.train_split=train`); the defaults below are from that grid:
 ImageNet {.003, .01, .03, .06}, CIFAR and Pets/Flowers {.001, .003, .01, .03}, with the original code's one
 exception, 0.01 for B/16 on CIFAR-10 (its configs/vit.py). Warmup: 500 steps as the original code, 100 for the
 500-step Pets/Flowers runs as big_vision. Dropout is the model's own in the original code's model configs

@@ -12,6 +12,6 @@ from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The paper's ImageNet-21k pre-training recipe for R26+ViT-S/32."""
+    """The paper's ImageNet-21k pre-training recipe (its B and L rows, Table 3) applied to R26+ViT-S/32."""
     config = common.get_config("R26+S/32")
     return config

@@ -12,6 +12,6 @@ from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The paper's ImageNet-21k pre-training recipe for ViT-B/8."""
+    """The paper's ImageNet-21k pre-training recipe (its B and L rows, Table 3) applied to ViT-B/8."""
     config = common.get_config("B/8")
     return config

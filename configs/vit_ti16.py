@@ -12,6 +12,6 @@ from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The paper's ImageNet-21k pre-training recipe for ViT-Ti/16."""
+    """The paper's ImageNet-21k pre-training recipe (its B and L rows, Table 3) applied to ViT-Ti/16."""
     config = common.get_config("Ti/16")
     return config
