@@ -219,6 +219,24 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert float(jnp.abs(out16 - out32).max()) > 0  # bf16 really computed in bf16
 
 
+@pytest.mark.parametrize("representation_size", [0, 24])
+def test_bfloat16_compute_pools_and_classifies_in_float32(representation_size):
+    """As the paper's code: encoder_norm, pooling, pre_logits and the head run in float32 (bf16 would round logits
+    near a head bias of -10 to steps of 0.06): the logits are those of the encoder's float32 output in float64."""
+    model = build_model(tiny_config(dtype="bfloat16", representation_size=representation_size), 5)
+    params = init_random(model, 16)
+    params["head"]["bias"] = params["head"]["bias"] - 10.0
+    images = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+    logits, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    encoded = state["intermediates"]["encoded"][0]  # the encoder's output, after encoder_norm
+    x = np.asarray(encoded, np.float64)[:, 0]
+    if representation_size:
+        x = np.tanh(x @ np.asarray(params["pre_logits"]["kernel"], np.float64) + params["pre_logits"]["bias"])
+    expected = x @ np.asarray(params["head"]["kernel"], np.float64) + np.asarray(params["head"]["bias"], np.float64)
+    assert encoded.dtype == jnp.float32 and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-4)
+
+
 def test_remat_and_scan_match_plain_model():
     plain = build_model(tiny_config(), 5)
     params = init_random(plain, 16)
