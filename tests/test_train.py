@@ -356,3 +356,69 @@ def test_evaluating_a_fresh_model_builds_its_params_alone(tmp_path):
     for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(full["params"])):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(state["rng"]), np.asarray(full["rng"]))
+
+
+def _digits_run_config(tmp_path, **overrides):
+    from vit_jax import config_check
+
+    config = tiny_config(**{"dataset": "digits", "train_split": "train", "eval_split": "test",
+                            "tfds_data_dir": str(tmp_path / "tfds"), "pp.inception_crop": False,
+                            "optimizer.warmup_steps": 1, "eval_batch_size": 128, **overrides})
+    config_check.validate(config, 8)
+    return config
+
+
+def test_the_rate_leaves_out_an_evaluation_between_two_log_steps(tmp_path, monkeypatch):
+    """A fake clock: 1 s per train step, 1000 s per evaluation; every progress line must read 1 s per step, also
+    the one after an evaluation that fell between two log steps (step 2 and 6 of log steps 4 and 8)."""
+    from types import SimpleNamespace
+
+    from vit_jax.data import pipeline
+
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    next_batch, evaluate = pipeline.TrainIterator.__next__, train._evaluate_weights
+
+    def slow_batch(self):  # one per step
+        clock[0] += 1.0
+        return next_batch(self)
+
+    def slow_evaluation(*args, **kwargs):
+        clock[0] += 1000.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", slow_batch)
+    monkeypatch.setattr(train, "_evaluate_weights", slow_evaluation)
+    lines = []
+    monkeypatch.setattr(train, "progress_line", lambda step, num_steps, loss, rate, seconds, *a: lines.append(
+        (step, seconds)) or "")
+    config = _digits_run_config(tmp_path, total_steps=8, log_every=4, eval_every=2, checkpoint_every=1000)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert lines == [(4, 1.0), (8, 1.0)]
+
+
+def test_a_preemption_on_an_evaluation_step_saves_before_it_evaluates(tmp_path, monkeypatch):
+    """The grace period goes to the checkpoint: the params' evaluation of that step comes after the save."""
+    import os
+
+    from vit_jax import checkpoints
+
+    class PreemptedAtStep2(checkpoints.PreemptionWatcher):
+        def reached(self, step):
+            return step == 2
+
+    workdir = str(tmp_path / "run")
+    evaluated = []
+    evaluate = train._evaluate_weights
+
+    def recording(config, eval_step, extra_steps, weights, *args, **kwargs):
+        evaluated.append((sorted(weights), os.path.isdir(os.path.join(workdir, "checkpoints", "2"))))
+        return evaluate(config, eval_step, extra_steps, weights, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "PreemptionWatcher", PreemptedAtStep2)
+    monkeypatch.setattr(train, "_evaluate_weights", recording)
+    config = _digits_run_config(tmp_path, **{"total_steps": 4, "eval_every": 2, "checkpoint_every": 1000,
+                                             "optimizer.ema_decay": 0.5})
+    result = train.train_and_evaluate(config, workdir)
+    assert result["preempted"] and result["step"] == 2
+    assert evaluated == [(["params"], True)]  # once, the params alone, the checkpoint already on disk

@@ -743,6 +743,13 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     profile_start = None
     timer_step, timer_start = start_step, time.perf_counter()
     step = start_step
+
+    def _evaluate_and_log(step: int, weights: dict[str, Any], with_extra: bool) -> None:
+        nonlocal last_evaluations
+        last_evaluations = _evaluate_weights(config, eval_step, extra_steps, weights, mesh, f"at step {step}",
+                                             f"at step {step}", with_extra=with_extra)
+        _log_evaluations(writer, step, last_evaluations)
+
     try:
         while step < num_steps:
             batch = next(train_iter)
@@ -774,13 +781,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 logging.info("profile of steps %d-%d written to %s", profile_start + 1, step,
                              os.path.join(workdir, "profile"))
 
-            if step % config.eval_every == 0 or step == num_steps:
-                # On the way out of a preemption the checkpoint comes before the average and the extra test sets.
-                weights = {"params": state["params"]} if preempted else _weight_sets(state)
-                last_evaluations = _evaluate_weights(config, eval_step, extra_steps, weights, mesh,
-                                                     f"at step {step}", f"at step {step}", with_extra=not preempted)
-                _log_evaluations(writer, step, last_evaluations)
-                timer_start = time.perf_counter()
+            evaluates = step % config.eval_every == 0 or step == num_steps
+            if evaluates and not preempted:  # preempted: after the save, below
+                _, seconds = _paused(state, _evaluate_and_log, step, _weight_sets(state), True)
+                timer_start += seconds  # the progress line's rate counts training time only
 
             if step % config.checkpoint_every == 0 or step == num_steps or preempted:
                 _check_finite(pending)  # never save a state that has diverged
@@ -792,15 +796,18 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
             # After the save (a failure loses no step) and never on the way out of a preemption (a long pass).
             if (represent is not None and not preempted
                     and (step == num_steps or (fewshot_every and step % fewshot_every == 0))):
-                last_fewshot = fewshot.evaluate(config, state["params"], mesh, represent)
+                last_fewshot, seconds = _paused(state, fewshot.evaluate, config, state["params"], mesh, represent)
                 _log_fewshot(writer, step, last_fewshot)
-                timer_start = time.perf_counter()
+                timer_start += seconds
             if preempted:
                 ckpt.wait()
                 if jax.process_count() > 1:  # all saved before any exits: a launcher may kill the rest at the first
                     # exit (srun --kill-on-bad-exit, exit code 75)
                     multihost_utils.sync_global_devices("vit_jax: preemption checkpoint saved")
                 _report(f"preempted: saved a checkpoint at step {step}; rerun the same command to resume")
+                if evaluates and step < num_steps:  # the params' score, within the grace period if it allows; the
+                    # last step's full evaluation is the rerun's
+                    _evaluate_and_log(step, {"params": state["params"]}, with_extra=False)
                 writer.flush()
                 return {"step": step, "train_loss": train_loss, "preempted": True}
     finally:
@@ -816,6 +823,15 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     write_final_metrics(workdir, result)
     _report(_summary_line(result))
     return result
+
+
+def _paused(state: State, run: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """`run(*args)`'s result and the seconds it took once the steps in flight are done (they count as training
+    time: the progress line's rate leaves out the pass alone, wherever it falls between two log steps)."""
+    jax.block_until_ready(state)
+    began = time.perf_counter()
+    result = run(*args)
+    return result, time.perf_counter() - began
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
