@@ -67,6 +67,20 @@ def test_npz_to_hf_keeps_the_logits(tmp_path, source):
     np.testing.assert_array_equal(logits_of(config, loaded, images), logits_of(tiny_config(), params, images))
 
 
+def test_an_image_size_that_is_no_multiple_of_the_patch_size_is_refused(tmp_path):
+    """--image_size=100 with 16px patches once became a 6x6 grid, silently exported as a 96px model."""
+    config = tiny_config(patch_size=16)
+    src = str(tmp_path / "vit_p16.npz")
+    save_as(random_params(config, 4), config, src, "npz")
+    out = tmp_path / "hf"
+    result = _convert(f"--src={src}", *TINY, "--config.model.patch_size=16", f"--out={out}", "--to=hf",
+                      "--image_size=100")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "image_size=100 is invalid: must be divisible by model.patch_size=16 (the nearest are 96 and 112)" \
+        in errors[0]
+    assert not out.exists()
+
 def test_bad_source_is_one_error_line_naming_it_and_exit_2(tmp_path):
     bad = tmp_path / "notes.npz"
     bad.write_text("not weights")

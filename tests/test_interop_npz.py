@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from tests.test_interop_common import IMAGE_SIZE, logits_of, random_images, random_params, tiny_config
-from vit_jax.interop import detect_format, load_pretrained, save_as
+from vit_jax.interop import CheckpointError, detect_format, load_pretrained, save_as
 from vit_jax.interop.common import POSEMB_KEY, canonical_to_params, flatten, params_to_canonical
 
 
@@ -188,3 +190,17 @@ def test_older_big_vision_posemb_layouts_give_the_canonical_logits(tmp_path, key
     np.testing.assert_array_equal(flatten(loaded)[POSEMB_KEY], flat[POSEMB_KEY])
     images = random_images()
     np.testing.assert_array_equal(logits_of(loaded_config, loaded, images), logits_of(config, params, images))
+
+
+def test_save_as_never_replaces_an_existing_file_unless_told_to(tmp_path):
+    config = tiny_config()
+    path = tmp_path / "vit.npz"
+    path.write_bytes(b"earlier work")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: exists; give a new file name"):
+        save_as(random_params(config, 3), config, str(path), "npz")
+    assert path.read_bytes() == b"earlier work"
+
+    params = random_params(config, 3, seed=4)
+    save_as(params, config, str(path), "npz", overwrite=True)
+    np.testing.assert_array_equal(flatten(load_pretrained(str(path), tiny_config()))["head/kernel"],
+                                  params_to_canonical(params)["head/kernel"])

@@ -7,6 +7,8 @@ transposed or swapped arrays). The tolerance is the issue's: max abs logit diffe
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -105,6 +107,52 @@ def test_hf_export_refuses_what_hf_cannot_hold(tmp_path):
     with pytest.raises(CheckpointError, match="classifier='gap' cannot be exported to hf"):
         save_as(random_params(config, 3), config, str(tmp_path / "hf"), "hf")
 
+
+
+@pytest.mark.parametrize("existing", ["none", "empty"])
+def test_a_failed_hf_export_leaves_no_directory_and_no_temporary_one(tmp_path, monkeypatch, existing):
+    """A failure between config.json and the weights once left a config-only directory that neither loads nor,
+    being non-empty, can be exported into again."""
+    from vit_jax.interop import torch_hub
+
+    config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
+    params = random_params(config, NUM_CLASSES, seed=2)
+    out = tmp_path / "hf"
+    if existing == "empty":
+        out.mkdir()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch_hub, "write_safetensors", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            save_as(params, config, str(out), "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if existing == "none" else ["hf"])
+    assert not out.exists() or not any(out.iterdir())
+
+    assert save_as(params, config, str(out), "hf") == str(out)  # the destination is still usable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = flatten(load_pretrained(str(out), tiny_config()))
+    for key, value in params_to_canonical(params).items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+
+
+def test_hf_export_into_an_occupied_directory_needs_overwrite(tmp_path):
+    config = tiny_config()
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "README.md").write_text("model card")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(out))}: exists and is not empty"):
+        save_as(random_params(config, NUM_CLASSES), config, str(out), "hf")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+    params = random_params(config, NUM_CLASSES, seed=7)
+    save_as(params, config, str(out), "hf", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    loaded = flatten(load_pretrained(str(out), tiny_config()))
+    np.testing.assert_array_equal(loaded["head/kernel"], params_to_canonical(params)["head/kernel"])
 
 # -------------------------------------------------------------------------------------------------- timm
 

@@ -13,8 +13,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
+import shutil
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Iterator
 from typing import Any
@@ -163,6 +166,18 @@ def _source_grid_side(flat: Flat, source: str) -> int:
     return side
 
 
+def _check_image_size(image_size: int, patch_size: int) -> None:
+    """Refuse an `image_size` that is not a whole number of patches: the patch embedding would drop the edge
+    pixels, and the position embeddings (and an export's config) would silently be those of the smaller size."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size <= 0:
+        raise CheckpointError(f"image_size={image_size!r} is invalid: expected a positive number of pixels")
+    if image_size % patch_size:
+        below = image_size // patch_size * patch_size
+        nearest = " and ".join(map(str, ([below] if below else []) + [below + patch_size]))
+        raise CheckpointError(f"image_size={image_size} is invalid: must be divisible by model.patch_size="
+                              f"{patch_size} (the nearest are {nearest})")
+
+
 def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_classes: int | None = None,
                     image_size: int | None = None, source_format: str | None = None,
                     resize_method: str = "bilinear", set_numerics: bool = True,
@@ -172,15 +187,17 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
 
     `num_classes` / `image_size` (default: the checkpoint's own) give the target model; a different class
     count gets a new zero-initialised head (`reset_head`: whatever the class count), a different resolution
-    resized position embeddings, and a `representation_size=0` config drops the checkpoint's pre_logits — each
-    logged; `require_head` (evaluation) raises CheckpointError instead of putting in a new head. A
-    masked-patch-prediction checkpoint loses its pre-training head (logged) and gets a new zero head;
-    `masked_patch_classes > 0` targets the pre-training model instead
+    (a multiple of the patch size) resized position embeddings, and a `representation_size=0` config drops the
+    checkpoint's pre_logits — each logged; `require_head` (evaluation) raises CheckpointError instead of putting
+    in a new head. A masked-patch-prediction checkpoint loses its pre-training head (logged) and gets a new zero
+    head; `masked_patch_classes > 0` targets the pre-training model instead
     (`vit_jax.masked_patch.build_pretraining_model`). With `set_numerics`, `model_config.gelu_approximate` and
     `.layernorm_epsilon` are set (in place) to the weights' origin, so `build_model(model_config, ...)` computes
     what the weights computed at home. Returns a nested dict of float32 numpy arrays in the model's layout
     (scanned when `model_config.scan`).
     """
+    if image_size is not None:
+        _check_image_size(image_size, model_config.patch_size)
     ckpt = read_checkpoint(path, model_config.num_heads, source_format)
     flat = ckpt.flat
     if num_classes is None:
@@ -269,48 +286,61 @@ def apply_numerics(model_config: ml_collections.ConfigDict, numerics: Numerics) 
 TARGET_SUFFIXES = {"npz": ".npz", "timm": ".safetensors"}
 
 
-def check_destination(path: str, target_format: str) -> None:
+def check_destination(path: str, target_format: str, overwrite: bool = False) -> None:
     """Refuse a destination `save_as` would fail on or that holds something already (nothing is overwritten):
     a file target (npz, timm) must be a new file named with its format's suffix in an existing directory; a
-    directory target (hf, orbax) must be new or empty."""
+    directory target (hf, orbax) must be new or empty.
+
+    `overwrite` lets an existing npz / timm file be replaced and an HF directory be written into (its
+    config.json and weights replaced, other files kept); an orbax directory is never reused (its steps would mix).
+    """
     if target_format not in TARGET_FORMATS:
         raise CheckpointError(f"target_format must be one of {TARGET_FORMATS}, got {target_format!r}")
     path = os.fspath(path)
     suffix = TARGET_SUFFIXES.get(target_format)
     if suffix and not path.endswith(suffix):
         raise CheckpointError(f"{path}: a {target_format} checkpoint is one {suffix} file; name it *{suffix}")
+    keep_existing = not overwrite or target_format == "orbax"
     if remote.is_remote(path):
-        if not remote.is_empty_or_missing(path):
-            raise CheckpointError(f"{path}: exists; give a new {'file' if suffix else 'directory'} (nothing is "
-                                  "overwritten)")
+        if keep_existing and not remote.is_empty_or_missing(path):
+            held = "exists; give a new file" if suffix else "exists and is not empty; give a new directory"
+            raise CheckpointError(f"{path}: {held} (nothing is overwritten)")
         return
     if suffix:
-        if os.path.isdir(path):
-            raise CheckpointError(f"{path}: is a directory; a {target_format} checkpoint is one {suffix} file")
-        if os.path.lexists(path):
-            raise CheckpointError(f"{path}: exists; give a new file name or remove it first (nothing is "
-                                  "overwritten)")
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise CheckpointError(f"{path}: its directory {parent} does not exist; create it first")
+        _check_file_destination(path, target_format, suffix, keep_existing)
         return
     if os.path.lexists(path) and not os.path.isdir(path):
         raise CheckpointError(f"{path}: is a file; a {target_format} checkpoint is a directory: give a new one")
-    if os.path.isdir(path) and os.listdir(path):
+    if keep_existing and os.path.isdir(path) and os.listdir(path):
         raise CheckpointError(f"{path}: exists and is not empty; give a new directory for the {target_format} "
                               "checkpoint (nothing is overwritten)")
 
 
-def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str) -> str:
+def _check_file_destination(path: str, target_format: str, suffix: str, keep_existing: bool) -> None:
+    """`check_destination` for a local single-file target."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory; a {target_format} checkpoint is one {suffix} file")
+    if keep_existing and os.path.lexists(path):
+        raise CheckpointError(f"{path}: exists; give a new file name or remove it first (nothing is "
+                              "overwritten)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{path}: its directory {parent} does not exist; create it first")
+
+
+def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str, *,
+            overwrite: bool = False) -> str:
     """Write `params` (of the model `model_config` describes) as `target_format`; returns what was written.
 
     "npz": an original-layout `.npz` (vision_transformer / timm `_load_weights` read it). "timm": a timm
     VisionTransformer `.safetensors`. "hf": a directory with `config.json` + `model.safetensors` for
     `ViTForImageClassification.from_pretrained`. "orbax": a CheckpointManager directory (step 0) that
     `load_pretrained` and `config.pretrained` read.
+
+    An existing destination is refused (`check_destination`) unless `overwrite` (never for orbax). Files are
+    written atomically: a failed export leaves the destination as it was.
     """
-    if target_format not in TARGET_FORMATS:
-        raise CheckpointError(f"target_format must be one of {TARGET_FORMATS}, got {target_format!r}")
+    check_destination(path, target_format, overwrite)
     path = os.fspath(path)
     if remote.is_remote(path):
         return _save_remote(params, model_config, path.rstrip("/"), target_format)
@@ -349,11 +379,7 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
         _require(not m.resnet_layers, "HF export of hybrids is not supported; export to npz")
         _require(not m.representation_size, "HF ViTForImageClassification has no pre_logits layer; fine-tune "
                                             "with model.representation_size=0 or export to npz/orbax")
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(torch_hub.hf_config(m, num_classes, image_size), f, indent=2)
-        torch_hub.write_safetensors(torch_hub.canonical_to_hf(flat), os.path.join(path, "model.safetensors"),
-                                    metadata={"format": "pt"})
+        _write_hf_dir(flat, torch_hub.hf_config(m, num_classes, image_size), path)
     else:
         meta = {"step": 0, "config": {"model": m.to_dict()}, "source": "vit_jax.interop.save_as"}
         written = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
@@ -362,10 +388,31 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
     return shown
 
 
+def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], path: str) -> None:
+    """`path`/model.safetensors and `path`/config.json, written into a temporary sibling directory that is then
+    renamed into place: a failure part-way leaves no directory that looks like a model but cannot be loaded (and
+    that `check_destination` would refuse to reuse). Into an existing non-empty directory (`overwrite`) the two
+    files are moved one by one, the weights first, config.json (what marks a model directory) last."""
+    path = os.path.normpath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    os.mkdir(tmp)  # not tempfile.mkdtemp: its 0700 mode would become the model directory's
+    try:
+        torch_hub.write_safetensors(torch_hub.canonical_to_hf(flat), os.path.join(tmp, "model.safetensors"),
+                                    metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2)
+        if os.path.isdir(path) and os.listdir(path):
+            for name in ("model.safetensors", "config.json"):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        else:
+            os.replace(tmp, path)  # a new directory, or one over an empty one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+
+
 def _save_remote(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str) -> str:
     """`save_as` to a remote path: written into a temporary local directory, then copied up."""
-    if target_format == "orbax" and not remote.is_empty_or_missing(path):
-        raise CheckpointError(f"{path}: exists and is not empty; give a new directory for the orbax checkpoint")
     with tempfile.TemporaryDirectory(prefix="vit_jax_save_") as tmp:
         local = os.path.join(tmp, path.rsplit("/", 1)[-1])
         written = _write(params, model_config, local, target_format, shown=path)

@@ -66,7 +66,8 @@ def step_dir(path: str, must_exist: bool = True, *, isdir: Callable[[str], bool]
         found = step_dir(os.path.join(path, "checkpoints"), False, isdir=isdir, listdir=listdir, finalized=finalized)
         if found is None and must_exist:
             raise CheckpointError(f"{path}: its checkpoints/ holds no finished checkpoint yet (a run stopped before "
-                                  "its first save?): train longer, or give another checkpoint")
+                                  "its first save? a remote step counts once orbax's commit_success.txt is in "
+                                  "it): train longer, or give another checkpoint")
         return found
     steps = [int(name) for name in listdir(path)
              if name.isdigit() and isdir(os.path.join(path, name, "params")) and finalized(os.path.join(path, name))]

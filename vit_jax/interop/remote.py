@@ -32,7 +32,7 @@ _MANIFEST = ".vit_jax_copy.json"  # {relative path: [size, mtime_nsec]} of what 
 _LOCK = ".vit_jax_copy.lock"
 _WEIGHT_ITEMS = ("params", orbax_io.AVERAGE_ITEM)  # orbax step items holding weights: loading reads one of them
 _SKIPPED_ITEMS = ("opt_state", "data")  # orbax step items that loading never reads
-_COMMIT_FILE = "commit_success.txt"  # orbax writes it last into a step directory
+_COMMIT_FILE = "commit_success.txt"  # orbax (>= 0.12.8) writes it into every step directory as it commits it
 
 
 def is_remote(path: str) -> bool:
@@ -102,6 +102,7 @@ def local_copy(path: str, cache: str | None = None) -> str:
         if not gfile.exists(path):
             raise CheckpointError(f"{path}: no such file or directory")
         if item != "params":  # a step's Polyak average: its item and the step's meta
+            _require_finalized(gfile, step)
             copied = _sync(gfile, step, _orbax_files(gfile, step, item), path, cache)
             return os.path.join(copied, item)
         if gfile.isdir(path):
@@ -110,7 +111,9 @@ def local_copy(path: str, cache: str | None = None) -> str:
                                      isdir=gfile.isdir, listdir=lambda p: _listdir(gfile, p),
                                      finalized=_finalized(gfile))
             if step:
+                _require_finalized(gfile, step)  # a step named directly: step_dir took it as it is
                 return _sync(gfile, step, _orbax_files(gfile, step), step, cache)
+            _refuse_unfinished_steps(gfile, path)
             names = [posixpath.basename(f) for f in torch_hub.hf_dir_files(path, isfile=gfile.exists)]
             return _sync(gfile, path, names, path, cache)
         root, name = posixpath.split(path)
@@ -119,8 +122,9 @@ def local_copy(path: str, cache: str | None = None) -> str:
 
 
 def upload(local: str, path: str) -> None:
-    """Copy a local file or directory tree to the remote `path`, deepest files first (orbax's commit file and
-    step metadata, at the top of a step, arrive after the arrays they vouch for)."""
+    """Copy a local file or directory tree to the remote `path`, deepest files first, and in each directory
+    orbax's commit file last: a step's commit file, at its top, arrives after everything it vouches for, so an
+    interrupted upload leaves a step that readers here skip (`_finalized`)."""
     gfile = _gfile()
     with _errors(path, "write"):
         if not os.path.isdir(local):
@@ -147,18 +151,29 @@ def _listdir(gfile: Any, path: str) -> list[str]:
 
 
 def _finalized(gfile: Any) -> Callable[[str], bool]:
-    """A step counts if orbax's commit file is in it, or if no step beside it has one (a tree from an orbax that
-    wrote none); on a bucket orbax writes a step in place, so a step without it may still be being written."""
-    any_commit: dict[str, bool] = {}
+    """A remote step counts only with orbax's commit file in it. orbax (>= 0.12.8, setup.py's minimum) writes one
+    into every step: on a bucket last, as the step is written in place; locally into the temporary directory it
+    then renames, so `upload` (and any copy of a local run) brings it along, last. A step without it is still
+    being written, or was copied in part (params without meta would load with the wrong numerics)."""
+    return lambda step: gfile.exists(f"{step}/{_COMMIT_FILE}")
 
-    def finalized(step: str) -> bool:
-        parent = posixpath.dirname(step)
-        if parent not in any_commit:
-            any_commit[parent] = any(gfile.exists(f"{parent}/{name}/{_COMMIT_FILE}")
-                                     for name in _listdir(gfile, parent) if name.isdigit())
-        return not any_commit[parent] or gfile.exists(f"{step}/{_COMMIT_FILE}")
 
-    return finalized
+def _require_finalized(gfile: Any, step: str) -> None:
+    """Refuse the remote step directory `step` unless it holds orbax's commit file (`_finalized`)."""
+    if not _finalized(gfile)(step):
+        raise CheckpointError(f"{step}: unfinished orbax step (no {_COMMIT_FILE}): still being written, or an "
+                              "interrupted copy; give a finished step, or copy the checkpoint again")
+
+
+def _refuse_unfinished_steps(gfile: Any, path: str) -> None:
+    """Name the steps of the remote `path` that hold params but no commit file (when none is finished): the
+    directory is an orbax checkpoint, not an HF model without a config.json."""
+    unfinished = sorted(int(name) for name in _listdir(gfile, path)
+                        if name.isdigit() and gfile.isdir(f"{path}/{name}/params"))
+    if unfinished:
+        raise CheckpointError(f"{path}: no finished orbax step: step(s) {', '.join(map(str, unfinished))} have no "
+                              f"{_COMMIT_FILE} (still being written, or an interrupted copy); wait for the run, "
+                              "or copy the checkpoint again")
 
 
 def _orbax_files(gfile: Any, step: str, item: str = "params") -> list[str]:
