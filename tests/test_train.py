@@ -422,3 +422,30 @@ def test_a_preemption_on_an_evaluation_step_saves_before_it_evaluates(tmp_path, 
     result = train.train_and_evaluate(config, workdir)
     assert result["preempted"] and result["step"] == 2
     assert evaluated == [(["params"], True)]  # once, the params alone, the checkpoint already on disk
+
+
+def test_a_finished_workdir_scores_again_what_its_final_metrics_lack(tmp_path, caplog):
+    """final_metrics.json of an earlier finish (the run extended, then stopped before writing its own), or one
+    without a test set the config now adds, is not returned as the finished run's result."""
+    import json
+    import logging
+    import os
+
+    workdir = str(tmp_path / "run")
+    config = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2)
+    first = train.train_and_evaluate(config, workdir)
+    path = os.path.join(workdir, train.FINAL_METRICS)
+    with open(path) as f:
+        stored = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**stored, "step": 1, "test_accuracy": -1.0}, f)  # an earlier finish's file
+    with caplog.at_level(logging.WARNING):
+        again = train.train_and_evaluate(config, workdir)
+    assert "holds step 1's scores, not the last checkpoint's (2): scoring it again" in caplog.text
+    assert again["step"] == 2 and again["test_accuracy"] == pytest.approx(first["test_accuracy"])
+    extended = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2,
+                                  extra_evals=("digits,train",))
+    scored = train.train_and_evaluate(extended, workdir)
+    assert set(scored["extra_evals"]) == {"digits"} and scored["test_accuracy"] == pytest.approx(again["test_accuracy"])
+    with open(path) as f:
+        assert json.load(f)["extra_evals"] == scored["extra_evals"]

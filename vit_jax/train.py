@@ -518,6 +518,25 @@ def _test_metrics(config: ml_collections.ConfigDict, eval_metrics: dict[str, flo
     return result
 
 
+def _stored_result(path: epath.Path, step: int, config: ml_collections.ConfigDict,
+                   extra: dict[str, ml_collections.ConfigDict]) -> dict | None:
+    """The finished run's final_metrics.json, if it holds step `step`'s scores of every test set and few-shot
+    task the config asks for; None (score again) when it is an earlier finish's (the run was extended, then
+    stopped before writing its own) or lacks a score the config adds."""
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("step") != step:
+        logging.warning("%s holds step %s's scores, not the last checkpoint's (%d): scoring it again", path,
+                        result.get("step"), step)
+        return None
+    wanted_fewshot = ({f"{task.name}_{n}shot" for task in fewshot.validate(config) for n in config.fewshot.shots}
+                      if _has_fewshot(config) else set())
+    if set(extra) - set(result.get("extra_evals", {})) or wanted_fewshot - set(result.get("fewshot", {})):
+        return None
+    return result
+
+
 def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: float | None,
                   evaluations: Evaluations) -> dict:
     """final_metrics.json: the eval split's metrics of the params, "extra_evals" (each test set's), and under
@@ -638,8 +657,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start_step = int(meta.get("step", 0))
         final_path = epath.Path(workdir) / FINAL_METRICS
         if start_step >= num_steps:
-            if final_path.exists():
-                result = json.loads(final_path.read_text())
+            result = _stored_result(final_path, start_step, config, extra)
+            if result is not None:
                 for name, values in result.get("extra_evals", {}).items():  # scored lines are printed as they come
                     _report(f"eval of {name}: {_metrics_text(values)}")
                 for name, values in result.get("ema", {}).get("extra_evals", {}).items():
