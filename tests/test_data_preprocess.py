@@ -148,6 +148,30 @@ def test_eval_preprocess_is_deterministic_and_crops_the_centre():
         preprocess.central_box(10, 10, 1.5)
 
 
+# EXIF orientation -> the numpy turn of the stored pixels a viewer shows (rows first: height, width).
+UPRIGHT = {1: lambda a: a, 3: lambda a: np.rot90(a, 2), 6: lambda a: np.rot90(a, -1), 8: lambda a: np.rot90(a, 1),
+           2: lambda a: a[:, ::-1]}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+@pytest.mark.parametrize("antialias", [False, True])
+def test_a_photo_tagged_as_rotated_is_turned_upright(orientation, antialias):
+    """A phone portrait: landscape pixels and an EXIF orientation. It is cropped and resized as a viewer shows it:
+    the same pixels as an untagged file of the upright image."""
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:20, :40] = 255  # white top-left quadrant: every turn puts it in another corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged, upright = io.BytesIO(), io.BytesIO()
+    Image.fromarray(stored).save(tagged, format="PNG", exif=exif)
+    Image.fromarray(np.ascontiguousarray(UPRIGHT[orientation](stored))).save(upright, format="PNG")
+    image = preprocess.open_image(tagged.getvalue())
+    assert image.size == (40, 80) if orientation in (6, 8) else image.size == (80, 40)
+    np.testing.assert_array_equal(preprocess.eval_pixels(image, 8, antialias=antialias),
+                                  preprocess.eval_pixels(preprocess.open_image(upright.getvalue()), 8,
+                                                         antialias=antialias))
+
+
 def test_labels_one_hot_and_multi_hot_and_out_of_range():
     np.testing.assert_array_equal(preprocess.encode_label(2, 4), [0, 0, 1, 0])
     np.testing.assert_array_equal(preprocess.encode_label(np.array([0, 3]), 4), [1, 0, 0, 1])

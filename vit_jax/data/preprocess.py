@@ -22,7 +22,7 @@ import logging
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from vit_jax.data.errors import DatasetError
 from vit_jax.data.randaugment import randaugment
@@ -53,14 +53,27 @@ def record_corrupt_image(index: int, error: Exception) -> None:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Parse the image header (pixels are decoded later, possibly at reduced scale)."""
+    """Parse the image header (pixels are decoded later, possibly at reduced scale); a photo whose EXIF
+    orientation says it is stored rotated or mirrored (phones store portraits as landscape pixels) is decoded
+    now and turned upright, so its size and pixels are those a viewer shows. (TF's decoder, the paper's, ignores
+    the tag: only files that carry one differ.)"""
     try:
-        return Image.open(io.BytesIO(data))
+        return _upright(Image.open(io.BytesIO(data)))
     except Image.UnidentifiedImageError:
         raise CorruptImageError(f"not an image: pillow recognises no image format in these {len(data)} bytes "
                                 f"(they start {bytes(data[:12])!r})") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CorruptImageError(f"cannot decode image ({len(data)} bytes): {e}") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001 (a damaged EXIF block: the pixels as stored)
+        return image
+    if orientation not in range(2, 9):  # 1: upright; other values are not orientations
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def inception_crop_box(width: int, height: int, rng: np.random.Generator, min_area: float = 0.05,
