@@ -1,5 +1,7 @@
 """Mesh construction and the logical-axis -> mesh-axis layout of parameters."""
 
+import dataclasses
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -52,3 +54,36 @@ def test_params_of_the_model_follow_the_rules():
     assert block["LayerNorm_0"]["scale"] == P("fsdp")
     assert specs["embedding"]["kernel"] == P(None, None, None, "fsdp")
     assert specs["head"]["kernel"] == P("fsdp", "model")  # 10 classes split over a model axis of 2
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInTpu:
+    """What jax's mesh_utils reads of a TPU chip: a v5e 16x16 slice's, 4 chips per host (2x2)."""
+
+    id: int
+    coords: tuple[int, int, int]
+    process_index: int
+    platform: str = "tpu"
+    device_kind: str = "TPU v5 lite"
+    core_on_chip: int = 0
+
+
+def v5e_16x16() -> list[StandInTpu]:
+    return [StandInTpu(i, (i % 16, i // 16, 0), (i % 16) // 2 + 8 * ((i // 16) // 2)) for i in range(256)]
+
+
+@pytest.mark.parametrize("mesh, shape", [
+    ({"data": 2, "fsdp": -1, "model": 1}, (2, 128, 1)),
+    ({"data": 1, "fsdp": -1, "model": 2}, (1, 128, 2)),
+    ({"data": 1, "fsdp": -1, "model": 4}, (1, 64, 4)),
+])
+def test_a_tpu_mesh_whose_axes_split_a_torus_dimension_is_built_in_topology_order(mesh, shape):
+    """Axis sizes that are no product of whole torus dimensions (jax refuses them by default): neighbouring
+    mesh coordinates of the model axis are still neighbouring chips."""
+    config = tiny_config()
+    config.mesh.update(mesh)
+    devices = sharding.make_mesh(config, v5e_16x16()).devices
+    assert devices.shape == shape and len({d.id for d in devices.flat}) == 256
+    for group in devices.reshape(-1, shape[2]):
+        for a, b in zip(group, group[1:]):
+            assert sum(abs(x - y) for x, y in zip(a.coords, b.coords)) == 1  # one ICI hop

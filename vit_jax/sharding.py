@@ -54,7 +54,13 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
         # Physical topology order: neighbouring mesh coordinates on neighbouring chips.
         from jax.experimental import mesh_utils
 
-        device_array = mesh_utils.create_device_mesh([shape[a] for a in MESH_AXES], devices=devices)
+        dims = [shape[a] for a in MESH_AXES]
+        try:
+            device_array = mesh_utils.create_device_mesh(dims, devices=devices)
+        except NotImplementedError:
+            # An axis size that is no product of whole torus dimensions (data=2 or model=2 on a 16x16 v5e):
+            # split a physical axis between mesh axes, still in topology order.
+            device_array = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
     else:
         device_array = np.array(devices).reshape([shape[a] for a in MESH_AXES])
     return Mesh(device_array, MESH_AXES)
