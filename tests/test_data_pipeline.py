@@ -295,7 +295,6 @@ def test_worker_processes_give_a_resumable_stream(config, sharding):
     resumed.close()
 
 
-@pytest.mark.parametrize("name, extra", [("cifar10", ""), ("imagenet2012", " --manual_dir=/path/to/downloads")])
 class DigitsWithMask(tfds.core.GeneratorBasedBuilder):
     """A few digits with a second image, as oxford_iiit_pet's segmentation mask, built offline."""
 
@@ -331,6 +330,7 @@ def test_reading_an_example_decodes_none_of_its_images(tmp_path, monkeypatch):
     assert isinstance(example["image"], bytes) and int(example["label"]) == int(load_digits_uint8()[1][3])
 
 
+@pytest.mark.parametrize("name, extra", [("cifar10", ""), ("imagenet2012", " --manual_dir=/path/to/downloads")])
 def test_a_missing_dataset_says_where_it_looked_and_how_to_prepare_it(tmp_path, sharding, name, extra):
     config = demo.get_config()
     config.dataset = name

@@ -319,13 +319,14 @@ class LabeledSource:
     """Random access to a split as {"image": encoded bytes, "label": int | int array, "index": int}.
 
     Images are not decoded here (grain workers decode them with pillow, and skip corrupt ones), and the other
-    images and videos an example holds are never decoded (oxford_iiit_pet's segmentation mask would double
-    each read's decoding); picklable, so grain's worker processes can each open it.
+    images an example holds are never decoded (oxford_iiit_pet's segmentation mask would double each read's
+    decoding); picklable, so grain's worker processes can each open it.
     """
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_key: str, label_key: str):
+        # (A Video feature cannot be skipped: TFDS decodes it in a batch call that SkipDecoding lacks.)
         skipped = [key for key, feature in builder.info.features.items()
-                   if key == image_key or isinstance(feature, (tfds.features.Image, tfds.features.Video))]
+                   if key == image_key or isinstance(feature, tfds.features.Image)]
         self._source = builder.as_data_source(split=split, decoders={k: tfds.decode.SkipDecoding() for k in skipped})
         self._image_key = image_key
         self._label_key = label_key
