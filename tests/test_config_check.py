@@ -126,6 +126,10 @@ def base():
      "config.pp.random_translate=-4 is invalid: expected an integer >= 0 (0: no shift)"),
     (lambda c: setattr(c, "data_workers", -1), "data_workers", "an integer >= 0 (0: load in the main process)"),
     (lambda c: setattr(c, "prefetch_batches", -1), "prefetch_batches", "an integer >= 0 (0: none ahead)"),
+    (lambda c: (setattr(c.model, "variant", "custom"), setattr(c.model, "hidden_size", 36),
+                setattr(c.model, "num_heads", 6), setattr(c.mesh, "fsdp", 8)), "mesh.fsdp",
+     "config.mesh.fsdp=8 is invalid: must divide model.hidden_size=36, or FSDP splits none of the transformer's "
+     "parameters (each chip would hold them whole); use one of [2, 4] and put the other devices on mesh.data"),
 ])
 def test_bad_config_names_field_value_and_valid_choices(mutate, field, hint):
     config = base()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 import ml_collections
@@ -113,6 +114,18 @@ def _check_variant(model: ml_collections.ConfigDict) -> None:
             "--config.model.variant=custom")
 
 
+def image_size_problem(image_size: object, patch_size: int) -> str | None:
+    """What is wrong with `image_size` for patches of `patch_size` (it must be a whole number of them: the patch
+    embedding would drop the edge pixels), or None."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size <= 0:
+        return "expected a positive integer"
+    if image_size % patch_size:
+        below = image_size // patch_size * patch_size
+        nearest = ([below] if below else []) + [below + patch_size]
+        return f"must be divisible by model.patch_size={patch_size} (the nearest are {' and '.join(map(str, nearest))})"
+    return None
+
+
 def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     """Architecture checks: sizes, heads, the variant label, patch vs image size, classifier, dtype."""
     for field in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size"):
@@ -141,13 +154,9 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
         if model.patch_size % stride:
             _fail("model.patch_size", model.patch_size,
                   f"a hybrid with {len(model.resnet_layers)} ResNet stages needs a multiple of its stride {stride}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        _fail("image_size", image_size, "expected a positive integer")
-    if image_size % model.patch_size:
-        below = image_size // model.patch_size * model.patch_size
-        nearest = ([below] if below else []) + [below + model.patch_size]
-        _fail("image_size", image_size, f"must be divisible by model.patch_size={model.patch_size} "
-              f"(the nearest are {' and '.join(map(str, nearest))})")
+    problem = image_size_problem(image_size, model.patch_size)
+    if problem:
+        _fail("image_size", image_size, problem)
     _check_variant(model)
 
 
@@ -240,6 +249,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
               f"must split evenly over the {batch_devices} data x fsdp devices; use a multiple of {batch_devices}")
     if config.model.num_heads % mesh["model"]:
         _fail("mesh.model", mesh["model"], f"tensor parallelism must divide model.num_heads={config.model.num_heads}")
+    if config.model.hidden_size % mesh["fsdp"]:  # FSDP splits every kernel along its hidden_size dimension
+        divisors = [d for d in range(2, mesh["fsdp"]) if config.model.hidden_size % d == 0 and mesh["fsdp"] % d == 0]
+        _fail("mesh.fsdp", mesh["fsdp"], f"must divide model.hidden_size={config.model.hidden_size}, or FSDP splits "
+              "none of the transformer's parameters (each chip would hold them whole); use "
+              f"{'one of ' + str(divisors[-3:]) if divisors else 'a divisor of it'} and put the other devices on "
+              "mesh.data")
     if "fewshot" in config:
         from vit_jax import fewshot  # it imports this module
 
