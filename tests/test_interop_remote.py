@@ -116,8 +116,9 @@ def test_remote_training_workdir_loads_its_latest_step_without_optimizer_state(b
 
 
 def test_an_interrupted_upload_of_a_runs_only_step_is_not_loaded(bucket, tmp_path, monkeypatch):
-    """An upload cut off after the params (no meta: the numerics would be lost; no commit file) is refused,
-    through the workdir, its checkpoints/ and the step itself, even with no finished step beside it."""
+    """An upload cut off before the step's commit file (which comes after all of the step: else params without
+    meta would load with the wrong numerics) is refused, through the workdir, its checkpoints/ and the step
+    itself, even with no finished step beside it."""
     config = tiny_train_config(**{"mesh.data": 1})
     state = train.init_state(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps)
     workdir = str(tmp_path / "run")
@@ -126,16 +127,17 @@ def test_an_interrupted_upload_of_a_runs_only_step_is_not_loaded(bucket, tmp_pat
     ckpt.close()
     copy = tf.io.gfile.copy
 
-    def cut_off_at_meta(source: str, dest: str, overwrite: bool = False) -> None:
-        if "/meta/" in dest:
+    def cut_off_at_the_commit_file(source: str, dest: str, overwrite: bool = False) -> None:
+        if dest.endswith("/checkpoints/1/commit_success.txt"):
             raise tf.errors.UnavailableError(None, None, "connection reset")
         copy(source, dest, overwrite=overwrite)
 
     with monkeypatch.context() as patched:
-        patched.setattr(tf.io.gfile, "copy", cut_off_at_meta)
+        patched.setattr(tf.io.gfile, "copy", cut_off_at_the_commit_file)
         with pytest.raises(CheckpointError, match=f"{bucket}/run: cannot write .*connection reset"):
             remote.upload(workdir, f"{bucket}/run")
-    assert tf.io.gfile.isdir(f"{bucket}/run/checkpoints/1/params")
+    for item in ("params", "meta"):
+        assert tf.io.gfile.isdir(f"{bucket}/run/checkpoints/1/{item}")
     assert not tf.io.gfile.exists(f"{bucket}/run/checkpoints/1/commit_success.txt")
 
     with pytest.raises(CheckpointError, match="run: its checkpoints/ holds no finished checkpoint yet"):
@@ -148,6 +150,7 @@ def test_an_interrupted_upload_of_a_runs_only_step_is_not_loaded(bucket, tmp_pat
     tf.io.gfile.rmtree(f"{bucket}/run")  # ram:// appends to a file copied over (a bucket replaces it)
     remote.upload(workdir, f"{bucket}/run")  # copied again, in full
     _assert_same(load_pretrained(f"{bucket}/run", tiny_train_config().model), jax.device_get(state["params"]))
+
 
 def test_a_remote_steps_polyak_average_is_read_without_its_params(bucket, tmp_path):
     """WORKDIR/checkpoints/STEP/ema names the step's averaged params: only they and the meta are copied; the

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import numbers
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from vit_jax import config_check
 from vit_jax.interop import npz, orbax_io, remote, surgery, torch_hub
 from vit_jax.interop.common import (
     OFFICIAL_NUMERICS,
@@ -167,15 +167,11 @@ def _source_grid_side(flat: Flat, source: str) -> int:
 
 
 def _check_image_size(image_size: int, patch_size: int) -> None:
-    """Refuse an `image_size` that is not a whole number of patches: the patch embedding would drop the edge
-    pixels, and the position embeddings (and an export's config) would silently be those of the smaller size."""
-    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size <= 0:
-        raise CheckpointError(f"image_size={image_size!r} is invalid: expected a positive number of pixels")
-    if image_size % patch_size:
-        below = image_size // patch_size * patch_size
-        nearest = " and ".join(map(str, ([below] if below else []) + [below + patch_size]))
-        raise CheckpointError(f"image_size={image_size} is invalid: must be divisible by model.patch_size="
-                              f"{patch_size} (the nearest are {nearest})")
+    """Refuse an `image_size` that is not a whole number of patches: the position embeddings (and an export's
+    config) would silently be those of the smaller size."""
+    problem = config_check.image_size_problem(image_size, patch_size)
+    if problem:
+        raise CheckpointError(f"image_size={image_size!r} is invalid: {problem}")
 
 
 def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_classes: int | None = None,

@@ -122,9 +122,9 @@ def local_copy(path: str, cache: str | None = None) -> str:
 
 
 def upload(local: str, path: str) -> None:
-    """Copy a local file or directory tree to the remote `path`, deepest files first, and in each directory
-    orbax's commit file last: a step's commit file, at its top, arrives after everything it vouches for, so an
-    interrupted upload leaves a step that readers here skip (`_finalized`)."""
+    """Copy a local file or directory tree to the remote `path`, a directory's subdirectories before its own files
+    and orbax's commit file last among them: a step's commit file, at its top, arrives after everything it vouches
+    for, so an interrupted upload leaves a step that readers here skip (`_finalized`)."""
     gfile = _gfile()
     with _errors(path, "write"):
         if not os.path.isdir(local):
