@@ -212,16 +212,23 @@ wait_until_active
 run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:~/vit_jax.tar.gz" --worker=all "${GCLOUD_SCOPE[@]}"
 run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_SCOPE[@]}" --command="$SETUP_COMMAND"
 status=0
-run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_SCOPE[@]}" --command="$RUN_COMMAND" || status=$?
+# Every worker at once: gcloud starts 64 at a time by default, and a slice of more hosts would wait in
+# jax.distributed.initialize for workers that start only when the first 64 exit.
+run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all --batch-size="$HOSTS" "${GCLOUD_SCOPE[@]}" \
+  --command="$RUN_COMMAND" || status=$?
+# The copies out keep the run's exit status (75: preempted) and do not stop one another: the log comes first, and
+# a run that failed before it made its workdir still brings its log back.
 run mkdir -p "$OUT"
 if [[ "$WORKDIR" == gs://* ]]; then
-  run gcloud storage cp --recursive "${WORKDIR%/}/logs" "$OUT/"
+  run gcloud storage cp --recursive "${WORKDIR%/}/logs" "$OUT/" || echo "# could not copy the logs out" >&2
 else
   REMOTE_WORKDIR="$WORKDIR"
   # shellcheck disable=SC2088  # the tilde is for the worker's shell, not this one
   [[ "$WORKDIR" == /* ]] || REMOTE_WORKDIR="~/vit_jax/$WORKDIR"
-  run gcloud compute tpus tpu-vm scp --recurse "$NAME:$REMOTE_WORKDIR" "$OUT/" --worker=0 "${GCLOUD_SCOPE[@]}"
-  run gcloud compute tpus tpu-vm scp "$NAME:~/$REMOTE_LOG" "$OUT/" --worker=0 "${GCLOUD_SCOPE[@]}"
+  run gcloud compute tpus tpu-vm scp "$NAME:~/$REMOTE_LOG" "$OUT/" --worker=0 "${GCLOUD_SCOPE[@]}" ||
+    echo "# could not copy the log out" >&2
+  run gcloud compute tpus tpu-vm scp --recurse "$NAME:$REMOTE_WORKDIR" "$OUT/" --worker=0 "${GCLOUD_SCOPE[@]}" ||
+    echo "# could not copy the workdir out" >&2
 fi
 if ((KEEP)); then
   echo "# kept $NAME; delete it with:" >&2

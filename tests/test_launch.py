@@ -55,7 +55,7 @@ def test_dry_run_prints_the_whole_job_and_runs_nothing(tmp_path):
     assert setup[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "vit-l16", "--worker=all",
                          "--zone=us-central2-b"]
     assert "-c constraints.txt -e '.[tpu]'" in setup[-1] and "--python 3.11" in setup[-1]
-    assert run[:7] == setup[:7]
+    assert run[:7] == setup[:7] and run[7] == "--batch-size=64"  # all 64 hosts at once (gcloud's default is 64)
     remote = run[-1].removeprefix("--command=")
     # The worker's shell must see every vit_jax.main argument as one word, spaces included.
     main_command = remote.split(" 2>&1 | tee ")[0].split(" && ")[-1]
@@ -69,6 +69,35 @@ def test_dry_run_prints_the_whole_job_and_runs_nothing(tmp_path):
         f"gcloud compute tpus queued-resources delete vit-l16 {scope} --force --quiet",
     ]
     assert "v4-512: 256 chips on 64 host(s)" in result.stderr
+
+
+def test_a_run_that_fails_keeps_its_exit_status_and_still_fetches_its_log(tmp_path):
+    """Under a gcloud stand-in: the slice is ACTIVE, the run exits 75 (preempted) before it made its workdir, so
+    the workdir's copy fails; the log is fetched first, the script goes on to delete the slice and exits 75."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(f"""#!/usr/bin/env bash
+printf "%s\\n" "gcloud $*" >> {shlex.quote(str(calls))}
+case "$*" in
+  *"queued-resources describe"*) echo ACTIVE ;;
+  *"tpu-vm ssh"*"vit_jax.main"*) exit 75 ;;
+  *"--recurse"*) exit 1 ;;
+esac
+""")
+    gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
+    result = subprocess.run(["bash", str(TPU_VM), "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
+                             "v5litepod-8", "--config", "configs/vit_b16.py", "--workdir", "workdir/b16",
+                             "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 75, result.stderr
+    ran = calls.read_text().splitlines()
+    log, workdir = (next(i for i, line in enumerate(ran) if "tpu-vm scp" in line and what in line)
+                    for what in ("vit_jax_run.log", "--recurse"))
+    assert log < workdir and "could not copy the workdir out" in result.stderr
+    assert "queued-resources delete b16" in ran[-1]
 
 
 def test_dry_run_single_host_copies_a_local_workdir_out(tmp_path):
