@@ -13,6 +13,10 @@
 #   python -m vit_jax.plan --config=configs/vit_l16.py --topology=v4:4x8x8      (v4-512 = 256 chips)
 # See launch/README.md for a whole pre-training and fine-tuning walk-through.
 set -euo pipefail
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then  # ${x@Q}, and empty arrays under set -u
+  echo "error: launch/tpu_vm.sh needs bash >= 4.4, this is $BASH_VERSION (macOS: brew install bash)" >&2
+  exit 2
+fi
 
 usage() {
   cat <<'EOF'
