@@ -164,7 +164,16 @@ def test_slurm_script_runs_main_on_every_task_with_the_given_args(tmp_path):
     typo = subprocess.run(["bash", str(SLURM)], env={**env, "CONFIG": "configs/vit_l61.py"}, capture_output=True,
                           text=True, timeout=60)
     assert typo.returncode == 2 and "error: CONFIG=configs/vit_l61.py is not a file" in typo.stderr, typo.stderr
-    assert len(calls.read_text().splitlines()) == 1  # neither reached srun
+    idle = subprocess.run(["bash", str(SLURM)], env={**env, "SLURM_GPUS_PER_NODE": "a100:8",
+                                                     "SLURM_NTASKS_PER_NODE": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert idle.returncode == 2 and ("error: --ntasks-per-node=1 but --gpus-per-node=8: each process drives one "
+                                     "GPU") in idle.stderr, idle.stderr
+    assert len(calls.read_text().splitlines()) == 1  # none reached srun
+    matched = subprocess.run(["bash", str(SLURM)], env={**env, "SLURM_GPUS_PER_NODE": "8",
+                                                        "SLURM_NTASKS_PER_NODE": "8"},
+                             capture_output=True, text=True, timeout=60)
+    assert matched.returncode == 0 and len(calls.read_text().splitlines()) == 2, matched.stderr
 
 
 # A stand-in for srun on one host: SRUN_TASKS copies of the command, each with the variables Slurm gives a task
