@@ -22,10 +22,11 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(PY) -m vit_jax.main --config=configs/demo.py --workdir=workdir/demo
 
-# Pre-train on digits at 16px, evaluate the new zero head at 32px (chance), fine-tune at 32px (configs/demo_finetune.py).
+# Pre-train on digits at 16px, evaluate the pre-trained classifier at 32px (position embeddings resized), fine-tune
+# at 32px with a new head (configs/demo_finetune.py).
 demo-finetune: $(VENV)/.base
 	$(PY) -m vit_jax.main --config=configs/demo_finetune.py:pretrain --workdir=workdir/ft_pre
-	$(PY) -m vit_jax.main --config=configs/demo_finetune.py --workdir=workdir/ft_zero_head --config.pretrained=workdir/ft_pre --mode=eval
+	$(PY) -m vit_jax.main --config=configs/demo_finetune.py --workdir=workdir/ft_before --config.pretrained=workdir/ft_pre --mode=eval --config.model.representation_size=128
 	$(PY) -m vit_jax.main --config=configs/demo_finetune.py --workdir=workdir/ft --config.pretrained=workdir/ft_pre
 
 test: $(VENV)/.test
