@@ -263,9 +263,11 @@ class Encoder(nn.Module):
             block_cls = nn.remat(block) if self.remat else block
             for i in range(self.num_layers):
                 x = block_cls(**block_args, name=f"encoderblock_{i}")(x, float(drop_rates[i]))
-        # In float32 whatever the compute dtype, as the paper's code: the pooled features and the logits (a head
-        # bias of -10 leaves bf16 a spacing of 0.06 there) are not rounded to 8 bits; the cost is one LayerNorm.
-        return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=jnp.float32, name="encoder_norm",
+        # At least float32 whatever the compute dtype, as the paper's code: the pooled features and the logits (a
+        # head bias of -10 leaves bf16 a spacing of 0.06 there) are not rounded to 8 bits; the cost is one
+        # LayerNorm. (float64, for the reference tests, stays float64.)
+        return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=jnp.promote_types(self.dtype, jnp.float32),
+                            name="encoder_norm",
                             scale_init=_init(nn.initializers.ones, ("embed",)),
                             bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
 
@@ -346,12 +348,12 @@ class VisionTransformer(nn.Module):
         x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
 
         if self.representation_size:
-            x = Dense(self.representation_size, dtype=jnp.float32, name="pre_logits",
+            x = Dense(self.representation_size, dtype=jnp.promote_types(self.dtype, jnp.float32), name="pre_logits",
                          kernel_init=_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
                          bias_init=_init(nn.initializers.zeros, ("mlp",)))(x)
             x = jnp.tanh(x)
         self.sow("intermediates", "representation", x)  # what the head sees ("pre_logits" names a layer)
-        logits = Dense(self.num_classes, dtype=jnp.float32, name="head",
+        logits = Dense(self.num_classes, dtype=jnp.promote_types(self.dtype, jnp.float32), name="head",
                           kernel_init=_init(nn.initializers.zeros, ("embed", "classes")),
                           bias_init=_init(nn.initializers.constant(self.head_bias_init), ("classes",)))(x)
         return logits.astype(jnp.float32)
