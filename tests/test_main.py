@@ -1,5 +1,10 @@
 """vit_jax.main's multi-process start-up: what it refuses before training alone by mistake."""
 
+import pathlib
+import shlex
+import subprocess
+import sys
+
 import pytest
 
 from vit_jax import main
@@ -22,3 +27,35 @@ def test_process_flags_without_a_coordinator_are_an_error_not_ignored():
         main.initialize_distributed(None, 2, 0)
     with pytest.raises(ConfigError, match=r"needs --num_processes and --process_id as well"):
         main.initialize_distributed("127.0.0.1:1234", None, 0)
+
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _make_recipe(target: str) -> list[list[str]]:
+    """The commands of a Makefile target, each as argv ($(PY) -> this Python)."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(f"{target}:"))) + 1
+    recipe = []
+    for line in lines[start:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append([sys.executable if word == "$(PY)" else word for word in shlex.split(line)])
+    return recipe
+
+
+@pytest.mark.parametrize("target", ["demo", "demo-finetune"])
+def test_the_makefiles_demo_commands_run(target, tmp_path):
+    """Each command of `make demo` / `make demo-finetune`, as written there, succeeds (shortened: one block, a
+    few steps, workdir/ under tmp_path). The second demo-finetune step had failed for sessions unnoticed."""
+    short = ["--config.model.num_layers=1", "--config.total_steps=4", "--config.eval_every=4", "--config.log_every=2",
+             "--config.checkpoint_every=4", "--config.optimizer.warmup_steps=1",
+             f"--config.tfds_data_dir={tmp_path / 'tfds'}"]
+    recipe = _make_recipe(target)
+    assert recipe and all(argv[1:3] == ["-m", "vit_jax.main"] for argv in recipe)
+    for argv in recipe:
+        argv = [word.replace("=workdir/", f"={tmp_path}/workdir/") for word in argv]
+        result = subprocess.run([*argv, *short], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, f"{' '.join(argv)}:\n{result.stderr[-2000:]}"
+        assert "test accuracy" in result.stdout or "eval of step" in result.stdout, result.stdout[-2000:]
