@@ -48,21 +48,18 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
     """A (data, fsdp, model) Mesh over `devices` (default: all) with the sizes of `config.mesh` (-1: the rest)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = config_check.resolve_mesh_shape(config.mesh, len(devices))
+    dims = [shape[a] for a in MESH_AXES]
     # A plain Mesh has Auto axes: the compiler propagates shardings through contractions (jax.make_mesh's
     # default Explicit axes would reject sharded contractions the rules below produce).
     if len(devices) > 1 and all(d.platform == "tpu" for d in devices):
         # Physical topology order: neighbouring mesh coordinates on neighbouring chips.
         from jax.experimental import mesh_utils
 
-        dims = [shape[a] for a in MESH_AXES]
-        try:
-            device_array = mesh_utils.create_device_mesh(dims, devices=devices)
-        except NotImplementedError:
-            # An axis size that is no product of whole torus dimensions (data=2 or model=2 on a 16x16 v5e):
-            # split a physical axis between mesh axes, still in topology order.
-            device_array = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
+        # allow_split_physical_axes: jax splits a torus dimension between mesh axes only where no assignment of
+        # whole dimensions exists (data=2 or model=2 on a 16x16 v5e, which it refuses by default).
+        device_array = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
     else:
-        device_array = np.array(devices).reshape([shape[a] for a in MESH_AXES])
+        device_array = np.array(devices).reshape(dims)
     return Mesh(device_array, MESH_AXES)
 
 
