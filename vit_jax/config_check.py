@@ -28,11 +28,16 @@ def _fail(field: str, value, valid: str) -> None:
     raise ConfigError(f"config.{field}={value!r} is invalid: {valid}")
 
 
-def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
-    """`config.<field>` (dotted), if a positive integer; else a ConfigError naming it."""
+def _dotted(config: ml_collections.ConfigDict, field: str):
     value = config
     for part in field.split("."):
         value = value[part]
+    return value
+
+
+def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
+    """`config.<field>` (dotted), if a positive integer; else a ConfigError naming it."""
+    value = _dotted(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         _fail(field, value, "expected a positive integer")
     return value
@@ -161,9 +166,7 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
 
 
 def _non_negative_int(config: ml_collections.ConfigDict, field: str, zero: str) -> None:
-    value = config
-    for part in field.split("."):
-        value = value[part]
+    value = _dotted(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         _fail(field, value, f"expected an integer >= 0 ({zero})")
 

@@ -45,6 +45,12 @@ def _init(init, axes):
     return nn.with_logical_partitioning(init, axes)
 
 
+def _at_least_float32(dtype: Any) -> Any:
+    """The dtype of the model's end (encoder_norm, pooling, pre_logits, head): float32 under a bf16 compute dtype,
+    as the paper's code (a head bias of -10 leaves bf16 logits a spacing of 0.06); float64 stays float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _constrain(x: Array) -> Array:
     """Pin a (batch, tokens, embed) activation's layout; a no-op outside a mesh with axis rules."""
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -263,11 +269,7 @@ class Encoder(nn.Module):
             block_cls = nn.remat(block) if self.remat else block
             for i in range(self.num_layers):
                 x = block_cls(**block_args, name=f"encoderblock_{i}")(x, float(drop_rates[i]))
-        # At least float32 whatever the compute dtype, as the paper's code: the pooled features and the logits (a
-        # head bias of -10 leaves bf16 a spacing of 0.06 there) are not rounded to 8 bits; the cost is one
-        # LayerNorm. (float64, for the reference tests, stays float64.)
-        return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=jnp.promote_types(self.dtype, jnp.float32),
-                            name="encoder_norm",
+        return nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=_at_least_float32(self.dtype), name="encoder_norm",
                             scale_init=_init(nn.initializers.ones, ("embed",)),
                             bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
 
@@ -348,12 +350,12 @@ class VisionTransformer(nn.Module):
         x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
 
         if self.representation_size:
-            x = Dense(self.representation_size, dtype=jnp.promote_types(self.dtype, jnp.float32), name="pre_logits",
+            x = Dense(self.representation_size, dtype=_at_least_float32(self.dtype), name="pre_logits",
                          kernel_init=_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
                          bias_init=_init(nn.initializers.zeros, ("mlp",)))(x)
             x = jnp.tanh(x)
         self.sow("intermediates", "representation", x)  # what the head sees ("pre_logits" names a layer)
-        logits = Dense(self.num_classes, dtype=jnp.promote_types(self.dtype, jnp.float32), name="head",
+        logits = Dense(self.num_classes, dtype=_at_least_float32(self.dtype), name="head",
                           kernel_init=_init(nn.initializers.zeros, ("embed", "classes")),
                           bias_init=_init(nn.initializers.constant(self.head_bias_init), ("classes",)))(x)
         return logits.astype(jnp.float32)
