@@ -123,6 +123,16 @@ def test_evaluation_refuses_a_head_that_cannot_serve_instead_of_a_new_one(classe
     assert actions == [] and adapted["head/kernel"] is fitting["head/kernel"]
 
 
+def test_masked_patch_evaluation_refuses_a_checkpoint_without_its_head():
+    expected = {"cls": (1, 1, 8), POSEMB_KEY: (1, 17, 8), "encoder/kernel": (8, 8), "mask_embedding": (1, 1, 8),
+                "masked_patch_head/kernel": (8, 512), "masked_patch_head/bias": (512,)}
+    with pytest.raises(CheckpointError, match=r"^ckpt.npz: cannot be evaluated for masked patch prediction: .*"
+                                              r"\(loss ln 512 = 6.24\)"):
+        adapt_to_model(_checkpoint(), expected, require_head=True, source="ckpt.npz")
+    adapted, actions = adapt_to_model(_checkpoint(), expected)  # pre-training from a classifier: a new head
+    assert not adapted["masked_patch_head/kernel"].any() and len(actions) == 2
+
+
 def test_new_head_shapes():
     head = new_head(8, 3, 0.5)
     assert head["head/kernel"].shape == (8, 3) and not head["head/kernel"].any()

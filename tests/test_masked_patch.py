@@ -187,29 +187,51 @@ def test_loss_starts_at_log_512_ignores_padding_and_falls_with_training():
     assert np.mean(losses[-5:]) < 0.7 * np.log(512), losses  # seen: ~3.9 after 40 steps
 
 
-def test_classifier_params_from_pretraining_keeps_encoder_and_fresh_zero_head():
+def test_loss_scores_exactly_the_corrupted_patches_and_masks_only_the_masked(monkeypatch):
+    """A quarter corrupted (so clean and corrupted counts differ): the loss is the float64 cross-entropy over
+    the MASKED, RANDOM and KEPT positions of a model that put the mask embedding on the MASKED ones alone."""
     config = run_config()
-    pre_model = masked_patch.build_pretraining_model(config)
-    pretrained = random_params(pre_model, (1, 16, 16, 3), seed=1)
-    classifier = build_model(config.model, 10)
-    fresh = nn.unbox(jax.jit(classifier.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
-    params = masked_patch.classifier_params_from_pretraining(pretrained, fresh)
-    assert "mask_embedding" not in params and "masked_patch_head" not in params
-    assert not np.any(params["head"]["kernel"]) and params["head"]["kernel"].shape == (32, 10)
-    np.testing.assert_array_equal(params["Transformer"]["encoderblock_1"]["MlpBlock_3"]["Dense_0"]["kernel"],
-                                  pretrained["Transformer"]["encoderblock_1"]["MlpBlock_3"]["Dense_0"]["kernel"])
-    np.testing.assert_array_equal(params["cls"], pretrained["cls"])
-    logits = jax.jit(classifier.apply)({"params": params}, jnp.ones((2, 16, 16, 3)))
-    np.testing.assert_array_equal(logits, 0.0)
+    config.masked_patch.corrupt_fraction = 0.25
+    model = masked_patch.build_pretraining_model(config)
+    params = random_params(model, (1, 16, 16, 3), seed=2, scale=0.3)
+    images = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3), minval=-1, maxval=1)
+    assert masked_patch.num_corrupted(16, 0.25) == 4
+    m, r, k = masked_patch.MASKED, masked_patch.RANDOM, masked_patch.KEPT
+    kind = np.zeros((3, 16), np.int32)  # CLEAN
+    kind[0, [0, 5, 10, 15]] = [m, r, k, m]
+    kind[1, [2, 3, 8, 9]] = [k, m, m, r]
+    kind[2, [1, 6, 12, 14]] = [r, k, m, m]
+    source = np.broadcast_to(np.arange(16), (3, 16)).copy()
+    source[kind == r] = [9, 4, 7]
+    corruption = {"kind": jnp.asarray(kind), "source": jnp.asarray(source)}
+    monkeypatch.setattr(masked_patch, "sample_corruption", lambda *args: corruption)
 
-    bigger = build_model(config.model, 10)
-    fresh32 = nn.unbox(jax.eval_shape(lambda: bigger.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"])
-    with pytest.raises(ValueError, match="Transformer/posembed_input/pos_embedding.*resize position embeddings"):
-        masked_patch.classifier_params_from_pretraining(pretrained, fresh32)
-    gap = build_model(tiny_config(classifier="gap"), 10)
-    fresh_gap = nn.unbox(jax.eval_shape(lambda: gap.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"])
-    with pytest.raises((KeyError, ValueError), match="cls|pos_embedding"):
-        masked_patch.classifier_params_from_pretraining(pretrained, fresh_gap)
+    loss, metrics = masked_patch.masked_patch_loss(model, params, images, jax.random.key(0), config, train=False)
+    logits = np.asarray(model.apply({"params": params}, images, patch_source=jnp.asarray(source),
+                                    patch_mask=jnp.asarray(kind == masked_patch.MASKED)), np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    targets = numpy_colour_targets(np.asarray(images), 4)
+    scored = kind != masked_patch.CLEAN
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    assert float(metrics["num_predicted"]) == scored.sum() == 12
+    assert float(loss) == pytest.approx(nll[scored].mean(), rel=1e-5)
+    assert float(metrics["accuracy"]) == pytest.approx((logits.argmax(-1) == targets)[scored].mean(), abs=1e-6)
+    assert abs(nll[scored].mean() - nll[~scored].mean()) > 1e-3  # the clean positions would score otherwise
+
+
+def test_bfloat16_compute_predicts_colours_in_float32():
+    """As the classifier's head: the per-patch colour head runs in float32 on the float32 encoder output."""
+    config = run_config(dtype="bfloat16")
+    model = masked_patch.build_pretraining_model(config)
+    params = random_params(model, (1, 16, 16, 3), seed=3)
+    images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    logits, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    encoded = np.asarray(state["intermediates"]["encoded"][0], np.float64)[:, 1:]
+    head = params["masked_patch_head"]
+    expected = encoded @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"], np.float64)
+    assert state["intermediates"]["encoded"][0].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-4)
 
 
 def test_axial_masked_patch_prediction_predicts_every_patch():

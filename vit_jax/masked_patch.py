@@ -10,7 +10,8 @@ embedding and before the position embeddings are added, so the model knows where
 
 The pre-training model is the classifier's `VisionTransformer` with `masked_patch_classes` set: the same
 `embedding`, `cls`, `Transformer/...` tree plus `mask_embedding` and `masked_patch_head`, and no `head`.
-Fine-tuning keeps the encoder and starts a fresh zero head (`classifier_params_from_pretraining`).
+Fine-tuning from such a checkpoint (`--config.pretrained=`) keeps the encoder, drops these two and starts a fresh
+zero head (`vit_jax.interop.adapt_to_model`, which also resizes the position embeddings).
 
   python -m vit_jax.main --config=configs/vit_b16_mpp.py --workdir=/tmp/mpp   # the paper's optimizer for it
 
@@ -19,7 +20,6 @@ Fine-tuning keeps the encoder and starts a fresh zero head (`classifier_params_f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import traverse_util
 
 from vit_jax.config_check import ConfigError
 from vit_jax.models.vit import VisionTransformer, build_model
@@ -38,10 +37,6 @@ OBJECTIVES = ("classification", "masked_patch_prediction")
 # What happened to each patch (`sample_corruption`'s "kind"): left alone and not predicted, or corrupted
 # (and predicted) by one of three replacements.
 CLEAN, MASKED, RANDOM, KEPT = 0, 1, 2, 3
-# Parameters that exist only in the pre-training model; fine-tuning drops them.
-PRETRAINING_ONLY = ("mask_embedding", "masked_patch_head")
-# Parameters the classifier has that pre-training never trains; fine-tuning initialises them fresh.
-CLASSIFIER_ONLY = ("head", "pre_logits")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -165,31 +160,3 @@ def masked_patch_loss(model: VisionTransformer, params: Any, images: Array, rng:
     loss = (cross_entropy * weights).sum() / denominator
     accuracy = ((jnp.argmax(logits, -1) == targets) * weights).sum() / denominator
     return loss, {"loss": loss, "accuracy": accuracy, "num_predicted": total}
-
-
-def classifier_params_from_pretraining(pretrained: Mapping[str, Any], classifier: Mapping[str, Any]
-                                       ) -> dict[str, Any]:
-    """Fine-tuning start: `classifier`'s tree (a fresh init) with every encoder array from `pretrained`.
-
-    Drops `mask_embedding` and `masked_patch_head`; keeps the classifier's fresh `head` (zero-initialised)
-    and `pre_logits`. Both trees must be plain arrays at the same resolution (resize position embeddings
-    first); a missing or differently shaped encoder array raises, naming it.
-    """
-    old = traverse_util.flatten_dict(dict(pretrained), sep="/")
-    new = traverse_util.flatten_dict(dict(classifier), sep="/")
-    merged = {}
-    for name, fresh in new.items():
-        if name.split("/")[0] in CLASSIFIER_ONLY:
-            merged[name] = fresh
-            continue
-        if name not in old:
-            raise KeyError(f"pre-trained params have no {name!r}, which the classifier needs (a checkpoint of a "
-                           "different architecture, or an axial/scan setting that differs?)")
-        if tuple(old[name].shape) != tuple(fresh.shape):
-            raise ValueError(f"pre-trained {name!r} has shape {tuple(old[name].shape)} but the classifier needs "
-                             f"{tuple(fresh.shape)}; resize position embeddings to the new resolution first")
-        merged[name] = old[name]
-    leftover = sorted({n for n in old if n not in new and n.split("/")[0] not in PRETRAINING_ONLY})
-    if leftover:
-        raise KeyError(f"pre-trained params {leftover[:5]} have no place in the classifier (different architecture?)")
-    return traverse_util.unflatten_dict(merged, sep="/")

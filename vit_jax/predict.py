@@ -165,7 +165,7 @@ def make_classifier(model_config: ml_collections.ConfigDict, num_classes: int, l
     return probabilities
 
 
-_CAST_FOR_INFERENCE = ("Transformer", "embedding", "masked_patch_head")  # pre_logits and head compute in float32
+_CAST_FOR_INFERENCE = ("Transformer", "embedding")  # pre_logits and the heads compute in float32
 
 
 def cast_for_inference(params: Mapping[str, Any], dtype: Any) -> dict[str, Any]:

@@ -182,6 +182,11 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
 
     if MASKED_PATCH_KEYS[1] in expected and all(key not in flat for key in MASKED_PATCH_KEYS):
         hidden, classes = expected[MASKED_PATCH_KEYS[1]]
+        if require_head:
+            raise CheckpointError(f"{source}: cannot be evaluated for masked patch prediction: it has no "
+                                  f"masked_patch_head or mask_embedding, and new ones would score chance (loss "
+                                  f"ln {classes} = {math.log(classes):.2f}); evaluate a masked-patch-prediction "
+                                  "checkpoint, or train from this one first (--mode=train)")
         flat.update(new_masked_patch_head(hidden, classes))
         actions.append(f"new masked-patch-prediction head ({classes} colour classes) and mask embedding: "
                        "the checkpoint has none")

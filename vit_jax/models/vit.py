@@ -342,7 +342,7 @@ class VisionTransformer(nn.Module):
         self.sow("intermediates", "encoded", x)
         if self.masked_patch_classes:
             patches = x[:, 1:] if self.classifier == "token" else x
-            logits = Dense(self.masked_patch_classes, dtype=self.dtype,
+            logits = Dense(self.masked_patch_classes, dtype=_at_least_float32(self.dtype),
                               name="masked_patch_head",
                               kernel_init=_init(nn.initializers.zeros, ("embed", "classes")),
                               bias_init=_init(nn.initializers.zeros, ("classes",)))(patches)
