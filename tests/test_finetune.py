@@ -368,11 +368,19 @@ def test_eval_of_a_real_like_split_scores_labelled_images_only_and_needs_no_trai
         source = real_like_folder(tmp_path / name, chosen)
         tfds_dir = str(tmp_path / f"tfds_{name}")
         data.prepare("image_folder", tfds_dir, source)
-        config = _digits_config(dataset="image_folder", tfds_data_dir=tfds_dir, tfds_manual_dir=source,
-                                label_kind="multi", train_split="train", eval_split="validation",
-                                pretrained=pretrained_dir)
-        scores[name] = train.evaluate_checkpoint(config, str(tmp_path / f"eval_{name}"))
-    assert set(scores["with_unlabelled"]) == {"loss", "top1", "top5"}
-    for key in ("loss", "top1", "top5"):
-        assert scores["with_unlabelled"][key] == pytest.approx(scores["labelled_only"][key], rel=1e-6), key
-    assert 0.2 < scores["labelled_only"]["top1"] < scores["labelled_only"]["top5"]
+        # The softmax model as it was trained ("single", ReaL's case), and read as a sigmoid one ("multi").
+        for kind in ("single", "multi"):
+            config = _digits_config(dataset="image_folder", tfds_data_dir=tfds_dir, tfds_manual_dir=source,
+                                    label_kind=kind, train_split="train", eval_split="validation",
+                                    pretrained=pretrained_dir)
+            scores[name, kind] = train.evaluate_checkpoint(config, str(tmp_path / f"eval_{name}_{kind}"))
+    for kind in ("single", "multi"):
+        assert set(scores["with_unlabelled", kind]) == {"loss", "top1", "top5"}
+        for key in ("loss", "top1", "top5"):
+            assert scores["with_unlabelled", kind][key] == pytest.approx(scores["labelled_only", kind][key],
+                                                                         rel=1e-6), (kind, key)
+    assert 0.2 < scores["labelled_only", "single"]["top1"] < scores["labelled_only", "single"]["top5"]
+    for key in ("top1", "top5"):  # the same guesses against the same sets; only the loss is the run's own
+        assert scores["labelled_only", "single"][key] == scores["labelled_only", "multi"][key]
+    assert np.isfinite(scores["labelled_only", "single"]["loss"])
+    assert scores["labelled_only", "single"]["loss"] != pytest.approx(scores["labelled_only", "multi"]["loss"])

@@ -147,6 +147,17 @@ def test_losses_match_their_formulas():
         optim.per_example_loss(logits, labels, "ranking")
 
 
+def test_softmax_loss_of_a_set_of_right_classes_weighs_them_evenly():
+    """A softmax model scored on ImageNet ReaL's label sets: the cross-entropy against the set as a uniform
+    distribution (one right class: the usual loss; none, as an unlabelled image: 0, not NaN)."""
+    logits = jnp.array([[2.0, 0.0, -1.0, 0.5], [1.0, 3.0, 0.0, 0.0], [0.3, 0.2, 0.1, 0.0]])
+    sets = jnp.array([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    x = np.asarray(logits, np.float64)
+    log_probs = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    expected = [-(log_probs[0, 0] + log_probs[0, 2] + log_probs[0, 3]) / 3, -log_probs[1, 1], 0.0]
+    np.testing.assert_allclose(optim.per_example_loss(logits, sets, "single"), expected, rtol=1e-6)
+
+
 def test_update_ema_is_the_bias_corrected_moving_average_in_float64():
     """After k updates: sum_j d^(k-j) (1 - d) p_j / (1 - d^k), whatever the average started from."""
     decay, rng = 0.9, np.random.RandomState(0)

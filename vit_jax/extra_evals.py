@@ -2,9 +2,10 @@
 
 big_vision's ImageNet configs score the validation split, ImageNet ReaL and ImageNet-v2 as they train; the
 paper's tables report all three. Each entry names a prepared dataset with the model's classes and one of its
-splits, e.g. `("imagenet2012_real,validation", "imagenet_v2,test")`; its label kind is the dataset's own (ReaL's
-sets of correct classes are multi-label: top-1 is right when it is in the set, and unlabelled images are left
-out). Metrics are logged as `eval_<dataset>/top1` (and loss, top5) and stored in `final_metrics.json`.
+splits, e.g. `("imagenet2012_real,validation", "imagenet_v2,test")`. ReaL's labels are sets of correct classes:
+top-1 is right when it is in the set, unlabelled images are left out, and the loss is the run's own (a softmax
+run's cross-entropy against the set's classes, evenly weighted; a sigmoid run's per-class loss). Metrics are
+logged as `eval_<dataset>/top1` (and loss, top5) and stored in `final_metrics.json`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def validate(config: ml_collections.ConfigDict) -> list[ExtraEval]:
 
 def eval_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
     """{name: `config` evaluating that entry's split}, each checked: prepared, the split there and not empty,
-    the model's class count; multi-label if the dataset or the run is. Raises a DatasetError naming the entry.
+    the model's class count. Raises a DatasetError naming the entry.
 
     Copies of `config` as it is now: derive them after the model's numerics are set (`train.restore_or_init`).
     """
@@ -62,15 +63,13 @@ def eval_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.
     for entry in validate(config):
         where = f"config.extra_evals entry '{entry.dataset},{entry.split}'"
         try:
-            kind, num_classes = datasets.label_classes(entry.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+            _, num_classes = datasets.label_classes(entry.dataset, config.tfds_data_dir, config.tfds_manual_dir)
             if num_classes != config.num_classes:
                 raise data.DatasetError(f"dataset {entry.dataset!r} has {num_classes} classes and the model "
                                         f"{config.num_classes}: an extra evaluation scores the model's own classes")
             derived = copy.deepcopy(config)
-            with derived.unlocked():
-                # Multi-label scoring where the set or the run is multi-label (the loss the run trains with).
+            with derived.unlocked():  # the run's label kind: the loss it trains with, whatever the set's labels
                 derived.dataset, derived.eval_split = entry.dataset, entry.split
-                derived.label_kind = "multi" if "multi" in (kind, config.label_kind) else "single"
             data.dataset_info(derived, train=False)  # the split is there and not empty
         except data.DatasetError as e:  # it names the run's own fields (config.eval_split, ...): say which entry
             raise data.DatasetError(f"{where}: {e}") from None

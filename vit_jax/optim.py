@@ -197,10 +197,15 @@ def smooth_labels(labels: jax.Array, label_smoothing: float, label_kind: str) ->
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, label_kind: str) -> jax.Array:
-    """(batch,) losses: softmax cross-entropy for "single", sigmoid cross-entropy summed over classes for "multi"."""
+    """(batch,) losses: softmax cross-entropy for "single", sigmoid cross-entropy summed over classes for "multi".
+
+    "single" reads each row of `labels` as a distribution: a multi-hot row (a softmax model scored on a set of
+    right answers, as ImageNet ReaL) spreads its mass evenly over them; an all-zero row (unlabelled) has loss 0.
+    """
     logits = logits.astype(jnp.float32)
     if label_kind == "single":
-        return optax.softmax_cross_entropy(logits, labels)
+        total = labels.sum(axis=-1, keepdims=True)
+        return optax.softmax_cross_entropy(logits, labels / jnp.where(total > 0, total, 1.0))
     if label_kind == "multi":
         return optax.sigmoid_binary_cross_entropy(logits, labels).sum(axis=-1)
     raise ConfigError(f"config.label_kind={label_kind!r} is invalid: expected 'single' or 'multi'")

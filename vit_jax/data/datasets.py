@@ -289,7 +289,8 @@ def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, trai
                               eval_split: str, num_classes: int, label_kind: str) -> DatasetInfo:
     """Check the config's class count and label kind against the prepared dataset and describe it.
 
-    `train_split` None: only the eval split is checked (evaluation), and `num_train_examples` is 0.
+    `train_split` None: only the eval split is checked (evaluation), and `num_train_examples` is 0; a single-label
+    (softmax) model may then be scored on a multi-label set, as on ImageNet ReaL (a top-1 in the set is right).
     """
     image_key, label_key, kind, found_classes = _keys_and_labels(builder, name)
     if num_classes != found_classes:
@@ -297,7 +298,7 @@ def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, trai
                            f"set --config.num_classes={found_classes}")
     if label_kind not in LABEL_KINDS:
         raise DatasetError(f"config.label_kind={label_kind!r} is invalid: expected one of {LABEL_KINDS}")
-    if kind == "multi" and label_kind == "single":
+    if kind == "multi" and label_kind == "single" and train_split is not None:  # a softmax model may be scored
         raise DatasetError(f"dataset {name!r} has one or more labels per image ({label_key!r}); set "
                            "--config.label_kind=multi (multi-hot labels, sigmoid loss)")
     return DatasetInfo(name=name, data_dir=str(builder.data_dir),
