@@ -114,6 +114,16 @@ def test_attention_distance_per_head_and_image():
     np.testing.assert_allclose(distance, [[0.0, corner], [corner, corner]])
 
 
+def test_a_query_that_reads_only_the_class_token_is_left_out_not_nan():
+    attention = np.full((1, 1, 5, 5), 0.2)
+    attention[0, 0, 1] = [1.0, 0.0, 0.0, 0.0, 0.0]  # patch 0 reads the class token alone (underflowed softmax)
+    distance = analysis.attention_distance(attention, patch_size=16, num_prefix=1)
+    assert distance[0, 0] == pytest.approx(8 + 4 * np.sqrt(2))  # the other three queries' uniform mean
+    only_class = np.zeros((1, 1, 5, 5))
+    only_class[..., 0] = 1.0
+    np.testing.assert_array_equal(analysis.attention_distance(only_class, 16, 1), [[0.0]])
+
+
 # --- position embedding similarity ----------------------------------------------------------------------------
 
 def test_position_similarity_is_cosine_without_the_class_token():

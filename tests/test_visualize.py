@@ -11,7 +11,7 @@ from PIL import Image
 from configs import common
 from tests.test_analysis import random_params, tiny_model_config
 from tests.test_predict import config_flags, train_digits_once
-from vit_jax import visualize
+from vit_jax import analysis, visualize
 from vit_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,6 +55,34 @@ def test_render_figures_writes_every_png_at_its_size(tmp_path):
     # The figures are drawn, not blank: the rollout PNG holds many colours.
     with Image.open(tmp_path / "out" / "rollout_01_a.png") as image:
         assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 100
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["a", "a", "01_a"], ["00_a", "04_a", "01_a"]),  # a number that would repeat another image's name
+    (["Cat", "cat", "x"], ["00_Cat", "01_cat", "x"]),  # one file where the file system ignores case
+    (["a b", "a?b", "c"], ["00_a_b", "01_a_b", "c"]),
+    (["", "d"], ["image", "d"]),
+])
+def test_rollout_file_names_are_distinct(names, expected):
+    assert visualize._unique_names(names) == expected
+
+
+def test_attention_distance_figure_reads_every_batch_alike(tmp_path, monkeypatch):
+    """Nine images in batches of 8 (the last padded): the figure's mean distance is that of one pass over all."""
+    config = tiny_run_config()
+    params = random_params(config.model)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (9, 16, 16, 3)).astype(np.float32)
+    drawn = {}
+
+    def draw(distance, image_size, path):
+        drawn["distance"] = distance
+        return path
+
+    monkeypatch.setattr(visualize, "draw_attention_distance", draw)
+    visualize.render_figures(config, params, [(str(i), image) for i, image in enumerate(pixels)], tmp_path / "out")
+    whole = analysis.capture_attention(config.model, params, pixels)
+    expected = np.stack([analysis.attention_distance(a, 4, 1) for a in whole], axis=1).mean(axis=0)
+    np.testing.assert_allclose(drawn["distance"], expected, rtol=1e-5)
 
 
 def test_render_figures_for_gap_and_axial_models(tmp_path):

@@ -15,7 +15,7 @@ Attention arrays are (batch, heads, tokens, tokens): row q holds query q's weigh
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,8 +46,15 @@ def capture_attention(model_config: ml_collections.ConfigDict, params: Mapping[s
 
     Returns one float32 array (batch, heads, tokens, tokens) per layer, first layer first. Params may be in
     the per-block or the scan layout. The model runs in float32 whatever `model_config.dtype` says: the
-    figures are about the weights, not about throughput.
+    figures are about the weights, not about throughput. For many batches, `attention_capturer` compiles once.
     """
+    return attention_capturer(model_config, params)(images)
+
+
+def attention_capturer(model_config: ml_collections.ConfigDict, params: Mapping[str, Any]
+                       ) -> Callable[[np.ndarray | jax.Array], list[np.ndarray]]:
+    """`capture_attention` with the model built and compiled once: images -> one array per layer (each batch
+    size compiles once)."""
     if model_config.axial:
         raise ValueError("an Axial-ViT attends within rows and columns only; attention rollout and mean attention "
                          "distance are defined for full self-attention (model.axial=False)")
@@ -69,9 +76,12 @@ def capture_attention(model_config: ml_collections.ConfigDict, params: Mapping[s
         _, state = model.apply({"params": p}, x, train=False, mutable=["intermediates"])
         return state["intermediates"]["Transformer"]
 
-    sown = forward(params, jnp.asarray(images, jnp.float32))
-    return [np.asarray(sown[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"][0])
-            for i in range(model_config.num_layers)]
+    def capture(images: np.ndarray | jax.Array) -> list[np.ndarray]:
+        sown = forward(params, jnp.asarray(images, jnp.float32))
+        return [np.asarray(sown[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"][0])
+                for i in range(model_config.num_layers)]
+
+    return capture
 
 
 def attention_rollout(attentions: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -124,14 +134,20 @@ def attention_distance(attention: np.ndarray, patch_size: int, num_prefix: int) 
     """Mean attention distance in pixels, (batch, heads), of one layer's attention (batch, heads, tokens, tokens).
 
     For each patch query: the average distance to the key patches weighted by its attention to them
-    (renormalised over the patches, as the class token has no place); then the mean over the queries.
+    (renormalised over the patches, as the class token has no place); then the mean over the queries (those that
+    weigh some patch).
     The paper's Figure 7 (right) averages this over images.
     """
     attention = np.asarray(attention, np.float64)
     patch_attention = attention[..., num_prefix:, num_prefix:]
-    patch_attention = patch_attention / patch_attention.sum(axis=-1, keepdims=True)
+    # A query that put all of its weight on the class token (a float32 softmax underflowing on every patch)
+    # weighs no patch: it is left out of the mean rather than turning it into NaN (no query left: 0).
+    total = patch_attention.sum(axis=-1)
+    weighs = total > 0
+    patch_attention = patch_attention / np.where(weighs, total, 1.0)[..., None]
     distances = patch_distances(square_grid(patch_attention.shape[-1]), patch_size)
-    return (patch_attention * distances).sum(axis=-1).mean(axis=-1)
+    per_query = (patch_attention * distances).sum(axis=-1)
+    return (per_query * weighs).sum(axis=-1) / np.maximum(weighs.sum(axis=-1), 1)
 
 
 def position_embedding_similarity(pos_embedding: np.ndarray, num_prefix: int) -> np.ndarray:

@@ -165,9 +165,21 @@ def draw_embedding_filters(components: np.ndarray, ratios: np.ndarray, path: pat
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
-    """File-safe names, numbered where two images share a name."""
+    """File-safe names, numbered where two images share a name; distinct even where the file system ignores case
+    (a numbered name that is another image's name gets another number)."""
     safe = ["".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "image" for name in names]
-    return [f"{i:02d}_{name}" if safe.count(name) > 1 else name for i, name in enumerate(safe)]
+    folded = [name.casefold() for name in safe]
+    taken = {name for name in folded if folded.count(name) == 1}
+    unique = []
+    for i, (name, key) in enumerate(zip(safe, folded)):
+        if folded.count(key) > 1:
+            number = i
+            while f"{number:02d}_{name}".casefold() in taken:
+                number += len(safe)
+            name = f"{number:02d}_{name}"
+            taken.add(name.casefold())
+        unique.append(name)
+    return unique
 
 
 def _check_grid(config: ml_collections.ConfigDict, params: Mapping[str, Any]) -> None:
@@ -205,9 +217,13 @@ def render_figures(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     elif images:
         names = _unique_names([name for name, _ in images])
         pixels = np.stack([image for _, image in images])
+        capture = analysis.attention_capturer(m, params)  # one compilation for every batch
+        batch = min(CAPTURE_BATCH, len(pixels))
         distances = []
-        for start in range(0, len(pixels), CAPTURE_BATCH):
-            attentions = analysis.capture_attention(m, params, pixels[start:start + CAPTURE_BATCH])
+        for start in range(0, len(pixels), batch):
+            chunk = pixels[start:start + batch]
+            padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            attentions = [a[:len(chunk)] for a in capture(padded)]
             masks = analysis.rollout_mask(analysis.attention_rollout(attentions), num_prefix)
             for offset, mask in enumerate(masks):
                 name = names[start + offset]
