@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -214,6 +215,19 @@ def test_a_bad_fewshot_entry_is_named_and_too_few_shots_stop_a_run_before_it_wri
     with pytest.raises(fewshot.FewshotError, match=r"25 shot\(s\) need 25 training image\(s\) of every class"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("train_split, test_split, shared", [
+    ("train", "train", 1500), ("train[:90%]", "train[80%:]", 150), ("train[:10]+test", "test[5:]", 292),
+])
+def test_shots_from_the_images_scored_are_refused(digits_dir, train_split, test_split, shared):
+    config = _config(datasets=(f"digits,{train_split},{test_split}",))
+    config.tfds_data_dir = digits_dir
+    with pytest.raises(fewshot.FewshotError, match=rf"entry 'digits,{re.escape(train_split)},"
+                                                   rf"{re.escape(test_split)}': .* share {shared} example\(s\)"):
+        fewshot.check_datasets(config)
+    config.fewshot.datasets = ("digits,train[:90%],train[90%:]",)  # disjoint slices of one split
+    assert [task.name for task, _ in fewshot.check_datasets(config)] == ["digits"]
 
 
 def test_a_training_run_reports_fewshot_accuracy_at_step_0_and_at_the_end(tmp_path, capsys, digits_dir):

@@ -209,17 +209,25 @@ def task_config(config: ml_collections.ConfigDict, task: FewshotTask) -> ml_coll
 
 def check_datasets(config: ml_collections.ConfigDict) -> list[tuple[FewshotTask, ml_collections.ConfigDict]]:
     """Each few-shot dataset with its `task_config`, once its dataset and both splits are found (else a
-    DatasetError that says how to prepare it): a training run checks before it writes anything."""
+    DatasetError that says how to prepare it) and they share no example: a training run checks before it writes
+    anything."""
     from vit_jax import data
+    from vit_jax.data import datasets
 
     configs = []
     for task in validate(config):
+        entry = f"config.fewshot.datasets entry {','.join((task.dataset, task.train_split, task.test_split))!r}"
         try:
             derived = task_config(config, task)
             data.dataset_info(derived)  # both splits exist and are not empty
+            builder = datasets.load_builder(task.dataset, config.tfds_data_dir, config.tfds_manual_dir)
         except data.DatasetError as e:  # it names the run's own fields (config.train_split, ...): say which entry
-            raise data.DatasetError(f"config.fewshot.datasets entry "
-                                    f"{','.join((task.dataset, task.train_split, task.test_split))!r}: {e}") from None
+            raise data.DatasetError(f"{entry}: {e}") from None
+        shared = datasets.shared_examples(builder, task.train_split, task.test_split)
+        if shared:  # shots drawn from the images scored would report training accuracy
+            raise FewshotError(f"{entry}: its train split {task.train_split!r} and test split {task.test_split!r} "
+                               f"share {shared} example(s); shots must come from images the test does not score: "
+                               "use disjoint splits or slices (e.g. 'train[:90%]' and 'train[90%:]')")
         configs.append((task, derived))
     return configs
 

@@ -285,6 +285,18 @@ def split_size(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int
     return size
 
 
+def shared_examples(builder: tfds.core.DatasetBuilder, split: str, other: str) -> int:
+    """How many examples two split specs (TFDS syntax: `train[:90%]`, `train[80%:]+test`) have in common."""
+    def ranges(spec: str) -> list[tuple[str, int, int]]:
+        instructions = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
+        return [(i.splitname, i.from_ or 0, builder.info.splits[i.splitname].num_examples if i.to is None else i.to)
+                for i in instructions]
+
+    return sum(max(0, min(stop, other_stop) - max(start, other_start))
+               for name, start, stop in ranges(split) for other_name, other_start, other_stop in ranges(other)
+               if name == other_name)
+
+
 def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, train_split: str | None,
                               eval_split: str, num_classes: int, label_kind: str) -> DatasetInfo:
     """Check the config's class count and label kind against the prepared dataset and describe it.
