@@ -26,15 +26,29 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "vit_b16.py")
 DTYPES = ("float32", "bfloat16")
 
 
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (a bad one is argparse's usage error naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
 def argument_parser(doc: str, repeats: int, repeats_help: str, peak: bool = True) -> argparse.ArgumentParser:
     """The flags every model benchmark takes: --dtype, --batch, --config, --repeats, and --peak_size with `peak`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=count(1), default=8)
     parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_argument("--repeats", type=count(1), default=repeats, help=repeats_help)
     if peak:
-        parser.add_argument("--peak_size", type=int, default=4096, help="matmul size for the peak (0: skip)")
+        parser.add_argument("--peak_size", type=count(0), default=4096, help="matmul size for the peak (0: skip)")
     return parser
 
 
@@ -130,10 +144,19 @@ def forward_flops_per_image(config) -> float:
     return sum(row.flops for row in summary.layer_table(config))
 
 
+TIMM_MISSING = ("the timm comparison needs torch, torchvision and timm (pip install torch==2.14.1 "
+                "torchvision==0.29.1 timm), or pass --no-timm")
+
+
 def torch_threads() -> int:
     """Pin torch to one thread per core (XLA's CPU client uses every core too)."""
-    import torch
-    import torchvision  # noqa: F401  (before tensorflow, which vit_jax.train pulls in: segfault otherwise)
+    from vit_jax.errors import UserError
+
+    try:
+        import torch
+        import torchvision  # noqa: F401  (before tensorflow, which vit_jax.train pulls in: segfault otherwise)
+    except ImportError as e:
+        raise UserError(f"{TIMM_MISSING}: {e}") from None
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -144,23 +167,28 @@ _TIMM_SIZES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge
 
 
 def timm_name(config) -> str | None:
-    """timm's name of the same plain ViT (`vit_base_patch16_224` for B/16 at 224px); None for hybrids."""
+    """timm's name of the same plain ViT (`vit_base_patch16_224` for B/16; the resolution is passed apart as
+    `img_size`, since timm registers most models at 224px only); None for hybrids and axial models."""
     m = config.model
     size = _TIMM_SIZES.get(m.variant.split("/")[0])
     if m.resnet_layers or size is None or m.axial:
         return None
-    return f"vit_{size}_patch{m.patch_size}_{config.image_size}"
+    return f"vit_{size}_patch{m.patch_size}_224"
 
 
 def timm_vit(config, train: bool):
     """timm's counterpart of the config's ViT (random init, no download) with the same dropout rates."""
-    import timm
-
     from vit_jax.errors import UserError
 
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError(f"{TIMM_MISSING}: {e}") from None
+
     name = timm_name(config)
-    if name is None:
-        raise UserError(f"timm has no counterpart of variant {config.model.variant!r}; pass --no-timm")
+    if name is None or not timm.is_model(name):
+        what = f"variant {config.model.variant!r}" if name is None else f"{name!r}"
+        raise UserError(f"timm has no counterpart of {what} (patch {config.model.patch_size}); pass --no-timm")
     rate = config.model.dropout_rate if train else 0.0
     model = timm.create_model(name, pretrained=False, num_classes=config.num_classes, img_size=config.image_size,
                               global_pool="token" if config.model.classifier == "token" else "avg",
@@ -228,10 +256,10 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
     and just after ours: one slow reading of the peak, from a neighbour's burst, would otherwise raise that round's
     MFU (a 389 GFLOP/s reading beside 429-431 gave one round 94.5%). `what` labels our row and the FLOP count.
     """
-    if args.rounds < 1:
+    if args.rounds < 1 or args.repeats < 1:
         from vit_jax.errors import UserError
 
-        raise UserError(f"--rounds must be >= 1, got {args.rounds}")
+        raise UserError(f"--rounds and --repeats must be >= 1, got {args.rounds} and {args.repeats}")
     load_before = load_average()
     run_ours = ours_runner(config)
     run_timm = timm_runner(config) if args.timm else None
@@ -251,7 +279,7 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
         "batch": config.batch_size, "image_size": config.image_size, "threads": threads, "repeats": args.repeats,
         "ours_img_s": config.batch_size / ours, f"ours_{unit}_s": ours,
         "timm_img_s": config.batch_size / timm_seconds if timm_seconds else None,
-        "ratio_vs_timm": summary["ratio_vs_timm"],
+        "ratio_vs_timm": summary["ratio_vs_timm"], "timm_model": timm_name(config) if args.timm else None,
         f"gflop_per_{unit}": flops_per_run / 1e9, "achieved_gflop_s": achieved,
         "peak_gflop_s": summary["peak_gflop_s"], "mfu": summary["mfu"],
         "rounds": [{"ours_img_s": config.batch_size / r["ours_s"],
@@ -272,7 +300,7 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
     label = f" (median of {args.rounds} rounds)" if args.rounds > 1 else ""
     rows.append((f"ours (jax {what[0]})", f"{result['ours_img_s']:.2f} img/s ({ours:.3f} s/{unit}){label}"))
     if timm_seconds:
-        rows += [("timm vit_base_patch16_224", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/{unit})"
+        rows += [(f"timm {result['timm_model']}", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/{unit})"
                   + (" autocast bf16" if args.dtype == "bfloat16" else "")),
                  ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x{label}")]
     rows.append(("achieved", f"{achieved:.1f} GFLOP/s ({what[1]})"))

@@ -6,9 +6,11 @@
 Ours: `vit_jax.predict.make_classifier` (the jitted `model.apply(params, images, train=False)` + softmax that
 `python -m vit_jax.predict` runs, with its CPU compiler options), float32 params (their matmul kernels cast once
 to a bf16 --dtype by `predict.cast_for_inference`, as predict does), compute in --dtype, float32 logits.
-timm: `vit_base_patch16_224` in eval mode under `torch.inference_mode()`, with --dtype=bfloat16 also under
-`torch.autocast("cpu", torch.bfloat16)`. Both are timed after warm-up as the median of --repeats batches, torch
-with one thread per core, in --rounds rounds of ours, peak, timm (median round reported). Achieved GFLOP/s counts
+timm: the same ViT (`vit_base_patch16_224` for B/16) in eval mode under `torch.inference_mode()`, with
+--dtype=bfloat16 also under `torch.autocast("cpu", torch.bfloat16)` and its Linear and Conv weights cast to bf16
+once before timing, as ours (autocast alone casts every weight again at every call: ~10% of a bf16 forward).
+Both are timed after warm-up as the median of --repeats batches, torch with one thread per core, in --rounds
+rounds of ours, peak, timm (median round reported). Achieved GFLOP/s counts
 the analytic forward FLOPs (`vit_jax.summary`); MFU divides it by a large XLA matmul measured on the spot in
 --dtype (for bf16 both plain and accumulating in float32). Prints a table, then one JSON line last.
 """
@@ -47,8 +49,13 @@ def timm_forward_runner(config) -> Callable[[], None]:
     model = common.timm_vit(config, train=False)
     size, batch = config.image_size, config.batch_size
     images = torch.rand(batch, 3, size, size) * 2 - 1
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.model.dtype == "bfloat16"
-                else contextlib.nullcontext())
+    autocast = contextlib.nullcontext()
+    if config.model.dtype == "bfloat16":
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        # As ours (predict.cast_for_inference): the matmul weights cast once, not by autocast at every call.
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.data = module.weight.data.to(torch.bfloat16)
 
     def run() -> None:
         with torch.inference_mode(), autocast:
@@ -59,8 +66,8 @@ def timm_forward_runner(config) -> Callable[[], None]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__, "timed batches (median reported)")
+    config = common.load_config(args.config, args.dtype, args.batch)  # a bad --config first, torch or not
     threads = common.torch_threads() if args.timm else None
-    config = common.load_config(args.config, args.dtype, args.batch)
     return common.compare("inference", args, config, threads, forward_runner, timm_forward_runner,
                           common.forward_flops_per_image(config) * config.batch_size, "batch",
                           ("forward", "analytic forward"))

@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None, doc: str = __doc__,
                repeats_help: str = "timed steps (median reported)") -> argparse.Namespace:
     """The flags of this benchmark and of inference.py (which passes its own description)."""
     parser = common.argument_parser(doc, 5, repeats_help)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of ours, peak, timm (median reported)")
+    parser.add_argument("--rounds", type=common.count(1), default=3,
+                        help="rounds of ours, peak, timm (median reported)")
     parser.add_argument("--no-timm", dest="timm", action="store_false", help="skip timm")
     return parser.parse_args(argv)
 
@@ -81,8 +82,8 @@ def timm_step_runner(config) -> Callable[[], None]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    config = common.load_config(args.config, args.dtype, args.batch)  # a bad --config first, torch or not
     threads = common.torch_threads() if args.timm else None
-    config = common.load_config(args.config, args.dtype, args.batch)
     return common.compare("train_step", args, config, threads, step_runner, timm_step_runner,
                           3 * common.forward_flops_per_image(config) * config.batch_size, "step",
                           ("train step", "analytic forward x 3"))

@@ -94,3 +94,37 @@ def test_a_rounds_peak_is_the_faster_reading_before_or_after_ours(monkeypatch, c
     assert [r["peak_gflop_s"]["float32"] for r in result["rounds"]] == [400.0, 500.0]
     assert [r["mfu"]["float32"] for r in result["rounds"]] == pytest.approx([0.5, 0.4])  # 200 GFLOP/s achieved
     assert capsys.readouterr().out.splitlines()[-1].startswith("{")  # the JSON line last
+
+
+@pytest.mark.parametrize("flags, bad", [
+    (["--repeats", "0"], "--repeats: 0 is invalid: expected an integer >= 1"),
+    (["--peak_size", "-1"], "--peak_size: -1 is invalid: expected an integer >= 0"),
+    (["--batch", "x"], "--batch: 'x' is not an integer"),
+    (["--rounds", "0"], "--rounds: 0 is invalid"),
+])
+def test_counts_that_cannot_work_are_usage_errors(flags, bad, capsys):
+    import train_step
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.parse_args(flags)
+    assert exit_info.value.code == 2 and bad in capsys.readouterr().err
+    assert train_step.parse_args(["--peak_size", "0"]).peak_size == 0
+
+
+@pytest.mark.parametrize("config_file, image_size, name", [
+    ("vit_b16.py", 224, "vit_base_patch16_224"), ("vit_l16.py", 384, "vit_large_patch16_224"),
+    ("vit_h14.py", 518, "vit_huge_patch14_224"), ("r50_vit_b16.py", 224, None)])
+def test_timm_counterpart_is_named_at_224_and_built_at_the_configs_size(config_file, image_size, name):
+    config = common.load_config(os.path.join(common.ROOT, "configs", config_file), "float32", 8)
+    config.image_size = image_size
+    assert common.timm_name(config) == name
+
+
+def test_a_missing_timm_counterpart_or_package_is_a_user_error(monkeypatch):
+    config = common.load_config(os.path.join(common.ROOT, "configs", "vit_ti16.py"), "float32", 8)
+    config.model.patch_size = 32  # timm has no ViT-Ti/32
+    with pytest.raises(UserError, match=r"timm has no counterpart of 'vit_tiny_patch32_224'.*pass --no-timm"):
+        common.timm_vit(config, train=False)
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
+    with pytest.raises(UserError, match=r"needs torch, torchvision and timm .* or pass --no-timm"):
+        common.timm_vit(config, train=False)
