@@ -97,3 +97,14 @@ def test_a_command_restarts_with_huge_pages_and_faults_far_less():
     # 2 x 256 MiB in 4 KiB pages: 131,072 faults; in 2 MiB pages: 256 (plus the odd small page).
     assert plain_faults > 100_000
     assert faults < plain_faults / 20
+
+
+@pytest.mark.parametrize("device, present", [
+    ("/dev/accel0", True), ("/dev/vfio/0", True), ("/dev/nvidia0", True), ("/dev/kfd", True),
+    ("/dev/nvidiactl", False), ("/dev/vfio/vfio", False), (None, False)])
+def test_accelerator_device_files(monkeypatch, device, present):
+    import fnmatch
+
+    monkeypatch.setattr(hugepages.glob, "glob",
+                        lambda pattern: [device] if device and fnmatch.fnmatch(device, pattern) else [])
+    assert hugepages.accelerator_present() is present

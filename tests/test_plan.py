@@ -38,6 +38,19 @@ def test_bad_topology_is_a_user_error(name, message):
         plan.parse_topology(name)
 
 
+@pytest.mark.parametrize("mesh, line", [
+    ({"data": 256, "fsdp": 1, "model": 1}, "global batch 4096 = 8 per batch shard x 256 shards x accum_steps 2; "
+                                           "mesh data=256 fsdp=1 model=1"),
+    ({"data": 16, "fsdp": 4, "model": 4}, "global batch 4096 = 32 per batch shard x 64 shards, each shared by 4 "
+                                          "chips (model axis) x accum_steps 2; mesh data=16 fsdp=4 model=4"),
+])
+def test_the_batch_line_multiplies_out_to_the_global_batch(mesh, line):
+    config = common.get_config("B/16")
+    config.batch_size, config.accum_steps = 4096, 2
+    result = {"mesh": mesh, "per_chip_micro_batch": 4096 // 2 // (mesh["data"] * mesh["fsdp"])}
+    assert plan._batch_line(config, plan.parse_topology("v5e:16x16"), result) == line
+
+
 @needs_libtpu
 def test_topology_devices_are_one_per_chip_megacore_included():
     for name in ("v4:2x2x1", "v5e:2x4"):

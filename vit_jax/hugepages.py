@@ -49,8 +49,10 @@ def _glibc_version(libc: tuple[str, str]) -> tuple[int, ...] | None:
 
 
 def accelerator_present() -> bool:
-    """Whether this host has a TPU (/dev/accel*, /dev/vfio/<n>) or an NVIDIA GPU (/dev/nvidia<n>)."""
-    return any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*"))
+    """Whether this host has a TPU (/dev/accel*, /dev/vfio/<n>), an NVIDIA GPU (/dev/nvidia<n>) or an AMD GPU
+    (/dev/kfd, ROCm's compute device)."""
+    return any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*",
+                                                  "/dev/kfd"))
 
 
 def cpu_run(env: Mapping[str, str], accelerator: bool) -> bool:

@@ -202,6 +202,15 @@ def suggestions(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], m
     return found
 
 
+def _batch_line(config: ml_collections.ConfigDict, topology: Topology, result: dict) -> str:
+    """How the global batch splits: over the data x fsdp batch shards, each shared by the `model` axis' chips."""
+    mesh = result["mesh"]
+    shards = _batch_devices(mesh)
+    shared = f", each shared by {mesh['model']} chips (model axis)" if mesh.get("model", 1) > 1 else ""
+    return (f"global batch {config.batch_size} = {result['per_chip_micro_batch']} per batch shard x {shards} shards"
+            f"{shared} x accum_steps {config.accum_steps}; mesh " + " ".join(f"{k}={v}" for k, v in mesh.items()))
+
+
 def report(config: ml_collections.ConfigDict, topology: Topology, result: dict) -> str:
     """The plan as a human-readable table."""
     from vit_jax import optim  # optax: only once a plan is reported
@@ -212,8 +221,7 @@ def report(config: ml_collections.ConfigDict, topology: Topology, result: dict) 
     lines = [
         f"ViT {m.variant} at {config.image_size}px, {config.num_classes} classes, dtype {m.dtype}, "
         f"remat {m.remat}, scan {m.scan}, PRNG {jax.config.jax_default_prng_impl}",
-        f"global batch {config.batch_size} = {result['per_chip_micro_batch']} per chip x {topology.num_chips} chips "
-        f"x accum_steps {config.accum_steps}; mesh " + " ".join(f"{k}={v}" for k, v in result["mesh"].items()),
+        _batch_line(config, topology, result),
         f"topology {topology.name} ({topology.accelerator_type}): {topology.num_chips} x TPU {chip.generation}, "
         f"{_fmt_bytes(chip.hbm_bytes)} HBM and {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak per chip",
         (f"compiled the training step in {result['compile_seconds']:.1f} s" if result["compiled"] is not None else
