@@ -67,5 +67,4 @@ def test_valid_shapes_run_and_invalid_ones_are_config_errors(case):
         state["params"],
         {key: jax.ShapeDtypeStruct((eval_batch_size, *shape), np.float32, sharding=sharding.batch_sharding(mesh))
          for key, shape in (("image", (image_size, image_size, 3)), ("label", (config.num_classes,)),
-                            ("mask", ()))},
-        np.int32(0))
+                            ("mask", ()))})

@@ -263,7 +263,9 @@ def test_check_config_names_bad_fields(field, value, match):
         masked_patch.check_config(config)
 
 
-def test_eval_corrupts_each_batch_differently_and_each_evaluation_alike():
+def test_eval_corrupts_each_image_by_its_index_whatever_the_batch():
+    """The eval score of a split is the same in one batch of 4 or two of 2 (or any process count), the same at
+    every evaluation, and an image corrupted by its index (the same pixels at another index score otherwise)."""
     from vit_jax import sharding, train
 
     config = run_config()
@@ -272,8 +274,16 @@ def test_eval_corrupts_each_batch_differently_and_each_evaluation_alike():
     model = masked_patch.build_pretraining_model(config)
     params = random_params(model, (1, 16, 16, 3))
     images = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1.0, maxval=1.0)
-    batch = {"image": images, "label": jnp.zeros((4, 10)), "mask": jnp.ones((4,))}
     step = train.make_eval_step(config, mesh)
-    first, again, second = (jax.device_get(step(params, batch, np.int32(i))) for i in (0, 0, 1))
-    assert first == again  # evaluations are comparable
-    assert first["loss"] != second["loss"]  # the same images, corrupted elsewhere in the next batch
+
+    def sums(rows, indices):
+        batch = {"image": images[rows], "label": jnp.zeros((len(indices), 10)), "mask": jnp.ones((len(indices),)),
+                 "index": jnp.asarray(indices, jnp.int32)}
+        return jax.device_get(step(params, batch))
+
+    whole = sums(slice(0, 4), [0, 1, 2, 3])
+    halves = [sums(slice(0, 2), [0, 1]), sums(slice(2, 4), [2, 3])]
+    for key in ("loss", "accuracy", "count"):
+        assert whole[key] == pytest.approx(sum(h[key] for h in halves), rel=1e-5), key
+    assert sums(slice(0, 4), [0, 1, 2, 3]) == whole  # evaluations are comparable
+    assert sums(slice(0, 4), [4, 5, 6, 7])["loss"] != pytest.approx(whole["loss"], rel=1e-6)

@@ -110,7 +110,7 @@ def test_eval_step_counts_each_real_example_once():
     batch["label"] = np.eye(config.num_classes, dtype=np.float32)[truth]
     mask = np.array([1.0] * 11 + [0.0] * 5, np.float32)
     device_batch = to_device({**batch, "mask": mask}, sharding.batch_sharding(mesh))
-    sums = jax.device_get(train.make_eval_step(config, mesh)(params, device_batch, np.int32(0)))
+    sums = jax.device_get(train.make_eval_step(config, mesh)(params, device_batch))
     real = mask > 0
     losses = np.asarray(optax.softmax_cross_entropy(jnp.asarray(logits), batch["label"]))
     assert sums["count"] == 11
@@ -119,7 +119,7 @@ def test_eval_step_counts_each_real_example_once():
     few = tiny_config(**{"mesh.data": 8, "eval_batch_size": 16, "num_classes": 5})
     few_params = train.init_state(few, mesh, few.total_steps)["params"]
     few_batch = to_device({**synthetic_batch(few, 5), "mask": mask}, sharding.batch_sharding(mesh))
-    assert set(jax.device_get(train.make_eval_step(few, mesh)(few_params, few_batch, np.int32(0)))) == {
+    assert set(jax.device_get(train.make_eval_step(few, mesh)(few_params, few_batch))) == {
         "loss", "top1", "count"}  # top-5 of 5 classes is always right: not reported
 
 
@@ -161,8 +161,8 @@ def test_multi_label_eval_counts_positive_guesses_and_sigmoid_loss_of_real_rows_
     eval_step = train.make_eval_step(config, mesh)
     batches = [to_device({"image": images[s], "label": labels[s], "mask": mask[s]}, sharding.batch_sharding(mesh))
                for s in (slice(0, 16), slice(16, 32))]
-    for index, (batch, rows) in enumerate(zip(batches, (slice(0, 16), slice(16, 32)))):
-        sums = jax.device_get(eval_step(params, batch, np.int32(index)))
+    for batch, rows in zip(batches, (slice(0, 16), slice(16, 32))):
+        sums = jax.device_get(eval_step(params, batch))
         kept = real[rows]
         assert set(sums) == {"loss", "top1", "top5", "count"}
         assert sums["count"] == kept.sum()
@@ -170,7 +170,7 @@ def test_multi_label_eval_counts_positive_guesses_and_sigmoid_loss_of_real_rows_
         np.testing.assert_allclose(sums["loss"], losses[rows][kept].sum(), rtol=1e-5)
 
     from vit_jax import data
-    monkeypatch.setattr(data, "make_eval_iterator", lambda config, batch_sharding: iter(batches))
+    monkeypatch.setattr(data, "make_eval_iterator", lambda config, batch_sharding, keys: iter(batches))
     metrics = train.evaluate(config, eval_step, params, mesh)
     assert set(metrics) == {"loss", "top1", "top5"}
     np.testing.assert_allclose(metrics["loss"], losses[real].mean(), rtol=1e-5)

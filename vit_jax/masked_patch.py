@@ -123,6 +123,14 @@ def sample_corruption(rng: Array, batch: int, num_patches: int, masked_patch: ml
     return {"kind": kind, "source": source}
 
 
+def sample_example_corruption(keys: Array, num_patches: int, masked_patch: ml_collections.ConfigDict
+                              ) -> dict[str, Array]:
+    """`sample_corruption` with one key per image (`keys`: (batch,) keys): each image's draw depends on its own key
+    alone, not on the batch it is in."""
+    draw = jax.vmap(lambda key: sample_corruption(key, 1, num_patches, masked_patch))(keys)
+    return {name: value[:, 0] for name, value in draw.items()}
+
+
 def build_pretraining_model(config: ml_collections.ConfigDict, **overrides: Any) -> VisionTransformer:
     """The masked-patch-prediction model of a run config: the classifier's encoder with a per-patch colour head."""
     check_config(config)
@@ -132,10 +140,13 @@ def build_pretraining_model(config: ml_collections.ConfigDict, **overrides: Any)
 
 def masked_patch_loss(model: VisionTransformer, params: Any, images: Array, rng: Array,
                       config: ml_collections.ConfigDict, *, train: bool = True,
-                      example_weights: Array | None = None) -> tuple[Array, dict[str, Array]]:
+                      example_weights: Array | None = None, example_keys: Array | None = None
+                      ) -> tuple[Array, dict[str, Array]]:
     """Mean cross-entropy of the predicted colour over the corrupted patches, and metrics.
 
     `model` comes from `build_pretraining_model`; `rng` draws the corruption and (with `train`) dropout;
+    `example_keys` (batch,), if given, draw each image's corruption instead (evaluation: from its index in the
+    split, so the score does not depend on the eval batch size or process count);
     `example_weights` (batch,) weights examples (the eval iterator's padding mask). Metrics: "loss",
     "accuracy" (top-1 over corrupted patches) and "num_predicted" (the weight the means are over, to
     combine batches).
@@ -147,7 +158,10 @@ def masked_patch_loss(model: VisionTransformer, params: Any, images: Array, rng:
     patch_size = config.model.patch_size
     num_patches = (images.shape[1] // patch_size) * (images.shape[2] // patch_size)
     corruption_rng, dropout_rng = jax.random.split(rng)
-    corruption = sample_corruption(corruption_rng, batch, num_patches, config.masked_patch)
+    if example_keys is None:
+        corruption = sample_corruption(corruption_rng, batch, num_patches, config.masked_patch)
+    else:
+        corruption = sample_example_corruption(example_keys, num_patches, config.masked_patch)
     logits = model.apply({"params": params}, images, train=train, rngs={"dropout": dropout_rng},
                          patch_source=corruption["source"], patch_mask=corruption["kind"] == MASKED)
     targets = colour_targets(images, patch_size, config.masked_patch.colour_bits)

@@ -203,7 +203,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
 
 
 def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
-    """`eval_step(params, batch, batch_index) -> sums` over the real (mask 1) examples of a batch, jitted for the mesh.
+    """`eval_step(params, batch) -> sums` over the real (mask 1) examples of a batch, jitted for the mesh.
 
     Classification sums: loss, top1, top5 (for multi-label: whether the top-1 / any top-5 class is a positive;
     no top5 with 5 classes or fewer) and count, over the examples with at least one label: as big_vision, an
@@ -215,13 +215,15 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
     batch_sharding = sharding.batch_sharding(mesh)
     top_k = min(5, config.num_classes)
 
-    def eval_step(params: Any, batch: dict[str, jax.Array], batch_index: jax.Array) -> dict[str, jax.Array]:
+    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         mask = batch["mask"]
         if config.objective == "masked_patch_prediction":
-            # The same corruption at every evaluation, another in each batch (not one pattern for every batch).
-            rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), batch_index)
-            _, metrics = masked_patch.masked_patch_loss(model, params, batch["image"], rng, config, train=False,
-                                                        example_weights=mask)
+            # Each image corrupted by a key of its index in the split: the same at every evaluation, whatever the
+            # eval batch size or process count.
+            seed = jax.random.PRNGKey(config.seed)
+            keys = jax.vmap(lambda index: jax.random.fold_in(seed, index))(batch["index"])
+            _, metrics = masked_patch.masked_patch_loss(model, params, batch["image"], seed, config, train=False,
+                                                        example_weights=mask, example_keys=keys)
             count = metrics["num_predicted"]
             return {"loss": metrics["loss"] * count, "accuracy": metrics["accuracy"] * count, "count": count}
         logits = model.apply({"params": params}, batch["image"], train=False)
@@ -235,7 +237,7 @@ def make_eval_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
             sums["top5"] = jnp.sum(jnp.any(hits, axis=-1) * mask)
         return sums
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, sharding.replicated(mesh)),
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
                    out_shardings=sharding.replicated(mesh),
                    compiler_options=xla_options.compiler_options(mesh.devices.flat))
 
@@ -246,8 +248,9 @@ def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any
     from vit_jax import data
 
     totals: dict[str, float] = {}
-    for index, batch in enumerate(data.make_eval_iterator(config, sharding.batch_sharding(mesh))):
-        for key, value in jax.device_get(eval_step(params, batch, np.int32(index))).items():
+    keys = ("image", "label", "mask") + (("index",) if config.objective == "masked_patch_prediction" else ())
+    for batch in data.make_eval_iterator(config, sharding.batch_sharding(mesh), keys=keys):
+        for key, value in jax.device_get(eval_step(params, batch)).items():
             totals[key] = totals.get(key, 0.0) + float(value)
     count = totals.pop("count", 0.0)
     if not count:  # a global sum: every process raises
