@@ -3,8 +3,8 @@
 Model files (vit_b16.py, ...) call `get_config("B/16")`; the command line overrides any field:
 
   python -m vit_jax.main --config=configs/vit_b16.py --workdir=/tmp/b16 \
-      --config.dataset=cifar10 --config.num_classes=10 --config.batch_size=512 --config.optimizer.lr=3e-3 \
-      --config.total_steps=20000 --config.optimizer.warmup_steps=1000
+      --config.dataset=cifar10 --config.num_classes=10 --config.eval_split=test --config.batch_size=512 \
+      --config.optimizer.lr=3e-3 --config.total_steps=20000 --config.optimizer.warmup_steps=1000
 
 Batch arithmetic: `batch_size` is the global batch of one optimizer step. Each step is split into
 `accum_steps` micro-batches of `batch_size // accum_steps`, each sharded over the mesh's data x fsdp

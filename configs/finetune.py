@@ -1,11 +1,11 @@
-"""Fine-tuning a pre-trained ViT at 384px with the paper's recipe (Appendix B.1.1, Table 4).
+"""Fine-tuning a pre-trained ViT at 384px (378 for patch 14) with the paper's recipe (Appendix B.1.1, Table 4).
 
   python -m vit_jax.main --config=configs/finetune.py:cifar10,B/16 --workdir=/tmp/ft_cifar10 \
       --config.pretrained=/path/to/ViT-B_16.npz
 
 The argument is `dataset[,variant]` (variant defaults to B/16; any of vit_jax/models/variants.py). The head is
 replaced by a new zero-initialised one with `num_classes` outputs and the position embeddings are resized to the
-384px grid, both when `config.pretrained` is loaded (vit_jax.interop). SGD with momentum 0.9, batch 512, no
+new grid, both when `config.pretrained` is loaded (vit_jax.interop). SGD with momentum 0.9, batch 512, no
 weight decay, global-norm clip 1, cosine decay after a short warmup. The paper picks the learning rate from a
 grid on a held-out part of the training split (1% ImageNet, 2% CIFAR, 10% Pets and Flowers, hence the
 `train[:N%]` splits below, which these runs train on as the original code does; the paper then retrains on the
@@ -52,7 +52,8 @@ def get_config(arg: str = "cifar10") -> ml_collections.ConfigDict:
     config.num_classes = num_classes
     config.train_split = train_split
     config.eval_split = eval_split
-    config.image_size = 384
+    # 384px, or the nearest multiple of the patch size (H/14: 378, a 27x27 grid; the paper's ImageNet H/14 is 518).
+    config.image_size = config.model.patch_size * round(384 / config.model.patch_size)
     config.model.dropout_rate = 0.1 if variant in DROPOUT_0_1 else 0.0
     config.model.representation_size = 0  # the pre-logits layer of pre-training is dropped
 

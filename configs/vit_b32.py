@@ -3,7 +3,9 @@
   python -m vit_jax.main --config=configs/vit_b32.py --workdir=/tmp/vit_b32
 
 Global batch 4096 = per-device batch x (mesh.data x mesh.fsdp) x accum_steps; override any field,
-e.g. `--config.dataset=imagenet2012 --config.num_classes=1000 --config.image_size=384`.
+e.g. ImageNet-1k from scratch with the paper's Table 3 recipe: `--config.dataset=imagenet2012
+--config.num_classes=1000 --config.num_epochs=300 --config.optimizer.lr=3e-3 --config.optimizer.schedule=cosine
+--config.optimizer.weight_decay=0.3` (fine-tuning at a higher resolution: configs/finetune.py).
 """
 
 import ml_collections

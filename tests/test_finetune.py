@@ -197,6 +197,8 @@ def test_finetune_presets_follow_the_paper(dataset):
 def test_finetune_keeps_the_original_codes_learning_rate_and_dropout_exceptions(arg, lr, dropout):
     config = finetune.get_config(arg)
     assert (config.optimizer.lr, config.model.dropout_rate) == (lr, dropout)
+    assert config.image_size == (378 if config.model.patch_size == 14 else 384)
+    config_check.validate(config, 8)  # every variant's preset can run (384 is no multiple of 14)
 
 
 def test_finetune_rejects_an_unknown_dataset():

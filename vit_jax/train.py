@@ -138,7 +138,7 @@ def _loss_fn(model: nn.Module, config: ml_collections.ConfigDict, params: Any, i
         loss, metrics = masked_patch.masked_patch_loss(model, params, images, rng, config, train=True)
         return loss, {"accuracy": metrics["accuracy"]}
     logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-    targets = optim.smooth_labels(labels, config.optimizer.label_smoothing, config.label_kind)
+    targets = optim.smooth_labels(labels, config.optimizer.label_smoothing)
     loss = optim.per_example_loss(logits, targets, config.label_kind).mean()
     return loss, {}
 
