@@ -90,8 +90,8 @@ def test_params_alone_restore_under_another_optimizer(tmp_path):
 
 def test_resuming_or_evaluating_takes_the_numerics_the_run_recorded(tmp_path):
     """A run fine-tuned from exact-GELU weights (timm, HF) records its numerics in each checkpoint's meta: a
-    resume or --mode=eval without --config.pretrained computes as it trained, not with the defaults (tanh GELU,
-    eps 1e-6)."""
+    resume or --mode=eval computes as it trained, not with the defaults (tanh GELU, eps 1e-6), and without reading
+    --config.pretrained again."""
     trained = tiny_config(**{"mesh.data": 1, "model.gelu_approximate": False, "model.layernorm_epsilon": 1e-12})
     mesh = sharding.make_mesh(trained, jax.devices()[:1])
     state = train.init_state(trained, mesh, trained.total_steps)
@@ -99,8 +99,9 @@ def test_resuming_or_evaluating_takes_the_numerics_the_run_recorded(tmp_path):
     meta = {"step": 2, "rng": [1, 2], "config": trained.to_json_best_effort()}
     ckpt.save(2, state["params"], state["opt_state"], meta, {"position": 2})
     ckpt.close()
-    for params_only in (True, False):
-        config = tiny_config(**{"mesh.data": 1})
+    # Also with the --config.pretrained the run started from, now gone (a preempted spot VM's /tmp): not read.
+    for params_only, pretrained in ((True, ""), (False, ""), (False, str(tmp_path / "gone" / "ViT-B_16.npz"))):
+        config = tiny_config(**{"mesh.data": 1, "pretrained": pretrained})
         assert (config.model.gelu_approximate, config.model.layernorm_epsilon) == (True, 1e-6)
         ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
         try:

@@ -359,12 +359,10 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     on with `optimizer.ema_decay` > 0, evaluating with `read_ema`, or re-evaluating a finished run), or where
     training will keep one (started from the params: fresh, pre-trained, or resumed from a checkpoint without).
     """
-    require_head = params_only if require_head is None else require_head
-    pretrained = pin_pretrained(config.pretrained) if config.pretrained else ""
-    if pretrained:  # the weights' numerics (GELU, LayerNorm eps), also when resuming a fine-tune of them
-        from vit_jax import interop
+    from vit_jax import interop
+    from vit_jax.interop import loading, orbax_io
 
-        interop.apply_source_numerics(pretrained, config.model)
+    require_head = params_only if require_head is None else require_head
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = abstract_state(config, mesh, num_steps)
@@ -375,14 +373,15 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"],
                                 abstract_ema if reads_ema else None)
         meta = restored["meta"]
-        if not pretrained:  # the numerics the run was trained with, whatever this run's flags say
-            from vit_jax.interop import loading, orbax_io
-
-            recorded = orbax_io.numerics_from_meta(meta, f"{ckpt.directory}/{latest}")
-            if recorded is not None and loading.apply_numerics(config.model, recorded):
-                logging.warning("the checkpoint was trained with model.gelu_approximate=%s, "
-                                "model.layernorm_epsilon=%g: computing with those, not this config's",
-                                recorded.gelu_approximate, recorded.layernorm_epsilon)
+        # The numerics the run was trained with, whatever this run's flags say. `config.pretrained` is not read:
+        # the run recorded its numerics, and the source may be gone (a spot VM's /tmp) or slow to reach.
+        recorded = orbax_io.numerics_from_meta(meta, f"{ckpt.directory}/{latest}")
+        if recorded is None and config.pretrained:  # a checkpoint that recorded none: the source's, as it began
+            interop.apply_source_numerics(pin_pretrained(config.pretrained), config.model)
+        elif recorded is not None and loading.apply_numerics(config.model, recorded) and not config.pretrained:
+            logging.warning("the checkpoint was trained with model.gelu_approximate=%s, "
+                            "model.layernorm_epsilon=%g: computing with those, not this config's",
+                            recorded.gelu_approximate, recorded.layernorm_epsilon)
         replicated = sharding.replicated(mesh)
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],
@@ -403,7 +402,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                             "rate follows the new schedule (%g there)", planned, num_steps, meta["step"],
                             float(optim.learning_rate_schedule(config.optimizer, num_steps)(meta["step"])))
         return state, restored["data_state"], meta
-    if pretrained:
+    if config.pretrained:
+        pretrained = pin_pretrained(config.pretrained)
+        interop.apply_source_numerics(pretrained, config.model)  # the weights' numerics (GELU, LayerNorm eps)
         return _pretrained_state(config, mesh, num_steps, pretrained, params_only, require_head), None, {}
     # Evaluating a fresh model: no optimizer state, and no average (it would be the params themselves).
     return init_state(config, mesh, num_steps, params_only), None, {}
