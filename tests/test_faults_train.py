@@ -80,31 +80,33 @@ def test_read_only_workdir_fails_before_training(tmp_path, data_dir):
         workdir.chmod(stat.S_IRWXU)
 
 
-def test_disk_full_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("full_at", [4, 6])  # a middle step's write, and the last one's (final metrics follow it)
+def test_disk_full_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, data_dir, monkeypatch, full_at):
     workdir = str(tmp_path / "run")
     config = digits_config(data_dir, total_steps=6, checkpoint_every=2, keep_checkpoints=1)
     original = ocp.handlers.JsonCheckpointHandler._save_fn
     failed = []
 
-    async def disk_full_at_step_4(self, x, directory):
-        if os.path.basename(os.path.dirname(str(directory))).startswith("4.") and "processes" in x:
+    async def disk_full(self, x, directory):
+        if os.path.basename(os.path.dirname(str(directory))).startswith(f"{full_at}.") and "processes" in x:
             failed.append(str(directory))
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
         return await original(self, x, directory)
 
-    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", disk_full_at_step_4)
-    with pytest.raises(checkpoints.CheckpointWriteError, match="step 4") as error:
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", disk_full)
+    with pytest.raises(checkpoints.CheckpointWriteError, match=f"step {full_at}") as error:
         train.train_and_evaluate(config, workdir)
     assert failed, "the simulated disk-full never triggered"
     message = str(error.value)
     assert "No space left on device" in message and "\n" not in message
     monkeypatch.undo()
 
-    # The step-2 checkpoint is whole (keep_checkpoints=1 must not have let the failed save delete it).
+    # The previous checkpoint is whole (keep_checkpoints=1 must not have let the failed save delete it), and no
+    # final_metrics.json names a step that is not on disk.
     step, restored = restore_latest(config, workdir)
-    assert step == 2 and restored["meta"]["step"] == 2
+    assert step == full_at - 2 and restored["meta"]["step"] == full_at - 2
     assert all_finite(restored["params"])
-    assert sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) == ["2"]
+    assert sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) == [str(full_at - 2)]
     assert not os.path.exists(os.path.join(workdir, train.FINAL_METRICS))
 
 

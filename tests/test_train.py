@@ -449,3 +449,13 @@ def test_a_finished_workdir_scores_again_what_its_final_metrics_lack(tmp_path, c
     assert set(scored["extra_evals"]) == {"digits"} and scored["test_accuracy"] == pytest.approx(again["test_accuracy"])
     with open(path) as f:
         assert json.load(f)["extra_evals"] == scored["extra_evals"]
+
+    with open(path, "w") as f:
+        f.write('{"step": 2, "test_acc')  # cut short (a kill or a full disk mid-write, before writes were atomic)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rescored = train.train_and_evaluate(extended, workdir)
+    assert "cannot be read" in caplog.text and rescored["test_accuracy"] == pytest.approx(scored["test_accuracy"])
+    assert train.FINAL_METRICS in os.listdir(workdir) and not any(".partial" in n for n in os.listdir(workdir))
+    other_split = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2, eval_split="train")
+    assert train.train_and_evaluate(other_split, workdir)["eval_split"] == "train"  # not the test split's scores

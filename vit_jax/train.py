@@ -504,9 +504,12 @@ def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple
 
 
 def write_final_metrics(workdir: str, result: dict) -> None:
-    """WORKDIR/final_metrics.json (process 0)."""
+    """WORKDIR/final_metrics.json (process 0), whole or not at all: written beside it, then renamed over it."""
     if jax.process_index() == 0:
-        (epath.Path(workdir) / FINAL_METRICS).write_text(json.dumps(result, indent=2))
+        path = epath.Path(workdir) / FINAL_METRICS
+        partial = path.parent / f"{FINAL_METRICS}.partial"
+        partial.write_text(json.dumps(result, indent=2))
+        partial.replace(path)
 
 
 ExtraSteps = dict[str, tuple[ml_collections.ConfigDict, Callable]]
@@ -529,7 +532,13 @@ def _stored_result(path: epath.Path, step: int, config: ml_collections.ConfigDic
     stopped before writing its own) or lacks a score the config adds."""
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        logging.warning("%s cannot be read (%s): scoring the run again", path, e)
+        return None
+    if not isinstance(result, dict) or result.get("eval_split", config.eval_split) != config.eval_split:
+        return None  # another split's scores (config.eval_split changed): score this one
     if result.get("step") != step:
         logging.warning("%s holds step %s's scores, not the last checkpoint's (%d): scoring it again", path,
                         result.get("step"), step)
@@ -833,6 +842,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                     _evaluate_and_log(step, {"params": state["params"]}, with_extra=False)
                 writer.flush()
                 return {"step": step, "train_loss": train_loss, "preempted": True}
+        ckpt.wait()  # the last checkpoint is on disk (or its failure raised) before final_metrics.json names it
     finally:
         watcher.close()
         if profile_start is not None and step < profile_start + config.profile_steps:
