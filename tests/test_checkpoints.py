@@ -255,3 +255,31 @@ def test_sigterm_saves_then_sigkill_and_restart_repeat_the_uninterrupted_run(ref
         for step, loss in losses.items():
             assert loss == pytest.approx(reference_losses[step], rel=1e-6, abs=1e-7), step
     assert os.path.exists(os.path.join(workdir, "final_metrics.json"))
+
+
+def test_a_key_of_another_prng_implementation_resumes_with_a_new_key(tmp_path, caplog):
+    """A TPU run's 4-word rbg key resumed where keys are threefry's 2 words (or back): a key drawn from the seed
+    and the step, with a warning, instead of a TypeError at the first step; a fitting key is kept as it was."""
+    import logging
+
+    config = tiny_config(**{"mesh.data": 1})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    state = train.init_state(config, mesh, config.total_steps)
+    for step, rng in ((2, [7, 8]), (3, [1, 2, 3, 4])):
+        ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+        ckpt.save(step, state["params"], state["opt_state"], {"step": step, "rng": rng}, {"position": step})
+        ckpt.close()
+        ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING):
+                resumed, _, _ = train.restore_or_init(config, mesh, config.total_steps, ckpt)
+        finally:
+            ckpt.close()
+        key = np.asarray(jax.device_get(resumed["rng"]))
+        if len(rng) == 2:
+            np.testing.assert_array_equal(key, rng)
+            assert "training key" not in caplog.text
+        else:
+            assert key.shape == (2,) and "training key has shape (4,)" in caplog.text
+            jax.random.fold_in(resumed["rng"], 1)  # a usable key

@@ -385,7 +385,7 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         replicated = sharding.replicated(mesh)
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],
-                 "rng": jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), replicated)}
+                 "rng": jax.device_put(_resumed_rng(config, meta), replicated)}
         if restored["ema"] is not None:
             state["ema"] = restored["ema"]
         elif optim.uses_ema(config) and trains_on:
@@ -408,6 +408,19 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         return _pretrained_state(config, mesh, num_steps, pretrained, params_only, require_head), None, {}
     # Evaluating a fresh model: no optimizer state, and no average (it would be the params themselves).
     return init_state(config, mesh, num_steps, params_only), None, {}
+
+
+def _resumed_rng(config: ml_collections.ConfigDict, meta: dict) -> jax.Array:
+    """The training key a checkpoint recorded; one of another PRNG implementation (a TPU run's 4-word rbg key
+    resumed on a GPU's 2-word threefry, or back) is drawn anew from the seed and the step, with a warning."""
+    recorded = jnp.asarray(meta["rng"], jnp.uint32)
+    expected = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+    if recorded.shape == expected.shape:
+        return recorded
+    logging.warning("the checkpoint's training key has shape %s, this run's PRNG implementation (%s) keys %s: "
+                    "dropout and the other random draws continue from a new key (seed %d, step %d)",
+                    recorded.shape, jax.config.jax_default_prng_impl, expected.shape, config.seed, meta["step"])
+    return jax.random.fold_in(expected, meta["step"])
 
 
 def _pretrained_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int, path: str, params_only: bool,
