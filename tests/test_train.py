@@ -459,3 +459,7 @@ def test_a_finished_workdir_scores_again_what_its_final_metrics_lack(tmp_path, c
     assert train.FINAL_METRICS in os.listdir(workdir) and not any(".partial" in n for n in os.listdir(workdir))
     other_split = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2, eval_split="train")
     assert train.train_and_evaluate(other_split, workdir)["eval_split"] == "train"  # not the test split's scores
+    # A finished run is only scored: another optimizer's config does not have to match its optimizer state.
+    sgd = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2, eval_split="train",
+                             **{"optimizer.name": "sgd"})
+    assert train.train_and_evaluate(sgd, workdir)["eval_split"] == "train"

@@ -370,7 +370,8 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         reads_ema = read_ema if params_only else optim.uses_ema(config) or not trains_on
         # Outside evaluation the average holds the trained parameters only: the frozen ones are not read.
         abstract_ema = abstract["params"] if params_only else optim.trained_only(config, abstract["params"])
-        restored = ckpt.restore(latest, abstract["params"], None if params_only else abstract["opt_state"],
+        # A finished run is only scored: its optimizer state is not read (nor checked against this config's).
+        restored = ckpt.restore(latest, abstract["params"], abstract["opt_state"] if trains_on else None,
                                 abstract_ema if reads_ema else None)
         meta = restored["meta"]
         # The numerics the run was trained with, whatever this run's flags say. `config.pretrained` is not read:
