@@ -155,7 +155,8 @@ def test_loss_starts_at_log_512_ignores_padding_and_falls_with_training():
     images = jnp.repeat(jnp.repeat(colours, 8, axis=1), 8, axis=2)
     images = jnp.clip(images + 0.05 * jax.random.normal(jax.random.key(2), images.shape), -1, 1)
 
-    loss0, metrics0 = masked_patch.masked_patch_loss(model, params, images, jax.random.key(3), config)
+    loss0, metrics0 = jax.jit(lambda p, x: masked_patch.masked_patch_loss(model, p, x, jax.random.key(3), config))(
+        params, images)
     assert float(loss0) == pytest.approx(np.log(512), rel=1e-5)  # zero head: uniform over 512 colours
     assert float(metrics0["num_predicted"]) == 32 * 8
 
@@ -163,8 +164,9 @@ def test_loss_starts_at_log_512_ignores_padding_and_falls_with_training():
     weights = jnp.array([1.0] * 16 + [0.0] * 16)
     noise = images.at[16:].set(jax.random.uniform(jax.random.key(4), (16, 16, 16, 3), minval=-1, maxval=1))
     params_r = random_params(model, (1, 16, 16, 3), seed=5, scale=0.1)
-    losses = [masked_patch.masked_patch_loss(model, params_r, x, jax.random.key(3), config, train=False,
-                                             example_weights=weights) for x in (images, noise)]
+    evaluate = jax.jit(lambda p, x: masked_patch.masked_patch_loss(model, p, x, jax.random.key(3), config,
+                                                                   train=False, example_weights=weights))
+    losses = [evaluate(params_r, x) for x in (images, noise)]
     assert float(losses[0][0]) == pytest.approx(float(losses[1][0]), rel=1e-6)
     assert float(losses[0][1]["num_predicted"]) == 16 * 8
 
@@ -242,8 +244,8 @@ def test_axial_masked_patch_prediction_predicts_every_patch():
         model, p, jnp.zeros((2, 16, 16, 3)), jax.random.key(0), config, train=False))(params)
     assert np.isfinite(float(loss)) and float(metrics["num_predicted"]) == 2 * 8
     initial = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
-    loss0, _ = masked_patch.masked_patch_loss(model, initial, jnp.zeros((2, 16, 16, 3)), jax.random.key(0), config,
-                                              train=False)
+    loss0, _ = jax.jit(lambda p: masked_patch.masked_patch_loss(
+        model, p, jnp.zeros((2, 16, 16, 3)), jax.random.key(0), config, train=False))(initial)
     assert float(loss0) == pytest.approx(np.log(512), rel=1e-5)  # zero head: uniform over 512 colours
 
 

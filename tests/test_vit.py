@@ -241,15 +241,16 @@ def test_remat_and_scan_match_plain_model():
     plain = build_model(tiny_config(), 5)
     params = init_random(plain, 16)
     images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
-    expected = plain.apply({"params": params}, images)
+    expected = jax.jit(plain.apply)({"params": params}, images)
     remat = build_model(tiny_config(remat=True), 5)
-    np.testing.assert_allclose(remat.apply({"params": params}, images), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(remat.apply)({"params": params}, images), expected, rtol=1e-5, atol=1e-5)
     stacked = stack_blocks(params, 2)
     for flags in (dict(scan=True), dict(scan=True, remat=True)):
         scanned = build_model(tiny_config(**flags), 5)
         shapes = nn.unbox(jax.eval_shape(lambda m=scanned: m.init(jax.random.key(0), images))["params"])
         assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, stacked)
-        np.testing.assert_allclose(scanned.apply({"params": stacked}, images), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(jax.jit(scanned.apply)({"params": stacked}, images), expected, rtol=1e-5,
+                                   atol=1e-5)
     roundtrip = unstack_blocks(stacked)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), roundtrip, params))
 
@@ -260,7 +261,7 @@ def test_remat_gradients_match_plain():
     params = init_random(plain, 16)
 
     def grads(model, p):
-        return jax.grad(lambda q: model.apply({"params": q}, images).sum())(p)
+        return jax.jit(jax.grad(lambda q: model.apply({"params": q}, images).sum()))(p)
 
     g_plain = grads(plain, params)
     g_remat = grads(build_model(tiny_config(remat=True), 5), params)
@@ -362,11 +363,11 @@ def test_encoder_stochastic_depth_grows_linearly_from_zero_at_the_first_block(sc
 def test_hybrid_forward_and_stride():
     config = tiny_config(resnet_layers=(1, 1), patch_size=8)  # trunk stride 8 -> 1x1 embedding patches
     model = build_model(config, 3)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))  # jitted: eager is ~10x slower
     params = nn.unbox(variables["params"])
     assert params["embedding"]["kernel"].shape == (1, 1, 512, 32)
     assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 17, 32)
-    logits = model.apply({"params": params}, jax.random.normal(jax.random.key(1), (2, 32, 32, 3)))
+    logits = jax.jit(model.apply)({"params": params}, jax.random.normal(jax.random.key(1), (2, 32, 32, 3)))
     assert logits.shape == (2, 3) and bool(jnp.all(jnp.isfinite(logits)))
 
 
