@@ -283,3 +283,28 @@ def test_a_key_of_another_prng_implementation_resumes_with_a_new_key(tmp_path, c
         else:
             assert key.shape == (2,) and "training key has shape (4,)" in caplog.text
             jax.random.fold_in(resumed["rng"], 1)  # a usable key
+
+
+def test_an_evaluation_scores_the_loss_the_run_trained_with(tmp_path, caplog):
+    """A sigmoid (multi-label) run evaluated without --config.label_kind=multi: its recorded label kind, with a
+    warning (a softmax loss of sigmoid logits means nothing); resuming its training keeps this config's."""
+    import logging
+
+    trained = tiny_config(**{"mesh.data": 1, "label_kind": "multi"})
+    mesh = sharding.make_mesh(trained, jax.devices()[:1])
+    state = train.init_state(trained, mesh, trained.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+    ckpt.save(1, state["params"], state["opt_state"],
+              {"step": 1, "rng": [1, 2], "config": trained.to_json_best_effort()}, {"position": 1})
+    ckpt.close()
+    for params_only, expected in ((True, "multi"), (False, "single")):
+        config = tiny_config(**{"mesh.data": 1})
+        ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING):
+                train.restore_or_init(config, mesh, config.total_steps, ckpt, params_only=params_only)
+        finally:
+            ckpt.close()
+        assert config.label_kind == expected
+        assert ("trained with label_kind='multi'" in caplog.text) == params_only

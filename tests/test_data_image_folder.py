@@ -95,8 +95,15 @@ def test_jsonl_records_build_and_read_multi_label(tmp_path, sharding):
     data.prepare("image_folder", config.tfds_data_dir, config.tfds_manual_dir)
     with pytest.raises(data.DatasetError, match="set --config.label_kind=multi"):
         data.dataset_info(config)
-    # A softmax model may be scored on the sets (ImageNet ReaL's case), not trained on them.
+    # A softmax model may be scored on the sets (ImageNet ReaL's case), not trained on them: also a split that is
+    # the training split's name.
     assert data.dataset_info(config, train=False).label_kind == "single"
+    with config.unlocked():
+        config.eval_split = config.train_split
+    assert next(pipeline.eval_batches(config, process_index=0, process_count=1))["label"].shape[-1] == 5
+    with pytest.raises(data.DatasetError, match="set --config.label_kind=multi"):
+        next(data.make_train_iterator(config, sharding))
+    config.eval_split = "validation"
     config.label_kind = "multi"
     info = data.dataset_info(config)
     assert (info.num_train_examples, info.num_eval_examples, info.num_classes, info.label_kind) == (8, 4, 5, "multi")

@@ -106,6 +106,18 @@ def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
     assert 0.0 <= extra["image_folder"]["top1"] <= extra["image_folder"]["top5"] <= 1.0
 
 
+def test_a_softmax_run_scores_a_multi_label_set_with_its_own_loss(tmp_path):
+    """ImageNet ReaL beside a softmax run: the set keeps the run's label kind (softmax cross-entropy against the
+    set), where it used to be scored with a sigmoid loss of the softmax logits."""
+    folder = real_like_folder(tmp_path / "real_like", [(NUM_TRAIN + i, (str(i % 10), str((i + 1) % 10)))
+                                                       for i in range(6)])
+    data.prepare("image_folder", str(tmp_path / "tfds"), folder)
+    config = _config(tmp_path, ("image_folder,validation",), folder)
+    assert config.label_kind == "single"
+    derived = extra_evals.eval_configs(config)["image_folder"]
+    assert (derived.dataset, derived.eval_split, derived.label_kind) == ("image_folder", "validation", "single")
+
+
 def test_an_extra_test_set_of_other_classes_stops_the_run_before_it_writes(tmp_path):
     folder = real_like_folder(tmp_path / "three", [(NUM_TRAIN + i, (str(i % 3),)) for i in range(6)], classes=3)
     data.prepare("image_folder", str(tmp_path / "tfds"), folder)

@@ -166,6 +166,25 @@ def test_restore_or_init_sets_the_numerics_before_the_train_step_is_built(classi
     assert params["head/kernel"].shape == (32, 4) and not params["head/kernel"].any()
 
 
+def test_a_checkpoint_without_recorded_numerics_resumes_with_the_sources(classifier_run, tmp_path):
+    """A checkpoint whose meta holds no config (written before runs recorded one): the numerics of
+    config.pretrained, as when the run began."""
+    source, _, _ = classifier_run
+    config = tiny_config(**{"mesh.data": 1, "pretrained": source, "num_classes": 4, "image_size": 24})
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    state = train.init_state(config, mesh, config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=1)
+    ckpt.save(1, state["params"], state["opt_state"], {"step": 1, "rng": [1, 2]}, {"position": 1})
+    ckpt.close()
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=1)
+    try:
+        _, _, meta = train.restore_or_init(config, mesh, config.total_steps, ckpt)
+    finally:
+        ckpt.close()
+    assert meta["step"] == 1
+    assert config.model.gelu_approximate is False and config.model.layernorm_epsilon == 1e-5
+
+
 def test_apply_source_numerics_reads_the_runs_recorded_config(classifier_run):
     from vit_jax.interop import apply_source_numerics
 

@@ -346,9 +346,10 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                     read_ema: bool = True) -> tuple[State, dict | None, dict]:
     """The start state, the data iterator state to continue from, and the saved meta.
 
-    The model's numerics (GELU flavour, LayerNorm eps) are set in place to those of the weights: the ones of
-    `config.pretrained`, or else the ones a resumed checkpoint's run recorded (evaluating a fine-tune of timm
-    weights without its --config.pretrained still computes with exact GELU).
+    The model's numerics (GELU flavour, LayerNorm eps) are set in place to those of the weights: the ones a
+    resumed checkpoint's run recorded (evaluating a fine-tune of timm weights without its --config.pretrained still
+    computes with exact GELU; `config.pretrained` is then not read), or else those of `config.pretrained`. An
+    evaluation (`params_only`) also takes the run's recorded `label_kind`: its loss is the one it trained with.
     Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop; a
     training run puts a new zero head unless `config.pretrained_head` is "keep", an evaluation keeps the
     checkpoint's) -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
@@ -383,10 +384,15 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
             logging.warning("the checkpoint was trained with model.gelu_approximate=%s, "
                             "model.layernorm_epsilon=%g: computing with those, not this config's",
                             recorded.gelu_approximate, recorded.layernorm_epsilon)
+        trained_kind = _recorded_label_kind(meta)
+        if params_only and trained_kind and trained_kind != config.label_kind:  # its loss is the one it trained with
+            logging.warning("the checkpoint was trained with label_kind=%r: scoring its loss as such, not as this "
+                            "config's %r", trained_kind, config.label_kind)
+            config.label_kind = trained_kind
         replicated = sharding.replicated(mesh)
         state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],
-                 "rng": jax.device_put(_resumed_rng(config, meta), replicated)}
+                 "rng": jax.device_put(_resumed_rng(config, meta, warn=trains_on), replicated)}
         if restored["ema"] is not None:
             state["ema"] = restored["ema"]
         elif optim.uses_ema(config) and trains_on:
@@ -411,16 +417,29 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     return init_state(config, mesh, num_steps, params_only), None, {}
 
 
-def _resumed_rng(config: ml_collections.ConfigDict, meta: dict) -> jax.Array:
+def _recorded_label_kind(meta: dict) -> str | None:
+    """The label kind ("single" softmax / "multi" sigmoid) of the run that wrote a checkpoint's meta, if recorded."""
+    recorded = meta.get("config")
+    try:
+        recorded = json.loads(recorded) if isinstance(recorded, str) else recorded
+    except json.JSONDecodeError:
+        return None  # orbax_io.numerics_from_meta has already named an unreadable record
+    kind = recorded.get("label_kind") if isinstance(recorded, dict) else None
+    return kind if kind in ("single", "multi") else None
+
+
+def _resumed_rng(config: ml_collections.ConfigDict, meta: dict, warn: bool = True) -> jax.Array:
     """The training key a checkpoint recorded; one of another PRNG implementation (a TPU run's 4-word rbg key
-    resumed on a GPU's 2-word threefry, or back) is drawn anew from the seed and the step, with a warning."""
+    resumed on a GPU's 2-word threefry, or back) is drawn anew from the seed and the step, with a warning when the
+    run will train on (`warn`)."""
     recorded = jnp.asarray(meta["rng"], jnp.uint32)
     expected = jax.random.split(jax.random.PRNGKey(config.seed))[1]
     if recorded.shape == expected.shape:
         return recorded
-    logging.warning("the checkpoint's training key has shape %s, this run's PRNG implementation (%s) keys %s: "
-                    "dropout and the other random draws continue from a new key (seed %d, step %d)",
-                    recorded.shape, jax.config.jax_default_prng_impl, expected.shape, config.seed, meta["step"])
+    if warn:
+        logging.warning("the checkpoint's training key has shape %s, this run's PRNG implementation (%s) keys %s: "
+                        "dropout and the other random draws continue from a new key (seed %d, step %d)",
+                        recorded.shape, jax.config.jax_default_prng_impl, expected.shape, config.seed, meta["step"])
     return jax.random.fold_in(expected, meta["step"])
 
 
@@ -552,7 +571,9 @@ def _stored_result(path: epath.Path, step: int, config: ml_collections.ConfigDic
         logging.warning("%s cannot be read (%s): scoring the run again", path, e)
         return None
     if not isinstance(result, dict) or result.get("eval_split", config.eval_split) != config.eval_split:
-        return None  # another split's scores (config.eval_split changed): score this one
+        logging.warning("%s holds the scores of eval_split=%r, not %r: scoring the run again", path,
+                        result.get("eval_split") if isinstance(result, dict) else None, config.eval_split)
+        return None
     if result.get("step") != step:
         logging.warning("%s holds step %s's scores, not the last checkpoint's (%d): scoring it again", path,
                         result.get("step"), step)

@@ -355,10 +355,12 @@ class LabeledSource:
         return f"LabeledSource({self._source!r})"
 
 
-def open_split(config: ml_collections.ConfigDict, split: str) -> tuple[LabeledSource, DatasetInfo]:
-    """A random-access source over `split` of `config.dataset` and the dataset's checked description."""
+def open_split(config: ml_collections.ConfigDict, split: str, *, train: bool = False
+               ) -> tuple[LabeledSource, DatasetInfo]:
+    """A random-access source over `split` of `config.dataset` and the dataset's checked description; `train`:
+    checked as the training split (a single-label run may evaluate on a multi-label set, not train on one)."""
     builder = load_builder(config.dataset, config.tfds_data_dir, config.tfds_manual_dir)
-    train_split = config.train_split if split == config.train_split else None  # evaluating reads no other split
+    train_split = split if train else None  # evaluating reads no other split
     info = dataset_info_from_builder(builder, config.dataset, train_split, config.eval_split,
                                      config.num_classes, config.label_kind)
     return LabeledSource(builder, split, info.image_key, info.label_key), info

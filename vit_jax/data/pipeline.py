@@ -126,7 +126,7 @@ def check_images_decode(source: LabeledSource, what: str, limit: int = 64) -> No
 def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int, process_count: int
                        ) -> tuple[grain.IterDataset, DatasetInfo]:
     """This process's infinite stream of numpy batches {"image", "label", "index"} of batch_size / process_count."""
-    source, info = open_split(config, config.train_split)
+    source, info = open_split(config, config.train_split, train=True)
     if len(source) < process_count:
         raise DatasetError(f"config.train_split={config.train_split!r} of {config.dataset!r} has {len(source)} "
                            f"examples, fewer than the {process_count} processes")
