@@ -1,5 +1,6 @@
 """`vit_jax.visualize`: image loading, the PNGs it draws (files and pixel sizes), and the command line."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def test_rollout_file_names_are_distinct(names, expected):
 
 
 def test_attention_distance_figure_reads_every_batch_alike(tmp_path, monkeypatch):
-    """Nine images in batches of 8 (the last padded): the figure's mean distance is that of one pass over all."""
+    """Nine images in batches of 8 (the last padded, so one compilation): the figure's mean distance is that of
+    one pass over all."""
     config = tiny_run_config()
     params = random_params(config.model)
     pixels = np.random.default_rng(0).uniform(-1, 1, (9, 16, 16, 3)).astype(np.float32)
@@ -79,7 +81,16 @@ def test_attention_distance_figure_reads_every_batch_alike(tmp_path, monkeypatch
         return path
 
     monkeypatch.setattr(visualize, "draw_attention_distance", draw)
+    capturers = []
+
+    def capturer(*args):
+        capturers.append(original(*args))
+        return capturers[-1]
+
+    original = analysis.attention_capturer
+    monkeypatch.setattr(analysis, "attention_capturer", capturer)
     visualize.render_figures(config, params, [(str(i), image) for i, image in enumerate(pixels)], tmp_path / "out")
+    assert len(capturers) == 1 and capturers[0].forward._cache_size() == 1  # one compilation for both batches
     whole = analysis.capture_attention(config.model, params, pixels)
     expected = np.stack([analysis.attention_distance(a, 4, 1) for a in whole], axis=1).mean(axis=0)
     np.testing.assert_allclose(drawn["distance"], expected, rtol=1e-5)
@@ -126,6 +137,10 @@ def test_cli_non_image_file_is_a_one_line_error(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "notes.txt" in lines[0] and "not an image" in lines[0]
+    # A bucket is no local directory (pathlib made gs://b/x a local gs:/b/x in silence).
+    result = run_cli("--config=configs/demo.py", f"--checkpoint={tmp_path / 'none.npz'}", "--out=gs://b/figures")
+    assert result.returncode == 2 and "written to a local directory" in result.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(os.path.join(str(ROOT), "gs:"))
 
 
 def test_cli_draws_figures_from_an_npz_checkpoint(tmp_path):

@@ -70,6 +70,7 @@ def attention_capturer(model_config: ml_collections.ConfigDict, params: Mapping[
     else:
         raise ValueError(f"params have neither 'head' nor 'masked_patch_head'; top-level keys: {sorted(params)}")
     model = build_model(model_config, num_classes, **overrides)
+    params = jax.device_put(params)  # once, not at every batch
 
     @jax.jit
     def forward(p, x):
@@ -81,6 +82,7 @@ def attention_capturer(model_config: ml_collections.ConfigDict, params: Mapping[
         return [np.asarray(sown[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"][0])
                 for i in range(model_config.num_layers)]
 
+    capture.forward = forward  # the jitted forward pass: one compilation per batch shape
     return capture
 
 
