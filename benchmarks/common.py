@@ -1,9 +1,9 @@
 """Shared helpers of the model benchmarks: config loading, timing, the on-the-spot matmul peak, timm setup.
 
-The benchmarks compare our jitted JAX step with timm's `vit_base_patch16_224` in the same process and with
-the same thread count, so both see the same machine state, in rounds (ours, the matmul peak, timm; the median
-round reported). Timings are the median of `repeats` runs after `warmup` untimed ones (the first includes XLA
-compilation / torch's lazy init).
+The benchmarks compare our jitted JAX step with timm's same ViT (`vit_base_patch16_224` for B/16) in the same
+process and with the same thread count, so both see the same machine state, in rounds (ours, the matmul peak,
+timm; the median round reported). Timings are the median of `repeats` runs after `warmup` untimed ones (the
+first includes XLA compilation / torch's lazy init).
 """
 
 from __future__ import annotations

@@ -81,6 +81,18 @@ def test_an_image_size_that_is_no_multiple_of_the_patch_size_is_refused(tmp_path
         in errors[0]
     assert not out.exists()
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.num_heads=5", "config.model.num_heads=5 is invalid: must divide model.hidden_size=64"),
+    ("--config.model.classifier=foo", "config.model.classifier='foo' is invalid"),
+])
+def test_a_model_config_that_cannot_work_is_one_error_line(tmp_path, source, override, message):
+    result = _convert(f"--src={source[0]}", *TINY, override, f"--out={tmp_path / 'x.npz'}", "--to=npz")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert message in errors[0]
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_bad_source_is_one_error_line_naming_it_and_exit_2(tmp_path):
     bad = tmp_path / "notes.npz"
     bad.write_text("not weights")

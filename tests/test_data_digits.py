@@ -69,3 +69,18 @@ def test_dataset_info_rejects_a_config_that_does_not_match_the_dataset(data_dir)
     config.eval_split = "validation"
     with pytest.raises(data.DatasetError, match=r"config.eval_split='validation' is not a split.*\['test', 'train'\]"):
         data.dataset_info(config)
+
+
+def test_prepare_refuses_stray_arguments(tmp_path):
+    """An unquoted space (--manual_dir=~/my images) left 'images' behind in silence."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "vit_jax.data.prepare", "--dataset=digits",
+                             f"--data_dir={tmp_path}", "images"], cwd=root, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unexpected arguments ['images']")
+    assert os.listdir(tmp_path) == []

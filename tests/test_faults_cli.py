@@ -143,6 +143,23 @@ def test_eval_mode_without_a_checkpoint(tmp_path, digits_dir):
     assert_bad_input(result, tmp_path / "w", "--mode=eval found no checkpoint")
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_workdir_that_is_a_file(tmp_path, mode):
+    (tmp_path / "w").write_text("notes")
+    result = run_main(tmp_path / "w", f"--mode={mode}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"--workdir={tmp_path / 'w'} is a file, not a directory" in result.stderr
+    assert (tmp_path / "w").read_text() == "notes"
+
+
+def test_a_tilde_in_paths_is_the_home_directory():
+    from vit_jax import cli
+
+    assert cli.local_path("~/runs/b16") == os.path.join(os.path.expanduser("~"), "runs", "b16")
+    assert cli.local_path("gs://bucket/~x") == "gs://bucket/~x"
+    assert cli.local_path("") == ""
+
+
 def _one_error_line(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

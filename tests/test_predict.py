@@ -243,6 +243,11 @@ def test_cli_without_images_is_a_one_line_error(tmp_path):
     result = run_cli("--config=configs/demo.py", f"--checkpoint={tmp_path}")
     assert result.returncode == 2
     assert error_lines(result.stderr) == ["error: no IMAGE given: pass one or more image files after the flags"]
+    # A misspelt label kind was read as a softmax.
+    result = run_cli("--config=configs/demo.py", "--config.label_kind=mutli", f"--checkpoint={tmp_path}", "x.png")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == ["error: config.label_kind='mutli' is invalid: expected one of "
+                                          "('single', 'multi')"]
 
 
 def test_cast_for_inference_casts_the_matmul_kernels_and_keeps_the_probabilities_bitwise():

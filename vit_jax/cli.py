@@ -18,6 +18,11 @@ from vit_jax.errors import UserError
 EXIT_BAD_INPUT = 2
 
 
+def local_path(path: str) -> str:
+    """`path` with a leading `~` expanded (a shell leaves it alone in --flag=~/x); URIs (gs://...) as they are."""
+    return path if not path or "://" in path else os.path.expanduser(path)
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

@@ -13,13 +13,12 @@ new .npz / .safetensors file (npz, timm) or a new or empty directory (hf, orbax)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax import cli
+from vit_jax import cli, config_check
 from vit_jax.errors import UserError
 from vit_jax.interop import SOURCE_FORMATS, TARGET_FORMATS, check_destination, load_pretrained, save_as
 
@@ -40,8 +39,10 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
     model_config = _CONFIG.value.model
-    # A shell leaves `~` in --out=~/x alone.
-    source, out = (path if "://" in path else os.path.expanduser(path) for path in (_SRC.value, _OUT.value))
+    # The architecture first (a bad --config.model.* is one line, not a traceback from the model); any multiple of
+    # the patch size stands for the source's resolution when --image_size keeps it.
+    config_check.validate_model(model_config, _IMAGE_SIZE.value or model_config.patch_size)
+    source, out = cli.local_path(_SRC.value), cli.local_path(_OUT.value)  # a shell leaves `~` in --out=~/x alone
     check_destination(out, _TO.value)  # before reading: a bad --out costs nothing and overwrites nothing
     params = load_pretrained(source, model_config, num_classes=_NUM_CLASSES.value or None,
                              image_size=_IMAGE_SIZE.value or None,

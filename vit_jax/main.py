@@ -98,6 +98,12 @@ def main(argv: Sequence[str]) -> None:
         raise config_check.ConfigError("--config is required, e.g. --config=configs/demo.py")
     if not _WORKDIR.value:
         raise config_check.ConfigError("--workdir is required: where checkpoints and logs go")
+    workdir = cli.local_path(_WORKDIR.value)  # --workdir=~/x made a directory named '~' here
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_check.ConfigError(f"--workdir={_WORKDIR.value} is a file, not a directory; give a directory "
+                                       "for checkpoints and logs")
+    with config.unlocked():
+        config.pretrained = cli.local_path(config.pretrained)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if plan.tpu_host():  # run directly on a TPU VM: the PRNG set-up of launch/tpu_vm.sh and vit_jax.plan
         plan.use_tpu_prng()  # before any backend loads (libtpu reads its flags once); the user's settings win
@@ -111,9 +117,9 @@ def main(argv: Sequence[str]) -> None:
                  jax.device_count(), jax.devices()[0].device_kind, config)
     try:
         if _MODE.value == "train":
-            result = train.train_and_evaluate(config, _WORKDIR.value)
+            result = train.train_and_evaluate(config, workdir)
         else:
-            result = train.evaluate_checkpoint(config, _WORKDIR.value, _MODE.value)
+            result = train.evaluate_checkpoint(config, workdir, _MODE.value)
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

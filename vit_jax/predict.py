@@ -236,6 +236,9 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # the predictions, not the checkpoint readers' progress
     config_check.validate_model(config.model, config.image_size)
     config_check.validate_eval_crop(config.pp)
+    if config.label_kind not in config_check.LABEL_KINDS:  # anything but "multi" was read as a softmax
+        raise config_check.ConfigError(f"config.label_kind={config.label_kind!r} is invalid: expected one of "
+                                       f"{config_check.LABEL_KINDS}")
     if flags.FLAGS.top_k < 1:
         raise UserError(f"--top_k={flags.FLAGS.top_k}: expected a positive integer")
     paths = argv[1:]
@@ -250,9 +253,9 @@ def main(argv: Sequence[str]) -> None:
             failures.append(path)
             print(f"error: {e}", file=sys.stderr, flush=True)
     if images:
-        params, num_classes = load_params(flags.FLAGS.checkpoint, config, flags.FLAGS.source_format)
+        params, num_classes = load_params(cli.local_path(flags.FLAGS.checkpoint), config, flags.FLAGS.source_format)
         if flags.FLAGS.labels:
-            names = read_labels_file(flags.FLAGS.labels, num_classes)
+            names = read_labels_file(cli.local_path(flags.FLAGS.labels), num_classes)
         else:
             names = dataset_label_names(config, num_classes)
             if names is None and num_classes != config.num_classes:

@@ -279,6 +279,9 @@ def main(argv: Sequence[str]) -> None:
     config_check.validate_eval_crop(config.pp)
     if flags.FLAGS.num_components < 1:
         raise UserError(f"--num_components={flags.FLAGS.num_components}: expected a positive integer")
+    if "://" in flags.FLAGS.out:  # pathlib would make gs://b/x a local directory gs:/b/x, in silence
+        raise UserError(f"--out={flags.FLAGS.out}: the figures are written to a local directory; copy them to "
+                        "the bucket afterwards (gcloud storage cp -r)")
     out = pathlib.Path(flags.FLAGS.out).expanduser()
     _check_out(out)
     crop_fraction, antialias = config.pp.eval_crop_fraction, config.pp.antialias
@@ -288,7 +291,7 @@ def main(argv: Sequence[str]) -> None:
                   for p in argv[1:]]
     else:
         images = sample_images(config.image_size, crop_fraction, antialias)
-    params = load_params(flags.FLAGS.checkpoint, config.model, flags.FLAGS.source_format)
+    params = load_params(cli.local_path(flags.FLAGS.checkpoint), config.model, flags.FLAGS.source_format)
     try:
         for path in render_figures(config, params, images, out, flags.FLAGS.num_components):
             print(path)
