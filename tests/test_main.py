@@ -27,6 +27,9 @@ def test_process_flags_without_a_coordinator_are_an_error_not_ignored():
         main.initialize_distributed(None, 2, 0)
     with pytest.raises(ConfigError, match=r"needs --num_processes and --process_id as well"):
         main.initialize_distributed("127.0.0.1:1234", None, 0)
+    for processes, process_id in ((2, 2), (2, -1), (0, 0)):  # refused before jax waits for a coordinator
+        with pytest.raises(ConfigError, match=rf"--num_processes={processes} --process_id={process_id}: expected"):
+            main.initialize_distributed("127.0.0.1:1234", processes, process_id)
 
 
 

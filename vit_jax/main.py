@@ -74,6 +74,9 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         if num_processes is None or process_id is None:
             raise config_check.ConfigError(
                 f"--coordinator_address={coordinator_address} needs --num_processes and --process_id as well")
+        if num_processes < 1 or not 0 <= process_id < num_processes:  # would wait for the coordinator's timeout
+            raise config_check.ConfigError(f"--num_processes={num_processes} --process_id={process_id}: expected "
+                                           "num_processes >= 1 and 0 <= process_id < num_processes")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif num_processes is not None or process_id is not None:
         raise config_check.ConfigError("--num_processes and --process_id need --coordinator_address=HOST:PORT "
