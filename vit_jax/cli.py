@@ -23,6 +23,14 @@ def local_path(path: str) -> str:
     return path if not path or "://" in path else os.path.expanduser(path)
 
 
+def no_positional_arguments(argv: Sequence[str]) -> None:
+    """Raise UserError for arguments after the program name: every input of these commands is a --flag (a stray
+    word is often the rest of an unquoted path with a space, as --manual_dir=~/my images)."""
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value (quote paths "
+                        "with spaces)")
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

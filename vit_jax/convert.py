@@ -19,7 +19,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli, config_check
-from vit_jax.errors import UserError
 from vit_jax.interop import SOURCE_FORMATS, TARGET_FORMATS, check_destination, load_pretrained, save_as
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b16.py.", lock_config=True)
@@ -36,8 +35,7 @@ _RESIZE = flags.DEFINE_enum("resize_method", "bilinear", ["bilinear", "bicubic"]
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
+    cli.no_positional_arguments(argv)
     model_config = _CONFIG.value.model
     # The architecture first (a bad --config.model.* is one line, not a traceback from the model); any multiple of
     # the patch size stands for the source's resolution when --image_size keeps it.

@@ -94,8 +94,7 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise config_check.ConfigError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
+    cli.no_positional_arguments(argv)
     config = _CONFIG.value
     if config is None:
         raise config_check.ConfigError("--config is required, e.g. --config=configs/demo.py")

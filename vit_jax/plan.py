@@ -428,8 +428,7 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
+    cli.no_positional_arguments(argv)
     # This process only compiles: keep JAX's own backend on the CPU, even where libtpu or a TPU is present.
     jax.config.update("jax_platforms", "cpu")
     use_tpu_prng()

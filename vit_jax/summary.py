@@ -178,8 +178,7 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise config_check.ConfigError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value")
+    cli.no_positional_arguments(argv)
     summary = summarize(flags.FLAGS.config)
     if flags.FLAGS.json:
         summary = {k: v for k, v in summary.items() if k != "layers"} | {"layers": summary["layers"]}

@@ -15,7 +15,6 @@ from absl import flags
 
 from vit_jax import cli
 from vit_jax.data.datasets import prepare
-from vit_jax.errors import UserError
 
 _DATASET = flags.DEFINE_string("dataset", None, "TFDS name or one of ours: digits, imagenet21k, image_folder.",
                                required=True)
@@ -24,9 +23,7 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Manually downloaded archive
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:  # e.g. an unquoted space: --manual_dir=~/my images
-        raise UserError(f"unexpected arguments {list(argv[1:])}: pass options as --flag=value (quote paths "
-                        "with spaces)")
+    cli.no_positional_arguments(argv)
     path = prepare(_DATASET.value, _DATA_DIR.value, _MANUAL_DIR.value)
     print(f"prepared {_DATASET.value} in {path}")
 
