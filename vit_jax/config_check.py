@@ -165,6 +165,12 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     _check_variant(model)
 
 
+def validate_label_kind(config: ml_collections.ConfigDict) -> None:
+    """`config.label_kind` is "single" (softmax) or "multi" (sigmoid); predict checks it alone too."""
+    if config.label_kind not in LABEL_KINDS:
+        _fail("label_kind", config.label_kind, f"expected one of {LABEL_KINDS}")
+
+
 def _non_negative_int(config: ml_collections.ConfigDict, field: str, zero: str) -> None:
     value = _dotted(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -205,8 +211,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     validate_model(config.model, config.image_size)
     validate_preprocessing(config)
     positive_int(config, "num_classes")
-    if config.label_kind not in LABEL_KINDS:
-        _fail("label_kind", config.label_kind, f"expected one of {LABEL_KINDS}")
+    validate_label_kind(config)
     if config.pretrained_head not in PRETRAINED_HEADS:
         _fail("pretrained_head", config.pretrained_head, f"expected one of {PRETRAINED_HEADS}")
     if config.optimizer.name not in OPTIMIZERS:

@@ -236,9 +236,7 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # the predictions, not the checkpoint readers' progress
     config_check.validate_model(config.model, config.image_size)
     config_check.validate_eval_crop(config.pp)
-    if config.label_kind not in config_check.LABEL_KINDS:  # anything but "multi" was read as a softmax
-        raise config_check.ConfigError(f"config.label_kind={config.label_kind!r} is invalid: expected one of "
-                                       f"{config_check.LABEL_KINDS}")
+    config_check.validate_label_kind(config)  # anything but "multi" was read as a softmax
     if flags.FLAGS.top_k < 1:
         raise UserError(f"--top_k={flags.FLAGS.top_k}: expected a positive integer")
     paths = argv[1:]
