@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from vit_jax import checkpoints, extra_evals, fewshot, masked_patch, optim, sharding, xla_options
+from vit_jax import checkpoints, config_check, extra_evals, fewshot, masked_patch, optim, sharding, xla_options
 from vit_jax.models.vit import build_model
 
 State = dict[str, Any]
@@ -384,8 +384,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
             logging.warning("the checkpoint was trained with model.gelu_approximate=%s, "
                             "model.layernorm_epsilon=%g: computing with those, not this config's",
                             recorded.gelu_approximate, recorded.layernorm_epsilon)
-        trained_kind = _recorded_label_kind(meta)
-        if params_only and trained_kind and trained_kind != config.label_kind:  # its loss is the one it trained with
+        # An evaluation scores the loss the run trained with (softmax or sigmoid), whatever this config says.
+        trained_kind = orbax_io.recorded_config(meta, f"{ckpt.directory}/{latest}").get("label_kind")
+        if params_only and trained_kind in config_check.LABEL_KINDS and trained_kind != config.label_kind:
             logging.warning("the checkpoint was trained with label_kind=%r: scoring its loss as such, not as this "
                             "config's %r", trained_kind, config.label_kind)
             config.label_kind = trained_kind
@@ -415,17 +416,6 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
         return _pretrained_state(config, mesh, num_steps, pretrained, params_only, require_head), None, {}
     # Evaluating a fresh model: no optimizer state, and no average (it would be the params themselves).
     return init_state(config, mesh, num_steps, params_only), None, {}
-
-
-def _recorded_label_kind(meta: dict) -> str | None:
-    """The label kind ("single" softmax / "multi" sigmoid) of the run that wrote a checkpoint's meta, if recorded."""
-    recorded = meta.get("config")
-    try:
-        recorded = json.loads(recorded) if isinstance(recorded, str) else recorded
-    except json.JSONDecodeError:
-        return None  # orbax_io.numerics_from_meta has already named an unreadable record
-    kind = recorded.get("label_kind") if isinstance(recorded, dict) else None
-    return kind if kind in ("single", "multi") else None
 
 
 def _resumed_rng(config: ml_collections.ConfigDict, meta: dict, warn: bool = True) -> jax.Array:

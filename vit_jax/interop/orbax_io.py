@@ -165,15 +165,20 @@ def _read_numerics(step_dir: str) -> Numerics | None:
     return numerics_from_meta(meta, step_dir)
 
 
-def numerics_from_meta(meta: dict | None, where: str) -> Numerics | None:
-    """model.gelu_approximate / model.layernorm_epsilon of the config a run recorded in a step's meta item."""
+def recorded_config(meta: dict | None, where: str) -> dict:
+    """The config a run recorded in a step's meta item, as a dict ({} when there is none)."""
     config = (meta or {}).get("config") or {}
     if isinstance(config, str):  # vit_jax.train records `config.to_json_best_effort()`
         try:
             config = json.loads(config)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{where}: the recorded config is not JSON ({e})") from e
-    model = config.get("model") or {} if isinstance(config, dict) else {}
+    return config if isinstance(config, dict) else {}
+
+
+def numerics_from_meta(meta: dict | None, where: str) -> Numerics | None:
+    """model.gelu_approximate / model.layernorm_epsilon of the config a run recorded in a step's meta item."""
+    model = recorded_config(meta, where).get("model") or {}
     if "gelu_approximate" not in model or "layernorm_epsilon" not in model:
         return None
     gelu, eps = model["gelu_approximate"], model["layernorm_epsilon"]
