@@ -104,8 +104,7 @@ def main(argv: Sequence[str]) -> None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise config_check.ConfigError(f"--workdir={_WORKDIR.value} is a file, not a directory; give a directory "
                                        "for checkpoints and logs")
-    with config.unlocked():
-        config.pretrained = cli.local_path(config.pretrained)
+    config.pretrained = cli.local_path(config.pretrained)  # an existing field: settable in the locked config
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if plan.tpu_host():  # run directly on a TPU VM: the PRNG set-up of launch/tpu_vm.sh and vit_jax.plan
         plan.use_tpu_prng()  # before any backend loads (libtpu reads its flags once); the user's settings win
