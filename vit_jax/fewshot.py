@@ -219,8 +219,9 @@ def check_datasets(config: ml_collections.ConfigDict) -> list[tuple[FewshotTask,
         entry = f"config.fewshot.datasets entry {','.join((task.dataset, task.train_split, task.test_split))!r}"
         try:
             derived = task_config(config, task)
-            data.dataset_info(derived)  # both splits exist and are not empty
             builder = datasets.load_builder(task.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+            datasets.dataset_info_from_builder(builder, task.dataset, derived.train_split, derived.eval_split,
+                                               derived.num_classes, derived.label_kind)  # both splits, not empty
         except data.DatasetError as e:  # it names the run's own fields (config.train_split, ...): say which entry
             raise data.DatasetError(f"{entry}: {e}") from None
         shared = datasets.shared_examples(builder, task.train_split, task.test_split)
