@@ -7,14 +7,16 @@ and line: `{"image": PATH, "top_k": [{"label": NAME, "index": I, "prob": P}, ...
 Images are preprocessed exactly as evaluation does (`vit_jax.data.preprocess`: the central
 `pp.eval_crop_fraction` of each side, resized to `config.image_size` as `pp.antialias` says, values in
 [-1, 1]); for phone photos many times `image_size`, `--config.pp.antialias=True` avoids aliasing. Probabilities are
-a softmax over the classes (a sigmoid per class for `config.label_kind="multi"`). Label names come from
+a softmax over the classes (a sigmoid per class for `config.label_kind="multi"`, or when the training run of
+an orbax checkpoint recorded that kind). Label names come from
 `--labels` (a text file, one name per line) or else the config's dataset (its TFDS class names), else the
 class index stands in. The checkpoint is a training workdir, its `checkpoints/` directory or anything else
 `vit_jax.interop.load_pretrained` reads; its position embeddings are resized to `config.image_size` if needed,
 its head is kept as trained.
 
-A missing or unreadable file is one `error: PATH: ...` line on stderr; the other images are still
-classified, and the exit code is 2.
+Images are read and classified `BATCH_SIZE` at a time (memory does not grow with their number); the
+checkpoint is opened once the first image is read. A missing or unreadable file is one `error: PATH: ...` line
+on stderr; the other images are still classified, and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -196,25 +198,49 @@ def top_k(probs: np.ndarray, k: int, names: Sequence[str] | None = None,
             for i in order]
 
 
+def make_predictor(config: ml_collections.ConfigDict, params: Mapping[str, Any], *, k: int = DEFAULT_TOP_K,
+                   names: Sequence[str] | None = None, batch_size: int = BATCH_SIZE
+                   ) -> Callable[[Sequence[tuple[str, np.ndarray]]], list[Prediction]]:
+    """`predict_images(images)`: top-k predictions of `params` for named preprocessed images ((S, S, 3) in
+    [-1, 1]), in their order, computed `batch_size` at a time (one compiled shape: the last batch is padded)."""
+    params = cast_for_inference(params, config.model.dtype)  # unboxed too
+    num_classes = int(np.shape(params["head"]["kernel"])[-1])
+    classify = make_classifier(config.model, num_classes, config.label_kind, with_logits=True)
+
+    def predict_images(images: Sequence[tuple[str, np.ndarray]]) -> list[Prediction]:
+        predictions = []
+        for start in range(0, len(images), batch_size):
+            named = images[start:start + batch_size]
+            chunk = np.stack([image for _, image in named]).astype(np.float32)
+            padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], np.float32)])
+            probs, logits = (np.asarray(x)[:len(chunk)] for x in classify(params, padded))
+            predictions += [Prediction(name, top_k(p, k, names, scores))
+                            for (name, _), p, scores in zip(named, probs, logits)]
+        return predictions
+
+    return predict_images
+
+
 def predict(config: ml_collections.ConfigDict, params: Mapping[str, Any], images: Sequence[tuple[str, np.ndarray]],
             *, k: int = DEFAULT_TOP_K, names: Sequence[str] | None = None) -> list[Prediction]:
     """Top-k predictions of `params` for named preprocessed `images` ((S, S, 3) in [-1, 1]), in their order."""
     if not images:
         return []
-    params = cast_for_inference(params, config.model.dtype)  # unboxed too
-    num_classes = int(np.shape(params["head"]["kernel"])[-1])
-    classify = make_classifier(config.model, num_classes, config.label_kind, with_logits=True)
-    pixels = np.stack([image for _, image in images]).astype(np.float32)
-    batch = min(BATCH_SIZE, len(pixels))
-    probs, logits = [], []
-    for start in range(0, len(pixels), batch):
-        chunk = pixels[start:start + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.float32)])
-        chunk_probs, chunk_logits = classify(params, padded)
-        probs.append(np.asarray(chunk_probs)[:len(chunk)])
-        logits.append(np.asarray(chunk_logits)[:len(chunk)])
-    return [Prediction(name, top_k(p, k, names, scores)) for (name, _), p, scores
-            in zip(images, np.concatenate(probs), np.concatenate(logits))]
+    batch_size = min(BATCH_SIZE, len(images))
+    return make_predictor(config, params, k=k, names=names, batch_size=batch_size)(images)
+
+
+def adopt_recorded_label_kind(config: ml_collections.ConfigDict, checkpoint: str,
+                              source_format: str | None = None) -> None:
+    """Set `config.label_kind` to the one the training run of an orbax `checkpoint` recorded, if it differs
+    (a sigmoid run's logits read through a softmax rank the same but give other probabilities); warns."""
+    from vit_jax import interop
+
+    trained_kind = interop.recorded_run_config(checkpoint, source_format).get("label_kind")
+    if trained_kind in config_check.LABEL_KINDS and trained_kind != config.label_kind:
+        logging.warning("%s was trained with label_kind=%r: its probabilities are computed as such, not as this "
+                        "config's %r", checkpoint, trained_kind, config.label_kind)
+        config.label_kind = trained_kind
 
 
 def _define_flags() -> None:
@@ -230,6 +256,27 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "checkpoint"])
 
 
+def _load_predictor(config: ml_collections.ConfigDict, batch_size: int
+                    ) -> Callable[[Sequence[tuple[str, np.ndarray]]], list[Prediction]]:
+    """The command's predictor: the checkpoint's params, its run's label kind, and class names from
+    `--labels` or the dataset."""
+    checkpoint, source_format = cli.local_path(flags.FLAGS.checkpoint), flags.FLAGS.source_format
+    adopt_recorded_label_kind(config, checkpoint, source_format)
+    params, num_classes = load_params(checkpoint, config, source_format)
+    if flags.FLAGS.labels:
+        names = read_labels_file(cli.local_path(flags.FLAGS.labels), num_classes)
+    else:
+        names = dataset_label_names(config, num_classes)
+        if names is None and num_classes != config.num_classes:
+            print(f"note: the checkpoint has {num_classes} classes, config.dataset={config.dataset!r} has "
+                  f"{config.num_classes}: printing class indices (--labels=FILE names them)", file=sys.stderr)
+        elif names is None:
+            logging.info("no class names for dataset %r with %d classes: printing class indices",
+                         config.dataset, num_classes)
+    return make_predictor(config, params, k=min(flags.FLAGS.top_k, num_classes), names=names,
+                          batch_size=batch_size)
+
+
 def main(argv: Sequence[str]) -> None:
     config = flags.FLAGS.config
     if not flags.FLAGS["verbosity"].present:
@@ -242,27 +289,19 @@ def main(argv: Sequence[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise UserError("no IMAGE given: pass one or more image files after the flags")
-    images, failures = [], []
-    for path in paths:
-        try:
-            images.append((path, read_image(path, config.image_size, config.pp.eval_crop_fraction,
-                                            config.pp.antialias)))
-        except UserError as e:
-            failures.append(path)
-            print(f"error: {e}", file=sys.stderr, flush=True)
-    if images:
-        params, num_classes = load_params(cli.local_path(flags.FLAGS.checkpoint), config, flags.FLAGS.source_format)
-        if flags.FLAGS.labels:
-            names = read_labels_file(cli.local_path(flags.FLAGS.labels), num_classes)
-        else:
-            names = dataset_label_names(config, num_classes)
-            if names is None and num_classes != config.num_classes:
-                print(f"note: the checkpoint has {num_classes} classes, config.dataset={config.dataset!r} has "
-                      f"{config.num_classes}: printing class indices (--labels=FILE names them)", file=sys.stderr)
-            elif names is None:
-                logging.info("no class names for dataset %r with %d classes: printing class indices",
-                             config.dataset, num_classes)
-        for prediction in predict(config, params, images, k=min(flags.FLAGS.top_k, num_classes), names=names):
+    predict_images, failures = None, []
+    for start in range(0, len(paths), BATCH_SIZE):  # decoded a batch at a time: memory stays bounded
+        images = []
+        for path in paths[start:start + BATCH_SIZE]:
+            try:
+                images.append((path, read_image(path, config.image_size, config.pp.eval_crop_fraction,
+                                                config.pp.antialias)))
+            except UserError as e:
+                failures.append(path)
+                print(f"error: {e}", file=sys.stderr, flush=True)
+        if images and predict_images is None:  # the checkpoint is opened once an image is readable
+            predict_images = _load_predictor(config, min(BATCH_SIZE, len(paths)))
+        for prediction in predict_images(images) if images else ():
             print(prediction.to_json() if flags.FLAGS.json else prediction.to_text(), flush=True)
     if failures:
         raise UserError(f"{len(failures)} of {len(paths)} images could not be read: {', '.join(failures)}")

@@ -24,6 +24,7 @@ from vit_jax.interop.loading import (
     detect_format,
     load_pretrained,
     read_checkpoint,
+    recorded_run_config,
     save_as,
 )
 from vit_jax.interop.surgery import adapt_to_model, new_head, resize_posemb
@@ -31,5 +32,5 @@ from vit_jax.interop.surgery import adapt_to_model, new_head, resize_posemb
 __all__ = [
     "SOURCE_FORMATS", "TARGET_FORMATS", "CheckpointError", "MissingHeadError", "Numerics", "adapt_to_model",
     "apply_source_numerics", "check_destination", "detect_format", "load_pretrained", "new_head", "read_checkpoint",
-    "remote", "resize_posemb", "save_as",
+    "recorded_run_config", "remote", "resize_posemb", "save_as",
 ]

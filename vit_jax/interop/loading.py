@@ -247,6 +247,16 @@ def _local_numerics(path: str, source_format: str | None) -> Numerics | None:
     return torch_hub.hf_numerics(beside if os.path.isfile(beside) else None, None)
 
 
+def recorded_run_config(path: str, source_format: str | None = None) -> dict:
+    """The config recorded by the training run that wrote the orbax checkpoint at `path` (a dict; {} for
+    other formats, which record none). Reads only the step's "meta" item (of the cached copy, if remote)."""
+    path = os.fspath(path)
+    with _from_local_copy(path) as local:
+        if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(local)):
+            return orbax_io.read_recorded_config(local)
+    return {}
+
+
 def apply_source_numerics(path: str, model_config: ml_collections.ConfigDict,
                           source_format: str | None = None) -> Numerics | None:
     """Set `model_config`'s GELU flavour and LayerNorm eps (in place) to those of the weights at `path`.

@@ -142,27 +142,38 @@ def read_orbax(path: str) -> tuple[Flat, Numerics | None, str]:
         raise CheckpointError(f"{params_dir}: unreadable orbax {item} ({describe_error(e)}); its files may be "
                               "damaged or incomplete") from e
     flat = params_to_canonical(jax.tree.map(np.asarray, params))
-    return flat, _read_numerics(step), step if item == "params" else os.path.join(step, item)
+    return flat, numerics_from_meta(_read_meta(step), step), step if item == "params" else os.path.join(step, item)
 
 
 def read_numerics(path: str) -> Numerics | None:
     """The numerics recorded with the latest (or given) step of an orbax checkpoint, without reading params."""
+    step = _meta_step_dir(path)
+    return numerics_from_meta(_read_meta(step), step)
+
+
+def read_recorded_config(path: str) -> dict:
+    """The config the run recorded with the latest (or given) step of an orbax checkpoint ({} if none)."""
+    step = _meta_step_dir(path)
+    return recorded_config(_read_meta(step), step)
+
+
+def _meta_step_dir(path: str) -> str:
+    """The step directory whose "meta" item describes `path` (a workdir, manager, step or "ema" item)."""
     root, item = split_item(path)
-    return _read_numerics(root if item == AVERAGE_ITEM else step_dir(path))
+    return root if item == AVERAGE_ITEM else step_dir(path)
 
 
-def _read_numerics(step_dir: str) -> Numerics | None:
-    """The run's model.gelu_approximate / model.layernorm_epsilon from the step's "meta" item, if recorded."""
+def _read_meta(step_dir: str) -> dict | None:
+    """The step's "meta" item (step, rng, the run's config), or None when the step has none."""
     import orbax.checkpoint as ocp
 
     meta_dir = os.path.join(step_dir, "meta")
     if not os.path.isdir(meta_dir):
         return None
     try:
-        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_dir}: unreadable meta item ({e})") from e
-    return numerics_from_meta(meta, step_dir)
 
 
 def recorded_config(meta: dict | None, where: str) -> dict:
