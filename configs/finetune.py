@@ -15,8 +15,7 @@ Flowers), or add it to every evaluation with `--config.extra_evals`. The default
 ImageNet {.003, .01, .03, .06}, CIFAR and Pets/Flowers {.001, .003, .01, .03}, with the original code's one
 exception, 0.01 for B/16 on CIFAR-10 (its configs/vit.py). Warmup: 500 steps as the original code, 100 for the
 500-step Pets/Flowers runs as big_vision. Dropout is the model's own in the original code's model configs
-(configs/models.py): 0.1 for L/16, H/14 and the R50 hybrids, 0 for the others (our R50+L/32 has the (3, 4, 9)
-trunk of R50+B/16, not the original's (3, 4, 6, 3): its 0.1 follows the original's by name only).
+(configs/models.py): 0.1 for L/16, H/14 and the R50 hybrids, 0 for the others.
 
 Batch arithmetic: global batch 512 = per-device batch x (mesh.data x mesh.fsdp) x accum_steps; raise
 `accum_steps` when 512 images at 384px do not fit (the original code used 8 on 8 accelerators).

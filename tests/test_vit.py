@@ -15,7 +15,7 @@ from vit_jax.models.vit import build_model, stack_blocks, unstack_blocks
 PINNED = {
     "Ti/16": 5_717_416, "S/16": 22_050_664, "S/32": 22_878_952, "B/8": 86_576_872, "B/16": 86_567_656,
     "B/32": 88_224_232, "L/16": 304_326_632, "L/32": 306_535_400, "H/14": 632_045_800,
-    "R50+B/16": 98_659_112, "R26+S/32": 36_431_912,
+    "R50+B/16": 98_659_112, "R26+S/32": 36_431_912, "R50+L/32": 328_994_856, "R26+B/32": 101_383_976,
 }
 
 
@@ -358,6 +358,29 @@ def test_encoder_stochastic_depth_grows_linearly_from_zero_at_the_first_block(sc
             np.testing.assert_array_equal(dropped, 0.0)  # the first block never drops
         else:
             assert np.all(np.abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / n)), (i, dropped)
+
+
+@pytest.mark.parametrize("shape, dtype, message", [
+    ((2, 30, 32, 3), jnp.float32, "images of 30x32 pixels: each side must be a positive multiple of the patch size "
+                                  "16 \\(e.g. 32x32\\)"),
+    ((2, 8, 8, 3), jnp.float32, "images of 8x8 pixels: .* positive multiple of the patch size 16"),
+    ((2, 32, 32, 3), jnp.uint8, "images of dtype uint8: expected floats in \\[-1, 1\\]"),
+    ((32, 32, 3), jnp.float32, "images of shape \\(32, 32, 3\\): expected \\(batch, height, width, channels\\)"),
+])
+def test_images_the_model_cannot_read_are_refused(shape, dtype, message):
+    config = common.model_config("Ti/16")
+    config.num_layers = 1
+    model = build_model(config, 10)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), jnp.zeros(shape, dtype))
+
+
+def test_a_hybrid_patch_that_is_no_multiple_of_its_resnet_stride_is_refused():
+    config = common.model_config("R50+B/16")
+    config.patch_size = 24  # built a 1x1 embedding of the 16x16 trunk output: patches of 16 pixels, not 24
+    with pytest.raises(ValueError, match="patch_size=24 is no multiple of the stride 16 of the ResNet trunk"):
+        jax.eval_shape(lambda x: build_model(config, 10).init(jax.random.PRNGKey(0), x, train=False),
+                       jnp.zeros((1, 48, 48, 3)))
 
 
 def test_hybrid_forward_and_stride():

@@ -2,7 +2,7 @@
 
 One table row per size; a new size is one entry. Hybrids prefix the ViT size with a BiT ResNet
 ("R50", "R26") whose output grid is cut into 1x1 patches ("B/16" then means: ViT-B, and the
-ResNet stem plus stages reduce the image 16x before the transformer).
+ResNet stem plus stages reduce the image 16x before the transformer; R50+L/32 has a fourth stage).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 PATCH_SIZES = (8, 14, 16, 32)
 
-# ResNet name -> units per stage (BiT bottleneck blocks); the stem reduces 4x, each stage after the first 2x.
-RESNETS: dict[str, tuple[int, ...]] = {
-    "R26": (2, 2, 2, 2),
-    "R50": (3, 4, 9),
+# ResNet name -> {patch size: units per stage} (BiT bottleneck blocks); the stem reduces 4x, each stage after the
+# first 2x, so the stages set the patch. As the paper's code (configs/models.py): R50+X/16 takes the output of a
+# ResNet-50's stage 3, extended to 9 units; R50+X/32 that of a regular ResNet-50's stage 4.
+RESNETS: dict[str, dict[int, tuple[int, ...]]] = {
+    "R26": {32: (2, 2, 2, 2)},
+    "R50": {16: (3, 4, 9), 32: (3, 4, 6, 3)},
 }
 
 
@@ -40,27 +42,29 @@ class Variant:
 
 def parse_variant(name: str) -> Variant:
     """Decode "B/16" or "R50+B/16" into its numbers; unknown names raise ValueError listing valid ones."""
-    resnet_layers = None
-    body = name
-    if "+" in name:
-        resnet_name, body = name.split("+", 1)
-        if resnet_name not in RESNETS:
-            raise ValueError(f"unknown ResNet {resnet_name!r} in variant {name!r}; valid: {sorted(RESNETS)}")
-        resnet_layers = RESNETS[resnet_name]
+    resnet_name, body = name.split("+", 1) if "+" in name else (None, name)
+    if resnet_name is not None and resnet_name not in RESNETS:
+        raise ValueError(f"unknown ResNet {resnet_name!r} in variant {name!r}; valid: {sorted(RESNETS)}")
     size, _, patch = body.partition("/")
     if size not in SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
         raise ValueError(
             f"unknown variant {name!r}; valid: <size>/<patch> with size in {list(SIZES)} and patch in "
             f"{list(PATCH_SIZES)}, optionally prefixed by {'/'.join(RESNETS)}+ (e.g. 'B/16', 'R50+B/16')")
     patch_size = int(patch)
-    if resnet_layers is not None:
-        stride = resnet_stride(resnet_layers)
-        if patch_size % stride:
-            raise ValueError(f"variant {name!r}: patch {patch_size} is not a multiple of the ResNet stride {stride}")
+    resnet_layers = None
+    if resnet_name is not None:
+        trunks = RESNETS[resnet_name]
+        if patch_size not in trunks:
+            raise ValueError(f"unknown variant {name!r}: {resnet_name} hybrids have patch "
+                             f"{' or '.join(map(str, trunks))} (valid: "
+                             f"{', '.join(f'{resnet_name}+{size}/{p}' for p in trunks)})")
+        resnet_layers = trunks[patch_size]
     hidden, layers, heads, mlp = SIZES[size]
     return Variant(hidden, layers, heads, mlp, patch_size, resnet_layers)
 
 
 def resnet_stride(resnet_layers: tuple[int, ...]) -> int:
     """Total downsampling of a BiT ResNet trunk: 4 in the stem, 2 per stage after the first."""
+    if not resnet_layers:
+        raise ValueError("a ResNet trunk has at least one stage (resnet_layers=() is a plain ViT)")
     return 4 * 2 ** (len(resnet_layers) - 1)

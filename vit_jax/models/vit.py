@@ -306,6 +306,25 @@ class VisionTransformer(nn.Module):
     axial: bool = False
     masked_patch_classes: int = 0
 
+    def _check_images(self, images: Array) -> None:
+        """Refuse what the model would compute something meaningless from, without an error of its own: pixels
+        that are not floats in [-1, 1] (uint8 0..255), a side that is no positive multiple of the patch (the
+        remainder was dropped; no patch at all left only the class token), a hybrid whose patch is no multiple
+        of its ResNet's stride."""
+        p = self.patch_size
+        if self.resnet_layers and p % resnet_stride(tuple(self.resnet_layers)):
+            raise ValueError(f"patch_size={p} is no multiple of the stride {resnet_stride(tuple(self.resnet_layers))} "
+                             f"of the ResNet trunk resnet_layers={tuple(self.resnet_layers)}")
+        if images.ndim != 4:
+            raise ValueError(f"images of shape {tuple(images.shape)}: expected (batch, height, width, channels)")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"images of dtype {images.dtype}: expected floats in [-1, 1] "
+                             "(vit_jax.data.preprocess.to_unit_range converts uint8 pixels)")
+        height, width = images.shape[1:3]
+        if height % p or width % p or not height or not width:
+            raise ValueError(f"images of {height}x{width} pixels: each side must be a positive multiple of the "
+                             f"patch size {p} (e.g. {max(1, round(height / p)) * p}x{max(1, round(width / p)) * p})")
+
     @nn.compact
     def __call__(self, images: Array, *, train: bool = False, patch_source: Array | None = None,
                  patch_mask: Array | None = None) -> Array:
@@ -317,6 +336,7 @@ class VisionTransformer(nn.Module):
         if not self.masked_patch_classes and (patch_source is not None or patch_mask is not None):
             raise ValueError("patch_source / patch_mask corrupt patches for masked patch prediction; build the model "
                              "with masked_patch_classes > 0 (vit_jax.masked_patch.build_pretraining_model)")
+        self._check_images(images)
         x = images.astype(self.dtype)
         embed_patch = self.patch_size
         if self.resnet_layers:
