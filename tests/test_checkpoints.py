@@ -147,6 +147,28 @@ def test_resuming_with_another_optimizer_is_a_clear_error(tmp_path):
     _saved_tiny_run(tmp_path)
     with pytest.raises(checkpoints.CheckpointReadError, match="another optimizer.*opt_state keys differ"):
         _restore(tmp_path, **{"optimizer.name": "sgd"})
+    # Clipping is a step of the optimizer's chain (as big_vision's): switching it off moves the state's keys.
+    with pytest.raises(checkpoints.CheckpointReadError, match="whether optimizer.grad_clip_norm"):
+        _restore(tmp_path, **{"optimizer.grad_clip_norm": 0.0})
+
+
+def test_a_save_that_fails_at_once_names_its_own_step(tmp_path, monkeypatch):
+    import errno
+
+    config = tiny_config(**{"mesh.data": 1})
+    state = train.init_state(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+    ckpt.save(2, state["params"], state["opt_state"], {"step": 2}, {"position": 2})  # in flight when step 4 saves
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path))
+
+    monkeypatch.setattr(ckpt.manager, "save", disk_full)
+    with pytest.raises(checkpoints.CheckpointWriteError,
+                       match=r"could not write the checkpoint of step 4 .*; the checkpoint of step 2 is intact"):
+        ckpt.save(4, state["params"], state["opt_state"], {"step": 4}, {"position": 4})
+    monkeypatch.undo()
+    ckpt.close()
 
 
 @pytest.mark.parametrize("damage", ["overwrite", "delete", "metadata"])

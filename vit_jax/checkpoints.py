@@ -175,6 +175,9 @@ class Checkpoints:
         """
         data = {"processes": _gather_process_states(data_state)}
         arrays = {"params": params, "opt_state": opt_state, **({} if ema is None else {"ema": ema})}
+        # The save in flight first (orbax waits for it anyway): its failure is reported as its own step's, and
+        # a failure of this call as this step's.
+        self.wait()
         with self._reporting_failures(step):
             self.manager.save(step, args=ocp.args.Composite(
                 **{item: _save_args(item, tree) for item, tree in arrays.items()},
@@ -237,7 +240,8 @@ class Checkpoints:
             difference = layout_difference(stored, wanted, limit=None if item == "params" else 6)
             if difference:
                 cause = architecture_difference(stored, wanted) if item == "params" else ""
-                what = "optimizer (optimizer.name, optimizer.freeze)" if item == "opt_state" else "model"
+                what = ("optimizer (optimizer.name, optimizer.freeze, and whether optimizer.grad_clip_norm and, for "
+                        "sgd, optimizer.weight_decay are above 0)" if item == "opt_state" else "model")
                 raise CheckpointReadError(f"{where} was written by another {what} than this run's config"
                                           + (f" ({cause})" if cause else "") + f": its {item} keys differ "
                                           f"({difference}). {advice}")
