@@ -93,6 +93,16 @@ def test_a_text_file_is_a_foreign_file_named_in_the_error(tmp_path, name):
     assert "not an .npz archive" in str(e.value) or "unrecognised checkpoint file" in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["empty.npz", "empty.bin"])
+def test_an_npz_of_no_arrays_says_so(tmp_path, name):
+    np.savez(tmp_path / "empty.npz")  # a zip with no member starts with its end record, not a member's header
+    path = tmp_path / name
+    if name != "empty.npz":
+        path.write_bytes((tmp_path / "empty.npz").read_bytes())
+    with pytest.raises(CheckpointError, match=f"{path}: .npz archive holds no arrays"):
+        load_pretrained(str(path), tiny_config())
+
+
 def test_a_pickle_disguised_as_npz_is_refused_unread(tmp_path, flat_params):
     path = str(tmp_path / "vit.npz")
     with open(path, "wb") as f:

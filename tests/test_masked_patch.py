@@ -112,6 +112,19 @@ def test_pretraining_tree_has_mask_embedding_and_patch_head_and_no_classifier_he
     assert logits.shape == (2, 16, 512)
 
 
+def test_a_masked_patch_checkpoint_loads_into_its_pretraining_model_without_a_class_count(tmp_path):
+    from vit_jax.interop import load_pretrained
+    from vit_jax.interop.orbax_io import write_orbax
+
+    config = run_config()
+    model = masked_patch.build_pretraining_model(config)
+    params = jax.tree.map(np.asarray, random_params(model, (1, 16, 16, 3)))
+    write_orbax(params, {"step": 1, "config": {"model": config.model.to_dict()}}, str(tmp_path / "mpp"))
+    # The pre-training model has no classification head: no class count to give (it asked for one).
+    loaded = load_pretrained(str(tmp_path / "mpp"), config.model, masked_patch_classes=512)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
 def test_model_corruption_equals_editing_the_pixels():
     """Swapping embeddings = swapping pixel patches; the mask embedding set to the embedding of a black patch
     (the conv bias) = blacking out those patches. Checked through the whole pre-training model."""

@@ -142,13 +142,13 @@ def _file_kind(path: str) -> str:
         return "npz"  # read_npz refuses pickles and other impostors with a precise message
     if torch_hub.is_safetensors(path):
         return "torch"
-    if magic == npz.ZIP_MAGIC:
+    if magic in (npz.ZIP_MAGIC, npz.EMPTY_ZIP_MAGIC):
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError) as e:
             raise CheckpointError(f"{path}: truncated or corrupt zip archive ({e})") from e
-        return "npz" if any(n.endswith(".npy") for n in names) else "torch"
+        return "npz" if not names or any(n.endswith(".npy") for n in names) else "torch"  # empty: "no arrays"
     if magic.startswith(npz.PICKLE_MAGIC):
         return "torch"  # a legacy torch file; read only with torch.load(weights_only=True)
     raise CheckpointError(f"{path}: unrecognised checkpoint file (not .npz, safetensors or torch; starts with "
@@ -196,6 +196,8 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
         _check_image_size(image_size, model_config.patch_size)
     ckpt = read_checkpoint(path, model_config.num_heads, source_format)
     flat = ckpt.flat
+    if num_classes is None and masked_patch_classes:
+        num_classes = 1  # the pre-training model has no classification head: its class count builds nothing
     if num_classes is None:
         head = flat.get("head/kernel")
         if head is None and not any(key.startswith("Transformer/encoderblock") for key in flat):
@@ -217,8 +219,10 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
         logging.info("%s: %s", ckpt.location, action)
     if set_numerics and ckpt.numerics is not None:
         apply_numerics(model_config, ckpt.numerics)
-    logging.info("%s: loaded %d arrays (%s) for a %d-class model at %dpx", ckpt.location, len(flat),
-                 ckpt.source_format, num_classes, image_size)
+    target = (f"a masked-patch model ({masked_patch_classes} colours)" if masked_patch_classes
+              else f"a {num_classes}-class model")
+    logging.info("%s: loaded %d arrays (%s) for %s at %dpx", ckpt.location, len(flat), ckpt.source_format, target,
+                 image_size)
     return canonical_to_params(flat, model_config.scan)
 
 

@@ -33,6 +33,7 @@ from vit_jax.interop.common import (
 )
 
 ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"  # a zip of no members (np.savez with no arrays) starts with its end record
 PICKLE_MAGIC = b"\x80"
 # Prefixes of the param tree inside the various release files (anything else in such a file is optimizer
 # state or another tower, e.g. big_vision's `params/txt/`, and is not part of the image model).
@@ -69,7 +70,7 @@ def _check_is_zip(path: str) -> None:
     if magic.startswith(PICKLE_MAGIC):
         raise CheckpointError(f"{path}: is a Python pickle, not an .npz archive; refusing to unpickle it "
                               "(only numpy .npz archives of arrays are read)")
-    if magic != ZIP_MAGIC:
+    if magic not in (ZIP_MAGIC, EMPTY_ZIP_MAGIC):
         raise CheckpointError(f"{path}: not an .npz archive (no zip header; starts with {magic!r})")
 
 
