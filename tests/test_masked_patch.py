@@ -269,6 +269,10 @@ def test_axial_masked_patch_prediction_predicts_every_patch():
     ("masked_patch.colour_bits", 9, "colour_bits=9"),
     ("image_size", 4, "random_fraction=0.1 is invalid for 1 patch per image"),  # patch 4: one 4x4 patch
     ("model.resnet_layers", (1,), r"resnet_layers=\(1,\) is invalid with objective='masked_patch_prediction'"),
+    ("pp.mixup_alpha", 0.2, r"config.pp.mixup_alpha=0.2 is invalid with objective='masked_patch_prediction': "
+                            "expected 0"),
+    ("optimizer.label_smoothing", 0.1, "config.optimizer.label_smoothing=0.1 is invalid with "
+                                       "objective='masked_patch_prediction': expected 0"),
 ])
 def test_check_config_names_bad_fields(field, value, match):
     config = run_config()

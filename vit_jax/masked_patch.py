@@ -40,7 +40,8 @@ CLEAN, MASKED, RANDOM, KEPT = 0, 1, 2, 3
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError for an unknown objective or masked-patch fractions that are not a distribution."""
+    """Raise ConfigError for an unknown objective, masked-patch fractions that are not a distribution, or
+    classification settings the masked-patch objective would ignore or misuse (mixup, label smoothing)."""
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"config.objective={config.objective!r} is invalid: expected one of {OBJECTIVES}")
     mp = config.masked_patch
@@ -62,6 +63,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           "objective='masked_patch_prediction': patches are corrupted after the ResNet trunk, whose "
                           "receptive field spans neighbouring patches, so the model would see the colours it is "
                           "asked for; pre-train a plain ViT (resnet_layers=())")
+    if config.objective == "masked_patch_prediction" and config.pp.mixup_alpha > 0:
+        raise ConfigError(f"config.pp.mixup_alpha={config.pp.mixup_alpha!r} is invalid with "
+                          "objective='masked_patch_prediction': expected 0 (mixup blends two images, and the colours "
+                          "to predict would be those of the blend)")
+    if config.objective == "masked_patch_prediction" and config.optimizer.label_smoothing > 0:
+        raise ConfigError(f"config.optimizer.label_smoothing={config.optimizer.label_smoothing!r} is invalid with "
+                          "objective='masked_patch_prediction': expected 0 (it smooths class labels; the colour "
+                          "targets are not smoothed)")
     num_patches = (config.image_size // config.model.patch_size) ** 2
     if config.objective == "masked_patch_prediction" and mp.random_fraction > 0 and num_patches < 2:
         raise ConfigError(f"config.masked_patch.random_fraction={mp.random_fraction!r} is invalid for "
