@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.eval_batch_size = 128
     config.total_steps = 1500
+    config.num_epochs = 0  # the run is measured in steps
     config.eval_every = 500
     config.log_every = 100
     config.checkpoint_every = 500

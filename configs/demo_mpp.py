@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = demo.get_config()
     config.objective = "masked_patch_prediction"
     config.total_steps = PRETRAIN_STEPS
+    config.num_epochs = 0  # the run is measured in steps
     config.eval_every = config.checkpoint_every = PRETRAIN_STEPS
     config.keep_checkpoints = 1
     return config

@@ -61,8 +61,10 @@ def get_config(arg: str = "cifar10") -> ml_collections.ConfigDict:
     config.batch_size = 512
     config.eval_batch_size = 512
     config.total_steps = steps
-    config.eval_every = max(steps // 10, 100)
-    config.checkpoint_every = max(steps // 10, 100)
+    config.num_epochs = 0  # the run is measured in steps
+    # A tenth of the run (rounded up), following a --config.total_steps override (a reference, read resolved).
+    config.eval_every = (config.get_ref("total_steps") + 9) // 10
+    config.checkpoint_every = (config.get_ref("total_steps") + 9) // 10
 
     opt = config.optimizer
     opt.name = "sgd"

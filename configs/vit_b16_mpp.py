@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = common.get_config("B/16")
     config.objective = "masked_patch_prediction"
     config.total_steps = 1_000_000
+    config.num_epochs = 0  # the run is measured in steps
     config.optimizer.name = "adam"
     config.optimizer.lr = 2e-4
     config.optimizer.warmup_steps = 10_000

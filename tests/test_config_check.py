@@ -25,6 +25,26 @@ def test_shipped_config_validates(name):
     assert mesh["data"] * mesh["fsdp"] * mesh["model"] == 8
 
 
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_a_shipped_config_measures_its_run_in_steps_or_epochs_not_both(name, caplog):
+    config = load(name)
+    assert (config.total_steps > 0) != (config.num_epochs > 0), (config.total_steps, config.num_epochs)
+    config.total_steps, config.num_epochs = 100, 3
+    validate(config, num_devices=8)
+    assert "config.total_steps=100 sets the run's length: config.num_epochs=3 is not used" in caplog.text
+
+
+def test_finetune_evaluates_and_saves_each_tenth_of_an_overridden_run_length():
+    code = ("import sys; from absl import flags; from ml_collections import config_flags; "
+            "config_flags.DEFINE_config_file('config', None, lock_config=True); flags.FLAGS(sys.argv); "
+            "c = flags.FLAGS.config; print(c.eval_every, c.checkpoint_every)")
+    for flags, expected in [([], "1000 1000"), (["--config.total_steps=2000"], "200 200"),
+                            (["--config.total_steps=5", "--config.eval_every=3"], "3 1")]:
+        result = subprocess.run([sys.executable, "-c", code, "--config=configs/finetune.py:cifar10", *flags],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.stdout.split() == expected.split(), result.stderr[-2000:]
+
+
 def test_every_model_config_is_pinned():
     from tests.test_vit import PINNED
 

@@ -7,6 +7,7 @@ import numbers
 import re
 
 import ml_collections
+from absl import logging
 
 from vit_jax.errors import UserError
 from vit_jax.models.variants import parse_variant, resnet_stride
@@ -243,6 +244,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         positive_int(config, field)
     if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
         _fail("total_steps", config.total_steps, "expected a positive step count, or 0 with num_epochs > 0")
+    if config.total_steps > 0 and config.num_epochs > 0:
+        logging.warning("config.total_steps=%d sets the run's length: config.num_epochs=%s is not used (set "
+                        "total_steps=0 to train by epochs, or num_epochs=0 to silence this)", config.total_steps,
+                        config.num_epochs)
     mesh = resolve_mesh_shape(config.mesh, num_devices)
     batch_devices = mesh["data"] * mesh["fsdp"]
     if config.batch_size % config.accum_steps:
