@@ -49,7 +49,7 @@ def test_every_model_config_is_pinned():
     from tests.test_vit import PINNED
 
     variants = {load(name).model.variant for name in CONFIG_FILES} - {"custom"}
-    assert variants == set(PINNED)
+    assert variants <= set(PINNED), variants - set(PINNED)
 
 
 def base():
@@ -144,6 +144,8 @@ def base():
     (lambda c: setattr(c.pp, "randaugment_magnitude", -10), "pp.randaugment_magnitude", "a magnitude >= 0"),
     (lambda c: setattr(c.pp, "random_translate", -4), "pp.random_translate",
      "config.pp.random_translate=-4 is invalid: expected an integer >= 0 (0: no shift)"),
+    (lambda c: setattr(c.pp, "random_translate", 224), "pp.random_translate",
+     "config.pp.random_translate=224 is invalid: expected fewer pixels than image_size=224"),
     (lambda c: setattr(c, "data_workers", -1), "data_workers", "an integer >= 0 (0: load in the main process)"),
     (lambda c: setattr(c, "prefetch_batches", -1), "prefetch_batches", "an integer >= 0 (0: none ahead)"),
     (lambda c: (setattr(c.model, "variant", "custom"), setattr(c.model, "hidden_size", 36),
@@ -158,6 +160,15 @@ def test_bad_config_names_field_value_and_valid_choices(mutate, field, hint):
         validate(config, num_devices=8)
     assert f"config.{field}=" in str(err.value)
     assert hint in str(err.value)
+
+
+def test_randaugment_magnitude_takes_fractions_from_the_command_line():
+    result = subprocess.run([sys.executable, "-c", "import sys; from absl import flags; from ml_collections import "
+                             "config_flags; config_flags.DEFINE_config_file('config', None, lock_config=True); "
+                             "flags.FLAGS(sys.argv); print(flags.FLAGS.config.pp.randaugment_magnitude)",
+                             "--config=configs/vit_b16.py", "--config.pp.randaugment_magnitude=9.5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "9.5", result.stderr[-2000:]
 
 
 def test_custom_sizes_validate_and_a_variants_own_numbers_match_it():

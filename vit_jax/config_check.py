@@ -201,6 +201,9 @@ def validate_preprocessing(config: ml_collections.ConfigDict) -> None:
         _fail("pp.randaugment_magnitude", pp.randaugment_magnitude, "expected a magnitude >= 0 (AugReg uses 10-20)")
     _non_negative_int(config, "pp.randaugment_layers", "0: no RandAugment")
     _non_negative_int(config, "pp.random_translate", "0: no shift")
+    if pp.random_translate >= config.image_size:
+        _fail("pp.random_translate", pp.random_translate, f"expected fewer pixels than image_size={config.image_size} "
+              "(a shift by the whole side leaves no pixel of the image)")
     _non_negative_int(config, "data_workers", "0: load in the main process")
     _non_negative_int(config, "prefetch_batches", "0: none ahead")
     if isinstance(config.shuffle_seed, bool) or not isinstance(config.shuffle_seed, int):
