@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 
 import jax
@@ -16,7 +17,7 @@ from PIL import Image
 
 from configs import demo
 from vit_jax import data
-from vit_jax.data import pipeline, preprocess
+from vit_jax.data import datasets, pipeline, preprocess
 from vit_jax.data.builders import imagenet21k
 
 
@@ -125,6 +126,76 @@ def test_bad_records_and_a_missing_source_are_clear_errors(tmp_path):
         data.prepare("image_folder", str(tmp_path / "tfds"), str(tmp_path / "src"))
     with pytest.raises(data.DatasetError, match="is not a directory"):
         data.prepare("image_folder", str(tmp_path / "tfds"), str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("labels", ["null", "3.5", "[\"cat\", null]", "{\"cat\": 1}", "true"])
+def test_labels_that_are_not_names_are_an_error_naming_the_line(tmp_path, labels):
+    """They raised a raw TypeError (null, 3.5) or became label names such as "None" or "True"."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.jsonl").write_text('{"image": "a.jpg", "labels": ["cat"]}\n'
+                                                  f'{{"image": "b.jpg", "labels": {labels}}}\n')
+    with pytest.raises(data.DatasetError, match=r"train.jsonl:2: expected a JSON object with 'image' .* 'labels' \(a "
+                                                r"label name or a list of them, strings or integers\)"):
+        data.prepare("image_folder", str(tmp_path / "tfds"), str(tmp_path / "src"))
+
+
+def test_an_image_listed_twice_in_a_split_is_an_error_naming_both_lines(tmp_path):
+    """TFDS stopped preparing with "Two examples share the same hashed key" (an AssertionError naming no file)."""
+    source = tmp_path / "src"
+    for name in ("a", "b"):
+        _write_image(source / "img" / f"{name}.jpg", seed=0, fmt="JPEG")
+    (source / "train-00000-of-00002.jsonl").write_text('{"image": "img/a.jpg", "labels": ["cat"]}\n')
+    (source / "train-00001-of-00002.jsonl").write_text('{"image": "img/b.jpg", "labels": ["dog"]}\n\n'
+                                                       '{"image": "./img/a.jpg", "labels": ["night"]}\n')
+    (source / "validation.jsonl").write_text('{"image": "img/a.jpg", "labels": ["cat"]}\n')  # other split: fine
+    with pytest.raises(data.DatasetError, match=r"train-00000-of-00002.jsonl:1 and .*train-00001-of-00002.jsonl:3 "
+                                                r"both list image './img/a.jpg' in split 'train'"):
+        data.prepare("image_folder", str(tmp_path / "tfds"), str(source))
+
+
+def _class_folders(source, classes: str, images_per_class: int = 1) -> None:
+    for split in ("train", "validation"):
+        for c, class_name in enumerate(classes):
+            for i in range(images_per_class):
+                _write_image(source / split / class_name / f"{i}.png", seed=10 * c + i, fmt="PNG")
+
+
+def test_a_second_image_folder_in_the_same_data_dir_is_refused_not_read_as_the_first(tmp_path, caplog):
+    """Every image folder is prepared into DATA_DIR/image_folder/1.0.0: a second one returned the first's path,
+    and training on it read the first folder's images and classes."""
+    _class_folders(tmp_path / "a", "xy")
+    _class_folders(tmp_path / "b", "xyz")
+    tfds_dir = str(tmp_path / "tfds")
+    path = data.prepare("image_folder", tfds_dir, str(tmp_path / "a"))
+    both = re.escape(f"prepared from {tmp_path / 'a'}, not from {tmp_path / 'b'}")
+    with pytest.raises(data.DatasetError, match=both + r" .*another --data_dir .*or delete " + re.escape(path)):
+        data.prepare("image_folder", tfds_dir, str(tmp_path / "b"))
+    with pytest.raises(data.DatasetError, match=both + r" .*leave config.tfds_manual_dir empty"):
+        datasets.label_classes("image_folder", tfds_dir, str(tmp_path / "b"))
+    assert datasets.label_classes("image_folder", tfds_dir, str(tmp_path / "a")) == ("single", 2)
+    assert datasets.label_classes("image_folder", tfds_dir, "") == ("single", 2)  # the prepared copy as it is
+    # The same folder named another way (relative, through a symlink) is the same folder.
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    assert data.prepare("image_folder", tfds_dir, os.path.relpath(tmp_path / "link")) == path
+    # Datasets prepared before the source was recorded stay readable, with a warning.
+    os.remove(os.path.join(path, "metadata.json"))
+    with caplog.at_level(logging.WARNING):
+        assert datasets.label_classes("image_folder", tfds_dir, str(tmp_path / "b")) == ("single", 2)
+    assert "prepared before vit_jax recorded source folders" in caplog.text
+
+
+def test_preparing_a_folder_again_after_its_images_changed_says_so(tmp_path):
+    """TFDS reuses a prepared dataset: images added to the source since were silently left out."""
+    source = tmp_path / "images"
+    _class_folders(source, "xy")
+    tfds_dir = str(tmp_path / "tfds")
+    path = data.prepare("image_folder", tfds_dir, str(source))
+    assert data.prepare("image_folder", tfds_dir, str(source)) == path  # unchanged: reused
+    _write_image(source / "train" / "x" / "new.png", seed=7, fmt="PNG")
+    _write_image(source / "train" / "z" / "new.png", seed=8, fmt="PNG")
+    changed = r"changed since it was prepared into .*\(train: 2 images prepared, 4 now; classes: 2 prepared, 3 now, "
+    with pytest.raises(data.DatasetError, match=changed + r"new \['z'\]\).* Delete " + re.escape(path)):
+        data.prepare("image_folder", tfds_dir, str(source))
 
 
 def test_a_corrupt_image_is_skipped_and_counted_never_a_nan_batch(tmp_path, sharding, caplog):

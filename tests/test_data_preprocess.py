@@ -2,6 +2,7 @@
 
 import io
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -548,3 +549,68 @@ def test_high_bit_depth_grayscale_is_scaled_not_clipped(kind, antialias):
     assert pixels.shape == (64, 64, 3)
     np.testing.assert_allclose(pixels[..., 0], expected, atol=1)
     np.testing.assert_array_equal(pixels[..., 0], pixels[..., 2])
+
+
+def _tiff_12_bit(values: np.ndarray) -> bytes:
+    """A grayscale TIFF declaring 12 bits per sample (as scientific cameras write), written by hand: pillow
+    cannot write one. Two 12-bit samples pack into three bytes, so the width must be even."""
+    height, width = values.shape
+    pairs = values.astype(np.uint16).reshape(-1, 2)
+    packed = np.stack([pairs[:, 0] >> 4, ((pairs[:, 0] & 15) << 4) | (pairs[:, 1] >> 8), pairs[:, 1] & 255],
+                      axis=-1).astype(np.uint8).tobytes()
+    short, long_ = 3, 4
+    entries = [(256, short, width), (257, short, height), (258, short, 12), (259, short, 1), (262, short, 1),
+               (273, long_, 0), (277, short, 1), (278, short, height), (279, long_, len(packed))]
+    pixels_at = 8 + 2 + 12 * len(entries) + 4  # header, entry count, entries, next-IFD offset
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII", tag, kind, 1, pixels_at if tag == 273 else value) for tag, kind, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + packed
+
+
+@pytest.mark.parametrize("kind, value, outlier, expected", [
+    ("tiff_32_bit_int", 200, 300, 1),  # integers not declared <= 16 bits are 16-bit valued: 200 / 257
+    ("tiff_float", 0.5, 2.0, 128),  # float is 0..1: an outlier above 1 is white, the rest unchanged
+    ("pgm_16_bit", 51400, 65535, 200),  # pillow gives PGM 16-bit values
+])
+def test_the_scale_of_a_high_bit_image_does_not_depend_on_its_pixels(kind, value, outlier, expected):
+    """An int32 image of 200 with one pixel of 300 came out ~1 (/257), without it 200; a float image of 0.5 with
+    one pixel above 1 came out 0 (not x255), without it 128: one pixel set the brightness of the whole image."""
+    def decoded(values: np.ndarray) -> np.ndarray:
+        if kind == "pgm_16_bit":
+            data = b"P5\n8 8\n65535\n" + values.astype(">u2").tobytes()
+        else:
+            buffer = io.BytesIO()
+            Image.fromarray(values.astype(np.int32 if kind == "tiff_32_bit_int" else np.float32)).save(buffer, "TIFF")
+            data = buffer.getvalue()
+        image = preprocess.open_image(data)
+        return preprocess.crop_and_resize(image, (0, 0, 8, 8), 8)[..., 0]
+
+    plain = np.full((8, 8), value)
+    with_outlier = plain.copy()
+    with_outlier[0, 0] = outlier
+    assert (decoded(plain) == expected).all()
+    np.testing.assert_array_equal(decoded(with_outlier)[1:], decoded(plain)[1:])
+
+
+def test_a_tiff_is_scaled_by_the_bits_per_sample_it_declares():
+    """A 12-bit TIFF holds 0..4095 (in pillow's 16-bit mode): divided by 257 as 16-bit, it came out almost black."""
+    ramp = np.arange(16 * 16).reshape(16, 16) * 16  # 0 .. 4080
+    image = preprocess.open_image(_tiff_12_bit(ramp))
+    pixels = preprocess.crop_and_resize(image, (0, 0, 16, 16), 16)
+    np.testing.assert_array_equal(pixels[..., 0], np.rint(ramp * 255 / 4095))
+
+
+def test_jpeg_draft_decoding_keeps_the_box_where_it_is():
+    """The reduced DCT scale is exactly 1/8 (draft()'s box), not the rounded-up size over the full size: a 501 px
+    wide JPEG at 1/8 is 63 px for 62.625, and the box was read shifted by up to 3 px at the far edge (7 levels
+    off on this ramp, against a full decode)."""
+    height, width, size = 375, 501, 32  # 1/8: 501 // 32 >= 8 and 375 // 32 >= 8
+    row = np.clip(255 - (width - 1 - np.arange(width)) * 2, 0, 255)  # a steep ramp at the right edge
+    pixels = np.repeat(np.repeat(row[None, :, None], height, axis=0), 3, axis=2).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95, subsampling=0)
+    box = (0, 0, width, height)
+    drafted = preprocess.crop_and_resize(preprocess.open_image(buffer.getvalue()), box, size, antialias=True)
+    fully_decoded = Image.fromarray(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    reference = preprocess.crop_and_resize(fully_decoded, box, size, antialias=True)
+    assert np.abs(drafted.astype(int) - reference.astype(int)).max() <= 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import shlex
@@ -19,6 +20,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_builder, naming
 
+from vit_jax.data.builders import image_folder
 from vit_jax.data.builders.digits import Digits
 from vit_jax.data.builders.image_folder import ImageFolder
 from vit_jax.data.builders.imagenet21k import Imagenet21k
@@ -215,9 +217,24 @@ def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
             if file_format is None:
                 raise
             raise _prepared_as(name, _own_builder_dir(name, data_dir), file_format, data_dir, manual_dir) from None
+        prepared_dir = _own_builder_dir(name, data_dir)
+        if name == "image_folder" and _exists(os.path.join(prepared_dir, "dataset_info.json")):
+            builder.check_prepared(tfds.builder_from_directory(prepared_dir))  # TFDS would reuse it as it is
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
     builder.download_and_prepare(file_format=ARRAY_RECORD, download_config=download_config)
     return str(builder.data_dir)
+
+
+def _check_image_folder_source(builder: tfds.core.DatasetBuilder, manual_dir: str) -> None:
+    """The prepared image folder must be `manual_dir` (it records its source); one prepared before the source was
+    recorded cannot be checked, and is used with a warning."""
+    source_dir = os.path.expanduser(manual_dir)
+    if image_folder.recorded_source(builder) is None:
+        logging.warning("image_folder at %s was prepared before vit_jax recorded source folders: cannot check that it "
+                        "holds the images of config.tfds_manual_dir=%s (delete it and prepare again to check)",
+                        builder.data_dir, source_dir)
+    else:
+        image_folder.check_source(builder, source_dir)
 
 
 def load_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
@@ -237,6 +254,8 @@ def load_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.Da
                 raise DatasetError(f"dataset {name!r} is not prepared: looked for {builder_dir}. Prepare it with: "
                                    f"{prepare_command(name, data_dir, manual_dir)}{_needs_manual(name)}")
         builder = tfds.builder_from_directory(builder_dir)
+        if name == "image_folder" and manual_dir:
+            _check_image_folder_source(builder, manual_dir)
     else:
         builder = _tfds_builder(name, data_dir, manual_dir)
         if not builder.is_prepared():

@@ -2,6 +2,8 @@
 
 train: decode -> Inception crop (random resized crop) -> resize to image_size -> horizontal flip
        [-> random translation (small images) -> RandAugment] -> values in [-1, 1]
+       (`inception_crop=False` resizes the whole image to image_size, with no random crop at all; the paper's
+       code then resized to 512 and took a random 384 crop, which is not done here)
 eval:  decode -> resize to image_size / eval_crop_fraction -> central crop image_size -> values in [-1, 1]
        (both sides are resized alike: the aspect ratio is not kept, as in the paper's code; big_vision's
        resize_small|central_crop and timm's crop_pct resize the short side)
@@ -10,7 +12,9 @@ labels: one-hot (one class per image) or multi-hot (several); mixup mixes whole 
 Resizing is tf.image.resize's bilinear without antialiasing by default, as the paper's code (`antialias=True`:
 crop and resize in one pillow call on the region of interest, with its antialiased filter, after JPEG "draft"
 decoding at the smallest 1/2, 1/4 or 1/8 scale that still covers the output: faster on large photos).
-Images stay uint8 until the batch is assembled: 4x less to move between worker processes.
+Images stay uint8 until the batch is assembled: 4x less to move between worker processes. Resized values are
+rounded to the nearest uint8: within half a level (<= 0.004 in [-1, 1]) of the paper's code, which keeps
+tf.image.resize's floats; big_vision casts them to uint8, which truncates (up to one level below the float).
 A file that cannot be decoded raises `CorruptImageError`; the pipeline skips it and logs the count.
 """
 
@@ -56,9 +60,11 @@ def open_image(data: bytes) -> Image.Image:
     """Parse the image header (pixels are decoded later, possibly at reduced scale); a photo whose EXIF
     orientation says it is stored rotated or mirrored (phones store portraits as landscape pixels) is decoded
     now and turned upright, so its size and pixels are those a viewer shows. (TF's decoder, the paper's, ignores
-    the tag: only files that carry one differ.)"""
+    the tag: only files that carry one differ.) Grayscale of more than 8 bits is decoded now too, and scaled to
+    8 bits by the depth its file declares (see `_to_8_bits`), which turning it upright would lose."""
     try:
-        return _upright(Image.open(io.BytesIO(data)))
+        image = Image.open(io.BytesIO(data))
+        return _to_8_bits(_upright(image), _declared_bits(image))
     except Image.UnidentifiedImageError:
         raise CorruptImageError(f"not an image: pillow recognises no image format in these {len(data)} bytes "
                                 f"(they start {bytes(data[:12])!r})") from None
@@ -132,17 +138,34 @@ def central_box(width: int, height: int, fraction: float) -> Box:
     return (margin_x, margin_y, width - margin_x, height - margin_y)
 
 
-def _to_8_bits(image: Image.Image) -> Image.Image:
+def _declared_bits(image: Image.Image) -> int | None:
+    """Bits per sample a TIFF declares (tag 258, BitsPerSample); None for other formats."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return int(bits) if bits else None
+
+
+def _to_8_bits(image: Image.Image, bits: int | None = None) -> Image.Image:
     """Single-channel images of more than 8 bits as 8-bit grayscale: pillow's convert("RGB") clips them to 255
-    instead of scaling (a 16-bit PNG came out almost white, a float TIFF black)."""
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
-            values = values / 257.0  # 16-bit range onto 0..255
-        elif image.mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0  # float images in [0, 1]
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    return image
+    instead of scaling (a 16-bit PNG came out almost white, a float TIFF black).
+
+    The scale depends on the image's mode and declared depth, never on its pixels (one bright pixel must not
+    change the brightness of the rest): float ("F") is read as 0..1, clipped; integer ("I;16*", "I") as
+    0..2**bits-1 for a TIFF declaring `bits` <= 16 (BitsPerSample: 12-bit camera TIFFs hold 0..4095), else as
+    16-bit 0..65535 (pillow gives PNG and PGM 16-bit values; 32-bit TIFFs too: more is white). Negative values are
+    black.
+    """
+    if image.mode == "F":
+        values = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64)), 0.0, 1.0) * 255.0
+    elif image.mode == "I" or image.mode.startswith("I;16"):
+        bits = bits or _declared_bits(image)
+        top = 2 ** bits - 1 if bits and bits <= 16 else 65535
+        values = np.asarray(image, dtype=np.float64) * (255.0 / top)
+    else:
+        return image
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
 def crop_and_resize(image: Image.Image, box: Box, size: int, antialias: bool = False) -> np.ndarray:
@@ -168,11 +191,15 @@ def _rgb(image: Image.Image) -> Image.Image:
 def _crop_and_resize_with_pillow(image: Image.Image, box: Box, size: int) -> np.ndarray:
     full_width, full_height = image.size
     box_width, box_height = box[2] - box[0], box[3] - box[1]
+    scale_x = scale_y = 1.0
     if image.format == "JPEG":
-        # Decode at the smallest DCT scale at which the box still has >= size pixels per side.
+        # Decode at the smallest DCT scale at which the box still has >= size pixels per side. The scale is the
+        # one draft() reports (1/2, 1/4 or 1/8): the reduced size is rounded up (501 px at 1/8 is 63, not 62.625),
+        # and dividing by it shifted the box towards the far edge.
         needed = (math.ceil(full_width * size / box_width), math.ceil(full_height * size / box_height))
-        image.draft("RGB", needed)
-    scale_x, scale_y = image.size[0] / full_width, image.size[1] / full_height
+        drafted = image.draft("RGB", needed)
+        if drafted is not None:
+            scale_x, scale_y = drafted[1][2] / full_width, drafted[1][3] / full_height
     scaled = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
     # reducing_gap: shrink by an integer factor first when the box is much larger (~15% faster, same quality).
     resized = _rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=scaled, reducing_gap=2.0)

@@ -10,6 +10,13 @@ Two layouts of the source folder (`--manual_dir`), detected automatically:
 
 Image bytes are stored as they are (JPEG stays JPEG), so preparing decodes nothing and needs no tensorflow;
 a corrupt file is kept and skipped (and counted) when read. Splits are whatever folder / file names say.
+
+A data_dir holds one image folder (DATA_DIR/image_folder/1.0.0), which records the absolute path of its source.
+Preparing another folder into it, or training with config.tfds_manual_dir naming another folder, is an error
+rather than training on the first folder's images. Training reads only the prepared copy and never scans the
+source again: images added or removed afterwards are not seen. Preparing the same folder again compares the
+images per split and the classes with the prepared copy, and says when they changed (delete the copy to
+prepare it anew); a file replaced by another of the same name goes unnoticed.
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ import os
 import re
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import dataset_builder
 
 from vit_jax.data.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
+SOURCE_KEY = "source_dir"  # the prepared dataset's metadata.json entry: the folder it was prepared from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +70,18 @@ def _scan_folders(source_dir: str) -> FolderLayout:
     return FolderLayout(multi_label=False, class_names=tuple(class_names), examples=examples)
 
 
+def _label_names(labels: object) -> tuple[str, ...]:
+    """A record's 'labels' (a name, or a list of names; JSON strings or integers) as names; TypeError otherwise."""
+    names = labels if isinstance(labels, list) else [labels]
+    bad = [name for name in names if type(name) not in (str, int)]  # not bool, float, null, list or object
+    if bad:
+        raise TypeError(f"'labels' must be a label name or a list of them, strings or integers; got {bad[0]!r}")
+    return tuple(str(name) for name in names)
+
+
 def _scan_records(source_dir: str, record_files: list[str]) -> FolderLayout:
     examples: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    seen: dict[tuple[str, str], str] = {}  # (split, image path) -> file:line of its first record
     for file_name in sorted(record_files):
         split = _SHARD_SUFFIX.sub("", file_name[: -len(".jsonl")])
         path = os.path.join(source_dir, file_name)
@@ -70,16 +89,23 @@ def _scan_records(source_dir: str, record_files: list[str]) -> FolderLayout:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                where = f"{path}:{line_number}"
                 try:
                     record = json.loads(line)
-                    image, labels = record["image"], record["labels"]
+                    image, labels = record["image"], _label_names(record["labels"])
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DatasetError(f"{path}:{line_number}: expected a JSON object with 'image' (a path relative "
-                                       f"to {source_dir}) and 'labels' (a list of label names), got {line.strip()!r} "
-                                       f"({e})") from None
-                if isinstance(labels, (str, int)):
-                    labels = [labels]
-                examples.setdefault(split, []).append((str(image), tuple(str(label) for label in labels)))
+                    raise DatasetError(f"{where}: expected a JSON object with 'image' (a path relative to "
+                                       f"{source_dir}) and 'labels' (a label name or a list of them, strings or "
+                                       f"integers), got {line.strip()!r} ({e})") from None
+                if not isinstance(image, str) or not image:
+                    raise DatasetError(f"{where}: 'image' must be a path relative to {source_dir}, got {image!r}")
+                # TFDS keys examples by path, and two records of one image in a split stop preparing with an
+                # AssertionError ("Two examples share the same hashed key").
+                first = seen.setdefault((split, os.path.normpath(image)), where)
+                if first != where:
+                    raise DatasetError(f"{first} and {where} both list image {image!r} in split {split!r}: an "
+                                       "image may appear once per split; merge the two records' labels into one")
+                examples.setdefault(split, []).append((image, labels))
     classes_file = os.path.join(source_dir, "classes.txt")
     found = {label for rows in examples.values() for _, labels in rows for label in labels}
     if os.path.exists(classes_file):
@@ -107,6 +133,23 @@ def scan_source(source_dir: str) -> FolderLayout:
     return layout
 
 
+def recorded_source(prepared: dataset_builder.DatasetBuilder) -> str | None:
+    """The absolute source folder a prepared image_folder recorded; None for one prepared before it was recorded."""
+    metadata = prepared.info.metadata  # TFDS's lazy dict loads metadata.json in items(), not in get()
+    return dict(metadata.items()).get(SOURCE_KEY) if metadata is not None else None
+
+
+def check_source(prepared: dataset_builder.DatasetBuilder, source_dir: str) -> None:
+    """Raise `DatasetError` when the prepared image_folder recorded another source folder than `source_dir`."""
+    recorded = recorded_source(prepared)
+    if recorded is not None and os.path.realpath(recorded) != os.path.realpath(source_dir):
+        raise DatasetError(f"image_folder at {prepared.data_dir} was prepared from {recorded}, not from "
+                           f"{os.path.realpath(source_dir)} (--manual_dir, config.tfds_manual_dir): a data_dir holds "
+                           f"one image folder. Prepare {source_dir} into another --data_dir (config.tfds_data_dir), "
+                           f"or delete {prepared.data_dir} and prepare again; to train on the prepared copy as it "
+                           "is, leave config.tfds_manual_dir empty")
+
+
 class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Images from a local folder, single-label ('label') or multi-label ('labels')."""
 
@@ -116,7 +159,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, source_dir: str, **kwargs):
         self._layout = scan_source(source_dir)
-        self._source_dir = source_dir
+        self._source_dir = os.path.realpath(source_dir)  # recorded: the same folder however it is named
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -130,7 +173,33 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 label_key: tfds.features.Sequence(label) if self._layout.multi_label else label,
             }),
             supervised_keys=("image", label_key),
+            metadata=tfds.core.MetadataDict({SOURCE_KEY: self._source_dir}),
         )
+
+    def check_prepared(self, prepared: dataset_builder.DatasetBuilder) -> None:
+        """Raise `DatasetError` when `prepared` (this data_dir's image folder) came from another source folder, or
+        from this one with other images per split or other classes than it holds now (TFDS would reuse it)."""
+        check_source(prepared, self._source_dir)
+        label_key = "labels" if "labels" in prepared.info.features else "label"
+        label = prepared.info.features[label_key]
+        names = tuple((label.feature if label_key == "labels" else label).names)
+        now = {split: len(rows) for split, rows in self._layout.examples.items()}
+        then = {split: info.num_examples for split, info in prepared.info.splits.items()}
+        changes = [f"{split}: {then.get(split, 0)} images prepared, {now.get(split, 0)} now"
+                   for split in sorted(set(now) | set(then)) if now.get(split, 0) != then.get(split, 0)]
+        if (label_key == "labels") != self._layout.multi_label:
+            changes.append(f"labels: {'records' if label_key == 'labels' else 'class folders'} prepared, "
+                           f"{'records' if self._layout.multi_label else 'class folders'} now")
+        elif names != self._layout.class_names:
+            added = [name for name in self._layout.class_names if name not in names]
+            gone = [name for name in names if name not in self._layout.class_names]
+            changes.append(f"classes: {len(names)} prepared, {len(self._layout.class_names)} now"
+                           + (f", new {added[:5]}" if added else "") + (f", gone {gone[:5]}" if gone else "")
+                           + ("" if added or gone else ", in another order"))
+        if changes:
+            raise DatasetError(f"{self._source_dir} has changed since it was prepared into {prepared.data_dir} "
+                               f"({'; '.join(changes)}): a prepared image_folder is never scanned again. Delete "
+                               f"{prepared.data_dir} and prepare again, or prepare into another --data_dir")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         return {split: self._generate_examples(rows) for split, rows in self._layout.examples.items()}
