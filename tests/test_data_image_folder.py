@@ -184,6 +184,27 @@ def test_a_second_image_folder_in_the_same_data_dir_is_refused_not_read_as_the_f
     assert "prepared before vit_jax recorded source folders" in caplog.text
 
 
+def test_an_image_folder_scored_beside_another_dataset_is_read_as_prepared(tmp_path):
+    """config.tfds_manual_dir is the run's own dataset's source: an image folder evaluated beside it (an extra
+    evaluation, a few-shot task) is not checked against that folder."""
+    from vit_jax import extra_evals, fewshot
+
+    _class_folders(tmp_path / "a", "xy")
+    data.prepare("image_folder", str(tmp_path / "tfds"), str(tmp_path / "a"))
+    config = _config(tmp_path / "tfds", tmp_path / "imagenet_archives", num_classes=2)
+    config.dataset = "imagenet2012"
+    config.extra_evals = ("image_folder,validation",)
+    (derived,) = extra_evals.eval_configs(config).values()
+    assert (derived.dataset, derived.tfds_manual_dir, derived.num_classes) == ("image_folder", "", 2)
+    task = fewshot.FewshotTask("image_folder", "train", "validation")
+    derived = fewshot.task_config(config, task)
+    assert (derived.dataset, derived.tfds_manual_dir, derived.num_classes) == ("image_folder", "", 2)
+    # The run's own dataset keeps its source, and is checked against it.
+    config.dataset = "image_folder"
+    with pytest.raises(data.DatasetError, match="prepared from .*, not from .*imagenet_archives"):
+        fewshot.task_config(config, task)
+
+
 def test_preparing_a_folder_again_after_its_images_changed_says_so(tmp_path):
     """TFDS reuses a prepared dataset: images added to the source since were silently left out."""
     source = tmp_path / "images"

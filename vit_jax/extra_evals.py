@@ -63,13 +63,15 @@ def eval_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.
     for entry in validate(config):
         where = f"config.extra_evals entry '{entry.dataset},{entry.split}'"
         try:
-            _, num_classes = datasets.label_classes(entry.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+            manual_dir = datasets.manual_dir_for(config, entry.dataset)
+            _, num_classes = datasets.label_classes(entry.dataset, config.tfds_data_dir, manual_dir)
             if num_classes != config.num_classes:
                 raise data.DatasetError(f"dataset {entry.dataset!r} has {num_classes} classes and the model "
                                         f"{config.num_classes}: an extra evaluation scores the model's own classes")
             derived = copy.deepcopy(config)
             with derived.unlocked():  # the run's label kind: the loss it trains with, whatever the set's labels
                 derived.dataset, derived.eval_split = entry.dataset, entry.split
+                derived.tfds_manual_dir = manual_dir
             data.dataset_info(derived, train=False)  # the split is there and not empty
         except data.DatasetError as e:  # it names the run's own fields (config.eval_split, ...): say which entry
             raise data.DatasetError(f"{where}: {e}") from None

@@ -195,13 +195,14 @@ def task_config(config: ml_collections.ConfigDict, task: FewshotTask) -> ml_coll
     """`config` reading `task`'s dataset: its test or train split as the eval split, its class count, single-label."""
     from vit_jax.data import datasets
 
-    kind, num_classes = datasets.label_classes(task.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+    manual_dir = datasets.manual_dir_for(config, task.dataset)
+    kind, num_classes = datasets.label_classes(task.dataset, config.tfds_data_dir, manual_dir)
     if kind != "single":
         raise FewshotError(f"few-shot dataset {task.dataset!r} has several labels per image: few-shot "
                            "regression needs one class per image")
     derived = copy.deepcopy(config)
     with derived.unlocked():
-        derived.dataset = task.dataset
+        derived.dataset, derived.tfds_manual_dir = task.dataset, manual_dir
         derived.train_split, derived.eval_split = task.train_split, task.test_split
         derived.num_classes, derived.label_kind = num_classes, "single"
     return derived
@@ -219,7 +220,7 @@ def check_datasets(config: ml_collections.ConfigDict) -> list[tuple[FewshotTask,
         entry = f"config.fewshot.datasets entry {','.join((task.dataset, task.train_split, task.test_split))!r}"
         try:
             derived = task_config(config, task)
-            builder = datasets.load_builder(task.dataset, config.tfds_data_dir, config.tfds_manual_dir)
+            builder = datasets.load_builder(task.dataset, derived.tfds_data_dir, derived.tfds_manual_dir)
             datasets.dataset_info_from_builder(builder, task.dataset, derived.train_split, derived.eval_split,
                                                derived.num_classes, derived.label_kind)  # both splits, not empty
         except data.DatasetError as e:  # it names the run's own fields (config.train_split, ...): say which entry

@@ -284,6 +284,13 @@ def _keys_and_labels(builder: tfds.core.DatasetBuilder, name: str) -> tuple[str,
     return (image_key, label_key, *_label_kind_and_classes(features[label_key], name, label_key))
 
 
+def manual_dir_for(config: ml_collections.ConfigDict, name: str) -> str:
+    """`config.tfds_manual_dir` when `name` is the run's dataset, else "": the manual dir is that dataset's source
+    (an image folder's is checked against it), and another dataset (a few-shot task, an extra evaluation) is read
+    as it was prepared."""
+    return config.tfds_manual_dir if name == config.dataset else ""
+
+
 def label_classes(name: str, data_dir: str, manual_dir: str = "") -> tuple[str, int]:
     """("single" or "multi", class count) of prepared dataset `name`, read from its features."""
     _, _, kind, num_classes = _keys_and_labels(load_builder(name, data_dir, manual_dir), name)
