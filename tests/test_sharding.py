@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -87,3 +88,45 @@ def test_a_tpu_mesh_whose_axes_split_a_torus_dimension_is_built_in_topology_orde
     for group in devices.reshape(-1, shape[2]):
         for a, b in zip(group, group[1:]):
             assert sum(abs(x - y) for x, y in zip(a.coords, b.coords)) == 1  # one ICI hop
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInSliceTpu:
+    """A v4 chip of one of several slices (multi-slice, DCN between slices): coordinates repeat across slices."""
+
+    id: int
+    coords: tuple[int, int, int]
+    process_index: int
+    slice_index: int
+    platform: str = "tpu"
+    device_kind: str = "TPU v4"
+    core_on_chip: int = 0
+
+
+def two_v4_2x2x4_slices() -> list[StandInSliceTpu]:
+    """32 chips: two 2x2x4 slices, 4 chips (2x2x1) per host."""
+    return [StandInSliceTpu(16 * s + i, (i % 2, (i // 2) % 2, i // 4), 4 * s + i // 4, s)
+            for s in range(2) for i in range(16)]
+
+
+@pytest.mark.parametrize("data", [2, 4])
+def test_a_multi_slice_mesh_puts_the_data_axis_across_slices_and_the_model_axis_within_one(data):
+    """jax's create_device_mesh raised a bare AssertionError on devices of two slices (their coordinates repeat)."""
+    config = tiny_config(**{"mesh.data": data, "mesh.fsdp": -1, "mesh.model": 4})
+    devices = sharding.make_mesh(config, two_v4_2x2x4_slices()).devices
+    assert devices.shape == (data, 8 // data, 4) and len({d.id for d in devices.flat}) == 32
+    for index in range(data):  # the first half of the data axis on slice 0, the second on slice 1
+        assert {d.slice_index for d in devices[index].flat} == {index * 2 // data}
+    for group in devices.reshape(-1, 4):  # model-axis neighbours: one slice, one host's 2x2 chips
+        assert len({d.slice_index for d in group}) == 1 and len({d.process_index for d in group}) == 1
+    # Within a slice, the layout jax gives that slice alone.
+    per_slice = tiny_config(**{"mesh.data": data // 2, "mesh.fsdp": -1, "mesh.model": 4})
+    for index, chips in enumerate(np.split(devices, 2)):
+        alone = sharding.make_mesh(per_slice, [d for d in two_v4_2x2x4_slices() if d.slice_index == index]).devices
+        assert [d.id for d in chips.flat] == [d.id for d in alone.flat]
+
+
+def test_a_multi_slice_mesh_whose_data_axis_is_no_multiple_of_the_slices_is_a_config_error():
+    config = tiny_config(**{"mesh.data": 1, "mesh.fsdp": -1, "mesh.model": 1})
+    with pytest.raises(ConfigError, match=r"config.mesh.data=1 .*2 TPU slices.*multiple of 2"):
+        sharding.make_mesh(config, two_v4_2x2x4_slices())

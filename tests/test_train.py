@@ -463,3 +463,21 @@ def test_a_finished_workdir_scores_again_what_its_final_metrics_lack(tmp_path, c
     sgd = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2, eval_split="train",
                              **{"optimizer.name": "sgd"})
     assert train.train_and_evaluate(sgd, workdir)["eval_split"] == "train"
+
+
+def test_pin_pretrained_stops_every_process_when_a_local_path_is_missing_on_some(tmp_path):
+    """A local file on some hosts only (TPU VM workers each have their own disk): the processes that have it
+    stopped too, rather than waiting in the first collective for the ones that exited."""
+    from vit_jax.interop import CheckpointError
+
+    npz = tmp_path / "vit.npz"
+    npz.write_bytes(b"")
+    sent = []
+    with pytest.raises(CheckpointError, match=r"config.pretrained=.*vit.npz does not exist on process 1 \(it does "
+                                              r"on 0\): every process reads the weights itself"):
+        train.pin_pretrained(str(npz), lambda x: sent.append(int(x)) or np.array([x, -3]))
+    assert sent == [-1]  # here: not a workdir, used as it is
+    missing = tmp_path / "elsewhere.npz"
+    with pytest.raises(CheckpointError, match=r"elsewhere.npz does not exist on processes 0, 1: "):
+        train.pin_pretrained(str(missing), lambda x: sent.append(int(x)) or np.array([x, x]))
+    assert sent[-1] == -3

@@ -214,15 +214,15 @@ class Checkpoints:
         Returns {"params", "opt_state", "ema", "meta", "data_state"}; data_state is this process's iterator state
         (None when the checkpoint was written by a different number of processes). With `abstract_opt_state`
         None the optimizer state is not read (opt_state None): evaluating needs only the params. `abstract_ema`
-        reads the Polyak-averaged params too, where the step has them (else None): the leaves it holds, onto their
-        shardings; its None leaves (frozen parameters, whose average is the parameter) are neither read nor
-        returned, though the average is stored whole.
+        reads the Polyak-averaged params too, which the step must hold (`has_ema`: with several processes, one
+        decides for all): the leaves it holds, onto their shardings; its None leaves (frozen parameters, whose
+        average is the parameter) are neither read nor returned, though the average is stored whole.
         """
         where = os.path.join(self.directory, str(step))
         workdir = os.path.dirname(self.directory)
         advice = ("The checkpoint is left as it is: resume or evaluate it with the config it was written with, or "
                   f"start in another --workdir, afresh or fine-tuning from it with --config.pretrained={workdir}")
-        read_ema = abstract_ema is not None and self.has_ema(step)
+        read_ema = abstract_ema is not None
         items = {"params": abstract_params, "opt_state": abstract_opt_state,
                  "ema": abstract_params if read_ema else None}  # checked whole, as it is stored
         items = {item: abstract for item, abstract in items.items() if abstract is not None}

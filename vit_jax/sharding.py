@@ -57,10 +57,35 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
 
         # allow_split_physical_axes: jax splits a torus dimension between mesh axes only where no assignment of
         # whole dimensions exists (data=2 or model=2 on a 16x16 v5e, which it refuses by default).
-        device_array = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
+        slices = _slice_count(devices)
+        if slices > 1:  # several slices (DCN between them): their chips' coordinates repeat, one torus each
+            device_array = mesh_utils.create_hybrid_device_mesh(
+                _within_slice(dims, slices), [slices, 1, 1], devices=devices, allow_split_physical_axes=True)
+        else:
+            device_array = mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
     else:
         device_array = np.array(devices).reshape(dims)
     return Mesh(device_array, MESH_AXES)
+
+
+def _slice_count(devices: Sequence[Any]) -> int:
+    """How many TPU slices `devices` come from (devices without a `slice_index` count as one slice)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _within_slice(dims: Sequence[int], slices: int) -> list[int]:
+    """The (data, fsdp, model) sizes of each slice's part of a mesh whose data axis is split across `slices`.
+
+    Only the data axis crosses slices: it exchanges gradients once a step, which the slow links between slices
+    (DCN) can carry; fsdp's per-layer gathers and the model axis's per-matmul traffic need the fast ones (ICI).
+    """
+    data = dims[0]
+    if data % slices:
+        raise config_check.ConfigError(
+            f"config.mesh.data={data} (mesh {dict(zip(MESH_AXES, dims))}) on devices of {slices} TPU slices: the data "
+            f"axis is the one that crosses slices, so it must be a multiple of {slices}; e.g. "
+            f"--config.mesh.data={slices} with fsdp or model -1 within each slice")
+    return [data // slices, *dims[1:]]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

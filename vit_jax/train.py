@@ -263,6 +263,52 @@ def evaluate(config: ml_collections.ConfigDict, eval_step: Callable, params: Any
 # ----------------------------------------------------------------------------------------------------------------
 # Start-up: restore or init.
 
+def _global_arrays(tree: Any, shardings: Any) -> Any:
+    """Host values (numpy, or arrays every process holds whole) as global arrays laid out by `shardings`, each
+    process putting only the slices its own devices hold.
+
+    Not `jax.device_put`: onto a sharding that spans processes it first checks that every process holds the same
+    value by all-gathering each array whole onto every device (jax 0.10, `multihost_utils.assert_equal`), process
+    count x the array per device: an H/14 fine-tune's 840 MB scanned MLP kernel on 16 hosts would not fit.
+    """
+
+    def put(value: Any, leaf_sharding: jax.sharding.Sharding) -> jax.Array:
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, leaf_sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def _decided_by_process_0(decide: Callable[..., Any], *args: Any) -> Any:
+    """`decide(*args)` (a JSON value) as process 0 computed it, on every process; only process 0 calls it.
+
+    For what each process would otherwise read from its own view of the file system (the latest checkpoint,
+    whether it holds an average, a finished run's final_metrics.json): a writer saving meanwhile or a stale NFS
+    cache would have processes restore different steps, or some return while others enter a collective. An error
+    of process 0's stops every process.
+    """
+    if jax.process_count() == 1:
+        return decide(*args)
+    failure = None
+    if jax.process_index() == 0:
+        try:
+            payload = {"value": decide(*args)}
+        except Exception as error:  # noqa: BLE001 (re-raised below, once the others know)
+            failure, payload = error, {"error": f"{type(error).__name__}: {error}"}
+        encoded = np.frombuffer(json.dumps(payload).encode(), np.uint8)
+    else:
+        encoded = np.zeros(0, np.uint8)  # only process 0's bytes are sent; the others give the shape
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(encoded.size)))
+    padded = np.zeros(size, np.uint8)
+    padded[:encoded.size] = encoded
+    payload = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes().decode())
+    if failure is not None:
+        raise failure
+    if "error" in payload:
+        raise RuntimeError(f"process 0 failed where it decides for every process: {payload['error']}")
+    return payload["value"]
+
+
 def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
     """`loaded` as host float32 arrays in `fresh`'s tree, after checking it has exactly `fresh`'s names and shapes.
 
@@ -280,7 +326,8 @@ def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
     return traverse_util.unflatten_dict({name: np.asarray(old[name], new[name].dtype) for name in new}, sep="/")
 
 
-_NOT_A_WORKDIR, _UNREADABLE = -1, -2  # pin_pretrained's gathered value when a process has no step to offer
+# pin_pretrained's gathered value when a process has no step to offer
+_NOT_A_WORKDIR, _UNREADABLE, _MISSING = -1, -2, -3
 _PIN_STATES = {_NOT_A_WORKDIR: "not a workdir (used as it is)", _UNREADABLE: "unreadable (see that process's log)"}
 
 
@@ -292,7 +339,8 @@ def pin_pretrained(path: str, gather: Callable[[Any], Any] | None = None) -> str
     weights, or each process its weights, from whatever step was latest at that moment. `gather` collects every
     process's value (default: `multihost_utils.process_allgather` when there are several processes), so that
     processes that disagree on what `path` is, or that cannot read it, all stop with an error rather than some
-    waiting for others.
+    waiting for others. A local path that some processes lack (each TPU VM worker has its own disk) stops them all
+    with an error naming those processes.
     """
     from vit_jax import interop
 
@@ -304,10 +352,23 @@ def pin_pretrained(path: str, gather: Callable[[Any], Any] | None = None) -> str
     except Exception as error:  # noqa: BLE001 (a permission error, a missing gs:// client...): raised after the gather
         pinned, failure = path, error
     name = pinned.rstrip("/").rsplit("/", 1)[-1]
-    mine = _UNREADABLE if failure else int(name) if pinned != path and name.isdigit() else _NOT_A_WORKDIR
+    if failure:
+        mine = _UNREADABLE
+    elif not interop.remote.is_remote(path) and not os.path.exists(path):  # read as it is: it would fail later
+        mine = _MISSING
+    else:
+        mine = int(name) if pinned != path and name.isdigit() else _NOT_A_WORKDIR
     seen = [int(v) for v in np.asarray(gather(np.int32(mine))).reshape(-1)]
     if failure:
         raise failure
+    lacking = [i for i, v in enumerate(seen) if v == _MISSING]
+    if lacking:
+        having = [i for i, v in enumerate(seen) if v != _MISSING]
+        raise interop.CheckpointError(
+            f"config.pretrained={path} does not exist on process{'es' if len(lacking) > 1 else ''} "
+            f"{', '.join(map(str, lacking))}" + (f" (it does on {', '.join(map(str, having))})" if having else "")
+            + ": every process reads the weights itself; copy them to every host, or give a path all of them see "
+            "(a shared file system, gs://)")
     if _UNREADABLE in seen or (_NOT_A_WORKDIR in seen and any(v != _NOT_A_WORKDIR for v in seen)):
         described = [f"{_PIN_STATES.get(v, f'step {v}')} for process {i}" for i, v in enumerate(seen)]
         raise interop.CheckpointError(f"config.pretrained={path} is {', '.join(described)}: every process must see "
@@ -364,11 +425,12 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     from vit_jax.interop import loading, orbax_io
 
     require_head = params_only if require_head is None else require_head
-    latest = ckpt.latest_step()
+    latest = _decided_by_process_0(ckpt.latest_step)  # every process restores the same step
     if latest is not None:
         abstract = abstract_state(config, mesh, num_steps)
         trains_on = not params_only and latest < num_steps
-        reads_ema = read_ema if params_only else optim.uses_ema(config) or not trains_on
+        has_ema = _decided_by_process_0(ckpt.has_ema, latest)
+        reads_ema = has_ema and (read_ema if params_only else optim.uses_ema(config) or not trains_on)
         # Outside evaluation the average holds the trained parameters only: the frozen ones are not read.
         abstract_ema = abstract["params"] if params_only else optim.trained_only(config, abstract["params"])
         # A finished run is only scored: its optimizer state is not read (nor checked against this config's).
@@ -391,16 +453,16 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                             "config's %r", trained_kind, config.label_kind)
             config.label_kind = trained_kind
         replicated = sharding.replicated(mesh)
-        state = {"step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
+        state = {"step": _global_arrays(np.int32(meta["step"]), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],
-                 "rng": jax.device_put(_resumed_rng(config, meta, warn=trains_on), replicated)}
+                 "rng": _global_arrays(_resumed_rng(config, meta, warn=trains_on), replicated)}
         if restored["ema"] is not None:
             state["ema"] = restored["ema"]
         elif optim.uses_ema(config) and trains_on:
             state["ema"] = _start_average(config, state["params"], jax.tree.map(lambda x: x.sharding, abstract["ema"]))
             logging.warning("the checkpoint of step %d holds no Polyak average (no 'ema' item): the average starts "
                             "from its params", meta["step"])
-        if trains_on and not optim.uses_ema(config) and ckpt.has_ema(latest):
+        if trains_on and not optim.uses_ema(config) and has_ema:
             logging.warning("the checkpoint of step %d holds a Polyak average, but optimizer.ema_decay is 0: it is "
                             "not carried on, and later checkpoints will not hold one", meta["step"])
         logging.info("resumed from %s at step %d", ckpt.directory, meta["step"])
@@ -444,12 +506,12 @@ def _pretrained_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: 
     abstract = abstract_state(config, mesh, num_steps)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     reset_head = not params_only and config.pretrained_head == "reset"
-    params = jax.device_put(load_pretrained_params(config, path, abstract["params"], reset_head, require_head),
+    params = _global_arrays(load_pretrained_params(config, path, abstract["params"], reset_head, require_head),
                             shardings["params"])
     replicated = sharding.replicated(mesh)
     train_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as init_state's
-    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": None,
-             "rng": jax.device_put(train_rng, replicated)}
+    state = {"step": _global_arrays(np.int32(0), replicated), "params": params, "opt_state": None,
+             "rng": _global_arrays(train_rng, replicated)}
     if not params_only:
         tx = optim.make_optimizer(config, num_steps)
         state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
@@ -695,7 +757,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start_step = int(meta.get("step", 0))
         final_path = epath.Path(workdir) / FINAL_METRICS
         if start_step >= num_steps:
-            result = _stored_result(final_path, start_step, config, extra)
+            result = _decided_by_process_0(_stored_result, final_path, start_step, config, extra)
             if result is not None:
                 for name, values in result.get("extra_evals", {}).items():  # scored lines are printed as they come
                     _report(f"eval of {name}: {_metrics_text(values)}")
@@ -929,7 +991,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
-        if ckpt.latest_step() is None and not config.pretrained:
+        if _decided_by_process_0(ckpt.latest_step) is None and not config.pretrained:
             raise UserError(f"--mode={mode} found no checkpoint in {ckpt.directory} and config.pretrained is empty: "
                             "train first, or pass --config.pretrained=PATH")
         state, _, meta = restore_or_init(config, mesh, num_steps, ckpt, params_only=True,
