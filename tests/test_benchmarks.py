@@ -120,6 +120,19 @@ def test_timm_counterpart_is_named_at_224_and_built_at_the_configs_size(config_f
     assert common.timm_name(config) == name
 
 
+@pytest.mark.parametrize("classifier, image_size, tokens", [("token", 384, 24 * 24 + 1), ("gap", 96, 6 * 6)])
+def test_timm_counterpart_is_built_at_the_configs_image_size(classifier, image_size, tokens):
+    """Not at the 224px of its name: the position embeddings cover the config's patch grid (Ti/16: cheap)."""
+    pytest.importorskip("timm")
+    config = common.load_config(os.path.join(common.ROOT, "configs", "vit_ti16.py"), "float32", 8)
+    config.image_size, config.model.classifier, config.num_classes = image_size, classifier, 7
+    model = common.timm_vit(config, train=False)
+    assert tuple(model.pos_embed.shape) == (1, tokens, 192)
+    assert tuple(model.patch_embed.img_size) == (image_size, image_size)
+    assert (model.cls_token is not None) == (classifier == "token") and model.head.out_features == 7
+    assert not model.training
+
+
 def test_a_missing_timm_counterpart_or_package_is_a_user_error(monkeypatch):
     config = common.load_config(os.path.join(common.ROOT, "configs", "vit_ti16.py"), "float32", 8)
     config.model.patch_size = 32  # timm has no ViT-Ti/32

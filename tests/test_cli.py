@@ -57,7 +57,7 @@ cli.run(main)
 
 
 def test_a_user_error_is_one_line_even_when_background_work_failed_too():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "VIT_JAX_HUGEPAGES": "0"}  # no re-exec
     result = subprocess.run([sys.executable, "-c", ABANDONING_COMMAND], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -68,7 +68,7 @@ def test_a_user_error_is_one_line_even_when_background_work_failed_too():
 def test_the_main_threads_own_event_loop_error_is_still_shown():
     command = ("from vit_jax import cli\n\ndef main(argv):\n    raise RuntimeError('Event loop is closed')\n\n"
                "cli.run(main)\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "VIT_JAX_HUGEPAGES": "0"}  # no re-exec
     result = subprocess.run([sys.executable, "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1 and "RuntimeError: Event loop is closed" in result.stderr, result.stderr

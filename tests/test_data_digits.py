@@ -80,7 +80,7 @@ def test_prepare_refuses_stray_arguments(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-m", "vit_jax.data.prepare", "--dataset=digits",
                              f"--data_dir={tmp_path}", "images"], cwd=root, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, env={**os.environ, "VIT_JAX_HUGEPAGES": "0"})  # no huge-page re-exec
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: unexpected arguments ['images']")
     assert os.listdir(tmp_path) == []

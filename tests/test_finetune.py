@@ -386,3 +386,35 @@ def test_eval_of_a_real_like_split_scores_labelled_images_only_and_needs_no_trai
         assert scores["labelled_only", "single"][key] == scores["labelled_only", "multi"][key]
     assert np.isfinite(scores["labelled_only", "single"]["loss"])
     assert scores["labelled_only", "single"]["loss"] != pytest.approx(scores["labelled_only", "multi"]["loss"])
+
+    # An independent reference of the softmax scores (big_vision's ReaL evaluation): the checkpoint's logits on
+    # the decoded eval images, and over the labelled images only: top-1 / top-5 right when they hold a class of
+    # the set, loss the cross-entropy of the softmax against the set as a uniform distribution (float64).
+    from vit_jax import predict
+    from vit_jax.data import preprocess
+    from vit_jax.models.vit import build_model
+
+    config = _digits_config(label_kind="single", pretrained=pretrained_dir)
+    params, num_classes = predict.load_params(pretrained_dir, config)  # the head as trained; the run's numerics
+    model = build_model(config.model, num_classes)
+    evaluate = preprocess.EvalPreprocess(config.image_size, num_classes, config.pp.eval_crop_fraction,
+                                         config.pp.antialias)
+    source = tmp_path / "with_unlabelled"
+    pixels = np.stack([preprocess.to_unit_range(evaluate({"image": (source / f"{i}.png").read_bytes(), "label": 0,
+                                                          "index": 0})["image"]) for i, _ in rows])
+    logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, pixels), np.float64)
+    labelled = [k for k, (_, labels) in enumerate(rows) if labels]
+    sets = np.zeros((len(rows), num_classes))
+    for k, (_, labels) in enumerate(rows):
+        sets[k, list(labels)] = 1.0
+    logits, sets = logits[labelled], sets[labelled]
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    expected = {"top1": np.mean(sets[np.arange(len(sets)), logits.argmax(1)] > 0),
+                "top5": np.mean([sets[k, np.argsort(-row)[:5]].any() for k, row in enumerate(logits)]),
+                "loss": np.mean(-np.sum(sets / sets.sum(1, keepdims=True) * log_probs, axis=1))}
+    got = scores["with_unlabelled", "single"]
+    assert len(labelled) == 60 and 0.2 < expected["top1"] < expected["top5"] < 1.0
+    for key in ("top1", "top5"):  # a float32 near-tie may flip one image's guess
+        assert got[key] == pytest.approx(expected[key], abs=1.01 / len(labelled)), (key, got, expected)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4), (got, expected)

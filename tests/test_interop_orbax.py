@@ -143,7 +143,16 @@ def test_classifier_checkpoint_loads_into_the_masked_patch_model(classifier_run,
     loaded = flatten(load_pretrained(workdir, config.model, num_classes=10, image_size=16,
                                      masked_patch_classes=512))
     assert "head/kernel" not in loaded and loaded["masked_patch_head/kernel"].shape == (32, 512)
-    np.testing.assert_array_equal(loaded["cls"], params_to_canonical(trained)["cls"])
+    old = params_to_canonical(trained)
+    kept = [key for key in old if not key.startswith("head/")]
+    assert set(loaded) == set(kept) | {"mask_embedding", "masked_patch_head/kernel", "masked_patch_head/bias"}
+    for key in kept:  # the encoder as the checkpoint holds it: kernels are random, not the model's init
+        np.testing.assert_array_equal(loaded[key], old[key], err_msg=key)
+    # New task parameters as the model initialises them: mask embedding N(0, 0.02) (32 draws: sample std within
+    # +-50%, > 3 sigma), zero prediction head.
+    mask = loaded["mask_embedding"]
+    assert mask.shape == (1, 1, 32) and np.all(mask != 0) and 0.01 < mask.std() < 0.03 and abs(mask.mean()) < 0.015
+    assert not loaded["masked_patch_head/kernel"].any() and not loaded["masked_patch_head/bias"].any()
     assert "dropped the 10-class head" in _messages(caplog)
 
 
@@ -228,7 +237,7 @@ def test_main_fine_tunes_from_a_masked_patch_checkpoint(masked_patch_run, tmp_pa
     """`python -m vit_jax.main --config.pretrained=WORKDIR` end to end: digits at 24px from a 16px MPP run."""
     source, _, _ = masked_patch_run
     workdir = tmp_path / "finetune"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "VIT_JAX_HUGEPAGES": "0"}  # no re-exec
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, "-m", "vit_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",

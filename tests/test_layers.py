@@ -19,6 +19,24 @@ def _bf16_round(x):
     return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
+def _dot_generals(jaxpr):
+    """(preferred_element_type, operand dtypes) of every dot_general in `jaxpr` and its sub-jaxprs (pjit, cond
+    branches of `platform_dependent`, custom_vjp calls)."""
+    from jax.extend import core as jcore
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((eqn.params["preferred_element_type"], tuple(v.aval.dtype for v in eqn.invars)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    found += _dot_generals(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    found += _dot_generals(sub)
+    return found
+
+
 @pytest.mark.parametrize("spec,shape_a,shape_b", [
     ("mk,kn->mn", (64, 2048), (2048, 96)),  # a Dense layer
     ("bhqd,bhkd->bhqk", (2, 3, 70, 512), (2, 3, 70, 512)),  # attention logits (batched, heads first)
@@ -34,6 +52,16 @@ def test_bf16_einsum_accumulates_in_float32_forward_and_backward(spec, shape_a, 
     g = jax.random.normal(kg, out.shape).astype(jnp.bfloat16)
     grad_a, grad_b = vjp(g)
     assert out.dtype == grad_a.dtype == grad_b.dtype == jnp.bfloat16
+    # Structure: XLA:CPU upcasts bf16 dots internally, so the numbers below would also pass for plain jnp.einsum
+    # (a bf16 -> bf16 dot_general). Every dot of the forward pass and of both gradients asks for float32 results.
+    def forward_and_backward(x, y, g):
+        out, vjp = jax.vjp(lambda x, y: layers.einsum(spec, x, y), x, y)
+        return out, vjp(g)
+
+    dots = _dot_generals(jax.make_jaxpr(forward_and_backward)(a, b, g).jaxpr)
+    assert len(dots) >= 3 and len(dots) % 3 == 0, dots  # out, grad_a, grad_b (x2: skinny CPU/default branches)
+    assert all(preferred == jnp.float32 for preferred, _ in dots), dots
+    assert sum(operands == (jnp.bfloat16, jnp.bfloat16) for _, operands in dots) == 3, dots  # no mixed-dtype dot
     a64, b64, g64 = _bf16_round(a), _bf16_round(b), _bf16_round(g)
     inputs, result = spec.split("->")
     sa, sb = inputs.split(",")

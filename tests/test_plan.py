@@ -18,6 +18,9 @@ from vit_jax import plan
 from vit_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The commands' environment without the huge-page re-exec (vit_jax.hugepages, tested in test_hugepages.py): 0.6-1.5 s
+# per command.
+COMMAND_ENV = {**os.environ, "VIT_JAX_HUGEPAGES": "0"}
 needs_libtpu = pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e .[tpu])")
 
@@ -118,7 +121,8 @@ def test_cli_without_libtpu_is_one_line_and_exit_2():
     hide_libtpu = ("import sys, runpy; sys.modules['libtpu'] = None; sys.argv = sys.argv[1:]; "
                    "runpy.run_module('vit_jax.plan', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", hide_libtpu, "plan", "--config=configs/vit_b16.py",
-                             "--topology=v5e:2x2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             "--topology=v5e:2x2"], cwd=ROOT, env=COMMAND_ENV, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: compiling for a TPU topology needs libtpu, which is not installed: pip install -e .[tpu]")
@@ -128,8 +132,8 @@ def test_a_config_the_slice_cannot_run_is_reported_even_without_libtpu():
     hide_libtpu = ("import sys, runpy; sys.modules['libtpu'] = None; sys.argv = sys.argv[1:]; "
                    "runpy.run_module('vit_jax.plan', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", hide_libtpu, "plan", "--config=configs/vit_b16.py",
-                             "--config.batch_size=100", "--topology=v5e:16x16"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+                             "--config.batch_size=100", "--topology=v5e:16x16"], cwd=ROOT, env=COMMAND_ENV,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: config.batch_size=100 is invalid") and "256 data x fsdp devices" in last, last
@@ -137,7 +141,8 @@ def test_a_config_the_slice_cannot_run_is_reported_even_without_libtpu():
 
 def test_cli_bad_topology_exit_2():
     result = subprocess.run([sys.executable, "-m", "vit_jax.plan", "--config=configs/vit_b16.py",
-                             "--topology=tpu9:4x4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             "--topology=tpu9:4x4"], cwd=ROOT, env=COMMAND_ENV, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 2
     assert "unknown TPU generation 'tpu9'" in result.stderr
 
@@ -151,7 +156,7 @@ def test_b16_on_v5e_2x2_reports_memory_and_flops_matching_summary():
     result = subprocess.run(
         [sys.executable, "-m", "vit_jax.plan", "--config=configs/vit_b16.py", "--topology=v5e:2x2", "--json",
          f"--config.batch_size={batch}", "--config.model.scan=True", "--config.num_classes=1000"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=COMMAND_ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["fits"] is True and report["num_chips"] == 4
@@ -286,6 +291,112 @@ def test_tpu_host_needs_libtpu_and_tpu_device_files(monkeypatch):
     monkeypatch.setattr(glob, "glob", lambda pattern: [pattern])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
     assert plan.tpu_host() is True  # libtpu found and a device file present
+
+
+@pytest.mark.parametrize("libtpu, device_files, expected", [
+    (True, [], False),  # libtpu installed on a host without TPU chips (a CPU host that plans)
+    (False, ["/dev/accel0"], False),  # TPU chips but no libtpu: jax cannot use them
+    (True, ["/dev/vfio/vfio"], False),  # the VFIO control file alone is no TPU (/dev/vfio/<n> is)
+    (True, ["/dev/vfio/vfio", "/dev/vfio/0"], True),  # v5e and later
+    (True, ["/dev/accel0", "/dev/accel1"], True),  # v2-v4
+])
+def test_tpu_host_needs_both_libtpu_and_a_tpu_device_file(monkeypatch, libtpu, device_files, expected):
+    import fnmatch
+    import glob
+    import importlib.util
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(glob, "glob", lambda pattern: fnmatch.filter(device_files, pattern))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: object() if name == "libtpu" and libtpu else None)
+    assert plan.tpu_host() is expected
+
+
+# libtpu's refusal of a step for lack of HBM (its wording, as in test_out_of_hbm_error_of_libtpu_is_read).
+_OUT_OF_HBM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm.\n"
+               "total memory required for HLO temporaries ({}) exceeds available HBM (15.75G)")
+
+
+@pytest.mark.parametrize("size, expected", [
+    ("23.63G", 23.63 * 2**30), ("512.00M", 512 * 2**20), ("1.50T", 1.5 * 2**40), ("800.00K", 800 * 2**10)])
+def test_out_of_hbm_temporaries_are_read_from_a_canned_message(size, expected):
+    error = jax.errors.JaxRuntimeError(_OUT_OF_HBM.format(size))
+    assert plan._out_of_hbm_temporaries(error) == int(expected)
+
+
+def test_out_of_hbm_temporaries_is_none_for_other_errors():
+    # The temporaries' wording without RESOURCE_EXHAUSTED, and an out-of-memory error that gives no temporaries.
+    assert plan._out_of_hbm_temporaries(RuntimeError("INTERNAL: HLO temporaries (3.00G) are fine")) is None
+    assert plan._out_of_hbm_temporaries(RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Exceeded hbm capacity by 7.88G.")) is None
+    assert plan._out_of_hbm_temporaries(RuntimeError("INTERNAL: something else")) is None
+
+
+def _made_up_plan(fits: bool) -> tuple:
+    """(config, topology, result) of plan_for_topology's shape with invented numbers: no libtpu, no compile."""
+    gib = plan.GiB
+    config = common.get_config("B/16")
+    config.batch_size, config.accum_steps = 64, 2
+    topology = plan.parse_topology("v5e:2x2")
+    temporaries = 2 * gib if fits else 20 * gib
+    memory = plan.Memory(params=gib, opt_state=2 * gib, batch=gib // 4, other_inputs=1024, temporaries=temporaries,
+                         outputs=2048, code=gib // 8)
+    result = {"memory": memory, "fits": fits, "mesh": {"data": 4, "fsdp": 1, "model": 1},
+              "compiled": object() if fits else None, "compile_seconds": 12.5, "per_chip_micro_batch": 8,
+              "flops_per_step": 3.5e15, "model_flops_per_step": 3.0e15, "mfu": 0.5,
+              "est_step_seconds": 3.0e15 / (4 * 197e12 * 0.5), "images_per_second": 64 / (3.0e15 / (4 * 197e12 * 0.5)),
+              "suggestions": [] if fits else ["--config.model.remat=True: made up", "--config.accum_steps=4: made up"]}
+    return config, topology, result
+
+
+def test_report_of_a_made_up_plan_adds_up_the_memory_and_says_whether_it_fits():
+    gib, hbm = plan.GiB, 15.75 * plan.GiB
+    config, topology, result = _made_up_plan(fits=True)
+    text = plan.report(config, topology, result)
+    total = gib + 2 * gib + gib // 4 + 1024 + 2 * gib + 2048 + gib // 8
+    assert result["memory"].total == total
+    lines = text.splitlines()
+    assert lines[1] == ("global batch 64 = 8 per batch shard x 4 shards x accum_steps 2; mesh data=4 fsdp=1 "
+                        "model=1")
+    assert "topology v5e:2x2 (v5litepod-4): 4 x TPU v5e, 15.75 GiB HBM and 197 TFLOP/s bf16 peak per chip" in lines
+    assert "compiled the training step in 12.5 s" in lines
+    assert f"  {'total':<26}{total / gib:>10,.2f} GiB  of 15.75 GiB HBM ({total / hbm:.0%})" in lines
+    assert f"  {'activations/temporaries':<26}{'2.00 GiB':>14}" in lines
+    assert "FLOPs per step      3.50 PFLOP (XLA cost analysis of the step; 3.00 PFLOP model FLOPs = 3 x forward " \
+           "x batch)" in lines
+    est = 3.0e15 / (4 * 197e12 * 0.5)
+    assert f"est. step time      {est:.3f} s at 50% MFU -> {64 / est:,.0f} images/s" in lines
+    assert lines[-1] == f"fits: {(hbm - total) / gib:,.2f} GiB to spare per chip"
+
+    config, topology, result = _made_up_plan(fits=False)
+    lines = plan.report(config, topology, result).splitlines()
+    over = result["memory"].total - int(hbm)
+    assert "libtpu refused to compile the step for lack of HBM; temporaries below are what it asked for" in lines
+    assert lines[-3] == (f"does NOT fit: {over / gib:,.2f} GiB ({over / int(hbm):.0%} of HBM) over per chip. What "
+                         "helps (estimates; re-run plan with the switch to confirm):")
+    assert lines[-2:] == ["  --config.model.remat=True: made up", "  --config.accum_steps=4: made up"]
+
+
+def test_to_json_of_a_made_up_plan_is_flat_and_serialisable():
+    config, topology, result = _made_up_plan(fits=False)
+    memory = result["memory"]
+    got = json.loads(json.dumps(plan.to_json(topology, result, config)))
+    assert got["settings"] == {"variant": "B/16", "image_size": 224, "batch_size": 64, "accum_steps": 2,
+                               "dtype": config.model.dtype, "remat": bool(config.model.remat),
+                               "scan": bool(config.model.scan), "optimizer": config.optimizer.name,
+                               "ema_decay": config.optimizer.ema_decay, "freeze": config.optimizer.freeze,
+                               "layer_decay": config.optimizer.layer_decay,
+                               "prng_impl": str(jax.config.jax_default_prng_impl)}
+    assert {k: v for k, v in got.items() if k != "settings"} == {
+        "topology": "v5e:2x2", "accelerator_type": "v5litepod-4", "num_chips": 4, "fits": False,
+        "bytes_per_chip": memory.total, "hbm_bytes_per_chip": int(15.75 * plan.GiB),
+        "params_bytes_per_chip": plan.GiB, "opt_state_bytes_per_chip": 2 * plan.GiB,
+        "batch_bytes_per_chip": plan.GiB // 4, "temp_bytes_per_chip": 20 * plan.GiB,
+        "flops_per_step": 3.5e15, "model_flops_per_step": 3.0e15, "peak_flops_per_chip": 197e12, "mfu": 0.5,
+        "est_step_seconds": result["est_step_seconds"], "images_per_second": result["images_per_second"],
+        "mesh": {"data": 4, "fsdp": 1, "model": 1}, "compile_seconds": 12.5,
+        "suggestions": ["--config.model.remat=True: made up", "--config.accum_steps=4: made up"]}
+    assert "settings" not in plan.to_json(topology, result)
 
 
 def test_the_average_counts_with_the_optimizer_state_and_frozen_parameters_have_none():

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -75,8 +76,9 @@ def label_of(path):
 
 
 def run_cli(*args):
+    # VIT_JAX_HUGEPAGES=0: no huge-page re-exec of the command (vit_jax.hugepages, tested in test_hugepages.py).
     return subprocess.run([sys.executable, "-m", "vit_jax.predict", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, "VIT_JAX_HUGEPAGES": "0"})
 
 
 def error_lines(stderr):
@@ -223,6 +225,7 @@ def test_labels_file_must_name_every_class(tmp_path):
 
 
 def test_predict_batches_give_the_same_probabilities_as_one_pass():
+    import flax.linen as nn
     import jax
 
     from vit_jax.models.vit import build_model
@@ -231,6 +234,10 @@ def test_predict_batches_give_the_same_probabilities_as_one_pass():
     model = build_model(config.model, config.num_classes)
     images = np.random.default_rng(1).uniform(-1, 1, (predict.BATCH_SIZE + 3, 16, 16, 3)).astype(np.float32)
     params = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False)["params"])(images[:1])
+    # The initial head is zero (every logit 0, every probability 1/10): noise makes each image's row its own.
+    noise = np.random.default_rng(4)
+    params = jax.tree.map(lambda x: (np.asarray(x) + 0.3 * noise.normal(size=np.shape(x))).astype(np.float32),
+                          nn.unbox(params))
     logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images), np.float64)
     expected = np.exp(logits - logits.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
@@ -240,6 +247,7 @@ def test_predict_batches_give_the_same_probabilities_as_one_pass():
         got = {entry["index"]: entry["prob"] for entry in prediction.top_k}
         assert sorted(got) == list(range(10))
         np.testing.assert_allclose([got[i] for i in range(10)], row, rtol=1e-4, atol=1e-6)
+    assert np.ptp(expected[:, 0]) > 0.01 and len({int(i) for i in expected.argmax(-1)}) > 1  # rows differ
 
 
 def test_a_checkpoint_trained_with_sigmoids_predicts_sigmoids_whatever_the_config_says(tmp_path, caplog):

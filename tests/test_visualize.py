@@ -126,8 +126,9 @@ def trained_digits(tmp_path_factory):
 
 
 def run_cli(*args):
+    # VIT_JAX_HUGEPAGES=0: no huge-page re-exec of the command (vit_jax.hugepages, tested in test_hugepages.py).
     return subprocess.run([sys.executable, "-m", "vit_jax.visualize", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, "VIT_JAX_HUGEPAGES": "0"})
 
 
 def test_cli_non_image_file_is_a_one_line_error(tmp_path):
