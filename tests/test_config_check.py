@@ -1,5 +1,6 @@
 """Every shipped config loads and validates; each config that cannot work is a clear error (exit code 2)."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 from ml_collections import config_flags
 
 from configs import common
-from vit_jax.config_check import ConfigError, resolve_mesh_shape, validate
+from vit_jax.config_check import ConfigError, check_duration_flags, interval, resolve_mesh_shape, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name not in ("__init__.py", "common.py"))
@@ -26,23 +27,41 @@ def test_shipped_config_validates(name):
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
-def test_a_shipped_config_measures_its_run_in_steps_or_epochs_not_both(name, caplog):
+def test_a_shipped_config_measures_its_run_in_steps_or_epochs_not_both(name):
     config = load(name)
     assert (config.total_steps > 0) != (config.num_epochs > 0), (config.total_steps, config.num_epochs)
+
+
+def test_num_epochs_given_to_a_run_measured_in_steps_is_refused():
+    config = base()
     config.total_steps, config.num_epochs = 100, 3
-    validate(config, num_devices=8)
-    assert "config.total_steps=100 sets the run's length: config.num_epochs=3 is not used" in caplog.text
+    check_duration_flags(config, num_epochs_given=False)  # the config file's own value: total_steps decides
+    with pytest.raises(ConfigError, match=r"config.num_epochs=3 is invalid: it has no effect while "
+                                          r"config.total_steps=100 sets the run's length: add --config.total_steps=0"):
+        check_duration_flags(config, num_epochs_given=True)
+    config.total_steps = 0
+    check_duration_flags(config, num_epochs_given=True)
 
 
-def test_finetune_evaluates_and_saves_each_tenth_of_an_overridden_run_length():
-    code = ("import sys; from absl import flags; from ml_collections import config_flags; "
-            "config_flags.DEFINE_config_file('config', None, lock_config=True); flags.FLAGS(sys.argv); "
-            "c = flags.FLAGS.config; print(c.eval_every, c.checkpoint_every)")
-    for flags, expected in [([], "1000 1000"), (["--config.total_steps=2000"], "200 200"),
-                            (["--config.total_steps=5", "--config.eval_every=3"], "3 1")]:
-        result = subprocess.run([sys.executable, "-c", code, "--config=configs/finetune.py:cifar10", *flags],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert result.stdout.split() == expected.split(), result.stderr[-2000:]
+def test_main_refuses_num_epochs_that_total_steps_would_override(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vit_jax.main", "--config=configs/demo.py", "--config.num_epochs=3",
+                             f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "VIT_JAX_HUGEPAGES": "0"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and errors == [
+        "error: config.num_epochs=3 is invalid: it has no effect while config.total_steps=1500 sets the run's "
+        "length: add --config.total_steps=0 to train by epochs"], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_interval_of_0_is_each_tenth_of_the_run():
+    assert [interval(0, n) for n in (1, 9, 10, 11, 500, 20_000)] == [1, 1, 1, 2, 50, 2000]
+    assert interval(7, 500) == 7
+    config = base()
+    config.eval_every = -1
+    with pytest.raises(ConfigError, match=r"config.eval_every=-1 is invalid: expected an integer >= 0 \(0: every "
+                                          r"tenth of the run\)"):
+        validate(config, num_devices=8)
 
 
 def test_every_model_config_is_pinned():

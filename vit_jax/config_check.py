@@ -7,7 +7,6 @@ import numbers
 import re
 
 import ml_collections
-from absl import logging
 
 from vit_jax.errors import UserError
 from vit_jax.models.variants import parse_variant, resnet_stride
@@ -166,6 +165,19 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     _check_variant(model)
 
 
+def interval(every: int, num_steps: int) -> int:
+    """Steps between evaluations or checkpoints: `every`, or a tenth of the run's `num_steps` (rounded up) for 0."""
+    return every or max(1, math.ceil(num_steps / 10))
+
+
+def check_duration_flags(config: ml_collections.ConfigDict, num_epochs_given: bool) -> None:
+    """A `--config.num_epochs` given on the command line must set the run's length: with `total_steps` > 0 it
+    would be ignored."""
+    if num_epochs_given and config.total_steps > 0:
+        _fail("num_epochs", config.num_epochs, f"it has no effect while config.total_steps={config.total_steps} "
+              "sets the run's length: add --config.total_steps=0 to train by epochs")
+
+
 def validate_label_kind(config: ml_collections.ConfigDict) -> None:
     """`config.label_kind` is "single" (softmax) or "multi" (sigmoid); predict checks it alone too."""
     if config.label_kind not in LABEL_KINDS:
@@ -242,15 +254,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     if config.model.scan and "encoderblock_" in opt.freeze:
         _fail("optimizer.freeze", opt.freeze, "names single blocks, but with model.scan the blocks are one stacked "
               "Transformer/encoderblock/... (all frozen or none): set model.scan=False to freeze some of them")
-    for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "eval_every", "checkpoint_every",
-                  "keep_checkpoints"):
+    for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "keep_checkpoints"):
         positive_int(config, field)
+    for field in ("eval_every", "checkpoint_every"):
+        _non_negative_int(config, field, "0: every tenth of the run")
     if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
         _fail("total_steps", config.total_steps, "expected a positive step count, or 0 with num_epochs > 0")
-    if config.total_steps > 0 and config.num_epochs > 0:
-        logging.warning("config.total_steps=%d sets the run's length: config.num_epochs=%s is not used (set "
-                        "total_steps=0 to train by epochs, or num_epochs=0 to silence this)", config.total_steps,
-                        config.num_epochs)
     mesh = resolve_mesh_shape(config.mesh, num_devices)
     batch_devices = mesh["data"] * mesh["fsdp"]
     if config.batch_size % config.accum_steps:

@@ -110,6 +110,8 @@ def main(argv: Sequence[str]) -> None:
         plan.use_tpu_prng()  # before any backend loads (libtpu reads its flags once); the user's settings win
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config_check.validate(config, jax.device_count())
+    config_check.check_duration_flags(config, "config.num_epochs" in flags.FLAGS
+                                      and flags.FLAGS["config.num_epochs"].present)
 
     from vit_jax import masked_patch, train  # after validation: importing the loop pulls in tensorflow (clu)
 

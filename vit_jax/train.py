@@ -830,6 +830,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         restarts = ""
     if restarts and start_step:
         logging.warning("the checkpoint's data position %s; the data order restarts", restarts)
+    eval_every = config_check.interval(config.eval_every, num_steps)
+    checkpoint_every = config_check.interval(config.checkpoint_every, num_steps)
     fewshot_every = config.fewshot.every_steps if _has_fewshot(config) else None
     represent = fewshot.make_representation_fn(config, mesh) if fewshot_every is not None else None
     last_fewshot: dict[str, float] | None = None
@@ -900,12 +902,12 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 logging.info("profile of steps %d-%d written to %s", profile_start + 1, step,
                              os.path.join(workdir, "profile"))
 
-            evaluates = step % config.eval_every == 0 or step == num_steps
+            evaluates = step % eval_every == 0 or step == num_steps
             if evaluates and not preempted:  # preempted: after the save, below
                 _, seconds = _paused(state, _evaluate_and_log, step, _weight_sets(state), True)
                 timer_start += seconds  # the progress line's rate counts training time only
 
-            if step % config.checkpoint_every == 0 or step == num_steps or preempted:
+            if step % checkpoint_every == 0 or step == num_steps or preempted:
                 _check_finite(pending)  # never save a state that has diverged
                 ckpt.save(step, state["params"], state["opt_state"],
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
