@@ -116,11 +116,18 @@ if process_id == 1:
 evaluated, _, evaluated_meta = train.restore_or_init(other, other_mesh, other.total_steps, reader, params_only=True)
 reader.close()
 
-try:  # process 0 fails where it decides for all: every process stops (none waits in a broadcast)
-    train._decided_by_process_0(lambda: 1 // 0)
-    decision_error = ""
-except Exception as e:  # noqa: BLE001
-    decision_error = f"{type(e).__name__}: {e}"
+
+def _refused() -> None:
+    raise UserError("gs://bucket/run/final_metrics.json: permission denied")
+
+
+decision_errors = []
+for failing in (lambda: 1 // 0, _refused, lambda: {"not JSON": np.int32(1)}):
+    try:  # process 0 fails where it decides for all: every process stops (none waits in a collective)
+        train._decided_by_process_0(failing)
+        decision_errors.append("")
+    except Exception as e:  # noqa: BLE001
+        decision_errors.append(f"{type(e).__name__}: {e}")
 
 pretrained = f"{outdir}_pretrained_{process_id}.npz"
 host = pretrained_npz(pretrained)
@@ -145,7 +152,7 @@ print(json.dumps({"losses": losses, "params": checksum(state["params"]), "restor
                   "evaluated_step": evaluated_meta["step"], "evaluated": checksum(evaluated["params"]),
                   "evaluated_state_step": int(evaluated["step"]), "evaluated_ema": "ema" in evaluated,
                   "finetune_start": checksum(fine_state["params"]), "pretrained_without_head": expected,
-                  "finetune_gathered_bytes": gathered[0], "decision_error": decision_error,
+                  "finetune_gathered_bytes": gathered[0], "decision_errors": decision_errors,
                   "param_bytes": sum(np.asarray(x).nbytes for x in jax.tree.leaves(host)),
                   "spanning_error": spanning_error,
                   "data_state": restored["data_state"], "processes": jax.process_count(),

@@ -62,11 +62,14 @@ def test_two_processes_match_one(tmp_path):
     for result in results + [reference]:  # config.pretrained onto params sharded over both processes; new zero head
         assert result["finetune_start"] == _checksum(result["pretrained_without_head"])
     assert [r["data_state"] for r in results] == [{"process": 0}, {"process": 1}]
-    # An error where process 0 decides for all stops every process.
-    assert [r["decision_error"] for r in results] == [
-        "ZeroDivisionError: integer division or modulo by zero",
-        "RuntimeError: process 0 failed where it decides for every process: ZeroDivisionError: integer division or "
-        "modulo by zero"]
+    # An error where process 0 decides for all stops every process; a user's error is one everywhere (exit code 2).
+    zero, refused = "ZeroDivisionError: integer division or modulo by zero", \
+        "UserError: gs://bucket/run/final_metrics.json: permission denied"
+    unjson = "TypeError: Object of type int32 is not JSON serializable"
+    decided = "process 0 failed where it decides for every process: "
+    assert results[0]["decision_errors"] == [zero, refused, unjson]
+    assert results[1]["decision_errors"] == [f"RuntimeError: {decided}{zero}", f"UserError: {decided}{refused}",
+                                             f"RuntimeError: {decided}{unjson}"]
     assert reference["spanning_error"] == ""  # mesh.model=4 within one process's 4 devices
     for result in results:
         assert result["spanning_error"] == (

@@ -132,11 +132,13 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
 
 
-def _gather_process_states(state: dict | None) -> list[dict | None]:
-    """Every process's (small, JSON) iterator state, on every process: JSON bytes padded and all-gathered."""
+def gather_json(value: Any) -> list[Any]:
+    """Every process's (small) JSON value, in process order, on every process: JSON bytes padded and
+    all-gathered. Every process must call it; `value` must be JSON (a failing `json.dumps` here would leave the
+    others waiting)."""
     if jax.process_count() == 1:
-        return [state]
-    encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+        return [value]
+    encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.array([encoded.size], np.int32)).reshape(-1)
     padded = np.zeros(int(lengths.max()), np.uint8)
     padded[:encoded.size] = encoded
@@ -173,7 +175,7 @@ class Checkpoints:
 
         A failed earlier save (disk full, permissions) raises `CheckpointWriteError` here or in `wait`/`close`.
         """
-        data = {"processes": _gather_process_states(data_state)}
+        data = {"processes": gather_json(data_state)}  # each process's iterator state
         arrays = {"params": params, "opt_state": opt_state, **({} if ema is None else {"ema": ema})}
         # The save in flight first (orbax waits for it anyway): its failure is reported as its own step's, and
         # a failure of this call as this step's.

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from vit_jax import checkpoints, config_check, extra_evals, fewshot, masked_patch, optim, sharding, xla_options
+from vit_jax.errors import UserError
 from vit_jax.models.vit import build_model
 
 State = dict[str, Any]
@@ -285,28 +286,24 @@ def _decided_by_process_0(decide: Callable[..., Any], *args: Any) -> Any:
     For what each process would otherwise read from its own view of the file system (the latest checkpoint,
     whether it holds an average, a finished run's final_metrics.json): a writer saving meanwhile or a stale NFS
     cache would have processes restore different steps, or some return while others enter a collective. An error
-    of process 0's stops every process.
+    of process 0's stops every process (a UserError as a UserError: one error line and exit code 2 everywhere).
     """
     if jax.process_count() == 1:
         return decide(*args)
-    failure = None
+    failure, payload = None, None
     if jax.process_index() == 0:
         try:
-            payload = {"value": decide(*args)}
+            payload = {"value": json.loads(json.dumps(decide(*args)))}  # JSON, or an error before the gather
         except Exception as error:  # noqa: BLE001 (re-raised below, once the others know)
-            failure, payload = error, {"error": f"{type(error).__name__}: {error}"}
-        encoded = np.frombuffer(json.dumps(payload).encode(), np.uint8)
-    else:
-        encoded = np.zeros(0, np.uint8)  # only process 0's bytes are sent; the others give the shape
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(encoded.size)))
-    padded = np.zeros(size, np.uint8)
-    padded[:encoded.size] = encoded
-    payload = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes().decode())
+            failure = error
+            payload = {"error": f"{type(error).__name__}: {error}", "user": isinstance(error, UserError)}
+    decided = checkpoints.gather_json(payload)[0]
     if failure is not None:
         raise failure
-    if "error" in payload:
-        raise RuntimeError(f"process 0 failed where it decides for every process: {payload['error']}")
-    return payload["value"]
+    if "error" in decided:
+        raise (UserError if decided["user"] else RuntimeError)(
+            f"process 0 failed where it decides for every process: {decided['error']}")
+    return decided["value"]
 
 
 def _merge_pretrained(loaded: Any, fresh: Any) -> Any:
@@ -739,7 +736,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     A workdir whose latest checkpoint is at the last step reports its result without training again.
     """
     from vit_jax import data
-    from vit_jax.errors import UserError
 
     checkpoints.check_writable(workdir)
     mesh = sharding.make_mesh(config)
@@ -975,7 +971,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
     checkpoint's head is not read, and `config.dataset` need not be prepared.
     """
     from vit_jax import data
-    from vit_jax.errors import UserError
 
     if mode not in ("eval", "fewshot"):
         raise ValueError(f"mode={mode!r}: expected 'eval' or 'fewshot'")
