@@ -7,6 +7,7 @@ import numbers
 import re
 
 import ml_collections
+from absl import logging
 
 from vit_jax.errors import UserError
 from vit_jax.models.variants import parse_variant, resnet_stride
@@ -176,6 +177,17 @@ def check_duration_flags(config: ml_collections.ConfigDict, num_epochs_given: bo
     if num_epochs_given and config.total_steps > 0:
         _fail("num_epochs", config.num_epochs, f"it has no effect while config.total_steps={config.total_steps} "
               "sets the run's length: add --config.total_steps=0 to train by epochs")
+
+
+def adopt_recorded_label_kind(config: ml_collections.ConfigDict, recorded: dict, where: str) -> None:
+    """Set `config.label_kind` to the kind the run config `recorded` (a dict) trained with, if it names a valid
+    one that differs, with a warning: a sigmoid run's logits read through a softmax (or the reverse) rank the same
+    but give another loss and other probabilities."""
+    trained_kind = recorded.get("label_kind")
+    if trained_kind in LABEL_KINDS and trained_kind != config.label_kind:
+        logging.warning("%s was trained with label_kind=%r: its loss and probabilities are computed as such, not as "
+                        "this config's %r", where, trained_kind, config.label_kind)
+        config.label_kind = trained_kind
 
 
 def validate_label_kind(config: ml_collections.ConfigDict) -> None:

@@ -236,11 +236,7 @@ def adopt_recorded_label_kind(config: ml_collections.ConfigDict, checkpoint: str
     (a sigmoid run's logits read through a softmax rank the same but give other probabilities); warns."""
     from vit_jax import interop
 
-    trained_kind = interop.recorded_run_config(checkpoint, source_format).get("label_kind")
-    if trained_kind in config_check.LABEL_KINDS and trained_kind != config.label_kind:
-        logging.warning("%s was trained with label_kind=%r: its probabilities are computed as such, not as this "
-                        "config's %r", checkpoint, trained_kind, config.label_kind)
-        config.label_kind = trained_kind
+    config_check.adopt_recorded_label_kind(config, interop.recorded_run_config(checkpoint, source_format), checkpoint)
 
 
 def _define_flags() -> None:

@@ -444,11 +444,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
                             "model.layernorm_epsilon=%g: computing with those, not this config's",
                             recorded.gelu_approximate, recorded.layernorm_epsilon)
         # An evaluation scores the loss the run trained with (softmax or sigmoid), whatever this config says.
-        trained_kind = orbax_io.recorded_config(meta, f"{ckpt.directory}/{latest}").get("label_kind")
-        if params_only and trained_kind in config_check.LABEL_KINDS and trained_kind != config.label_kind:
-            logging.warning("the checkpoint was trained with label_kind=%r: scoring its loss as such, not as this "
-                            "config's %r", trained_kind, config.label_kind)
-            config.label_kind = trained_kind
+        if params_only:
+            where = f"{ckpt.directory}/{latest}"
+            config_check.adopt_recorded_label_kind(config, orbax_io.recorded_config(meta, where), where)
         replicated = sharding.replicated(mesh)
         state = {"step": _global_arrays(np.int32(meta["step"]), replicated),
                  "params": restored["params"], "opt_state": restored["opt_state"],
