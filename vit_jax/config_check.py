@@ -10,7 +10,7 @@ import ml_collections
 from absl import logging
 
 from vit_jax.errors import UserError
-from vit_jax.models.variants import parse_variant, resnet_stride
+from vit_jax.models.variants import embedding_patch, parse_variant, resnet_stride
 
 CLASSIFIERS = ("token", "gap")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -156,8 +156,10 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
             _fail("model.resnet_layers", model.resnet_layers, "expected positive units per stage, e.g. (3, 4, 9)")
         if isinstance(model.resnet_width, bool) or not isinstance(model.resnet_width, int) or model.resnet_width <= 0:
             _fail("model.resnet_width", model.resnet_width, "expected a positive integer width multiplier (1: BiT-R50)")
-        stride = resnet_stride(tuple(model.resnet_layers))
-        if model.patch_size % stride:
+        try:
+            embedding_patch(model.patch_size, tuple(model.resnet_layers))
+        except ValueError:
+            stride = resnet_stride(tuple(model.resnet_layers))
             _fail("model.patch_size", model.patch_size,
                   f"a hybrid with {len(model.resnet_layers)} ResNet stages needs a multiple of its stride {stride}")
     problem = image_size_problem(image_size, model.patch_size)

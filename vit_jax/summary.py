@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from vit_jax import cli, config_check
 from vit_jax.models import axial
-from vit_jax.models.variants import resnet_stride
+from vit_jax.models.variants import embedding_patch
 from vit_jax.models.vit import build_model
 
 
@@ -97,9 +97,9 @@ def layer_table(config: ml_collections.ConfigDict) -> list[LayerRow]:
     if m.resnet_layers:
         rows += _resnet_rows(params, tuple(m.resnet_layers), config.image_size)
         c_in = params["embedding"]["kernel"].shape[2]
-        embed_patch = m.patch_size // resnet_stride(tuple(m.resnet_layers))
     else:
-        c_in, embed_patch = 3, m.patch_size
+        c_in = 3
+    embed_patch = embedding_patch(m.patch_size, tuple(m.resnet_layers))
     rows.append(LayerRow("embedding", _count(params["embedding"]),
                          _conv_flops(grid, embed_patch, c_in, m.hidden_size)))
     tokens = grid * grid + (1 if m.classifier == "token" else 0)

@@ -68,3 +68,17 @@ def resnet_stride(resnet_layers: tuple[int, ...]) -> int:
     if not resnet_layers:
         raise ValueError("a ResNet trunk has at least one stage (resnet_layers=() is a plain ViT)")
     return 4 * 2 ** (len(resnet_layers) - 1)
+
+
+def embedding_patch(patch_size: int, resnet_layers: tuple[int, ...] = ()) -> int:
+    """The patch embedding's own patch: `patch_size` for a plain ViT; for a hybrid, what is left of it after the
+    ResNet trunk's stride (16 // 16 = 1: each trunk output pixel is a token). ValueError when the patch is no
+    multiple of that stride."""
+    if not resnet_layers:
+        return patch_size
+    stride = resnet_stride(tuple(resnet_layers))
+    if patch_size % stride:
+        raise ValueError(f"patch_size={patch_size} is no multiple of the stride {stride} of the ResNet trunk "
+                         f"resnet_layers={tuple(resnet_layers)} ({len(resnet_layers)} stages)")
+    return patch_size // stride
+

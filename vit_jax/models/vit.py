@@ -35,7 +35,7 @@ import numpy as np
 
 from vit_jax.models.layers import LOW_PRECISION, Dense, Dropout, broadcast_leading, einsum, softmax
 from vit_jax.models.resnet import resnet_trunk
-from vit_jax.models.variants import resnet_stride
+from vit_jax.models.variants import embedding_patch
 
 Array = jax.Array
 _xavier = nn.initializers.xavier_uniform()
@@ -312,9 +312,7 @@ class VisionTransformer(nn.Module):
         remainder was dropped; no patch at all left only the class token), a hybrid whose patch is no multiple
         of its ResNet's stride."""
         p = self.patch_size
-        if self.resnet_layers and p % resnet_stride(tuple(self.resnet_layers)):
-            raise ValueError(f"patch_size={p} is no multiple of the stride {resnet_stride(tuple(self.resnet_layers))} "
-                             f"of the ResNet trunk resnet_layers={tuple(self.resnet_layers)}")
+        embedding_patch(p, tuple(self.resnet_layers))  # a hybrid's patch is a multiple of its trunk's stride
         if images.ndim != 4:
             raise ValueError(f"images of shape {tuple(images.shape)}: expected (batch, height, width, channels)")
         if not jnp.issubdtype(images.dtype, jnp.floating):
@@ -338,10 +336,9 @@ class VisionTransformer(nn.Module):
                              "with masked_patch_classes > 0 (vit_jax.masked_patch.build_pretraining_model)")
         self._check_images(images)
         x = images.astype(self.dtype)
-        embed_patch = self.patch_size
         if self.resnet_layers:
             x = resnet_trunk(x, self.resnet_layers, 64 * self.resnet_width, self.dtype)
-            embed_patch = self.patch_size // resnet_stride(tuple(self.resnet_layers))
+        embed_patch = embedding_patch(self.patch_size, tuple(self.resnet_layers))
         x = PatchEmbedding(self.hidden_size, embed_patch, self.dtype, name="embedding")(x)
         batch, height, width, channels = x.shape
         x = jnp.reshape(x, (batch, height * width, channels))
