@@ -600,6 +600,19 @@ def test_a_tiff_is_scaled_by_the_bits_per_sample_it_declares():
     np.testing.assert_array_equal(pixels[..., 0], np.rint(ramp * 255 / 4095))
 
 
+def test_a_float_tiff_declaring_its_maximum_is_scaled_by_it():
+    """A float TIFF of 0..255 (SMaxSampleValue 255) read as 0..1 came out white."""
+    from PIL import TiffImagePlugin
+
+    ramp = np.arange(16 * 16, dtype=np.float32).reshape(16, 16) - 0.25  # -0.25 .. 254.75
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[341] = 255.0
+    buffer = io.BytesIO()
+    Image.fromarray(ramp, "F").save(buffer, "TIFF", tiffinfo=tags)
+    pixels = preprocess.crop_and_resize(preprocess.open_image(buffer.getvalue()), (0, 0, 16, 16), 16)
+    np.testing.assert_array_equal(pixels[..., 0], np.clip(np.rint(ramp), 0, 255))
+
+
 def test_jpeg_draft_decoding_keeps_the_box_where_it_is():
     """The reduced DCT scale is exactly 1/8 (draft()'s box), not the rounded-up size over the full size: a 501 px
     wide JPEG at 1/8 is 63 px for 62.625, and the box was read shifted by up to 3 px at the far edge (7 levels

@@ -15,7 +15,7 @@ class index stands in. The checkpoint is a training workdir, its `checkpoints/` 
 its head is kept as trained.
 
 Images are read and classified `BATCH_SIZE` at a time (memory does not grow with their number); the
-checkpoint is opened once the first image is read. A missing or unreadable file is one `error: PATH: ...` line
+checkpoint is opened once a batch holds a readable image. A missing or unreadable file is one `error: PATH: ...` line
 on stderr; the other images are still classified, and the exit code is 2.
 """
 

@@ -64,7 +64,7 @@ def open_image(data: bytes) -> Image.Image:
     8 bits by the depth its file declares (see `_to_8_bits`), which turning it upright would lose."""
     try:
         image = Image.open(io.BytesIO(data))
-        return _to_8_bits(_upright(image), _declared_bits(image))
+        return _to_8_bits(_upright(image), _declared_top(image))
     except Image.UnidentifiedImageError:
         raise CorruptImageError(f"not an image: pillow recognises no image format in these {len(data)} bytes "
                                 f"(they start {bytes(data[:12])!r})") from None
@@ -138,33 +138,42 @@ def central_box(width: int, height: int, fraction: float) -> Box:
     return (margin_x, margin_y, width - margin_x, height - margin_y)
 
 
-def _declared_bits(image: Image.Image) -> int | None:
-    """Bits per sample a TIFF declares (tag 258, BitsPerSample); None for other formats."""
+def _declared_top(image: Image.Image) -> float | None:
+    """The largest sample value a TIFF declares: SMaxSampleValue (tag 341) when given, else 2**BitsPerSample - 1
+    (tag 258) for integer samples; None for other formats and for a float TIFF without tag 341."""
     tags = getattr(image, "tag_v2", None)
-    bits = tags.get(258) if tags is not None else None
-    if isinstance(bits, tuple):
-        bits = bits[0] if bits else None
-    return int(bits) if bits else None
+    if tags is None:
+        return None
+
+    def first(tag: int) -> float | None:
+        value = tags.get(tag)
+        value = value[0] if isinstance(value, tuple) and value else value
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+    smax, bits = first(341), first(258)
+    if smax:
+        return smax
+    return 2.0 ** bits - 1 if bits and image.mode != "F" else None
 
 
-def _to_8_bits(image: Image.Image, bits: int | None = None) -> Image.Image:
+def _to_8_bits(image: Image.Image, top: float | None = None) -> Image.Image:
     """Single-channel images of more than 8 bits as 8-bit grayscale: pillow's convert("RGB") clips them to 255
     instead of scaling (a 16-bit PNG came out almost white, a float TIFF black).
 
-    The scale depends on the image's mode and declared depth, never on its pixels (one bright pixel must not
-    change the brightness of the rest): float ("F") is read as 0..1, clipped; integer ("I;16*", "I") as
-    0..2**bits-1 for a TIFF declaring `bits` <= 16 (BitsPerSample: 12-bit camera TIFFs hold 0..4095), else as
-    16-bit 0..65535 (pillow gives PNG and PGM 16-bit values; 32-bit TIFFs too: more is white). Negative values are
-    black.
+    The scale depends on the image's mode and what its file declares (`top`, default `_declared_top`), never on
+    its pixels (one bright pixel must not change the brightness of the rest): 0..top onto 0..255, where a float
+    ("F") image without a declared maximum is read as 0..1, an integer one ("I;16*", "I") as 16-bit 0..65535
+    (pillow gives PNG and PGM 16-bit values; a 12-bit camera TIFF declares 0..4095; a 32-bit TIFF's integers
+    above 65535 are white). Values outside the range are clipped; NaN is black.
     """
+    top = top or _declared_top(image)
     if image.mode == "F":
-        values = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64)), 0.0, 1.0) * 255.0
+        top = top or 1.0
     elif image.mode == "I" or image.mode.startswith("I;16"):
-        bits = bits or _declared_bits(image)
-        top = 2 ** bits - 1 if bits and bits <= 16 else 65535
-        values = np.asarray(image, dtype=np.float64) * (255.0 / top)
+        top = min(top or 65535.0, 65535.0)
     else:
         return image
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64)) * (255.0 / top)
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
@@ -183,7 +192,8 @@ def crop_and_resize(image: Image.Image, box: Box, size: int, antialias: bool = F
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-    """Decoded 8-bit RGB (grayscale of more bits scaled, not clipped)."""
+    """Decoded 8-bit RGB (grayscale of more bits scaled, not clipped; `open_image` has scaled its own images,
+    this is for an image opened elsewhere)."""
     image = _to_8_bits(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
