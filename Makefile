@@ -9,7 +9,9 @@ PIP := $(PY) -m pip install --quiet -c constraints.txt
 .PHONY: demo demo-finetune test test-slow lint clean
 
 $(VENV)/.base: setup.py constraints.txt
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "vit_jax needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1): make PYTHON=python3.11 ..."; exit 1; }
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -e .
 	touch $@

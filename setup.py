@@ -19,7 +19,9 @@ setup(
         "clu>=0.0.12",
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",
-        "tensorflow-cpu>=2.21",  # preparing TFDS datasets and clu's TensorBoard writers; not the training step
+        # preparing TFDS datasets and clu's TensorBoard writers; not the training step (no macOS tensorflow-cpu)
+        "tensorflow-cpu>=2.21; sys_platform != 'darwin'",
+        "tensorflow>=2.21; sys_platform == 'darwin'",
         "tensorboard>=2.21",
         "absl-py",
         "etils",  # epath: workdirs on a local disk or gs://
@@ -28,6 +30,7 @@ setup(
         "pillow",
         "scikit-learn",  # the embedded digits dataset
         "matplotlib",  # vit_jax.visualize
+        "safetensors",  # timm / HF .safetensors weights in and out (numpy only; torch only for .bin / .pth)
         "importlib_resources",  # tensorflow_datasets imports it but does not declare it
     ],
     extras_require={

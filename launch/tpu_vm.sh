@@ -181,7 +181,10 @@ $(remote_quote "${WORKDIR%/}")/logs/\$(hostname).log; exit \$status"
 fi
 
 delete_slice() {
-  run gcloud compute tpus queued-resources delete "$NAME" "${GCLOUD_SCOPE[@]}" --force --quiet
+  # On the way out (a trap): a failed delete says so and keeps the run's exit status.
+  run gcloud compute tpus queued-resources delete "$NAME" "${GCLOUD_SCOPE[@]}" --force --quiet ||
+    echo "could not delete queued resource $NAME; delete it by hand: gcloud compute tpus queued-resources" \
+      "delete $NAME ${GCLOUD_SCOPE[*]} --force" >&2
 }
 
 wait_until_active() {
@@ -192,7 +195,9 @@ wait_until_active() {
     return
   fi
   while [[ "$state" != ACTIVE ]]; do
-    state="$(gcloud compute tpus queued-resources describe "$NAME" "${GCLOUD_SCOPE[@]}" --format='value(state.state)')"
+    # A transient gcloud error must not end the wait (the EXIT trap would delete a slice queued for hours).
+    state="$(gcloud compute tpus queued-resources describe "$NAME" "${GCLOUD_SCOPE[@]}" \
+      --format='value(state.state)')" || { echo "describe $NAME failed; retrying in 30 s" >&2; state=""; sleep 30; continue; }
     echo "queued resource $NAME: $state" >&2
     case "$state" in
       FAILED | SUSPENDING | SUSPENDED) die "queued resource $NAME is $state; see: gcloud compute tpus queued-resources describe $NAME" ;;

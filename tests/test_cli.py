@@ -72,3 +72,18 @@ def test_the_main_threads_own_event_loop_error_is_still_shown():
     result = subprocess.run([sys.executable, "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1 and "RuntimeError: Event loop is closed" in result.stderr, result.stderr
+
+
+def test_a_projects_config_file_is_found_from_any_directory(tmp_path):
+    """`pip install .` puts `configs` beside vit_jax: the README's `--config=configs/...` works outside the
+    checkout; a file of that name in the working directory wins."""
+    env = {**os.environ, "VIT_JAX_HUGEPAGES": "0", "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-m", "vit_jax.summary", "--config=configs/common.py:Ti/16",
+                             "--config.num_classes=7"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0 and "variant Ti/16 at 224px, 7 classes" in result.stdout, result.stderr[-2000:]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "common.py").write_text("raise ValueError('the local one')\n")
+    result = subprocess.run([sys.executable, "-m", "vit_jax.summary", "--config=configs/common.py:Ti/16"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "the local one" in result.stderr, result.stderr[-2000:]

@@ -100,6 +100,39 @@ esac
     assert "queued-resources delete b16" in ran[-1]
 
 
+def test_a_failed_describe_is_retried_and_a_failed_delete_keeps_the_runs_exit_status(tmp_path):
+    """gcloud's describe fails once while the slice is queued (the script ended, and its EXIT trap deleted a slice
+    that had waited for capacity), and the final delete fails (the script then exited 1, losing the run's 75)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls, described = tmp_path / "calls.log", tmp_path / "described"
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(f"""#!/usr/bin/env bash
+printf "%s\\n" "gcloud $*" >> {shlex.quote(str(calls))}
+case "$*" in
+  *"queued-resources describe"*)
+    if [[ ! -e {shlex.quote(str(described))} ]]; then touch {shlex.quote(str(described))}; exit 1; fi
+    echo ACTIVE ;;
+  *"tpu-vm ssh"*"vit_jax.main"*) exit 75 ;;
+  *"queued-resources delete"*) exit 1 ;;
+esac
+""")
+    gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+    _tool_recorder(bin_dir, "sleep", calls)  # the 30 s waits, recorded
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
+    result = subprocess.run(["bash", str(TPU_VM), "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
+                             "v5litepod-8", "--config", "configs/vit_b16.py", "--workdir", "workdir/b16",
+                             "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 75, result.stderr
+    ran = calls.read_text().splitlines()
+    waits = [line for line in ran if "queued-resources describe" in line or line.startswith("sleep")]
+    assert [line.split()[0] if line.startswith("sleep") else "describe" for line in waits] == [
+        "describe", "sleep", "describe"] and "describe b16 failed; retrying in 30 s" in result.stderr
+    assert "queued-resources delete b16" in ran[-1]
+    assert "could not delete queued resource b16; delete it by hand" in result.stderr
+
+
 def test_dry_run_single_host_copies_a_local_workdir_out(tmp_path):
     result, _ = _tpu_vm(tmp_path, "--dry-run", "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
                         "v5litepod-8", "--config", "configs/finetune.py:cifar10,B/16", "--workdir", "workdir/b16",

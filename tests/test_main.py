@@ -62,3 +62,18 @@ def test_the_makefiles_demo_commands_run(target, tmp_path):
         result = subprocess.run([*argv, *short], capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert result.returncode == 0, f"{' '.join(argv)}:\n{result.stderr[-2000:]}"
         assert "test accuracy" in result.stdout or "eval of step" in result.stdout, result.stdout[-2000:]
+
+
+def test_make_refuses_a_python_older_than_3_11_before_creating_the_venv(tmp_path):
+    import shutil
+
+    for name in ("Makefile", "setup.py", "constraints.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    old = tmp_path / "python3.10"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.10.12" && exit 0\nexit 1\n')
+    old.chmod(0o755)
+    result = subprocess.run(["make", "-C", str(tmp_path), "demo", f"PYTHON={old}"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert f"vit_jax needs Python >= 3.11; {old} is Python 3.10.12: make PYTHON=python3.11" in result.stdout
+    assert not (tmp_path / ".venv").exists()

@@ -88,8 +88,34 @@ def _check_config_files_loaded(argv: Sequence[str]) -> None:
         _fail(_unreadable_config_file(argv, object.__getattribute__(value, "_error")))
 
 
+def _installed_config(value: str) -> str:
+    """`configs/X.py[:arg]` as the installed `configs` package's X.py when ./configs/X.py does not exist: after
+    `pip install .`, the README's commands work from any directory (the checkout's own files win inside it)."""
+    path, sep, arg = value.partition(":")
+    if not path.startswith("configs/") or os.path.exists(path):
+        return value
+    try:
+        import configs  # the package setup.py installs beside vit_jax
+    except ImportError:
+        return value
+    candidate = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), path[len("configs/"):])
+    return candidate + sep + arg if os.path.isfile(candidate) else value
+
+
+def _with_installed_configs(argv: Sequence[str]) -> list[str]:
+    """`argv` with its `--config` file resolved by `_installed_config`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + _installed_config(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = _installed_config(out[i + 1])
+    return out
+
+
 def _parse_flags(argv: Sequence[str]) -> list[str]:
     """absl flag parsing where an unknown or ill-typed flag or config override is a one-line error."""
+    argv = _with_installed_configs(argv)
     try:
         rest = flags.FLAGS(argv)
     except (KeyError, AttributeError) as e:  # ml_collections: a field the config does not have
