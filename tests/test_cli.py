@@ -87,3 +87,15 @@ def test_a_projects_config_file_is_found_from_any_directory(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vit_jax.summary", "--config=configs/common.py:Ti/16"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2 and "the local one" in result.stderr, result.stderr[-2000:]
+
+
+def test_an_error_quoting_text_of_several_lines_is_still_one_line():
+    """A split error quotes TFDS's message, which holds newlines: the command printed several lines."""
+    code = ("from vit_jax import cli\nfrom vit_jax.errors import UserError\n"
+            "def main(argv):\n    raise UserError(\"config.eval_split='test[:110%]': bad slice\\n  See format at: x\\n"
+            "When unit=%, boundaries are in [-100, 100]\")\ncli.run(main)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "VIT_JAX_HUGEPAGES": "0", "PYTHONPATH": ROOT})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: config.eval_split='test[:110%]': bad slice See format at: x When unit=%, boundaries are in [-100, 100]"]

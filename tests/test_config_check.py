@@ -163,6 +163,12 @@ def base():
     (lambda c: setattr(c.pp, "randaugment_magnitude", -10), "pp.randaugment_magnitude", "a magnitude >= 0"),
     (lambda c: setattr(c.pp, "random_translate", -4), "pp.random_translate",
      "config.pp.random_translate=-4 is invalid: expected an integer >= 0 (0: no shift)"),
+    (lambda c: setattr(c, "seed", 2**32), "seed", "expected an integer in [0, 2**32)"),  # was seed 0's key
+    (lambda c: setattr(c, "profile_steps", -5), "profile_steps", "expected an integer >= 0 (0: no profile)"),
+    (lambda c: setattr(c.optimizer, "lr", float("inf")), "optimizer.lr", "expected a positive learning rate (finite)"),
+    (lambda c: setattr(c.pp, "mixup_alpha", float("inf")), "pp.mixup_alpha", "(0: no mixup), finite"),
+    (lambda c: setattr(c.model, "layernorm_epsilon", 0.0), "model.layernorm_epsilon", "a small positive number"),
+    (lambda c: setattr(c.model, "head_bias_init", float("nan")), "model.head_bias_init", "a finite number"),
     (lambda c: setattr(c.pp, "random_translate", 224), "pp.random_translate",
      "config.pp.random_translate=224 is invalid: expected fewer pixels than image_size=224"),
     (lambda c: setattr(c, "data_workers", -1), "data_workers", "an integer >= 0 (0: load in the main process)"),

@@ -69,6 +69,11 @@ def test_dataset_info_rejects_a_config_that_does_not_match_the_dataset(data_dir)
     config.eval_split = "validation"
     with pytest.raises(data.DatasetError, match=r"config.eval_split='validation' is not a split.*\['test', 'train'\]"):
         data.dataset_info(config)
+    # A reversed slice counts -40 examples: it passed, and the first evaluation failed hours in.
+    config.eval_split = "test[50:10]"
+    with pytest.raises(data.DatasetError, match=r"config.eval_split='test\[50:10\]' of digits .* has no examples "
+                                                r".* \(a slice's start comes before its end\)"):
+        data.dataset_info(config)
 
 
 def test_prepare_refuses_stray_arguments(tmp_path):

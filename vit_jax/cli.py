@@ -32,7 +32,8 @@ def no_positional_arguments(argv: Sequence[str]) -> None:
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """The one `error:` line (a message quoting another library's text may hold newlines) and exit code 2."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 

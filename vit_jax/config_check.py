@@ -145,6 +145,12 @@ def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
               "set model.classifier='gap'")
     if model.dtype not in DTYPES:
         _fail("model.dtype", model.dtype, f"expected one of {DTYPES}")
+    if not 0 < model.layernorm_epsilon < math.inf:
+        _fail("model.layernorm_epsilon", model.layernorm_epsilon,
+              "expected a small positive number (1e-6: the paper's code and timm; HF uses 1e-12)")
+    if not math.isfinite(model.head_bias_init):
+        _fail("model.head_bias_init", model.head_bias_init, "expected a finite number (0; big_vision's sigmoid "
+              "pre-training uses -10)")
     if isinstance(model.representation_size, bool) or not isinstance(model.representation_size, int) \
             or model.representation_size < 0:
         _fail("model.representation_size", model.representation_size, "expected 0 (none) or a positive integer")
@@ -221,10 +227,11 @@ def validate_preprocessing(config: ml_collections.ConfigDict) -> None:
             1.0 < area <= 100.0) else ""
         _fail("pp.crop_min_area", area, f"expected the smallest crop's fraction of the image area, in (0, 1]{percent}")
     validate_eval_crop(pp)
-    if isinstance(pp.mixup_alpha, bool) or not pp.mixup_alpha >= 0.0:  # also refuses nan
-        _fail("pp.mixup_alpha", pp.mixup_alpha, "expected a Beta(alpha, alpha) parameter >= 0 (0: no mixup)")
-    if isinstance(pp.randaugment_magnitude, bool) or not pp.randaugment_magnitude >= 0:
-        _fail("pp.randaugment_magnitude", pp.randaugment_magnitude, "expected a magnitude >= 0 (AugReg uses 10-20)")
+    if isinstance(pp.mixup_alpha, bool) or not 0.0 <= pp.mixup_alpha < math.inf:  # also refuses nan
+        _fail("pp.mixup_alpha", pp.mixup_alpha, "expected a Beta(alpha, alpha) parameter >= 0 (0: no mixup), finite")
+    if isinstance(pp.randaugment_magnitude, bool) or not 0 <= pp.randaugment_magnitude < math.inf:
+        _fail("pp.randaugment_magnitude", pp.randaugment_magnitude,
+              "expected a magnitude >= 0 (AugReg uses 10-20), finite")
     _non_negative_int(config, "pp.randaugment_layers", "0: no RandAugment")
     _non_negative_int(config, "pp.random_translate", "0: no shift")
     if pp.random_translate >= config.image_size:
@@ -249,11 +256,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     if config.optimizer.schedule not in SCHEDULES:
         _fail("optimizer.schedule", config.optimizer.schedule, f"expected one of {SCHEDULES}")
     opt = config.optimizer
-    if not opt.lr > 0:
-        _fail("optimizer.lr", opt.lr, "expected a positive learning rate")
+    if not 0 < opt.lr < math.inf:
+        _fail("optimizer.lr", opt.lr, "expected a positive learning rate (finite)")
     for field, what in (("weight_decay", "a decay >= 0 (0: none)"), ("grad_clip_norm", "a norm >= 0 (0: no clipping)")):
-        if not opt[field] >= 0:  # also refuses nan
-            _fail(f"optimizer.{field}", opt[field], f"expected {what}")
+        if not 0 <= opt[field] < math.inf:  # also refuses nan
+            _fail(f"optimizer.{field}", opt[field], f"expected {what}, finite")
+    # jax's PRNGKey keeps a seed's low 32 bits (without x64): 2**32 was seed 0 again, -1 was 2**32 - 1.
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+        _fail("seed", config.seed, "expected an integer in [0, 2**32)")
+    _non_negative_int(config, "profile_steps", "0: no profile")
     for field in ("b1", "b2", "momentum", "label_smoothing", "ema_decay"):
         if not 0.0 <= opt[field] < 1.0:
             _fail(f"optimizer.{field}", opt[field], "expected a value in [0, 1)")

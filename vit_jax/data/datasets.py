@@ -304,10 +304,11 @@ def split_size(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int
     except (KeyError, ValueError, AssertionError) as e:
         raise DatasetError(f"config.{field}={split!r} is not a split of {builder.name} at {builder.data_dir} "
                            f"(splits: {sorted(builder.info.splits)}; slices like 'train[:98%]' work): {e}") from None
-    if not size:
+    if size <= 0:  # a reversed slice, 'test[50:10]', counts negative
         sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
         raise DatasetError(f"config.{field}={split!r} of {builder.name} at {builder.data_dir} has no examples "
-                           f"(split sizes: {sizes}); choose a non-empty split or slice")
+                           f"(split sizes: {sizes}); choose a non-empty split or slice (a slice's start comes "
+                           "before its end)")
     return size
 
 
