@@ -160,6 +160,22 @@ def _class_folders(source, classes: str, images_per_class: int = 1) -> None:
                 _write_image(source / split / class_name / f"{i}.png", seed=10 * c + i, fmt="PNG")
 
 
+def test_tiffs_are_images_and_other_files_are_named_as_skipped(tmp_path, caplog):
+    """preprocess decodes TIFF, but a folder of .tif files trained on none of them, and nothing said so."""
+    from vit_jax.data.builders import image_folder
+
+    _class_folders(tmp_path / "a", "xy")
+    _write_image(tmp_path / "a" / "train" / "x" / "scan.tif", seed=3, fmt="TIFF")
+    (tmp_path / "a" / "train" / "y" / "scan.jp2").write_bytes(b"\0" * 16)
+    (tmp_path / "a" / "train" / "y" / ".DS_Store").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        layout = image_folder.scan_source(str(tmp_path / "a"))
+    assert sorted(path for path, _ in layout.examples["train"]) == [
+        "train/x/0.png", "train/x/scan.tif", "train/y/0.png"]
+    assert "skipped 1 files in split 'train' not named .jpg/" in caplog.text and "train/y/scan.jp2" in caplog.text
+    assert ".DS_Store" not in caplog.text
+
+
 def test_a_second_image_folder_in_the_same_data_dir_is_refused_not_read_as_the_first(tmp_path, caplog):
     """Every image folder is prepared into DATA_DIR/image_folder/1.0.0: a second one returned the first's path,
     and training on it read the first folder's images and classes."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 
@@ -31,7 +32,7 @@ from tensorflow_datasets.core import dataset_builder
 
 from vit_jax.data.errors import DatasetError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
 SOURCE_KEY = "source_dir"  # the prepared dataset's metadata.json entry: the folder it was prepared from
 
@@ -55,15 +56,21 @@ def _scan_folders(source_dir: str) -> FolderLayout:
         split_dir = os.path.join(source_dir, split)
         if not os.path.isdir(split_dir):
             continue
-        rows = []
+        rows, skipped = [], []
         for class_name in sorted(os.listdir(split_dir)):
             class_dir = os.path.join(split_dir, class_name)
             if not os.path.isdir(class_dir):
                 continue
             for root, _, files in os.walk(class_dir):
                 for name in sorted(files):
+                    path = os.path.relpath(os.path.join(root, name), source_dir)
                     if _is_image(name):
-                        rows.append((os.path.relpath(os.path.join(root, name), source_dir), (class_name,)))
+                        rows.append((path, (class_name,)))
+                    elif not name.startswith("."):
+                        skipped.append(path)
+        if skipped:  # a folder of another image format would otherwise train on part of its images in silence
+            logging.warning("%s: skipped %d files in split %r not named %s: %s%s", source_dir, len(skipped), split,
+                            "/".join(IMAGE_EXTENSIONS), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
         if rows:
             examples[split] = rows
     class_names = sorted({labels[0] for rows in examples.values() for _, labels in rows})
