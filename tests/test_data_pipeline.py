@@ -399,6 +399,25 @@ def test_an_unknown_dataset_name_suggests_the_close_ones(tmp_path):
 
 
 @pytest.mark.parametrize("dataset, message", [
+    ("cifar-10", r"config.dataset='cifar-10' is not a dataset name of the form name\[/config\]\[:x.y.z\]; did you "
+                 r"mean \['cifar10'"),
+    ("cifar10 ", r"config.dataset='cifar10 ' is not a dataset name .*did you mean \['cifar10'"),
+    ("cifar10/k=v", r"config.dataset='cifar10/k=v' is not a dataset name .*\(TypeError: "),
+])
+def test_a_dataset_name_tfds_cannot_parse_is_one_clear_error(tmp_path, dataset, message):
+    """A typo TFDS cannot parse was TFDS's own traceback (exit 1), a key=value config a TypeError."""
+    config = demo.get_config()
+    config.dataset = dataset
+    config.tfds_data_dir = str(tmp_path)
+    with pytest.raises(data.DatasetError, match=message):
+        data.dataset_info(config)
+    config.dataset = str(tmp_path)  # the data dir given as the dataset
+    with pytest.raises(data.DatasetError, match=r"is not a dataset name .*a directory of prepared datasets is "
+                                                r"config.tfds_data_dir"):
+        data.dataset_info(config)
+
+
+@pytest.mark.parametrize("dataset, message", [
     ("cifar10/fog_5", r"config.dataset='cifar10/fog_5': TFDS dataset 'cifar10' has no config 'fog_5' \(it has "
                       r"none: write 'cifar10'\)"),
     ("cifar10_corrupted/fog_9", r"has no config 'fog_9' \(its configs: \[.*'fog_5'.*\], written "
@@ -476,6 +495,10 @@ def test_preparing_into_a_file_is_a_clear_error(tmp_path):
     with pytest.raises(data.DatasetError, match="is a file, not a directory"):
         data.prepare("digits", str(path))
     assert path.read_text() == "kept"
+    # A directory that cannot be made (here under a file; a read-only disk alike) was a raw OSError traceback.
+    with pytest.raises(data.DatasetError, match=r"--data_dir=.*afile/tfds \(config.tfds_data_dir\): cannot create it "
+                                                r"\(Not a directory\); choose a writable directory"):
+        data.prepare("digits", str(path / "tfds"))
 
 
 def test_a_manual_dir_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):

@@ -99,6 +99,18 @@ def _namespace(name: str) -> str | None:
         return None
 
 
+def _not_a_name(name: str, error: BaseException) -> DatasetError:
+    """The error for a `config.dataset` TFDS cannot parse as name[/config][:x.y.z] (a typo, a space, a path)."""
+    candidates = list(OWN_BUILDERS) + list(tfds.list_builders())
+    close = difflib.get_close_matches(name.strip().split(":")[0].split("/")[0], candidates, n=3)
+    hint = f"; did you mean {close}?" if close else ""
+    path = (" (a directory of prepared datasets is config.tfds_data_dir / --data_dir)"
+            if "/" in name and os.path.isdir(os.path.expanduser(name)) else "")
+    detail = " ".join(str(error).split())[:200]
+    return DatasetError(f"config.dataset={name!r} is not a dataset name of the form name[/config][:x.y.z]{hint}"
+                        f"{path} ({type(error).__name__}: {detail})")
+
+
 def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
     namespace = _namespace(name)
     try:
@@ -109,12 +121,14 @@ def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.D
         hint = f"; did you mean {close}?" if close else ""
         raise DatasetError(f"config.dataset={name!r} is neither a TFDS dataset nor one of ours "
                            f"{sorted(OWN_BUILDERS)}{hint}") from None
+    except TypeError as e:  # a config written as key=value (cifar10/k=v) reaches the builder's constructor
+        raise _not_a_name(name, e) from None
     except (ValueError, AssertionError) as e:  # TFDS asserts a version it does not know
         file_format = _other_format(e) if isinstance(e, ValueError) else None
         if file_format is None:
             unknown = _unknown_config_or_version(name)
             if unknown is None:
-                raise
+                raise _not_a_name(name, e) from None
             raise unknown from None
         where = tfds.builder(name, data_dir=data_dir, file_format=file_format).data_dir
         raise _prepared_as(name, str(where), file_format, data_dir, manual_dir) from None
@@ -185,14 +199,25 @@ def _own_builder_dir(name: str, data_dir: str) -> str:
     return os.path.join(data_dir, name, str(OWN_BUILDERS[name].VERSION))
 
 
+def _check_writable_data_dir(data_dir: str) -> None:
+    """A local data dir datasets can be written into (created if missing), else a `DatasetError` saying why."""
+    where = f"--data_dir={data_dir} (config.tfds_data_dir)"
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"{where}: cannot create it ({e.strerror or e}); choose a writable directory") from None
+    if not os.access(data_dir, os.W_OK):
+        raise DatasetError(f"{where} is not writable: choose a directory datasets can be written into")
+
+
 def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
     """Build dataset `name` into `data_dir` as ArrayRecord (downloading if TFDS can); returns its directory."""
     data_dir = resolve_data_dir(data_dir)
     # A shell leaves `~` in --manual_dir=~/x alone; TFDS expands it for its own builders, ours need it done here.
     manual_dir = os.path.expanduser(manual_dir) if manual_dir and "://" not in manual_dir else manual_dir
     if "://" not in data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise DatasetError(f"--data_dir={data_dir} is a file, not a directory: give the directory datasets are "
-                           "written into")
+        raise DatasetError(f"--data_dir={data_dir} (config.tfds_data_dir) is a file, not a directory: give the "
+                           "directory datasets are written into")
     if name in MANUAL_FILES:
         # Without --manual_dir TFDS looks in DATA_DIR/downloads/manual.
         where = manual_dir or os.path.join(data_dir, "downloads", "manual")
@@ -220,6 +245,8 @@ def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
         prepared_dir = _own_builder_dir(name, data_dir)
         if name == "image_folder" and _exists(os.path.join(prepared_dir, "dataset_info.json")):
             builder.check_prepared(tfds.builder_from_directory(prepared_dir))  # TFDS would reuse it as it is
+    if "://" not in data_dir:
+        _check_writable_data_dir(data_dir)  # created now, once every other check passed
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
     builder.download_and_prepare(file_format=ARRAY_RECORD, download_config=download_config)
     return str(builder.data_dir)
