@@ -231,5 +231,11 @@ def test_bad_paths_and_formats(tmp_path, flat_params):
     path = _write_npz(tmp_path / "vit.npz", flat_params)
     with pytest.raises(CheckpointError, match=r"source_format must be one of \('npz', 'timm', 'hf', 'orbax'\)"):
         load_pretrained(path, tiny_config(), source_format="jax")
+    for classes in (0, -3, 5.5):  # 0 gave a (D, 0) head in silence, the others a raw TypeError
+        with pytest.raises(CheckpointError, match=f"num_classes={classes!r} is invalid: expected a positive integer"):
+            load_pretrained(path, tiny_config(), num_classes=classes)
+    # Checked whether or not a resize is needed (it was only when one was).
+    with pytest.raises(CheckpointError, match=r"resize_method='nearest' is invalid: expected one of \('bilinear', "):
+        load_pretrained(path, tiny_config(), resize_method="nearest")
     with pytest.raises(CheckpointError, match="target_format must be one of"):
         save_as(random_params(tiny_config(), 4), tiny_config(), str(tmp_path / "x"), "onnx")

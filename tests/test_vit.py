@@ -375,6 +375,12 @@ def test_images_the_model_cannot_read_are_refused(shape, dtype, message):
         jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), jnp.zeros(shape, dtype))
 
 
+@pytest.mark.parametrize("num_classes", [0, -1, 2.0, True])
+def test_a_class_count_that_is_no_positive_integer_is_refused(num_classes):
+    with pytest.raises(ValueError, match=f"num_classes={num_classes!r} is invalid: expected a positive integer"):
+        build_model(common.model_config("Ti/16"), num_classes)  # 0 built a model of no outputs in silence
+
+
 def test_a_hybrid_patch_that_is_no_multiple_of_its_resnet_stride_is_refused():
     config = common.model_config("R50+B/16")
     config.patch_size = 24  # built a 1x1 embedding of the 16x16 trunk output: patches of 16 pixels, not 24

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -194,6 +195,12 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
     """
     if image_size is not None:
         _check_image_size(image_size, model_config.patch_size)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                    or num_classes < 1):
+        raise CheckpointError(f"num_classes={num_classes!r} is invalid: expected a positive integer (or None: the "
+                              "checkpoint's own)")
+    if resize_method not in surgery.RESIZE_METHODS:
+        raise CheckpointError(f"resize_method={resize_method!r} is invalid: expected one of {surgery.RESIZE_METHODS}")
     ckpt = read_checkpoint(path, model_config.num_heads, source_format)
     flat = ckpt.flat
     if num_classes is None and masked_patch_classes:

@@ -24,6 +24,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `clas
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -395,6 +396,8 @@ def corrupt_patches(tokens: Array, mask_embedding: Array, patch_source: Array | 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> VisionTransformer:
     """The VisionTransformer a config's `model` section describes, with `num_classes` outputs."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} is invalid: expected a positive integer")
     m = model_config
     kwargs = dict(
         num_classes=num_classes, patch_size=m.patch_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
