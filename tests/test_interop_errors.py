@@ -177,6 +177,23 @@ def test_a_failed_write_leaves_no_temp_file_and_the_destination_unchanged(tmp_pa
     assert path.read_bytes() == b"previous contents"
 
 
+def test_save_as_into_a_place_that_takes_no_files_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """A read-only or full disk was a raw OSError traceback from the temporary file, after reading the source."""
+    import errno
+
+    import safetensors.numpy
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    path = tmp_path / "vit.safetensors"
+    with pytest.raises(CheckpointError, match=f"{path}: cannot write there \\(No space left on device\\); the "
+                                              "destination is left as it was"):
+        save_as(random_params(tiny_config(), 4), tiny_config(), str(path), "timm")
+    assert os.listdir(tmp_path) == []
+
+
 class _Exploit:
     """Unpickling this would create a directory (a stand-in for running arbitrary code)."""
 

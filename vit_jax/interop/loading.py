@@ -343,6 +343,8 @@ def _check_file_destination(path: str, target_format: str, suffix: str, keep_exi
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CheckpointError(f"{path}: its directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"{path}: its directory {parent} is not writable")
 
 
 def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str, *,
@@ -361,7 +363,11 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
     path = os.fspath(path)
     if remote.is_remote(path):
         return _save_remote(params, model_config, path.rstrip("/"), target_format)
-    return _write(params, model_config, path, target_format, shown=path)
+    try:
+        return _write(params, model_config, path, target_format, shown=path)
+    except OSError as e:  # a read-only disk or directory, a file system that takes no files, a full disk
+        raise CheckpointError(f"{path}: cannot write there ({e.strerror or e}); the destination is left as it "
+                              "was") from e
 
 
 def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str, shown: str) -> str:
