@@ -59,6 +59,25 @@ def test_dataset_info_of_the_demo_config(data_dir):
     assert data.dataset_info(config).num_train_examples == 1470
 
 
+def test_an_eval_split_that_shares_training_examples_is_warned_about(data_dir, caplog):
+    import logging
+
+    config = demo.get_config()
+    config.tfds_data_dir = data_dir
+    config.train_split, config.eval_split = "train[:95%]", "train[90%:]"
+    with caplog.at_level(logging.WARNING):
+        data.dataset_info(config)
+        data.dataset_info(config, train=False)  # evaluating alone: nothing is trained on
+    assert caplog.text.count("share") == 1
+    assert ("config.eval_split='train[90%:]' and config.train_split='train[:95%]' of digits share 75 examples (of "
+            "150 evaluated): the evaluation scores images the model trains on") in caplog.text
+    caplog.clear()
+    config.eval_split = "train[95%:]"
+    with caplog.at_level(logging.WARNING):
+        data.dataset_info(config)
+    assert "share" not in caplog.text
+
+
 def test_dataset_info_rejects_a_config_that_does_not_match_the_dataset(data_dir):
     config = demo.get_config()
     config.tfds_data_dir = data_dir

@@ -367,11 +367,17 @@ def dataset_info_from_builder(builder: tfds.core.DatasetBuilder, name: str, trai
     if kind == "multi" and label_kind == "single" and train_split is not None:  # a softmax model may be scored
         raise DatasetError(f"dataset {name!r} has one or more labels per image ({label_key!r}); set "
                            "--config.label_kind=multi (multi-hot labels, sigmoid loss)")
-    return DatasetInfo(name=name, data_dir=str(builder.data_dir),
+    info = DatasetInfo(name=name, data_dir=str(builder.data_dir),
                        num_train_examples=0 if train_split is None else split_size(builder, train_split,
                                                                                     "train_split"),
                        num_eval_examples=split_size(builder, eval_split, "eval_split"),
                        num_classes=found_classes, label_kind=label_kind, image_key=image_key, label_key=label_key)
+    shared = 0 if train_split is None else shared_examples(builder, train_split, eval_split)
+    if shared:  # allowed (a training-set score is a check of its own), but the score is then not a test score
+        logging.warning("config.eval_split=%r and config.train_split=%r of %s share %d examples (of %d evaluated): "
+                        "the evaluation scores images the model trains on", eval_split, train_split, name, shared,
+                        info.num_eval_examples)
+    return info
 
 
 def dataset_info(config: ml_collections.ConfigDict, train: bool = True) -> DatasetInfo:
