@@ -220,7 +220,10 @@ def test_mesh_minus_one_takes_the_rest():
     ("--config.modle.x=3", "unknown config field"),
     ("--config.batchsize=32",
      "unknown config field 'batchsize' in --config.batchsize=32 (did you mean \"batch_size\")"),
-    ("--config.image_size=abc", "invalid literal"),
+    ("--config.image_size=abc", "flag --config.image_size=abc: expected an integer"),
+    ("--config.batch_size=12.5", "flag --config.batch_size=12.5: expected an integer"),
+    ("--config.pp.flip=yes", "flag --config.pp.flip=yes: expected true or false"),
+    ("--config.optimizer.lr=fast", "flag --config.optimizer.lr=fast: expected a number"),
     ("stray", "unexpected arguments ['stray']: pass options as --flag=value"),
     ("--config.model.classifier=cls", "config.model.classifier='cls' is invalid"),
 ])

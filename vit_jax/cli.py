@@ -126,9 +126,25 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     except (flags.Error, TypeError, ValueError) as e:
         message = str(e)
         _fail(_config_file_error(message) if "Error whilst parsing config file:" in message
-              else " ".join(message.split()))
+              else _plain_type_error(" ".join(message.split())))
     _check_config_files_loaded(argv)
     return rest
+
+
+_TYPE_ERRORS = (  # absl's and ml_collections' words for a value of the wrong type -> what is valid
+    (re.compile(r"\('Non-boolean argument to boolean flag', .*\)$"), "expected true or false"),
+    (re.compile(r"invalid literal for int\(\) with base 10: .*$"), "expected an integer"),
+    (re.compile(r"could not convert string to float: .*$"), "expected a number"),
+)
+
+
+def _plain_type_error(message: str) -> str:
+    """`flag --config.x=v: <library wording>` with the library's wording of a type error said plainly."""
+    for pattern, plain in _TYPE_ERRORS:
+        found = pattern.search(message)
+        if found:
+            return message[:found.start()] + plain
+    return message
 
 
 def _without_late_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any], None]:
