@@ -71,29 +71,33 @@ def test_dry_run_prints_the_whole_job_and_runs_nothing(tmp_path):
     assert "v4-512: 256 chips on 64 host(s)" in result.stderr
 
 
-def test_a_run_that_fails_keeps_its_exit_status_and_still_fetches_its_log(tmp_path):
-    """Under a gcloud stand-in: the slice is ACTIVE, the run exits 75 (preempted) before it made its workdir, so
-    the workdir's copy fails; the log is fetched first, the script goes on to delete the slice and exits 75."""
+def _run_under_gcloud(tmp_path, cases: str, *tools: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """tpu_vm.sh on a v5litepod-8 run of B/16 under a gcloud stand-in that logs its calls and acts on `cases`
+    (bash `case` arms over "$*"); `tools` are more stand-ins that only log. Returns the result and the calls."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.log"
     gcloud = bin_dir / "gcloud"
-    gcloud.write_text(f"""#!/usr/bin/env bash
-printf "%s\\n" "gcloud $*" >> {shlex.quote(str(calls))}
-case "$*" in
-  *"queued-resources describe"*) echo ACTIVE ;;
-  *"tpu-vm ssh"*"vit_jax.main"*) exit 75 ;;
-  *"--recurse"*) exit 1 ;;
-esac
-""")
+    gcloud.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "gcloud $*" >> {shlex.quote(str(calls))}\n'
+                      f'case "$*" in\n{cases}\nesac\n')
     gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
+    for tool in tools:
+        _tool_recorder(bin_dir, tool, calls)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
     result = subprocess.run(["bash", str(TPU_VM), "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
                              "v5litepod-8", "--config", "configs/vit_b16.py", "--workdir", "workdir/b16",
                              "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)
+    return result, calls.read_text().splitlines()
+
+
+def test_a_run_that_fails_keeps_its_exit_status_and_still_fetches_its_log(tmp_path):
+    """Under a gcloud stand-in: the slice is ACTIVE, the run exits 75 (preempted) before it made its workdir, so
+    the workdir's copy fails; the log is fetched first, the script goes on to delete the slice and exits 75."""
+    result, ran = _run_under_gcloud(tmp_path, """  *"queued-resources describe"*) echo ACTIVE ;;
+  *"tpu-vm ssh"*"vit_jax.main"*) exit 75 ;;
+  *"--recurse"*) exit 1 ;;""")
     assert result.returncode == 75, result.stderr
-    ran = calls.read_text().splitlines()
     log, workdir = (next(i for i, line in enumerate(ran) if "tpu-vm scp" in line and what in line)
                     for what in ("vit_jax_run.log", "--recurse"))
     assert log < workdir and "could not copy the workdir out" in result.stderr
@@ -103,29 +107,13 @@ esac
 def test_a_failed_describe_is_retried_and_a_failed_delete_keeps_the_runs_exit_status(tmp_path):
     """gcloud's describe fails once while the slice is queued (the script ended, and its EXIT trap deleted a slice
     that had waited for capacity), and the final delete fails (the script then exited 1, losing the run's 75)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls, described = tmp_path / "calls.log", tmp_path / "described"
-    gcloud = bin_dir / "gcloud"
-    gcloud.write_text(f"""#!/usr/bin/env bash
-printf "%s\\n" "gcloud $*" >> {shlex.quote(str(calls))}
-case "$*" in
-  *"queued-resources describe"*)
-    if [[ ! -e {shlex.quote(str(described))} ]]; then touch {shlex.quote(str(described))}; exit 1; fi
+    described = shlex.quote(str(tmp_path / "described"))
+    result, ran = _run_under_gcloud(tmp_path, f"""  *"queued-resources describe"*)
+    if [[ ! -e {described} ]]; then touch {described}; exit 1; fi
     echo ACTIVE ;;
   *"tpu-vm ssh"*"vit_jax.main"*) exit 75 ;;
-  *"queued-resources delete"*) exit 1 ;;
-esac
-""")
-    gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
-    _tool_recorder(bin_dir, "sleep", calls)  # the 30 s waits, recorded
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
-    result = subprocess.run(["bash", str(TPU_VM), "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
-                             "v5litepod-8", "--config", "configs/vit_b16.py", "--workdir", "workdir/b16",
-                             "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
+  *"queued-resources delete"*) exit 1 ;;""", "sleep")  # the 30 s waits, recorded
     assert result.returncode == 75, result.stderr
-    ran = calls.read_text().splitlines()
     waits = [line for line in ran if "queued-resources describe" in line or line.startswith("sleep")]
     assert [line.split()[0] if line.startswith("sleep") else "describe" for line in waits] == [
         "describe", "sleep", "describe"] and "describe b16 failed; retrying in 30 s" in result.stderr
