@@ -126,7 +126,8 @@ def test_a_failed_hf_export_leaves_no_directory_and_no_temporary_one(tmp_path, m
 
     with monkeypatch.context() as patched:
         patched.setattr(torch_hub, "write_safetensors", disk_full)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(CheckpointError, match=r"hf: cannot write there \(No space left on device\); the "
+                                                  "destination is left as it was"):
             save_as(params, config, str(out), "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if existing == "none" else ["hf"])
     assert not out.exists() or not any(out.iterdir())
