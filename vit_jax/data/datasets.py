@@ -99,11 +99,15 @@ def _namespace(name: str) -> str | None:
         return None
 
 
+def _did_you_mean(key: str) -> str:
+    """"; did you mean [...]?" naming up to three of our and TFDS's dataset names close to `key`, or ""."""
+    close = difflib.get_close_matches(key, list(OWN_BUILDERS) + list(tfds.list_builders()), n=3)
+    return f"; did you mean {close}?" if close else ""
+
+
 def _not_a_name(name: str, error: BaseException) -> DatasetError:
     """The error for a `config.dataset` TFDS cannot parse as name[/config][:x.y.z] (a typo, a space, a path)."""
-    candidates = list(OWN_BUILDERS) + list(tfds.list_builders())
-    close = difflib.get_close_matches(name.strip().split(":")[0].split("/")[0], candidates, n=3)
-    hint = f"; did you mean {close}?" if close else ""
+    hint = _did_you_mean(name.strip().split(":")[0].split("/")[0])
     path = (" (a directory of prepared datasets is config.tfds_data_dir / --data_dir)"
             if "/" in name and os.path.isdir(os.path.expanduser(name)) else "")
     detail = " ".join(str(error).split())[:200]
@@ -116,11 +120,8 @@ def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.D
     try:
         return tfds.builder(name, data_dir=data_dir, file_format=ARRAY_RECORD)
     except tfds.core.registered.DatasetNotFoundError:  # a ValueError too: caught first
-        candidates = list(OWN_BUILDERS) + list(tfds.list_builders())
-        close = difflib.get_close_matches(name.split(":")[0], candidates, n=3)
-        hint = f"; did you mean {close}?" if close else ""
         raise DatasetError(f"config.dataset={name!r} is neither a TFDS dataset nor one of ours "
-                           f"{sorted(OWN_BUILDERS)}{hint}") from None
+                           f"{sorted(OWN_BUILDERS)}{_did_you_mean(name.split(':')[0])}") from None
     except TypeError as e:  # a config written as key=value (cifar10/k=v) reaches the builder's constructor
         raise _not_a_name(name, e) from None
     except (ValueError, AssertionError) as e:  # TFDS asserts a version it does not know
