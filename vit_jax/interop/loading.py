@@ -97,11 +97,16 @@ def _from_local_copy(path: str) -> Iterator[str]:
         raise CheckpointError(f"{path} (copied to {local}): {e}") from e
 
 
+def _reads_as_orbax(path: str, source_format: str | None) -> bool:
+    """Whether the local `path` is read as our orbax checkpoint: asked for, or detected."""
+    return source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path))
+
+
 def _read_local(path: str, source_format: str | None, num_heads: int | None) -> Checkpoint:
     orbax_io.split_item(path)  # a step's "ema" item its run did not keep: an error saying so
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
-    if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):
+    if _reads_as_orbax(path, source_format):
         flat, numerics, step_dir = orbax_io.read_orbax(path)
         return Checkpoint(flat, "orbax", numerics, step_dir)
     weights_path, config_path = torch_hub.hf_dir_files(path) if os.path.isdir(path) else (path, None)
@@ -245,7 +250,7 @@ def source_numerics(path: str, source_format: str | None = None) -> Numerics | N
 
 
 def _local_numerics(path: str, source_format: str | None) -> Numerics | None:
-    if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path)):
+    if _reads_as_orbax(path, source_format):
         return orbax_io.read_numerics(path)
     if os.path.isdir(path):
         return torch_hub.hf_numerics(torch_hub.hf_dir_files(path)[1], None)
@@ -263,7 +268,7 @@ def recorded_run_config(path: str, source_format: str | None = None) -> dict:
     other formats, which record none). Reads only the step's "meta" item (of the cached copy, if remote)."""
     path = os.fspath(path)
     with _from_local_copy(path) as local:
-        if source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(local)):
+        if _reads_as_orbax(local, source_format):
             return orbax_io.read_recorded_config(local)
     return {}
 
