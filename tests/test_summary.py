@@ -42,6 +42,21 @@ def test_hybrid_flops_match_xla():
     assert 1.0 <= summary["xla_gflops_per_image"] / summary["gflops_per_image"] < 1.03
 
 
+def test_masked_patch_prediction_counts_the_model_it_pretrains():
+    """The pre-training model has a mask embedding and a 512-colour head on every patch token, and no class head."""
+    config = common.get_config("S/32")
+    config.num_classes, config.objective = 21843, "masked_patch_prediction"
+    d, layers, mlp, n = 384, 12, 1536, (224 // 32) ** 2
+    block_params = 4 * d * d + 4 * d + 2 * d * mlp + mlp + d + 4 * d
+    expected_params = (32 * 32 * 3 * d + d) + d + (n + 1) * d + layers * block_params + 2 * d + d + (d * 512 + 512)
+    summary = summarize(config)
+    assert summary["params"] == expected_params
+    assert [row["name"] for row in summary["layers"]][-1] == "masked_patch_head"
+    expected_flops = vit_flops(d, layers, mlp, 32, 224, 0) + 2 * n * d * 512
+    assert summary["gflops_per_image"] == pytest.approx(expected_flops / 1e9, rel=1e-9)
+    assert 1.0 <= summary["xla_gflops_per_image"] / summary["gflops_per_image"] < 1.03
+
+
 def test_cli_json_for_h14():
     result = subprocess.run(
         [sys.executable, "-m", "vit_jax.summary", "--config=configs/vit_h14.py", "--config.num_classes=1000", "--json"],

@@ -4,7 +4,8 @@ Prints the parameter count, forward GFLOPs per image counted analytically (multi
 matmul and convolution) and cross-checked against XLA's cost analysis of the lowered forward pass, and a
 per-layer table. Axial-ViT (`--config.model.axial=True`) is counted block by block: two dense halves per
 block, attention within rows and columns only. Shapes come from `jax.eval_shape`, so nothing is allocated:
-ViT-H/14 takes seconds.
+ViT-H/14 takes seconds. A config with `objective='masked_patch_prediction'` is counted as the model it
+pre-trains: its per-patch colour head in place of the classifier's head.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax import cli, config_check
+from vit_jax import cli, config_check, masked_patch
 from vit_jax.models import axial
 from vit_jax.models.variants import embedding_patch
 from vit_jax.models.vit import build_model
@@ -36,10 +37,18 @@ class LayerRow:
     flops: float  # forward FLOPs per image
 
 
-def param_shapes(model_config: ml_collections.ConfigDict, num_classes: int, image_size: int) -> dict:
-    """The model's parameter tree as ShapeDtypeStructs (nothing allocated)."""
-    model = build_model(model_config, num_classes)
-    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+def _model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The model the config trains: the classifier, or the masked-patch-prediction model (no `head`; a
+    per-patch colour head and a mask embedding instead)."""
+    if config.get("objective", "classification") == "masked_patch_prediction":
+        return masked_patch.build_pretraining_model(config)
+    return build_model(config.model, config.num_classes)
+
+
+def param_shapes(config: ml_collections.ConfigDict) -> dict:
+    """The parameter tree of the model the config trains, as ShapeDtypeStructs (nothing allocated)."""
+    model = _model(config)
+    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
     return nn.unbox(variables["params"])
 
@@ -91,7 +100,7 @@ def layer_table(config: ml_collections.ConfigDict) -> list[LayerRow]:
     """Per-layer parameters and analytic forward FLOPs per image (scanned models counted as unrolled)."""
     config = _unscanned(config)
     m = config.model
-    params = param_shapes(m, config.num_classes, config.image_size)
+    params = param_shapes(config)
     rows: list[LayerRow] = []
     grid = config.image_size // m.patch_size
     if m.resnet_layers:
@@ -103,6 +112,8 @@ def layer_table(config: ml_collections.ConfigDict) -> list[LayerRow]:
     rows.append(LayerRow("embedding", _count(params["embedding"]),
                          _conv_flops(grid, embed_patch, c_in, m.hidden_size)))
     tokens = grid * grid + (1 if m.classifier == "token" else 0)
+    if "mask_embedding" in params:
+        rows.append(LayerRow("mask_embedding", _count(params["mask_embedding"]), 0.0))
     if "cls" in params:
         rows.append(LayerRow("cls", _count(params["cls"]), 0.0))
     transformer = params["Transformer"]
@@ -117,6 +128,11 @@ def layer_table(config: ml_collections.ConfigDict) -> list[LayerRow]:
                  else transformer[f"encoderblock_{i}"])
         rows.append(LayerRow(f"Transformer/encoderblock_{i}", _count(block), block_flops))
     rows.append(LayerRow("Transformer/encoder_norm", _count(transformer["encoder_norm"]), 0.0))
+    if "masked_patch_head" in params:  # every patch token predicts its colour; no pooling, pre_logits or head
+        colours = params["masked_patch_head"]["kernel"].shape[-1]
+        rows.append(LayerRow("masked_patch_head", _count(params["masked_patch_head"]),
+                             2.0 * grid * grid * d * colours))
+        return rows
     head_in = d
     if m.representation_size:
         rows.append(LayerRow("pre_logits", _count(params["pre_logits"]), 2.0 * d * m.representation_size))
@@ -127,8 +143,8 @@ def layer_table(config: ml_collections.ConfigDict) -> list[LayerRow]:
 
 def xla_forward_flops(config: ml_collections.ConfigDict) -> float:
     """FLOPs per image of the lowered forward pass, from XLA's HLO cost analysis (no compile)."""
-    model = build_model(config.model, config.num_classes)
-    params = param_shapes(config.model, config.num_classes, config.image_size)
+    model = _model(config)
+    params = param_shapes(config)
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     lowered = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images)
     cost = lowered.cost_analysis()
@@ -149,6 +165,7 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
         "axial": bool(config.model.axial),
         "image_size": config.image_size,
         "num_classes": config.num_classes,
+        "objective": config.get("objective", "classification"),
         "params": sum(r.params for r in rows),
         "gflops_per_image": analytic / 1e9,
         "xla_gflops_per_image": xla_forward_flops(config) / 1e9,
@@ -164,7 +181,9 @@ def format_table(summary: dict) -> str:
     lines.append("-" * 62)
     lines.append(f"{'total':<36} {summary['params']:>14,} {summary['gflops_per_image']:>10.3f}")
     variant = ("Axial-" if summary["axial"] else "") + summary["variant"]
-    lines.append(f"variant {variant} at {summary['image_size']}px, {summary['num_classes']} classes; "
+    target = (f"{summary['num_classes']} classes" if summary["objective"] == "classification"
+              else "masked patch prediction")
+    lines.append(f"variant {variant} at {summary['image_size']}px, {target}; "
                  f"XLA cost analysis: {summary['xla_gflops_per_image']:.3f} GFLOPs/image (forward, incl. "
                  "elementwise ops)")
     return "\n".join(lines)
