@@ -93,7 +93,9 @@ def test_suggestions_name_switches_that_cover_the_overflow():
     assert found[0] == ("--config.mesh.fsdp=4 --config.mesh.data=-1: params + optimizer state 9.00 GiB -> "
                         "2.25 GiB per chip")
     assert any(s.startswith("--config.model.remat=True") for s in found)
-    assert any(s.startswith("--config.accum_steps=2:") and "~6.00 GiB" in s for s in found)
+    # Micro-batches shrink the 9 GiB of activations but not the 3 GiB of gradients, and add their 3 GiB sum:
+    # 16 leave 6 + 9/16 = 6.56 GiB of the 12 (8 would leave 7.13: 4.88 saved, short of 5).
+    assert any(s.startswith("--config.accum_steps=16:") and "~6.56 GiB" in s for s in found)
     assert any(s.startswith("--config.model.dtype=bfloat16") for s in found)
     assert not any("not enough alone" in s for s in found)
 
@@ -104,8 +106,8 @@ def test_suggestions_say_when_a_switch_is_not_enough_alone():
     memory = plan.Memory(params=1 * gib, opt_state=2 * gib, batch=0, other_inputs=0, temporaries=40 * gib,
                          outputs=0, code=0)
     found = plan.suggestions(config, {"data": 256, "fsdp": 1, "model": 1}, memory, hbm_bytes=16 * gib)  # 27 over
-    # All 3 GiB of state saved by fsdp=256 is short of 27 GiB; 4 micro-batches keep ~10 of the 40 GiB of
-    # temporaries, which is enough (2 would keep 20).
+    # All 3 GiB of state saved by fsdp=256 is short of 27 GiB; 4 micro-batches keep 2 + 39/4 = 11.75 of the 40 GiB
+    # of temporaries, which is enough (2 would keep 21.5).
     assert found[0].startswith("--config.mesh.fsdp=256 ") and found[0].endswith("not enough alone: combine with "
                                                                                  "another switch)")
     accum = next(s for s in found if s.startswith("--config.accum_steps="))
@@ -115,6 +117,12 @@ def test_suggestions_say_when_a_switch_is_not_enough_alone():
                              dataclasses.replace(memory, temporaries=400 * gib), hbm_bytes=16 * gib)
     accum = next(s for s in tight if s.startswith("--config.accum_steps="))
     assert accum.startswith("--config.accum_steps=16: micro-batches of 256 ") and "not enough alone" in accum
+    # State-bound: of 7 GiB of temporaries 6 are the gradients, so remat (1 GiB of activations) cannot cover 9.
+    state_bound = plan.suggestions(config, {"data": 256, "fsdp": 1, "model": 1},
+                                   dataclasses.replace(memory, params=6 * gib, opt_state=12 * gib,
+                                                       temporaries=7 * gib), hbm_bytes=16 * gib)
+    remat = next(s for s in state_bound if s.startswith("--config.model.remat=True"))
+    assert "1.00 GiB" in remat and remat.endswith("not enough alone: combine with another switch)")
 
 
 def test_cli_without_libtpu_is_one_line_and_exit_2():
@@ -324,6 +332,17 @@ def test_out_of_hbm_temporaries_are_read_from_a_canned_message(size, expected):
     assert plan._out_of_hbm_temporaries(error) == int(expected)
 
 
+def test_out_of_hbm_temporaries_are_read_from_the_program_requirement_wording():
+    # libtpu's other refusal: arguments plus temporaries exceed HBM, the temporaries alone might not.
+    message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used "
+               "20.51G of 15.48G hbm. Exceeded hbm capacity by 5.03G.\n\nTotal hbm usage >= 21.03G:\n    reserved"
+               "        530.00M \n    program          20.51G \n    arguments            0B \n\nOutput size 0B; "
+               "shares 0B with arguments.\n\nProgram hbm requirement 20.51G:\n    global            1.05M\n    "
+               "scoped           44.00M\n    HLO temp         14.31G (100.0% utilization: Unpadded (14.30G) Padded "
+               "(14.30G), 0.0% fragmentation (0.00B))\n")
+    assert plan._out_of_hbm_temporaries(jax.errors.JaxRuntimeError(message)) == int(14.31 * 2**30)
+
+
 def test_out_of_hbm_temporaries_is_none_for_other_errors():
     # The temporaries' wording without RESOURCE_EXHAUSTED, and an out-of-memory error that gives no temporaries.
     assert plan._out_of_hbm_temporaries(RuntimeError("INTERNAL: HLO temporaries (3.00G) are fine")) is None
@@ -416,3 +435,23 @@ def test_the_average_counts_with_the_optimizer_state_and_frozen_parameters_have_
     averaged_probe = memory(**{"optimizer.freeze": "(?!head/).*", "optimizer.ema_decay": 0.9999})
     head_per_chip = 32 * 10 * 4 // 8 + 10 * 4  # the kernel split over fsdp 8, the bias replicated
     assert averaged_probe.opt_state == probe.opt_state + head_per_chip
+
+
+@pytest.mark.parametrize("message, temporaries", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Exceeded hbm capacity by 5.03G.\n"
+     "Program hbm requirement 20.51G:\n    HLO temp         14.31G (100.0% utilization)", int(14.31 * 2**30)),
+    ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Exceeded hbm capacity by 7.88G.", None)])
+def test_a_step_libtpu_refuses_for_lack_of_hbm_is_reported_not_raised(monkeypatch, message, temporaries):
+    from tests.train_helpers import tiny_config
+
+    def refuse(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError(message)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+    config = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 1, "batch_size": 8})
+    if temporaries is None:  # no size to report: one line naming libtpu's verdict, not a traceback
+        with pytest.raises(UserError, match="does not fit in HBM.*Exceeded hbm capacity by 7.88G"):
+            plan.plan(config, jax.devices()[:1])
+    else:
+        result = plan.plan(config, jax.devices()[:1])
+        assert not result["fits"] and result["memory"].temporaries == temporaries

@@ -181,20 +181,26 @@ def suggestions(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], m
         found.append(f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1: params + optimizer state "
                      f"{_fmt_bytes(state)} -> {_fmt_bytes(state - saving[fsdp])} per chip"
                      + ("" if saving[fsdp] >= over else _NOT_ENOUGH))
-    activations = memory.temporaries
+    # Of the temporaries, the gradients (one params-sized buffer) stay whatever the micro-batch; accumulating
+    # micro-batches adds a second one (their sum). The rest are activations, which remat and micro-batches shrink.
+    gradients = memory.params * (2 if config.accum_steps > 1 else 1)
+    activations = max(memory.temporaries - gradients, 0)
     if not config.model.remat:
         found.append(f"--config.model.remat=True: recompute each block in the backward pass instead of keeping "
-                     f"its activations (most of the {_fmt_bytes(activations)} of temporaries; ~1/3 more FLOPs)")
+                     f"its activations (most of the {_fmt_bytes(activations)} of temporaries besides the "
+                     "gradients; ~1/3 more FLOPs)" + ("" if activations >= over else _NOT_ENOUGH))
     micro_batch = config.batch_size // config.accum_steps
     for factor in (2, 4, 8, 16, 32, 64):
         accum = config.accum_steps * factor
         if config.batch_size % accum or (config.batch_size // accum) % batch_devices:
             continue
         last = factor == 64 or (config.batch_size // (2 * accum)) % batch_devices or config.batch_size % (2 * accum)
-        if activations * (1 - 1 / factor) >= over or last:
+        temporaries = 2 * memory.params + activations / factor
+        enough = memory.temporaries - temporaries >= over
+        if enough or last:
             found.append(f"--config.accum_steps={accum}: micro-batches of {config.batch_size // accum} instead of "
-                         f"{micro_batch}; activations scale with them, ~{_fmt_bytes(activations / factor)}"
-                         + ("" if activations * (1 - 1 / factor) >= over else _NOT_ENOUGH))
+                         f"{micro_batch}; activations shrink with them (the gradients and their sum do not), "
+                         f"temporaries ~{_fmt_bytes(temporaries)}" + ("" if enough else _NOT_ENOUGH))
             break
     if config.model.dtype == "float32":
         found.append("--config.model.dtype=bfloat16: activations in bfloat16 (about half), and the MXU's native "
@@ -266,11 +272,21 @@ def _optimizer_part(state):
 
 
 def _out_of_hbm_temporaries(error: Exception) -> int | None:
-    """The temporaries' bytes from libtpu's "Ran out of memory on HBM ... temporaries (23.63G) exceeds ..." error."""
-    match = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", str(error))
-    if "RESOURCE_EXHAUSTED" not in str(error) or not match:
+    """The temporaries' bytes from libtpu's refusal of a step for lack of HBM, in either of its wordings:
+    "... total memory required for HLO temporaries (23.63G) exceeds available HBM ..." (the temporaries alone do
+    not fit) or "... Exceeded hbm capacity by ... Program hbm requirement ...: HLO temp 20.46G (...)" (arguments
+    and temporaries together do not)."""
+    text = str(error)
+    match = (re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", text)
+             or re.search(r"HLO temp\s+([\d.]+)([KMGT])\b", text))
+    if "RESOURCE_EXHAUSTED" not in text or not match:
         return None
     return int(float(match.group(1)) * 1024 ** ("KMGT".index(match.group(2)) + 1))
+
+
+def _out_of_hbm(error: Exception) -> bool:
+    """Whether a compile error is libtpu's refusal of the step for lack of HBM."""
+    return "RESOURCE_EXHAUSTED" in str(error) and "memory space hbm" in str(error)
 
 
 def step_flops(config: ml_collections.ConfigDict) -> float:
@@ -320,6 +336,9 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_b
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         temporaries = _out_of_hbm_temporaries(e)
+        if temporaries is None and _out_of_hbm(e):
+            raise UserError(f"the step does not fit in HBM, and libtpu's message gives no size of its temporaries "
+                            f"to report: {str(e).strip().splitlines()[0]}") from e
         if temporaries is None:
             raise
         memory = Memory(param_bytes, opt_bytes, batch_bytes, state_bytes - param_bytes - opt_bytes, temporaries, 0, 0)
