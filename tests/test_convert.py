@@ -156,3 +156,32 @@ def test_a_checkpoint_without_transformer_blocks_says_it_is_no_vit(tmp_path):
               str(path))
     with pytest.raises(CheckpointError, match=r"not a ViT checkpoint: none of its 2 key\(s\) is a transformer bl"):
         load_pretrained(str(path), tiny_config())
+
+
+@pytest.fixture(scope="module")
+def source_with_pre_logits(tmp_path_factory):
+    """An official-layout .npz of the tiny model with a 32-unit pre_logits layer, 4 classes at 32px."""
+    config = tiny_config(representation_size=32)
+    path = str(tmp_path_factory.mktemp("src_pre_logits") / "vit_pre_logits.npz")
+    save_as(random_params(config, 4), config, path, "npz")
+    return path
+
+
+def test_dropping_the_pre_logits_under_the_checkpoints_own_head_is_one_error_line(tmp_path, source_with_pre_logits):
+    """representation_size=0 (the configs' default) once dropped pre_logits under the checkpoint's own head and
+    wrote a new zero head, exit 0: a classifier scoring chance."""
+    out = tmp_path / "x.npz"
+    result = _convert(f"--src={source_with_pre_logits}", *TINY, f"--out={out}", "--to=npz")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "its input was the dropped pre_logits" in errors[0]
+    assert "set model.representation_size=32 to keep them" in errors[0]
+    assert not out.exists()
+
+
+def test_a_new_head_asked_for_may_drop_the_pre_logits(tmp_path, source_with_pre_logits):
+    out = tmp_path / "x.npz"
+    result = _convert(f"--src={source_with_pre_logits}", *TINY, f"--out={out}", "--to=npz", "--num_classes=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = flatten(load_pretrained(str(out), tiny_config()))
+    assert "pre_logits/kernel" not in loaded and loaded["head/kernel"].shape == (64, 3)

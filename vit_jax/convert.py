@@ -7,8 +7,10 @@
 
 The config gives the architecture (`config.model`); the source's format is detected from the file
 (`--from` forces it). The head and resolution are the checkpoint's own unless `--num_classes` /
-`--image_size` ask for others (a new zero head; resized position embeddings). Nothing is overwritten: --out is a
-new .npz / .safetensors file (npz, timm) or a new or empty directory (hf, orbax). Bad input: one line, exit 2.
+`--image_size` ask for others (a new zero head; resized position embeddings); without `--num_classes`, a head the
+--config model cannot use as is (its pre_logits dropped by representation_size=0) is an error, not a new zero
+head that would score chance. Nothing is overwritten: --out is a new .npz / .safetensors file (npz, timm) or a
+new or empty directory (hf, orbax). Bad input: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ def main(argv: Sequence[str]) -> None:
     config_check.validate_model(model_config, _IMAGE_SIZE.value or model_config.patch_size)
     source, out = cli.local_path(_SRC.value), cli.local_path(_OUT.value)  # a shell leaves `~` in --out=~/x alone
     check_destination(out, _TO.value)  # before reading: a bad --out costs nothing and overwrites nothing
+    # Without --num_classes the head is the checkpoint's own: if it cannot serve the --config model (its input,
+    # pre_logits, dropped by representation_size=0, or a fresh pre_logits under it), a new zero head would write a
+    # classifier scoring chance, so surgery's one-line error instead. --num_classes asks for a new head on purpose.
     params = load_pretrained(source, model_config, num_classes=_NUM_CLASSES.value or None,
                              image_size=_IMAGE_SIZE.value or None,
                              source_format=None if _FROM.value == "auto" else _FROM.value,
-                             resize_method=_RESIZE.value)
+                             resize_method=_RESIZE.value, require_head=not _NUM_CLASSES.value)
     written = save_as(params, model_config, out, _TO.value)
     print(f"wrote {written} ({_TO.value})")
 
