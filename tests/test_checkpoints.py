@@ -171,6 +171,32 @@ def test_a_save_that_fails_at_once_names_its_own_step(tmp_path, monkeypatch):
     ckpt.close()
 
 
+def test_a_save_that_fails_in_the_background_names_the_intact_earlier_step(tmp_path, monkeypatch):
+    """With keep=1 orbax forgets step 2 (to be deleted) when step 4's save starts: the failure once said "no
+    earlier checkpoint" although step 2 is intact on disk."""
+    import errno
+
+    from orbax.checkpoint._src.path import async_path
+
+    config = tiny_config(**{"mesh.data": 1})
+    state = train.init_state(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=1)
+    ckpt.save(2, state["params"], state["opt_state"], {"step": 2}, {"position": 2})
+    ckpt.wait()
+
+    async def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(async_path, "rename", disk_full)  # step 4's finalising rename, in the background
+    ckpt.save(4, state["params"], state["opt_state"], {"step": 4}, {"position": 4})
+    with pytest.raises(checkpoints.CheckpointWriteError,
+                       match=r"could not write the checkpoint of step 4 .*; the checkpoint of step 2 is intact"):
+        ckpt.wait()
+    monkeypatch.undo()
+    assert ckpt.latest_step() == 2 and ckpt.all_steps() == [2]
+    ckpt.close()
+
+
 @pytest.mark.parametrize("damage", ["overwrite", "delete", "metadata"])
 # orbax's other pending reads fail too and are reported at garbage collection
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

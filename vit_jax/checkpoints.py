@@ -197,11 +197,23 @@ class Checkpoints:
             cause = _os_error(e)
             if not isinstance(cause, OSError):
                 raise
-            latest = self.manager.latest_step()
-            kept = f"the checkpoint of step {latest} is intact" if latest is not None else "no earlier checkpoint"
             raise CheckpointWriteError(f"could not write the checkpoint of step {failed} to {self.directory}: "
-                                       f"{' '.join(str(cause).split())}; {kept}. Free space or fix permissions, "
-                                       "then rerun the same command to resume") from e
+                                       f"{' '.join(str(cause).split())}; {self._what_is_intact()}. Free space or fix "
+                                       "permissions, then rerun the same command to resume") from e
+
+    def _what_is_intact(self) -> str:
+        """After a failed save, which complete checkpoint is left on disk, as a clause of the error.
+
+        Read from disk, not from orbax's list of steps: a keep-N save drops the step it is to delete from that list
+        when it starts, so after its failure the list misses a step still intact (keep=1: "no earlier checkpoint").
+        The reload also lets a later save delete that step as due.
+        """
+        try:
+            self.manager.reload()
+        except Exception as e:  # the directory cannot be listed (permissions, a remote store out of reach)
+            return f"the complete checkpoints in it cannot be listed ({describe_error(e)})"
+        latest = self.manager.latest_step()
+        return f"the checkpoint of step {latest} is intact" if latest is not None else "no earlier checkpoint"
 
     def has_ema(self, step: int) -> bool:
         """Whether the checkpoint of `step` holds Polyak-averaged params (an "ema" item)."""
