@@ -268,7 +268,7 @@ def test_a_checkpoint_trained_with_sigmoids_predicts_sigmoids_whatever_the_confi
     logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images), np.float64)
 
     assert config.label_kind == "single"
-    predict.adopt_recorded_label_kind(config, str(tmp_path / "ckpt"))
+    predict.follow_recorded_run(config, str(tmp_path / "ckpt"))
     assert config.label_kind == "multi" and "trained with label_kind='multi'" in caplog.text
     loaded, _ = predict.load_params(str(tmp_path / "ckpt"), config)
     predictions = predict.predict(config, loaded, [(str(i), image) for i, image in enumerate(images)], k=10)
@@ -278,8 +278,69 @@ def test_a_checkpoint_trained_with_sigmoids_predicts_sigmoids_whatever_the_confi
     # A checkpoint of another format records no run: the config's kind stays.
     np.savez(tmp_path / "weights.npz", x=np.zeros(2))
     config.label_kind = "single"
-    predict.adopt_recorded_label_kind(config, str(tmp_path / "weights.npz"))
+    predict.follow_recorded_run(config, str(tmp_path / "weights.npz"))
     assert config.label_kind == "single"
+
+
+def _orbax_checkpoint(path, config, recorded):
+    """A tiny model's params at config.image_size, written as an orbax checkpoint whose run recorded `recorded`."""
+    import flax.linen as nn
+    import jax
+
+    from vit_jax.interop import orbax_io
+    from vit_jax.models.vit import build_model
+
+    model = build_model(config.model, config.num_classes)
+    images = np.zeros((1, config.image_size, config.image_size, 3), np.float32)
+    params = nn.unbox(jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False)["params"])(images))
+    orbax_io.write_orbax(params, {"step": 7, "config": json.dumps(recorded)}, str(path))
+    return params
+
+
+def test_preprocessing_other_than_the_runs_is_one_warning_each_and_is_kept(tmp_path, caplog):
+    """predict once ignored the recorded image_size, pp.eval_crop_fraction and pp.antialias without a word."""
+    import logging
+
+    config = train_helpers.tiny_config()
+    recorded = {"label_kind": "single", "image_size": 32, "model": config.model.to_dict(),
+                "pp": {"eval_crop_fraction": 0.875, "antialias": True}}
+    _orbax_checkpoint(tmp_path / "ckpt", train_helpers.tiny_config(image_size=32), recorded)
+    caplog.set_level(logging.WARNING, logger="absl")  # as predict logs
+    predict.follow_recorded_run(config, str(tmp_path / "ckpt"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3, warnings
+    assert "evaluated with image_size=32, this config has 16; pass --config.image_size=32" in warnings[0]
+    assert ("evaluated with pp.eval_crop_fraction=0.875, this config has 1.0; pass "
+            "--config.pp.eval_crop_fraction=0.875") in warnings[1]
+    assert "evaluated with pp.antialias=True, this config has False; pass --config.pp.antialias=True" in warnings[2]
+    assert (config.image_size, config.pp.eval_crop_fraction, config.pp.antialias) == (16, 1.0, False)
+    # The run's own settings, or a run that recorded none of them: nothing to say.
+    caplog.clear()
+    same = train_helpers.tiny_config(image_size=32, **{"pp.eval_crop_fraction": 0.875, "pp.antialias": True})
+    predict.follow_recorded_run(same, str(tmp_path / "ckpt"))
+    assert predict.recorded_preprocessing_differences(config, {"label_kind": "single"}) == []
+    assert not caplog.records
+
+
+def test_resizing_the_position_embeddings_is_a_warning_and_loads_what_load_pretrained_loads(tmp_path, caplog):
+    """The resize was logged at INFO only, which predict silences: a 16px model at 32px classified without a word."""
+    import logging
+
+    from vit_jax.interop import load_pretrained
+
+    config = train_helpers.tiny_config()
+    _orbax_checkpoint(tmp_path / "ckpt", config, {"model": config.model.to_dict()})
+    at_32 = train_helpers.tiny_config(image_size=32)
+    caplog.set_level(logging.WARNING, logger="absl")  # as predict logs
+    params, _ = predict.load_params(str(tmp_path / "ckpt"), at_32)
+    assert ("resized its position embeddings from the 4x4 patch grid (16px, as it was trained) to 8x8 for "
+            "config.image_size=32; --config.image_size=16 classifies at its own resolution") in caplog.text
+    expected = load_pretrained(str(tmp_path / "ckpt"), at_32.model, image_size=32)
+    np.testing.assert_array_equal(params["Transformer"]["posembed_input"]["pos_embedding"],
+                                  expected["Transformer"]["posembed_input"]["pos_embedding"])
+    caplog.clear()
+    predict.load_params(str(tmp_path / "ckpt"), config)  # its own resolution: nothing to say
+    assert "resized" not in caplog.text
 
 
 def test_cli_without_images_is_a_one_line_error(tmp_path):

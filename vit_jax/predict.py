@@ -11,8 +11,10 @@ a softmax over the classes (a sigmoid per class for `config.label_kind="multi"`,
 an orbax checkpoint recorded that kind). Label names come from
 `--labels` (a text file, one name per line) or else the config's dataset (its TFDS class names), else the
 class index stands in. The checkpoint is a training workdir, its `checkpoints/` directory or anything else
-`vit_jax.interop.load_pretrained` reads; its position embeddings are resized to `config.image_size` if needed,
-its head is kept as trained.
+`vit_jax.interop.load_pretrained` reads; its position embeddings are resized to `config.image_size` if needed
+(a warning), its head is kept as trained. An orbax checkpoint's recorded run config gives the label kind; where
+it evaluated with another `image_size`, `pp.eval_crop_fraction` or `pp.antialias`, a warning names the flag that
+matches the run (the config's values are kept: another resolution may be wanted).
 
 Images are read and classified `BATCH_SIZE` at a time (memory does not grow with their number); the
 checkpoint is opened once a batch holds a readable image. A missing or unreadable file is one `error: PATH: ...` line
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import re
 import sys
@@ -98,13 +101,36 @@ def load_params(checkpoint: str, config: ml_collections.ConfigDict, source_forma
     """
     from vit_jax import interop  # imported here: only this entry point needs the checkpoint readers
 
-    try:
-        params = interop.load_pretrained(checkpoint, config.model, image_size=config.image_size,
-                                         source_format=source_format, require_head=True)
+    problem = config_check.image_size_problem(config.image_size, config.model.patch_size)
+    if problem:
+        raise UserError(f"config.image_size={config.image_size!r} is invalid: {problem}")
+    try:  # at the checkpoint's own resolution: fitting it to config.image_size is then ours to report
+        params = interop.load_pretrained(checkpoint, config.model, source_format=source_format, require_head=True)
     except interop.MissingHeadError as e:
         raise UserError(f"--checkpoint={checkpoint}: has no classification head (a masked-patch-prediction "
                         "or feature-extractor checkpoint?); predict needs a fine-tuned classifier") from e
-    return params, int(np.shape(params["head"]["kernel"])[-1])
+    return fit_position_embeddings(params, config, checkpoint), int(np.shape(params["head"]["kernel"])[-1])
+
+
+def fit_position_embeddings(params: dict[str, Any], config: ml_collections.ConfigDict, checkpoint: str
+                            ) -> dict[str, Any]:
+    """`params` with position embeddings for `config.image_size`, resized from the checkpoint's own grid if it
+    differs (bilinear, the class token's kept apart: what `load_pretrained` does) with a warning: a model
+    classifying at a resolution it was not trained at can score worse, and predict logs only warnings."""
+    from vit_jax import interop
+
+    encoder = params["Transformer"]
+    posemb = np.asarray(encoder["posembed_input"]["pos_embedding"])
+    prefix = 1 if "cls" in params else 0
+    side, patch = math.isqrt(posemb.shape[1] - prefix), config.model.patch_size
+    wanted = config.image_size // patch
+    if side == wanted:
+        return params
+    logging.warning("%s: resized its position embeddings from the %dx%d patch grid (%dpx, as it was trained) to "
+                    "%dx%d for config.image_size=%d; --config.image_size=%d classifies at its own resolution",
+                    checkpoint, side, side, side * patch, wanted, wanted, config.image_size, side * patch)
+    resized = interop.resize_posemb(posemb, wanted, num_prefix_tokens=prefix)
+    return {**params, "Transformer": {**encoder, "posembed_input": {"pos_embedding": resized}}}
 
 
 def read_labels_file(path: str, num_classes: int) -> list[str]:
@@ -230,13 +256,41 @@ def predict(config: ml_collections.ConfigDict, params: Mapping[str, Any], images
     return make_predictor(config, params, k=k, names=names, batch_size=batch_size)(images)
 
 
-def adopt_recorded_label_kind(config: ml_collections.ConfigDict, checkpoint: str,
-                              source_format: str | None = None) -> None:
-    """Set `config.label_kind` to the one the training run of an orbax `checkpoint` recorded, if it differs
-    (a sigmoid run's logits read through a softmax rank the same but give other probabilities); warns."""
+# What evaluation preprocesses with, as dotted config fields: a run's scores were measured with its own values.
+_EVAL_PREPROCESSING = ("image_size", "pp.eval_crop_fraction", "pp.antialias")
+
+
+def follow_recorded_run(config: ml_collections.ConfigDict, checkpoint: str, source_format: str | None = None) -> None:
+    """Compare `config` with the run config the training run of an orbax `checkpoint` recorded (other formats
+    record none): adopt its `label_kind` (a sigmoid run's logits read through a softmax rank the same but give
+    other probabilities), and warn where this config preprocesses otherwise (`recorded_preprocessing_differences`)
+    — not adopted: another resolution or crop may be what the user wants."""
     from vit_jax import interop
 
-    config_check.adopt_recorded_label_kind(config, interop.recorded_run_config(checkpoint, source_format), checkpoint)
+    recorded = interop.recorded_run_config(checkpoint, source_format)
+    config_check.adopt_recorded_label_kind(config, recorded, checkpoint)
+    for difference in recorded_preprocessing_differences(config, recorded):
+        logging.warning("%s: %s", checkpoint, difference)
+
+
+def _dotted_get(tree: Any, field: str) -> Any:
+    """`tree`'s value at a dotted `field` ("pp.antialias") of a ConfigDict or a dict; None where it has none."""
+    for key in field.split("."):
+        tree = tree.get(key) if hasattr(tree, "get") else None
+    return tree
+
+
+def recorded_preprocessing_differences(config: ml_collections.ConfigDict, recorded: Mapping[str, Any]) -> list[str]:
+    """One line per evaluation-preprocessing field (`_EVAL_PREPROCESSING`) where `config` differs from the
+    `recorded` run config (a dict): both values, and the flag that matches the run. Fields the run did not
+    record are skipped."""
+    lines = []
+    for field in _EVAL_PREPROCESSING:
+        trained, current = _dotted_get(recorded, field), _dotted_get(config, field)
+        if trained is not None and trained != current:
+            lines.append(f"the training run evaluated with {field}={trained!r}, this config has {current!r}; "
+                         f"pass --config.{field}={trained} to preprocess as the run did")
+    return lines
 
 
 def _define_flags() -> None:
@@ -257,7 +311,7 @@ def _load_predictor(config: ml_collections.ConfigDict, batch_size: int
     """The command's predictor: the checkpoint's params, its run's label kind, and class names from
     `--labels` or the dataset."""
     checkpoint, source_format = cli.local_path(flags.FLAGS.checkpoint), flags.FLAGS.source_format
-    adopt_recorded_label_kind(config, checkpoint, source_format)
+    follow_recorded_run(config, checkpoint, source_format)
     params, num_classes = load_params(checkpoint, config, source_format)
     if flags.FLAGS.labels:
         names = read_labels_file(cli.local_path(flags.FLAGS.labels), num_classes)
