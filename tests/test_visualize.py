@@ -96,21 +96,73 @@ def test_attention_distance_figure_reads_every_batch_alike(tmp_path, monkeypatch
     np.testing.assert_allclose(drawn["distance"], expected, rtol=1e-5)
 
 
-def test_render_figures_for_gap_and_axial_models(tmp_path):
+def _capture_drawings(monkeypatch) -> dict:
+    """What render_figures hands to the rollout and attention-distance drawings (the PNGs are still written)."""
+    drawn = {}
+    draw_rollout, draw_distance = visualize.draw_rollout, visualize.draw_attention_distance
+
+    def rollout(image, mask, path, title=""):
+        drawn["mask"] = np.asarray(mask)
+        return draw_rollout(image, mask, path, title)
+
+    def distance(distances, image_size, path):
+        drawn["distance"] = np.asarray(distances)
+        return draw_distance(distances, image_size, path)
+
+    monkeypatch.setattr(visualize, "draw_rollout", rollout)
+    monkeypatch.setattr(visualize, "draw_attention_distance", distance)
+    return drawn
+
+
+def _rollout_of_every_row(attentions):
+    """Attention rollout recomputed by hand (float64): mean over heads, plus the identity, rows renormalised,
+    multiplied through the layers."""
+    joint = None
+    for attention in attentions:
+        a = np.asarray(attention, np.float64)[0].mean(axis=0)
+        a = a + np.eye(a.shape[-1])
+        a = a / a.sum(axis=-1, keepdims=True)
+        joint = a if joint is None else a @ joint
+    return joint
+
+
+def test_render_figures_for_gap_and_axial_models(tmp_path, monkeypatch):
     gap = tiny_run_config(classifier="gap")
-    written = visualize.render_figures(gap, random_params(gap.model), [("x", np.zeros((16, 16, 3)))], tmp_path / "g")
+    params = random_params(gap.model)
+    image = np.random.default_rng(1).uniform(-1, 1, (16, 16, 3)).astype(np.float32)
+    drawn = _capture_drawings(monkeypatch)
+    written = visualize.render_figures(gap, params, [("x", image)], tmp_path / "g")
     assert {p.name for p in written} == {"rollout_x.png", "attention_distance.png",
                                          "position_embedding_similarity.png", "embedding_filters.png"}
+    # No class token: the map is what average pooling reads, the mean of every token's row, over all 16 patches.
+    attentions = analysis.capture_attention(gap.model, params, image[None])
+    expected = _rollout_of_every_row(attentions).mean(axis=0).reshape(4, 4)
+    np.testing.assert_allclose(drawn["mask"], expected / expected.max(), rtol=1e-4)
+    distances = [analysis.attention_distance(a, 4, 0)[0] for a in attentions]  # no prefix token to skip
+    np.testing.assert_allclose(drawn["distance"], np.stack(distances), rtol=1e-5)  # (layers, heads)
     axial = tiny_run_config(classifier="gap", axial=True)
     written = visualize.render_figures(axial, random_params(axial.model), [("x", np.zeros((16, 16, 3)))],
                                        tmp_path / "a")
     assert {p.name for p in written} == {"position_embedding_similarity.png", "embedding_filters.png"}
 
 
-def test_render_figures_for_hybrid_skips_rgb_filters_but_draws_attention(tmp_path):
+def test_render_figures_for_hybrid_skips_rgb_filters_but_draws_attention(tmp_path, monkeypatch):
     hybrid = tiny_run_config(resnet_layers=(1, 1), patch_size=8)  # trunk stride 8 -> 1x1 embedding patches
-    written = visualize.render_figures(hybrid, random_params(hybrid.model), [("x", np.zeros((16, 16, 3)))], tmp_path)
+    params = random_params(hybrid.model)
+    image = np.random.default_rng(2).uniform(-1, 1, (16, 16, 3)).astype(np.float32)
+    drawn = _capture_drawings(monkeypatch)
+    written = visualize.render_figures(hybrid, params, [("x", image)], tmp_path)
     assert {p.name for p in written} == {"rollout_x.png", "attention_distance.png", "position_embedding_similarity.png"}
+    # Distances are in pixels: neighbouring tokens of the 2x2 grid are 8 pixels apart (the trunk's stride times
+    # the 1-pixel embedding patch), diagonal ones 8 * sqrt(2).
+    attentions = analysis.capture_attention(hybrid.model, params, image[None])
+    steps = np.array([[0, 1, 1, 2 ** 0.5], [1, 0, 2 ** 0.5, 1], [1, 2 ** 0.5, 0, 1], [2 ** 0.5, 1, 1, 0]]) * 8
+    expected = []
+    for attention in attentions:
+        patches = np.asarray(attention, np.float64)[0, :, 1:, 1:]
+        patches = patches / patches.sum(axis=-1, keepdims=True)
+        expected.append((patches * steps).sum(axis=-1).mean(axis=-1))
+    np.testing.assert_allclose(drawn["distance"], np.stack(expected), rtol=1e-4)  # (layers, heads)
 
 
 def test_render_figures_rejects_position_embeddings_of_another_size(tmp_path):
