@@ -183,6 +183,11 @@ def test_nonfinite_loss_names_the_first_bad_step():
     with pytest.raises(train.NonFiniteLossError, match="at step 8"):
         train._check_finite(pending)
     assert [s for s, _ in train._check_finite(pending[:1])] == [7]
+    # A finite loss whose gradients are not: the params that step leaves are NaN.
+    with pytest.raises(train.NonFiniteLossError, match="the gradient norm is inf at step 7"):
+        train._check_finite([(7, {"loss": jnp.float32(0.5), "grad_norm": jnp.float32(np.inf)})])
+    fetched = train._check_finite([(7, {"loss": jnp.float32(0.5), "grad_norm": jnp.float32(2.0)})])
+    assert train._check_finite(fetched) == fetched == [(7, {"loss": 0.5, "grad_norm": 2.0})]  # host values again
 
 
 def test_abstract_state_carries_the_shardings_the_step_is_compiled_for():
@@ -457,12 +462,113 @@ def test_a_finished_workdir_scores_again_what_its_final_metrics_lack(tmp_path, c
         rescored = train.train_and_evaluate(extended, workdir)
     assert "cannot be read" in caplog.text and rescored["test_accuracy"] == pytest.approx(scored["test_accuracy"])
     assert train.FINAL_METRICS in os.listdir(workdir) and not any(".partial" in n for n in os.listdir(workdir))
+    # The extra test set's split changed: its scores are the test split's now, not the train split's of before.
+    moved = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2,
+                               extra_evals=("digits,test",))
+    assert train.train_and_evaluate(moved, workdir)["extra_evals"]["digits"]["loss"] == pytest.approx(
+        scored["test_loss"], rel=1e-6)
     other_split = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2, eval_split="train")
     assert train.train_and_evaluate(other_split, workdir)["eval_split"] == "train"  # not the test split's scores
     # A finished run is only scored: another optimizer's config does not have to match its optimizer state.
     sgd = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2, eval_split="train",
                              **{"optimizer.name": "sgd"})
     assert train.train_and_evaluate(sgd, workdir)["eval_split"] == "train"
+
+
+def _scoring_config(**overrides):
+    """A config with an extra test set and a few-shot task, and its extra test sets' configs (no data read)."""
+    import copy
+
+    config = tiny_config(**{"eval_split": "test", "extra_evals": ("digits,validation",),
+                            "fewshot.datasets": ("digits,train[:100],test",), "fewshot.shots": (1, 5),
+                            "fewshot.seeds": 2, "fewshot.l2_reg": 1024.0, **overrides})
+    extra = {}
+    for entry in config.extra_evals:
+        dataset, split = entry.split(",")
+        extra[dataset] = copy.deepcopy(config)
+        extra[dataset].dataset, extra[dataset].eval_split = dataset, split
+    return config, extra
+
+
+@pytest.mark.parametrize("change", [
+    {"eval_split": "validation"}, {"label_kind": "multi"}, {"extra_evals": ("digits,test",)},
+    {"fewshot.datasets": ("digits,train[:200],test",)}, {"fewshot.datasets": ("digits,train[:100],validation",)},
+    {"fewshot.shots": (1,)}, {"fewshot.seeds": 3}, {"fewshot.l2_reg": 1.0}, {"fewshot.datasets": ()},
+    {"pp.eval_crop_fraction": 0.875}, {"pp.antialias": True}, {"image_size": 32},
+])
+def test_final_metrics_scored_with_other_settings_are_not_reused(tmp_path, change):
+    """final_metrics.json of the same step is reused only if it was scored as this config scores: the eval split,
+    the label kind (the loss), the evaluation preprocessing, each extra test set's split and each few-shot task's
+    splits, shots, seeds and l2."""
+    config, extra = _scoring_config()
+    stored = {"step": 5, "test_accuracy": 0.5, "scored_with": train.scored_with(config, extra)}
+    train.write_final_metrics(str(tmp_path), stored)
+    path = train.epath.Path(tmp_path) / train.FINAL_METRICS
+    assert train._stored_result(path, 5, config, extra) == stored  # unchanged: read back
+    assert train._stored_result(path, 5, *_scoring_config(**change)) is None
+
+
+def test_final_metrics_that_record_no_scoring_settings_are_scored_again(tmp_path, caplog):
+    """A file an older version wrote, without "scored_with": scored again, with a warning, not an error."""
+    import logging
+
+    config, extra = _scoring_config()
+    train.write_final_metrics(str(tmp_path), {"step": 5, "test_accuracy": 0.5, "eval_split": "test"})
+    with caplog.at_level(logging.WARNING):
+        assert train._stored_result(train.epath.Path(tmp_path) / train.FINAL_METRICS, 5, config, extra) is None
+    assert "does not record what it was scored with" in caplog.text
+
+
+def test_a_finished_multi_label_run_is_scored_again_with_its_own_loss(tmp_path):
+    """Rescoring a finished sigmoid run without --config.label_kind: its test loss is the sigmoid loss it was
+    scored with at the end of training, not a softmax loss of its logits, and the rescore is then reused."""
+    import os
+
+    workdir = str(tmp_path / "run")
+    first = train.train_and_evaluate(_digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2,
+                                                        label_kind="multi"), workdir)
+    os.remove(os.path.join(workdir, train.FINAL_METRICS))
+    default = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2)
+    assert default.label_kind == "single"
+    again = train.train_and_evaluate(default, workdir)
+    assert again["test_loss"] == pytest.approx(first["test_loss"], rel=1e-6)
+    assert again["scored_with"]["label_kind"] == "multi"
+
+
+@pytest.mark.parametrize("scores", ["eval", "fewshot"])
+def test_a_step_that_leaves_nan_params_stops_the_run_before_they_are_scored(tmp_path, monkeypatch, scores):
+    """Step 2's update leaves NaN params (its loss still finite, its gradient norm not), on an evaluation or
+    few-shot step that is neither a log nor a checkpoint step: the run stops there, naming the step, before any
+    evaluation or few-shot pass scores those params."""
+    from vit_jax import fewshot
+
+    make_train_step = train.make_train_step
+
+    def diverging_at_step_2(*args, **kwargs):
+        step_fn = make_train_step(*args, **kwargs)
+
+        def run(state, batch):
+            state, metrics = step_fn(state, batch)
+            if int(state["step"]) == 2:
+                state = {**state, "params": jax.tree.map(lambda p: p * np.nan, state["params"])}
+                metrics = {**metrics, "grad_norm": metrics["grad_norm"] * np.nan}
+            return state, metrics
+
+        run.lower = step_fn.lower  # step_flops lowers it
+        return run
+
+    scored = []
+    evaluate_weights, evaluate_fewshot = train._evaluate_weights, fewshot.evaluate
+    monkeypatch.setattr(train, "make_train_step", diverging_at_step_2)
+    monkeypatch.setattr(train, "_evaluate_weights", lambda *a, **k: scored.append("eval") or evaluate_weights(*a, **k))
+    monkeypatch.setattr(fewshot, "evaluate", lambda *a, **k: scored.append("fewshot") or evaluate_fewshot(*a, **k))
+    overrides = ({"eval_every": 2} if scores == "eval" else
+                 {"fewshot.datasets": ("digits,train[:100],test[:50]",), "fewshot.shots": (1,), "fewshot.seeds": 1,
+                  "fewshot.every_steps": 2})
+    config = _digits_run_config(tmp_path, total_steps=4, log_every=4, checkpoint_every=1000, **overrides)
+    with pytest.raises(train.NonFiniteLossError, match="the gradient norm is nan at step 2"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert scored == ([] if scores == "eval" else ["fewshot"])  # few-shot's baseline at step 0 only
 
 
 def test_pin_pretrained_stops_every_process_when_a_local_path_is_missing_on_some(tmp_path):

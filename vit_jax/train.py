@@ -407,7 +407,8 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
     The model's numerics (GELU flavour, LayerNorm eps) are set in place to those of the weights: the ones a
     resumed checkpoint's run recorded (evaluating a fine-tune of timm weights without its --config.pretrained still
     computes with exact GELU; `config.pretrained` is then not read), or else those of `config.pretrained`. An
-    evaluation (`params_only`) also takes the run's recorded `label_kind`: its loss is the one it trained with.
+    evaluation (`params_only`), and the scoring of a finished run (its latest step at `num_steps` or beyond), also
+    take the run's recorded `label_kind`, in place: its loss is the one it trained with.
     Order: resume the latest checkpoint in the workdir -> else `config.pretrained` (via vit_jax.interop; a
     training run puts a new zero head unless `config.pretrained_head` is "keep", an evaluation keeps the
     checkpoint's) -> else from scratch. Restoring reads onto this run's mesh, whatever mesh wrote the checkpoint.
@@ -443,8 +444,9 @@ def restore_or_init(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: in
             logging.warning("the checkpoint was trained with model.gelu_approximate=%s, "
                             "model.layernorm_epsilon=%g: computing with those, not this config's",
                             recorded.gelu_approximate, recorded.layernorm_epsilon)
-        # An evaluation scores the loss the run trained with (softmax or sigmoid), whatever this config says.
-        if params_only:
+        # An evaluation, or the scoring of a finished run, uses the loss the run trained with (softmax or
+        # sigmoid), whatever this config says: a multi-label run's test_loss is its sigmoid loss without the flag.
+        if params_only or not trains_on:
             where = f"{ckpt.directory}/{latest}"
             config_check.adopt_recorded_label_kind(config, orbax_io.recorded_config(meta, where), where)
         replicated = sharding.replicated(mesh)
@@ -572,14 +574,20 @@ def _report(message: str) -> None:
         print(message, flush=True)
 
 
-def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]]) -> list[tuple[int, dict[str, float]]]:
-    """Fetch the metrics of the steps since the last check; raise at the first NaN/inf loss."""
+def _check_finite(pending: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, float]]]:
+    """Fetch the metrics of the steps since the last check (device arrays, or host floats a check fetched
+    already); raise at the first NaN/inf loss or gradient norm.
+
+    The gradient norm too: a step whose loss is finite but whose gradients are not leaves NaN params, which an
+    evaluation or a checkpoint of that very step would otherwise receive.
+    """
     fetched = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
     for step, metrics in fetched:
-        if not np.isfinite(metrics["loss"]):
-            raise NonFiniteLossError(f"the training loss is {metrics['loss']} at step {step}; stopping. The last "
-                                     "good checkpoint is kept: lower config.optimizer.lr, raise warmup_steps or "
-                                     "check the data")
+        for key, what in (("loss", "the training loss"), ("grad_norm", "the gradient norm")):
+            if key in metrics and not np.isfinite(metrics[key]):
+                raise NonFiniteLossError(f"{what} is {metrics[key]} at step {step}; stopping. The last good "
+                                         "checkpoint is kept: lower config.optimizer.lr, raise warmup_steps or "
+                                         "check the data")
     return fetched
 
 
@@ -605,11 +613,31 @@ def _test_metrics(config: ml_collections.ConfigDict, eval_metrics: dict[str, flo
     return result
 
 
+def scored_with(config: ml_collections.ConfigDict, extra: dict[str, ml_collections.ConfigDict]) -> dict:
+    """What a finished run's scores depend on besides its weights (final_metrics.json's "scored_with", as JSON
+    reads it back): the eval split, label kind and evaluation preprocessing (resolution, crop, antialiasing),
+    each extra test set's (dataset, split), and each few-shot task's dataset, splits, shots, seeds and l2
+    strength. A rerun reuses the scores only where this is unchanged: scores of another split, loss, crop or draw
+    of shots would be reported as this config's."""
+    record: dict[str, Any] = {"eval_split": config.eval_split, "label_kind": config.label_kind,
+                              "image_size": config.image_size, "eval_crop_fraction": config.pp.eval_crop_fraction,
+                              "antialias": config.pp.antialias,
+                              "extra_evals": {name: [c.dataset, c.eval_split] for name, c in extra.items()}}
+    if _has_fewshot(config):
+        settings = config.fewshot
+        record["fewshot"] = {task.name: {"dataset": task.dataset, "train_split": task.train_split,
+                                         "test_split": task.test_split, "shots": list(settings.shots),
+                                         "seeds": settings.seeds, "l2_reg": settings.l2_reg}
+                             for task in fewshot.validate(config)}
+    return json.loads(json.dumps(record))  # lists and floats as the file holds them
+
+
 def _stored_result(path: epath.Path, step: int, config: ml_collections.ConfigDict,
                    extra: dict[str, ml_collections.ConfigDict]) -> dict | None:
-    """The finished run's final_metrics.json, if it holds step `step`'s scores of every test set and few-shot
-    task the config asks for; None (score again) when it is an earlier finish's (the run was extended, then
-    stopped before writing its own) or lacks a score the config adds."""
+    """The finished run's final_metrics.json, if it holds step `step`'s scores, scored as this config scores
+    (`scored_with`); None (score again) when it is an earlier finish's (the run was extended, then stopped before
+    writing its own), was scored with another split, label kind, test set or few-shot setting, or records none
+    (written before final_metrics.json recorded what it was scored with)."""
     if not path.exists():
         return None
     try:
@@ -617,28 +645,34 @@ def _stored_result(path: epath.Path, step: int, config: ml_collections.ConfigDic
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         logging.warning("%s cannot be read (%s): scoring the run again", path, e)
         return None
-    if not isinstance(result, dict) or result.get("eval_split", config.eval_split) != config.eval_split:
-        logging.warning("%s holds the scores of eval_split=%r, not %r: scoring the run again", path,
-                        result.get("eval_split") if isinstance(result, dict) else None, config.eval_split)
+    if not isinstance(result, dict):
+        logging.warning("%s holds %s, not a dict of scores: scoring the run again", path, type(result).__name__)
         return None
     if result.get("step") != step:
         logging.warning("%s holds step %s's scores, not the last checkpoint's (%d): scoring it again", path,
                         result.get("step"), step)
         return None
-    wanted_fewshot = ({f"{task.name}_{n}shot" for task in fewshot.validate(config) for n in config.fewshot.shots}
-                      if _has_fewshot(config) else set())
-    if set(extra) - set(result.get("extra_evals", {})) or wanted_fewshot - set(result.get("fewshot", {})):
+    recorded, wanted = result.get("scored_with"), scored_with(config, extra)
+    if not isinstance(recorded, dict):
+        logging.warning("%s does not record what it was scored with (an older version wrote it): scoring the run "
+                        "again", path)
+        return None
+    changed = sorted(key for key in wanted.keys() | recorded.keys() if wanted.get(key) != recorded.get(key))
+    if changed:
+        logging.warning("%s was scored with other settings (%s there, %s now): scoring the run again", path,
+                        {key: recorded.get(key) for key in changed}, {key: wanted.get(key) for key in changed})
         return None
     return result
 
 
 def _final_result(config: ml_collections.ConfigDict, step: int, train_loss: float | None,
-                  evaluations: Evaluations) -> dict:
-    """final_metrics.json: the eval split's metrics of the params, "extra_evals" (each test set's), and under
-    "ema" the same of the Polyak average; `evaluations` is `_evaluate_weights`'s result per weight set."""
+                  evaluations: Evaluations, extra_configs: dict[str, ml_collections.ConfigDict]) -> dict:
+    """final_metrics.json: the eval split's metrics of the params, "extra_evals" (each test set's), under "ema"
+    the same of the Polyak average, and "scored_with" (`scored_with`, of the `extra_evals.eval_configs` result
+    `extra_configs`); `evaluations` is `_evaluate_weights`'s result per weight set."""
     metrics, extra = evaluations["params"]
     result = {"step": step, "train_loss": train_loss, **_test_metrics(config, metrics),
-              "eval_split": config.eval_split}
+              "eval_split": config.eval_split, "scored_with": scored_with(config, extra_configs)}
     if extra:
         result["extra_evals"] = extra
     if "ema" in evaluations:
@@ -675,6 +709,13 @@ def _evaluate_extra(extra_steps: ExtraSteps, params: Any, mesh: Mesh, when: str 
 
 def _has_fewshot(config: ml_collections.ConfigDict) -> bool:
     return "fewshot" in config and bool(config.fewshot.datasets)
+
+
+def _log_fewshot_weights(scored: str) -> None:
+    """Say, where a Polyak average exists, that few-shot scores `scored`'s raw params and not the average (few-shot
+    of the average is not implemented): its numbers are not to be read as the average's."""
+    logging.info("few-shot scores the raw params of %s, not their Polyak average (few-shot of the average is not "
+                 "implemented; the eval split's scores of the average are reported apart)", scored)
 
 
 def _fewshot_line(step: int, results: dict[str, float]) -> str:
@@ -760,8 +801,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             else:
                 evaluations = _evaluate_weights(config, make_eval_step(config, mesh), _extra_steps(extra, mesh),
                                                 _weight_sets(state), mesh, f"of step {start_step}")
-                result = _final_result(config, start_step, meta.get("train_loss"), evaluations)
+                result = _final_result(config, start_step, meta.get("train_loss"), evaluations, extra)
                 if _has_fewshot(config):
+                    if "ema" in state:
+                        _log_fewshot_weights(f"step {start_step}")
                     result["fewshot"] = fewshot.evaluate(config, state["params"], mesh)
                 write_final_metrics(workdir, result)
             _report(f"{workdir} already holds the finished run (step {start_step}).")
@@ -828,6 +871,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     checkpoint_every = config_check.interval(config.checkpoint_every, num_steps)
     fewshot_every = config.fewshot.every_steps if _has_fewshot(config) else None
     represent = fewshot.make_representation_fn(config, mesh) if fewshot_every is not None else None
+    if represent is not None and "ema" in state:
+        _log_fewshot_weights("this run")
     last_fewshot: dict[str, float] | None = None
     # A fresh run's baseline at initialisation, before anything is written: it also checks that every class has
     # the shots (an error here leaves no trace in the workdir).
@@ -852,7 +897,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     # gloo's CPU collectives can deadlock with many steps in flight across processes: keep them in lock step.
     block_each_step = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
 
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    pending: list[tuple[int, dict[str, Any]]] = []  # device arrays, or host floats once checked
     train_loss = meta.get("train_loss")
     last_evaluations: Evaluations = {}
     profile_start = None
@@ -897,20 +942,25 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                              os.path.join(workdir, "profile"))
 
             evaluates = step % eval_every == 0 or step == num_steps
+            scores_fewshot = (represent is not None and not preempted
+                              and (step == num_steps or bool(fewshot_every and step % fewshot_every == 0)))
+            if (evaluates or scores_fewshot) and pending:
+                # Never score a state that has diverged (NaN params: few-shot's solver would fail on them). The
+                # pass waits for the steps in flight anyway; the values fetched are kept for the next log line.
+                pending = _check_finite(pending)
             if evaluates and not preempted:  # preempted: after the save, below
                 _, seconds = _paused(state, _evaluate_and_log, step, _weight_sets(state), True)
                 timer_start += seconds  # the progress line's rate counts training time only
 
             if step % checkpoint_every == 0 or step == num_steps or preempted:
-                _check_finite(pending)  # never save a state that has diverged
+                pending = _check_finite(pending)  # never save a state that has diverged
                 ckpt.save(step, state["params"], state["opt_state"],
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
                            "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort()},
                           train_iter.get_state(),
                           ema=_weight_sets(state).get("ema"))
             # After the save (a failure loses no step) and never on the way out of a preemption (a long pass).
-            if (represent is not None and not preempted
-                    and (step == num_steps or (fewshot_every and step % fewshot_every == 0))):
+            if scores_fewshot:
                 last_fewshot, seconds = _paused(state, fewshot.evaluate, config, state["params"], mesh, represent)
                 _log_fewshot(writer, step, last_fewshot)
                 timer_start += seconds
@@ -933,7 +983,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         writer.flush()
         writer.close()
 
-    result = _final_result(config, step, train_loss, last_evaluations)
+    result = _final_result(config, step, train_loss, last_evaluations, extra or {})
     if last_fewshot is not None:
         result["fewshot"] = last_fewshot
     write_final_metrics(workdir, result)
@@ -966,7 +1016,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
     and on each `config.extra_evals` test set (its metrics as "<dataset>/top1", ...).
 
     --mode=fewshot: few-shot linear evaluation of its features on `config.fewshot.datasets` instead; the
-    checkpoint's head is not read, and `config.dataset` need not be prepared.
+    checkpoint's head is not read, and `config.dataset` need not be prepared. It scores the raw params: a
+    checkpoint's Polyak average is not read (an INFO line says so).
     """
     from vit_jax import data
 
@@ -991,6 +1042,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
                             "train first, or pass --config.pretrained=PATH")
         state, _, meta = restore_or_init(config, mesh, num_steps, ckpt, params_only=True,
                                          require_head=mode == "eval", read_ema=mode == "eval")
+        # Only to say so: few-shot does not read the average (process 0 logs, from its own view of the files).
+        if mode == "fewshot" and "step" in meta and jax.process_index() == 0 and ckpt.has_ema(meta["step"]):
+            _log_fewshot_weights(f"step {meta['step']} (the checkpoint holds an average: it is not read)")
     except UserError:
         try:
             ckpt.close()  # first: its background threads may still be working in the directories removed
