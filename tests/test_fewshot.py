@@ -63,6 +63,41 @@ def test_separable_classes_are_recognised_and_shuffled_labels_are_not():
     assert shuffled[5] < 0.35
 
 
+def test_the_accuracy_is_the_mean_of_each_seeds_draw():
+    """Hand-made 1-D features, 1 shot of 2 classes: the regression's boundary is midway between the two drawn
+    points. Seed 0 draws x=0 and x=10 (boundary 5: both test points right, accuracy 1), seed 1 draws x=8 and x=10
+    (boundary 9: the class-1 point at 7 wrong, accuracy 0.5); two seeds report their mean, 0.75."""
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    x = np.array([[8.0], [4.0], [0.0], [12.0], [14.0], [10.0]])
+    test = (np.array([[3.0], [7.0]]), np.array([0, 1]))
+    assert [fewshot.draw_shots(labels, 2, 1, seed).tolist() for seed in (0, 1)] == [[2, 5], [0, 5]]
+    assert fewshot.evaluate_features((x, labels), test, 2, (1,), 1, 1.0) == {1: 1.0}
+    assert fewshot.evaluate_features((x, labels), test, 2, (1,), 2, 1.0) == {1: 0.75}
+
+
+def test_non_finite_features_are_an_error_naming_the_task(monkeypatch):
+    """A diverged model's NaN features: an error saying so, not numpy's "Eigenvalues did not converge"."""
+    import jax
+
+    from vit_jax import data, sharding
+
+    config = _config(datasets=("digits,train,test",), shots=(1,), seeds=1)
+    config.mesh.data = 1
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    task = fewshot.FewshotTask("digits", "train", "test")
+    monkeypatch.setattr(fewshot, "check_datasets", lambda config: [(task, config)])
+    batch = {"index": np.arange(12), "mask": np.array([1.0] * 10 + [0, 0])}
+    monkeypatch.setattr(data, "make_eval_iterator", lambda config, batch_sharding, keys: iter([batch]))
+
+    def represent(params, batch):  # NaN wherever the parameters are
+        return (np.full((12, 4), np.nan, np.float32), batch["mask"], batch["index"] % config.num_classes,
+                batch["index"])
+
+    with pytest.raises(fewshot.FewshotError, match=r"few-shot digits \(digits, split 'train'\): the model produced "
+                                                   r"non-finite features \(NaN or inf\) for 10 of 10 images"):
+        fewshot.evaluate(config, None, mesh, represent)
+
+
 def test_draws_take_each_class_equally_nest_across_shot_counts_and_change_with_the_seed():
     labels = np.array([0] * 7 + [1] * 12 + [2] * 9)
     five = fewshot.draw_shots(labels, 3, 5, seed=0)
@@ -230,17 +265,35 @@ def test_shots_from_the_images_scored_are_refused(digits_dir, train_split, test_
     assert [task.name for task, _ in fewshot.check_datasets(config)] == ["digits"]
 
 
-def test_a_training_run_reports_fewshot_accuracy_at_step_0_and_at_the_end(tmp_path, capsys, digits_dir):
+def test_a_training_run_reports_fewshot_accuracy_at_step_0_and_at_the_end(tmp_path, capsys, caplog, digits_dir):
+    """Few-shot of the raw params, said so where the run keeps a Polyak average: in the run, when the finished run is
+    scored again, and with --mode=fewshot (which does not read the checkpoint's average)."""
+    import logging
+
     from vit_jax import train
 
     config = _config(datasets=("digits,train[:400],test[:100]",), shots=(2,), seeds=1)
     config.dataset, config.train_split, config.eval_split = "digits", "train", "test"
     config.tfds_data_dir = digits_dir
     config.pp.inception_crop, config.total_steps, config.eval_batch_size = False, 3, 128
-    config.optimizer.warmup_steps = 1
-    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    config.optimizer.warmup_steps, config.optimizer.ema_decay = 1, 0.5
+    raw = "few-shot scores the raw params of {}, not their Polyak average"
+    with caplog.at_level(logging.INFO):
+        result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert raw.format("this run") in caplog.text
     out = capsys.readouterr().out
     assert "few-shot at step 0: digits_2shot" in out and "few-shot at step 3: digits_2shot" in out, out
     stored = json.loads((tmp_path / "run" / train.FINAL_METRICS).read_text())
     assert stored["fewshot"] == result["fewshot"] and set(result["fewshot"]) == {"digits_2shot"}
     assert 0.1 < result["fewshot"]["digits_2shot"] <= 1.0  # 10 classes: above chance even from random features
+
+    (tmp_path / "run" / train.FINAL_METRICS).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert raw.format("step 3") in caplog.text and again["fewshot"] == result["fewshot"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        scored = train.evaluate_checkpoint(config, str(tmp_path / "run"), mode="fewshot")
+    assert raw.format("step 3 (the checkpoint holds an average: it is not read)") in caplog.text
+    assert scored == result["fewshot"]

@@ -259,16 +259,32 @@ def split_features(config: ml_collections.ConfigDict, represent: Callable, param
     return features_array, labels_array
 
 
+def check_finite_features(features: np.ndarray, task: FewshotTask, split: str) -> None:
+    """Raise a FewshotError naming `task` and `split` if any of `features` is NaN or inf: the regression's
+    eigendecomposition would otherwise fail with numpy's bare "Eigenvalues did not converge"."""
+    bad_rows = int(np.sum(~np.all(np.isfinite(features), axis=1)))
+    if bad_rows:
+        raise FewshotError(f"few-shot {task.name} ({task.dataset}, split {split!r}): the model produced non-finite "
+                           f"features (NaN or inf) for {bad_rows} of {len(features)} images; its parameters have "
+                           "diverged or the weights are damaged, and few-shot regression needs finite features")
+
+
 def evaluate(config: ml_collections.ConfigDict, params: Any, mesh: Mesh,
              represent: Callable | None = None) -> dict[str, float]:
-    """{"<dataset>_<shots>shot": mean accuracy} for every few-shot dataset of `config` and shot count."""
+    """{"<dataset>_<shots>shot": mean accuracy} for every few-shot dataset of `config` and shot count.
+
+    `params` are the weights scored: callers pass the raw params, never their Polyak average (few-shot of the
+    average is not implemented; the train loop and --mode=fewshot log that where a run keeps one).
+    """
     fewshot = config.fewshot
     represent = represent or make_representation_fn(config, mesh)
     results: dict[str, float] = {}
     for task, task_cfg in check_datasets(config):
         train = split_features(task_cfg, represent, params, mesh, task.train_split)
+        check_finite_features(train[0], task, task.train_split)  # before the test pass
         draw_shots(train[1], task_cfg.num_classes, max(fewshot.shots), 0, task.dataset)  # before the test pass
         test = split_features(task_cfg, represent, params, mesh, task.test_split)
+        check_finite_features(test[0], task, task.test_split)
         logging.info("few-shot %s: %d train and %d test features of size %d", task.name, len(train[0]),
                      len(test[0]), train[0].shape[1])
         scores = evaluate_features(train, test, task_cfg.num_classes, tuple(fewshot.shots), fewshot.seeds,
