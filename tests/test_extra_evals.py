@@ -106,9 +106,10 @@ def test_a_run_scores_its_extra_test_sets_at_each_evaluation(tmp_path, capsys):
     assert 0.0 <= extra["image_folder"]["top1"] <= extra["image_folder"]["top5"] <= 1.0
 
 
-def test_a_softmax_run_scores_a_multi_label_set_with_its_own_loss(tmp_path):
-    """ImageNet ReaL beside a softmax run: the set keeps the run's label kind (softmax cross-entropy against the
-    set), where it used to be scored with a sigmoid loss of the softmax logits."""
+def test_a_multi_label_set_beside_a_softmax_run_is_configured_with_the_runs_label_kind(tmp_path):
+    """ImageNet ReaL beside a softmax run: the set's eval config keeps the run's label kind "single" (the loss it is
+    scored with is then softmax cross-entropy, where it used to be a sigmoid loss of the softmax logits). Only the
+    derived config is checked here; the scores of a multi-label set are test_a_run_scores_its_extra_test_sets_..."""
     folder = real_like_folder(tmp_path / "real_like", [(NUM_TRAIN + i, (str(i % 10), str((i + 1) % 10)))
                                                        for i in range(6)])
     data.prepare("image_folder", str(tmp_path / "tfds"), folder)
