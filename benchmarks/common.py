@@ -1,9 +1,10 @@
 """Shared helpers of the model benchmarks: config loading, timing, the on-the-spot matmul peak, timm setup.
 
 The benchmarks compare our jitted JAX step with timm's same ViT (`vit_base_patch16_224` for B/16) in the same
-process and with the same thread count, so both see the same machine state, in rounds (ours, the matmul peak,
-timm; the median round reported). Timings are the median of `repeats` runs after `warmup` untimed ones (the
-first includes XLA compilation / torch's lazy init).
+process and with the same thread count (one per core this process may use: `cores`), so both see the same machine
+state, in rounds (ours, the matmul peak, timm; each figure reported is its median over the rounds, and the ratio
+and MFU are computed from the reported figures). Timings are the median of `repeats` runs after `warmup` untimed
+ones (the first includes XLA compilation / torch's lazy init).
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ def median(times: list[float]) -> float:
     return statistics.median(times)
 
 
+PEAK_KIND = {"float32": "float32", "bfloat16": "bfloat16_f32acc"}  # the matmul MFU is measured against
+
+
 def matmul_peak(dtype: str, size: int = 4096, repeats: int = 3, f32_accumulate: bool = False) -> float:
     """GFLOP/s of a `size`^3 matmul in XLA on this machine now, in `dtype` (optionally accumulating in float32).
 
@@ -129,12 +133,11 @@ def matmul_peak(dtype: str, size: int = 4096, repeats: int = 3, f32_accumulate: 
     return 2.0 * size**3 / seconds / 1e9
 
 
-def matmul_peaks(dtype: str, size: int, repeats: int) -> dict[str, float]:
-    """The peak(s) MFU is measured against: float32, or bf16 both plain and with float32 accumulation."""
-    if dtype == "float32":
-        return {"float32": matmul_peak("float32", size, repeats)}
-    return {"bfloat16": matmul_peak("bfloat16", size, repeats),
-            "bfloat16_f32acc": matmul_peak("bfloat16", size, repeats, f32_accumulate=True)}
+def model_matmul_peak(dtype: str, size: int, repeats: int) -> float:
+    """The peak MFU is measured against (`PEAK_KIND`): the matmul the model does in `dtype`. For bf16 that is bf16
+    operands accumulating in float32 (`preferred_element_type=float32`, the model's path), not XLA:CPU's plain bf16
+    matmul, which is a float32 matmul between converts and would overstate MFU."""
+    return matmul_peak(dtype, size, repeats, f32_accumulate=dtype == "bfloat16")
 
 
 def forward_flops_per_image(config) -> float:
@@ -148,8 +151,34 @@ TIMM_MISSING = ("the timm comparison needs torch, torchvision and timm (pip inst
                 "torchvision==0.29.1 timm), or pass --no-timm")
 
 
+def cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container or `taskset` may allow fewer than
+    `os.cpu_count()`, the machine's), which is also what XLA's CPU client sizes its thread pool to."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def xla_threads() -> int | None:
+    """The threads of XLA:CPU's intra-op pool (named `...XLAEigen`), counted in /proc/self/task once the CPU
+    client exists; None where that cannot be read (not Linux) or no such thread is found."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    found = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                found += "XLAEigen" in f.read()
+        except OSError:  # the thread ended meanwhile
+            pass
+    return found or None
+
+
 def torch_threads() -> int:
-    """Pin torch to one thread per core (XLA's CPU client uses every core too)."""
+    """Pin torch to one thread per core (XLA's CPU client uses every core too); the threads torch then reports."""
     from vit_jax.errors import UserError
 
     try:
@@ -158,9 +187,8 @@ def torch_threads() -> int:
     except ImportError as e:
         raise UserError(f"{TIMM_MISSING}: {e}") from None
 
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    return threads
+    torch.set_num_threads(cores())
+    return torch.get_num_threads()
 
 
 _TIMM_SIZES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
@@ -214,47 +242,61 @@ def print_table(rows: list[tuple[str, str]], result: dict) -> None:
     print(json.dumps(result, sort_keys=True))
 
 
-def median_over_rounds(rounds: list[dict], flops_per_run: float) -> dict:
-    """Each round's timings -> its img/s, ratio and MFU, and the median of each over the rounds.
+def summarise_rounds(rounds: list[dict], flops_per_run: float, batch: int) -> dict:
+    """The figures the JSON line reports, from each round's timings; they agree with each other.
 
-    A round is {"ours_s", "timm_s" (None without timm), "peaks" {name: GFLOP/s}}, timed back to back. The
-    summary ratio and MFU are medians of the per-round figures (each pairs timings taken minutes apart), not
-    ratios of medians.
+    A round is {"ours_s", "timm_s" (None without timm), "peak" (GFLOP/s; None with --peak_size=0)}, timed back to
+    back. Reported: the median over rounds of ours_s, timm_s and the peak; the img/s and achieved GFLOP/s of those
+    times; `ratio_vs_timm` = ours_img_s / timm_img_s and `mfu` = achieved_gflop_s / peak_gflop_s of those reported
+    numbers. The spread of the per-round ratio and MFU (each pairs figures taken back to back) is `ratio_min`/`_max`
+    and `mfu_min`/`_max`; `rounds` lists each round's figures.
     """
-    per_round = []
-    for r in rounds:
-        achieved = flops_per_run / r["ours_s"] / 1e9
-        per_round.append({
-            "ours_s": r["ours_s"], "timm_s": r["timm_s"], "achieved_gflop_s": achieved,
-            "ratio_vs_timm": r["timm_s"] / r["ours_s"] if r["timm_s"] else None,
-            "peak_gflop_s": dict(r["peaks"]), "mfu": {name: achieved / peak for name, peak in r["peaks"].items()}})
-
     def mid(values: list[float | None]) -> float | None:
         return None if None in values else median(values)
 
-    names = list(rounds[0]["peaks"])
+    def spread(values: list[float | None]) -> tuple[float | None, float | None]:
+        return (None, None) if None in values else (min(values), max(values))
+
+    per_round = []
+    for r in rounds:
+        ours_img_s = batch / r["ours_s"]
+        timm_img_s = batch / r["timm_s"] if r["timm_s"] else None
+        achieved = flops_per_run / r["ours_s"] / 1e9
+        per_round.append({"ours_img_s": ours_img_s, "timm_img_s": timm_img_s,
+                          "ratio_vs_timm": ours_img_s / timm_img_s if timm_img_s else None,
+                          "achieved_gflop_s": achieved, "peak_gflop_s": r["peak"],
+                          "mfu": achieved / r["peak"] if r["peak"] else None})
+    ours_s, timm_s = median([r["ours_s"] for r in rounds]), mid([r["timm_s"] for r in rounds])
+    peak = mid([r["peak"] for r in rounds])
+    ours_img_s = batch / ours_s
+    timm_img_s = batch / timm_s if timm_s else None
+    achieved = flops_per_run / ours_s / 1e9
+    ratio_min, ratio_max = spread([r["ratio_vs_timm"] for r in per_round])
+    mfu_min, mfu_max = spread([r["mfu"] for r in per_round])
     return {
-        "ours_s": median([r["ours_s"] for r in per_round]), "timm_s": mid([r["timm_s"] for r in per_round]),
-        "ratio_vs_timm": mid([r["ratio_vs_timm"] for r in per_round]),
-        "achieved_gflop_s": median([r["achieved_gflop_s"] for r in per_round]),
-        "peak_gflop_s": {n: median([r["peak_gflop_s"][n] for r in per_round]) for n in names},
-        "mfu": {n: median([r["mfu"][n] for r in per_round]) for n in names},
-        "rounds": per_round,
+        "ours_s": ours_s, "timm_s": timm_s, "ours_img_s": ours_img_s, "timm_img_s": timm_img_s,
+        "ratio_vs_timm": ours_img_s / timm_img_s if timm_img_s else None, "ratio_min": ratio_min,
+        "ratio_max": ratio_max, "achieved_gflop_s": achieved, "peak_gflop_s": peak,
+        "mfu": achieved / peak if peak else None, "mfu_min": mfu_min, "mfu_max": mfu_max, "rounds": per_round,
     }
 
 
-def compare(benchmark: str, args: Any, config: Any, threads: int | None,
+def compare(benchmark: str, args: Any, config: Any, torch_threads: int | None,
             ours_runner: Callable[[Any], Callable[[], None]], timm_runner: Callable[[Any], Callable[[], None]],
             flops_per_run: float, unit: str, what: str) -> dict:
     """Time the matmul peak, ours, the peak again, then timm (same process, batch and threads), --rounds times
     over; print the table and JSON.
 
     `*_runner(config)` builds one side and returns a call that runs one `unit` (a "batch" or "step") to completion.
-    This shared machine's speed drifts (the float32 matmul peak 340-425 GFLOP/s over a day, 414 -> 361 within one
-    run), so each round pairs figures taken under the same conditions: the peak right after ours, timm right after
-    the peak; the summary is the median round figure. A round's peak is the faster of the peaks measured just before
-    and just after ours: one slow reading of the peak, from a neighbour's burst, would otherwise raise that round's
-    MFU (a 389 GFLOP/s reading beside 429-431 gave one round 94.5%). `what` labels our row and the FLOP count.
+    `torch_threads`: torch's thread count (None without timm). This shared machine's speed drifts (the float32
+    matmul peak 340-425 GFLOP/s over a day, 414 -> 361 within one run), so each round takes its figures under the
+    same conditions: the peak right after ours, timm right after the peak. The summary (`summarise_rounds`) is the
+    median over rounds of each time and of the peak, with the ratio and MFU computed from those, so the JSON line
+    agrees with itself; the per-round ratio and MFU spread is reported beside them. A round's peak is the faster
+    of the peaks measured just before and just after ours: one slow reading of the peak, from a neighbour's burst,
+    would otherwise raise that round's MFU (a 389 GFLOP/s reading beside 429-431 gave one round 94.5%). The peak
+    is `model_matmul_peak` in --dtype (bf16: accumulating in float32, the model's path). `what` labels our row
+    and the FLOP count.
     """
     if args.rounds < 1 or args.repeats < 1:
         from vit_jax.errors import UserError
@@ -266,46 +308,53 @@ def compare(benchmark: str, args: Any, config: Any, threads: int | None,
     rounds = []
     for i in range(args.rounds):
         warmup = 2 if i == 0 else 1  # the first calls compile (XLA) / initialise lazily (torch)
-        before = matmul_peaks(args.dtype, args.peak_size, 5) if args.peak_size else {}
+        before = model_matmul_peak(args.dtype, args.peak_size, 5) if args.peak_size else None
         ours = median(time_runs(run_ours, args.repeats, warmup))
-        peaks = matmul_peaks(args.dtype, args.peak_size, 5) if args.peak_size else {}
-        peaks = {name: max(peak, before.get(name, 0.0)) for name, peak in peaks.items()}
+        peak = max(model_matmul_peak(args.dtype, args.peak_size, 5), before) if args.peak_size else None
         timm_seconds = median(time_runs(run_timm, args.repeats, warmup)) if run_timm else None
-        rounds.append({"ours_s": ours, "timm_s": timm_seconds, "peaks": peaks})
-    summary = median_over_rounds(rounds, flops_per_run)
-    ours, timm_seconds, achieved = summary["ours_s"], summary["timm_s"], summary["achieved_gflop_s"]
+        rounds.append({"ours_s": ours, "timm_s": timm_seconds, "peak": peak})
+    summary = summarise_rounds(rounds, flops_per_run, config.batch_size)
+    ours, timm_seconds, achieved, peak = (summary["ours_s"], summary["timm_s"], summary["achieved_gflop_s"],
+                                          summary["peak_gflop_s"])
+    peak_kind = PEAK_KIND[args.dtype]
     result = {
         "benchmark": benchmark, "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
-        "batch": config.batch_size, "image_size": config.image_size, "threads": threads, "repeats": args.repeats,
-        "ours_img_s": config.batch_size / ours, f"ours_{unit}_s": ours,
-        "timm_img_s": config.batch_size / timm_seconds if timm_seconds else None,
-        "ratio_vs_timm": summary["ratio_vs_timm"], "timm_model": timm_name(config) if args.timm else None,
+        "batch": config.batch_size, "image_size": config.image_size, "repeats": args.repeats,
+        "rounds_run": args.rounds, "cores": cores(), "xla_threads": xla_threads(),
+        "timm_torch_threads": torch_threads,  # None: timm skipped (--no-timm)
+        "ours_img_s": summary["ours_img_s"], f"ours_{unit}_s": ours,
+        "timm_img_s": summary["timm_img_s"], f"timm_{unit}_s": timm_seconds,
+        "ratio_vs_timm": summary["ratio_vs_timm"], "ratio_min": summary["ratio_min"],
+        "ratio_max": summary["ratio_max"], "timm_model": timm_name(config) if args.timm else None,
         f"gflop_per_{unit}": flops_per_run / 1e9, "achieved_gflop_s": achieved,
-        "peak_gflop_s": summary["peak_gflop_s"], "mfu": summary["mfu"],
-        "rounds": [{"ours_img_s": config.batch_size / r["ours_s"],
-                    "timm_img_s": config.batch_size / r["timm_s"] if r["timm_s"] else None,
-                    "ratio_vs_timm": r["ratio_vs_timm"], "peak_gflop_s": r["peak_gflop_s"], "mfu": r["mfu"]}
-                   for r in summary["rounds"]],
+        "peak_gflop_s": peak, "peak_kind": peak_kind if peak else None,
+        "mfu": summary["mfu"], "mfu_min": summary["mfu_min"], "mfu_max": summary["mfu_max"],
+        "rounds": summary["rounds"],
         "load_average": f"{load_before} -> {load_average()}",
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages for malloc: vit_jax.hugepages
     }
-    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}")]
+    threads = f"XLA {result['xla_threads'] or '?'} threads, torch {torch_threads or '-'} ({result['cores']} cores)"
+    rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}"),
+            ("threads", threads)]
     if args.rounds > 1:
         for i, r in enumerate(result["rounds"], 1):
             parts = [f"ours {r['ours_img_s']:.2f} img/s"]
             if r["timm_img_s"]:
                 parts.append(f"timm {r['timm_img_s']:.2f} img/s, {r['ratio_vs_timm']:.2f}x")
-            parts += [f"MFU {r['mfu'][n]:.1%} of {r['peak_gflop_s'][n]:.0f}" for n in r["mfu"]]
+            if r["peak_gflop_s"]:
+                parts.append(f"MFU {r['mfu']:.1%} of {r['peak_gflop_s']:.0f}")
             rows.append((f"round {i}", ", ".join(parts)))
     label = f" (median of {args.rounds} rounds)" if args.rounds > 1 else ""
     rows.append((f"ours (jax {what[0]})", f"{result['ours_img_s']:.2f} img/s ({ours:.3f} s/{unit}){label}"))
     if timm_seconds:
+        spread = (f" (rounds {result['ratio_min']:.2f}-{result['ratio_max']:.2f}x)" if args.rounds > 1 else "")
         rows += [(f"timm {result['timm_model']}", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/{unit})"
-                  + (" autocast bf16" if args.dtype == "bfloat16" else "")),
-                 ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x{label}")]
+                  + (" autocast bf16" if args.dtype == "bfloat16" else "") + label),
+                 ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x{spread}")]
     rows.append(("achieved", f"{achieved:.1f} GFLOP/s ({what[1]})"))
-    for name, peak in summary["peak_gflop_s"].items():
-        rows.append((f"matmul peak {name}", f"{peak:.1f} GFLOP/s -> MFU {summary['mfu'][name]:.1%}{label}"))
+    if peak:
+        spread = f" (rounds {result['mfu_min']:.1%}-{result['mfu_max']:.1%})" if args.rounds > 1 else ""
+        rows.append((f"matmul peak {peak_kind}", f"{peak:.1f} GFLOP/s{label} -> MFU {result['mfu']:.1%}{spread}"))
     rows.append(("load average", result["load_average"]))
     rows.append(("GLIBC_TUNABLES", result["glibc_tunables"] or "(none)"))
     print_table(rows, result)

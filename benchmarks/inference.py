@@ -9,10 +9,12 @@ to a bf16 --dtype by `predict.cast_for_inference`, as predict does), compute in 
 timm: the same ViT (`vit_base_patch16_224` for B/16) in eval mode under `torch.inference_mode()`, with
 --dtype=bfloat16 also under `torch.autocast("cpu", torch.bfloat16)` and its Linear and Conv weights cast to bf16
 once before timing, as ours (autocast alone casts every weight again at every call: ~10% of a bf16 forward).
-Both are timed after warm-up as the median of --repeats batches, torch with one thread per core, in --rounds
-rounds of ours, peak, timm (median round reported). Achieved GFLOP/s counts
-the analytic forward FLOPs (`vit_jax.summary`); MFU divides it by a large XLA matmul measured on the spot in
---dtype (for bf16 both plain and accumulating in float32). Prints a table, then one JSON line last.
+Both are timed after warm-up as the median of --repeats batches, torch with one thread per core this process may
+use, in --rounds rounds of ours, peak, timm (each figure the median over the rounds). Achieved GFLOP/s counts
+the analytic forward FLOPs (`vit_jax.summary`); MFU = achieved / a large XLA matmul measured on the spot in
+--dtype (for bf16 accumulating in float32, the model's path). Prints a table, then one JSON line last, with
+ratio_vs_timm = ours_img_s / timm_img_s and mfu = achieved_gflop_s / peak_gflop_s of the reported numbers
+(per-round spread in ratio_min/max, mfu_min/max) and the threads of XLA and torch.
 """
 
 from __future__ import annotations
@@ -23,20 +25,33 @@ import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on s
 from train_step import parse_args
 
 
-def forward_runner(config) -> Callable[[], None]:
-    """One call = one jitted forward pass over the batch, blocking."""
+def inference_program(config) -> tuple[Callable, Callable]:
+    """(forward, make_params): the jitted classifier `python -m vit_jax.predict` runs (`predict.make_classifier`,
+    with its CPU compiler options) and `make_params(images)`, the model's params initialised and cast as predict
+    casts them (`predict.cast_for_inference`). compile_report.py compiles this same program."""
     import jax
-    import jax.numpy as jnp
 
     from vit_jax import predict
     from vit_jax.models.vit import build_model
 
     model = build_model(config.model, config.num_classes)
+
+    def make_params(images):
+        params = model.init(jax.random.key(0), images[:1])["params"]
+        return predict.cast_for_inference(params, config.model.dtype)  # what `vit_jax.predict` does
+
+    return predict.make_classifier(config.model, config.num_classes), make_params
+
+
+def forward_runner(config) -> Callable[[], None]:
+    """One call = one jitted forward pass over the batch, blocking."""
+    import jax
+    import jax.numpy as jnp
+
     size, batch = config.image_size, config.batch_size
     images = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), jnp.float32, -1.0, 1.0)
-    params = jax.jit(lambda x: model.init(jax.random.key(0), x)["params"])(images[:1])
-    params = predict.cast_for_inference(params, config.model.dtype)  # what `vit_jax.predict` does
-    forward = predict.make_classifier(config.model, config.num_classes)
+    forward, make_params = inference_program(config)
+    params = jax.jit(make_params)(images)
     return lambda: forward(params, images).block_until_ready()
 
 
@@ -67,8 +82,8 @@ def timm_forward_runner(config) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__, "timed batches (median reported)")
     config = common.load_config(args.config, args.dtype, args.batch)  # a bad --config first, torch or not
-    threads = common.torch_threads() if args.timm else None
-    return common.compare("inference", args, config, threads, forward_runner, timm_forward_runner,
+    torch_threads = common.torch_threads() if args.timm else None
+    return common.compare("inference", args, config, torch_threads, forward_runner, timm_forward_runner,
                           common.forward_flops_per_image(config) * config.batch_size, "batch",
                           ("forward", "analytic forward"))
 

@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Two passes, the faster of each: the first contractions timed right after the step read up to 2x slow.
     passes = [[time_contraction(c, args.dtype, args.repeats) for c in contractions] for _ in range(2)]
     timed = [(c, min(a[0], b[0]), min(a[1], b[1])) for c, a, b in zip(contractions, *passes)]  # (wall, cores)
-    peaks = common.matmul_peaks(args.dtype, args.peak_size, 5)
-    peak_name = "float32" if args.dtype == "float32" else "bfloat16_f32acc"  # bf16: the model's accumulation
-    peak = peaks[peak_name]
+    peak_name = common.PEAK_KIND[args.dtype]  # bf16: accumulating in float32, the model's path
+    peak = common.model_matmul_peak(args.dtype, args.peak_size, 5)
 
     flops = sum(c.flops * c.count * (1 + len(c.grads)) for c in contractions)
     analytic = 3 * common.forward_flops_per_image(config) * config.batch_size

@@ -58,42 +58,98 @@ def test_time_runs_cpu_reports_per_call_figures_over_runs_of_several_calls(monke
     assert runs == [pytest.approx((0.010, 2.0))] * 3
 
 
-def test_rounds_summarise_as_the_median_round_figures():
-    """The ratio and MFU are medians of the per-round figures (not ratios of medians)."""
+def test_rounds_summarise_as_median_figures_whose_ratio_and_mfu_agree_with_them():
+    """The JSON's ratio is ours_img_s / timm_img_s and its MFU achieved / peak, of the very numbers it reports
+    (medians over the rounds); the per-round spread is reported apart."""
     flops = 100e9  # per run
-    rounds = [{"ours_s": 1.0, "timm_s": 2.0, "peaks": {"float32": 200.0}},   # 2.0x, 100 GFLOP/s = 50%
-              {"ours_s": 2.0, "timm_s": 3.0, "peaks": {"float32": 100.0}},   # 1.5x, 50 GFLOP/s = 50%
-              {"ours_s": 0.5, "timm_s": 1.5, "peaks": {"float32": 400.0}}]   # 3.0x, 200 GFLOP/s = 50%
-    summary = common.median_over_rounds(rounds, flops)
-    assert summary["ours_s"] == 1.0 and summary["timm_s"] == 2.0
-    assert summary["ratio_vs_timm"] == pytest.approx(2.0)
-    assert summary["mfu"]["float32"] == pytest.approx(0.5)
-    assert summary["peak_gflop_s"]["float32"] == 200.0
+    rounds = [{"ours_s": 1.0, "timm_s": 2.0, "peak": 200.0},   # 2.0x, 100 GFLOP/s = 50%
+              {"ours_s": 2.0, "timm_s": 3.0, "peak": 100.0},   # 1.5x, 50 GFLOP/s = 50%
+              {"ours_s": 0.5, "timm_s": 1.5, "peak": 400.0}]   # 3.0x, 200 GFLOP/s = 50%
+    summary = common.summarise_rounds(rounds, flops, batch=8)
+    assert summary["ours_s"] == 1.0 and summary["timm_s"] == 2.0 and summary["peak_gflop_s"] == 200.0
+    assert summary["ours_img_s"] == 8.0 and summary["timm_img_s"] == 4.0 and summary["achieved_gflop_s"] == 100.0
+    assert summary["ratio_vs_timm"] == summary["ours_img_s"] / summary["timm_img_s"] == 2.0
+    assert summary["mfu"] == summary["achieved_gflop_s"] / summary["peak_gflop_s"] == 0.5
+    assert (summary["ratio_min"], summary["ratio_max"]) == pytest.approx((1.5, 3.0))
     assert [r["ratio_vs_timm"] for r in summary["rounds"]] == pytest.approx([2.0, 1.5, 3.0])
-    rounds[2]["peaks"]["float32"] = 800.0  # that round's MFU 25%: the median MFU is still 50%, the median peak 200
-    assert common.median_over_rounds(rounds, flops)["mfu"]["float32"] == pytest.approx(0.5)
+    assert [r["ours_img_s"] for r in summary["rounds"]] == [8.0, 4.0, 16.0]
+
+    # Medians of per-round ratios would disagree here (median 2.0x, but 8 / 4.8 img/s reported): not any more.
+    rounds[0]["timm_s"] = 1.0  # 1.0x
+    rounds[1]["timm_s"] = 5.0  # 2.5x
+    summary = common.summarise_rounds(rounds, flops, batch=8)
+    assert summary["ratio_vs_timm"] == summary["ours_img_s"] / summary["timm_img_s"] == pytest.approx(1.5)
+    rounds[2]["peak"] = 800.0  # peaks 200, 100, 800: the median peak is still 200 and the MFU 100 / 200
+    summary = common.summarise_rounds(rounds, flops, batch=8)
+    assert summary["mfu"] == summary["achieved_gflop_s"] / summary["peak_gflop_s"] == 0.5
+    assert (summary["mfu_min"], summary["mfu_max"]) == pytest.approx((0.25, 0.5))
 
 
-def test_rounds_without_timm_have_no_ratio():
-    summary = common.median_over_rounds([{"ours_s": 1.0, "timm_s": None, "peaks": {}}], 1e9)
-    assert summary["ratio_vs_timm"] is None and summary["timm_s"] is None and summary["mfu"] == {}
+def test_rounds_without_timm_or_peak_have_no_ratio_or_mfu():
+    summary = common.summarise_rounds([{"ours_s": 1.0, "timm_s": None, "peak": None}], 1e9, batch=2)
+    assert summary["ours_img_s"] == 2.0 and summary["achieved_gflop_s"] == 1.0
+    assert summary["timm_s"] is None and summary["timm_img_s"] is None
+    assert summary["ratio_vs_timm"] is None and summary["ratio_min"] is None and summary["ratio_max"] is None
+    assert summary["peak_gflop_s"] is None and summary["mfu"] is None and summary["mfu_min"] is None
 
 
 def test_a_rounds_peak_is_the_faster_reading_before_or_after_ours(monkeypatch, capsys):
     """One slow reading of the peak must not lift a round's MFU: each round takes the faster of its two."""
+    import json
     import types
 
     readings = iter([400.0, 300.0,    # round 1: before, after (a neighbour's burst after)
                      250.0, 500.0])   # round 2: before slow, after fast
-    monkeypatch.setattr(common, "matmul_peaks", lambda dtype, size, repeats: {"float32": next(readings)})
+    monkeypatch.setattr(common, "model_matmul_peak", lambda dtype, size, repeats: next(readings))
     monkeypatch.setattr(common, "time_runs", lambda fn, repeats, warmup=1: [1.0] * repeats)
     config = types.SimpleNamespace(batch_size=8, image_size=224, model=types.SimpleNamespace(variant="B/16"))
     args = types.SimpleNamespace(rounds=2, repeats=3, peak_size=4096, timm=False, dtype="float32", config="c.py")
-    result = common.compare("train_step", args, config, 2, lambda c: (lambda: None), None, 200e9, "step",
+    result = common.compare("train_step", args, config, None, lambda c: (lambda: None), None, 200e9, "step",
                             ("train step", "analytic"))
-    assert [r["peak_gflop_s"]["float32"] for r in result["rounds"]] == [400.0, 500.0]
-    assert [r["mfu"]["float32"] for r in result["rounds"]] == pytest.approx([0.5, 0.4])  # 200 GFLOP/s achieved
-    assert capsys.readouterr().out.splitlines()[-1].startswith("{")  # the JSON line last
+    assert [r["peak_gflop_s"] for r in result["rounds"]] == [400.0, 500.0]
+    assert [r["mfu"] for r in result["rounds"]] == pytest.approx([0.5, 0.4])  # 200 GFLOP/s achieved
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])  # the JSON line last
+    assert line["peak_gflop_s"] == 450.0 and line["peak_kind"] == "float32"
+    assert line["mfu"] == line["achieved_gflop_s"] / line["peak_gflop_s"]
+    assert line["timm_torch_threads"] is None and line["ratio_vs_timm"] is None
+    assert line["cores"] >= 1
+
+
+def test_the_json_line_agrees_with_itself_with_timm(monkeypatch, capsys):
+    """ratio_vs_timm = ours_img_s / timm_img_s and mfu = achieved / peak of the printed numbers (bf16: the peak
+    accumulating in float32), whatever the per-round figures."""
+    import json
+    import types
+
+    peaks = iter([300.0, 310.0, 200.0, 210.0, 500.0, 490.0])
+    monkeypatch.setattr(common, "model_matmul_peak", lambda dtype, size, repeats: next(peaks))
+    times = iter([1.0, 2.0, 2.0, 3.0, 0.5, 1.0])  # ours, timm per round: 2.0x, 1.5x, 2.0x
+    monkeypatch.setattr(common, "time_runs", lambda fn, repeats, warmup=1: [next(times)] * repeats)
+    config = types.SimpleNamespace(batch_size=8, image_size=224, model=types.SimpleNamespace(variant="B/16"))
+    args = types.SimpleNamespace(rounds=3, repeats=3, peak_size=4096, timm=True, dtype="bfloat16", config="c.py")
+    monkeypatch.setattr(common, "timm_name", lambda config: "vit_base_patch16_224")
+    common.compare("inference", args, config, 2, lambda c: (lambda: None), lambda c: (lambda: None), 100e9,
+                   "batch", ("forward", "analytic"))
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert line["ours_img_s"] == 8.0 and line["timm_img_s"] == 4.0  # medians of 1, 2, 0.5 s and 2, 3, 1 s
+    assert line["ratio_vs_timm"] == line["ours_img_s"] / line["timm_img_s"]
+    assert (line["ratio_min"], line["ratio_max"]) == pytest.approx((1.5, 2.0))
+    assert line["peak_gflop_s"] == 310.0 and line["peak_kind"] == "bfloat16_f32acc"
+    assert line["mfu"] == line["achieved_gflop_s"] / line["peak_gflop_s"]
+    assert line["timm_torch_threads"] == 2
+
+
+def test_the_bf16_peak_is_the_matmul_accumulating_in_float32(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common, "matmul_peak", lambda *a, **k: calls.append((a, k)) or 1.0)
+    common.model_matmul_peak("bfloat16", 64, 2)
+    common.model_matmul_peak("float32", 64, 2)
+    assert calls == [(("bfloat16", 64, 2), {"f32_accumulate": True}), (("float32", 64, 2), {"f32_accumulate": False})]
+
+
+def test_threads_are_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert common.cores() == 3
 
 
 @pytest.mark.parametrize("flags, bad", [
@@ -141,3 +197,24 @@ def test_a_missing_timm_counterpart_or_package_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
     with pytest.raises(UserError, match=r"needs torch, torchvision and timm .* or pass --no-timm"):
         common.timm_vit(config, train=False)
+
+
+def test_timms_step_takes_torchs_fused_adamw_with_our_hyperparameters():
+    """torch's fastest CPU path (fused AdamW, foreach clipping), decay on kernels only as ours; one tiny step runs."""
+    pytest.importorskip("timm")
+    import train_step
+
+    config = common.load_config(os.path.join(common.ROOT, "configs", "vit_ti16.py"), "float32", 2)
+    config.image_size, config.num_classes = 32, 5
+    model = common.timm_vit(config, train=True)
+    optimizer = train_step.timm_adamw(model, config.optimizer)
+    assert optimizer.defaults["fused"] and optimizer.defaults["lr"] == config.optimizer.lr
+    assert optimizer.defaults["betas"] == (config.optimizer.b1, config.optimizer.b2)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == config.optimizer.weight_decay and plain["weight_decay"] == 0.0
+    decayed_ids, plain_ids = {id(p) for p in decayed["params"]}, {id(p) for p in plain["params"]}
+    kernels = (model.patch_embed.proj.weight, model.head.weight, model.blocks[0].attn.qkv.weight)
+    assert {id(k) for k in kernels} <= decayed_ids
+    assert {id(model.pos_embed), id(model.cls_token), id(model.norm.weight), id(model.head.bias)} <= plain_ids
+    assert len(decayed_ids) + len(plain_ids) == len(list(model.parameters()))
+    train_step.timm_step_runner(config)()  # one step (forward, backward, foreach clip, fused AdamW) runs
