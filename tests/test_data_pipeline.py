@@ -1,6 +1,7 @@
 """The grain pipeline on digits: global sharded batches, per-process shares, resumable state, padded eval, errors."""
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -222,12 +223,19 @@ def test_a_state_of_another_pipeline_version_restarts_the_stream(config, shardin
     iterator = data.make_train_iterator(config, sharding)
     first = next(iterator)
     next(iterator)
-    old = {**iterator.get_state(), "version": pipeline.STATE_VERSION - 1}
-    old.pop("mixup")  # a key that version did not write
+    state = iterator.get_state()
+    old = {**state, "version": pipeline.STATE_VERSION - 1}
+    for key in ("mixup", "batches", "restart_step", "split_size", "grain_version"):  # keys that version did not write
+        old.pop(key)
     restarted = data.make_train_iterator(config, sharding)
     assert restarted.set_state(old) is False
     np.testing.assert_array_equal(np.asarray(next(restarted)["image"]), np.asarray(first["image"]))
-    for each in (iterator, restarted):
+    # A state that says how many batches were taken (2): the restarted stream is not the first one again.
+    newer = data.make_train_iterator(config, sharding)
+    assert newer.set_state({**state, "version": pipeline.STATE_VERSION + 1}) is False
+    assert not np.array_equal(np.asarray(next(newer)["image"]), np.asarray(first["image"]))
+    assert newer.get_state()["batches"] == 3
+    for each in (iterator, restarted, newer):
         each.close()
 
 
@@ -293,6 +301,106 @@ def test_worker_processes_give_a_resumable_stream(config, sharding):
     resumed.set_state(state)
     np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected)
     resumed.close()
+
+
+def _rows(batches):
+    """The image rows of `batches` as a sorted list: which (augmented) examples they hold, in any order."""
+    return sorted(row.tobytes() for batch in batches for row in np.asarray(batch["image"]))
+
+
+def test_a_position_saved_for_another_split_length_or_grain_restarts_the_stream_with_a_warning(
+        config, sharding, caplog):
+    """A split re-prepared with more examples, or another grain, shuffles otherwise: the saved position would
+    repeat some examples and skip others. The restart mixes its step into the seeds (not steps 1..n again)."""
+    iterator = data.make_train_iterator(config, sharding)
+    first = next(iterator)
+    next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    continued = next(iterator)
+    size = state["split_size"]
+    for key, saved, message in (("split_size", size - 10, f"{size - 10} examples in config.train_split (now {size})"),
+                                ("grain_version", "0.1.0", "grain '0.1.0' (now ")):
+        resumed = data.make_train_iterator(config, sharding)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert resumed.set_state({**state, key: saved}) is True
+        assert message in caplog.text and "the data order restarts at step 2" in caplog.text
+        batch = np.asarray(next(resumed)["image"])
+        assert not np.array_equal(batch, np.asarray(continued["image"]))  # not the saved position
+        assert not np.array_equal(batch, np.asarray(first["image"]))  # nor the first run's stream again
+        assert resumed.get_state()["batches"] == 3 and resumed.get_state()["restart_step"] == 2
+        resumed.close()
+    # A checkpoint written before these keys were saved resumes exactly, as it did.
+    older = {key: value for key, value in state.items() if key not in ("split_size", "grain_version", "batches",
+                                                                        "restart_step")}
+    resumed = data.make_train_iterator(config, sharding)
+    assert resumed.set_state(older) is True
+    np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), np.asarray(continued["image"]))
+    assert resumed.get_state()["batches"] == 3  # estimated from the positions read
+    for each in (iterator, resumed):
+        each.close()
+
+
+def test_a_restarted_stream_resumes_exactly_from_its_own_checkpoints(config, sharding):
+    """After a restart at step 5 the positions are of the step-5 stream: a later resume must rebuild it."""
+    iterator = data.make_train_iterator(config, sharding)
+    iterator.restart(5, "was written by a different number of processes")
+    next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    expected = np.asarray(next(iterator)["image"])
+    resumed = data.make_train_iterator(config, sharding)
+    assert resumed.set_state(state) is True
+    np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected)
+    for each in (iterator, resumed):
+        each.close()
+
+
+def test_another_data_workers_resumes_where_the_position_exists_and_restarts_where_not(config, sharding, caplog):
+    """data_workers is a speed setting: a run moved to a machine with more cores resumes. W workers read the
+    stream round-robin a batch each, so after a multiple of W steps the position is exact for any count."""
+    uninterrupted = data.make_train_iterator(config, sharding)
+    for _ in range(2):
+        next(uninterrupted)
+    state = json.loads(json.dumps(uninterrupted.get_state()))
+    expected = [next(uninterrupted) for _ in range(2)]
+    uninterrupted.close()
+    workers = config.copy_and_resolve_references()
+    workers.data_workers = 2
+    resumed = data.make_train_iterator(workers, sharding)
+    assert resumed.set_state(state) is True
+    got = [next(resumed) for _ in range(2)]
+    assert _rows(got) == _rows(expected)  # exactly the examples (and augmentations) not seen yet
+    next(resumed)
+    odd = json.loads(json.dumps(resumed.get_state()))  # 5 batches: worker 0 is a batch ahead of worker 1
+    resumed.close()
+    back = data.make_train_iterator(config, sharding)
+    with caplog.at_level(logging.WARNING):
+        assert back.set_state(odd) is True  # it raised DatasetError
+    assert "was saved with config.data_workers=2 after step 5" in caplog.text
+    assert "the data order restarts at step 5" in caplog.text
+    assert back.get_state()["batches"] == 5
+    back.close()
+
+
+def test_worker_positions_map_to_another_worker_count_only_as_a_prefix_of_the_stream():
+    """grain's worker states: each worker's next position in its slice (i, i + W, ...) and next mixup draw."""
+    def state(leaves):
+        return {"next_index_in_cycle": 0, "next_index_in_datasets": len(leaves),
+                "iterators_in_use_indices": list(range(len(leaves))), "iterators_in_use_states": leaves,
+                "exhausted": [0] * len(leaves), "future_states": {}}
+
+    def leaf(position, draw):
+        return {"parent": {"next_index": position}, "index_for_rng": draw}
+
+    template = state([leaf(0, 0)] * 3)
+    # 2 workers, 4 batches of 2 rows: positions 0..7 read, draws 0..3 made.
+    mapped = pipeline._remap_workers(state([leaf(4, 2), leaf(4, 2)]), 2, template, 3, 4)
+    assert mapped["iterators_in_use_states"] == [leaf(3, 2), leaf(3, 1), leaf(2, 1)]
+    assert mapped["next_index_in_cycle"] == 1  # batch 4 is worker 1's draw 1 (1 + 3 * 1)
+    assert pipeline._remap_workers(state([leaf(4, 2), leaf(4, 2)]), 2, leaf(0, 0), 0, 4) == leaf(8, 4)
+    assert pipeline._remap_workers(leaf(8, 4), 0, template, 3, 4) == mapped
+    # 3 batches: worker 0 read positions 0, 2, 4, 6 and worker 1 only 1, 3 (5 is unread): no other count continues.
+    assert pipeline._remap_workers(state([leaf(4, 2), leaf(2, 1)]), 2, template, 3, 3) is None
 
 
 class DigitsWithMask(tfds.core.GeneratorBasedBuilder):
