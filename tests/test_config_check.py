@@ -204,6 +204,20 @@ def test_custom_sizes_validate_and_a_variants_own_numbers_match_it():
     validate(config, num_devices=8)
 
 
+def test_mixup_with_one_row_per_process_is_refused_naming_batch_size_and_process_count():
+    """Mixup pairs rows within each process's batch: one row per process would be mixed with itself."""
+    config = base()
+    config.batch_size, config.pp.mixup_alpha = 8, 0.2
+    with pytest.raises(ConfigError, match=r"config.pp.mixup_alpha=0.2 is invalid: .*config.batch_size=8 over 8 "
+                                          r"processes leaves 1 row per process .*use batch_size >= 16 or "
+                                          r"pp.mixup_alpha=0"):
+        validate(config, num_devices=8, process_count=8)
+    validate(config, num_devices=8, process_count=4)  # 2 rows each
+    validate(config, num_devices=8)  # this test's one process
+    config.pp.mixup_alpha = 0.0
+    validate(config, num_devices=8, process_count=8)  # no mixup: a row each is fine
+
+
 def test_unknown_variant_is_clear():
     with pytest.raises(ValueError, match="unknown variant 'B/15'.*valid"):
         common.get_config("B/15")

@@ -6,6 +6,7 @@ import math
 import numbers
 import re
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -243,8 +244,29 @@ def validate_preprocessing(config: ml_collections.ConfigDict) -> None:
         _fail("shuffle_seed", config.shuffle_seed, "expected an integer")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-    """Check a whole run config against `num_devices`; returns the resolved mesh shape."""
+def check_mixup_rows(config: ml_collections.ConfigDict, process_count: int | None = None) -> None:
+    """Refuse mixup with fewer than 2 rows per process: the pipeline mixes each row with another row of its own
+    process's batch (`np.roll` over batch_size / process_count rows), so a single row is mixed with itself and
+    mixup would do nothing, in silence. `process_count` None: `jax.process_count()`, asked only with mixup on
+    (it starts jax's backend)."""
+    if not config.pp.mixup_alpha > 0:
+        return
+    process_count = jax.process_count() if process_count is None else process_count
+    rows = config.batch_size // process_count
+    if rows < 2:
+        _fail("pp.mixup_alpha", config.pp.mixup_alpha,
+              f"mixup pairs the rows of each process's batch, and config.batch_size={config.batch_size} over "
+              f"{process_count} processes leaves {rows} row per process (mixup would do nothing); use "
+              f"batch_size >= {2 * process_count} or pp.mixup_alpha=0")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int | None = None
+             ) -> dict[str, int]:
+    """Check a whole run config against `num_devices`; returns the resolved mesh shape.
+
+    `process_count` (the processes loading the data; None: `jax.process_count()`, this job's) decides the rows
+    of each process's batch, which mixup needs at least 2 of.
+    """
     validate_model(config.model, config.image_size)
     validate_preprocessing(config)
     positive_int(config, "num_classes")
@@ -283,6 +305,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         positive_int(config, field)
     for field in ("eval_every", "checkpoint_every"):
         _non_negative_int(config, field, "0: every tenth of the run")
+    check_mixup_rows(config, process_count)
     if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
         _fail("total_steps", config.total_steps, "expected a positive step count, or 0 with num_epochs > 0")
     mesh = resolve_mesh_shape(config.mesh, num_devices)
