@@ -566,9 +566,14 @@ def test_a_step_that_leaves_nan_params_stops_the_run_before_they_are_scored(tmp_
                  {"fewshot.datasets": ("digits,train[:100],test[:50]",), "fewshot.shots": (1,), "fewshot.seeds": 1,
                   "fewshot.every_steps": 2})
     config = _digits_run_config(tmp_path, total_steps=4, log_every=4, checkpoint_every=1000, **overrides)
+    from vit_jax.data import pipeline
+
+    closed, close = [], pipeline.TrainIterator.close
+    monkeypatch.setattr(pipeline.TrainIterator, "close", lambda self: closed.append(self) or close(self))
     with pytest.raises(train.NonFiniteLossError, match="the gradient norm is nan at step 2"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert scored == ([] if scores == "eval" else ["fewshot"])  # few-shot's baseline at step 0 only
+    assert len(closed) == 1  # the stopped run's input workers and reader threads are stopped with it
 
 
 def test_pin_pretrained_stops_every_process_when_a_local_path_is_missing_on_some(tmp_path):

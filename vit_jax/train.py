@@ -865,8 +865,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         restarts = f"is of another version of the input pipeline (state version {data_state.get('version')})"
     else:
         restarts = ""
-    if restarts and start_step:
-        logging.warning("the checkpoint's data position %s; the data order restarts", restarts)
+    if restarts and start_step:  # new seeds: the same ones would replay the examples of steps 1..start_step
+        train_iter.restart(start_step, restarts)
     eval_every = config_check.interval(config.eval_every, num_steps)
     checkpoint_every = config_check.interval(config.checkpoint_every, num_steps)
     fewshot_every = config.fewshot.every_steps if _has_fewshot(config) else None
@@ -978,6 +978,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         ckpt.wait()  # the last checkpoint is on disk (or its failure raised) before final_metrics.json names it
     finally:
         watcher.close()
+        train_iter.close()  # its worker processes and reader threads (a notebook may start the next run)
         if profile_start is not None and step < profile_start + config.profile_steps:
             jax.profiler.stop_trace()
         writer.flush()
