@@ -455,3 +455,13 @@ def test_a_step_libtpu_refuses_for_lack_of_hbm_is_reported_not_raised(monkeypatc
     else:
         result = plan.plan(config, jax.devices()[:1])
         assert not result["fits"] and result["memory"].temporaries == temporaries
+
+
+def test_mixup_on_a_slice_of_one_row_per_host_is_refused_before_compiling():
+    """v5e:16x16 is 64 TPU VMs of 4 chips: a global batch of 64 leaves each host's mixup one row to pair with."""
+    from vit_jax.config_check import ConfigError
+
+    config = common.get_config("B/16")
+    config.batch_size, config.pp.mixup_alpha = 64, 0.2
+    with pytest.raises(ConfigError, match="mixup_alpha.*64"):
+        plan.plan_for_topology(config, plan.parse_topology("v5e:16x16"))

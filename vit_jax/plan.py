@@ -319,7 +319,7 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], hbm_b
     """
     from vit_jax import sharding, train
 
-    mesh_shape = config_check.validate(config, len(devices))
+    mesh_shape = config_check.validate(config, len(devices), process_count=1)  # the processes: checked by the caller
     mesh = sharding.make_mesh(config, devices=devices)
     state = train.abstract_state(config, mesh)
     batch = train.abstract_batch(config, mesh)
@@ -362,7 +362,9 @@ def plan_for_topology(config: ml_collections.ConfigDict, topology: Topology, mfu
     """`plan` on a TPU topology plus FLOPs, estimated step time and images/s, and suggestions when it won't fit."""
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu={mfu} is invalid: expected a fraction of peak in (0, 1], e.g. 0.5")
-    config_check.validate(config, topology.num_chips)  # a config that cannot work says so, with or without libtpu
+    # A config that cannot work says so, with or without libtpu; a multi-host slice's TPU VMs hold 4 chips each
+    # (what the rows of each process's batch depend on).
+    config_check.validate(config, topology.num_chips, process_count=max(1, topology.num_chips // 4))
     result = plan(config, topology_devices(topology), topology.chip.hbm_bytes)
     mesh_shape = result["mesh"]
     result["per_chip_micro_batch"] = config.batch_size // config.accum_steps // _batch_devices(mesh_shape)
