@@ -256,3 +256,89 @@ def test_bad_paths_and_formats(tmp_path, flat_params):
         load_pretrained(path, tiny_config(), resize_method="nearest")
     with pytest.raises(CheckpointError, match="target_format must be one of"):
         save_as(random_params(tiny_config(), 4), tiny_config(), str(tmp_path / "x"), "onnx")
+
+
+def _malformed(flat, name, change):
+    """A timm ('blocks.'...) or HF ('vit.'...) state dict of `flat` with the tensor `name` changed by `change`."""
+    from vit_jax.interop import torch_hub
+
+    state = (torch_hub.canonical_to_hf if name.startswith("vit.") else torch_hub.canonical_to_timm)(flat)
+    state[name] = change(state[name])
+    return state
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("blocks.0.attn.qkv.weight", lambda w: w[:100],
+     r"blocks\.0\.attn\.qkv\.weight has shape \(100, 64\), expected \(3\*hidden, hidden\): its 100 rows do not split"),
+    ("blocks.0.attn.qkv.bias", lambda b: b[:96],
+     r"blocks\.0\.attn\.qkv\.bias has shape \(96,\), expected \(192,\): one value per output feature"),
+    ("patch_embed.proj.weight", lambda w: w.reshape(64, -1),
+     r"patch_embed\.proj\.weight has shape \(64, 192\), expected 4-D \(hidden, channels, patch, patch\)"),
+    ("blocks.0.attn.proj.weight", lambda w: w[0],
+     r"blocks\.0\.attn\.proj\.weight has shape \(64,\), expected 2-D \(out_features, in_features\)"),
+    ("vit.encoder.layer.1.attention.attention.key.bias", lambda b: b[:10],
+     r"encoder\.layer\.1\.attention\.attention\.key\.bias has shape \(10,\), expected \(64,\)"),
+    ("vit.encoder.layer.0.attention.attention.query.weight", lambda w: w[0],
+     r"encoder\.layer\.0\.attention\.attention\.query\.weight has shape \(64,\), expected 2-D"),
+    ("vit.embeddings.patch_embeddings.projection.weight", lambda w: w.reshape(64, -1),
+     r"embeddings\.patch_embeddings\.projection\.weight has shape \(64, 192\), expected 4-D"),
+    ("vit.encoder.layer.0.attention.output.dense.weight", lambda w: w[0],
+     r"encoder\.layer\.0\.attention\.output\.dense\.weight has shape \(64,\), expected 2-D"),
+], ids=["qkv_rows", "qkv_bias", "patch_2d", "proj_1d", "hf_key_bias", "hf_query_1d", "hf_patch_2d", "hf_out_1d"])
+def test_malformed_torch_tensors_are_named_with_their_shape(tmp_path, flat_params, name, change, message):
+    """Each was a raw ValueError from a split, reshape or transpose."""
+    from vit_jax.interop import torch_hub
+
+    path = str(tmp_path / "bad.safetensors")
+    torch_hub.write_safetensors(_malformed(flat_params, name, change), path)
+    with pytest.raises(CheckpointError, match=f"^{path}: {message}"):
+        load_pretrained(path, tiny_config())
+
+
+def test_a_0d_array_among_the_scanned_blocks_of_an_npz_is_named(tmp_path, flat_params):
+    """np.savez of a scalar under Transformer/encoderblock/: an IndexError from the unstacking."""
+    path = _write_npz(tmp_path / "scan.npz", {"embedding/kernel": flat_params["embedding/kernel"],
+                                              "Transformer/encoderblock/LayerNorm_0/scale": np.float32(1)})
+    with pytest.raises(CheckpointError, match=f"^{path}: Transformer/encoderblock/LayerNorm_0/scale has shape \\(\\), "
+                                              r"expected \(depth, \.\.\.\)"):
+        load_pretrained(path, tiny_config())
+
+
+def _with_extra_tokens(flat, name: str, count: int):
+    """A timm state dict with `count` extra tokens (DeiT's dist_token, register tokens) and their pos_embed slots."""
+    from vit_jax.interop import torch_hub
+
+    state = torch_hub.canonical_to_timm(flat)
+    pos = state["pos_embed"]
+    state[name] = np.zeros((1, count, pos.shape[-1]), np.float32)
+    state["pos_embed"] = np.concatenate([pos[:, :1], np.zeros((1, count, pos.shape[-1]), np.float32), pos[:, 1:]], 1)
+    if name == "dist_token":
+        state["head_dist.weight"], state["head_dist.bias"] = state["head.weight"], state["head.bias"]
+    return state
+
+
+@pytest.mark.parametrize("name, count, message", [
+    ("dist_token", 1, r"a distilled DeiT \(dist_token, head_dist\): this model has one class token"),
+    ("reg_token", 4, r"a timm model with 4 register tokens \(reg_token \(1, 4, 64\)\): this model has no register"),
+])
+@pytest.mark.parametrize("image_size", [None, 32])
+def test_timm_models_with_extra_tokens_are_refused_by_name(tmp_path, flat_params, name, count, message,
+                                                           image_size):
+    """They were refused as '17 position embeddings are not a square patch grid'."""
+    from vit_jax.interop import torch_hub
+
+    path = str(tmp_path / f"{name}.safetensors")
+    torch_hub.write_safetensors(_with_extra_tokens(flat_params, name, count), path)
+    with pytest.raises(CheckpointError, match=f"^{path}: {message}"):
+        load_pretrained(path, tiny_config(), image_size=image_size)
+
+
+@pytest.mark.parametrize("target", ["timm", "hf"])
+def test_an_axial_model_is_not_exported_to_timm_or_hf(tmp_path, target):
+    """A KeyError traceback from the conversion: neither has an axial ViT."""
+    config = tiny_config(classifier="gap")
+    config.axial = True
+    path = str(tmp_path / ("vit.safetensors" if target == "timm" else "hf"))
+    with pytest.raises(CheckpointError, match=f"^{target} has no axial ViT"):
+        save_as(random_params(config, 4), config, path, target)
+    assert os.listdir(tmp_path) == []

@@ -77,17 +77,24 @@ def test_hf_directory_round_trips_through_a_remote_path_with_its_numerics(bucket
 
 
 def test_a_file_loses_the_numerics_of_a_config_json_deleted_beside_it(bucket):
+    import json
+
     config = tiny_config(gelu_approximate=True, layernorm_epsilon=1e-5)
     save_as(random_params(config, 4), config, f"{bucket}/hf", "hf")
+    cfg_path = f"{bucket}/hf/config.json"  # made to say other numerics than those recorded in the weights
+    cfg = json.loads(tf.io.gfile.GFile(cfg_path).read())
+    tf.io.gfile.remove(cfg_path)  # ram:// overwrites in place, keeping a longer old file's tail
+    with tf.io.gfile.GFile(cfg_path, "w") as f:
+        f.write(json.dumps({**cfg, "hidden_act": "gelu", "layer_norm_eps": 1e-7}))
     weights = f"{bucket}/hf/model.safetensors"
-    first = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
+    first = tiny_config(gelu_approximate=True, layernorm_epsilon=1e-5)
     load_pretrained(weights, first)
-    assert first.gelu_approximate is True and first.layernorm_epsilon == 1e-5  # from the config.json beside it
+    assert first.gelu_approximate is False and first.layernorm_epsilon == 1e-7  # from the config.json beside it
 
-    tf.io.gfile.remove(f"{bucket}/hf/config.json")  # the cached copy of it must not still count
-    again = tiny_config(gelu_approximate=True, layernorm_epsilon=1e-5)
+    tf.io.gfile.remove(cfg_path)  # the cached copy of it must not still count
+    again = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-7)
     load_pretrained(weights, again)
-    assert again.gelu_approximate is False and again.layernorm_epsilon == 1e-12  # HF's defaults
+    assert again.gelu_approximate is True and again.layernorm_epsilon == 1e-5  # recorded in the weights' metadata
 
 
 def test_remote_training_workdir_loads_its_latest_step_without_optimizer_state(bucket, tmp_path):

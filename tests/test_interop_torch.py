@@ -216,15 +216,41 @@ def test_hf_without_qkv_bias_loads_with_logits_parity(tmp_path):
     assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
 
 
+def _timm_training_checkpoint(model, **extra) -> dict:
+    """What timm's train script saves (`CheckpointSaver`): the DDP-prefixed state_dict beside the optimizer state,
+    epoch, arch, version and metric; `extra` adds what it also pickles (its argparse `args`)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).sum().backward()
+    optimizer.step()
+    return {"epoch": 3, "arch": "vit_custom", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "version": 2, "metric": 71.5, **extra}
+
+
 def test_timm_pth_training_checkpoint_loads(tmp_path):
-    """A `.pth` as timm's train script writes it ({"state_dict": ...}, DDP `module.` prefix), weights_only."""
+    """A timm training checkpoint without pickled Python objects (e.g. saved without args) loads, weights_only."""
     model = _timm_model("token", seed=2)
     path = tmp_path / "checkpoint.pth"
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    torch.save(_timm_training_checkpoint(model), path)
     config = tiny_config()
     params = load_pretrained(str(path), config)
     images = random_images()
-    assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model.eval(), images)) < TOLERANCE
+
+
+def test_timm_training_checkpoint_with_argparse_args_is_refused_saying_why_and_what_to_do(tmp_path):
+    """model_best.pth.tar pickles its argparse.Namespace: refused with torch's "Unsupported global" line (not its
+    generic first line with terminal colour codes) and how to get a weights-only file."""
+    import argparse
+
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(_timm_training_checkpoint(_timm_model("token", seed=2), args=argparse.Namespace(lr=0.1)), path)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(str(path), tiny_config())
+    message = str(e.value)
+    assert message.startswith(f"{path}: not a readable torch weights file (torch.load with weights_only=True "
+                              "refuses it: Unsupported global: GLOBAL argparse.Namespace was not an allowed global")
+    assert "save only its state_dict (timm's clean_checkpoint.py" in message and "safetensors" in message
+    assert "\x1b" not in message and "Weights only load failed" not in message
 
 
 @pytest.mark.parametrize("pooling, gelu_approximate", [("token", False), ("avg", False), ("token", True)])
@@ -246,6 +272,38 @@ def test_timm_export_loads_in_timm_with_logits_parity_and_round_trips(tmp_path, 
     back = load_pretrained(path, back_config)
     assert back_config.gelu_approximate == gelu_approximate  # recorded in the file's metadata
     np.testing.assert_array_equal(logits_of(back_config, back, images), ours)
+
+
+def _timm_hub_download(tmp_path, model, config: dict) -> str:
+    """A timm hub download directory: model.safetensors (no metadata of ours) + timm's config.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(model.state_dict(), str(hub / "model.safetensors"))
+    (hub / "config.json").write_text(json.dumps({"num_classes": NUM_CLASSES, "pretrained_cfg": {}, **config}))
+    return str(hub)
+
+
+def test_a_timm_siglip_gap_download_loads_with_the_tanh_gelu_of_its_architecture(tmp_path):
+    """timm builds vit_base_patch32_siglip_gap_256 with act_layer='gelu_tanh'; it loaded with exact GELU."""
+    model = _timm_model("avg", seed=8, act_layer="gelu_tanh")
+    hub = _timm_hub_download(tmp_path, model, {"architecture": "vit_base_patch32_siglip_gap_256",
+                                               "model_args": {"num_heads": 4}})
+    config = tiny_config(classifier="gap", gelu_approximate=False)
+    params = load_pretrained(hub, config)
+    assert config.gelu_approximate is True and config.layernorm_epsilon == 1e-6
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+
+
+def test_the_head_count_of_a_timm_architecture_is_checked(tmp_path):
+    hub = _timm_hub_download(tmp_path, _timm_model("token"), {"architecture": "vit_tiny_patch16_224"})
+    with pytest.raises(CheckpointError, match=r"config.json: timm architecture 'vit_tiny_patch16_224' num_heads=3 "
+                                              r"but the model config has num_heads=4"):
+        load_pretrained(hub, tiny_config())
 
 
 def test_source_numerics_without_loading(tmp_path):

@@ -11,7 +11,8 @@ the masked-patch-prediction model, whose pre-training head is dropped for a clas
 Modules: `npz` (official files), `torch_hub` (timm / HF state dicts), `orbax_io` (our checkpoints),
 `surgery` (position-embedding resize, new head, pre-logits), `loading` (the two functions above), `remote`
 (gs:// and other URIs: read from a cached local copy, written through a temporary one).
-torch is never imported here; only reading a `.bin` / `.pth` imports it.
+torch is never imported here; only reading a `.bin` / `.pth` imports it (and timm's, a timm hub config.json
+that names only its architecture).
 """
 
 from vit_jax.interop import remote

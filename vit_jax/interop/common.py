@@ -85,11 +85,17 @@ def num_layers_of(flat: Mapping[str, Any]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def unstack_scanned(flat: Mapping[str, np.ndarray], prefix: str = "Transformer/encoderblock/") -> Flat:
-    """Keys under `prefix` (arrays stacked over depth on axis 0) -> per-block `Transformer/encoderblock_{i}/`."""
+def unstack_scanned(flat: Mapping[str, np.ndarray], prefix: str = "Transformer/encoderblock/",
+                    source: str = "params") -> Flat:
+    """Keys under `prefix` (arrays stacked over depth on axis 0) -> per-block `Transformer/encoderblock_{i}/`.
+
+    A 0-d array there has no depth axis to split: a CheckpointError naming `source` and the key."""
     out: Flat = {}
     for name, value in flat.items():
         if name.startswith(prefix):
+            if np.ndim(value) == 0:
+                raise CheckpointError(f"{source}: {name} has shape (), expected (depth, ...): arrays under {prefix} "
+                                      "are stacked over the blocks on their first axis")
             rest = name[len(prefix):]
             for i in range(value.shape[0]):
                 out[f"Transformer/encoderblock_{i}/{rest}"] = value[i]

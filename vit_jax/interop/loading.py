@@ -109,7 +109,7 @@ def _read_local(path: str, source_format: str | None, num_heads: int | None) -> 
     if _reads_as_orbax(path, source_format):
         flat, numerics, step_dir = orbax_io.read_orbax(path)
         return Checkpoint(flat, "orbax", numerics, step_dir)
-    weights_path, config_path = torch_hub.hf_dir_files(path) if os.path.isdir(path) else (path, None)
+    weights_path, config_path = _weights_and_config(path)
     kind = _file_kind(weights_path) if source_format in (None, "auto") else None
     if (source_format == "npz" or kind == "npz") and num_heads is None:  # format detection only
         return Checkpoint({}, "npz", OFFICIAL_NUMERICS, weights_path)
@@ -120,15 +120,26 @@ def _read_local(path: str, source_format: str | None, num_heads: int | None) -> 
         return Checkpoint({}, _torch_flavour(weights_path, source_format), None, weights_path)
     state = torch_hub.read_state_dict(weights_path)
     flavour = source_format if source_format in ("timm", "hf") else torch_hub.flavour_of(state, weights_path)
+    to_canonical = torch_hub.timm_to_canonical if flavour == "timm" else torch_hub.hf_to_canonical
+    flat = to_canonical(state, num_heads, weights_path)
+    return Checkpoint(flat, flavour, _torch_numerics(weights_path, config_path, flavour, num_heads), weights_path)
+
+
+def _weights_and_config(path: str) -> tuple[str, str | None]:
+    """(weights file, its config.json or None) of a local path: an HF model directory (or timm hub download,
+    which looks the same) gives both; a file, itself and the config.json beside it, if any."""
+    if os.path.isdir(path):
+        return torch_hub.hf_dir_files(path)
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    return path, beside if os.path.isfile(beside) else None
+
+
+def _torch_numerics(weights_path: str, config_path: str | None, flavour: str, num_heads: int | None) -> Numerics:
+    """The numerics of timm or HF weights (checking `num_heads`, when given, against whatever records it): one
+    rule for loading and for `source_numerics`, so both set the same GELU flavour and eps."""
     if flavour == "timm":
-        numerics = torch_hub.recorded_numerics(weights_path) or TIMM_NUMERICS
-        return Checkpoint(torch_hub.timm_to_canonical(state, num_heads, weights_path), "timm", numerics,
-                          weights_path)
-    if config_path is None:
-        beside = os.path.join(os.path.dirname(os.path.abspath(weights_path)), "config.json")
-        config_path = beside if os.path.isfile(beside) else None
-    numerics = torch_hub.hf_numerics(config_path, num_heads)
-    return Checkpoint(torch_hub.hf_to_canonical(state, num_heads, weights_path), "hf", numerics, weights_path)
+        return torch_hub.timm_numerics(weights_path, config_path, num_heads)
+    return torch_hub.hf_numerics(config_path, num_heads, weights_path)
 
 
 def _torch_flavour(path: str, source_format: str | None) -> str:
@@ -252,15 +263,11 @@ def source_numerics(path: str, source_format: str | None = None) -> Numerics | N
 def _local_numerics(path: str, source_format: str | None) -> Numerics | None:
     if _reads_as_orbax(path, source_format):
         return orbax_io.read_numerics(path)
-    if os.path.isdir(path):
-        return torch_hub.hf_numerics(torch_hub.hf_dir_files(path)[1], None)
-    ckpt = _read_local(path, source_format, num_heads=None)
+    ckpt = _read_local(path, source_format, num_heads=None)  # the format, told as loading tells it
     if ckpt.source_format == "npz":
         return OFFICIAL_NUMERICS
-    if ckpt.source_format == "timm":
-        return torch_hub.recorded_numerics(path) or TIMM_NUMERICS
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    return torch_hub.hf_numerics(beside if os.path.isfile(beside) else None, None)
+    weights_path, config_path = _weights_and_config(path)
+    return _torch_numerics(weights_path, config_path, ckpt.source_format, None)
 
 
 def recorded_run_config(path: str, source_format: str | None = None) -> dict:
@@ -385,6 +392,8 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
     image_size = _source_grid_side(flat, "params") * model_config.patch_size
     check_matches(flat, expected_shapes(model_config, num_classes, image_size), "params")
     m = model_config
+    _require(target_format in ("npz", "orbax") or not m.get("axial", False),
+             f"{target_format} has no axial ViT (axial=True: row and column attention); export to npz or orbax")
     if target_format == "npz":
         _warn_numerics(m, OFFICIAL_NUMERICS, "npz")
         npz.write_npz(flat, path)
@@ -396,7 +405,7 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
         # timm takes the GELU flavour as a constructor argument (act_layer), so only the LayerNorm eps can differ.
         _warn_numerics(m, dataclasses.replace(TIMM_NUMERICS, gelu_approximate=bool(m.gelu_approximate)), "timm")
         torch_hub.write_safetensors(torch_hub.canonical_to_timm(flat), path,
-                                    metadata=torch_hub.numerics_metadata(m.gelu_approximate, m.layernorm_epsilon))
+                                    metadata=torch_hub.export_metadata(m))
         extra = (", global_pool='avg', class_token=False, fc_norm=False" if m.classifier == "gap" else "") + (
             ", act_layer='gelu_tanh'" if m.gelu_approximate else "")
         logging.info("timm: timm.create_model(<vit name>, pretrained=True, num_classes=%d, img_size=%d, "
@@ -407,7 +416,7 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
         _require(not m.resnet_layers, "HF export of hybrids is not supported; export to npz")
         _require(not m.representation_size, "HF ViTForImageClassification has no pre_logits layer; fine-tune "
                                             "with model.representation_size=0 or export to npz/orbax")
-        _write_hf_dir(flat, torch_hub.hf_config(m, num_classes, image_size), path)
+        _write_hf_dir(flat, torch_hub.hf_config(m, num_classes, image_size), torch_hub.export_metadata(m), path)
     else:
         meta = {"step": 0, "config": {"model": m.to_dict()}, "source": "vit_jax.interop.save_as"}
         written = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
@@ -416,8 +425,9 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
     return shown
 
 
-def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], path: str) -> None:
-    """`path`/model.safetensors and `path`/config.json, written into a temporary sibling directory that is then
+def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], metadata: dict[str, str], path: str) -> None:
+    """`path`/model.safetensors (with `metadata`: our numerics and head count, kept if the file is copied
+    without its config.json) and `path`/config.json, written into a temporary sibling directory that is then
     renamed into place: a failure part-way leaves no directory that looks like a model but cannot be loaded (and
     that `check_destination` would refuse to reuse). Into an existing non-empty directory (`overwrite`) the two
     files are moved one by one, the weights first, config.json (what marks a model directory) last."""
@@ -427,7 +437,7 @@ def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], path: str) -> None:
     os.mkdir(tmp)  # not tempfile.mkdtemp: its 0700 mode would become the model directory's
     try:
         torch_hub.write_safetensors(torch_hub.canonical_to_hf(flat), os.path.join(tmp, "model.safetensors"),
-                                    metadata={"format": "pt"})
+                                    metadata=metadata)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2)
         if os.path.isdir(path) and os.listdir(path):

@@ -131,7 +131,7 @@ def to_canonical(raw: Flat, path: str) -> Flat:
         raise CheckpointError(f"{path}: uses big_vision's MAP-head pooling (MAPHead_0/...); this model pools with "
                               "classifier='token' or 'gap' only")
     flat = {k: _squeeze_group_norm(k, v) for k, v in flat.items()}
-    flat = unstack_scanned(flat)
+    flat = unstack_scanned(flat, source=path)
     flat = {_rename_big_vision_block(k): v for k, v in flat.items()}
     return _normalise_big_vision_posemb(flat)
 

@@ -1,8 +1,13 @@
 """timm and HuggingFace ViT state dicts <-> canonical flat params, and reading/writing their files.
 
 Files are read through safetensors (no torch needed) or `torch.load(weights_only=True)`; torch is imported
-lazily, only for `.bin` / `.pth` files, so the training path never imports it. Writing uses
+lazily, only for `.bin` / `.pth` files and for a timm hub `config.json` whose `model_args` leave the head count or
+activation out (timm, if installed, builds its `architecture` on the meta device to tell them). Writing uses
 `safetensors.numpy` (no torch either).
+
+What no tensor shape shows is checked or recorded: the head count (8 heads of width 8 hold the same arrays as
+4 of 16) and the numerics (GELU flavour, LayerNorm eps). Our timm and HF exports record both in the safetensors
+metadata; an HF `config.json` or a timm hub `config.json` beside the weights says them too.
 
 timm (`VisionTransformer`): `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.{norm1, attn.qkv, attn.proj,
 norm2, mlp.fc1, mlp.fc2}`, `norm`, `head`. HF (`ViTForImageClassification`, hub names): `vit.embeddings.*`,
@@ -18,6 +23,7 @@ gets a zero slot.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,9 +33,11 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from vit_jax.interop.common import (
     POSEMB_KEY,
+    TIMM_NUMERICS,
     CheckpointError,
     Flat,
     Numerics,
@@ -109,13 +117,37 @@ def _read_torch(path: str) -> dict[str, Any]:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(_unpickling_refusal(path, str(e))) from e
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a readable torch weights file (torch.load with weights_only=True: "
-                              f"{first_line})") from e
+                              f"{_first_line(str(e), type(e).__name__)})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _first_line(message: str, default: str) -> str:
+    """The first non-empty line of an exception message, without terminal colour codes."""
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", message).splitlines() if line.strip()]
+    return lines[0] if lines else default
+
+
+def _unpickling_refusal(path: str, message: str) -> str:
+    """Why `torch.load(weights_only=True)` refused `path`: torch's "Unsupported global: ..." line (the Python
+    object the file pickles) rather than its generic first line, and how to get a file of weights only. A timm
+    training checkpoint (`model_best.pth.tar`) pickles its `argparse.Namespace` args, which are never unpickled
+    here: unpickling runs code."""
+    message = _ANSI_ESCAPE.sub("", message)
+    found = re.search(r"Unsupported global: .*?(?:by default\.|$)", message, re.MULTILINE)
+    reason = found.group(0) if found else _first_line(message, "UnpicklingError")
+    return (f"{path}: not a readable torch weights file (torch.load with weights_only=True refuses it: {reason}); "
+            "a training checkpoint that pickles Python objects (e.g. its argparse args) is not unpickled: save "
+            "only its state_dict (timm's clean_checkpoint.py --checkpoint <file> --output <new>.pth) or convert "
+            "it to .safetensors")
 
 
 def _unwrap(state: dict[str, Any], path: str) -> Flat:
@@ -167,6 +199,8 @@ def flavour_of(state: Iterable[str], path: str) -> str:
 
 
 NUMERICS_METADATA = ("vit_jax.gelu_approximate", "vit_jax.layernorm_epsilon")
+HEADS_METADATA = "vit_jax.num_heads"
+_HEADS_ADVICE = "pick the matching --config / model.num_heads"
 
 
 def numerics_metadata(gelu_approximate: bool, layernorm_epsilon: float) -> dict[str, str]:
@@ -175,17 +209,30 @@ def numerics_metadata(gelu_approximate: bool, layernorm_epsilon: float) -> dict[
             NUMERICS_METADATA[1]: repr(float(layernorm_epsilon))}
 
 
-def recorded_numerics(path: str) -> Numerics | None:
-    """The numerics `numerics_metadata` recorded in a safetensors file of ours, else None."""
+def export_metadata(model_config: ml_collections.ConfigDict) -> dict[str, str]:
+    """safetensors metadata of our timm and HF exports: the numerics (a timm file has no config of its own, a
+    copied HF model.safetensors may lose its config.json) and the head count, which no tensor shape shows (8
+    heads of width 8 hold the same arrays as 4 of width 16)."""
+    return {**numerics_metadata(model_config.gelu_approximate, model_config.layernorm_epsilon),
+            HEADS_METADATA: str(int(model_config.num_heads))}
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The metadata of a safetensors file's header ({} for a torch file, which has none); no tensor is read."""
     if not is_safetensors(path):
-        return None
+        return {}
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="numpy") as f:
-            metadata = f.metadata() or {}
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
+
+
+def recorded_numerics(path: str) -> Numerics | None:
+    """The numerics `numerics_metadata` recorded in a safetensors file of ours, else None."""
+    metadata = read_metadata(path)
     if not all(key in metadata for key in NUMERICS_METADATA):
         return None
     try:
@@ -194,6 +241,40 @@ def recorded_numerics(path: str) -> Numerics | None:
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: bad numerics metadata {metadata}") from e
     return Numerics(approximate, eps, f"{path} metadata (gelu_approximate={approximate}, layernorm_epsilon={eps:g})")
+
+
+def recorded_num_heads(path: str) -> int | None:
+    """The head count `export_metadata` recorded in a safetensors file of ours, else None."""
+    value = read_metadata(path).get(HEADS_METADATA)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad metadata {HEADS_METADATA}={value!r} (expected an integer)") from e
+
+
+def _check_num_heads(num_heads: int, found: list[tuple[int, str]], path: str) -> None:
+    """Refuse a head count that a file's metadata or config contradicts (`found`: (heads, who says so)); log
+    when nothing says it: a wrong count loads without error but computes other logits."""
+    for heads, origin in found:
+        if heads != num_heads:
+            raise CheckpointError(f"{origin}={heads} but the model config has num_heads={num_heads}; {_HEADS_ADVICE}")
+    if not found:
+        logging.info("%s: the attention head count could not be checked (no %s metadata, no config.json giving it); "
+                     "assuming the model config's num_heads=%d", path, HEADS_METADATA, num_heads)
+
+
+def _read_config_json(config_path: str) -> dict[str, Any]:
+    """A config.json as a dict; unreadable or not a JSON object: a CheckpointError naming it."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: unreadable config.json ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_path}: holds a JSON {type(cfg).__name__}, not a config object")
+    return cfg
 
 
 def write_safetensors(state: Flat, path: str, metadata: dict[str, str] | None = None) -> None:
@@ -212,8 +293,28 @@ def _kernel_to_linear(kernel: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(kernel.T)
 
 
+def _require_ndim(value: np.ndarray | None, ndim: int, key: str, expected: str) -> np.ndarray | None:
+    """`value` (None passes) when it has `ndim` dimensions; else a CheckpointError naming the key, the shape
+    found and the one expected (a malformed tensor would fail in a reshape or transpose, naming neither)."""
+    if value is not None and value.ndim != ndim:
+        raise CheckpointError(f"{key} has shape {tuple(value.shape)}, expected {expected}")
+    return value
+
+
+def _require_bias(bias: np.ndarray, weight: np.ndarray, key: str) -> np.ndarray:
+    """`bias` when it holds one value per output feature of the Linear `weight` (out, in); else a CheckpointError."""
+    if bias.shape != weight.shape[:1]:
+        raise CheckpointError(f"{key} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},): one value per "
+                              "output feature of its weight")
+    return bias
+
+
 def _qkv_from_linear(weight: np.ndarray, bias: np.ndarray, num_heads: int, what: str) -> tuple:
-    """torch Linear (heads*head_dim, in) -> flax DenseGeneral kernel (in, heads, head_dim), bias (heads, head_dim)."""
+    """torch Linear (heads*head_dim, in) -> flax DenseGeneral kernel (in, heads, head_dim), bias (heads, head_dim).
+
+    `what` names the Linear (`<file>: <prefix>.query`) in errors about its weight's or bias's shape."""
+    _require_ndim(weight, 2, f"{what}.weight", "2-D (out_features, in_features)")
+    _require_bias(bias, weight, f"{what}.bias")
     out_features, in_features = weight.shape
     if out_features % num_heads:
         raise CheckpointError(f"{what}: {out_features} output features do not split into num_heads={num_heads}")
@@ -222,7 +323,8 @@ def _qkv_from_linear(weight: np.ndarray, bias: np.ndarray, num_heads: int, what:
 
 
 def _out_from_linear(weight: np.ndarray, num_heads: int, what: str) -> np.ndarray:
-    """torch Linear (out, heads*head_dim) -> flax out kernel (heads, head_dim, out)."""
+    """torch Linear (out, heads*head_dim) -> flax out kernel (heads, head_dim, out); `what` names the Linear."""
+    _require_ndim(weight, 2, f"{what}.weight", "2-D (out_features, in_features)")
     out_features, in_features = weight.shape
     if in_features % num_heads:
         raise CheckpointError(f"{what}: {in_features} input features do not split into num_heads={num_heads}")
@@ -232,6 +334,36 @@ def _out_from_linear(weight: np.ndarray, num_heads: int, what: str) -> np.ndarra
 def _zero_bias_if_none(bias: np.ndarray | None, weight: np.ndarray) -> np.ndarray:
     """The bias of a torch Linear, or zeros when it has none (timm / HF `qkv_bias=False`: computes the same)."""
     return np.zeros(weight.shape[0], weight.dtype) if bias is None else bias
+
+
+def _patch_kernel(weight: np.ndarray | None, key: str) -> np.ndarray | None:
+    """torch Conv2d weight (hidden, channels, p, p) -> flax Conv kernel (p, p, channels, hidden)."""
+    _require_ndim(weight, 4, key, "4-D (hidden, channels, patch, patch): the patch embedding's Conv2d")
+    return None if weight is None else weight.transpose(2, 3, 1, 0)
+
+
+def _split_qkv(weight: np.ndarray, bias: np.ndarray | None, key: str) -> tuple[list, list]:
+    """timm's fused qkv Linear (3*hidden, in) -> ([q, k, v] weights, [q, k, v] biases; zeros without a bias)."""
+    _require_ndim(weight, 2, f"{key}.weight", "2-D (3*hidden, hidden)")
+    if weight.shape[0] % 3:
+        raise CheckpointError(f"{key}.weight has shape {tuple(weight.shape)}, expected (3*hidden, hidden): its "
+                              f"{weight.shape[0]} rows do not split into query, key and value")
+    bias = _require_bias(_zero_bias_if_none(bias, weight), weight, f"{key}.bias")
+    return np.split(weight, 3), np.split(bias, 3)
+
+
+def _refuse_extra_tokens(state: Flat, path: str) -> None:
+    """Refuse, by name, timm models whose extra tokens this model lacks: DeiT's distillation token (and head)
+    and register tokens. Their position embeddings would otherwise be refused as 'not a square patch grid'."""
+    if "dist_token" in state or any(k.startswith("head_dist.") for k in state):
+        raise CheckpointError(f"{path}: a distilled DeiT (dist_token, head_dist): this model has one class token "
+                              "and one head, no distillation token; load a non-distilled DeiT (deit_*, not "
+                              "deit_*_distilled_*)")
+    registers = state.get("reg_token")
+    if registers is not None:
+        count = f"{registers.shape[1]} " if registers.ndim == 3 else ""
+        raise CheckpointError(f"{path}: a timm model with {count}register tokens (reg_token "
+                              f"{tuple(registers.shape)}): this model has no register tokens")
 
 
 def _take(state: Flat, name: str, taken: set[str]) -> np.ndarray | None:
@@ -261,6 +393,7 @@ def timm_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
     if "fc_norm.weight" in state and "norm.weight" not in state:
         raise CheckpointError(f"{path}: timm model with fc_norm (LayerNorm after pooling); this model normalises "
                               "before pooling (timm: fc_norm=False)")
+    _refuse_extra_tokens(state, path)
     taken: set[str] = set()
     flat: Flat = {}
 
@@ -268,8 +401,8 @@ def timm_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
         if value is not None:
             flat[dst] = value
 
-    w = _take(state, "patch_embed.proj.weight", taken)
-    put("embedding/kernel", None if w is None else w.transpose(2, 3, 1, 0))
+    put("embedding/kernel", _patch_kernel(_take(state, "patch_embed.proj.weight", taken),
+                                          f"{path}: patch_embed.proj.weight"))
     put("embedding/bias", _take(state, "patch_embed.proj.bias", taken))
     put("cls", _take(state, "cls_token", taken))
     pos_embed = _take(state, "pos_embed", taken)
@@ -281,14 +414,15 @@ def timm_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
             put(f"{dst}{ln}/bias", _take(state, f"{src}{norm}.bias", taken))
         qkv_w, qkv_b = _take(state, f"{src}attn.qkv.weight", taken), _take(state, f"{src}attn.qkv.bias", taken)
         if qkv_w is not None:
-            qkv_b = _zero_bias_if_none(qkv_b, qkv_w)
             attn = f"{dst}MultiHeadDotProductAttention_1/"
-            for name, w_part, b_part in zip(("query", "key", "value"), np.split(qkv_w, 3), np.split(qkv_b, 3)):
+            weights, biases = _split_qkv(qkv_w, qkv_b, f"{path}: {src}attn.qkv")
+            for name, w_part, b_part in zip(("query", "key", "value"), weights, biases):
                 kernel, bias = _qkv_from_linear(w_part, b_part, num_heads, f"{path}: {src}attn.qkv")
                 flat[f"{attn}{name}/kernel"], flat[f"{attn}{name}/bias"] = kernel, bias
         proj = _take(state, f"{src}attn.proj.weight", taken)
         if proj is not None:
-            flat[f"{dst}MultiHeadDotProductAttention_1/out/kernel"] = _out_from_linear(proj, num_heads, path)
+            flat[f"{dst}MultiHeadDotProductAttention_1/out/kernel"] = _out_from_linear(proj, num_heads,
+                                                                                      f"{path}: {src}attn.proj")
         put(f"{dst}MultiHeadDotProductAttention_1/out/bias", _take(state, f"{src}attn.proj.bias", taken))
         for fc, dense in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
             w = _take(state, f"{src}mlp.{fc}.weight", taken)
@@ -381,8 +515,8 @@ def hf_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
         put(f"{dst}/scale", _take(state, f"{src}.weight", taken))
         put(f"{dst}/bias", _take(state, f"{src}.bias", taken))
 
-    w = _take(state, "embeddings.patch_embeddings.projection.weight", taken)
-    put("embedding/kernel", None if w is None else w.transpose(2, 3, 1, 0))
+    put("embedding/kernel", _patch_kernel(_take(state, "embeddings.patch_embeddings.projection.weight", taken),
+                                          f"{path}: embeddings.patch_embeddings.projection.weight"))
     put("embedding/bias", _take(state, "embeddings.patch_embeddings.projection.bias", taken))
     put("cls", _take(state, "embeddings.cls_token", taken))
     put(POSEMB_KEY, _take(state, "embeddings.position_embeddings", taken))
@@ -399,7 +533,7 @@ def hf_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
                 flat[f"{attn}{name}/kernel"], flat[f"{attn}{name}/bias"] = kernel, bias
         w = _take(state, f"{src}attention.output.dense.weight", taken)
         if w is not None:
-            flat[f"{attn}out/kernel"] = _out_from_linear(w, num_heads, path)
+            flat[f"{attn}out/kernel"] = _out_from_linear(w, num_heads, f"{path}: {src}attention.output.dense")
         put(f"{attn}out/bias", _take(state, f"{src}attention.output.dense.bias", taken))
         norm(f"{src}layernorm_after", f"{dst}LayerNorm_2")
         linear(f"{src}intermediate.dense", f"{dst}MlpBlock_3/Dense_0")
@@ -468,23 +602,134 @@ def hf_config(model_config: ml_collections.ConfigDict, num_classes: int, image_s
     }
 
 
-def hf_numerics(config_path: str | None, num_heads: int | None) -> Numerics:
-    """GELU flavour and LayerNorm eps from an HF `config.json` (HF's defaults when there is none)."""
+def hf_numerics(config_path: str | None, num_heads: int | None, weights_path: str | None = None) -> Numerics:
+    """GELU flavour and LayerNorm eps of HF weights, checking `num_heads` (when given) against what says it.
+
+    From the HF `config.json` (`model_type` 'vit'; one without `model_type` is not an HF config and is refused);
+    without one, from the numerics our export recorded in `weights_path`, else HF's defaults (exact GELU, eps
+    1e-12)."""
+    recorded_heads = recorded_num_heads(weights_path) if weights_path else None
+    heads = [] if recorded_heads is None else [(recorded_heads, f"{weights_path}: metadata {HEADS_METADATA}")]
     if config_path is None:
-        return Numerics(False, 1e-12, "HF defaults, no config.json beside the weights (exact GELU, eps 1e-12)")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: unreadable HF config.json ({e})") from e
-    if cfg.get("model_type", "vit") != "vit":
-        raise CheckpointError(f"{config_path}: model_type {cfg.get('model_type')!r} is not 'vit'")
-    if num_heads is not None and cfg.get("num_attention_heads", num_heads) != num_heads:
-        raise CheckpointError(f"{config_path}: num_attention_heads={cfg['num_attention_heads']} but the model config "
-                              f"has num_heads={num_heads}; pick the matching --config / model.num_heads")
+        if num_heads is not None:
+            _check_num_heads(num_heads, heads, weights_path or "HF weights")
+        recorded = recorded_numerics(weights_path) if weights_path else None
+        return recorded or Numerics(False, 1e-12, "HF defaults, no config.json beside the weights (exact GELU, "
+                                                  "eps 1e-12)")
+    cfg = _read_config_json(config_path)
+    if "model_type" not in cfg:
+        raise CheckpointError(f"{config_path}: has no model_type, so it is not an HF config.json (valid: an HF ViT "
+                              "config, model_type 'vit'; timm's config.json, with 'architecture', goes with timm "
+                              "weights)")
+    if cfg["model_type"] != "vit":
+        raise CheckpointError(f"{config_path}: model_type {cfg['model_type']!r} is not 'vit'")
+    if num_heads is not None:
+        if "num_attention_heads" in cfg:
+            heads.insert(0, (cfg["num_attention_heads"], f"{config_path}: num_attention_heads"))
+        _check_num_heads(num_heads, heads, weights_path or config_path)
     act = cfg.get("hidden_act", "gelu")
     if act not in ("gelu",) + _APPROXIMATE_GELUS:
         raise CheckpointError(f"{config_path}: hidden_act={act!r} is not supported; valid: "
                               f"{['gelu', *_APPROXIMATE_GELUS]}")
     eps = float(cfg.get("layer_norm_eps", 1e-12))
     return Numerics(act in _APPROXIMATE_GELUS, eps, f"HF config.json (hidden_act={act}, layer_norm_eps={eps:g})")
+
+
+# --------------------------------------------------------------------------------------- timm numerics
+
+_TIMM_GELUS = {"gelu": False, "gelu_tanh": True}  # timm act_layer names of what this model computes
+
+
+def timm_numerics(weights_path: str, config_path: str | None, num_heads: int | None) -> Numerics:
+    """GELU flavour and LayerNorm eps of timm weights, checking `num_heads` (when given) against what says it.
+
+    From the numerics our export recorded in the file; else from a timm `config.json` beside it (a hub
+    download's: its `model_args`, or what timm builds for its `architecture`); else timm's defaults (exact GELU,
+    eps 1e-6; logged, since e.g. timm's SigLIP-GAP models use tanh GELU)."""
+    recorded, recorded_heads = recorded_numerics(weights_path), recorded_num_heads(weights_path)
+    heads = [] if recorded_heads is None else [(recorded_heads, f"{weights_path}: metadata {HEADS_METADATA}")]
+    facts: dict[str, Any] = {}
+    if config_path is not None and (recorded is None or (num_heads is not None and not heads)):
+        facts = timm_config_facts(config_path)
+    if num_heads is not None:
+        if not heads and "num_heads" in facts:
+            heads.append((facts["num_heads"], facts["heads_origin"]))
+        _check_num_heads(num_heads, heads, weights_path)
+    if recorded is not None:
+        return recorded
+    if "act_layer" in facts:
+        return _numerics_of_timm_facts(facts, config_path)
+    logging.info("%s: no numerics recorded and no timm config.json beside it giving the activation: assuming "
+                 "timm's default exact GELU and LayerNorm eps 1e-6 (a tanh-GELU model, e.g. SigLIP, computes "
+                 "slightly differently)", weights_path)
+    return TIMM_NUMERICS
+
+
+def _numerics_of_timm_facts(facts: dict[str, Any], config_path: str) -> Numerics:
+    """Numerics from `timm_config_facts`; an activation this model does not compute is refused."""
+    act = facts["act_layer"]
+    if act not in _TIMM_GELUS:
+        raise CheckpointError(f"{config_path}: {facts['act_origin']} act_layer={act!r} is not supported; valid: "
+                              f"{sorted(_TIMM_GELUS)}")
+    eps = float(facts.get("layernorm_epsilon", TIMM_NUMERICS.layernorm_epsilon))
+    return Numerics(_TIMM_GELUS[act], eps, f"timm config.json {config_path} ({facts['act_origin']} act_layer={act}, "
+                                           f"LayerNorm eps {eps:g})")
+
+
+def timm_config_facts(config_path: str) -> dict[str, Any]:
+    """What a timm hub `config.json` says of the weights beside it: `num_heads`, `act_layer` ('gelu', 'gelu_tanh'
+    or another activation's name), `layernorm_epsilon`, each with who says it ({} for a config.json that is not
+    timm's). Its `model_args` come first; what they leave out comes from the model timm builds for its
+    `architecture` (on the meta device: no memory, no download; only when timm is installed)."""
+    cfg = _read_config_json(config_path)
+    if "architecture" not in cfg or "model_type" in cfg:
+        logging.info("%s: not a timm config.json (no 'architecture'); not used for the timm weights beside it",
+                     config_path)
+        return {}
+    architecture = str(cfg["architecture"])
+    args = cfg.get("model_args") if isinstance(cfg.get("model_args"), dict) else {}
+    facts: dict[str, Any] = {}
+    if "num_heads" not in args or "act_layer" not in args:
+        built = _timm_architecture_facts(architecture)
+        if built:
+            facts.update(built, heads_origin=f"{config_path}: timm architecture {architecture!r} num_heads",
+                         act_origin=f"architecture {architecture!r}")
+    if isinstance(args.get("num_heads"), int):
+        facts.update(num_heads=args["num_heads"], heads_origin=f"{config_path}: model_args num_heads")
+    if "act_layer" in args and (args["act_layer"] is None or isinstance(args["act_layer"], str)):
+        facts.update(act_layer=args["act_layer"] or "gelu", act_origin="model_args")  # None: timm's default
+    return facts
+
+
+@functools.lru_cache(maxsize=8)
+def _timm_architecture_facts(architecture: str) -> dict[str, Any]:
+    """num_heads, act_layer and LayerNorm eps of the VisionTransformer timm builds for `architecture`, built on
+    torch's meta device; {} (logged) when timm is not installed or does not build a ViT by that name."""
+    try:
+        import timm
+        import torch
+    except ImportError:
+        logging.info("timm is not installed: the architecture %r of a timm config.json is not looked up",
+                     architecture)
+        return {}
+    if not timm.is_model(architecture):  # also keeps `hf-hub:` names (downloads) out
+        logging.info("timm %s has no model %r: its head count and activation are not looked up", timm.__version__,
+                     architecture)
+        return {}
+    try:
+        with torch.device("meta"):
+            block = timm.create_model(architecture, pretrained=False).blocks[0]
+        act, eps, heads = block.mlp.act, float(block.norm1.eps), int(block.attn.num_heads)
+    except Exception as e:  # noqa: BLE001 - any model timm cannot build, or one that is not a plain ViT
+        logging.info("timm model %r: head count and activation not looked up (%s: %s)", architecture,
+                     type(e).__name__, e)
+        return {}
+    return {"num_heads": heads, "act_layer": _timm_act_name(act), "layernorm_epsilon": eps}
+
+
+def _timm_act_name(act: Any) -> str:
+    """'gelu' / 'gelu_tanh' for timm's GELU modules, the class name for any other activation."""
+    name = type(act).__name__
+    if name == "GELU":
+        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+    return "gelu_tanh" if name == "GELUTanh" else name
