@@ -350,6 +350,7 @@ def test_a_restarted_stream_resumes_exactly_from_its_own_checkpoints(config, sha
     expected = np.asarray(next(iterator)["image"])
     resumed = data.make_train_iterator(config, sharding)
     assert resumed.set_state(state) is True
+    assert resumed.stream() == [5, 6]  # what the processes compare (train._agree_on_stream): same stream, same step
     np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), expected)
     for each in (iterator, resumed):
         each.close()

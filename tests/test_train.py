@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from tests.train_helpers import synthetic_batch, tiny_config, to_device
-from vit_jax import sharding, train
+from vit_jax import checkpoints, sharding, train
 from vit_jax.models.vit import build_model
 
 
@@ -592,3 +592,42 @@ def test_pin_pretrained_stops_every_process_when_a_local_path_is_missing_on_some
     with pytest.raises(CheckpointError, match=r"elsewhere.npz does not exist on processes 0, 1: "):
         train.pin_pretrained(str(missing), lambda x: sent.append(int(x)) or np.array([x, x]))
     assert sent[-1] == -3
+
+
+@pytest.mark.parametrize("streams, restarts", [([[0, 6], [0, 6]], False), ([[0, 6], [6, 6]], True),
+                                               ([[4, 6], [4, 5]], True)])
+def test_processes_that_resumed_in_different_data_streams_all_restart_at_the_run_step(monkeypatch, streams, restarts):
+    """One host's saved position may not hold where the others' do: every process then restarts at the step the
+    run resumes at, so all draw the same mixup weights again."""
+    class Stream:
+        restarted = None
+
+        def stream(self):
+            return streams[0]
+
+        def restart(self, step, reason):
+            self.restarted = (step, reason)
+
+    monkeypatch.setattr(checkpoints, "gather_json", lambda value: streams)
+    stream = Stream()
+    train._agree_on_stream(stream, 6)
+    assert (stream.restarted is not None) == restarts
+    if restarts:
+        assert stream.restarted[0] == 6 and str(streams) in stream.restarted[1]
+
+
+def test_a_run_that_fails_before_its_first_step_closes_its_input_iterator(tmp_path, monkeypatch):
+    """A failure between opening the data and the loop (here the step's construction; in practice missing few-shot
+    shots or a bad data state) leaves no grain workers or reader threads behind (a notebook runs on)."""
+    from vit_jax.data import pipeline
+
+    closed, close = [], pipeline.TrainIterator.close
+    monkeypatch.setattr(pipeline.TrainIterator, "close", lambda self: closed.append(self) or close(self))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no step today")
+
+    monkeypatch.setattr(train, "make_train_step", broken)
+    with pytest.raises(RuntimeError, match="no step today"):
+        train.train_and_evaluate(_digits_run_config(tmp_path, total_steps=2), str(tmp_path / "run"))
+    assert len(closed) == 1

@@ -859,43 +859,48 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     start_step = int(meta.get("step", 0))
     # The data first: a dataset that cannot feed the run fails before anything is written to the workdir.
     train_iter = data.make_train_iterator(config, sharding.batch_sharding(mesh))
-    if data_state is None:
-        restarts = "was written by a different number of processes"
-    elif not train_iter.set_state(data_state):
-        restarts = f"is of another version of the input pipeline (state version {data_state.get('version')})"
-    else:
-        restarts = ""
-    if restarts and start_step:  # new seeds: the same ones would replay the examples of steps 1..start_step
-        train_iter.restart(start_step, restarts)
-    eval_every = config_check.interval(config.eval_every, num_steps)
-    checkpoint_every = config_check.interval(config.checkpoint_every, num_steps)
-    fewshot_every = config.fewshot.every_steps if _has_fewshot(config) else None
-    represent = fewshot.make_representation_fn(config, mesh) if fewshot_every is not None else None
-    if represent is not None and "ema" in state:
-        _log_fewshot_weights("this run")
-    last_fewshot: dict[str, float] | None = None
-    # A fresh run's baseline at initialisation, before anything is written: it also checks that every class has
-    # the shots (an error here leaves no trace in the workdir).
-    first_fewshot = (fewshot.evaluate(config, state["params"], mesh, represent)
-                     if represent is not None and start_step == 0 else None)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-    if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
-    if first_fewshot is not None:
-        _log_fewshot(writer, 0, first_fewshot)
-    fully_addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state["params"]))
-    parameter_overview.log_parameter_overview(jax.device_get(state["params"]) if fully_addressable else
-                                              state["params"], include_stats=fully_addressable,
-                                              jax_logging_process=0)
+    try:
+        if data_state is None:
+            restarts = "was written by a different number of processes"
+        elif not train_iter.set_state(data_state):
+            restarts = f"is of another version of the input pipeline (state version {data_state.get('version')})"
+        else:
+            restarts = ""
+        if restarts and start_step:  # new seeds: the same ones would replay the examples of steps 1..start_step
+            train_iter.restart(start_step, restarts)
+        _agree_on_stream(train_iter, start_step)
+        eval_every = config_check.interval(config.eval_every, num_steps)
+        checkpoint_every = config_check.interval(config.checkpoint_every, num_steps)
+        fewshot_every = config.fewshot.every_steps if _has_fewshot(config) else None
+        represent = fewshot.make_representation_fn(config, mesh) if fewshot_every is not None else None
+        if represent is not None and "ema" in state:
+            _log_fewshot_weights("this run")
+        last_fewshot: dict[str, float] | None = None
+        # A fresh run's baseline at initialisation, before anything is written: it also checks that every class has
+        # the shots (an error here leaves no trace in the workdir).
+        first_fewshot = (fewshot.evaluate(config, state["params"], mesh, represent)
+                         if represent is not None and start_step == 0 else None)
+        writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+        if start_step == 0:
+            writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+        if first_fewshot is not None:
+            _log_fewshot(writer, 0, first_fewshot)
+        fully_addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state["params"]))
+        parameter_overview.log_parameter_overview(jax.device_get(state["params"]) if fully_addressable else
+                                                  state["params"], include_stats=fully_addressable,
+                                                  jax_logging_process=0)
 
-    train_step = make_train_step(config, mesh, num_steps)
-    eval_step = make_eval_step(config, mesh)
-    extra_steps = _extra_steps(extra or {}, mesh)
-    flops = step_flops(config, mesh, num_steps)
-    peak = peak_flops_per_device()
-    watcher = checkpoints.PreemptionWatcher()
-    # gloo's CPU collectives can deadlock with many steps in flight across processes: keep them in lock step.
-    block_each_step = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
+        train_step = make_train_step(config, mesh, num_steps)
+        eval_step = make_eval_step(config, mesh)
+        extra_steps = _extra_steps(extra or {}, mesh)
+        flops = step_flops(config, mesh, num_steps)
+        peak = peak_flops_per_device()
+        watcher = checkpoints.PreemptionWatcher()
+        # gloo's CPU collectives can deadlock with many steps in flight across processes: keep them in lock step.
+        block_each_step = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
+    except BaseException:
+        train_iter.close()  # its worker processes and reader threads: a start that fails leaks none
+        raise
 
     pending: list[tuple[int, dict[str, Any]]] = []  # device arrays, or host floats once checked
     train_loss = meta.get("train_loss")
@@ -990,6 +995,17 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     write_final_metrics(workdir, result)
     _report(_summary_line(result))
     return result
+
+
+def _agree_on_stream(train_iter: Any, start_step: int) -> None:
+    """Restart every process's data stream at `start_step` unless all resumed in the same one: each process decides
+    alone whether its saved position still holds (a corrupt image skipped on one host can make a data_workers
+    change continue on some and restart on others), and processes in different streams draw the shared mixup
+    weights of different steps."""
+    streams = checkpoints.gather_json(train_iter.stream())
+    if any(stream != streams[0] for stream in streams):
+        train_iter.restart(start_step, f"left the processes in different streams ([start step, batches] per "
+                                       f"process: {streams})")
 
 
 def _paused(state: State, run: Callable[..., Any], *args: Any) -> tuple[Any, float]:

@@ -319,6 +319,12 @@ class TrainIterator:
         self._open(step, force=True)
         self._batches = step
 
+    def stream(self) -> list[int]:
+        """[the step its stream was started at (0: the run's first), the batches taken]: what the processes of one
+        run must agree on after resuming (each decides alone whether its saved position still holds), or they would
+        draw the shared mixup weights of other steps."""
+        return [self._restart_step, self._batches]
+
     def set_state(self, state: dict) -> bool:
         """Continue from a `get_state()` result of an iterator over the same data, batch and processes.
 
