@@ -59,16 +59,35 @@ def test_a_timm_hub_directory_gets_the_same_numerics_from_source_numerics_as_fro
                                                                    loaded_config.layernorm_epsilon) == (False, 1e-6)
 
 
-def test_hf_weights_beside_a_config_json_without_model_type_are_refused(tmp_path):
+def test_hf_weights_beside_a_config_json_without_model_type_read_it_with_a_warning(tmp_path, caplog):
+    """Such a file loaded before model_type was looked at: it still does, its activation and eps taken, with a
+    warning (the weights' keys say HF)."""
+    import logging
+
     save_as(random_params(tiny_config(), NUM_CLASSES), tiny_config(), str(tmp_path / "hf"), "hf")
     cfg_path = tmp_path / "hf" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     del cfg["model_type"]
+    cfg["hidden_act"], cfg["layer_norm_eps"] = "gelu_pytorch_tanh", 1e-5
     cfg_path.write_text(json.dumps(cfg))
-    for call in (lambda: load_pretrained(str(tmp_path / "hf"), tiny_config()),
-                 lambda: apply_source_numerics(str(tmp_path / "hf"), tiny_config())):
-        with pytest.raises(CheckpointError, match=f"^{cfg_path}: has no model_type, so it is not an HF config.json"):
-            call()
+    caplog.set_level(logging.WARNING)
+    for read in (lambda config: load_pretrained(str(tmp_path / "hf"), config),
+                 lambda config: apply_source_numerics(str(tmp_path / "hf"), config)):
+        config = tiny_config()
+        read(config)
+        assert (config.gelu_approximate, config.layernorm_epsilon) == (True, 1e-5)
+    assert f"{cfg_path}: has no model_type; read as an HF ViT config" in caplog.text
+
+
+def test_an_unreadable_config_json_beside_timm_weights_is_ignored_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from vit_jax.interop import torch_hub
+
+    (tmp_path / "config.json").write_text("{not json")
+    caplog.set_level(logging.WARNING)
+    assert torch_hub.timm_config_facts(str(tmp_path / "config.json")) == {}  # as if there were none
+    assert "unreadable config.json" in caplog.text
 
 
 @pytest.mark.parametrize("act_layer, approximate", [("gelu_tanh", True), ("gelu", False), (None, False)])

@@ -605,7 +605,7 @@ def hf_config(model_config: ml_collections.ConfigDict, num_classes: int, image_s
 def hf_numerics(config_path: str | None, num_heads: int | None, weights_path: str | None = None) -> Numerics:
     """GELU flavour and LayerNorm eps of HF weights, checking `num_heads` (when given) against what says it.
 
-    From the HF `config.json` (`model_type` 'vit'; one without `model_type` is not an HF config and is refused);
+    From the HF `config.json` (`model_type` 'vit'; one without `model_type` is read as such, with a warning);
     without one, from the numerics our export recorded in `weights_path`, else HF's defaults (exact GELU, eps
     1e-12)."""
     recorded_heads = recorded_num_heads(weights_path) if weights_path else None
@@ -617,11 +617,10 @@ def hf_numerics(config_path: str | None, num_heads: int | None, weights_path: st
         return recorded or Numerics(False, 1e-12, "HF defaults, no config.json beside the weights (exact GELU, "
                                                   "eps 1e-12)")
     cfg = _read_config_json(config_path)
-    if "model_type" not in cfg:
-        raise CheckpointError(f"{config_path}: has no model_type, so it is not an HF config.json (valid: an HF ViT "
-                              "config, model_type 'vit'; timm's config.json, with 'architecture', goes with timm "
-                              "weights)")
-    if cfg["model_type"] != "vit":
+    if "model_type" not in cfg:  # the weights' keys are HF's: read it as the ViT config it goes with
+        logging.warning("%s: has no model_type; read as an HF ViT config (model_type 'vit') since the weights beside "
+                        "it are HF's", config_path)
+    elif cfg["model_type"] != "vit":
         raise CheckpointError(f"{config_path}: model_type {cfg['model_type']!r} is not 'vit'")
     if num_heads is not None:
         if "num_attention_heads" in cfg:
@@ -659,9 +658,12 @@ def timm_numerics(weights_path: str, config_path: str | None, num_heads: int | N
         return recorded
     if "act_layer" in facts:
         return _numerics_of_timm_facts(facts, config_path)
-    logging.info("%s: no numerics recorded and no timm config.json beside it giving the activation: assuming "
-                 "timm's default exact GELU and LayerNorm eps 1e-6 (a tanh-GELU model, e.g. SigLIP, computes "
-                 "slightly differently)", weights_path)
+    # Louder where a config.json names the model but could not be looked up (timm not installed, or a name it does
+    # not know): the numerics would then depend on what is installed.
+    log = logging.warning if config_path is not None and facts == {} else logging.info
+    log("%s: no numerics recorded and no timm config.json beside it giving the activation: assuming timm's default "
+        "exact GELU and LayerNorm eps 1e-6 (a tanh-GELU model, e.g. SigLIP, computes slightly differently; with "
+        "timm installed its architecture is looked up, or add model_args.act_layer to the config.json)", weights_path)
     return TIMM_NUMERICS
 
 
@@ -681,7 +683,11 @@ def timm_config_facts(config_path: str) -> dict[str, Any]:
     or another activation's name), `layernorm_epsilon`, each with who says it ({} for a config.json that is not
     timm's). Its `model_args` come first; what they leave out comes from the model timm builds for its
     `architecture` (on the meta device: no memory, no download; only when timm is installed)."""
-    cfg = _read_config_json(config_path)
+    try:
+        cfg = _read_config_json(config_path)
+    except CheckpointError as e:  # the weights do not need it: read them as if it were not there
+        logging.warning("%s; not used for the timm weights beside it", e)
+        return {}
     if "architecture" not in cfg or "model_type" in cfg:
         logging.info("%s: not a timm config.json (no 'architecture'); not used for the timm weights beside it",
                      config_path)
