@@ -457,6 +457,13 @@ def test_a_step_libtpu_refuses_for_lack_of_hbm_is_reported_not_raised(monkeypatc
         assert not result["fits"] and result["memory"].temporaries == temporaries
 
 
+@pytest.mark.parametrize("name, hosts", [("v5e:2x4", 1), ("v5e:4x4", 4), ("v6e:16x16", 64), ("v4:2x2x1", 1),
+                                         ("v4:2x2x2", 2), ("v5p:4x4x4", 16)])
+def test_hosts_of_a_topology(name, hosts):
+    # gcloud: v5litepod-8 is one VM of 8 chips, v5litepod-16 four of 4; v4-16 (8 chips) two VMs of 4.
+    assert plan.parse_topology(name).num_hosts == hosts
+
+
 def test_mixup_on_a_slice_of_one_row_per_host_is_refused_before_compiling():
     """v5e:16x16 is 64 TPU VMs of 4 chips: a global batch of 64 leaves each host's mixup one row to pair with."""
     from vit_jax.config_check import ConfigError

@@ -72,6 +72,14 @@ class Topology:
         return math.prod(self.shape)
 
     @property
+    def num_hosts(self) -> int:
+        """TPU VMs of the slice: 4 chips each, except the single-VM slices of up to 8 chips of the 2-D torus
+        generations (v5e, v6e: v5litepod-8 is one VM)."""
+        if self.chip.torus_dims == 2 and self.num_chips <= 8:
+            return 1
+        return max(1, self.num_chips // 4)
+
+    @property
     def accelerator_type(self) -> str:
         return f"{self.chip.accelerator_prefix}-{self.num_chips * self.chip.cores_per_chip}"
 
@@ -362,9 +370,9 @@ def plan_for_topology(config: ml_collections.ConfigDict, topology: Topology, mfu
     """`plan` on a TPU topology plus FLOPs, estimated step time and images/s, and suggestions when it won't fit."""
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu={mfu} is invalid: expected a fraction of peak in (0, 1], e.g. 0.5")
-    # A config that cannot work says so, with or without libtpu; a multi-host slice's TPU VMs hold 4 chips each
-    # (what the rows of each process's batch depend on).
-    config_check.validate(config, topology.num_chips, process_count=max(1, topology.num_chips // 4))
+    # A config that cannot work says so, with or without libtpu (one process per TPU VM: what the rows of each
+    # process's batch depend on).
+    config_check.validate(config, topology.num_chips, process_count=topology.num_hosts)
     result = plan(config, topology_devices(topology), topology.chip.hbm_bytes)
     mesh_shape = result["mesh"]
     result["per_chip_micro_batch"] = config.batch_size // config.accum_steps // _batch_devices(mesh_shape)
