@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import re
 import sys
@@ -119,17 +118,16 @@ def fit_position_embeddings(params: dict[str, Any], config: ml_collections.Confi
     classifying at a resolution it was not trained at can score worse, and predict logs only warnings."""
     from vit_jax import interop
 
-    encoder = params["Transformer"]
-    posemb = np.asarray(encoder["posembed_input"]["pos_embedding"])
-    prefix = 1 if "cls" in params else 0
-    side, patch = math.isqrt(posemb.shape[1] - prefix), config.model.patch_size
+    side, patch = interop.grid_side(params, checkpoint), config.model.patch_size
     wanted = config.image_size // patch
     if side == wanted:
         return params
     logging.warning("%s: resized its position embeddings from the %dx%d patch grid (%dpx, as it was trained) to "
                     "%dx%d for config.image_size=%d; --config.image_size=%d classifies at its own resolution",
                     checkpoint, side, side, side * patch, wanted, wanted, config.image_size, side * patch)
-    resized = interop.resize_posemb(posemb, wanted, num_prefix_tokens=prefix)
+    encoder = params["Transformer"]
+    posemb = np.asarray(encoder["posembed_input"]["pos_embedding"])
+    resized = interop.resize_posemb(posemb, wanted, num_prefix_tokens=1 if "cls" in params else 0)
     return {**params, "Transformer": {**encoder, "posembed_input": {"pos_embedding": resized}}}
 
 

@@ -23,6 +23,7 @@ from vit_jax.interop.loading import (
     apply_source_numerics,
     check_destination,
     detect_format,
+    grid_side,
     load_pretrained,
     read_checkpoint,
     recorded_run_config,
@@ -32,6 +33,6 @@ from vit_jax.interop.surgery import adapt_to_model, new_head, resize_posemb
 
 __all__ = [
     "SOURCE_FORMATS", "TARGET_FORMATS", "CheckpointError", "MissingHeadError", "Numerics", "adapt_to_model",
-    "apply_source_numerics", "check_destination", "detect_format", "load_pretrained", "new_head", "read_checkpoint",
-    "recorded_run_config", "remote", "resize_posemb", "save_as",
+    "apply_source_numerics", "check_destination", "detect_format", "grid_side", "load_pretrained", "new_head",
+    "read_checkpoint", "recorded_run_config", "remote", "resize_posemb", "save_as",
 ]

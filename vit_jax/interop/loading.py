@@ -183,6 +183,12 @@ def _source_grid_side(flat: Flat, source: str) -> int:
     return side
 
 
+def grid_side(params: Any, source: str = "params") -> int:
+    """The side of the square patch grid a model's `params` (nested, in our layout) hold position embeddings for:
+    the resolution they were made for is this x the patch size. A CheckpointError naming `source` if none."""
+    return _source_grid_side(params_to_canonical(params), source)
+
+
 def _check_image_size(image_size: int, patch_size: int) -> None:
     """Refuse an `image_size` that is not a whole number of patches: the position embeddings (and an export's
     config) would silently be those of the smaller size."""
@@ -389,7 +395,7 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
     if "head/kernel" not in flat:
         raise CheckpointError("params have no head/kernel: not a classification model's params")
     num_classes = int(flat["head/kernel"].shape[-1])
-    image_size = _source_grid_side(flat, "params") * model_config.patch_size
+    image_size = _source_grid_side(flat, "params") * model_config.patch_size  # `grid_side` of the flat params
     check_matches(flat, expected_shapes(model_config, num_classes, image_size), "params")
     m = model_config
     _require(target_format in ("npz", "orbax") or not m.get("axial", False),
