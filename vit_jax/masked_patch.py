@@ -147,6 +147,15 @@ def build_pretraining_model(config: ml_collections.ConfigDict, **overrides: Any)
     return build_model(config.model, config.num_classes, masked_patch_classes=classes, **overrides)
 
 
+def make_model(config: ml_collections.ConfigDict) -> VisionTransformer:
+    """The model the config's objective trains: the classifier, or the masked-patch-prediction pre-training model
+    (no `head`; a per-patch colour head and a mask embedding instead). Checks the objective's settings first."""
+    if config.objective == "masked_patch_prediction":
+        return build_pretraining_model(config)
+    check_config(config)
+    return build_model(config.model, config.num_classes)
+
+
 def masked_patch_loss(model: VisionTransformer, params: Any, images: Array, rng: Array,
                       config: ml_collections.ConfigDict, *, train: bool = True,
                       example_weights: Array | None = None, example_keys: Array | None = None

@@ -25,7 +25,6 @@ from ml_collections import config_flags
 from vit_jax import cli, config_check, masked_patch
 from vit_jax.models import axial
 from vit_jax.models.variants import embedding_patch
-from vit_jax.models.vit import build_model
 
 
 @dataclasses.dataclass
@@ -37,17 +36,9 @@ class LayerRow:
     flops: float  # forward FLOPs per image
 
 
-def _model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The model the config trains: the classifier, or the masked-patch-prediction model (no `head`; a
-    per-patch colour head and a mask embedding instead)."""
-    if config.get("objective", "classification") == "masked_patch_prediction":
-        return masked_patch.build_pretraining_model(config)
-    return build_model(config.model, config.num_classes)
-
-
 def param_shapes(config: ml_collections.ConfigDict) -> dict:
     """The parameter tree of the model the config trains, as ShapeDtypeStructs (nothing allocated)."""
-    model = _model(config)
+    model = masked_patch.make_model(config)
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
     return nn.unbox(variables["params"])
@@ -143,7 +134,7 @@ def layer_table(config: ml_collections.ConfigDict) -> list[LayerRow]:
 
 def xla_forward_flops(config: ml_collections.ConfigDict) -> float:
     """FLOPs per image of the lowered forward pass, from XLA's HLO cost analysis (no compile)."""
-    model = _model(config)
+    model = masked_patch.make_model(config)
     params = param_shapes(config)
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     lowered = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images)

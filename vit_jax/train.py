@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from vit_jax import checkpoints, config_check, extra_evals, fewshot, masked_patch, optim, sharding, xla_options
 from vit_jax.errors import UserError
-from vit_jax.models.vit import build_model
+from vit_jax.masked_patch import make_model  # the model the objective trains (public here too)
 
 State = dict[str, Any]
 FINAL_METRICS = "final_metrics.json"
@@ -47,14 +47,6 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model, state and step functions (pure functions of the config and the mesh: also what vit_jax.plan compiles).
-
-def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The model the objective trains: the classifier, or the masked-patch-prediction pre-training model."""
-    if config.objective == "masked_patch_prediction":
-        return masked_patch.build_pretraining_model(config)
-    masked_patch.check_config(config)
-    return build_model(config.model, config.num_classes)
-
 
 def _default_num_steps(config: ml_collections.ConfigDict) -> int:
     # Used where only shapes matter (lowering for vit_jax.plan): the schedule's values do not change the program.
