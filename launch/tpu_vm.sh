@@ -34,7 +34,8 @@ usage: launch/tpu_vm.sh --name NAME --zone ZONE --accelerator-type TYPE --config
   --runtime-version   TPU VM image (default: the one Google recommends for JAX on that generation)
   --spot, --reserved  request spot or reserved capacity
   --copy-in           copy the contents of a gs://... folder into DIR of the checkout on every worker
-                      before the run, e.g. a pre-trained checkpoint for --config.pretrained=DIR (repeatable)
+                      before the run, e.g. a pre-trained checkpoint for --config.pretrained=DIR (repeatable;
+                      split at the last '=': the gs:// path may hold '=', DIR may not)
   --setup             one more shell command for every worker after the install, run in the checkout
                       (e.g. mount the dataset's bucket with gcsfuse: vit_jax reads datasets from local paths)
   --out               local directory for the copied-out logs (default: tpu_runs/NAME)
@@ -151,14 +152,15 @@ SETUP_COMMAND="set -euo pipefail; rm -rf ~/vit_jax && mkdir -p ~/vit_jax && tar 
 
 # Inputs from GCS (e.g. a pre-trained checkpoint) into the checkout on every worker: vit_jax reads local paths.
 for spec in "${COPY_IN[@]}"; do
-  [[ "$spec" =~ ^(gs://[^=]+)=([^=]+)$ ]] ||
+  [[ "$spec" =~ ^(gs://.+)=([^=]+)$ ]] ||  # the last '=': gs://b/lr=0.1/ckpt=DIR
     die "--copy-in '$spec' is invalid: expected gs://BUCKET/PATH=DIR (DIR relative to the checkout on the worker)"
   src="${BASH_REMATCH[1]%/}" dest="${BASH_REMATCH[2]}"
   [[ "$dest" != /* && "$dest" != *..* ]] || die "--copy-in '$spec': DIR must be relative, inside the checkout"
   SETUP_COMMAND+=" && mkdir -p $(remote_quote "$dest") && gcloud storage cp --recursive $(remote_quote "$src/*") \
 $(remote_quote "$dest/")"
 done
-[[ -z "$EXTRA_SETUP" ]] || SETUP_COMMAND+=" && { $EXTRA_SETUP; }"
+# On lines of its own: a '#' comment in it must not swallow the closing brace.
+[[ -z "$EXTRA_SETUP" ]] || SETUP_COMMAND+=$' && {\n'"$EXTRA_SETUP"$'\n}'
 
 # Run: the same command on every worker; jax.distributed finds its peers from the TPU metadata by itself.
 # The PRNG set-up `vit_jax.plan` compiles with (vit_jax.plan.use_tpu_prng): rbg makes dropout masks cheap on
@@ -171,9 +173,11 @@ PRNG_IMPL="${JAX_DEFAULT_PRNG_IMPL:-rbg}"
 PRNG_ENV="JAX_DEFAULT_PRNG_IMPL=$PRNG_IMPL"
 [[ "$PRNG_IMPL" == threefry2x32 ]] || PRNG_ENV+=" LIBTPU_INIT_ARGS=--xla_tpu_spmd_rng_bit_generator_unsafe=true"
 TRAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR" "${MAIN_ARGS[@]}")
+# A preemption sends SIGTERM to every process of the worker, tee too: tee ignores it and stays to the end, else the
+# run's next line (the progress print of the step it stops at) fails on the broken pipe before the checkpoint save.
 RUN_COMMAND="cd ~/vit_jax && set -o pipefail && export $PRNG_ENV \
 && .venv/bin/python -m vit_jax.main $(remote_quote "${TRAIN_ARGS[@]}") \
-2>&1 | tee ~/$REMOTE_LOG"
+2>&1 | (trap '' TERM HUP; exec tee ~/$REMOTE_LOG)"
 if [[ "$WORKDIR" == gs://* ]]; then
   # Keep every worker's log next to its checkpoints, whether the run succeeded or not.
   RUN_COMMAND="$RUN_COMMAND; status=\$?; gcloud storage cp ~/$REMOTE_LOG \
@@ -187,24 +191,47 @@ delete_slice() {
       "delete $NAME ${GCLOUD_SCOPE[*]} --force" >&2
 }
 
+# Consecutive failures of `describe` before the wait gives up: a transient gcloud error must not end the wait (the
+# EXIT trap would delete a slice queued for hours), a lasting one (the queued resource deleted, no permission)
+# must not retry forever.
+DESCRIBE_ATTEMPTS=10
+
 wait_until_active() {
-  local state=""
+  local state="" failures=0 errors last_error
   if ((DRY_RUN)); then
     echo "# every 30 s until the state is ACTIVE:"
     show gcloud compute tpus queued-resources describe "$NAME" "${GCLOUD_SCOPE[@]}" --format='value(state.state)'
     return
   fi
+  errors="$(mktemp)"
   while [[ "$state" != ACTIVE ]]; do
-    # A transient gcloud error must not end the wait (the EXIT trap would delete a slice queued for hours).
-    state="$(gcloud compute tpus queued-resources describe "$NAME" "${GCLOUD_SCOPE[@]}" \
-      --format='value(state.state)')" || { echo "describe $NAME failed; retrying in 30 s" >&2; state=""; sleep 30; continue; }
+    if ! state="$(gcloud compute tpus queued-resources describe "$NAME" "${GCLOUD_SCOPE[@]}" \
+      --format='value(state.state)' 2>"$errors")"; then
+      cat "$errors" >&2
+      failures=$((failures + 1))
+      if ((failures == DESCRIBE_ATTEMPTS)); then
+        last_error="$(grep -v '^[[:space:]]*$' "$errors" | tail -n 1)"
+        rm -f "$errors"
+        die "describe $NAME failed $failures times in a row; gcloud's last error: ${last_error:-(none)}"
+      fi
+      echo "describe $NAME failed ($failures of $DESCRIBE_ATTEMPTS in a row); retrying in 30 s" >&2
+      state=""
+      sleep 30
+      continue
+    fi
+    cat "$errors" >&2  # gcloud's warnings
+    failures=0
     echo "queued resource $NAME: $state" >&2
     case "$state" in
-      FAILED | SUSPENDING | SUSPENDED) die "queued resource $NAME is $state; see: gcloud compute tpus queued-resources describe $NAME" ;;
+      FAILED | SUSPENDING | SUSPENDED)
+        rm -f "$errors"
+        die "queued resource $NAME is $state; see: gcloud compute tpus queued-resources describe $NAME"
+        ;;
       ACTIVE) ;;
       *) sleep 30 ;;
     esac
   done
+  rm -f "$errors"
 }
 
 echo "# $ACCELERATOR_TYPE: $CHIPS chips on $HOSTS host(s), image $RUNTIME_VERSION" >&2
@@ -233,7 +260,7 @@ if [[ "$WORKDIR" == gs://* ]]; then
 else
   REMOTE_WORKDIR="$WORKDIR"
   # shellcheck disable=SC2088  # the tilde is for the worker's shell, not this one
-  [[ "$WORKDIR" == /* ]] || REMOTE_WORKDIR="~/vit_jax/$WORKDIR"
+  [[ "$WORKDIR" == /* || "$WORKDIR" == "~"* ]] || REMOTE_WORKDIR="~/vit_jax/$WORKDIR"  # vit_jax.main expands a ~
   run gcloud compute tpus tpu-vm scp "$NAME:~/$REMOTE_LOG" "$OUT/" --worker=0 "${GCLOUD_SCOPE[@]}" ||
     echo "# could not copy the log out" >&2
   run gcloud compute tpus tpu-vm scp --recurse "$NAME:$REMOTE_WORKDIR" "$OUT/" --worker=0 "${GCLOUD_SCOPE[@]}" ||

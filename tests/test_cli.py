@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A command that abandons failed background work, as a read of a damaged orbax checkpoint does: native code in
@@ -99,3 +101,37 @@ def test_an_error_quoting_text_of_several_lines_is_still_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: config.eval_split='test[:110%]': bad slice See format at: x When unit=%, boundaries are in [-100, 100]"]
+
+
+LOCKED_CONFIG = """import ml_collections
+
+def get_config():
+    config = ml_collections.ConfigDict({"a": 1, "b": {"y": 1}})
+    config.lock()
+    config.b.x = 2
+    return config
+"""
+
+
+@pytest.mark.parametrize("source, error", [
+    ("x = = 1\n", "at line 1: SyntaxError: invalid syntax"),
+    ("def get_config():\n    return undefined_name\n", "at line 2: NameError: name 'undefined_name' is not defined"),
+    ("import no_such_module_xyz\n", "at line 1: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+    ("def get_config():\n    return open('/no/such/notes.txt')\n",
+     "at line 2: FileNotFoundError: [Errno 2] No such file or directory: '/no/such/notes.txt'"),
+    # Not "unknown config field 'b'": no --config.b override was given.
+    (LOCKED_CONFIG, 'at line 6: AttributeError: Key "x" does not exist and cannot be added since the config is locked'),
+])
+def test_a_config_file_that_fails_is_one_line_naming_the_file_the_line_and_the_error(tmp_path, source, error):
+    """ml_collections only reports TypeError and ValueError of a config file as a flag error: the others were a
+    traceback (exit 1), a locked config's unknown key was blamed on the command line, a file get_config() could not
+    open was "no such config file"."""
+    config = tmp_path / "my_config.py"
+    config.write_text(source)
+    result = subprocess.run([sys.executable, "-m", "vit_jax.summary", f"--config={config}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "VIT_JAX_HUGEPAGES": "0", "PYTHONPATH": ROOT})
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: flag --config={config}: the config file failed {error}"), \
+        result.stderr[-2000:]

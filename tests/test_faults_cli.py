@@ -209,3 +209,8 @@ def test_resuming_a_workdir_with_another_model_or_damaged_files(tmp_path, digits
     damaged = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=6")
     error = _one_error_line(damaged)
     assert f"{checkpoint} cannot be read (" in error and "may be damaged or incomplete" in error
+
+
+def test_a_coordinator_address_without_a_port(tmp_path):
+    result = run_main(tmp_path / "w", "--coordinator_address=localhost", "--num_processes=1", "--process_id=0")
+    assert_bad_input(result, tmp_path / "w", "--coordinator_address=localhost is invalid: expected HOST:PORT")

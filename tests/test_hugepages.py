@@ -108,3 +108,21 @@ def test_accelerator_device_files(monkeypatch, device, present):
     monkeypatch.setattr(hugepages.glob, "glob",
                         lambda pattern: [device] if device and fnmatch.fnmatch(device, pattern) else [])
     assert hugepages.accelerator_present() is present
+
+
+@pytest.mark.parametrize("value, restarts", [
+    ("0", False), ("false", False), ("No", False), ("OFF", False), (" off ", False),
+    ("1", True), ("true", True), ("Yes", True), ("on", True), ("", True)])
+def test_the_opt_out_takes_the_usual_words_for_off_and_on(value, restarts):
+    """Only VIT_JAX_HUGEPAGES=0 turned the restart off: false, no or off left it on."""
+    assert (hugepages.environment({hugepages.OPT_OUT: value}, GLIBC, "madvise") is not None) == restarts
+
+
+def test_an_unknown_opt_out_value_is_one_error_line():
+    """A misspelt opt-out must not quietly leave the restart on: the command stops, naming the value."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {hugepages.OPT_OUT: "disabled"}
+    result = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: VIT_JAX_HUGEPAGES='disabled' is invalid: expected 0, false, no or off (no huge-page restart), or 1, "
+        "true, yes or on (the default)"]

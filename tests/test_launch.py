@@ -35,6 +35,13 @@ def _tpu_vm(tmp_path, *args):
     return result, calls
 
 
+def _bash_words(line: str) -> list[str]:
+    """The words bash makes of a printed command (its $'...' quoting included, which shlex does not know)."""
+    printed = subprocess.run(["bash", "-c", f'printf "%s\\0" {line}'], capture_output=True, text=True, timeout=60,
+                             check=True)
+    return printed.stdout.split("\0")[:-1]
+
+
 JOB = ["--name", "vit-l16", "--zone", "us-central2-b", "--accelerator-type", "v4-512", "--project", "my-proj",
        "--config", "configs/vit_l16.py", "--workdir", "gs://bucket/vit_l16"]
 
@@ -58,7 +65,7 @@ def test_dry_run_prints_the_whole_job_and_runs_nothing(tmp_path):
     assert run[:7] == setup[:7] and run[7] == "--batch-size=64"  # all 64 hosts at once (gcloud's default is 64)
     remote = run[-1].removeprefix("--command=")
     # The worker's shell must see every vit_jax.main argument as one word, spaces included.
-    main_command = remote.split(" 2>&1 | tee ")[0].split(" && ")[-1]
+    main_command = remote.split(" 2>&1 | ")[0].split(" && ")[-1]
     assert shlex.split(main_command) == [
         ".venv/bin/python", "-m", "vit_jax.main", "--config=configs/vit_l16.py", "--workdir=gs://bucket/vit_l16",
         "--config.mesh.fsdp=8", "--config.dataset=my data"]
@@ -116,7 +123,8 @@ def test_a_failed_describe_is_retried_and_a_failed_delete_keeps_the_runs_exit_st
     assert result.returncode == 75, result.stderr
     waits = [line for line in ran if "queued-resources describe" in line or line.startswith("sleep")]
     assert [line.split()[0] if line.startswith("sleep") else "describe" for line in waits] == [
-        "describe", "sleep", "describe"] and "describe b16 failed; retrying in 30 s" in result.stderr
+        "describe", "sleep", "describe"]
+    assert "describe b16 failed (1 of 10 in a row); retrying in 30 s" in result.stderr
     assert "queued-resources delete b16" in ran[-1]
     assert "could not delete queued resource b16; delete it by hand" in result.stderr
 
@@ -298,14 +306,15 @@ def test_copy_in_and_setup_run_on_every_worker_after_the_install(tmp_path):
                             "--copy-in", f"{step}/meta=pretrained/jft/meta", "--setup", "mkdir -p ~/tfds && echo 'a b'")
     assert result.returncode == 0, result.stderr
     assert not calls.exists()
-    setup = shlex.split(next(line for line in result.stdout.splitlines() if "uv pip install" in line))[-1]
+    setup = _bash_words(next(line for line in result.stdout.splitlines() if "uv pip install" in line))[-1]
+    setup = setup.removeprefix("--command=")
     install, extra = setup.split(" -e '.[tpu]' && ")
     # The worker's shell: the gs:// wildcard reaches gcloud unexpanded, the destinations are inside the checkout.
     assert shlex.split(extra) == [
         "mkdir", "-p", "pretrained/jft/params", "&&", "gcloud", "storage", "cp", "--recursive",
         f"{step}/params/*", "pretrained/jft/params/", "&&", "mkdir", "-p", "pretrained/jft/meta", "&&", "gcloud",
         "storage", "cp", "--recursive", f"{step}/meta/*", "pretrained/jft/meta/", "&&", "{", "mkdir", "-p",
-        "~/tfds", "&&", "echo", "a b;", "}"]
+        "~/tfds", "&&", "echo", "a b", "}"]
     assert "cd ~/vit_jax" in install
 
 
@@ -318,3 +327,87 @@ def test_copy_in_and_setup_run_on_every_worker_after_the_install(tmp_path):
 def test_bad_copy_in_exits_2(tmp_path, spec, message):
     result, calls = _tpu_vm(tmp_path, "--dry-run", *JOB, "--copy-in", spec)
     assert result.returncode == 2 and message in result.stderr and not calls.exists()
+
+
+# vit_jax.main on a worker that is being preempted: SIGTERM reaches every process of the worker; the run finishes
+# its step (a moment), prints the step's progress line and saves, as train.py does.
+PREEMPTED_MAIN = """#!/usr/bin/env bash
+trap 'sleep 0.5; echo "step 7: saved a checkpoint"; exit 75' TERM
+echo started
+touch "$HOME/started"
+while :; do sleep 0.1; done
+"""
+
+
+def test_the_log_tee_outlives_the_sigterm_of_a_preemption(tmp_path):
+    """The worker's run command as the script builds it, run by bash with a stand-in for the run, gets SIGTERM in
+    every process: tee must stay for the run's last lines (it died with the run's output pipe, and the progress print
+    of the preempted step raised BrokenPipeError before the checkpoint save)."""
+    import signal
+    import time
+
+    result, _ = _tpu_vm(tmp_path, "--dry-run", "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
+                        "v5litepod-8", "--config", "configs/vit_b16.py", "--workdir", "workdir/b16")
+    assert result.returncode == 0, result.stderr
+    remote = _bash_words(next(line for line in result.stdout.splitlines() if "vit_jax.main" in line))[-1]
+    home = tmp_path / "home"
+    python = home / "vit_jax" / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(PREEMPTED_MAIN)
+    python.chmod(0o755)
+    worker = subprocess.Popen(["bash", "-c", remote.removeprefix("--command=")], env={**os.environ, "HOME": str(home)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (home / "started").exists():
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGTERM)  # the whole group, as a preemption's shutdown does
+    worker.communicate(timeout=30)
+    log = (home / "vit_jax_run.log").read_text().splitlines()  # bash may report its killed sleep in between
+    assert log[0] == "started" and log[-1] == "step 7: saved a checkpoint", log
+
+
+def test_a_setup_command_ending_in_a_comment_runs(tmp_path):
+    """`--setup 'echo hi # comment'` was wrapped as `{ echo hi # comment; }`: the comment took the closing brace,
+    and every worker failed on a syntax error after the slice was provisioned."""
+    result, _ = _tpu_vm(tmp_path, "--dry-run", *JOB, "--setup", "echo hi  # mount the dataset's bucket")
+    assert result.returncode == 0, result.stderr
+    setup = _bash_words(next(line for line in result.stdout.splitlines() if "uv pip install" in line))[-1]
+    extra = setup.split(" -e '.[tpu]' && ", 1)[1]
+    ran = subprocess.run(["bash", "-c", extra], capture_output=True, text=True, timeout=60)
+    assert (ran.returncode, ran.stdout) == (0, "hi\n"), ran.stderr
+
+
+def test_a_describe_that_keeps_failing_gives_up_with_gclouds_error(tmp_path):
+    """A queued resource deleted behind the script's back (or no permission): describe fails every time; the wait
+    retried every 30 s forever. It gives up after 10 failures in a row, with gcloud's own error, and deletes."""
+    result, ran = _run_under_gcloud(tmp_path, """  *"queued-resources describe"*)
+    echo "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: b16 was not found" >&2; exit 1 ;;""",
+                                    "sleep")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert sum("queued-resources describe" in line for line in ran) == 10
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: describe b16 failed 10 times in a row; gcloud's last error: "
+        "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: b16 was not found"]
+    assert not any("tpu-vm" in line for line in ran)
+    assert "queued-resources delete b16" in ran[-1]
+
+
+def test_a_workdir_under_the_workers_home_is_copied_out_from_there(tmp_path):
+    """A quoted `--workdir '~/runs/b16'` reaches vit_jax.main, which expands it on the worker: the copy-out looked
+    in ~/vit_jax/~/runs/b16."""
+    result, _ = _tpu_vm(tmp_path, "--dry-run", "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
+                        "v5litepod-8", "--config", "configs/vit_b16.py", "--workdir", "~/runs/b16")
+    assert result.returncode == 0, result.stderr
+    assert "gcloud compute tpus tpu-vm scp --recurse 'b16:~/runs/b16' tpu_runs/b16/ --worker=0 " \
+           "--zone=us-west4-a" in result.stdout.splitlines()
+
+
+def test_copy_in_of_a_gcs_path_holding_an_equals_sign(tmp_path):
+    """--copy-in GS_URL=DIR splits at the last '=': sweep folders such as lr=0.1 were refused."""
+    result, _ = _tpu_vm(tmp_path, "--dry-run", *JOB, "--copy-in", "gs://b/sweep/lr=0.1/ckpt=pretrained/lr")
+    assert result.returncode == 0, result.stderr
+    setup = _bash_words(next(line for line in result.stdout.splitlines() if "uv pip install" in line))[-1]
+    assert shlex.split(setup.split(" -e '.[tpu]' && ", 1)[1]) == [
+        "mkdir", "-p", "pretrained/lr", "&&", "gcloud", "storage", "cp", "--recursive", "gs://b/sweep/lr=0.1/ckpt/*",
+        "pretrained/lr/"]

@@ -1,7 +1,10 @@
 """vit_jax.main's multi-process start-up: what it refuses before training alone by mistake."""
 
+import os
 import pathlib
+import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -9,6 +12,8 @@ import pytest
 
 from vit_jax import main
 from vit_jax.config_check import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_an_mpi_launch_jax_did_not_join_is_refused_naming_the_flags():
@@ -32,8 +37,64 @@ def test_process_flags_without_a_coordinator_are_an_error_not_ignored():
             main.initialize_distributed("127.0.0.1:1234", processes, process_id)
 
 
+@pytest.mark.parametrize("address", ["localhost", "127.0.0.1:notaport", "127.0.0.1:0", "127.0.0.1:65536", ":1234",
+                                     "[::1]", "::1:1234", "127.0.0.1:1234/x"])
+def test_a_malformed_coordinator_address_is_refused_naming_it(monkeypatch, address):
+    """JAX failed on these with an IndexError or a gRPC error's traceback (or waited for peers)."""
+    monkeypatch.setattr(main.jax.distributed, "initialize", lambda *args: pytest.fail(f"{address} reached JAX"))
+    with pytest.raises(ConfigError, match=rf"--coordinator_address={re.escape(address)} is invalid: expected "
+                                          r"HOST:PORT of process 0 with a port in 1-65535, e\.g\. "):
+        main.initialize_distributed(address, 2, 0)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1234", "node-1.cluster:65535", "[::1]:1234", "[fe80::1%eth0]:1"])
+def test_a_coordinator_address_of_host_and_port_is_accepted(address):
+    main.check_coordinator_address(address)
+
+
+SLURM_TASK = {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_PROCID": "0",
+              "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("tasks, joins", [
+    ({"SLURM_NTASKS": "2"}, True),
+    ({"SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16"}, True),
+    ({"SLURM_NTASKS": "1"}, False),  # srun --gpus=8 python -m vit_jax.main: one process drives all 8 GPUs
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1"}, False),  # srun -n1 inside an 8-task allocation
+])
+def test_a_slurm_step_of_one_task_is_not_a_cluster(monkeypatch, tasks, joins):
+    """jax.distributed.initialize() in a one-task Slurm step restricted the process to the GPU of SLURM_LOCALID."""
+    for name in [name for name in os.environ if name.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**SLURM_TASK, **tasks}.items():
+        monkeypatch.setenv(name, value)
+    assert main._managed_cluster() is joins
+
+
+# One process of a run that jax.distributed joined (as every run on a TPU VM): SIGTERM, then a while to die in.
+SIGTERMED = """
+import os, signal, socket, sys, time
+from vit_jax import main
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+main.initialize_distributed(f"127.0.0.1:{port}", 1, 0)
+main.release_sigterm(sys.argv[1])
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(10)
+print("still running")
+"""
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_sigterm_ends_a_process_jax_distributed_joined(mode):
+    """JAX's preemption notifier swallowed SIGTERM ("SIGTERM caught") in --mode=eval and before a single process's
+    training loop: the process went on. Now it ends as usual, killed by the signal (exit status 143)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", SIGTERMED, mode], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -signal.SIGTERM and "still running" not in result.stdout, result.stderr[-2000:]
 
 
 def _make_recipe(target: str) -> list[list[str]]:

@@ -7,7 +7,8 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
 from typing import Any
 
 from absl import app, flags
@@ -38,13 +39,18 @@ def _fail(message: str) -> None:
 
 
 def _unknown_field(error: BaseException, argv: Sequence[str]) -> str:
-    """ml_collections raises KeyError("'name'\\nDid you mean ...?"), sometimes inside an AttributeError."""
+    """ml_collections raises KeyError("'name'\\nDid you mean ...?"), sometimes inside an AttributeError.
+
+    A field no --config.<field> override names is not the command line's: the config file failed on it.
+    """
     while error.args and isinstance(error.args[0], BaseException):
         error = error.args[0]
     name, _, hint = str(error.args[0] if error.args else error).partition("\n")
     name = name.strip("\"'")
     given = [arg for arg in argv[1:] if name in arg.split("=")[0].lstrip("-").split(".")]
-    return (f"unknown config field {name!r}" + (f" in {given[0]}" if given else "")
+    if not given:
+        return f"flag --config={_config_flag(argv)}: the config file failed: {type(error).__name__}: {_text(error)}"
+    return (f"unknown config field {name!r} in {given[0]}"
             + (f" ({_lower_first(hint.strip().split(' instead of ')[0])})" if hint.strip() else "")
             + "; the fields are those of the config file (see configs/common.py)")
 
@@ -66,12 +72,73 @@ def _config_file_error(message: str) -> str:
     return f"{' '.join(head.split())} {error}"
 
 
-def _unreadable_config_file(argv: Sequence[str], error: BaseException | None) -> str:
+def _config_flag(argv: Sequence[str]) -> str:
+    """The value of --config (FILE[:ARG]) in `argv`, '' without one."""
     args = list(argv[1:])
-    path = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), "")
-    if not path and "--config" in args[:-1]:  # --config FILE, two words
-        path = args[args.index("--config") + 1]
-    path = path.split(":", 1)[0]
+    value = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), "")
+    if not value and "--config" in args[:-1]:  # --config FILE, two words
+        value = args[args.index("--config") + 1]
+    return value
+
+
+def _text(error: BaseException) -> str:
+    """An exception's message: a SyntaxError's without its position, a KeyError's unquoted, a wrapped one's own."""
+    while error.args and isinstance(error.args[0], BaseException):  # ml_collections: AttributeError(KeyError(...))
+        error = error.args[0]
+    if isinstance(error, SyntaxError):
+        return str(error.msg)
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        return error.args[0]
+    return str(error)
+
+
+def _frames(traceback: TracebackType | None) -> Iterator[TracebackType]:
+    while traceback is not None:
+        yield traceback
+        traceback = traceback.tb_next
+
+
+def _same_file(name: str | None, path: str) -> bool:
+    try:
+        return bool(name) and os.path.samefile(name, path)
+    except OSError:  # "<string>", a file since removed
+        return False
+
+
+def _config_file_position(error: BaseException, path: str) -> str | None:
+    """' at line N' of the config file `path` where `error` was raised (its innermost frame there, or a SyntaxError's
+    line in it), '' without a line number, None when the error went through none of its code."""
+    if isinstance(error, SyntaxError) and _same_file(error.filename, path):
+        return f" at line {error.lineno}" if error.lineno else ""
+    lines = [frame.tb_lineno for frame in _frames(error.__traceback__)
+             if _same_file(frame.tb_frame.f_code.co_filename, path)]
+    return f" at line {lines[-1]}" if lines else None
+
+
+def _raised_by_config_file(error: BaseException | None, argv: Sequence[str]) -> str | None:
+    """The one line for an exception the config file's own code raised (compiling it, importing its modules,
+    running get_config), None for any other.
+
+    ml_collections and absl re-raise some errors as their own (`raise ... ` inside `except`): the exceptions they
+    were raised in handling are searched too. Names the file, the line, the exception's type and message; for
+    our own errors (UserError) the message alone, which says what is wrong.
+    """
+    flag = _config_flag(argv)
+    path = flag.split(":", 1)[0]
+    seen = set()
+    while error is not None and path and id(error) not in seen:
+        seen.add(id(error))
+        where = _config_file_position(error, path)
+        if where is not None:
+            if isinstance(error, UserError):
+                return f"flag --config={flag}: {_text(error)}"
+            return f"flag --config={flag}: the config file failed{where}: {type(error).__name__}: {_text(error)}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _unreadable_config_file(argv: Sequence[str], error: BaseException | None) -> str:
+    path = _config_flag(argv).split(":", 1)[0]
     reason = str(error).strip().splitlines()[-1].strip() if error is not None and str(error).strip() else ""
     if error is not None and "No such file" not in reason:
         return f"flag --config={path}: the config file cannot be read: {reason}"
@@ -86,7 +153,8 @@ def _check_config_files_loaded(argv: Sequence[str]) -> None:
     """A config file that cannot be read is only reported when first used (ml_collections); report it now."""
     value = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
     if type(value).__name__ == "_ErrorConfig":  # ml_collections.config_flags' stand-in for a failed load
-        _fail(_unreadable_config_file(argv, object.__getattribute__(value, "_error")))
+        error = object.__getattribute__(value, "_error")
+        _fail(_raised_by_config_file(error, argv) or _unreadable_config_file(argv, error))
 
 
 def _installed_config(value: str) -> str:
@@ -119,16 +187,26 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     argv = _with_installed_configs(argv)
     try:
         rest = flags.FLAGS(argv)
-    except (KeyError, AttributeError) as e:  # ml_collections: a field the config does not have
-        _fail(_unknown_field(e, argv))
-    except OSError as e:  # an override touched a config file that could not be read
-        _fail(_unreadable_config_file(argv, e.__cause__))
-    except (flags.Error, TypeError, ValueError) as e:
-        message = str(e)
-        _fail(_config_file_error(message) if "Error whilst parsing config file:" in message
-              else _plain_type_error(" ".join(message.split())))
+    except Exception as e:  # a config file's own code raises anything
+        message = _raised_by_config_file(e, argv) or _flag_error(e, argv)
+        if message is None:
+            raise
+        _fail(message)
     _check_config_files_loaded(argv)
     return rest
+
+
+def _flag_error(error: Exception, argv: Sequence[str]) -> str | None:
+    """The one line for a flag or config override that parsing refused, None for an error of another kind."""
+    if isinstance(error, (KeyError, AttributeError)):  # ml_collections: a field the config does not have
+        return _unknown_field(error, argv)
+    if isinstance(error, OSError):  # an override touched a config file that could not be read
+        return _unreadable_config_file(argv, error.__cause__)
+    if isinstance(error, (flags.Error, TypeError, ValueError)):
+        message = str(error)
+        return (_config_file_error(message) if "Error whilst parsing config file:" in message
+                else _plain_type_error(" ".join(message.split())))
+    return None
 
 
 _TYPE_ERRORS = (  # absl's and ml_collections' words for a value of the wrong type -> what is valid
@@ -172,7 +250,10 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     First restarts the process with huge pages for XLA's per-step buffers where that helps
     (`vit_jax.hugepages`).
     """
-    hugepages.restart_with_hugepages()
+    try:
+        hugepages.restart_with_hugepages()
+    except UserError as e:  # VIT_JAX_HUGEPAGES
+        _fail(str(e))
 
     def guarded(argv: Sequence[str]) -> None:
         sys.unraisablehook = _without_late_loop_callbacks(sys.unraisablehook)

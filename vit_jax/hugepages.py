@@ -9,8 +9,9 @@ maps (`madvise(MADV_HUGEPAGE)`), which the kernel honours when
 2 MB, and the step ~10% faster. glibc reads the tunable only when a process starts, so the `python -m vit_jax.*`
 commands (`vit_jax.cli.run`) and the benchmarks start themselves again once with it set, before any work
 (silently).
-`VIT_JAX_HUGEPAGES=0` turns that off; a `glibc.malloc.hugetlb` already in GLIBC_TUNABLES is left as it is. Only
-CPU runs restart: not on a host with a TPU or NVIDIA GPU (device files), unless JAX_PLATFORMS puts cpu first.
+`VIT_JAX_HUGEPAGES=0` (or false, no, off) turns that off; a `glibc.malloc.hugetlb` already in GLIBC_TUNABLES is
+left as it is. Only CPU runs restart: not on a host with a TPU or NVIDIA GPU (device files), unless JAX_PLATFORMS
+puts cpu first.
 """
 
 from __future__ import annotations
@@ -21,10 +22,26 @@ import platform
 import sys
 from collections.abc import Mapping
 
+from vit_jax.errors import UserError
+
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "VIT_JAX_HUGEPAGES"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 _MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
+_OFF = ("0", "false", "no", "off")
+_ON = ("", "1", "true", "yes", "on")
+
+
+def wanted(env: Mapping[str, str]) -> bool:
+    """Whether VIT_JAX_HUGEPAGES allows the restart: 0, false, no, off (any case) turn it off; 1, true, yes, on or
+    no value leave it on. UserError for anything else: a misspelt opt-out must not quietly leave it on."""
+    value = env.get(OPT_OUT, "")
+    if value.strip().lower() in _OFF:
+        return False
+    if value.strip().lower() in _ON:
+        return True
+    raise UserError(f"{OPT_OUT}={value!r} is invalid: expected 0, false, no or off (no huge-page restart), or 1, "
+                    "true, yes or on (the default)")
 
 
 def thp_mode(path: str = THP_ENABLED) -> str | None:
@@ -66,12 +83,13 @@ def environment(env: Mapping[str, str], libc: tuple[str, str], thp: str | None,
     """`env` with the tunable added, or None when a restart would change nothing or is not wanted.
 
     None without glibc >= 2.35 (`libc`: `platform.libc_ver()`), when the kernel's THP mode (`thp`: `thp_mode()`)
-    is not `madvise`, when the tunable is already there (or another value of it), when VIT_JAX_HUGEPAGES=0, or
-    when jax will not compute on the CPU (`cpu_run`; `accelerator`: `accelerator_present()`).
+    is not `madvise`, when the tunable is already there (or another value of it), when VIT_JAX_HUGEPAGES turns
+    it off (`wanted`, which raises UserError for a value it does not know), or when jax will not compute on the CPU
+    (`cpu_run`; `accelerator`: `accelerator_present()`).
     """
     version = _glibc_version(libc)
     tunables = env.get("GLIBC_TUNABLES", "")
-    if (env.get(OPT_OUT, "1") == "0" or version is None or version < _MIN_GLIBC or thp != "madvise"
+    if (not wanted(env) or version is None or version < _MIN_GLIBC or thp != "madvise"
             or "glibc.malloc.hugetlb" in tunables or not cpu_run(env, accelerator)):
         return None
     return {**env, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
@@ -81,7 +99,8 @@ def restart_with_hugepages() -> None:
     """Re-execute this process (same interpreter, same command line) with the tunable set, if that helps.
 
     Returns only when nothing is to be done; call it first thing in a command's `__main__`. Silent: a command's
-    bad input stays one line on stderr; the benchmarks print the GLIBC_TUNABLES they ran with.
+    bad input stays one line on stderr; the benchmarks print the GLIBC_TUNABLES they ran with. UserError for a
+    VIT_JAX_HUGEPAGES value `wanted` does not know.
     """
     env = environment(os.environ, platform.libc_ver(), thp_mode(), accelerator_present())
     argv = getattr(sys, "orig_argv", None)

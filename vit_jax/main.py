@@ -6,7 +6,8 @@ compiled, and hands over to `vit_jax.train`. Bad input (an invalid config, a mis
 stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 1. A training loop stopped by
 SIGTERM (preemption, a scheduler's time limit) saves a checkpoint and exits with `PREEMPTED_EXIT_CODE`, 75
 (EX_TEMPFAIL: try again), so a retry loop can tell it from a finished run (0) and resume; before the loop starts
-(start-up, compilation) or in --mode=eval or fewshot, SIGTERM ends the process as usual (143).
+(start-up, compilation) or in --mode=eval or fewshot, SIGTERM ends the process as usual (143). A training run of
+several processes leaves SIGTERM to JAX's preemption service from start-up on: they save and stop at one step.
 
 Multi-host: on Cloud TPU, Slurm, Open MPI or Kubernetes, `jax.distributed.initialize()` finds its peers by
 itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import re
+import signal
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -42,10 +46,35 @@ PREEMPTED_EXIT_CODE = 75
 
 
 def _managed_cluster() -> bool:
-    """Whether jax.distributed can find its peers by itself (Cloud TPU, Slurm, Open MPI, Kubernetes, ...)."""
+    """Whether jax.distributed can find its peers by itself (Cloud TPU, Slurm, Open MPI, Kubernetes, ...).
+
+    Not in a Slurm step of one task (`srun --gpus=8 python -m vit_jax.main`, a shell from `srun --pty bash`): JAX
+    would make a cluster of that one process and give it only the GPU of its SLURM_LOCALID, silently.
+    """
     from jax._src import clusters  # the environment detection jax.distributed.initialize() itself uses
 
-    return any(not env.opt_in_only_method and env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+    return any(not env.opt_in_only_method and env.is_env_present() and not _one_slurm_task(env, os.environ)
+               for env in clusters.ClusterEnv._cluster_types)
+
+
+def _one_slurm_task(cluster: type, environ: Mapping[str, str]) -> bool:
+    """Whether `cluster` is JAX's SlurmCluster and Slurm runs one task: JAX counts the processes by SLURM_NTASKS,
+    srun sets SLURM_STEP_NUM_TASKS for its step."""
+    return cluster.__name__ == "SlurmCluster" and "1" in (environ.get("SLURM_NTASKS"),
+                                                          environ.get("SLURM_STEP_NUM_TASKS"))
+
+
+_HOST_PORT = re.compile(r"(\[[^\[\]]+\]|[^\[\]:]+):(\d+)")  # host or [IPv6], then the port
+
+
+def check_coordinator_address(address: str) -> None:
+    """Raise ConfigError unless `address` is HOST:PORT ([IPv6]:PORT) with a port in 1-65535: JAX fails on anything
+    else with an IndexError or a gRPC error deep in its start-up."""
+    found = _HOST_PORT.fullmatch(address)
+    if not found or not 1 <= int(found.group(2)) <= 65535:
+        raise config_check.ConfigError(
+            f"--coordinator_address={address} is invalid: expected HOST:PORT of process 0 with a port in 1-65535, "
+            "e.g. 10.0.0.1:1234 or [::1]:1234")
 
 
 # MPI launchers' rank counts: a launcher that started several processes JAX did not join is an error.
@@ -71,6 +100,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
                            process_id: int | None) -> None:
     """Join the other processes of a multi-host job (a no-op for a single process outside a cluster)."""
     if coordinator_address:
+        check_coordinator_address(coordinator_address)
         if num_processes is None or process_id is None:
             raise config_check.ConfigError(
                 f"--coordinator_address={coordinator_address} needs --num_processes and --process_id as well")
@@ -84,6 +114,21 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     elif _managed_cluster():
         jax.distributed.initialize()
     check_process_count(os.environ, jax.process_count())
+
+
+def release_sigterm(mode: str) -> None:
+    """Give SIGTERM back its default action (end the process, exit status 143) where JAX's preemption service does
+    not use it.
+
+    jax.distributed.initialize() installs the service's SIGTERM handler, which only records the signal ("SIGTERM
+    caught") for a multi-process training loop to agree on a step to save at (checkpoints.PreemptionWatcher). In
+    --mode=eval or fewshot, and in a single process (whose loop sets a handler of its own) before its loop starts,
+    the process would go on as if nothing happened, until the machine or the scheduler kills it.
+    """
+    if not jax.distributed.is_initialized() or (mode == "train" and jax.process_count() > 1):
+        return
+    if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's to set
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -109,6 +154,7 @@ def main(argv: Sequence[str]) -> None:
     if plan.tpu_host():  # run directly on a TPU VM: the PRNG set-up of launch/tpu_vm.sh and vit_jax.plan
         plan.use_tpu_prng()  # before any backend loads (libtpu reads its flags once); the user's settings win
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    release_sigterm(_MODE.value)
     config_check.validate(config, jax.device_count())
     config_check.check_duration_flags(config, "config.num_epochs" in flags.FLAGS
                                       and flags.FLAGS["config.num_epochs"].present)
