@@ -370,9 +370,8 @@ def run_main(main: Callable[[], Any]) -> None:
     from vit_jax import hugepages
     from vit_jax.errors import UserError
 
-    hugepages.restart_with_hugepages()
-
     try:
+        hugepages.restart_with_hugepages()  # UserError for a VIT_JAX_HUGEPAGES value it does not know
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
