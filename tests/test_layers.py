@@ -108,6 +108,21 @@ def test_dropout_drops_at_rate_and_rescales_kept(rate):
         layers.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})) == 0)
 
 
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
+def test_dropout_rate_outside_zero_one_is_refused(rate):
+    """-0.1 failed on a uint16 overflow, 1.5 returned zeros in silence; refused in evaluation too."""
+    x = jnp.ones((2, 8))
+    for deterministic in (False, True):
+        with pytest.raises(ValueError, match=re.escape(f"rate={rate!r} is invalid: expected a rate in [0, 1]")):
+            layers.Dropout(rate).apply({}, x, deterministic=deterministic, rngs={"dropout": jax.random.key(0)})
+
+
+def test_dropout_rate_one_drops_everything():
+    x = jnp.ones((2, 8))
+    y = layers.Dropout(1.0).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_array_equal(y, np.zeros((2, 8)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # broadcast_leading: the bias gradient as a matmul on CPU (bf16/f16).
 

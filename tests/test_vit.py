@@ -1,5 +1,7 @@
 """The ViT modules: parameter counts, shapes, numerics against a float64 reference, bf16, remat and scan."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -140,8 +142,8 @@ def _mlp_branch(x, blk, eps=1e-6):
     return y @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
 
 
-def reference_vit(params, images, classifier, patch, num_heads, eps=1e-6):
-    """The ViT forward pass in float64 numpy, written from the paper's equations."""
+def reference_stream(params, images, classifier, patch, eps=1e-6):
+    """The ViT's residual stream in float64 numpy: the tokens after the position embeddings, then after each block."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(images, np.float64)
     b, h, w, c = x.shape
@@ -153,12 +155,22 @@ def reference_vit(params, images, classifier, patch, num_heads, eps=1e-6):
         x = np.concatenate([np.broadcast_to(p["cls"], (b, 1, x.shape[-1])), x], axis=1)
     t = p["Transformer"]
     x = x + t["posembed_input"]["pos_embedding"]
+    stream = [x]
     i = 0
     while f"encoderblock_{i}" in t:
         blk = t[f"encoderblock_{i}"]
         x = x + _attention_branch(x, blk, eps)
         x = x + _mlp_branch(x, blk, eps)
+        stream.append(x)
         i += 1
+    return stream
+
+
+def reference_vit(params, images, classifier, patch, num_heads, eps=1e-6):
+    """The ViT forward pass in float64 numpy, written from the paper's equations."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    t = p["Transformer"]
+    x = reference_stream(params, images, classifier, patch, eps)[-1]
     x = _layer_norm(x, t["encoder_norm"]["scale"], t["encoder_norm"]["bias"], eps)
     x = x[:, 0] if classifier == "token" else x.mean(1)
     return x @ p["head"]["kernel"] + p["head"]["bias"]
@@ -451,3 +463,148 @@ def test_bfloat16_logits_and_gradients_close_to_float32():
             continue  # softmax is invariant to the key bias: its gradient is zero up to rounding
         rel = float(jnp.linalg.norm(flat16[name] - g32) / jnp.linalg.norm(g32))
         assert rel <= 0.06, (name, rel)
+
+
+def _captured_stream(model, images, params=None):
+    """The residual stream a model computes: the tokens after the position embeddings, then after each block
+    (`capture_intermediates`; abstract, via eval_shape, without `params`), and the patch embedding's output."""
+    def run(p):
+        _, state = model.apply({"params": p}, images, capture_intermediates=True, mutable=["intermediates"])
+        return state["intermediates"]
+
+    if params is None:
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+        captured = jax.eval_shape(run, nn.unbox(shapes["params"]))
+    else:
+        captured = jax.jit(run)(params)
+    t = captured["Transformer"]
+    blocks = ["encoderblock"] if "encoderblock" in t else [f"encoderblock_{i}" for i in range(len(t))
+                                                           if f"encoderblock_{i}" in t]  # scan: one, stacked
+    stream = [t["posembed_input"]["__call__"][0]] + [t[k]["__call__"][0] for k in blocks]
+    return captured["embedding"]["__call__"][0], stream
+
+
+def test_bfloat16_keeps_the_residual_stream_in_float32():
+    """As vision_transformer's and big_vision's ViT: under bf16 compute only the matmuls (the LayerNorms feeding
+    them, their outputs) are bf16; the patch embedding's output, the class token and position embeddings and every
+    residual add stay float32. The bf16 stream rounded each block's sum: 8 blocks of width 64 ended 2.0e-2 (of the
+    stream's largest magnitude) from float64, now 3.5e-3 (float32: 3e-7; what remains is the bf16 matmul inputs)."""
+    num_layers = 8
+    config = dict(hidden_size=64, mlp_dim=128, num_heads=4, num_layers=num_layers)
+    model = build_model(tiny_config(dtype="bfloat16", **config), 5)
+    images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
+    params = _noise_params(model, images, scale=0.2)
+    embedded, stream = _captured_stream(model, images, params)
+    assert embedded.dtype == jnp.float32 and len(stream) == num_layers + 1
+    assert all(x.dtype == jnp.float32 for x in stream), [x.dtype for x in stream]
+    want = reference_stream(params, images, "token", patch=4)
+    err = [float(np.abs(np.asarray(x, np.float64) - w).max() / np.abs(w).max()) for x, w in zip(stream, want)]
+    assert err[-1] < 6e-3, err
+
+
+@pytest.mark.parametrize("variant", ["scan", "hybrid", "axial", "masked_patch"])
+def test_bfloat16_residual_stream_is_float32_in_every_variant(variant):
+    overrides = {"scan": dict(scan=True), "hybrid": dict(resnet_layers=(1, 1), patch_size=8),
+                 "axial": dict(axial=True, classifier="gap"), "masked_patch": {}}[variant]
+    extra = dict(masked_patch_classes=8) if variant == "masked_patch" else {}
+    model = build_model(tiny_config(dtype="bfloat16", **overrides), 5, **extra)
+    embedded, stream = _captured_stream(model, jnp.zeros((2, 32, 32, 3)))
+    assert embedded.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in stream), [x.dtype for x in stream]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_stochastic_depth_of_one_drops_every_branch_with_zero_not_nan_gradients(scan):
+    """Rate 1 (the last block of stochastic_depth=1.0): every branch dropped, so that block is the identity, its
+    params get zero gradients and all gradients are finite (y / keep under a `where` sent 0 x 1/0 = NaN into them).
+    With scan the rate is traced."""
+    from vit_jax.models.vit import Encoder
+
+    encoder = Encoder(num_layers=2, num_heads=2, mlp_dim=16, stochastic_depth=1.0, scan=scan)  # rates 0, 1
+    x = jax.random.normal(jax.random.key(2), (4, 4, 8))
+    params = _noise_params(encoder, x, train=True)
+
+    def loss(p, x):
+        y, state = encoder.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(3)},
+                                 capture_intermediates=True, mutable=["intermediates"])
+        return jnp.sum(y ** 2), state["intermediates"]
+
+    (_, captured), (grads, grad_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves((grads, grad_x)))
+    if scan:
+        outputs = captured["encoderblock"]["__call__"][0]  # stacked over depth
+        last_grads = jax.tree.map(lambda g: g[1], grads["encoderblock"])
+    else:
+        outputs = [captured[f"encoderblock_{i}"]["__call__"][0] for i in range(2)]
+        last_grads = grads["encoderblock_1"]
+    np.testing.assert_array_equal(outputs[1], outputs[0])  # the last block adds nothing
+    assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(last_grads))
+    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))  # the first block's are not all zero
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
+def test_a_drop_path_rate_outside_zero_one_is_refused(rate):
+    from vit_jax.models.vit import Encoder, EncoderBlock
+
+    x = jnp.zeros((2, 4, 8))
+    with pytest.raises(ValueError, match=re.escape(f"stochastic_depth={rate!r} is invalid: expected a rate in [0, 1]")):
+        jax.eval_shape(lambda: Encoder(num_layers=2, num_heads=2, mlp_dim=16, stochastic_depth=rate).init(
+            jax.random.key(0), x, train=False))  # also in evaluation, where it is unused
+    block = EncoderBlock(num_heads=2, mlp_dim=16, use_stochastic_depth=True, deterministic=False)
+    with pytest.raises(ValueError, match=re.escape(f"drop_rate={rate!r} is invalid: expected a rate in [0, 1]")):
+        jax.eval_shape(lambda: block.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, rate))
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_params_of_another_resolution_are_refused_with_the_remedy(classifier):
+    """Params initialised at 16x16 pixels (a 4x4 patch grid) applied to 32x32 images: flax's ScopeParamShapeError
+    named neither grid nor what to do."""
+    model = build_model(tiny_config(classifier=classifier, num_layers=1), 5)
+    params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"])
+    cls, prefix = (" \\+ the class token", 1) if classifier == "token" else ("", 0)
+    message = (f"the position embeddings hold {16 + prefix} tokens \\(a 4x4 patch grid{cls}, 16x16 pixels\\), but "
+               f"images of 32x32 pixels give {64 + prefix} \\(8x8 patches of 4 pixels{cls}\\): .*"
+               f"vit_jax.interop.resize_posemb\\(pos_embedding, \\(8, 8\\), num_prefix_tokens={prefix}\\).* or feed "
+               "images of 16x16 pixels \\(config.image_size=16\\)")
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((1, 32, 32, 3))), params)
+    with pytest.raises(ValueError, match="16x24 pixels give .* \\(4x6 patches"):  # non-square images too
+        jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((1, 16, 24, 3))), params)
+    jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((1, 16, 16, 3))), params)  # the same grid: fine
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("patch_size", 0, "patch_size=0 is invalid: expected a positive integer \\(the side of a square patch"),
+    ("patch_size", -4, "patch_size=-4 is invalid: expected a positive integer"),
+    ("num_heads", 0, "num_heads=0 is invalid: expected a positive integer dividing hidden_size=32"),
+])
+def test_a_patch_size_or_head_count_that_is_no_positive_integer_is_refused(field, value, message):
+    model = build_model(tiny_config(**{field: value}), 5)  # 0 failed on a ZeroDivisionError
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+
+
+def test_attention_with_no_heads_is_refused():
+    from vit_jax.models.vit import MultiHeadDotProductAttention
+
+    with pytest.raises(ValueError, match="num_heads=0 is invalid: expected a positive integer dividing the hidden "
+                                         "size 8"):
+        jax.eval_shape(lambda: MultiHeadDotProductAttention(num_heads=0).init(jax.random.key(0), jnp.zeros((1, 4, 8))))
+
+
+def test_float64_model_keeps_attention_in_float64():
+    """A float64 model's attention logits and softmax are float64 (they were forced to float32): the model matches
+    the float64 reference to ~1e-13, not float32's ~1e-7."""
+    config = tiny_config(num_layers=1)
+    with jax.enable_x64(True):
+        model = build_model(config, 5, dtype=jnp.float64, capture_attention=True)
+        images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3), jnp.float64)
+        params = jax.tree.map(lambda a: np.asarray(a, np.float64), _noise_params(model, images, scale=0.5))
+        _, state = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
+        state = jax.device_get(state["intermediates"])
+    attention = state["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["attention"][0]
+    assert attention.dtype == np.float64
+    want = reference_stream(params, images, "token", patch=4)[-1]
+    t = params["Transformer"]
+    want = _layer_norm(want, t["encoder_norm"]["scale"], t["encoder_norm"]["bias"], 1e-6)
+    np.testing.assert_allclose(state["encoded"][0], want, rtol=0, atol=1e-11)

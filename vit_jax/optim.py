@@ -42,7 +42,10 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | Non
 
 
 def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `optimizer.lr` over `warmup_steps`, then linear or cosine decay to 0 at `num_steps`."""
+    """Linear warmup from 0 to `optimizer.lr` over `warmup_steps`, then linear or cosine decay to 0 at `num_steps`.
+
+    The linear decay ends at 0, where the original code's (vision_transformer's `create_learning_rate_schedule`,
+    `linear_end=1e-5`) ends at 1e-5: after warmup the two differ by 1e-5 x the decay's progress, at most 1e-5."""
     warmup = optimizer.warmup_steps
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"config.optimizer.warmup_steps={warmup!r} is invalid: expected an integer >= 0")
@@ -201,6 +204,10 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, label_kind: str) -> j
 
     "single" reads each row of `labels` as a distribution: a multi-hot row (a softmax model scored on a set of
     right answers, as ImageNet ReaL) spreads its mass evenly over them; an all-zero row (unlabelled) has loss 0.
+    Such rows are evaluation's padding (masked out there, and never smoothed); the train loss sees none: train
+    batches are never padded (whole batches only) and a single-label training example is one-hot (mixup: a mix of
+    two), so `smooth_labels` never turns one into a uniform target. ("multi": an all-zero row is an image with no
+    positive class, a real example, smoothed like any other.)
     """
     logits = logits.astype(jnp.float32)
     if label_kind == "single":

@@ -101,7 +101,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def spec_for_shape(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
     """PartitionSpec of one array from its logical axis names: each dimension gets its rule's mesh axes
-    when they divide it and are not already used by another dimension, else stays whole."""
+    when they divide it and are not already used by another dimension, else stays whole.
+
+    With a multi-axis rule, only axes at its end are dropped until the rest divide the dimension (for
+    ("a", "b"), "b" then "a"; never "a" alone to keep "b"): latent today, every rule in LOGICAL_AXIS_RULES
+    maps to one mesh axis or none."""
     if len(logical_axes) != len(shape):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match the array's shape {tuple(shape)}")
     table = dict(rules)

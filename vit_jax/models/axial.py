@@ -77,11 +77,11 @@ class AxialSubBlock(EncoderBlock):
             name="MultiHeadDotProductAttention_1")(to_lines(y, self.grid_shape, self.axis))
         y = from_lines(y, self.grid_shape, self.axis)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
-        x = _constrain(x + self._drop_path(y, drop_rate))
+        x = _constrain(x + self._drop_path(y.astype(x.dtype), drop_rate))  # the residual stream keeps its dtype
         y = norm(name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, self.dtype, self.deterministic,
                      name="MlpBlock_3")(y)
-        return _constrain(x + self._drop_path(y, drop_rate))
+        return _constrain(x + self._drop_path(y.astype(x.dtype), drop_rate))
 
 
 class AxialEncoderBlock(EncoderBlock):

@@ -152,6 +152,17 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any =
     return einsum(spec, lhs.astype(dtype), rhs.astype(dtype), keep_f32=keep_f32)
 
 
+def check_rate(name: str, rate: Any) -> None:
+    """Refuse a dropout / drop-path rate outside [0, 1] (1 drops everything); a traced rate is not checked.
+
+    Out of range, `Dropout` failed on a uint16 overflow (rate < 0) or returned zeros in silence (rate > 1).
+    """
+    if isinstance(rate, jax.core.Tracer):
+        return
+    if isinstance(rate, bool) or not 0.0 <= float(rate) <= 1.0:  # NaN fails the comparison too
+        raise ValueError(f"{name}={rate!r} is invalid: expected a rate in [0, 1]")
+
+
 def _keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     """A bool mask, True with probability 1 - `rate`, from 16-bit random numbers (see `Dropout`)."""
     data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
@@ -186,12 +197,14 @@ class Dropout(nn.Module):
     elements, which itself was 9x cheaper than `bernoulli`.
     Elsewhere (TPU/GPU, where random bits are cheap and this flat draw would not shard with the batch), and
     with a non-threefry key, it draws like `nn.Dropout`. Keys come from the "dropout" rng collection.
+    A rate outside [0, 1] is a ValueError (also in evaluation, where it is unused).
     """
 
     rate: float
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
+        check_rate("rate", self.rate)
         if deterministic or self.rate == 0.0:
             return x
         if self.rate >= 1.0:

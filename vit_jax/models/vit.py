@@ -15,7 +15,13 @@ adds a learnable `mask_embedding` and a per-token `masked_patch_head` in place o
 Numerics: with `dtype=bfloat16` (float32 params) every matmul -- Dense layers, the patch embedding (computed as
 patchify + matmul, the same parameters and result as the strided conv), attention logits and values -- takes
 bf16 inputs and accumulates in float32, forward and backward (`vit_jax.models.layers`: `einsum`, `Dense`);
-attention logits and softmax stay float32, logits are returned in float32.
+attention logits and softmax stay float32, logits are returned in float32. The token stream between the matmuls
+stays float32, as in the reference implementations (vision_transformer's models_vit.py, big_vision's vit.py):
+the patch embedding (and a hybrid's ResNet trunk) computes in bf16 and returns its float32 accumulator, the class
+token and position embeddings are added in float32, and every residual add is `x + branch.astype(x.dtype)`;
+only the LayerNorms feeding attention and the MLP hand bf16 to their matmuls. (A bf16 residual stream rounds
+every block's sum: after 8 blocks of width 64 it was 2.0e-2 of its largest magnitude from float64, the float32
+stream 3.5e-3; tests/test_vit.py.)
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `classes`, ...), which
 `vit_jax.sharding` maps onto mesh axes.
@@ -24,6 +30,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `clas
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax.models.layers import LOW_PRECISION, Dense, Dropout, broadcast_leading, einsum, softmax
+from vit_jax.models.layers import LOW_PRECISION, Dense, Dropout, broadcast_leading, check_rate, einsum, softmax
 from vit_jax.models.resnet import resnet_trunk
 from vit_jax.models.variants import embedding_patch
 
@@ -47,9 +54,17 @@ def _init(init, axes):
 
 
 def _at_least_float32(dtype: Any) -> Any:
-    """The dtype of the model's end (encoder_norm, pooling, pre_logits, head): float32 under a bf16 compute dtype,
-    as the paper's code (a head bias of -10 leaves bf16 logits a spacing of 0.06); float64 stays float64."""
+    """The dtype of the token stream (patch embedding output, class token, position embeddings, residual adds) and
+    of the model's end (encoder_norm, pooling, pre_logits, head): float32 under a bf16 compute dtype, as the paper's
+    code (a head bias of -10 leaves bf16 logits a spacing of 0.06); float64 stays float64."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _check_positive_int(name: str, value: Any, condition: str = "") -> None:
+    """A size of the architecture (patch size, number of heads) must be a positive integer: 0 failed on a division
+    by zero deep inside the model. `condition` completes the message ("dividing ...")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected a positive integer{condition}")
 
 
 def _constrain(x: Array) -> Array:
@@ -96,6 +111,7 @@ class MultiHeadDotProductAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
+        _check_positive_int("num_heads", self.num_heads, f" dividing the hidden size {features}")
         if features % self.num_heads:
             raise ValueError(f"hidden size {features} is not divisible by num_heads {self.num_heads}")
         head_dim = features // self.num_heads
@@ -110,17 +126,18 @@ class MultiHeadDotProductAttention(nn.Module):
         if use_dropout or self.capture_attention or jax.default_backend() != "gpu":
             # Explicit attention: probabilities asked for or dropped out, or off GPU. Off GPU
             # jax.nn.dot_product_attention is this same XLA code, except that its bf16 probs @ values dot would
-            # not accumulate in float32; on GPU it may pick a fused cuDNN kernel. Logits and softmax are float32.
+            # not accumulate in float32; on GPU it may pick a fused cuDNN kernel. Logits and softmax are float32
+            # (float64 in a float64 model).
             # Heads first ((batch, heads, tokens, head_dim)) for both matmuls, and back after. Left to itself,
             # XLA:CPU computes probs @ values transposed, as (values^T @ probs^T), a slower kernel with a transposed
             # result (ViT-B/16 float32 training step 3.50 -> 3.56 img/s, medians of 3 processes each; bf16 and
             # inference unchanged). TPU compiles the same program either way (vit_jax.plan: the same FLOPs and
             # memory to the byte).
             heads_first = functools.partial(jnp.transpose, axes=(0, 2, 1, 3))  # its own inverse
-            scale = 1.0 / np.sqrt(head_dim).astype(np.float32)
+            scale = 1.0 / np.sqrt(np.asarray(head_dim, _at_least_float32(query.dtype)))  # float32 in bf16
             logits = einsum("bhqd,bhkd->bhqk", heads_first(query * scale.astype(query.dtype)), heads_first(key),
                             keep_f32=True)
-            logits = logits.astype(jnp.float32)
+            logits = logits.astype(_at_least_float32(logits.dtype))
             # A float32 forward pass (inference, evaluation) compiles on CPU with individual YNNPACK matmuls
             # (`vit_jax.xla_options`): there softmax is kept apart, else XLA joins it and the two matmuls into one
             # slow subgraph. With bf16 matmuls, or in a float32 training step (compiled with fused matmuls), that
@@ -154,12 +171,17 @@ class EncoderBlock(nn.Module):
     capture_attention: bool = False
 
     def _drop_path(self, y: Array, rate: Array | float) -> Array:
-        """Drop the whole residual branch per example with probability `rate` (rescaling the kept ones)."""
+        """Drop the whole residual branch per example with probability `rate` (rescaling the kept ones).
+
+        Rate 1 drops every branch, with zero (not NaN) gradients: the kept ones are scaled by 1 / keep only where
+        keep > 0 (a `where` over y / keep would send its zero cotangent through 1 / 0)."""
+        check_rate("drop_rate", rate)
         if not self.use_stochastic_depth or self.deterministic:
             return y
-        keep = 1.0 - rate
+        keep = 1.0 - jnp.asarray(rate, jnp.float32)
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-        return jnp.where(mask, y / keep, jnp.zeros_like(y)).astype(y.dtype)
+        scale = jnp.where(keep > 0, 1.0 / jnp.where(keep > 0, keep, 1.0), 0.0)
+        return y * (mask * scale).astype(y.dtype)
 
     @nn.compact
     def __call__(self, x: Array, drop_rate: Array | float = 0.0) -> Array:
@@ -171,11 +193,11 @@ class EncoderBlock(nn.Module):
             self.num_heads, self.attention_dropout_rate, self.dtype, self.deterministic, self.capture_attention,
             name="MultiHeadDotProductAttention_1")(y)
         y = Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
-        x = _constrain(x + self._drop_path(y, drop_rate))
+        x = _constrain(x + self._drop_path(y.astype(x.dtype), drop_rate))  # the residual stream keeps its dtype
         y = norm(name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, self.dtype, self.deterministic,
                      name="MlpBlock_3")(y)
-        return _constrain(x + self._drop_path(y, drop_rate))
+        return _constrain(x + self._drop_path(y.astype(x.dtype), drop_rate))
 
 
 class _ScannedBlock(EncoderBlock):
@@ -190,7 +212,9 @@ class PatchEmbedding(nn.Module):
 
     Same parameters (`kernel` (p, p, c, features), `bias`), initialisers and result as that conv, but computed as
     patchify (reshape) + `einsum`: one plain matmul on every backend, which XLA:CPU runs faster than its
-    convolution, forward and backward, and which takes the float32-accumulating bf16 path of `einsum`.
+    convolution, forward and backward, and which takes the float32-accumulating bf16 path of `einsum`. With a
+    bf16 `dtype` it multiplies bf16 inputs and returns the float32 accumulator plus the float32 bias, unrounded
+    (the token stream's dtype, `_at_least_float32`).
     """
 
     features: int
@@ -207,19 +231,22 @@ class PatchEmbedding(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         rows, cols = height // p, width // p  # VALID: a remainder smaller than a patch is dropped
         x = x[:, :rows * p, :cols * p].reshape(batch, rows, p, cols, p, channels).astype(self.dtype)
-        y = einsum("bxiyjc,ijcd->bxyd", x, jnp.asarray(kernel, self.dtype))
-        return y + broadcast_leading(jnp.asarray(bias, self.dtype), y.shape)
+        y = einsum("bxiyjc,ijcd->bxyd", x, jnp.asarray(kernel, self.dtype), keep_f32=True)
+        y = y.astype(_at_least_float32(self.dtype))
+        return y + broadcast_leading(jnp.asarray(bias, y.dtype), y.shape)
 
 
 class AddPositionEmbs(nn.Module):
-    """Adds learned 1-D position embeddings (one per token, the class token's included)."""
+    """Adds learned 1-D position embeddings (one per token, the class token's included), in at least float32:
+    bf16 tokens become float32 (the token stream's dtype), as adding the float32 parameter does in the reference."""
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        dtype = _at_least_float32(x.dtype)
         pos_embedding = self.param(
             "pos_embedding", _init(nn.initializers.normal(stddev=0.02), (None, None, "embed")),
             (1, x.shape[1], x.shape[2]), jnp.float32)
-        return x + broadcast_leading(jnp.asarray(pos_embedding[0], x.dtype), x.shape)
+        return x.astype(dtype) + broadcast_leading(jnp.asarray(pos_embedding[0], dtype), x.shape)
 
 
 class Encoder(nn.Module):
@@ -242,6 +269,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
+        check_rate("stochastic_depth", self.stochastic_depth)
         x = AddPositionEmbs(name="posembed_input")(x)
         x = Dropout(self.dropout_rate)(x, deterministic=not train)
         x = _constrain(x)
@@ -308,11 +336,13 @@ class VisionTransformer(nn.Module):
     masked_patch_classes: int = 0
 
     def _check_images(self, images: Array) -> None:
-        """Refuse what the model would compute something meaningless from, without an error of its own: pixels
-        that are not floats in [-1, 1] (uint8 0..255), a side that is no positive multiple of the patch (the
-        remainder was dropped; no patch at all left only the class token), a hybrid whose patch is no multiple
-        of its ResNet's stride."""
+        """Refuse a patch size or head count that is no positive integer (a division by zero inside), and what the
+        model would compute something meaningless from, without an error of its own: pixels that are not floats in
+        [-1, 1] (uint8 0..255), a side that is no positive multiple of the patch (the remainder was dropped; no
+        patch at all left only the class token), a hybrid whose patch is no multiple of its ResNet's stride."""
         p = self.patch_size
+        _check_positive_int("patch_size", p, " (the side of a square patch, in pixels)")
+        _check_positive_int("num_heads", self.num_heads, f" dividing hidden_size={self.hidden_size}")
         embedding_patch(p, tuple(self.resnet_layers))  # a hybrid's patch is a multiple of its trunk's stride
         if images.ndim != 4:
             raise ValueError(f"images of shape {tuple(images.shape)}: expected (batch, height, width, channels)")
@@ -323,6 +353,33 @@ class VisionTransformer(nn.Module):
         if height % p or width % p or not height or not width:
             raise ValueError(f"images of {height}x{width} pixels: each side must be a positive multiple of the "
                              f"patch size {p} (e.g. {max(1, round(height / p)) * p}x{max(1, round(width / p)) * p})")
+
+    def _check_position_embeddings(self, images: Array) -> None:
+        """Refuse params whose position embeddings are of another patch grid (a model initialised or trained at
+        another resolution), naming both grids and the remedy; flax's own error (ScopeParamShapeError) names
+        neither. Nothing to check at init."""
+        pos = self.variables.get("params", {}).get("Transformer", {}).get("posembed_input", {}).get("pos_embedding")
+        if pos is None:
+            return
+        have = nn.unbox(pos).shape[1]
+        p, prefix = self.patch_size, int(self.classifier == "token")
+        height, width = images.shape[1:3]
+        rows, cols = height // p, width // p
+        if have == prefix + rows * cols:
+            return
+        plus_cls = " + the class token" if prefix else ""
+        side = math.isqrt(max(have - prefix, 0))
+        if side * side == have - prefix:
+            theirs, fix = f"a {side}x{side} patch grid{plus_cls}, {side * p}x{side * p} pixels", (
+                f" or feed images of {side * p}x{side * p} pixels (config.image_size={side * p})")
+        else:
+            theirs, fix = f"{have - prefix} patches{plus_cls}", ""
+        raise ValueError(
+            f"the position embeddings hold {have} tokens ({theirs}), but images of {height}x{width} pixels give "
+            f"{prefix + rows * cols} ({rows}x{cols} patches of {p} pixels{plus_cls}): the params are of a model at "
+            "another resolution. Resize the position embeddings to the new grid (vit_jax.interop.resize_posemb("
+            f"pos_embedding, ({rows}, {cols}), num_prefix_tokens={prefix}); vit_jax.interop.load_pretrained(..., "
+            f"image_size=...) resizes a checkpoint's){fix}")
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool = False, patch_source: Array | None = None,
@@ -336,10 +393,12 @@ class VisionTransformer(nn.Module):
             raise ValueError("patch_source / patch_mask corrupt patches for masked patch prediction; build the model "
                              "with masked_patch_classes > 0 (vit_jax.masked_patch.build_pretraining_model)")
         self._check_images(images)
+        self._check_position_embeddings(images)
         x = images.astype(self.dtype)
         if self.resnet_layers:
             x = resnet_trunk(x, self.resnet_layers, 64 * self.resnet_width, self.dtype)
         embed_patch = embedding_patch(self.patch_size, tuple(self.resnet_layers))
+        # bf16 matmul, float32 (at least) tokens: the residual stream's dtype from here on (see the module doc).
         x = PatchEmbedding(self.hidden_size, embed_patch, self.dtype, name="embedding")(x)
         batch, height, width, channels = x.shape
         x = jnp.reshape(x, (batch, height * width, channels))
