@@ -31,9 +31,11 @@ demo-finetune: $(VENV)/.base
 	$(PY) -m vit_jax.main --config=configs/demo_finetune.py --workdir=workdir/ft_before --config.pretrained=workdir/ft_pre --mode=eval --config.model.representation_size=128
 	$(PY) -m vit_jax.main --config=configs/demo_finetune.py --workdir=workdir/ft --config.pretrained=workdir/ft_pre
 
+# Two pytest workers, one test file each at a time (a file's fixtures are built once): most tests wait on one
+# XLA compile or one subprocess, so one process leaves a 2-core machine's second core mostly idle.
 test: $(VENV)/.test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(VENV)/.test
 	$(PY) -m pytest -q -m slow
