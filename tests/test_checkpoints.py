@@ -1,15 +1,15 @@
-"""Checkpoints: restore onto another mesh, keep-N, and a real run killed (SIGKILL) or preempted (SIGTERM)."""
+"""Checkpoints: restore onto another mesh, keep-N, layout and damage checks, what a resume or an evaluation takes
+from the checkpoint. A real run killed (SIGKILL) or preempted (SIGTERM) and resumed: tests/test_faults_kill.py."""
 
 import glob
 import os
 import re
-import signal
 
 import jax
 import numpy as np
 import pytest
 
-from tests.train_helpers import MainRun, tiny_config
+from tests.train_helpers import tiny_config
 from vit_jax import checkpoints, sharding, train
 
 
@@ -217,92 +217,6 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
             os.remove(path)
     with pytest.raises(checkpoints.CheckpointReadError, match="checkpoints/2 cannot be read .*damaged or incomplete"):
         _restore(tmp_path)
-
-
-# End to end through `python -m vit_jax.main` on the digits dataset with a tiny model.
-
-TOTAL_STEPS = 100
-RUN_FLAGS = ["--config=configs/demo.py", f"--config.total_steps={TOTAL_STEPS}", "--config.log_every=1",
-             "--config.eval_every=100000", "--config.checkpoint_every=25", "--config.model.hidden_size=32",
-             "--config.model.num_layers=1", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
-             "--config.batch_size=16", "--config.eval_batch_size=64", "--config.optimizer.warmup_steps=5"]
-
-
-def start(workdir, data_dir) -> MainRun:
-    """The run; every start after the reference's loads its compiled step from a cache next to the data."""
-    cache = os.path.join(os.path.dirname(data_dir), "jax_cache")
-    return MainRun(workdir, [*RUN_FLAGS, f"--config.tfds_data_dir={data_dir}"],
-                   env={"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
-
-
-def wait_for(run: MainRun, condition) -> None:
-    assert run.wait_until(condition, timeout=240, poll=0.02), (
-        f"run ended early ({run.finish(240)}):\n" + "\n".join(run.lines) + run.stderr[-3000:])
-
-
-def _train_losses(workdir) -> list[dict[int, float]]:
-    """train/loss by step from each TensorBoard event file in `workdir` (one file per process run)."""
-    import tensorflow as tf
-
-    runs = []
-    for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-        losses = {}
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == "train/loss":
-                    losses[event.step] = float(tf.make_ndarray(value.tensor))
-        runs.append(losses)
-    return runs
-
-
-def _complete_steps(workdir) -> list[int]:
-    directory = os.path.join(workdir, "checkpoints")
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    run = start(workdir, data_dir)
-    assert run.finish(240) == 0, run.stderr[-3000:]
-    (losses,) = _train_losses(workdir)
-    assert sorted(losses) == list(range(1, TOTAL_STEPS + 1))
-    return data_dir, losses
-
-
-def test_sigterm_saves_then_sigkill_and_restart_repeat_the_uninterrupted_run(reference, tmp_path):
-    data_dir, reference_losses = reference
-    workdir = str(tmp_path)
-
-    # 1. SIGTERM (preemption) mid-run: a checkpoint at the current step, then exit code 75 (EX_TEMPFAIL: resume).
-    run = start(workdir, data_dir)
-    wait_for(run, lambda: run.last_step() >= 10)
-    run.process.send_signal(signal.SIGTERM)
-    assert run.finish(240) == 75, run.stderr[-3000:]
-    (saved,) = [int(m.group(1)) for line in run.lines if (m := re.match(r"preempted: saved a checkpoint at step "
-                                                                          r"(\d+)", line))]
-    assert 10 <= saved < TOTAL_STEPS
-    assert _complete_steps(workdir)[-1] == saved
-
-    # 2. Resume, then SIGKILL once a later periodic checkpoint is complete.
-    run = start(workdir, data_dir)
-    wait_for(run, lambda: any(s > saved for s in _complete_steps(workdir)) and run.last_step() > saved + 1)
-    run.process.send_signal(signal.SIGKILL)
-    assert run.finish(240) == -signal.SIGKILL
-    killed_at = _complete_steps(workdir)[-1]
-    assert saved < killed_at < TOTAL_STEPS
-
-    # 3. Restart to the end: every logged loss equals the uninterrupted run's at the same step.
-    run = start(workdir, data_dir)
-    assert run.finish(240) == 0, run.stderr[-3000:]
-    runs = _train_losses(workdir)
-    assert len(runs) == 3
-    assert min(runs[1]) == saved + 1 and min(runs[2]) == killed_at + 1 and max(runs[2]) == TOTAL_STEPS
-    for losses in runs:
-        for step, loss in losses.items():
-            assert loss == pytest.approx(reference_losses[step], rel=1e-6, abs=1e-7), step
-    assert os.path.exists(os.path.join(workdir, "final_metrics.json"))
 
 
 def test_a_key_of_another_prng_implementation_resumes_with_a_new_key(tmp_path, caplog):

@@ -12,6 +12,8 @@ from configs import common
 from vit_jax.config_check import ConfigError, check_duration_flags, interval, resolve_mesh_shape, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# No huge-page re-exec of each command (vit_jax.hugepages, tested in test_hugepages.py): 0.6-1.5 s each.
+NO_REEXEC = {**os.environ, "VIT_JAX_HUGEPAGES": "0"}
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name not in ("__init__.py", "common.py"))
 
 
@@ -46,7 +48,7 @@ def test_num_epochs_given_to_a_run_measured_in_steps_is_refused():
 def test_main_refuses_num_epochs_that_total_steps_would_override(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vit_jax.main", "--config=configs/demo.py", "--config.num_epochs=3",
                              f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "VIT_JAX_HUGEPAGES": "0"})
+                            env=NO_REEXEC)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and errors == [
         "error: config.num_epochs=3 is invalid: it has no effect while config.total_steps=1500 sets the run's "
@@ -244,7 +246,7 @@ def test_mesh_minus_one_takes_the_rest():
 def test_command_line_bad_input_is_one_line_and_exit_2(override, message):
     result = subprocess.run(
         [sys.executable, "-m", "vit_jax.summary", "--config=configs/vit_b16.py", override],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=NO_REEXEC)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
@@ -261,7 +263,7 @@ def test_command_line_bad_input_is_one_line_and_exit_2(override, message):
 ])
 def test_a_config_file_that_cannot_load_is_one_line_and_exit_2(flags, message):
     result = subprocess.run([sys.executable, "-m", "vit_jax.summary", *flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, env=NO_REEXEC)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr

@@ -133,6 +133,8 @@ def test_a_new_destination_is_accepted(tmp_path, out, to):
 
     (tmp_path / "empty").mkdir()
     check_destination(str(tmp_path / out), to)
+    # Only checked: nothing is created (not the file, not a directory for it, nothing in the empty one).
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["empty"]
 
 
 def test_convert_never_overwrites_an_existing_file_and_expands_a_tilde(tmp_path, source):

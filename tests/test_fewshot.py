@@ -266,8 +266,9 @@ def test_shots_from_the_images_scored_are_refused(digits_dir, train_split, test_
 
 
 def test_a_training_run_reports_fewshot_accuracy_at_step_0_and_at_the_end(tmp_path, capsys, caplog, digits_dir):
-    """Few-shot of the raw params, said so where the run keeps a Polyak average: in the run, when the finished run is
-    scored again, and with --mode=fewshot (which does not read the checkpoint's average)."""
+    """Few-shot of the raw params, said so where the run keeps a Polyak average: in the run and with --mode=fewshot
+    (which does not read the checkpoint's average). A finished run scored again scores its few-shot again, said so
+    too: test_extra_evals.py::test_a_finished_run_without_its_final_metrics_is_scored_again_as_it_was_trained."""
     import logging
 
     from vit_jax import train
@@ -287,11 +288,6 @@ def test_a_training_run_reports_fewshot_accuracy_at_step_0_and_at_the_end(tmp_pa
     assert stored["fewshot"] == result["fewshot"] and set(result["fewshot"]) == {"digits_2shot"}
     assert 0.1 < result["fewshot"]["digits_2shot"] <= 1.0  # 10 classes: above chance even from random features
 
-    (tmp_path / "run" / train.FINAL_METRICS).unlink()
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        again = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert raw.format("step 3") in caplog.text and again["fewshot"] == result["fewshot"]
     caplog.clear()
     with caplog.at_level(logging.INFO):
         scored = train.evaluate_checkpoint(config, str(tmp_path / "run"), mode="fewshot")

@@ -290,26 +290,6 @@ def test_evaluating_a_checkpoint_for_other_classes_is_refused_not_scored_at_chan
         ckpt.close()
 
 
-def test_rerunning_a_finished_workdir_reports_without_training_and_restores_lost_final_metrics(pretrained, tmp_path,
-                                                                                               capsys):
-    """A copy of the finished pre-training run: without final_metrics.json the rerun evaluates the last checkpoint
-    again (the same accuracy), writes the file back, and neither trains nor saves a step."""
-    import json
-    import shutil
-
-    workdir, config, result = pretrained
-    copy = tmp_path / "run"
-    shutil.copytree(workdir, copy)
-    (copy / train.FINAL_METRICS).unlink()
-    steps_before = sorted(os.listdir(copy / "checkpoints"))
-    again = train.train_and_evaluate(config, str(copy))
-    assert again["test_accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-6)
-    assert json.loads((copy / train.FINAL_METRICS).read_text())["test_accuracy"] == again["test_accuracy"]
-    assert sorted(os.listdir(copy / "checkpoints")) == steps_before
-    out = capsys.readouterr().out
-    assert "already holds the finished run" in out and "step 1/" not in out
-
-
 def test_fewshot_features_are_what_the_head_sees(pretrained):
     """The features few-shot evaluation regresses on, multiplied by the checkpoint's own head, classify the test
     split exactly as the run's evaluation did."""

@@ -1,6 +1,7 @@
 """Mesh construction and the logical-axis -> mesh-axis layout of parameters."""
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -20,7 +21,9 @@ def test_mesh_gives_the_free_axis_the_remaining_devices():
 
 
 def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
-    with pytest.raises(ConfigError, match="mesh"):
+    with pytest.raises(ConfigError, match=re.escape(
+            "config.mesh={'data': 3, 'fsdp': 1, 'model': 1} is invalid: the fixed axis sizes multiply to 3, which "
+            "does not divide the 8 available devices")):
         sharding.make_mesh(tiny_config(**{"mesh.data": 3, "mesh.fsdp": 1, "mesh.model": 1}))
 
 

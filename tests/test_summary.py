@@ -1,6 +1,7 @@
 """`vit_jax.summary`: analytic FLOPs agree with XLA and with a hand count; the CLI prints JSON."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def test_masked_patch_prediction_counts_the_model_it_pretrains():
 def test_cli_json_for_h14():
     result = subprocess.run(
         [sys.executable, "-m", "vit_jax.summary", "--config=configs/vit_h14.py", "--config.num_classes=1000", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "VIT_JAX_HUGEPAGES": "0"})  # no huge-page re-exec (tested in test_hugepages.py)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["params"] == 632_045_800
