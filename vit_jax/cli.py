@@ -43,8 +43,7 @@ def _unknown_field(error: BaseException, argv: Sequence[str]) -> str:
 
     A field no --config.<field> override names is not the command line's: the config file failed on it.
     """
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
+    error = _innermost(error)
     name, _, hint = str(error.args[0] if error.args else error).partition("\n")
     name = name.strip("\"'")
     given = [arg for arg in argv[1:] if name in arg.split("=")[0].lstrip("-").split(".")]
@@ -81,10 +80,16 @@ def _config_flag(argv: Sequence[str]) -> str:
     return value
 
 
+def _innermost(error: BaseException) -> BaseException:
+    """The exception `error` wraps as its argument (ml_collections: AttributeError(KeyError(...))), or itself."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    return error
+
+
 def _text(error: BaseException) -> str:
     """An exception's message: a SyntaxError's without its position, a KeyError's unquoted, a wrapped one's own."""
-    while error.args and isinstance(error.args[0], BaseException):  # ml_collections: AttributeError(KeyError(...))
-        error = error.args[0]
+    error = _innermost(error)
     if isinstance(error, SyntaxError):
         return str(error.msg)
     if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):

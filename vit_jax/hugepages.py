@@ -36,9 +36,10 @@ def wanted(env: Mapping[str, str]) -> bool:
     """Whether VIT_JAX_HUGEPAGES allows the restart: 0, false, no, off (any case) turn it off; 1, true, yes, on or
     no value leave it on. UserError for anything else: a misspelt opt-out must not quietly leave it on."""
     value = env.get(OPT_OUT, "")
-    if value.strip().lower() in _OFF:
+    word = value.strip().lower()
+    if word in _OFF:
         return False
-    if value.strip().lower() in _ON:
+    if word in _ON:
         return True
     raise UserError(f"{OPT_OUT}={value!r} is invalid: expected 0, false, no or off (no huge-page restart), or 1, "
                     "true, yes or on (the default)")
