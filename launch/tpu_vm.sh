@@ -179,8 +179,9 @@ RUN_COMMAND="cd ~/vit_jax && set -o pipefail && export $PRNG_ENV \
 && .venv/bin/python -m vit_jax.main $(remote_quote "${TRAIN_ARGS[@]}") \
 2>&1 | (trap '' TERM HUP; exec tee ~/$REMOTE_LOG)"
 if [[ "$WORKDIR" == gs://* ]]; then
-  # Keep every worker's log next to its checkpoints, whether the run succeeded or not.
-  RUN_COMMAND="$RUN_COMMAND; status=\$?; gcloud storage cp ~/$REMOTE_LOG \
+  # Keep every worker's log next to its checkpoints, whether the run succeeded or not. The worker's shell gets the
+  # preemption's SIGTERM too: a trap (not inherited by the run, which still gets it) keeps the shell for the upload.
+  RUN_COMMAND="trap true TERM; $RUN_COMMAND; status=\$?; gcloud storage cp ~/$REMOTE_LOG \
 $(remote_quote "${WORKDIR%/}")/logs/\$(hostname).log; exit \$status"
 fi
 

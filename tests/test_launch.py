@@ -339,15 +339,17 @@ while :; do sleep 0.1; done
 """
 
 
-def test_the_log_tee_outlives_the_sigterm_of_a_preemption(tmp_path):
+@pytest.mark.parametrize("workdir", ["workdir/b16", "gs://bucket/b16"])
+def test_the_log_outlives_the_sigterm_of_a_preemption(tmp_path, workdir):
     """The worker's run command as the script builds it, run by bash with a stand-in for the run, gets SIGTERM in
     every process: tee must stay for the run's last lines (it died with the run's output pipe, and the progress print
-    of the preempted step raised BrokenPipeError before the checkpoint save)."""
+    of the preempted step raised BrokenPipeError before the checkpoint save), and with a gs:// workdir the worker's
+    shell must stay to upload the log (it died with the rest) and exit with the run's status."""
     import signal
     import time
 
     result, _ = _tpu_vm(tmp_path, "--dry-run", "--name", "b16", "--zone", "us-west4-a", "--accelerator-type",
-                        "v5litepod-8", "--config", "configs/vit_b16.py", "--workdir", "workdir/b16")
+                        "v5litepod-8", "--config", "configs/vit_b16.py", "--workdir", workdir)
     assert result.returncode == 0, result.stderr
     remote = _bash_words(next(line for line in result.stdout.splitlines() if "vit_jax.main" in line))[-1]
     home = tmp_path / "home"
@@ -355,7 +357,12 @@ def test_the_log_tee_outlives_the_sigterm_of_a_preemption(tmp_path):
     python.parent.mkdir(parents=True)
     python.write_text(PREEMPTED_MAIN)
     python.chmod(0o755)
-    worker = subprocess.Popen(["bash", "-c", remote.removeprefix("--command=")], env={**os.environ, "HOME": str(home)},
+    worker_bin = tmp_path / "worker_bin"
+    worker_bin.mkdir()
+    uploads = tmp_path / "uploads.log"
+    _tool_recorder(worker_bin, "gcloud", uploads)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{worker_bin}{os.pathsep}{os.environ['PATH']}"}
+    worker = subprocess.Popen(["bash", "-c", remote.removeprefix("--command=")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 30
     while not (home / "started").exists():
@@ -365,6 +372,12 @@ def test_the_log_tee_outlives_the_sigterm_of_a_preemption(tmp_path):
     worker.communicate(timeout=30)
     log = (home / "vit_jax_run.log").read_text().splitlines()  # bash may report its killed sleep in between
     assert log[0] == "started" and log[-1] == "step 7: saved a checkpoint", log
+    if workdir.startswith("gs://"):
+        assert worker.returncode == 75
+        assert uploads.read_text().splitlines() == [
+            f"gcloud storage cp {home}/vit_jax_run.log gs://bucket/b16/logs/{os.uname().nodename}.log"]
+    else:
+        assert not uploads.exists()
 
 
 def test_a_setup_command_ending_in_a_comment_runs(tmp_path):
