@@ -10,7 +10,7 @@ from configs import common
 from tests.test_vit import _gelu_tanh, _layer_norm, tiny_config
 from vit_jax.models import axial
 from vit_jax.models.variants import parse_variant
-from vit_jax.models.vit import build_model, stack_blocks, unstack_blocks
+from vit_jax.models.vit import EncoderBlock, build_model, stack_blocks, unstack_blocks
 from vit_jax.summary import layer_table, summarize
 
 
@@ -181,3 +181,22 @@ def test_axial_stochastic_depth_drops_whole_examples():
     per_example = unchanged.all(axis=1)
     assert np.array_equal(unchanged.any(axis=1), per_example)  # never partly unchanged
     assert 0 < per_example.sum() < 64  # ~0.7**4 of the examples have all four branches dropped
+
+
+def test_a_row_half_on_one_row_is_a_vit_block_dropout_included():
+    """On a 1 x T grid a row attends over every token: the half is a ViT encoder block, so with the same params and
+    dropout key it must give the same output in training (its attention-output dropout was `nn.Dropout`, another
+    random stream than the ViT block's `layers.Dropout`, and skipped its rate check)."""
+    kwargs = dict(num_heads=2, mlp_dim=64, dropout_rate=0.3, attention_dropout_rate=0.2, deterministic=False)
+    row = axial.AxialSubBlock(grid_shape=(1, 16), axis="row", **kwargs)
+    vit_block = EncoderBlock(**kwargs)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 32))
+    rngs = {"params": jax.random.key(1), "dropout": jax.random.key(2)}
+    params = jax.jit(lambda: vit_block.init(rngs, x))()
+    expected = jax.jit(lambda p: vit_block.apply(p, x, rngs={"dropout": jax.random.key(3)}))(params)
+    out = jax.jit(lambda p: row.apply(p, x, rngs={"dropout": jax.random.key(3)}))(params)
+    assert not np.allclose(expected, jax.jit(lambda p: vit_block.apply(p, x, rngs={"dropout": jax.random.key(4)}))(
+        params))  # dropout is on
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"rate=1.5 is invalid: expected a rate in \[0, 1\]"):
+        axial.AxialSubBlock(grid_shape=(1, 16), **{**kwargs, "dropout_rate": 1.5}).init(rngs, x)

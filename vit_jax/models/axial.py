@@ -28,6 +28,7 @@ import functools
 import flax.linen as nn
 import jax
 
+from vit_jax.models.layers import Dropout
 from vit_jax.models.vit import EncoderBlock, MlpBlock, MultiHeadDotProductAttention, _constrain, _init
 
 Array = jax.Array
@@ -76,7 +77,7 @@ class AxialSubBlock(EncoderBlock):
             self.num_heads, self.attention_dropout_rate, self.dtype, self.deterministic, self.capture_attention,
             name="MultiHeadDotProductAttention_1")(to_lines(y, self.grid_shape, self.axis))
         y = from_lines(y, self.grid_shape, self.axis)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+        y = Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
         x = _constrain(x + self._drop_path(y.astype(x.dtype), drop_rate))  # the residual stream keeps its dtype
         y = norm(name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, self.dtype, self.deterministic,
