@@ -112,6 +112,11 @@ def test_suggestions_say_when_a_switch_is_not_enough_alone():
                                                                                  "another switch)")
     accum = next(s for s in found if s.startswith("--config.accum_steps="))
     assert accum.startswith("--config.accum_steps=4:") and "not enough" not in accum
+    # H/14's hidden_size 1280 is no multiple of 512: the largest FSDP it can take on 512 chips is 256 (fsdp=512
+    # was suggested, and the config check refused it).
+    huge = plan.suggestions(common.get_config("H/14"), {"data": 512, "fsdp": 1, "model": 1}, memory,
+                            hbm_bytes=16 * gib)
+    assert huge[0].startswith("--config.mesh.fsdp=256 --config.mesh.data=-1: ") and "not enough alone" in huge[0]
     # 400 GiB: even 16 micro-batches of 256 (1 image per chip, the smallest) leave 25 GiB: said so.
     tight = plan.suggestions(config, {"data": 256, "fsdp": 1, "model": 1},
                              dataclasses.replace(memory, temporaries=400 * gib), hbm_bytes=16 * gib)

@@ -180,10 +180,11 @@ def suggestions(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], m
     found = []
     state = memory.params + memory.opt_state
     batch_devices = _batch_devices(mesh_shape)
-    if mesh_shape["fsdp"] < batch_devices:
-        # FSDP splits params and optimizer state over the fsdp axis (taken from data parallelism).
-        candidates = [f for f in range(mesh_shape["fsdp"] + 1, batch_devices + 1)
-                      if batch_devices % f == 0 and f % mesh_shape["fsdp"] == 0]
+    # FSDP splits params and optimizer state over the fsdp axis (taken from data parallelism), along hidden_size:
+    # a size that does not divide it is refused by the config check.
+    candidates = [f for f in range(mesh_shape["fsdp"] + 1, batch_devices + 1)
+                  if batch_devices % f == 0 and f % mesh_shape["fsdp"] == 0 and config.model.hidden_size % f == 0]
+    if candidates:
         saving = {f: state * (1 - mesh_shape["fsdp"] / f) for f in candidates}
         fsdp = next((f for f in candidates if saving[f] >= over), candidates[-1])
         found.append(f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1: params + optimizer state "
