@@ -119,8 +119,27 @@ def test_evaluation_refuses_a_head_that_cannot_serve_instead_of_a_new_one(classe
                                               rf"{re.escape(reason)}"):
         adapt_to_model(flat, expected, require_head=True, source="ckpt.npz")
     fitting = _checkpoint()
+    with pytest.raises(CheckpointError, match=r"^ckpt.npz: cannot be evaluated as a 21-class classifier: its input is "
+                                              r"the new pre_logits, and a new head would score chance; set "
+                                              r"model.representation_size=0 \(the checkpoint has no pre_logits\)$"):
+        adapt_to_model(fitting, {**{k: v.shape for k, v in fitting.items()}, "pre_logits/kernel": (8, 16),
+                                 "pre_logits/bias": (16,), "head/kernel": (16, 21)}, require_head=True,
+                       source="ckpt.npz")
     adapted, actions = adapt_to_model(fitting, {k: v.shape for k, v in fitting.items()}, require_head=True)
     assert actions == [] and adapted["head/kernel"] is fitting["head/kernel"]
+
+
+@pytest.mark.parametrize("require_head", [True, False])
+def test_a_model_of_another_width_is_named_not_blamed_on_the_head(require_head):
+    """A checkpoint of width 8 in a width-12 model: the head's input differs with everything else. Evaluation said
+    "the checkpoint's head has 21 classes ... fine-tune this one first"; fine-tuning put a new head in silence."""
+    flat = {**_checkpoint(), "Transformer/encoder_norm/scale": np.ones(8, np.float32)}
+    expected = {"cls": (1, 1, 12), POSEMB_KEY: (1, 17, 12), "encoder/kernel": (12, 12), "head/kernel": (12, 21),
+                "head/bias": (21,), "Transformer/encoder_norm/scale": (12,)}
+    with pytest.raises(CheckpointError, match=r"^ckpt.npz does not fit the model \(checkpoint hidden_size 8 vs "
+                                              r"model 12\): wrong shape for 5 key\(s\): .*head/kernel "
+                                              r"\(checkpoint \(8, 21\), model \(12, 21\)\)"):
+        adapt_to_model(flat, expected, require_head=require_head, source="ckpt.npz")
 
 
 def test_masked_patch_evaluation_refuses_a_checkpoint_without_its_head():

@@ -163,12 +163,15 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
         flat.update(new_pre_logits(in_features, size))
         actions.append(f"new pre_logits ({size} units, LeCun-normal init): the checkpoint has none")
         head_stale = "its input is the new pre_logits"
+        advice = "set model.representation_size=0 (the checkpoint has no pre_logits)"
 
     if HEAD_KEYS[0] in expected:
         want = expected[HEAD_KEYS[0]]
         have = flat.get(HEAD_KEYS[0])
         if have is None and HEAD_KEYS[1] not in flat:
             head_stale = "the checkpoint has no classification head"
+        elif have is not None and not head_stale and have.shape[0] != want[0]:
+            pass  # a head of another input width: a model of another width, which check_matches names
         elif have is not None and not head_stale and tuple(have.shape) != tuple(want):
             head_stale = f"the checkpoint's head has {have.shape[-1]} classes"
         elif have is not None and not head_stale and reset_head:
