@@ -207,11 +207,13 @@ def test_restoring_state_made_with_other_settings_is_an_error(config, sharding):
     state = iterator.get_state()
     other = config.copy_and_resolve_references()
     other.batch_size = 32
-    with pytest.raises(data.DatasetError, match=r"'batch_size': \(64, 32\)"):
+    with pytest.raises(data.DatasetError, match=r"'batch_size': \(64, 32\)}; resume with the run's own settings "
+                                                r"\(config.batch_size=64\), or start a new run from its weights: "
+                                                r"another --workdir with --config.pretrained set to this one$"):
         data.make_train_iterator(other, sharding).set_state(state)
     mixing = config.copy_and_resolve_references()
     mixing.pp.mixup_alpha = 0.2  # a pipeline step of its own: its state has another shape
-    with pytest.raises(data.DatasetError, match=r"'mixup': \(False, True\)"):
+    with pytest.raises(data.DatasetError, match=r"'mixup': \(False, True\)}; .*\(config.pp.mixup_alpha=0\)"):
         data.make_train_iterator(mixing, sharding).set_state(state)
     with pytest.raises(data.DatasetError, match=r"its saved state does not fit this input pipeline \(KeyError"):
         data.make_train_iterator(config, sharding).set_state({**state, "grain": {"parent": {}}})

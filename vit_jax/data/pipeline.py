@@ -22,6 +22,7 @@ import copy
 import math
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import jax
@@ -250,6 +251,17 @@ def _remap_workers(state: dict, saved_workers: int, template: dict, workers: int
         return None
 
 
+# The config field behind each identity key a user can change (`TrainIterator._check_identity`'s advice).
+_IDENTITY_FIELDS = {"dataset": "dataset", "split": "train_split", "batch_size": "batch_size",
+                    "image_size": "image_size", "shuffle_seed": "shuffle_seed", "mixup": "pp.mixup_alpha"}
+
+
+def _saved_setting(key: str, value: Any) -> str:
+    """The config setting a saved identity value stands for: 'config.batch_size=64'."""
+    if key == "mixup":
+        return "config.pp.mixup_alpha > 0" if value else "config.pp.mixup_alpha=0"
+    return f"config.{_IDENTITY_FIELDS[key]}={value!r}"
+
 # What a saved position means besides the identity: a change restarts the stream (`TrainIterator.set_state`).
 POSITION_KEYS = {"split_size": "{} examples in config.train_split", "grain_version": "grain {}"}
 
@@ -384,8 +396,11 @@ class TrainIterator:
         saved = {key: state.get(key) for key in self._identity}
         if saved != self._identity:
             changed = {k: (saved[k], v) for k, v in self._identity.items() if saved[k] != v}
+            saved_as = ", ".join(_saved_setting(k, saved[k]) for k in changed if k in _IDENTITY_FIELDS)
             raise DatasetError(f"cannot resume the data iterator exactly: its saved state was made with different "
-                               f"settings (saved, now): {changed}")
+                               f"settings (saved, now): {changed}; resume with the run's own settings"
+                               + (f" ({saved_as})" if saved_as else "") + ", or start a new run from its weights: "
+                               "another --workdir with --config.pretrained set to this one")
 
     def _saved_batches(self, state: dict) -> int:
         """The batches the saved run had taken: recorded, or (older states) estimated from the positions read."""
