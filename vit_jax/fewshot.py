@@ -10,6 +10,9 @@ ImageNet), without fine-tuning anything.
 Solving follows big_vision: features standardised with the drawn examples' mean and standard deviation, a
 constant feature 100 for an (almost unregularised) bias, one eigendecomposition of the smaller Gram matrix per
 draw. Here it runs in float64 NumPy on the host, where big_vision used float32 on the host's CPU device.
+Images are preprocessed as the main evaluation's (`pp.eval_crop_fraction`: 1.0, the paper's whole-image resize, in
+every config); big_vision's few-shot runs resize to 256 and keep the central 224 (0.875), so for numbers beside its
+published ones set `--config.pp.eval_crop_fraction=0.875` (the main evaluation crops then too).
 """
 
 from __future__ import annotations
