@@ -33,7 +33,9 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "New head with this many c
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Resize position embeddings for this resolution "
                                    "(0: keep the source's).", lower_bound=0)
 _RESIZE = flags.DEFINE_enum("resize_method", "bilinear", ["bilinear", "bicubic"],
-                            "Position-embedding interpolation.")
+                            "Position-embedding interpolation: bilinear (the paper's code, big_vision), or "
+                            "bicubic without antialiasing (HF's interpolate_pos_encoding; timm's loader "
+                            "antialiases, which differs when shrinking).")
 
 
 def main(argv: Sequence[str]) -> None:
