@@ -317,3 +317,208 @@ def test_an_eval_split_of_only_corrupt_images_is_an_error_not_a_zero_score(tmp_p
     with pytest.raises(data.DatasetError, match=r"config.eval_split='validation' of 'image_folder': no image of it "
                                                 r"could be decoded"):
         train.evaluate(config, train.make_eval_step(config, mesh), params, mesh)
+
+
+def test_hidden_entries_and_macos_zip_debris_are_never_splits_classes_or_images(tmp_path):
+    """A macOS zip's __MACOSX/ became a split, its split folders classes, and `._a.png` resource forks training
+    images (each a corrupt example)."""
+    from vit_jax.data.builders import image_folder
+
+    source = tmp_path / "zip"
+    for split, class_name, name in (("train", "cat", "a"), ("train", "dog", "b"), ("val", "cat", "c"),
+                                    ("val", "dog", "d")):
+        _write_image(source / split / class_name / f"{name}.png", seed=ord(name), fmt="PNG")
+    for debris in ("__MACOSX/train/cat/._a.png", "__MACOSX/val/dog/._d.png", "train/cat/._a.png",
+                   "train/.hidden_class/e.png", ".cache/cat/f.png", "val/dog/.thumbs/g.png",
+                   "val/dog/sub/__MACOSX/h.png"):
+        os.makedirs(os.path.dirname(source / debris), exist_ok=True)
+        (source / debris).write_bytes(b"\0\5\26\7 resource fork")
+    _write_image(source / "val" / "dog" / "sub" / "i.png", seed=9, fmt="PNG")  # a real subfolder is still walked
+    layout = image_folder.scan_source(str(source))
+    assert layout.class_names == ("cat", "dog")
+    assert {split: sorted(path for path, _ in rows) for split, rows in layout.examples.items()} == {
+        "train": ["train/cat/a.png", "train/dog/b.png"], "val": ["val/cat/c.png", "val/dog/d.png", "val/dog/sub/i.png"]}
+
+
+def test_hidden_record_files_are_not_records(tmp_path):
+    """macOS's `._train.jsonl` beside train.jsonl was read as records (and failed to parse as JSON)."""
+    from vit_jax.data.builders import image_folder
+
+    (tmp_path / "train.jsonl").write_text('{"image": "a.jpg", "labels": ["cat"]}\n')
+    (tmp_path / "._train.jsonl").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X")
+    (tmp_path / "._validation.jsonl").write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X")
+    layout = image_folder.scan_source(str(tmp_path))
+    assert layout.examples == {"train": [("a.jpg", ("cat",))]}
+
+
+@pytest.mark.parametrize("entry", ["val set/cat/a.png", "val.2020/cat/a.png", "train.v2.jsonl",
+                                   "train.v2-00000-of-00002.jsonl"])
+def test_a_split_name_tfds_cannot_read_is_refused_before_anything_is_written(tmp_path, entry):
+    """`val set`, `val.2020` and `train.v2.jsonl` prepared, then failed at read with TFDS's raw ValueError."""
+    source = tmp_path / "src"
+    _write_image(source / "train" / "cat" / "a.png", seed=0, fmt="PNG")
+    if entry.endswith(".jsonl"):
+        (source / entry).write_text('{"image": "train/cat/a.png", "labels": ["cat"]}\n')
+        where, split = f"records file {source / entry}", entry.split("-")[0].removesuffix(".jsonl")
+    else:
+        _write_image(source / entry, seed=1, fmt="PNG")
+        where, split = f"folder {source / entry.split('/')[0]}", entry.split("/")[0]
+    renamed = split.replace(" ", "_").replace(".", "_")
+    with pytest.raises(data.DatasetError, match=re.escape(f"{where}: split name {split!r} is not one TFDS can read: "
+                                                          f"a split name is letters, digits, '_' and '-' only; "
+                                                          f"rename it, e.g. to {renamed!r}")):
+        data.prepare("image_folder", str(tmp_path / "tfds"), str(source))
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_a_folder_of_no_images_is_no_split_whatever_its_name(tmp_path):
+    """Only a folder that becomes a split has its name checked: notes beside the splits stay ignored."""
+    from vit_jax.data.builders import image_folder
+
+    _write_image(tmp_path / "train" / "cat" / "a.png", seed=0, fmt="PNG")
+    (tmp_path / "my notes").mkdir()
+    (tmp_path / "my notes" / "readme.txt").write_text("notes")
+    assert list(image_folder.scan_source(str(tmp_path)).examples) == ["train"]
+
+
+def test_a_class_listed_twice_in_classes_txt_is_an_error_naming_it_and_its_lines(tmp_path):
+    """TFDS's ClassLabel raised "Some label names are duplicated", naming neither the file nor the name."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "train.jsonl").write_text('{"image": "a.jpg", "labels": ["cat"]}\n')
+    (source / "classes.txt").write_text("cat\ndog\n\nemu\ndog\nemu\n")
+    with pytest.raises(data.DatasetError, match=re.escape(f"{source / 'classes.txt'}: class name 'dog' is listed on "
+                                                          "lines 2, 5 (and 1 more class names listed twice): list "
+                                                          "each class once")):
+        data.prepare("image_folder", str(tmp_path / "tfds"), str(source))
+
+
+def test_integer_labels_without_classes_txt_are_numbered_in_numeric_order(tmp_path):
+    """Labels 0..11 had ids in string order ('0', '1', '10', '11', '2', ...): label 2 had id 4."""
+    from vit_jax.data.builders import image_folder
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"image": f"{i}.jpg", "labels": [i, str(11 - i)]}) + "\n"
+                                                  for i in range(12)))
+    assert image_folder.scan_source(str(tmp_path)).class_names == tuple(str(i) for i in range(12))
+    # Names that are not all integers stay in string order.
+    (tmp_path / "train.jsonl").write_text('{"image": "a.jpg", "labels": [10, 2, "cat", -1]}\n')
+    assert image_folder.scan_source(str(tmp_path)).class_names == ("-1", "10", "2", "cat")
+    assert image_folder.sorted_labels({"-1", "10", "2", "02"}) == ["-1", "02", "2", "10"]
+
+
+def test_a_copy_prepared_with_integer_labels_in_string_order_is_not_prepared_again_in_silence(tmp_path, monkeypatch):
+    """A copy prepared before integer labels were ordered numerically keeps its ids: preparing its folder again
+    says the order changed rather than reusing it under ids the records no longer give."""
+    from vit_jax.data.builders import image_folder
+
+    source = tmp_path / "src"
+    for i in range(11):
+        _write_image(source / "img" / f"{i}.jpg", seed=i, fmt="JPEG")
+    (source / "train.jsonl").write_text("".join(json.dumps({"image": f"img/{i}.jpg", "labels": [i]}) + "\n"
+                                                for i in range(11)))
+    with monkeypatch.context() as patch:
+        patch.setattr(image_folder, "sorted_labels", sorted)  # as it was prepared before
+        path = data.prepare("image_folder", str(tmp_path / "tfds"), str(source))
+    with pytest.raises(data.DatasetError, match=r"classes: 11 prepared, 11 now, in another order \(integer labels "
+                                                r"are now in numeric order, the prepared copy has them in string "
+                                                r"order\)\).* Delete " + re.escape(path)):
+        data.prepare("image_folder", str(tmp_path / "tfds"), str(source))
+
+
+def _synset_tar(path, synset: str, count: int = 3) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            _add(tar, f"{synset}_{i}.JPEG", _jpeg(i))
+
+
+def test_imagenet21k_a_synset_listed_twice_in_synsets_txt_is_an_error_naming_it_and_its_lines(tmp_path):
+    _synset_tar(tmp_path / "n00000001.tar", "n00000001")
+    (tmp_path / "synsets.txt").write_text("n00000001\nn00000002\nn00000001\n")
+    with pytest.raises(data.DatasetError, match=re.escape(f"{tmp_path / 'synsets.txt'}: synset name 'n00000001' is "
+                                                          "listed on lines 1, 3: list each synset once")):
+        imagenet21k.Imagenet21k(manual_dir=str(tmp_path), data_dir=str(tmp_path / "tfds"))
+
+
+@pytest.mark.parametrize("synsets_txt", [False, True])
+@pytest.mark.parametrize("layout", ["folder_and_tar", "whole_tar_beside_its_synset_tars"])
+def test_imagenet21k_a_synset_in_two_places_is_refused_naming_both(tmp_path, layout, synsets_txt):
+    """Every image of it was read twice, and TFDS stopped after the whole split with an AssertionError ("Two
+    examples share the same hashed key")."""
+    manual = tmp_path / "i21k"
+    manual.mkdir()
+    _synset_tar(manual / "n00000001.tar", "n00000001")
+    _synset_tar(manual / "n00000002.tar", "n00000002")
+    if layout == "folder_and_tar":
+        (manual / "n00000002").mkdir()
+        (manual / "n00000002" / "n00000002_0.JPEG").write_bytes(_jpeg(0))
+        both = f"synset n00000002 is in both {manual / 'n00000002'} and {manual / 'n00000002.tar'}: "
+    else:
+        with tarfile.open(manual / "fall11_whole.tar", "w") as outer:
+            for synset in ("n00000001", "n00000002"):
+                outer.add(manual / f"{synset}.tar", arcname=f"fall11_whole/{synset}.tar")
+        both = (f"synset n00000001 is in both {manual / 'n00000001.tar'} and {manual / 'fall11_whole.tar'} "
+                "(member fall11_whole/n00000001.tar) (and 1 more synsets in two places): ")
+    if synsets_txt:
+        (manual / "synsets.txt").write_text("n00000001\nn00000002\n")
+    with pytest.raises(data.DatasetError, match=re.escape(both + "its images would be read twice. Keep one of them")):
+        data.prepare("imagenet21k", str(tmp_path / "tfds"), str(manual))
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_imagenet21k_a_lone_archive_with_synsets_txt_is_not_listed_before_preparing(tmp_path, monkeypatch):
+    """Listing a compressed whole-release archive is a pass over all of it: not done when it is the only source."""
+    _synset_tar(tmp_path / "n00000001.tar", "n00000001")
+    with tarfile.open(tmp_path / "whole.tar.gz", "w:gz") as outer:
+        outer.add(tmp_path / "n00000001.tar", arcname="whole/n00000001.tar")
+    os.remove(tmp_path / "n00000001.tar")
+    (tmp_path / "synsets.txt").write_text("n00000001\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(imagenet21k, "_archive_sources", lambda archive: pytest.fail(f"listed {archive}"))
+        assert imagenet21k.find_synsets(str(tmp_path)) == ["n00000001"]
+    os.remove(tmp_path / "synsets.txt")  # the classes now come from the archive: listed, compressed as it is
+    assert imagenet21k.find_synsets(str(tmp_path)) == ["n00000001"]
+
+
+def test_imagenet21k_tar_entries_are_forgotten_once_read(tmp_path, monkeypatch):
+    """tarfile keeps every entry it passed in `members` (~470 B each): ~6.6 GB per pass over a whole-release tar of
+    synset folders."""
+    manual = tmp_path / "i21k"
+    manual.mkdir()
+    _synset_tar(manual / "n00000001.tar", "n00000001", count=40)
+    with tarfile.open(manual / "whole.tar", "w") as outer:
+        outer.add(manual / "n00000001.tar", arcname="whole/n00000001.tar")
+        for i in range(40):
+            _add(outer, f"whole/n00000002/n00000002_{i}.JPEG", _jpeg(i))
+    os.remove(manual / "n00000001.tar")
+    opened, tar_open = [], tarfile.open
+
+    def recording_open(*args, **kwargs):
+        opened.append(tar_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(tarfile, "open", recording_open)
+    assert sum(1 for _ in imagenet21k.iter_images(str(manual), lambda name: True)) == 80
+    assert imagenet21k.find_synsets(str(manual)) == ["n00000001", "n00000002"]
+    assert len(opened) == 3 and max(len(tar.members) for tar in opened) <= 1
+
+
+def _read_bytes() -> int:
+    """Bytes this process has read with read() calls so far (Linux)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
+def test_imagenet21k_listing_an_uncompressed_archive_reads_its_headers_not_its_data(tmp_path):
+    """The class list streamed the whole archive (1.3 TB for the full release) to read its member names."""
+    size = 64 << 20  # a synset tar's bytes in the archive, left a sparse hole here: never read to list the archive
+    with open(tmp_path / "whole.tar", "wb") as f:
+        for name in ("whole/n00000001.tar", "whole/n00000002.tar"):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            f.write(info.tobuf())
+            f.seek(size, os.SEEK_CUR)
+        f.write(b"\0" * 2 * tarfile.RECORDSIZE)
+    before = _read_bytes()
+    assert imagenet21k.find_synsets(str(tmp_path)) == ["n00000001", "n00000002"]
+    assert _read_bytes() - before < size // 4

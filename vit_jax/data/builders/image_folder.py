@@ -6,7 +6,14 @@ Two layouts of the source folder (`--manual_dir`), detected automatically:
 * labelled records, one or more labels per image (multi-hot, sigmoid loss):
   SOURCE/<split>.jsonl or sharded SOURCE/<split>-00000-of-00064.jsonl, one JSON object a line:
   {"image": "relative/path.jpg", "labels": ["cat", "outdoor"]}   (paths relative to SOURCE)
-  An optional SOURCE/classes.txt (one name a line) fixes the class ids; otherwise they are the sorted label names.
+  An optional SOURCE/classes.txt (one name a line, each once) fixes the class ids; otherwise they are the sorted
+  label names, in numeric order when every name is an integer (labels 0..N-1 get ids 0..N-1; a copy prepared when
+  they were in string order, '0', '1', '10', '2', keeps its ids, and preparing its folder again says the order changed).
+
+Split names (folder names, or record file names without .jsonl and the shard suffix) must be letters, digits, `_`
+and `-`, as TFDS reads no other split. Hidden entries (a name starting with `.`, e.g. .DS_Store or macOS's `._*`
+resource forks) and `__MACOSX` folders left by unzipping a macOS archive are skipped at every level: they are never
+splits, classes, images or record files.
 
 Image bytes are stored as they are (JPEG stays JPEG), so preparing decodes nothing and needs no tensorflow;
 a corrupt file is kept and skipped (and counted) when read. Splits are whatever folder / file names say.
@@ -26,6 +33,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Collection
 
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import dataset_builder
@@ -34,6 +42,8 @@ from vit_jax.data.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
+_SPLIT_NAME = re.compile(r"[\w-]+")  # what TFDS parses as a split name (tensorflow_datasets/core/splits.py)
+_INTEGER = re.compile(r"-?[0-9]+")
 SOURCE_KEY = "source_dir"  # the prepared dataset's metadata.json entry: the folder it was prepared from
 
 
@@ -50,28 +60,53 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _is_hidden(name: str) -> bool:
+    """A hidden entry (.DS_Store, macOS's `._x.png` resource forks) or the `__MACOSX` folder a macOS zip leaves:
+    never a split, class, image or record file (a `._x.png` is no image, and would be one corrupt example)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _listdir(path: str) -> list[str]:
+    """The sorted entries of `path` that are not hidden."""
+    return sorted(name for name in os.listdir(path) if not _is_hidden(name))
+
+
+def _check_split_name(split: str, where: str) -> None:
+    """Raise `DatasetError` for a split name TFDS cannot read (it prepares, then fails at read with a ValueError)."""
+    if not _SPLIT_NAME.fullmatch(split):
+        renamed = re.sub(r"[^\w-]+", "_", split)
+        raise DatasetError(f"{where}: split name {split!r} is not one TFDS can read: a split name is letters, digits, "
+                           f"'_' and '-' only; rename it, e.g. to {renamed!r}")
+
+
 def _scan_folders(source_dir: str) -> FolderLayout:
+    """The class-per-folder layout: SOURCE/<split>/<class>/**/<image>, hidden entries and `__MACOSX` skipped at the
+    split, class, subfolder and file level; files of no image extension are skipped with a warning naming them."""
     examples: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
-    for split in sorted(os.listdir(source_dir)):
+    for split in _listdir(source_dir):
         split_dir = os.path.join(source_dir, split)
         if not os.path.isdir(split_dir):
             continue
         rows, skipped = [], []
-        for class_name in sorted(os.listdir(split_dir)):
+        for class_name in _listdir(split_dir):
             class_dir = os.path.join(split_dir, class_name)
             if not os.path.isdir(class_dir):
                 continue
-            for root, _, files in os.walk(class_dir):
+            for root, dirs, files in os.walk(class_dir):
+                dirs[:] = sorted(d for d in dirs if not _is_hidden(d))  # os.walk descends into what is left
                 for name in sorted(files):
                     path = os.path.relpath(os.path.join(root, name), source_dir)
+                    if _is_hidden(name):
+                        continue
                     if _is_image(name):
                         rows.append((path, (class_name,)))
-                    elif not name.startswith("."):
+                    else:
                         skipped.append(path)
         if skipped:  # a folder of another image format would otherwise train on part of its images in silence
             logging.warning("%s: skipped %d files in split %r not named %s: %s%s", source_dir, len(skipped), split,
                             "/".join(IMAGE_EXTENSIONS), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
         if rows:
+            _check_split_name(split, f"folder {split_dir}")
             examples[split] = rows
     class_names = sorted({labels[0] for rows in examples.values() for _, labels in rows})
     return FolderLayout(multi_label=False, class_names=tuple(class_names), examples=examples)
@@ -86,12 +121,43 @@ def _label_names(labels: object) -> tuple[str, ...]:
     return tuple(str(name) for name in names)
 
 
+def read_names(path: str, kind: str) -> list[str]:
+    """The names in `path`, one a line (blank lines skipped), as class ids in order; `DatasetError` naming the file,
+    the name and its line numbers for a name listed twice (TFDS's ClassLabel would refuse it naming neither)."""
+    names: list[str] = []
+    lines: dict[str, list[int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            name = line.strip()
+            if name:
+                names.append(name)
+                lines.setdefault(name, []).append(line_number)
+    repeated = [name for name, numbers in lines.items() if len(numbers) > 1]
+    if repeated:
+        others = f" (and {len(repeated) - 1} more {kind} names listed twice)" if len(repeated) > 1 else ""
+        raise DatasetError(f"{path}: {kind} name {repeated[0]!r} is listed on lines "
+                           f"{', '.join(map(str, lines[repeated[0]]))}{others}: list each {kind} once (its position "
+                           "is its id); delete the repeats")
+    return names
+
+
+def sorted_labels(names: Collection[str]) -> list[str]:
+    """Label names as class ids: in numeric order when every one is an integer (so label 2 has id 2 when the labels
+    are 0..N-1, not '10' after '1'), else in string order."""
+    if names and all(_INTEGER.fullmatch(name) for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
+
+
 def _scan_records(source_dir: str, record_files: list[str]) -> FolderLayout:
+    """The labelled-records layout: the JSONL `record_files` in `source_dir` (hidden ones, e.g. macOS's `._x.jsonl`,
+    already left out), checked line by line; classes from classes.txt, else from the labels found."""
     examples: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
     seen: dict[tuple[str, str], str] = {}  # (split, image path) -> file:line of its first record
     for file_name in sorted(record_files):
         split = _SHARD_SUFFIX.sub("", file_name[: -len(".jsonl")])
         path = os.path.join(source_dir, file_name)
+        _check_split_name(split, f"records file {path}")
         with open(path, encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
@@ -116,23 +182,23 @@ def _scan_records(source_dir: str, record_files: list[str]) -> FolderLayout:
     classes_file = os.path.join(source_dir, "classes.txt")
     found = {label for rows in examples.values() for _, labels in rows for label in labels}
     if os.path.exists(classes_file):
-        with open(classes_file, encoding="utf-8") as f:
-            class_names = [line.strip() for line in f if line.strip()]
+        class_names = read_names(classes_file, "class")
         unknown = sorted(found - set(class_names))
         if unknown:
             raise DatasetError(f"labels {unknown[:10]} (of {len(unknown)}) are not in {classes_file}; add them or "
                                "fix the records")
     else:
-        class_names = sorted(found)
+        class_names = sorted_labels(found)
     return FolderLayout(multi_label=True, class_names=tuple(class_names), examples=examples)
 
 
 def scan_source(source_dir: str) -> FolderLayout:
-    """Find the splits, images and labels under `source_dir` (either layout in the module docstring)."""
+    """Find the splits, images and labels under `source_dir` (either layout in the module docstring), skipping hidden
+    entries and `__MACOSX`; `DatasetError` for a split name TFDS cannot read, before anything is written."""
     if not source_dir or not os.path.isdir(source_dir):
         raise DatasetError(f"image_folder needs the folder of your images as --manual_dir (config.tfds_manual_dir); "
                            f"{source_dir!r} is not a directory")
-    record_files = [name for name in os.listdir(source_dir) if name.endswith(".jsonl")]
+    record_files = [name for name in _listdir(source_dir) if name.endswith(".jsonl")]
     layout = _scan_records(source_dir, record_files) if record_files else _scan_folders(source_dir)
     if not layout.examples:
         raise DatasetError(f"no images found in {source_dir}: expected {source_dir}/<split>/<class>/<image> "
@@ -155,6 +221,14 @@ def check_source(prepared: dataset_builder.DatasetBuilder, source_dir: str) -> N
                            f"one image folder. Prepare {source_dir} into another --data_dir (config.tfds_data_dir), "
                            f"or delete {prepared.data_dir} and prepare again; to train on the prepared copy as it "
                            "is, leave config.tfds_manual_dir empty")
+
+
+def _order_note(prepared: tuple[str, ...], now: tuple[str, ...]) -> str:
+    """Why the same classes may now be in another order: integer labels were once in string order ('10' before '2'),
+    and are now in numeric order (a copy prepared before keeps its ids, so it is not prepared again in silence)."""
+    if list(prepared) == sorted(prepared) and list(now) == sorted_labels(now) != sorted(now):
+        return " (integer labels are now in numeric order, the prepared copy has them in string order)"
+    return ""
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -198,11 +272,12 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             changes.append(f"labels: {'records' if label_key == 'labels' else 'class folders'} prepared, "
                            f"{'records' if self._layout.multi_label else 'class folders'} now")
         elif names != self._layout.class_names:
-            added = [name for name in self._layout.class_names if name not in names]
-            gone = [name for name in names if name not in self._layout.class_names]
-            changes.append(f"classes: {len(names)} prepared, {len(self._layout.class_names)} now"
+            now_names = self._layout.class_names
+            added = [name for name in now_names if name not in names]
+            gone = [name for name in names if name not in now_names]
+            changes.append(f"classes: {len(names)} prepared, {len(now_names)} now"
                            + (f", new {added[:5]}" if added else "") + (f", gone {gone[:5]}" if gone else "")
-                           + ("" if added or gone else ", in another order"))
+                           + ("" if added or gone else ", in another order" + _order_note(names, now_names)))
         if changes:
             raise DatasetError(f"{self._source_dir} has changed since it was prepared into {prepared.data_dir} "
                                f"({'; '.join(changes)}): a prepared image_folder is never scanned again. Delete "

@@ -4,8 +4,10 @@ ImageNet cannot be downloaded automatically: get it from image-net.org and point
   MANUAL/n00004475/*.JPEG ...          one folder per synset (WordNet id)
   MANUAL/n00004475.tar ...             one tar per synset (as image-net.org serves them)
   MANUAL/fall11_whole.tar              the whole release: a tar of per-synset tars (or of synset folders)
-An optional MANUAL/synsets.txt (one WordNet id a line, e.g. the 21,843 ids of the released ViT checkpoints)
-fixes the class ids; otherwise they are the sorted synsets found.
+An optional MANUAL/synsets.txt (one WordNet id a line, each once, e.g. the 21,843 ids of the released ViT
+checkpoints) fixes the class ids; otherwise they are the sorted synsets found. Each synset must be in one place: a
+synset both as a folder and as a tar, or a whole-release tar left beside the n########.tar extracted from it, is
+refused before preparing (its images would be read twice).
 
 ImageNet-21k has no official validation split: about 1% of each class, chosen by a hash of the file name
 (so the same under every layout), is `validation`; the rest is `train`. Image bytes are stored unchanged.
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from vit_jax.data.builders.image_folder import read_names
 from vit_jax.data.errors import DatasetError
 
 _SYNSET = re.compile(r"n\d{8}")
@@ -32,12 +35,19 @@ def is_validation(file_name: str) -> bool:
     return zlib.crc32(os.path.basename(file_name).encode()) % 100 < VALIDATION_PERCENT
 
 
-def _synset_of(member_name: str) -> str | None:
-    for part in reversed(re.split(r"[/\\]", member_name)):
-        match = _SYNSET.fullmatch(part.split(".")[0])
-        if match and (part == match.group(0) or part.endswith(".tar")):
-            return match.group(0)
+def _synset_source(member_name: str) -> tuple[str, str] | None:
+    """An archive member's synset and the synset folder or tar that holds it ('whole/n00000001.tar'), or None."""
+    parts = re.split(r"[/\\]", member_name)
+    for i in range(len(parts) - 1, -1, -1):
+        match = _SYNSET.fullmatch(parts[i].split(".")[0])
+        if match and (parts[i] == match.group(0) or parts[i].endswith(".tar")):
+            return match.group(0), "/".join(parts[: i + 1])
     return None
+
+
+def _synset_of(member_name: str) -> str | None:
+    found = _synset_source(member_name)
+    return found[0] if found else None
 
 
 def _is_image(name: str) -> bool:
@@ -49,9 +59,29 @@ def _outer_archives(manual_dir: str) -> list[str]:
                   if n.endswith((".tar", ".tar.gz", ".tgz")) and not _SYNSET.fullmatch(n.split(".")[0]))
 
 
+def _top_level_sources(manual_dir: str) -> list[tuple[str, str]]:
+    """(synset, path) of the synset folders MANUAL/n########/ and per-synset tars MANUAL/n########.tar, sorted."""
+    found = []
+    for entry in sorted(os.listdir(manual_dir)):
+        path = os.path.join(manual_dir, entry)
+        if os.path.isdir(path) and _SYNSET.fullmatch(entry):
+            found.append((entry, path))
+        elif entry.endswith(".tar") and _SYNSET.fullmatch(entry[:-4]) and os.path.isfile(path):
+            found.append((entry[:-4], path))
+    return found
+
+
+def _entries(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The entries of `tar`, forgetting each once passed: tarfile keeps every entry it read in `tar.members` (~470 B
+    each; ~6.6 GB per pass over a whole-release tar of synset folders, 14M files)."""
+    for member in tar:
+        tar.members = []  # tarfile's iterator reads on with next() once past the end of `members`
+        yield member
+
+
 def _iter_tar_images(tar: tarfile.TarFile, synset: str | None, want) -> Iterator[tuple[str, str, bytes]]:
     """(synset, file name, bytes) of the images of an open tar; nested per-synset tars are opened in turn."""
-    for member in tar:
+    for member in _entries(tar):
         if not member.isfile():
             continue
         if member.name.endswith(".tar"):
@@ -66,33 +96,67 @@ def _iter_tar_images(tar: tarfile.TarFile, synset: str | None, want) -> Iterator
 
 def iter_images(manual_dir: str, want) -> Iterator[tuple[str, str, bytes]]:
     """(synset, file name, bytes) of every image under `manual_dir` whose name passes `want`, in any layout."""
-    for entry in sorted(os.listdir(manual_dir)):
-        path = os.path.join(manual_dir, entry)
-        if os.path.isdir(path) and _SYNSET.fullmatch(entry):
+    for synset, path in _top_level_sources(manual_dir):
+        if os.path.isdir(path):
             for name in sorted(os.listdir(path)):
                 if _is_image(name) and want(name):
                     with open(os.path.join(path, name), "rb") as f:
-                        yield entry, name, f.read()
-        elif entry.endswith(".tar") and _SYNSET.fullmatch(entry[:-4]):
+                        yield synset, name, f.read()
+        else:
             with tarfile.open(path, mode="r|") as tar:
-                yield from _iter_tar_images(tar, entry[:-4], want)
+                yield from _iter_tar_images(tar, synset, want)
     for archive in _outer_archives(manual_dir):
         with tarfile.open(archive, mode="r|*") as tar:
             yield from _iter_tar_images(tar, None, want)
 
 
+def _archive_sources(archive: str) -> dict[str, set[str]]:
+    """Per synset, the folders and tars of it inside `archive`. Opened seekable, so an uncompressed archive is listed
+    from its headers, skipping the file data (a stream would read all ~1.3 TB of the full release)."""
+    found: dict[str, set[str]] = {}
+    with tarfile.open(archive) as tar:
+        for member in _entries(tar):
+            source = _synset_source(member.name)
+            if source:
+                found.setdefault(source[0], set()).add(f"{archive} (member {source[1]})")
+    return found
+
+
+def find_sources(manual_dir: str, list_archives: bool = True) -> dict[str, list[str]]:
+    """Per synset, where its images are: its folder, its tar, the folders and tars of it in whole-release archives
+    (listed only when `list_archives`)."""
+    sources: dict[str, list[str]] = {}
+    for synset, path in _top_level_sources(manual_dir):
+        sources.setdefault(synset, []).append(path)
+    for archive in _outer_archives(manual_dir) if list_archives else []:
+        for synset, paths in _archive_sources(archive).items():
+            sources.setdefault(synset, []).extend(sorted(paths))
+    return sources
+
+
+def _check_one_source(sources: dict[str, list[str]], manual_dir: str) -> None:
+    """Raise `DatasetError` for a synset found in two places: every image of it would be read twice, and TFDS
+    would stop only after the whole split ("Two examples share the same hashed key")."""
+    twice = sorted(synset for synset, paths in sources.items() if len(paths) > 1)
+    if twice:
+        first, second = sources[twice[0]][:2]
+        others = f" (and {len(twice) - 1} more synsets in two places)" if len(twice) > 1 else ""
+        raise DatasetError(f"synset {twice[0]} is in both {first} and {second}{others}: its images would be read "
+                           f"twice. Keep one of them in {manual_dir} (delete or move the other out, e.g. a "
+                           "whole-release archive once extracted)")
+
+
 def find_synsets(manual_dir: str) -> list[str]:
-    """The class list: MANUAL/synsets.txt if present, else every synset found (folders, tars, archive members)."""
+    """The class list: MANUAL/synsets.txt if present, else every synset found (folders, tars, archive members).
+    `DatasetError` for a synset listed twice in synsets.txt, or found in two places (see `_check_one_source`)."""
     listed = os.path.join(manual_dir, "synsets.txt")
-    if os.path.exists(listed):
-        with open(listed, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    found = {entry.split(".")[0] for entry in os.listdir(manual_dir) if _SYNSET.fullmatch(entry.split(".")[0])
-             and (os.path.isdir(os.path.join(manual_dir, entry)) or entry.endswith(".tar"))}
-    for archive in _outer_archives(manual_dir):
-        with tarfile.open(archive, mode="r|*") as tar:
-            found.update(s for s in (_synset_of(m.name) for m in tar) if s)
-    return sorted(found)
+    names = read_names(listed, "synset") if os.path.exists(listed) else None
+    archives, top_level = _outer_archives(manual_dir), _top_level_sources(manual_dir)
+    # A lone archive is taken to hold each synset once, and listing a compressed one is a pass over all of it: it is
+    # listed when the classes come from it, or when another source may hold one of its synsets too.
+    sources = find_sources(manual_dir, list_archives=names is None or len(archives) + len(top_level) > 1)
+    _check_one_source(sources, manual_dir)
+    return names if names is not None else sorted(sources)
 
 
 class Imagenet21k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
