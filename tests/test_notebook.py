@@ -1,10 +1,14 @@
 """notebooks/finetune.ipynb runs top to bottom on a CPU with its tiny config, in this interpreter's kernel."""
 
+import json
+import os
 import pathlib
 import re
+import subprocess
 import sys
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,3 +55,48 @@ def test_finetune_notebook_executes_top_to_bottom(tmp_path, monkeypatch):
                        "rollout_test_0.png", "rollout_test_1.png"]
     assert any(output.get("data", {}).get("image/png") for cell in notebook.cells
                for output in cell.get("outputs", []))
+
+
+def _run_install_cell(cwd: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
+    """The notebook's install cell, run as Colab runs it: with the working directory first on sys.path.
+
+    -S leaves out site-packages, so this checkout's vit_jax (installed editable) is not importable: the only
+    candidates are what `cwd` holds. Without VIT_JAX_SOURCE the cell raises where it would install.
+    """
+    cells = nbformat.read(NOTEBOOK, as_version=4).cells
+    source = next(cell.source for cell in cells if cell.cell_type == "code" and "VIT_JAX_SOURCE" in cell.source)
+    return subprocess.run([sys.executable, "-S", "-c", source], cwd=cwd, env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("package", [False, True])
+def test_install_cell_does_not_take_a_cloned_checkout_for_the_package(tmp_path, package):
+    # `git clone .../vit_jax` in Colab's /content makes /content/vit_jax, the repository's root: no __init__.py,
+    # so find_spec("vit_jax") finds a namespace package and `from vit_jax import analysis` fails after all.
+    (tmp_path / "vit_jax").mkdir()
+    if package:  # the package itself (an __init__.py) is what counts as installed: nothing to do, nothing printed
+        (tmp_path / "vit_jax" / "__init__.py").write_text("")
+    result = _run_install_cell(tmp_path, VIT_JAX_ACCELERATOR="")
+    if package:
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    else:
+        assert result.returncode != 0 and "RuntimeError: vit_jax is not installed" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("accelerator, source, requirement", [
+    ("", "git+https://example.com/vit_jax", "git+https://example.com/vit_jax"),
+    ("cuda", "git+https://example.com/vit_jax", "vit_jax[cuda] @ git+https://example.com/vit_jax"),
+    ("tpu", "checkout", "vit_jax[tpu] @ file://{tmp_path}/checkout"),
+])
+def test_install_cell_installs_the_runtimes_jax_build(tmp_path, accelerator, source, requirement):
+    # A stand-in `pip` in the working directory (first on sys.path for `python -m pip`) records its arguments.
+    (tmp_path / "checkout").mkdir()
+    (tmp_path / "pip").mkdir()
+    (tmp_path / "pip" / "__init__.py").write_text("")
+    (tmp_path / "pip" / "__main__.py").write_text(
+        "import json, sys\nopen('pip_args.json', 'w').write(json.dumps(sys.argv[1:]))\n")
+    result = _run_install_cell(tmp_path, VIT_JAX_ACCELERATOR=accelerator, VIT_JAX_SOURCE=source)
+    assert result.returncode == 0, result.stderr
+    requirement = requirement.format(tmp_path=tmp_path.resolve())
+    assert json.loads((tmp_path / "pip_args.json").read_text()) == ["install", "--quiet", requirement]
+    assert result.stdout.splitlines()[0] == f"installed {requirement}"
