@@ -507,6 +507,10 @@ def test_an_unknown_dataset_name_suggests_the_close_ones(tmp_path):
     config.tfds_data_dir = str(tmp_path)
     with pytest.raises(data.DatasetError, match=r"'cifar11' is neither a TFDS dataset.*did you mean .*'cifar10'"):
         data.dataset_info(config)
+    config.dataset = "digits:1.0.0"  # ours take no version: it was "neither a TFDS dataset nor one of ours ['digits'"
+    with pytest.raises(data.DatasetError, match=r"^config.dataset='digits:1.0.0': 'digits' is one of our datasets, "
+                                                r"which take no version or config; use config.dataset='digits'$"):
+        data.dataset_info(config)
     config.dataset = str(tmp_path)  # the data dir given as the dataset
     with pytest.raises(data.DatasetError, match=r"is not a dataset name .*a directory of prepared datasets is "
                                                 r"config.tfds_data_dir"):

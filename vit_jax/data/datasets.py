@@ -120,6 +120,10 @@ def _tfds_builder(name: str, data_dir: str, manual_dir: str = "") -> tfds.core.D
     try:
         return tfds.builder(name, data_dir=data_dir, file_format=ARRAY_RECORD)
     except tfds.core.registered.DatasetNotFoundError:  # a ValueError too: caught first
+        base = name.split(":")[0].split("/")[0]
+        if base in OWN_BUILDERS:  # ours with a version or config ('digits:1.0.0'), which they do not take
+            raise DatasetError(f"config.dataset={name!r}: {base!r} is one of our datasets, which take no version or "
+                               f"config; use config.dataset={base!r}") from None
         raise DatasetError(f"config.dataset={name!r} is neither a TFDS dataset nor one of ours "
                            f"{sorted(OWN_BUILDERS)}{_did_you_mean(name.split(':')[0])}") from None
     except TypeError as e:  # a config written as key=value (cifar10/k=v) reaches the builder's constructor
