@@ -4,7 +4,9 @@ The benchmarks compare our jitted JAX step with timm's same ViT (`vit_base_patch
 process and with the same thread count (one per core this process may use: `cores`), so both see the same machine
 state, in rounds (ours, the matmul peak, timm; each figure reported is its median over the rounds, and the ratio
 and MFU are computed from the reported figures). Timings are the median of `repeats` runs after `warmup` untimed
-ones (the first includes XLA compilation / torch's lazy init).
+ones (the first includes XLA compilation / torch's lazy init). The two models do the same matmuls, dropout and
+stochastic depth; they differ in GELU (ours tanh-approximate by default, timm's exact erf) and timm runs eager, not
+torch.compile'd (`timm_vit`; the JSON line's ours_gelu, timm_gelu, timm_compiled).
 """
 
 from __future__ import annotations
@@ -41,6 +43,29 @@ def count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0 (a bad one is argparse's usage error naming the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):  # also NaN
+        raise argparse.ArgumentTypeError(f"{text} is invalid: expected a finite number > 0")
+    return value
+
+
+PEAK_MIN = 512  # smaller matmuls are dominated by call overhead: their "peak" would make MFU meaningless
+
+
+def peak_size(text: str) -> int:
+    """An argparse type for --peak_size: 0 (skip the peak) or a matmul size >= `PEAK_MIN`."""
+    value = count(0)(text)
+    if 0 < value < PEAK_MIN:
+        raise argparse.ArgumentTypeError(f"{value} is too small for a matmul peak: expected 0 (skip the peak) or "
+                                         f"an integer >= {PEAK_MIN}")
+    return value
+
+
 def argument_parser(doc: str, repeats: int, repeats_help: str, peak: bool = True) -> argparse.ArgumentParser:
     """The flags every model benchmark takes: --dtype, --batch, --config, --repeats, and --peak_size with `peak`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -49,7 +74,8 @@ def argument_parser(doc: str, repeats: int, repeats_help: str, peak: bool = True
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--repeats", type=count(1), default=repeats, help=repeats_help)
     if peak:
-        parser.add_argument("--peak_size", type=count(0), default=4096, help="matmul size for the peak (0: skip)")
+        parser.add_argument("--peak_size", type=peak_size, default=4096,
+                            help=f"matmul size for the peak (0: skip; else >= {PEAK_MIN})")
     return parser
 
 
@@ -147,6 +173,17 @@ def forward_flops_per_image(config) -> float:
     return sum(row.flops for row in summary.layer_table(config))
 
 
+def analytic_overcount(config) -> float:
+    """The share of "forward x 3" (issue #8's analytic FLOPs of a training step) that the step never computes:
+    the input gradient of the layer that reads the images (the patch embedding; a hybrid's root conv), as many
+    FLOPs as that layer's forward. ~0.22% for B/16 at 224px, so the achieved GFLOP/s and MFU counted against
+    forward x 3 read that much high, and compile_report's flops_ratio that much low."""
+    from vit_jax import summary
+
+    rows = summary.layer_table(config)
+    return rows[0].flops / (3 * sum(row.flops for row in rows))
+
+
 TIMM_MISSING = ("the timm comparison needs torch, torchvision and timm (pip install torch==2.14.1 "
                 "torchvision==0.29.1 timm), or pass --no-timm")
 
@@ -204,8 +241,22 @@ def timm_name(config) -> str | None:
     return f"vit_{size}_patch{m.patch_size}_224"
 
 
+TIMM_GELU = "erf"  # timm's ViT: nn.GELU(), exact
+
+
+def gelu_form(config) -> str:
+    """Our MLP's GELU: "tanh" (the tanh approximation, config.model.gelu_approximate, the default) or "erf"."""
+    return "tanh" if config.model.gelu_approximate else "erf"
+
+
 def timm_vit(config, train: bool):
-    """timm's counterpart of the config's ViT (random init, no download) with the same dropout rates."""
+    """timm's counterpart of the config's ViT (random init, no download) with the same dropout and stochastic-depth
+    rates (with train; timm ramps drop-path 0 -> drop_path_rate over the blocks as ours does 0 ->
+    config.model.stochastic_depth).
+
+    Not the same: timm's MLP uses exact erf GELU where ours defaults to the tanh approximation
+    (`gelu_form`, config.model.gelu_approximate), and timm runs eager (no torch.compile). The JSON line of
+    `compare` says both (ours_gelu, timm_gelu, timm_compiled)."""
     from vit_jax.errors import UserError
 
     try:
@@ -222,7 +273,8 @@ def timm_vit(config, train: bool):
                               global_pool="token" if config.model.classifier == "token" else "avg",
                               class_token=config.model.classifier == "token",
                               proj_drop_rate=rate, pos_drop_rate=rate,
-                              attn_drop_rate=config.model.attention_dropout_rate if train else 0.0)
+                              attn_drop_rate=config.model.attention_dropout_rate if train else 0.0,
+                              drop_path_rate=config.model.stochastic_depth if train else 0.0)
     return model.train(train)
 
 
@@ -283,7 +335,7 @@ def summarise_rounds(rounds: list[dict], flops_per_run: float, batch: int) -> di
 
 def compare(benchmark: str, args: Any, config: Any, torch_threads: int | None,
             ours_runner: Callable[[Any], Callable[[], None]], timm_runner: Callable[[Any], Callable[[], None]],
-            flops_per_run: float, unit: str, what: str) -> dict:
+            flops_per_run: float, unit: str, what: str, extra: dict | None = None) -> dict:
     """Time the matmul peak, ours, the peak again, then timm (same process, batch and threads), --rounds times
     over; print the table and JSON.
 
@@ -296,7 +348,12 @@ def compare(benchmark: str, args: Any, config: Any, torch_threads: int | None,
     of the peaks measured just before and just after ours: one slow reading of the peak, from a neighbour's burst,
     would otherwise raise that round's MFU (a 389 GFLOP/s reading beside 429-431 gave one round 94.5%). The peak
     is `model_matmul_peak` in --dtype (bf16: accumulating in float32, the model's path). `what` labels our row
-    and the FLOP count.
+    and the FLOP count; `extra` adds fields to the JSON line.
+
+    The ratio is only fair at equal threads: `threads_match` is XLA's intra-op thread count == torch's (None
+    without timm or where XLA's threads cannot be counted), with a warning row in the table when they differ. The
+    JSON also says what else differs from timm: ours_gelu / timm_gelu (tanh-approximate vs exact erf by default)
+    and timm_compiled (false: eager).
     """
     if args.rounds < 1 or args.repeats < 1:
         from vit_jax.errors import UserError
@@ -317,11 +374,14 @@ def compare(benchmark: str, args: Any, config: Any, torch_threads: int | None,
     ours, timm_seconds, achieved, peak = (summary["ours_s"], summary["timm_s"], summary["achieved_gflop_s"],
                                           summary["peak_gflop_s"])
     peak_kind = PEAK_KIND[args.dtype]
+    xla = xla_threads()  # counted now that XLA's CPU client exists; torch_threads is None without timm
     result = {
         "benchmark": benchmark, "config": args.config, "variant": config.model.variant, "dtype": args.dtype,
         "batch": config.batch_size, "image_size": config.image_size, "repeats": args.repeats,
-        "rounds_run": args.rounds, "cores": cores(), "xla_threads": xla_threads(),
-        "timm_torch_threads": torch_threads,  # None: timm skipped (--no-timm)
+        "rounds_run": args.rounds, "cores": cores(), "xla_threads": xla, "timm_torch_threads": torch_threads,
+        "threads_match": xla == torch_threads if xla is not None and torch_threads is not None else None,
+        "ours_gelu": gelu_form(config), "timm_gelu": TIMM_GELU if args.timm else None,
+        "timm_compiled": False if args.timm else None,  # eager torch, no torch.compile
         "ours_img_s": summary["ours_img_s"], f"ours_{unit}_s": ours,
         "timm_img_s": summary["timm_img_s"], f"timm_{unit}_s": timm_seconds,
         "ratio_vs_timm": summary["ratio_vs_timm"], "ratio_min": summary["ratio_min"],
@@ -332,10 +392,14 @@ def compare(benchmark: str, args: Any, config: Any, torch_threads: int | None,
         "rounds": summary["rounds"],
         "load_average": f"{load_before} -> {load_average()}",
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages for malloc: vit_jax.hugepages
+        **(extra or {}),
     }
     threads = f"XLA {result['xla_threads'] or '?'} threads, torch {torch_threads or '-'} ({result['cores']} cores)"
     rows = [("config", f"{result['variant']} {config.image_size}px batch {config.batch_size} {args.dtype}"),
             ("threads", threads)]
+    if result["threads_match"] is False:
+        rows.append(("warning", f"XLA runs {xla} threads and torch {torch_threads}: ratio_vs_timm compares unequal "
+                                "thread counts"))
     if args.rounds > 1:
         for i, r in enumerate(result["rounds"], 1):
             parts = [f"ours {r['ours_img_s']:.2f} img/s"]
@@ -350,6 +414,7 @@ def compare(benchmark: str, args: Any, config: Any, torch_threads: int | None,
         spread = (f" (rounds {result['ratio_min']:.2f}-{result['ratio_max']:.2f}x)" if args.rounds > 1 else "")
         rows += [(f"timm {result['timm_model']}", f"{result['timm_img_s']:.2f} img/s ({timm_seconds:.3f} s/{unit})"
                   + (" autocast bf16" if args.dtype == "bfloat16" else "") + label),
+                 ("timm differs", f"{TIMM_GELU} GELU (ours {result['ours_gelu']}), eager (no torch.compile)"),
                  ("ratio ours/timm", f"{result['ratio_vs_timm']:.2f}x{spread}")]
     rows.append(("achieved", f"{achieved:.1f} GFLOP/s ({what[1]})"))
     if peak:

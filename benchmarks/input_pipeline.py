@@ -5,18 +5,21 @@
 Makes a local JPEG dataset from scikit-image's sample photos (resized to ImageNet-like sizes around 500x375,
 random crops and flips, quality 90), prepares it as a TFDS `image_folder` dataset, then measures
 1. one core: the training transform (decode + crop + resize + flip) over the ArrayRecord source in one thread;
-2. the whole pipeline (grain: --workers processes, batching to 128, uint8 -> float32 [-1, 1]) on all cores.
-Prints a table with the machine's core count; the last line is one JSON object.
+2. the whole pipeline (grain: 16 reader threads, in --workers processes or in this one with 0; batching to
+   --batch_size; uint8 -> float32 [-1, 1]) on the cores this process may use (its CPU affinity, `common.cores`).
+Its per-core rate is per core it kept busy: the CPU time of this process (all its threads) and of its grain worker
+processes over the timed window / the wall time (`pipeline_cores_busy`), not per core of the machine.
+Prints a table; the last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
+import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
 import numpy as np
 from PIL import Image
 
@@ -62,27 +65,71 @@ def make_jpeg_folder(root: str, num_images: int, seed: int = 0) -> None:
         image.save(os.path.join(folder, f"{i:05d}.jpg"), format="JPEG", quality=90)
 
 
-def main() -> None:
+def _descendants(pid: int) -> list[int]:
+    """The live processes below `pid` (grain's workers), from /proc; [] where it cannot be read."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, then ppid
+        except (OSError, ValueError, IndexError):  # the process ended meanwhile
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process's threads and of its live descendant processes so far."""
+    total = time.process_time()
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15 of stat)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=0, help="grain worker processes (0: reader threads only)")
-    args = parser.parse_args()
+    parser.add_argument("--images", type=common.count(1), default=512)
+    parser.add_argument("--seconds", type=common.positive_float, default=10.0,
+                        help="how long each of the two measurements runs (each does at least one image / batch)")
+    parser.add_argument("--batch_size", type=common.count(1), default=128)
+    parser.add_argument("--workers", type=common.count(0), default=0,
+                        help="grain worker processes (0: reader threads in this process only)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
 
     import jax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from configs import common
+    from configs import common as configs_common
     from vit_jax import data
     from vit_jax.data import datasets, preprocess
 
-    cores = os.cpu_count() or 1
+    cores = common.cores()
     with tempfile.TemporaryDirectory() as tmp:
         make_jpeg_folder(os.path.join(tmp, "jpeg"), args.images)
         data.prepare("image_folder", os.path.join(tmp, "tfds"), os.path.join(tmp, "jpeg"))
-        config = common.get_config("B/16")
+        config = configs_common.get_config("B/16")
         config.dataset, config.tfds_data_dir, config.num_classes = "image_folder", os.path.join(tmp, "tfds"), 8
         config.train_split = config.eval_split = "train"
         config.batch_size = args.batch_size
@@ -93,37 +140,48 @@ def main() -> None:
         transform = preprocess.TrainPreprocess(image_size=224, num_classes=8, crop_min_area=config.pp.crop_min_area)
         rng = np.random.default_rng(0)
         count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < args.seconds:
+        while True:  # at least one image, however small --seconds
             transform(source[count % len(source)], rng)
             count += 1
+            if time.perf_counter() - start >= args.seconds:
+                break
         per_core = count / (time.perf_counter() - start)
 
         sharding = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), P("data"))
         iterator = data.make_train_iterator(config, sharding)
         next(iterator)["image"].block_until_ready()  # warm-up: threads started, buffer filled
-        batches, start = 0, time.perf_counter()
-        while time.perf_counter() - start < args.seconds:
+        batches, start, cpu_start = 0, time.perf_counter(), cpu_seconds()
+        while True:  # at least one batch
             next(iterator)["image"].block_until_ready()
             batches += 1
-        pipeline_rate = batches * args.batch_size / (time.perf_counter() - start)
+            if time.perf_counter() - start >= args.seconds:
+                break
+        cpu_used = cpu_seconds() - cpu_start  # before close(): the workers' CPU time goes with them
+        wall = time.perf_counter() - start
         iterator.close()
+    pipeline_rate = batches * args.batch_size / wall
+    cores_busy = cpu_used / wall
 
     cores_for_3000 = int(np.ceil(3000 / per_core))
-    rows = [("CPU cores on this machine", f"{cores}"),
+    where = (f"{args.workers} worker process{'es' if args.workers > 1 else ''}" if args.workers
+             else "reader threads in this process")
+    rows = [("CPU cores this process may use", f"{cores}"),
             ("JPEGs (mean size)", f"{args.images} ({mean_bytes / 1024:.0f} KiB)"),
             ("train transform, 1 core (img/s)", f"{per_core:.0f}"),
-            (f"whole pipeline, {args.workers} workers, batch {args.batch_size} (img/s)", f"{pipeline_rate:.0f}"),
-            ("cores to feed 3,000 img/s", f"{cores_for_3000}")]
-    width = max(len(r[0]) for r in rows)
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
-    print(json.dumps({"benchmark": "input_pipeline", "image_size": 224, "cpu_cores": cores,
-                      "images_per_sec_per_core": round(per_core, 1),
-                      "pipeline_images_per_sec": round(pipeline_rate, 1),
-                      "pipeline_images_per_sec_per_core": round(pipeline_rate / cores, 1),
-                      "data_workers": args.workers, "cores_for_3000_images_per_sec": cores_for_3000,
-                      "mean_jpeg_bytes": int(mean_bytes)}))
+            (f"whole pipeline, {where}, batch {args.batch_size} (img/s)", f"{pipeline_rate:.0f}"),
+            ("whole pipeline: cores busy (this process + workers)", f"{cores_busy:.2f} of {cores}"),
+            ("whole pipeline per busy core (img/s)", f"{pipeline_rate / cores_busy:.0f}" if cores_busy else "n/a"),
+            ("cores to feed 3,000 img/s (1-core transform rate)", f"{cores_for_3000}")]
+    result = {"benchmark": "input_pipeline", "image_size": 224, "cpu_cores": cores,
+              "images_per_sec_per_core": round(per_core, 1),
+              "pipeline_images_per_sec": round(pipeline_rate, 1),
+              "pipeline_cores_busy": round(cores_busy, 2),
+              "pipeline_images_per_sec_per_core": round(pipeline_rate / cores_busy, 1) if cores_busy else None,
+              "data_workers": args.workers, "batch_size": args.batch_size, "seconds": args.seconds,
+              "cores_for_3000_images_per_sec": cores_for_3000, "mean_jpeg_bytes": int(mean_bytes)}
+    common.print_table(rows, result)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

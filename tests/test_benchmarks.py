@@ -102,7 +102,8 @@ def test_a_rounds_peak_is_the_faster_reading_before_or_after_ours(monkeypatch, c
                      250.0, 500.0])   # round 2: before slow, after fast
     monkeypatch.setattr(common, "model_matmul_peak", lambda dtype, size, repeats: next(readings))
     monkeypatch.setattr(common, "time_runs", lambda fn, repeats, warmup=1: [1.0] * repeats)
-    config = types.SimpleNamespace(batch_size=8, image_size=224, model=types.SimpleNamespace(variant="B/16"))
+    config = types.SimpleNamespace(batch_size=8, image_size=224,
+                                   model=types.SimpleNamespace(variant="B/16", gelu_approximate=True))
     args = types.SimpleNamespace(rounds=2, repeats=3, peak_size=4096, timm=False, dtype="float32", config="c.py")
     result = common.compare("train_step", args, config, None, lambda c: (lambda: None), None, 200e9, "step",
                             ("train step", "analytic"))
@@ -113,6 +114,7 @@ def test_a_rounds_peak_is_the_faster_reading_before_or_after_ours(monkeypatch, c
     assert line["mfu"] == line["achieved_gflop_s"] / line["peak_gflop_s"]
     assert line["timm_torch_threads"] is None and line["ratio_vs_timm"] is None
     assert line["cores"] >= 1
+    assert line["threads_match"] is None and line["timm_gelu"] is None and line["timm_compiled"] is None
 
 
 def test_the_json_line_agrees_with_itself_with_timm(monkeypatch, capsys):
@@ -125,7 +127,8 @@ def test_the_json_line_agrees_with_itself_with_timm(monkeypatch, capsys):
     monkeypatch.setattr(common, "model_matmul_peak", lambda dtype, size, repeats: next(peaks))
     times = iter([1.0, 2.0, 2.0, 3.0, 0.5, 1.0])  # ours, timm per round: 2.0x, 1.5x, 2.0x
     monkeypatch.setattr(common, "time_runs", lambda fn, repeats, warmup=1: [next(times)] * repeats)
-    config = types.SimpleNamespace(batch_size=8, image_size=224, model=types.SimpleNamespace(variant="B/16"))
+    config = types.SimpleNamespace(batch_size=8, image_size=224,
+                                   model=types.SimpleNamespace(variant="B/16", gelu_approximate=True))
     args = types.SimpleNamespace(rounds=3, repeats=3, peak_size=4096, timm=True, dtype="bfloat16", config="c.py")
     monkeypatch.setattr(common, "timm_name", lambda config: "vit_base_patch16_224")
     common.compare("inference", args, config, 2, lambda c: (lambda: None), lambda c: (lambda: None), 100e9,
@@ -137,6 +140,34 @@ def test_the_json_line_agrees_with_itself_with_timm(monkeypatch, capsys):
     assert line["peak_gflop_s"] == 310.0 and line["peak_kind"] == "bfloat16_f32acc"
     assert line["mfu"] == line["achieved_gflop_s"] / line["peak_gflop_s"]
     assert line["timm_torch_threads"] == 2
+    assert line["ours_gelu"] == "tanh" and line["timm_gelu"] == "erf" and line["timm_compiled"] is False
+
+
+@pytest.mark.parametrize("xla, match", [(2, True), (4, False), (None, None)])
+def test_the_json_line_says_whether_xla_and_torch_ran_the_same_threads(xla, match, monkeypatch, capsys):
+    """The ratio is only fair at equal thread counts: threads_match in the JSON, a warning row when they differ
+    (None where XLA's threads cannot be counted)."""
+    import json
+    import types
+
+    monkeypatch.setattr(common, "xla_threads", lambda: xla)
+    monkeypatch.setattr(common, "model_matmul_peak", lambda dtype, size, repeats: 100.0)
+    monkeypatch.setattr(common, "time_runs", lambda fn, repeats, warmup=1: [1.0] * repeats)
+    monkeypatch.setattr(common, "timm_name", lambda config: "vit_base_patch16_224")
+    config = types.SimpleNamespace(batch_size=8, image_size=224,
+                                   model=types.SimpleNamespace(variant="B/16", gelu_approximate=False))
+    args = types.SimpleNamespace(rounds=1, repeats=1, peak_size=4096, timm=True, dtype="float32", config="c.py")
+    common.compare("inference", args, config, 2, lambda c: (lambda: None), lambda c: (lambda: None), 1e9,
+                   "batch", ("forward", "analytic"), {"extra_field": 1})
+    out = capsys.readouterr().out.splitlines()
+    line = json.loads(out[-1])
+    assert line["xla_threads"] == xla and line["timm_torch_threads"] == 2 and line["threads_match"] is match
+    assert line["extra_field"] == 1 and line["ours_gelu"] == "erf"  # gelu_approximate=False: timm's form
+    warnings = [row for row in out[:-1] if row.startswith("warning")]
+    if match is False:
+        assert warnings == [next(r for r in out if "XLA runs 4 threads and torch 2" in r)]
+    else:
+        assert warnings == []
 
 
 def test_the_bf16_peak_is_the_matmul_accumulating_in_float32(monkeypatch):
@@ -157,6 +188,9 @@ def test_threads_are_the_cores_this_process_may_use(monkeypatch):
     (["--peak_size", "-1"], "--peak_size: -1 is invalid: expected an integer >= 0"),
     (["--batch", "x"], "--batch: 'x' is not an integer"),
     (["--rounds", "0"], "--rounds: 0 is invalid"),
+    (["--peak_size", "64"], "--peak_size: 64 is too small for a matmul peak: expected 0 (skip the peak) or an "
+                            "integer >= 512"),
+    (["--peak_size", "511"], "--peak_size: 511 is too small"),
 ])
 def test_counts_that_cannot_work_are_usage_errors(flags, bad, capsys):
     import train_step
@@ -165,6 +199,7 @@ def test_counts_that_cannot_work_are_usage_errors(flags, bad, capsys):
         train_step.parse_args(flags)
     assert exit_info.value.code == 2 and bad in capsys.readouterr().err
     assert train_step.parse_args(["--peak_size", "0"]).peak_size == 0
+    assert train_step.parse_args(["--peak_size", str(common.PEAK_MIN)]).peak_size == common.PEAK_MIN == 512
 
 
 @pytest.mark.parametrize("config_file, image_size, name", [
@@ -218,3 +253,132 @@ def test_timms_step_takes_torchs_fused_adamw_with_our_hyperparameters():
     assert {id(model.pos_embed), id(model.cls_token), id(model.norm.weight), id(model.head.bias)} <= plain_ids
     assert len(decayed_ids) + len(plain_ids) == len(list(model.parameters()))
     train_step.timm_step_runner(config)()  # one step (forward, backward, foreach clip, fused AdamW) runs
+
+
+def test_timm_counterpart_takes_our_stochastic_depth_ramp_and_differs_in_gelu_only_as_documented():
+    """timm's drop-path rates are ours (0 at the first block -> config.model.stochastic_depth at the last), in
+    training only; its GELU is the exact erf one (common.TIMM_GELU), ours the tanh approximation by default."""
+    pytest.importorskip("timm")
+    import numpy as np
+
+    config = common.load_config(os.path.join(common.ROOT, "configs", "vit_ti16.py"), "float32", 2)
+    config.image_size, config.model.stochastic_depth = 32, 0.1
+    model = common.timm_vit(config, train=True)
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks]  # rate 0: an nn.Identity
+    ours = np.linspace(0.0, config.model.stochastic_depth, config.model.num_layers)  # vit_jax.models.vit
+    assert rates == pytest.approx(ours) and rates[-1] == pytest.approx(0.1)
+    assert [getattr(b.drop_path2, "drop_prob", 0.0) for b in model.blocks] == pytest.approx(ours)
+    eval_model = common.timm_vit(config, train=False)
+    assert all(not hasattr(b.drop_path1, "drop_prob") for b in eval_model.blocks)
+    act = model.blocks[0].mlp.act
+    assert common.TIMM_GELU == "erf" and act.approximate == "none"
+    assert common.gelu_form(config) == "tanh" and config.model.gelu_approximate
+
+
+def test_analytic_overcount_is_the_patch_embeddings_input_gradient():
+    """Forward x 3 counts the patch embedding's input gradient, which a step never computes: ~0.22% for B/16."""
+    config = common.load_config(os.path.join(common.ROOT, "configs", "vit_b16.py"), "float32", 8)
+    (patch,) = [c for c in matmul_bound.step_contractions(config) if c.name == "patch embedding"]
+    forward = common.forward_flops_per_image(config) * config.batch_size
+    overcount = common.analytic_overcount(config)
+    assert overcount == pytest.approx(patch.flops / (3 * forward), rel=1e-9)
+    assert 0.0021 < overcount < 0.0023
+
+
+def test_the_train_step_benchmark_reports_the_analytic_overcount(monkeypatch):
+    import train_step
+
+    calls = []
+    monkeypatch.setattr(common, "compare", lambda *a, **k: calls.append(a) or {})
+    config_file = os.path.join(common.ROOT, "configs", "vit_ti16.py")
+    train_step.main(["--no-timm", "--config", config_file, "--batch", "2"])
+    (args,) = calls
+    config, flops, extra = args[2], args[6], args[9]
+    assert flops == 3 * common.forward_flops_per_image(config) * 2  # issue #8's definition, forward x 3
+    assert extra == {"analytic_overcount": common.analytic_overcount(config)}
+
+
+@pytest.mark.parametrize("flags, bad", [
+    (["--seconds", "0"], "--seconds: 0 is invalid: expected a finite number > 0"),
+    (["--seconds", "-1"], "--seconds: -1 is invalid"),
+    (["--seconds", "nan"], "--seconds: nan is invalid"),
+    (["--seconds", "x"], "--seconds: 'x' is not a number"),
+    (["--images", "0"], "--images: 0 is invalid: expected an integer >= 1"),
+    (["--batch_size", "0"], "--batch_size: 0 is invalid: expected an integer >= 1"),
+    (["--workers", "-1"], "--workers: -1 is invalid: expected an integer >= 0"),
+])
+def test_input_pipeline_flags_that_cannot_work_are_usage_errors(flags, bad, capsys):
+    import input_pipeline
+
+    with pytest.raises(SystemExit) as exit_info:
+        input_pipeline.parse_args(flags)
+    assert exit_info.value.code == 2 and bad in capsys.readouterr().err
+    args = input_pipeline.parse_args(["--seconds", "0.01", "--images", "1", "--batch_size", "1", "--workers", "0"])
+    assert (args.seconds, args.images, args.batch_size, args.workers) == (0.01, 1, 1, 0)
+
+
+def test_input_pipelines_cpu_time_counts_its_worker_processes():
+    """Per-core pipeline figures count the cores busy in this process and its (grain worker) children."""
+    import subprocess
+
+    import input_pipeline
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in input_pipeline._descendants(os.getpid())
+        assert input_pipeline.cpu_seconds() >= 0.0
+    finally:
+        child.kill()
+        child.wait()
+    assert child.pid not in input_pipeline._descendants(os.getpid())
+
+
+class _Program:
+    def __init__(self, cost):
+        self.cost = cost
+
+    def cost_analysis(self):
+        return self.cost
+
+
+def test_compile_report_refuses_a_cost_analysis_without_flops():
+    import compile_report
+
+    assert compile_report.flops_of("train step", _Program([{}]), _Program({"flops": 5.0})) == 5.0
+    with pytest.raises(RuntimeError, match="cost analysis of the train step has no 'flops' figure"):
+        compile_report.flops_of("train step", _Program([{"bytes accessed": 1.0}]), _Program(None))
+    with pytest.raises(RuntimeError, match="forward pass has no 'flops'"):
+        compile_report.flops_of("forward pass", _Program({"flops": 0.0}))
+
+
+@pytest.mark.parametrize("flags, bad", [
+    (["--batch", "0"], "--batch: 0 is invalid: expected an integer >= 1"),
+    (["--batch", "x"], "--batch: 'x' is not an integer"),
+])
+def test_compile_report_bad_batch_is_a_usage_error(flags, bad, capsys):
+    import compile_report
+
+    with pytest.raises(SystemExit) as exit_info:
+        compile_report.main(flags)
+    assert exit_info.value.code == 2 and bad in capsys.readouterr().err
+
+
+def test_compile_report_of_a_tiny_vit_prints_sane_flops_ratios_and_the_json_line_last(tmp_path, capsys):
+    """XLA's FLOPs of a one-block Ti/16 step at 64px against forward x 3: a little above 1 (AdamW, softmax,
+    GELU, LayerNorm) less the patch embedding's input gradient the step never computes."""
+    import json
+
+    import compile_report
+
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text("from configs import common\n\n\ndef get_config():\n"
+                           "    config = common.get_config('Ti/16')\n"
+                           "    config.image_size, config.model.num_layers = 64, 1\n"
+                           "    return config\n")
+    result = compile_report.main(["--config", str(config_file), "--batch", "8"])
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert line == json.loads(json.dumps(result))
+    assert line["benchmark"] == "compile_report" and line["batch"] == 8 and line["image_size"] == 64
+    assert 0.9 < line["flops_ratio"] < 1.2 and 0.9 < line["forward_flops_ratio"] < 1.2
+    assert line["xla_step_gflop"] > 0 and line["xla_forward_gflop"] > 0
+    assert 0.0 < line["analytic_overcount"] < 0.1  # the patch embedding: a big share of a one-block model
