@@ -15,7 +15,9 @@ from vit_jax.interop.common import (
     check_matches,
     flatten,
     params_to_canonical,
+    posemb_sincos_2d,
     unflatten,
+    with_class_token_slot,
 )
 from vit_jax.models.vit import build_model
 
@@ -95,3 +97,19 @@ def test_check_matches_opens_with_the_architecture_difference():
     assert message.startswith("wide.npz does not fit the model (checkpoint num_layers 3, hidden_size 96, "
                               "mlp_dim 192, classes 7 vs model 2, 64, 128, 5): "), message[:200]
     assert "unexpected" in message and "encoderblock_2" in message  # the full key list still follows
+
+
+def test_with_class_token_slot_follows_what_is_known_and_guesses_only_from_a_square_count():
+    square, with_slot = np.ones((1, 16, 8), np.float32), np.ones((1, 17, 8), np.float32)
+    assert with_class_token_slot(square, has_cls=True).shape == (1, 17, 8)  # the guess: no slot yet
+    assert with_class_token_slot(with_slot, has_cls=True) is with_slot
+    assert with_class_token_slot(square, has_cls=True, has_slot=True) is square  # told: 1 + 15 patches
+    assert with_class_token_slot(with_slot, has_cls=True, has_slot=False).shape == (1, 18, 8)
+    assert with_class_token_slot(square, has_cls=False, has_slot=False) is square  # no class token: no slot
+    assert not with_class_token_slot(square, has_cls=True)[:, 0].any()
+
+
+def test_sincos_posemb_needs_a_width_of_four_parts():
+    assert posemb_sincos_2d(2, 3, 8).shape == (1, 6, 8)
+    with pytest.raises(CheckpointError, match="sin-cos position embeddings of width 66: expected a multiple of 4"):
+        posemb_sincos_2d(2, 2, 66)

@@ -205,3 +205,47 @@ def test_save_as_never_replaces_an_existing_file_unless_told_to(tmp_path):
     save_as(params, config, str(path), "npz", overwrite=True)
     np.testing.assert_array_equal(flatten(load_pretrained(str(path), tiny_config()))["head/kernel"],
                                   params_to_canonical(params)["head/kernel"])
+
+
+def _sincos_reference(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """big_vision's posemb_sincos_2d written out entry by entry: token t at row t // w, column t % w."""
+    quarter = width // 4
+    out = np.zeros((h * w, width))
+    for t in range(h * w):
+        row, col = divmod(t, w)
+        for d in range(quarter):
+            omega = temperature ** (-d / (quarter - 1))
+            out[t, d], out[t, quarter + d] = np.sin(col * omega), np.cos(col * omega)
+            out[t, 2 * quarter + d], out[t, 3 * quarter + d] = np.sin(row * omega), np.cos(row * omega)
+    return out[None]
+
+
+@pytest.mark.parametrize("classifier", ["gap", "token"])
+def test_big_vision_sincos2d_npz_gets_its_fixed_embeddings_for_the_target_grid(tmp_path, caplog, classifier):
+    """big_vision's posemb='sincos2d' models (its plain ViT-S/16 i1k baselines) store no position embeddings: they
+    were refused as "missing 1 key(s): Transformer/posembed_input/pos_embedding"."""
+    import logging
+
+    config = tiny_config(classifier=classifier)
+    flat = params_to_canonical(random_params(config, 5))
+    bv = _big_vision_layout(flat, scanned=True, prefix="params/")
+    del bv["params/pos_embedding"]
+    path = str(tmp_path / "vit_s16_i1k_90ep.npz")
+    np.savez(path, **bv)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{path}: no position-embedding parameter ({POSEMB_KEY}): a big_vision posemb='sincos2d' model? Its "
+            "fixed sin-cos embeddings are built for the grid of the image_size given: pass image_size")):
+        load_pretrained(path, tiny_config(classifier=classifier))
+
+    caplog.set_level(logging.INFO)
+    loaded = flatten(load_pretrained(path, tiny_config(classifier=classifier), image_size=48))  # a 6x6 grid
+    expected = _sincos_reference(6, 6, 64)
+    if classifier == "token":
+        expected = np.concatenate([np.zeros((1, 1, 64)), expected], axis=1)
+    np.testing.assert_allclose(loaded[POSEMB_KEY], expected, atol=1e-6, rtol=0)
+    for key, value in flat.items():
+        if key != POSEMB_KEY:
+            np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{path}: no position-embedding parameter (a big_vision posemb='sincos2d' model): built its fixed " \
+           f"2-D sin-cos embeddings for the 6x6 patch grid" in logged

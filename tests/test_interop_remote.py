@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 
 import jax
@@ -255,3 +256,45 @@ def test_pinned_step_names_the_latest_finished_step_local_and_remote(bucket, tmp
     _fake_steps(f"{bucket}/run/checkpoints", {3: True, 5: False}, tf.io.gfile.makedirs, touch)
     assert remote.pinned_step(f"{bucket}/run") == f"{bucket}/run/checkpoints/3"  # 5 is still being written
     assert remote.pinned_step(f"{bucket}/vit.npz") == f"{bucket}/vit.npz"
+
+
+def test_upload_copies_config_json_after_the_weights_and_the_commit_file_last(bucket, tmp_path, monkeypatch):
+    """A directory lists its files in any order (tmpfs: newest first): config.json, which marks an HF model
+    directory, once went up before model.safetensors, so an interrupted upload left a model that cannot load."""
+    local = tmp_path / "export"
+    local.mkdir()
+    for name in ("config.json", "commit_success.txt", "model.safetensors", "README"):
+        (local / name).write_bytes(b"x")
+    walk, copy, copied = os.walk, tf.io.gfile.copy, []
+
+    def config_first(top, topdown=True):  # a listing that puts config.json before the weights
+        for dirpath, dirs, files in walk(top, topdown=topdown):
+            yield dirpath, dirs, sorted(files)
+
+    def record(source: str, dest: str, overwrite: bool = False) -> None:
+        copied.append(dest.rsplit("/", 1)[-1])
+        copy(source, dest, overwrite=overwrite)
+
+    monkeypatch.setattr(os, "walk", config_first)
+    monkeypatch.setattr(tf.io.gfile, "copy", record)
+    remote.upload(str(local), f"{bucket}/hf")
+    assert copied == ["README", "model.safetensors", "config.json", "commit_success.txt"]
+
+
+@pytest.mark.parametrize("url, advice", [
+    ("https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz",
+     "give gs://vit_models/imagenet21k/ViT-B_16.npz (the same Cloud Storage object)"),
+    ("HTTP://storage.cloud.google.com/vit_models/augreg/x.npz?authuser=1", "give gs://vit_models/augreg/x.npz "),
+    ("http://example.com/vit.pth", "give a local path (download the file first, e.g. with wget or curl)"),
+])
+def test_http_urls_are_refused_up_front_saying_what_to_give(tmp_path, url, advice):
+    """tf.io.gfile has no http(s) file system: its "File system scheme 'https' not implemented" named neither the
+    cause nor the gs:// path of the same object."""
+    scheme = url.split(":", 1)[0].lower()
+    message = rf"^{re.escape(url)}: {scheme}:// URLs are not supported .*; {re.escape(advice)}"
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(url, tiny_config())
+    with pytest.raises(CheckpointError, match=message):
+        remote.pinned_step(url)  # how a training run's config.pretrained is read first
+    with pytest.raises(CheckpointError, match=message):
+        save_as(random_params(tiny_config(), 2), tiny_config(), url, "hf")  # nor written to

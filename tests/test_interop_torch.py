@@ -100,6 +100,26 @@ def test_hf_export_loads_in_transformers_with_logits_parity_and_round_trips(tmp_
     np.testing.assert_array_equal(logits_of(back_config, back, images), ours)
 
 
+def test_hf_export_of_a_multi_label_model_says_so_for_hf_to_apply_a_sigmoid(tmp_path):
+    """Without problem_type HF's image-classification pipeline reads a sigmoid model's logits through a softmax."""
+    import json
+
+    from transformers import ViTForImageClassification
+
+    config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
+    params = random_params(config, NUM_CLASSES, seed=3)
+    multi = save_as(params, config, str(tmp_path / "multi"), "hf", label_kind="multi")
+    assert json.loads((tmp_path / "multi" / "config.json").read_text())["problem_type"] == \
+        "multi_label_classification"
+    assert ViTForImageClassification.from_pretrained(multi).config.problem_type == "multi_label_classification"
+    save_as(params, config, str(tmp_path / "single"), "hf", label_kind="single")
+    assert "problem_type" not in json.loads((tmp_path / "single" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"^label_kind='sigmoid' is invalid: expected one of \('single', "
+                                              r"'multi'\)"):
+        save_as(params, config, str(tmp_path / "bad"), "hf", label_kind="sigmoid")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_hf_export_refuses_what_hf_cannot_hold(tmp_path):
     from vit_jax.interop import CheckpointError
 
@@ -163,9 +183,9 @@ def _timm_model(pooling: str, seed: int = 0, act_layer: str = "gelu", **kwargs):
 
     gap = pooling == "avg"
     torch.manual_seed(seed)
-    model = VisionTransformer(img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
-                              num_classes=NUM_CLASSES, global_pool=pooling, class_token=not gap, fc_norm=False,
-                              act_layer=act_layer, **kwargs)
+    model = VisionTransformer(img_size=kwargs.pop("img_size", IMAGE_SIZE), patch_size=8, embed_dim=64, depth=2,
+                              num_heads=4, mlp_ratio=2.0, num_classes=NUM_CLASSES, global_pool=pooling,
+                              class_token=not gap, fc_norm=False, act_layer=act_layer, **kwargs)
     return _perturb(model, seed)
 
 
@@ -202,6 +222,70 @@ def test_timm_variants_this_model_computes_exactly_load_with_logits_parity(tmp_p
     params = load_pretrained(path, config)
     images = random_images()
     assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
+
+
+def _timm_96x112(tmp_path, config: dict | None) -> str:
+    """timm at img_size=(96, 112), patch 8: pos_embed (1, 169, 64), a class-token entry and a 12x14 grid, whose
+    count 13*13 reads like a 13x13 grid without the entry. `config`: the timm config.json beside it, if any."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = _timm_model("token", seed=8, img_size=(96, 112))
+    assert tuple(model.pos_embed.shape) == (1, 169, 64)
+    path = tmp_path / "timm.safetensors"
+    save_file(model.state_dict(), str(path))
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_custom_96x112", **config}))
+    return str(path)
+
+
+@pytest.mark.parametrize("config", [
+    {"model_args": {"img_size": [96, 112], "patch_size": 8}},
+    {"model_args": {"no_embed_class": False}},
+    {"pretrained_cfg": {"input_size": [3, 96, 112]}},
+], ids=["img_size", "no_embed_class", "input_size"])
+def test_a_timm_config_json_tells_a_class_token_entry_whose_count_is_square(tmp_path, config):
+    """1 + 12*14 position embeddings once loaded as a 13x13 grid (scrambled) beside a zero class-token slot; the
+    config.json says they hold the class token's entry: a 12x14 grid, which a square-grid model cannot load."""
+    path = _timm_96x112(tmp_path, config)
+    with pytest.raises(CheckpointError, match="168 position embeddings are not a square patch grid"):
+        load_pretrained(path, tiny_config())
+
+
+def test_a_square_count_beside_a_class_token_without_a_config_json_is_read_with_a_warning(tmp_path, caplog):
+    import logging
+
+    path = _timm_96x112(tmp_path, None)
+    caplog.set_level(logging.WARNING)
+    flat = flatten(load_pretrained(path, tiny_config()))
+    assert flat["Transformer/posembed_input/pos_embedding"].shape == (1, 170, 64)  # the guess: 13x13 + a zero slot
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert (f"{path}: its 169 position embeddings are read as a 13x13 patch grid without a class-token entry "
+            "(timm no_embed_class=True); they could also be a class-token entry and 168 patches (e.g. a 12x14 "
+            "grid)") in logged
+    assert "put the timm config.json beside the file (model_args.no_embed_class, or img_size and patch_size)" in logged
+
+
+def test_a_timm_config_json_tells_a_no_embed_class_model_with_logits_parity(tmp_path, caplog):
+    """A config.json that says no_embed_class (by name or by the image size) decides it: no warning."""
+    import json
+    import logging
+
+    from safetensors.torch import save_file
+
+    model = _timm_model("token", seed=6, no_embed_class=True)
+    path = str(tmp_path / "timm.safetensors")
+    save_file(model.state_dict(), path)
+    images = random_images()
+    for args in ({"no_embed_class": True}, {"img_size": IMAGE_SIZE}):
+        (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_custom", "model_args": args}))
+        caplog.clear()
+        caplog.set_level(logging.WARNING)
+        config = tiny_config()
+        params = load_pretrained(path, config)
+        assert not [r for r in caplog.records if "position embeddings" in r.getMessage()]
+        assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
 
 
 def test_hf_without_qkv_bias_loads_with_logits_parity(tmp_path):
@@ -362,6 +446,48 @@ def test_timm_checkpoint_at_another_resolution_and_class_count(tmp_path):
                                       interpolation="bicubic", antialias=False).numpy()
     np.testing.assert_allclose(flat["Transformer/posembed_input/pos_embedding"], expected, atol=1e-5)
     assert flat["head/kernel"].shape == (64, 3) and not flat["head/kernel"].any()
+
+
+def _timm_with_pre_logits(tmp_path, seed: int = 7) -> tuple:
+    """A timm < 0.6 representation-layer file (`jx_vit_*_in21k-*.pth`): `pre_logits.fc` (Linear, then tanh) between
+    the class token and the head. Returns (path, model, fc weight, fc bias)."""
+    model = _timm_model("token", seed=seed)
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0.0, 0.1, (64, 64)).astype(np.float32)
+    bias = rng.normal(0.0, 0.2, (64,)).astype(np.float32)
+    state = {**model.state_dict(), "pre_logits.fc.weight": torch.from_numpy(weight),
+             "pre_logits.fc.bias": torch.from_numpy(bias)}
+    path = tmp_path / "jx_vit_tiny_in21k.pth"
+    torch.save(state, path)
+    return str(path), model, weight, bias
+
+
+def test_timm_pre_logits_fc_loads_as_pre_logits_with_logits_parity(tmp_path):
+    """Released in21k timm files hold `pre_logits.fc`: it was refused as 2 unexpected keys whatever the config."""
+    path, model, weight, bias = _timm_with_pre_logits(tmp_path)
+    config = tiny_config(representation_size=64)
+    params = load_pretrained(path, config)
+    flat = flatten(params)
+    np.testing.assert_array_equal(flat["pre_logits/kernel"], weight.T)
+    np.testing.assert_array_equal(flat["pre_logits/bias"], bias)
+    images = random_images()
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2))),
+                                    pre_logits=True).numpy()
+    head_w, head_b = model.head.weight.detach().numpy(), model.head.bias.detach().numpy()
+    expected = np.tanh(pooled @ weight.T + bias) @ head_w.T + head_b
+    assert _max_diff(logits_of(config, params, images), expected) < TOLERANCE
+
+
+def test_timm_pre_logits_fc_is_dropped_for_representation_size_0(tmp_path, caplog):
+    import logging
+
+    path, _, _, _ = _timm_with_pre_logits(tmp_path)
+    caplog.set_level(logging.INFO)
+    flat = flatten(load_pretrained(path, tiny_config(representation_size=0)))
+    assert not any(key.startswith("pre_logits") for key in flat)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "dropped pre_logits (64 units): the model has representation_size=0" in logged
 
 
 # ------------------------------------------------------------------------------------------------ refusals

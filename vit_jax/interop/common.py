@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from vit_jax.errors import UserError
 
@@ -117,18 +118,48 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def with_class_token_slot(posemb: np.ndarray, has_cls: bool) -> np.ndarray:
+def with_class_token_slot(posemb: np.ndarray, has_cls: bool, has_slot: bool | None = None,
+                          source: str | None = None) -> np.ndarray:
     """(1, g*g, D) position embeddings of a model with a class token -> (1, 1 + g*g, D), a zero slot first.
 
     big_vision and timm's `no_embed_class=True` add the position embeddings to the patch tokens only, then prepend
     the class token; this model adds them after prepending it. With a zero class-token slot both compute the same.
-    Embeddings that already have the slot (1 + g*g tokens: never a perfect square) and those of a model without a
-    class token are returned unchanged.
+    `has_slot` says whether the embeddings hold the class token's entry already (what a timm config.json tells);
+    None reads it from the count: 1 + g*g tokens is never a perfect square, so a square count has no slot. That is
+    a guess (1 + h*w tokens of a non-square grid can be square: 1 + 12*14 = 13*13), logged when `source` names
+    the file. Embeddings with the slot and those of a model without a class token are returned unchanged.
     """
     tokens = posemb.shape[1] if posemb.ndim == 3 else 0
-    if not has_cls or not tokens or math.isqrt(tokens) ** 2 != tokens:
+    if not has_cls or not tokens:
         return posemb
-    return np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+    if has_slot is None:
+        has_slot = math.isqrt(tokens) ** 2 != tokens
+        if not has_slot and source and tokens > 1:
+            _warn_slot_guess(tokens, source)
+    return posemb if has_slot else np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+
+
+def _warn_slot_guess(tokens: int, source: str) -> None:
+    """Say how a square count of position embeddings beside a class token was read, and how to say otherwise."""
+    side = math.isqrt(tokens)
+    logging.warning("%s: its %d position embeddings are read as a %dx%d patch grid without a class-token entry "
+                    "(timm no_embed_class=True); they could also be a class-token entry and %d patches (e.g. a %dx%d "
+                    "grid), which this model cannot load. If so, put the timm config.json beside the file "
+                    "(model_args.no_embed_class, or img_size and patch_size)", source, tokens, side, side,
+                    tokens - 1, side - 1, side + 1)
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """big_vision's fixed 2-D sin-cos position embeddings (`posemb_sincos_2d`, after MoCo v3), (1, h*w, width)
+    float32, row-major over the grid: [sin(x w_d), cos(x w_d), sin(y w_d), cos(y w_d)] for d < width/4, with
+    w_d = temperature ** -(d / (width/4 - 1)). A posemb='sincos2d' model stores none: they are rebuilt so."""
+    if width % 4 or width < 8:
+        raise CheckpointError(f"sin-cos position embeddings of width {width}: expected a multiple of 4, at least 8 "
+                              "(four sin/cos parts of at least 2 frequencies each)")
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+    y, x = np.outer(y.reshape(-1), omega), np.outer(x.reshape(-1), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
 
 
 def canonical_to_params(flat: Mapping[str, np.ndarray], scan: bool) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from vit_jax.interop.common import (
     check_matches,
     expected_shapes,
     params_to_canonical,
+    posemb_sincos_2d,
+    with_class_token_slot,
 )
 
 SOURCE_FORMATS = ("npz", "timm", "hf", "orbax")
@@ -120,8 +122,10 @@ def _read_local(path: str, source_format: str | None, num_heads: int | None) -> 
         return Checkpoint({}, _torch_flavour(weights_path, source_format), None, weights_path)
     state = torch_hub.read_state_dict(weights_path)
     flavour = source_format if source_format in ("timm", "hf") else torch_hub.flavour_of(state, weights_path)
-    to_canonical = torch_hub.timm_to_canonical if flavour == "timm" else torch_hub.hf_to_canonical
-    flat = to_canonical(state, num_heads, weights_path)
+    if flavour == "timm":
+        flat = torch_hub.timm_to_canonical(state, num_heads, weights_path, config_path)
+    else:
+        flat = torch_hub.hf_to_canonical(state, num_heads, weights_path)
     return Checkpoint(flat, flavour, _torch_numerics(weights_path, config_path, flavour, num_heads), weights_path)
 
 
@@ -174,8 +178,13 @@ def _file_kind(path: str) -> str:
 
 def _source_grid_side(flat: Flat, source: str) -> int:
     posemb = flat.get(POSEMB_KEY)
-    if posemb is None or posemb.ndim != 3:
-        raise CheckpointError(f"{source}: has no position embeddings ({POSEMB_KEY}); pass image_size explicitly")
+    if posemb is None:
+        raise CheckpointError(f"{source}: no position-embedding parameter ({POSEMB_KEY}): a big_vision "
+                              "posemb='sincos2d' model? Its fixed sin-cos embeddings are built for the grid of the "
+                              "image_size given: pass image_size (e.g. the 224 it was trained at)")
+    if posemb.ndim != 3:
+        raise CheckpointError(f"{source}: {POSEMB_KEY} has shape {tuple(posemb.shape)}, expected (1, tokens, "
+                              "width); pass image_size explicitly")
     tokens = posemb.shape[1] - (1 if "cls" in flat else 0)
     side = math.isqrt(tokens)
     if side * side != tokens:
@@ -240,6 +249,7 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
     if image_size is None:
         image_size = _source_grid_side(flat, ckpt.location) * model_config.patch_size
     expected = expected_shapes(model_config, num_classes, image_size, masked_patch_classes)
+    flat = _with_sincos_posemb(flat, expected, ckpt)
     flat, actions = surgery.adapt_to_model(flat, expected, head_bias_init=model_config.head_bias_init,
                                            resize_method=resize_method, reset_head=reset_head,
                                            require_head=require_head,
@@ -253,6 +263,26 @@ def load_pretrained(path: str, model_config: ml_collections.ConfigDict, *, num_c
     logging.info("%s: loaded %d arrays (%s) for %s at %dpx", ckpt.location, len(flat), ckpt.source_format, target,
                  image_size)
     return canonical_to_params(flat, model_config.scan)
+
+
+def _with_sincos_posemb(flat: Flat, expected: dict[str, tuple], ckpt: Checkpoint) -> Flat:
+    """`flat` with the position embeddings of a big_vision posemb='sincos2d' `.npz`, which stores none (they are a
+    fixed function of the grid): `posemb_sincos_2d` for the target grid, with a zero class-token slot for a
+    class-token model (big_vision adds them before prepending the class token). The model's learned embeddings
+    start as them (logged). Any other checkpoint is returned as it is."""
+    want = expected.get(POSEMB_KEY)
+    if ckpt.source_format != "npz" or want is None or POSEMB_KEY in flat:
+        return flat
+    has_cls = "cls" in expected
+    side = math.isqrt(want[1] - has_cls)
+    try:
+        posemb = posemb_sincos_2d(side, side, want[2])
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt.location}: no position-embedding parameter to load; {e}") from e
+    logging.info("%s: no position-embedding parameter (a big_vision posemb='sincos2d' model): built its fixed 2-D "
+                 "sin-cos embeddings for the %dx%d patch grid%s, the start of the model's learned ones",
+                 ckpt.location, side, side, " with a zero class-token slot" if has_cls else "")
+    return {**flat, POSEMB_KEY: with_class_token_slot(posemb, has_cls, has_slot=False)}
 
 
 def source_numerics(path: str, source_format: str | None = None) -> Numerics | None:
@@ -366,7 +396,7 @@ def _check_file_destination(path: str, target_format: str, suffix: str, keep_exi
 
 
 def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str, *,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, label_kind: str = "single") -> str:
     """Write `params` (of the model `model_config` describes) as `target_format`; returns what was written.
 
     "npz": an original-layout `.npz` (vision_transformer / timm `_load_weights` read it). "timm": a timm
@@ -375,20 +405,31 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
     `load_pretrained` and `config.pretrained` read.
 
     An existing destination is refused (`check_destination`) unless `overwrite` (never for orbax). Files are
-    written atomically: a failed export leaves the destination as it was.
+    written atomically: a failed export leaves the destination as it was. `label_kind` is the run config's (a
+    "multi" model's HF config.json says problem_type "multi_label_classification": HF applies a sigmoid, not a
+    softmax); the other formats record no loss.
     """
+    _check_label_kind(label_kind)
     check_destination(path, target_format, overwrite)
     path = os.fspath(path)
     if remote.is_remote(path):
-        return _save_remote(params, model_config, path.rstrip("/"), target_format)
+        return _save_remote(params, model_config, path.rstrip("/"), target_format, label_kind)
     try:
-        return _write(params, model_config, path, target_format, shown=path)
+        return _write(params, model_config, path, target_format, shown=path, label_kind=label_kind)
     except OSError as e:  # a read-only disk or directory, a file system that takes no files, a full disk
         raise CheckpointError(f"{path}: cannot write there ({e.strerror or e}); the destination is left as it "
                               "was") from e
 
 
-def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str, shown: str) -> str:
+def _check_label_kind(label_kind: str) -> None:
+    """Refuse a `label_kind` that is no run config's (`config_check.LABEL_KINDS`)."""
+    if label_kind not in config_check.LABEL_KINDS:
+        raise CheckpointError(f"label_kind={label_kind!r} is invalid: expected one of {config_check.LABEL_KINDS} "
+                              "(the run config's label_kind)")
+
+
+def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str, shown: str,
+           label_kind: str = "single") -> str:
     """`save_as` into the local `path`; logs and the returned path name `shown` (the remote destination of a copy)
     instead."""
     flat = params_to_canonical(params)
@@ -422,7 +463,8 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
         _require(not m.resnet_layers, "HF export of hybrids is not supported; export to npz")
         _require(not m.representation_size, "HF ViTForImageClassification has no pre_logits layer; fine-tune "
                                             "with model.representation_size=0 or export to npz/orbax")
-        _write_hf_dir(flat, torch_hub.hf_config(m, num_classes, image_size), torch_hub.export_metadata(m), path)
+        _write_hf_dir(flat, torch_hub.hf_config(m, num_classes, image_size, label_kind), torch_hub.export_metadata(m),
+                      path)
     else:
         meta = {"step": 0, "config": {"model": m.to_dict()}, "source": "vit_jax.interop.save_as"}
         written = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
@@ -455,11 +497,12 @@ def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], metadata: dict[str, str
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
-def _save_remote(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str) -> str:
+def _save_remote(params: Any, model_config: ml_collections.ConfigDict, path: str, target_format: str,
+                 label_kind: str) -> str:
     """`save_as` to a remote path: written into a temporary local directory, then copied up."""
     with tempfile.TemporaryDirectory(prefix="vit_jax_save_") as tmp:
         local = os.path.join(tmp, path.rsplit("/", 1)[-1])
-        written = _write(params, model_config, local, target_format, shown=path)
+        written = _write(params, model_config, local, target_format, shown=path, label_kind=label_kind)
         remote.upload(local, path)
     return written
 

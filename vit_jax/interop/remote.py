@@ -28,6 +28,9 @@ from vit_jax.interop import orbax_io, torch_hub
 from vit_jax.interop.common import CheckpointError
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_HTTP = re.compile(r"^(https?)://", re.IGNORECASE)
+# A Cloud Storage object's public or console URL -> its bucket/object path (for gs://); a query string is dropped.
+_GCS_HTTP = re.compile(r"^https?://storage\.(?:googleapis|cloud\.google)\.com/([^/?#]+/[^?#]*)", re.IGNORECASE)
 _MANIFEST = ".vit_jax_copy.json"  # {relative path: [size, mtime_nsec]} of what a cache entry was copied from
 _LOCK = ".vit_jax_copy.lock"
 _WEIGHT_ITEMS = ("params", orbax_io.AVERAGE_ITEM)  # orbax step items holding weights: loading reads one of them
@@ -36,8 +39,25 @@ _COMMIT_FILE = "commit_success.txt"  # orbax (>= 0.12.8) writes it into every st
 
 
 def is_remote(path: str) -> bool:
-    """True for a URI with a scheme (gs://bucket/x); local paths are read in place."""
-    return bool(_URI.match(os.fspath(path)))
+    """True for a URI with a scheme (gs://bucket/x); local paths are read in place. Every remote path is classified
+    here, so an http(s):// URL, which tf.io.gfile cannot open ("File system scheme 'https' not implemented"), is
+    refused here, once, saying what to give instead (`_refuse_http`)."""
+    path = os.fspath(path)
+    _refuse_http(path)
+    return bool(_URI.match(path))
+
+
+def _refuse_http(path: str) -> None:
+    """A CheckpointError for an http(s):// URL: a Cloud Storage object's URL (`https://storage.googleapis.com/
+    BUCKET/PATH`, as the vit_models listings give) is gs://BUCKET/PATH; another file is downloaded first."""
+    found = _HTTP.match(path)
+    if not found:
+        return
+    gcs = _GCS_HTTP.match(path)
+    advice = (f"give gs://{gcs.group(1)} (the same Cloud Storage object)" if gcs
+              else "give a local path (download the file first, e.g. with wget or curl)")
+    raise CheckpointError(f"{path}: {found.group(1).lower()}:// URLs are not supported (the readable schemes are those "
+                          f"tf.io.gfile opens: gs://, s3://, ...; or a local path); {advice}")
 
 
 def cache_dir() -> str:
@@ -123,8 +143,7 @@ def local_copy(path: str, cache: str | None = None) -> str:
 
 def upload(local: str, path: str) -> None:
     """Copy a local file or directory tree to the remote `path`, a directory's subdirectories before its own files
-    and orbax's commit file last among them: a step's commit file, at its top, arrives after everything it vouches
-    for, so an interrupted upload leaves a step that readers here skip (`_finalized`)."""
+    and, among them, `config.json` after the others and orbax's commit file last (`_upload_order`)."""
     gfile = _gfile()
     with _errors(path, "write"):
         if not os.path.isdir(local):
@@ -135,8 +154,16 @@ def upload(local: str, path: str) -> None:
             rel = os.path.relpath(dirpath, local)
             dest = path if rel == "." else posixpath.join(path, *rel.split(os.sep))
             gfile.makedirs(dest)
-            for name in sorted(files, key=lambda n: n == _COMMIT_FILE):
+            for name in sorted(files, key=_upload_order):
                 gfile.copy(os.path.join(dirpath, name), posixpath.join(dest, name), overwrite=True)
+
+
+def _upload_order(name: str) -> tuple[bool, bool]:
+    """Sort key of a directory's files for `upload`: the files that mark a directory as loadable arrive after what
+    they vouch for, so an interrupted upload leaves nothing that looks complete. orbax's commit file last (a step
+    without it is skipped: `_finalized`); `config.json` after the weights (an HF model directory is its
+    config.json and weights: `torch_hub.hf_dir_files`), as the local export writes them."""
+    return name == _COMMIT_FILE, name == "config.json"
 
 
 def is_empty_or_missing(path: str) -> bool:

@@ -10,7 +10,8 @@ What no tensor shape shows is checked or recorded: the head count (8 heads of wi
 metadata; an HF `config.json` or a timm hub `config.json` beside the weights says them too.
 
 timm (`VisionTransformer`): `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.{norm1, attn.qkv, attn.proj,
-norm2, mlp.fc1, mlp.fc2}`, `norm`, `head`. HF (`ViTForImageClassification`, hub names): `vit.embeddings.*`,
+norm2, mlp.fc1, mlp.fc2}`, `norm`, `head`, and in timm < 0.6 files (`jx_vit_*_in21k`) `pre_logits.fc` (Linear +
+tanh: our `pre_logits`). HF (`ViTForImageClassification`, hub names): `vit.embeddings.*`,
 `vit.encoder.layer.{i}.{layernorm_before, attention.attention.{query,key,value}, attention.output.dense,
 layernorm_after, intermediate.dense, output.dense}`, `vit.layernorm`, `classifier`; a `ViTModel` has no `vit.`
 prefix and may carry `pooler.dense` (Dense + tanh on the class token: our `pre_logits`). transformers 5's
@@ -385,8 +386,43 @@ def _leftovers(state: Flat, taken: set[str]) -> Flat:
 # ----------------------------------------------------------------------------------------------- timm
 
 
-def timm_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
-    """timm VisionTransformer state dict -> canonical flat params (unknown keys passed through as unexpected)."""
+def _timm_posemb_has_slot(state: Flat, config_path: str | None) -> bool | None:
+    """Whether timm's `pos_embed` holds the class token's entry, as the timm config.json beside the weights says:
+    its `model_args.no_embed_class`, else the patch count of its image size (`model_args.img_size`, else
+    `pretrained_cfg.input_size`) and patch size (`model_args.patch_size`, else the patch kernel's) against the
+    count. None when it does not tell (no config.json, or one whose sizes fit neither reading)."""
+    try:
+        cfg = _read_config_json(config_path) if config_path else {}
+    except CheckpointError:  # logged by timm_numerics, which reads it too
+        return None
+    if "architecture" not in cfg or "model_type" in cfg:  # not timm's
+        return None
+    args = cfg.get("model_args") if isinstance(cfg.get("model_args"), dict) else {}
+    if isinstance(args.get("no_embed_class"), bool):
+        return not args["no_embed_class"]
+    pretrained = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
+    input_size = pretrained.get("input_size")  # (channels, height, width)
+    image = _pair(args.get("img_size", input_size[1:] if isinstance(input_size, list) else None))
+    kernel = state.get("patch_embed.proj.weight")
+    patch = _pair(args.get("patch_size", kernel.shape[-2:] if kernel is not None and kernel.ndim == 4 else None))
+    if image is None or patch is None or 0 in patch:
+        return None
+    patches, tokens = (image[0] // patch[0]) * (image[1] // patch[1]), state["pos_embed"].shape[1]
+    return tokens == patches + 1 if tokens in (patches, patches + 1) else None
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    """An (h, w) size from timm's int or 2-sequence form; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def timm_to_canonical(state: Flat, num_heads: int, path: str, config_path: str | None = None) -> Flat:
+    """timm VisionTransformer state dict -> canonical flat params (unknown keys passed through as unexpected);
+    `config_path`, a timm config.json beside the weights, tells whether `pos_embed` has a class-token slot."""
     if any(k.startswith("patch_embed.backbone.") for k in state):
         raise CheckpointError(f"{path}: a timm hybrid (ResNetV2 backbone with timm's own GroupNorm/StdConv eps); "
                               "load the official hybrid .npz instead")
@@ -406,7 +442,9 @@ def timm_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
     put("embedding/bias", _take(state, "patch_embed.proj.bias", taken))
     put("cls", _take(state, "cls_token", taken))
     pos_embed = _take(state, "pos_embed", taken)
-    put(POSEMB_KEY, None if pos_embed is None else with_class_token_slot(pos_embed, "cls" in flat))
+    if pos_embed is not None:
+        has_slot = _timm_posemb_has_slot(state, config_path) if pos_embed.ndim == 3 and "cls" in flat else None
+        flat[POSEMB_KEY] = with_class_token_slot(pos_embed, "cls" in flat, has_slot, source=path)
     for i in _block_indices(state, r"blocks\.(\d+)\."):
         src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         for norm, ln in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
@@ -430,6 +468,10 @@ def timm_to_canonical(state: Flat, num_heads: int, path: str) -> Flat:
             put(f"{dst}MlpBlock_3/{dense}/bias", _take(state, f"{src}mlp.{fc}.bias", taken))
     put("Transformer/encoder_norm/scale", _take(state, "norm.weight", taken))
     put("Transformer/encoder_norm/bias", _take(state, "norm.bias", taken))
+    # timm < 0.6's representation layer (Linear then Tanh, released in jx_vit_*_in21k files): our pre_logits.
+    w = _take(state, "pre_logits.fc.weight", taken)
+    put("pre_logits/kernel", None if w is None else w.T)
+    put("pre_logits/bias", _take(state, "pre_logits.fc.bias", taken))
     w = _take(state, "head.weight", taken)
     put("head/kernel", None if w is None else w.T)
     put("head/bias", _take(state, "head.bias", taken))
@@ -576,9 +618,13 @@ def canonical_to_hf(flat: Flat) -> Flat:
     return state
 
 
-def hf_config(model_config: ml_collections.ConfigDict, num_classes: int, image_size: int) -> dict[str, Any]:
-    """The `config.json` of a ViTForImageClassification with our numerics (GELU flavour, LayerNorm eps)."""
+def hf_config(model_config: ml_collections.ConfigDict, num_classes: int, image_size: int,
+              label_kind: str = "single") -> dict[str, Any]:
+    """The `config.json` of a ViTForImageClassification with our numerics (GELU flavour, LayerNorm eps); a model
+    trained with `label_kind="multi"` (a sigmoid per class) says `problem_type` "multi_label_classification", else
+    HF's pipeline would read its logits through a softmax."""
     m = model_config
+    problem = {"problem_type": "multi_label_classification"} if label_kind == "multi" else {}
     return {
         "architectures": ["ViTForImageClassification"],
         "model_type": "vit",
@@ -598,6 +644,7 @@ def hf_config(model_config: ml_collections.ConfigDict, num_classes: int, image_s
         "encoder_stride": m.patch_size,
         "id2label": {str(i): f"LABEL_{i}" for i in range(num_classes)},
         "label2id": {f"LABEL_{i}": i for i in range(num_classes)},
+        **problem,
         "dtype": "float32",
     }
 
