@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,19 @@ def test_npz_to_hf_keeps_the_logits(tmp_path, source):
     assert config.gelu_approximate is True and config.layernorm_epsilon == 1e-6
     images = random_images()
     np.testing.assert_array_equal(logits_of(config, loaded, images), logits_of(tiny_config(), params, images))
+    assert "problem_type" not in json.loads((out / "config.json").read_text())  # a softmax model: HF's default
+
+
+def test_npz_to_hf_of_a_sigmoid_model_says_so_and_a_bad_label_kind_is_refused(tmp_path, source):
+    """HF applies a softmax unless config.json says multi_label_classification: convert never passed the label kind."""
+    src, _ = source
+    out = tmp_path / "hf"
+    result = _convert(f"--src={src}", *TINY, f"--out={out}", "--to=hf", "--config.label_kind=multi")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["problem_type"] == "multi_label_classification"
+    bad = _convert(f"--src={src}", *TINY, f"--out={tmp_path / 'bad'}", "--to=hf", "--config.label_kind=sigmoid")
+    assert bad.returncode == 2 and "config.label_kind='sigmoid' is invalid" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_an_image_size_that_is_no_multiple_of_the_patch_size_is_refused(tmp_path):

@@ -10,7 +10,9 @@ The config gives the architecture (`config.model`); the source's format is detec
 `--image_size` ask for others (a new zero head; resized position embeddings); without `--num_classes`, a head the
 --config model cannot use as is (its pre_logits dropped by representation_size=0) is an error, not a new zero
 head that would score chance. Nothing is overwritten: --out is a new .npz / .safetensors file (npz, timm) or a
-new or empty directory (hf, orbax). Bad input: one line, exit 2.
+new or empty directory (hf, orbax). An HF export of a sigmoid model (`label_kind="multi"`, from the config or
+recorded by the source's training run) says `problem_type: multi_label_classification`, so HF reads its logits so.
+Bad input: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli, config_check
-from vit_jax.interop import SOURCE_FORMATS, TARGET_FORMATS, check_destination, load_pretrained, save_as
+from vit_jax.interop import (
+    SOURCE_FORMATS,
+    TARGET_FORMATS,
+    check_destination,
+    load_pretrained,
+    recorded_run_config,
+    save_as,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b16.py.", lock_config=True)
 _SRC = flags.DEFINE_string("src", None, "Checkpoint to read: .npz, .safetensors/.bin/.pth, HF or orbax dir.")
@@ -44,6 +53,7 @@ def main(argv: Sequence[str]) -> None:
     # The architecture first (a bad --config.model.* is one line, not a traceback from the model); any multiple of
     # the patch size stands for the source's resolution when --image_size keeps it.
     config_check.validate_model(model_config, _IMAGE_SIZE.value or model_config.patch_size)
+    config_check.validate_label_kind(_CONFIG.value)
     source, out = cli.local_path(_SRC.value), cli.local_path(_OUT.value)  # a shell leaves `~` in --out=~/x alone
     check_destination(out, _TO.value)  # before reading: a bad --out costs nothing and overwrites nothing
     # Without --num_classes the head is the checkpoint's own: if it cannot serve the --config model (its input,
@@ -53,7 +63,10 @@ def main(argv: Sequence[str]) -> None:
                              image_size=_IMAGE_SIZE.value or None,
                              source_format=None if _FROM.value == "auto" else _FROM.value,
                              resize_method=_RESIZE.value, require_head=not _NUM_CLASSES.value)
-    written = save_as(params, model_config, out, _TO.value)
+    # An HF export says how its logits are read (problem_type): the kind the source's run recorded, else the config's.
+    source_format = None if _FROM.value == "auto" else _FROM.value
+    config_check.adopt_recorded_label_kind(_CONFIG.value, recorded_run_config(source, source_format), source)
+    written = save_as(params, model_config, out, _TO.value, label_kind=_CONFIG.value.label_kind)
     print(f"wrote {written} ({_TO.value})")
 
 
