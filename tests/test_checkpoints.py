@@ -171,6 +171,27 @@ def test_a_save_that_fails_at_once_names_its_own_step(tmp_path, monkeypatch):
     ckpt.close()
 
 
+def test_tensorstores_full_disk_is_a_write_error_saying_so(tmp_path, monkeypatch):
+    """TensorStore, orbax's array writer, reports a full disk as a ValueError (not an OSError): it escaped as a
+    traceback; now one CheckpointWriteError that leads with the OS's words."""
+    config = tiny_config(**{"mesh.data": 1})
+    state = train.init_state(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps)
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)
+
+    def tensorstore_full(*args, **kwargs):  # its wording, from a real save onto a full tmpfs
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/2.orbax-checkpoint-tmp/'
+                         'opt_state.orbax-checkpoint-tmp/_sharding": Failed to write 51285 bytes to file 6: No space '
+                         "left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ckpt.manager, "save", tensorstore_full)
+    with pytest.raises(checkpoints.CheckpointWriteError,
+                       match=r"could not write the checkpoint of step 2 to .*: No space left on device "
+                             r"\(RESOURCE_EXHAUSTED: Error writing local file .*\); no earlier checkpoint"):
+        ckpt.save(2, state["params"], state["opt_state"], {"step": 2}, {"position": 2})
+    monkeypatch.undo()
+    ckpt.close()
+
+
 def test_a_save_that_fails_in_the_background_names_the_intact_earlier_step(tmp_path, monkeypatch):
     """With keep=1 orbax forgets step 2 (to be deleted) when step 4's save starts: the failure once said "no
     earlier checkpoint" although step 2 is intact on disk."""

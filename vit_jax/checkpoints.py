@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -117,12 +118,21 @@ def check_writable(workdir: str) -> None:
                                    "directory or fix its permissions / free space") from None
 
 
+# TensorStore (orbax's array writer) reports a full disk or a denied write as a ValueError with the OS's words.
+_STORAGE_FAILURE = re.compile(r"No space left on device|Permission denied|Read-only file system|Disk quota exceeded")
+
+
 def _os_error(error: BaseException) -> BaseException:
-    """The OSError behind an orbax failure (through causes and contexts), else the error itself."""
+    """The OSError behind an orbax failure (through causes and contexts), else TensorStore's error of a full disk
+    or a denied write (as an OSError: the OS's words, then the start of TensorStore's message), else the error."""
     seen = error
     while seen is not None:
         if isinstance(seen, OSError):
             return seen
+        found = _STORAGE_FAILURE.search(str(seen)) if isinstance(seen, ValueError) else None
+        if found:
+            message = " ".join(str(seen).split())
+            return OSError(f"{found.group(0)} ({message[:200]}{' ...' if len(message) > 200 else ''})")
         seen = seen.__cause__ or seen.__context__
     return error
 
