@@ -286,6 +286,12 @@ def test_evaluating_a_checkpoint_for_other_classes_is_refused_not_scored_at_chan
         with pytest.raises(CheckpointError, match=r"cannot be evaluated as a 7-class classifier: the checkpoint's "
                                                   r"head has 10 classes"):
             train.restore_or_init(config, sharding.make_mesh(config), config.total_steps, ckpt, params_only=True)
+        # Training with pretrained_head='keep' asks for that head too: it was replaced by a new one in silence.
+        config.pretrained_head = "keep"
+        with pytest.raises(config_check.ConfigError, match=r"^config.pretrained_head='keep' cannot keep the head of "
+                                                           r".*: the checkpoint's head has 10 classes; use "
+                                                           r"pretrained_head='reset' for a new zero head"):
+            train.restore_or_init(config, sharding.make_mesh(config), config.total_steps, ckpt)
     finally:
         ckpt.close()
 

@@ -495,8 +495,18 @@ def _pretrained_state(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: 
     abstract = abstract_state(config, mesh, num_steps)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     reset_head = not params_only and config.pretrained_head == "reset"
-    params = _global_arrays(load_pretrained_params(config, path, abstract["params"], reset_head, require_head),
-                            shardings["params"])
+    keep_head = not params_only and config.pretrained_head == "keep"
+    from vit_jax.interop import surgery  # imported only when a run asks for pre-trained weights
+
+    try:  # "keep" asks for the checkpoint's own head: one that cannot serve is refused, not replaced in silence
+        loaded = load_pretrained_params(config, path, abstract["params"], reset_head, require_head or keep_head)
+    except surgery.UnusableHeadError as e:
+        if require_head:
+            raise
+        raise config_check.ConfigError(
+            f"config.pretrained_head='keep' cannot keep the head of {path}: {e.reason}; use pretrained_head='reset' "
+            "for a new zero head (the paper's fine-tuning)") from None
+    params = _global_arrays(loaded, shardings["params"])
     replicated = sharding.replicated(mesh)
     train_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as init_state's
     state = {"step": _global_arrays(np.int32(0), replicated), "params": params, "opt_state": None,

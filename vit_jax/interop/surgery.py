@@ -28,6 +28,15 @@ RESIZE_METHODS = ("bilinear", "bicubic")
 _CUBIC_A = -0.75  # the Keys cubic kernel of torch's and PIL's bicubic
 
 
+
+class UnusableHeadError(CheckpointError):
+    """A checkpoint's head that cannot serve the model as it is (`adapt_to_model`'s `require_head`); `reason` says
+    why ("the checkpoint's head has 10 classes"), for callers that word the error their own way."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
 def _linear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """Linear interpolation with corners aligned: output i samples input i * (n_in - 1) / (n_out - 1).
 
@@ -177,8 +186,8 @@ def adapt_to_model(flat: Flat, expected: Mapping[str, tuple], *, head_bias_init:
         elif have is not None and not head_stale and reset_head:
             head_stale = "fine-tuning starts from a new head; the checkpoint's has the same class count"
         if head_stale and require_head:
-            raise CheckpointError(f"{source}: cannot be evaluated as a {want[1]}-class classifier: {head_stale}, and "
-                                  f"a new head would score chance; {advice}")
+            raise UnusableHeadError(f"{source}: cannot be evaluated as a {want[1]}-class classifier: {head_stale}, "
+                                    f"and a new head would score chance; {advice}", head_stale)
         if head_stale:
             flat.update(new_head(want[0], want[1], head_bias_init))
             actions.append(f"new zero-initialised head with {want[1]} classes ({head_stale})")
