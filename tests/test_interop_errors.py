@@ -257,6 +257,9 @@ def test_bad_paths_and_formats(tmp_path, flat_params):
     path = _write_npz(tmp_path / "vit.npz", flat_params)
     with pytest.raises(CheckpointError, match=r"source_format must be one of \('npz', 'timm', 'hf', 'orbax'\)"):
         load_pretrained(path, tiny_config(), source_format="jax")
+    with pytest.raises(CheckpointError, match=r"vit.npz: the orbax format was asked for, but this is a file; an "
+                                              r"orbax checkpoint is a directory"):  # a NotADirectoryError traceback
+        load_pretrained(path, tiny_config(), source_format="orbax")
     for classes in (0, -3, 5.5):  # 0 gave a (D, 0) head in silence, the others a raw TypeError
         with pytest.raises(CheckpointError, match=f"num_classes={classes!r} is invalid: expected a positive integer"):
             load_pretrained(path, tiny_config(), num_classes=classes)

@@ -100,7 +100,11 @@ def _from_local_copy(path: str) -> Iterator[str]:
 
 
 def _reads_as_orbax(path: str, source_format: str | None) -> bool:
-    """Whether the local `path` is read as our orbax checkpoint: asked for, or detected."""
+    """Whether the local `path` is read as our orbax checkpoint: asked for (a file is then an error), or detected."""
+    if source_format == "orbax" and os.path.isfile(path):  # it was a NotADirectoryError traceback
+        raise CheckpointError(f"{path}: the orbax format was asked for, but this is a file; an orbax checkpoint is a "
+                              "directory (a workdir, its checkpoints/ or one step): ask for the file's own format "
+                              "(npz, timm, hf) or leave it to be detected")
     return source_format == "orbax" or (source_format in (None, "auto") and orbax_io.is_orbax_dir(path))
 
 
