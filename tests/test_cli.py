@@ -135,3 +135,67 @@ def test_a_config_file_that_fails_is_one_line_naming_the_file_the_line_and_the_e
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: flag --config={config}: the config file failed {error}"), \
         result.stderr[-2000:]
+
+
+def _config_command(module: str, config, *args: str, cwd) -> subprocess.CompletedProcess:
+    extra = [f"--workdir={cwd / 'w'}"] if module == "vit_jax.main" else []
+    return subprocess.run([sys.executable, "-m", module, f"--config={config}", *extra, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "VIT_JAX_HUGEPAGES": "0", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+
+
+def _the_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("module", ["vit_jax.main", "vit_jax.summary"])
+@pytest.mark.parametrize("content, reason", [
+    (b"PK\x03\x04\x14\x00\x00\x00\x00\x00", "SyntaxError: source code string cannot contain null bytes"),  # a .npz
+    (b"\xff\xfe config = 1\n", "SyntaxError: (unicode error) 'utf-8' codec can't decode byte 0xff"),
+])
+def test_a_binary_file_as_the_config_is_one_line(tmp_path, module, content, reason):
+    """An .npz given as --config was a 40-frame traceback ending in a SyntaxError that names no file."""
+    config = tmp_path / "weights.npz"
+    config.write_bytes(content)
+    error = _the_error_line(_config_command(module, config, cwd=tmp_path))
+    assert error.startswith(f"error: flag --config={config}: not a Python config file ({reason}"), error
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("module", ["vit_jax.main", "vit_jax.summary"])
+@pytest.mark.parametrize("returned, what", [
+    ("None", "None (a missing return statement?)"),
+    ("{'model': {'patch_size': 16}}", "a dict"),
+    ("ml_collections.FieldReference(1)", "a FieldReference"),
+])
+@pytest.mark.parametrize("override", [(), ("--config.a=2",)])
+def test_a_config_file_whose_get_config_returns_no_config_dict_is_one_line(tmp_path, module, returned, what,
+                                                                           override):
+    """main said "--config is required" (it was given), summary "flag --config=None", a dict was a traceback."""
+    config = tmp_path / "my_config.py"
+    config.write_text(f"import ml_collections\n\ndef get_config():\n    return {returned}\n")
+    error = _the_error_line(_config_command(module, config, *override, cwd=tmp_path))
+    assert error == (f"error: flag --config={config}: get_config() returned {what}: expected an "
+                     "ml_collections.ConfigDict")
+    assert not (tmp_path / "w").exists()
+
+
+def test_checkpoint_reader_errors_name_the_checkpoint_flag_once():
+    from vit_jax import cli
+    from vit_jax.errors import UserError
+
+    assert cli.naming_checkpoint_flag("/w/x.npz: no such file", "/w/x.npz") == "--checkpoint=/w/x.npz: no such file"
+    assert cli.naming_checkpoint_flag("/w/x.npz does not fit the model", "/w/x.npz") == \
+        "--checkpoint=/w/x.npz does not fit the model"
+    assert cli.naming_checkpoint_flag("/w/checkpoints/5/params: unreadable", "/w") == \
+        "--checkpoint=/w: /w/checkpoints/5/params: unreadable"
+    assert cli.naming_checkpoint_flag("/w/x.npz2: no such file", "/w/x.npz") == \
+        "--checkpoint=/w/x.npz: /w/x.npz2: no such file"
+    assert cli.naming_checkpoint_flag("--checkpoint=/w: has no head", "/w") == "--checkpoint=/w: has no head"
+    for blank in ("", "  ", None):
+        with pytest.raises(UserError, match="^--checkpoint is (empty|blank)"):
+            cli.checkpoint_path(blank)
+    assert cli.checkpoint_path("~/ckpt") == os.path.expanduser("~/ckpt")

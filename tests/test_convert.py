@@ -92,8 +92,9 @@ def test_an_image_size_that_is_no_multiple_of_the_patch_size_is_refused(tmp_path
                       "--image_size=100")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
-    assert "image_size=100 is invalid: must be divisible by model.patch_size=16 (the nearest are 96 and 112)" \
-        in errors[0]
+    # The flag, not config.image_size (another value, unused here).
+    assert errors[0] == ("error: --image_size=100 is invalid: must be divisible by model.patch_size=16 (the nearest "
+                         "are 96 and 112)")
     assert not out.exists()
 
 @pytest.mark.parametrize("override, message", [

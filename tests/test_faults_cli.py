@@ -97,7 +97,9 @@ def test_pretrained_checkpoint_of_another_width(tmp_path, digits_dir, wide_npz):
     # The reason: the widths (and depths) side by side, and a mismatched key with both shapes.
     assert_bad_input(result, tmp_path / "w", f"{wide_npz} (npz) does not fit the model",
                      "checkpoint num_layers 2, hidden_size 48, mlp_dim 96 vs model 1, 32, 64",
-                     "wrong shape for 22 key(s)", "embedding/kernel (checkpoint (4, 4, 3, 48), model (4, 4, 3, 32))")
+                     "wrong shape for 23 key(s)", "embedding/kernel (checkpoint (4, 4, 3, 48), model (4, 4, 3, 32))",
+                     # the head's input is of the other width too: listed, not replaced by a new head in silence
+                     "head/kernel (checkpoint (48, 10), model (32, 10))")
 
 
 def test_truncated_npz(tmp_path, digits_dir, wide_npz):
@@ -214,3 +216,42 @@ def test_resuming_a_workdir_with_another_model_or_damaged_files(tmp_path, digits
 def test_a_coordinator_address_without_a_port(tmp_path):
     result = run_main(tmp_path / "w", "--coordinator_address=localhost", "--num_processes=1", "--process_id=0")
     assert_bad_input(result, tmp_path / "w", "--coordinator_address=localhost is invalid: expected HOST:PORT")
+
+
+def _run_command(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "VIT_JAX_HUGEPAGES": "0"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+@pytest.mark.parametrize("module", ["vit_jax.predict", "vit_jax.visualize"])
+@pytest.mark.parametrize("checkpoint, message", [
+    ("", "--checkpoint is empty: expected a training workdir"),
+    ("  ", "--checkpoint is blank (only whitespace): expected a training workdir"),
+    ("missing.npz", "--checkpoint={tmp}/missing.npz: no such file or directory"),  # once, not `PATH: PATH: ...`
+])
+def test_a_checkpoint_that_is_empty_or_missing_names_the_flag(tmp_path, module, checkpoint, message):
+    """`--checkpoint=` was `error: : no such file or directory`, and a missing checkpoint's error named no flag
+    (it read like an error about an image)."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.png")
+    path = str(tmp_path / checkpoint) if checkpoint.strip() else checkpoint
+    out = [f"--out={tmp_path / 'figures'}"] if module == "vit_jax.visualize" else []
+    result = _run_command(module, f"--config={ROOT}/configs/demo.py", f"--checkpoint={path}", *out,
+                          str(tmp_path / "image.png"), cwd=tmp_path)
+    error = _one_error_line(result)
+    assert error.startswith("error: " + message.format(tmp=tmp_path)), error
+    assert not (tmp_path / "figures").exists()
+
+
+def test_a_bad_source_format_is_refused_naming_its_flag():
+    """Not `--checkpoint=PATH: source_format must be one of ...`: the readers' error would be blamed on the path."""
+    from vit_jax import predict
+    from vit_jax.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--source_format=safetensor is invalid: expected one of npz, timm, hf, "):
+        predict.check_source_format("safetensor")
+    for valid in (None, "auto", "npz", "orbax"):
+        predict.check_source_format(valid)

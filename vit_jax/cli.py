@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
+import ml_collections
 from absl import app, flags
 
 from vit_jax import hugepages
@@ -22,6 +23,25 @@ EXIT_BAD_INPUT = 2
 def local_path(path: str) -> str:
     """`path` with a leading `~` expanded (a shell leaves it alone in --flag=~/x); URIs (gs://...) as they are."""
     return path if not path or "://" in path else os.path.expanduser(path)
+
+
+def checkpoint_path(value: str | None) -> str:
+    """The path of a --checkpoint flag (`local_path`); UserError for an empty or blank one, which would otherwise
+    be read as the current directory or reported as a file named ''."""
+    if value is None or not value.strip():  # in words: the one-line error collapses the spaces of a blank value
+        raise UserError(f"--checkpoint is {'blank (only whitespace)' if value else 'empty'}: expected a training "
+                        "workdir, its checkpoints/ directory or a checkpoint (.npz, .safetensors, HF or orbax)")
+    return local_path(value)
+
+
+def naming_checkpoint_flag(message: str, path: str) -> str:
+    """A checkpoint reader's `message` about `path` (most begin with the path: "PATH: no such file") as one naming
+    the --checkpoint flag it came from, so it does not read as being about an image or another input."""
+    if message.startswith("--checkpoint="):
+        return message
+    if path and message.startswith(path) and message[len(path):len(path) + 1] in (":", " "):
+        return f"--checkpoint={path}{message[len(path):]}"
+    return f"--checkpoint={path}: {message}"
 
 
 def no_positional_arguments(argv: Sequence[str]) -> None:
@@ -154,12 +174,68 @@ def _unreadable_config_file(argv: Sequence[str], error: BaseException | None) ->
             + (f"; the project's are configs/{{{','.join(known)}}}" if known else ""))
 
 
+def _not_a_config_file(error: BaseException | None, argv: Sequence[str]) -> str | None:
+    """The one line for a --config file Python cannot compile as text (a binary file, an .npz given as the config):
+    the SyntaxError compiling its bytes names no file and no line. None for any other error."""
+    flag = _config_flag(argv)
+    path = flag.split(":", 1)[0]
+    seen = set()
+    while error is not None and path and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, SyntaxError) and (
+                (error.filename is None and os.path.isfile(path))  # "source code string cannot contain null bytes"
+                or (_same_file(error.filename, path) and str(error.msg).startswith("(unicode error)"))):
+            return f"flag --config={flag}: not a Python config file (SyntaxError: {_text(error)})"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _kind_of(value: Any) -> str:
+    """`None`, `a dict`, `an int`: what a value is, in words."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _loaded_config(flag: str) -> Any:
+    """What the config file `flag` (FILE[:ARG]) returns, loaded again: when a --config.x override fails, the flag's
+    parsing (which applies the overrides) failed and left it unset. A ConfigDict when it cannot be loaded."""
+    from ml_collections.config_flags import config_flags  # the module: its parser is not exported
+
+    absl_logger = logging.getLogger("absl")
+    disabled, absl_logger.disabled = absl_logger.disabled, True  # its warning for None was logged the first time
+    try:
+        return config_flags.ConfigFileFlagParser("config", lock_config=False).parse(flag)
+    except Exception:  # the config file's own code raises anything: the error already being reported says it
+        return ml_collections.ConfigDict()
+    finally:
+        absl_logger.disabled = disabled
+
+
+def _config_not_a_config_dict(argv: Sequence[str]) -> str | None:
+    """The one line for a --config file whose get_config() returned something other than a ConfigDict (None: a
+    forgotten return; a plain dict), None when --config was not given or holds a ConfigDict."""
+    flag = _config_flag(argv)
+    if "config" not in flags.FLAGS or not flag:
+        return None
+    value = flags.FLAGS["config"].value if flags.FLAGS["config"].present else _loaded_config(flag)
+    if type(value).__name__ == "_ErrorConfig" or isinstance(value, ml_collections.ConfigDict):
+        return None
+    hint = " (a missing return statement?)" if value is None else ""
+    return f"flag --config={flag}: get_config() returned {_kind_of(value)}{hint}: expected an ml_collections.ConfigDict"
+
+
 def _check_config_files_loaded(argv: Sequence[str]) -> None:
-    """A config file that cannot be read is only reported when first used (ml_collections); report it now."""
+    """A config file that cannot be read is only reported when first used (ml_collections); report it now. So is
+    one whose get_config() returned no ConfigDict (ml_collections only logs a warning for None)."""
     value = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
     if type(value).__name__ == "_ErrorConfig":  # ml_collections.config_flags' stand-in for a failed load
         error = object.__getattribute__(value, "_error")
         _fail(_raised_by_config_file(error, argv) or _unreadable_config_file(argv, error))
+    message = _config_not_a_config_dict(argv)
+    if message is not None:
+        _fail(message)
 
 
 def _installed_config(value: str) -> str:
@@ -193,7 +269,8 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
     except Exception as e:  # a config file's own code raises anything
-        message = _raised_by_config_file(e, argv) or _flag_error(e, argv)
+        message = (_not_a_config_file(e, argv) or _raised_by_config_file(e, argv) or _config_not_a_config_dict(argv)
+                   or _flag_error(e, argv))
         if message is None:
             raise
         _fail(message)

@@ -23,6 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli, config_check
+from vit_jax.errors import UserError
 from vit_jax.interop import (
     SOURCE_FORMATS,
     TARGET_FORMATS,
@@ -50,9 +51,13 @@ _RESIZE = flags.DEFINE_enum("resize_method", "bilinear", ["bilinear", "bicubic"]
 def main(argv: Sequence[str]) -> None:
     cli.no_positional_arguments(argv)
     model_config = _CONFIG.value.model
-    # The architecture first (a bad --config.model.* is one line, not a traceback from the model); any multiple of
-    # the patch size stands for the source's resolution when --image_size keeps it.
-    config_check.validate_model(model_config, _IMAGE_SIZE.value or model_config.patch_size)
+    # The architecture first (a bad --config.model.* is one line, not a traceback from the model); the patch size
+    # stands for any resolution it divides: --image_size is checked after, as the flag it is (config.image_size is
+    # not used here: the source's resolution is kept without --image_size).
+    config_check.validate_model(model_config, model_config.patch_size)
+    problem = _IMAGE_SIZE.value and config_check.image_size_problem(_IMAGE_SIZE.value, model_config.patch_size)
+    if problem:
+        raise UserError(f"--image_size={_IMAGE_SIZE.value} is invalid: {problem}")
     config_check.validate_label_kind(_CONFIG.value)
     source, out = cli.local_path(_SRC.value), cli.local_path(_OUT.value)  # a shell leaves `~` in --out=~/x alone
     check_destination(out, _TO.value)  # before reading: a bad --out costs nothing and overwrites nothing

@@ -304,13 +304,28 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "checkpoint"])
 
 
+def check_source_format(value: str | None) -> None:
+    """--source_format must be a format `vit_jax.interop` reads (checked before the checkpoint: the readers' error
+    for it would be taken for one about the checkpoint)."""
+    from vit_jax import interop
+
+    if value is not None and value not in ("auto", *interop.SOURCE_FORMATS):
+        raise UserError(f"--source_format={value} is invalid: expected one of {', '.join(interop.SOURCE_FORMATS)} "
+                        "(or leave it out: detected from the checkpoint)")
+
+
 def _load_predictor(config: ml_collections.ConfigDict, batch_size: int
                     ) -> Callable[[Sequence[tuple[str, np.ndarray]]], list[Prediction]]:
     """The command's predictor: the checkpoint's params, its run's label kind, and class names from
     `--labels` or the dataset."""
-    checkpoint, source_format = cli.local_path(flags.FLAGS.checkpoint), flags.FLAGS.source_format
-    follow_recorded_run(config, checkpoint, source_format)
-    params, num_classes = load_params(checkpoint, config, source_format)
+    from vit_jax import interop
+
+    checkpoint, source_format = cli.checkpoint_path(flags.FLAGS.checkpoint), flags.FLAGS.source_format
+    try:  # the readers' errors name the path (or a file in it): say it is --checkpoint's, not an image's
+        follow_recorded_run(config, checkpoint, source_format)
+        params, num_classes = load_params(checkpoint, config, source_format)
+    except interop.CheckpointError as e:
+        raise UserError(cli.naming_checkpoint_flag(str(e), checkpoint)) from e
     if flags.FLAGS.labels:
         names = read_labels_file(cli.local_path(flags.FLAGS.labels), num_classes)
     else:
@@ -334,6 +349,8 @@ def main(argv: Sequence[str]) -> None:
     config_check.validate_label_kind(config)  # anything but "multi" was read as a softmax
     if flags.FLAGS.top_k < 1:
         raise UserError(f"--top_k={flags.FLAGS.top_k}: expected a positive integer")
+    cli.checkpoint_path(flags.FLAGS.checkpoint)  # an empty one is refused before any image is read
+    check_source_format(flags.FLAGS.source_format)
     paths = argv[1:]
     if not paths:
         raise UserError("no IMAGE given: pass one or more image files after the flags")

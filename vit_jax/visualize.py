@@ -282,6 +282,8 @@ def main(argv: Sequence[str]) -> None:
     if "://" in flags.FLAGS.out:  # pathlib would make gs://b/x a local directory gs:/b/x, in silence
         raise UserError(f"--out={flags.FLAGS.out}: the figures are written to a local directory; copy them to "
                         "the bucket afterwards (gcloud storage cp -r)")
+    checkpoint = cli.checkpoint_path(flags.FLAGS.checkpoint)  # an empty one is refused before any image is read
+    predict.check_source_format(flags.FLAGS.source_format)
     out = pathlib.Path(flags.FLAGS.out).expanduser()
     _check_out(out)
     crop_fraction, antialias = config.pp.eval_crop_fraction, config.pp.antialias
@@ -291,7 +293,12 @@ def main(argv: Sequence[str]) -> None:
                   for p in argv[1:]]
     else:
         images = sample_images(config.image_size, crop_fraction, antialias)
-    params = load_params(cli.local_path(flags.FLAGS.checkpoint), config.model, flags.FLAGS.source_format)
+    from vit_jax import interop
+
+    try:  # the readers' errors name the path (or a file in it): say it is --checkpoint's, not an image's
+        params = load_params(checkpoint, config.model, flags.FLAGS.source_format)
+    except interop.CheckpointError as e:
+        raise UserError(cli.naming_checkpoint_flag(str(e), checkpoint)) from e
     try:
         for path in render_figures(config, params, images, out, flags.FLAGS.num_components):
             print(path)
