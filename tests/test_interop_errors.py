@@ -203,6 +203,40 @@ def test_save_as_into_a_place_that_takes_no_files_is_a_checkpoint_error(tmp_path
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("target", ["timm", "orbax"])
+def test_a_full_disk_in_safetensors_or_orbax_words_is_a_checkpoint_error_that_leaves_nothing(tmp_path, monkeypatch,
+                                                                                               target):
+    """safetensors and orbax (TensorStore) report a full disk as their own errors, not OSError: tracebacks, and
+    orbax's half-written step directory blocked the next attempt ("exists and is not empty"). Their wording is
+    that of real writes onto a full tmpfs."""
+    import safetensors
+    import safetensors.numpy
+
+    from vit_jax.interop import orbax_io
+
+    def full_safetensors(tensors, filename, metadata=None):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_orbax(params, meta, path):
+        os.makedirs(os.path.join(path, "0.orbax-checkpoint-tmp", "params.orbax-checkpoint-tmp"))
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "Transformer.encoder_norm.bias/0" in OCDBT database: '
+                         "Failed to write 784275 bytes to file 6: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_safetensors)
+    monkeypatch.setattr(orbax_io, "write_orbax", full_orbax)
+    path = tmp_path / ("vit.safetensors" if target == "timm" else "orbax")
+    with pytest.raises(CheckpointError, match=f"{path}: cannot write there \\(No space left on device \\("
+                                              "(Error while serializing|RESOURCE_EXHAUSTED).*\\); the destination "
+                                              "is left as it was"):
+        save_as(random_params(tiny_config(), 4), tiny_config(), str(path), target)
+    assert os.listdir(tmp_path) == []
+    empty = tmp_path / "empty"  # an empty directory given as the destination stays, empty
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="cannot write there"):
+        save_as(random_params(tiny_config(), 4), tiny_config(), str(empty), "orbax")
+    assert os.listdir(empty) == []
+
+
 class _Exploit:
     """Unpickling this would create a directory (a stand-in for running arbitrary code)."""
 

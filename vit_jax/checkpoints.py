@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vit_jax.errors import UserError
-from vit_jax.interop.common import architecture_difference, key_differences
+from vit_jax.interop.common import architecture_difference, key_differences, storage_failure
 from vit_jax.interop.orbax_io import describe_error, item_tree_metadata
 from vit_jax.optim import param_path
 
@@ -118,25 +117,6 @@ def check_writable(workdir: str) -> None:
                                    "directory or fix its permissions / free space") from None
 
 
-# TensorStore (orbax's array writer) reports a full disk or a denied write as a ValueError with the OS's words.
-_STORAGE_FAILURE = re.compile(r"No space left on device|Permission denied|Read-only file system|Disk quota exceeded")
-
-
-def _os_error(error: BaseException) -> BaseException:
-    """The OSError behind an orbax failure (through causes and contexts), else TensorStore's error of a full disk
-    or a denied write (as an OSError: the OS's words, then the start of TensorStore's message), else the error."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        found = _STORAGE_FAILURE.search(str(seen)) if isinstance(seen, ValueError) else None
-        if found:
-            message = " ".join(str(seen).split())
-            return OSError(f"{found.group(0)} ({message[:200]}{' ...' if len(message) > 200 else ''})")
-        seen = seen.__cause__ or seen.__context__
-    return error
-
-
 def checkpoint_dir(workdir: str) -> str:
     """Where a run's checkpoints live."""
     return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
@@ -204,12 +184,12 @@ class Checkpoints:
         except Exception as e:  # orbax wraps the writer's error (in a thread) in its own types
             failed = self._pending_step if self._pending_step is not None else step
             self._pending_step = None
-            cause = _os_error(e)
-            if not isinstance(cause, OSError):
+            cause = storage_failure(e)
+            if cause is None:
                 raise
             raise CheckpointWriteError(f"could not write the checkpoint of step {failed} to {self.directory}: "
-                                       f"{' '.join(str(cause).split())}; {self._what_is_intact()}. Free space or fix "
-                                       "permissions, then rerun the same command to resume") from e
+                                       f"{cause}; {self._what_is_intact()}. Free space or fix permissions, then "
+                                       "rerun the same command to resume") from e
 
     def _what_is_intact(self) -> str:
         """After a failed save, which complete checkpoint is left on disk, as a clause of the error.

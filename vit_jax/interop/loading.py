@@ -40,6 +40,7 @@ from vit_jax.interop.common import (
     expected_shapes,
     params_to_canonical,
     posemb_sincos_2d,
+    storage_failure,
     with_class_token_slot,
 )
 
@@ -418,11 +419,31 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
     path = os.fspath(path)
     if remote.is_remote(path):
         return _save_remote(params, model_config, path.rstrip("/"), target_format, label_kind)
+    existed = os.path.exists(path)  # check_destination: nothing, or an empty directory
     try:
         return _write(params, model_config, path, target_format, shown=path, label_kind=label_kind)
     except OSError as e:  # a read-only disk or directory, a file system that takes no files, a full disk
         raise CheckpointError(f"{path}: cannot write there ({e.strerror or e}); the destination is left as it "
                               "was") from e
+    except Exception as e:  # safetensors' and orbax's (TensorStore's) own errors for a full disk
+        cause = storage_failure(e)
+        if cause is None:
+            raise
+        if target_format == "orbax" and existed:  # orbax leaves its temporary step directory behind
+            _remove_contents(path)
+        elif target_format == "orbax":
+            shutil.rmtree(path, ignore_errors=True)
+        raise CheckpointError(f"{path}: cannot write there ({cause}); the destination is left as it was") from e
+
+
+def _remove_contents(directory: str) -> None:
+    """Delete what is inside `directory` (a failed write into a directory that was empty), keeping it."""
+    for name in os.listdir(directory):
+        entry = os.path.join(directory, name)
+        if os.path.isdir(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            os.remove(entry)
 
 
 def _check_label_kind(label_kind: str) -> None:
