@@ -108,3 +108,28 @@ def test_prepare_refuses_stray_arguments(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: unexpected arguments ['images']")
     assert os.listdir(tmp_path) == []
+
+
+def test_preparing_onto_a_full_disk_is_one_error_saying_so(tmp_path, monkeypatch):
+    """TFDS reports a full disk as a RuntimeError naming the split (its wording, from a real prepare onto a full
+    tmpfs): it was a traceback. A missing input (an OSError without those words) is not taken for one."""
+    from vit_jax.data import datasets
+    from vit_jax.data.builders.digits import Digits
+
+    def full(self, **kwargs):
+        raise RuntimeError('Failed to finalize writing of split "train": write() failed: No space left on device; '
+                           "writing digits-train.array_record-00000-of-00001")
+
+    monkeypatch.setattr(Digits, "download_and_prepare", full)
+    with pytest.raises(data.DatasetError, match=r"^could not write digits into .*: No space left on device \(Failed to "
+                                                r"finalize writing of split \"train\".*\); free space \(or fix "
+                                                r"permissions\) and run again: python -m vit_jax.data.prepare "
+                                                r"--dataset=digits"):
+        datasets.prepare("digits", str(tmp_path))
+
+    def missing(self, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "digits.csv")
+
+    monkeypatch.setattr(Digits, "download_and_prepare", missing)
+    with pytest.raises(FileNotFoundError):
+        datasets.prepare("digits", str(tmp_path))

@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vit_jax.errors import UserError
-from vit_jax.interop.common import architecture_difference, key_differences, storage_failure
+from vit_jax.errors import UserError, storage_failure
+from vit_jax.interop.common import architecture_difference, key_differences
 from vit_jax.interop.orbax_io import describe_error, item_tree_metadata
 from vit_jax.optim import param_path
 

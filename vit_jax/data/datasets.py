@@ -25,6 +25,7 @@ from vit_jax.data.builders.digits import Digits
 from vit_jax.data.builders.image_folder import ImageFolder
 from vit_jax.data.builders.imagenet21k import Imagenet21k
 from vit_jax.data.errors import DatasetError
+from vit_jax.errors import storage_failure
 
 OWN_BUILDERS = {"digits": Digits, "imagenet21k": Imagenet21k, "image_folder": ImageFolder}
 BUILT_ON_FIRST_USE = ("digits",)
@@ -253,7 +254,14 @@ def prepare(name: str, data_dir: str, manual_dir: str = "") -> str:
     if "://" not in data_dir:
         _check_writable_data_dir(data_dir)  # created now, once every other check passed
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-    builder.download_and_prepare(file_format=ARRAY_RECORD, download_config=download_config)
+    try:
+        builder.download_and_prepare(file_format=ARRAY_RECORD, download_config=download_config)
+    except Exception as e:  # TFDS and ArrayRecord report a full disk as a RuntimeError naming the split
+        cause = storage_failure(e, any_os_error=False)
+        if cause is None:
+            raise
+        raise DatasetError(f"could not write {name} into {builder.data_dir}: {cause}; free space (or fix "
+                           f"permissions) and run again: {prepare_command(name, data_dir, manual_dir)}") from e
     return str(builder.data_dir)
 
 

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -117,28 +116,6 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-
-
-# A full disk or a denied write, in the words of TensorStore (orbax's array writer: a ValueError) and safetensors
-# (a SafetensorError), which are no OSError.
-_STORAGE_FAILURE = re.compile(r"No space left on device|Permission denied|Read-only file system|Disk quota exceeded")
-
-
-def storage_failure(error: BaseException) -> str | None:
-    """What failed in the storage under `error` (its causes and contexts too): an OSError, or a full disk /
-    denied write that TensorStore or safetensors report as their own errors (the OS's words, then the start of
-    theirs); None for any other error."""
-    seen, visited = error, set()
-    while seen is not None and id(seen) not in visited:
-        visited.add(id(seen))
-        if isinstance(seen, OSError):
-            return " ".join(str(seen).split())
-        found = _STORAGE_FAILURE.search(str(seen))
-        if found:
-            message = " ".join(str(seen).split())
-            return f"{found.group(0)} ({message[:200]}{' ...' if len(message) > 200 else ''})"
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def with_class_token_slot(posemb: np.ndarray, has_cls: bool, has_slot: bool | None = None,

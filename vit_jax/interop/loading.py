@@ -26,6 +26,7 @@ import ml_collections
 from absl import logging
 
 from vit_jax import config_check
+from vit_jax.errors import storage_failure
 from vit_jax.interop import npz, orbax_io, remote, surgery, torch_hub
 from vit_jax.interop.common import (
     OFFICIAL_NUMERICS,
@@ -40,7 +41,6 @@ from vit_jax.interop.common import (
     expected_shapes,
     params_to_canonical,
     posemb_sincos_2d,
-    storage_failure,
     with_class_token_slot,
 )
 
