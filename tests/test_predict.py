@@ -222,6 +222,9 @@ def test_labels_file_must_name_every_class(tmp_path):
     assert predict.read_labels_file(str(tmp_path / "notepad.txt"), 2) == ["cat", "dog"]
     with pytest.raises(UserError, match="has 2 names.*3 classes"):
         predict.read_labels_file(str(tmp_path / "labels.txt"), 3)
+    (tmp_path / "gap.txt").write_text("cat\n\ndog\n")  # class 1 was named '' and dog became class 2
+    with pytest.raises(UserError, match=r"gap.txt: line 2 is blank: give one name per line, class 0 first"):
+        predict.read_labels_file(str(tmp_path / "gap.txt"), 3)
 
 
 def test_predict_batches_give_the_same_probabilities_as_one_pass():

@@ -139,6 +139,11 @@ def read_labels_file(path: str, num_classes: int) -> list[str]:
         raise UserError(f"--labels={path}: cannot read it as a UTF-8 text file ({e})") from e
     while names and not names[-1]:
         names.pop()
+    blank = [number for number, name in enumerate(names, 1) if not name]
+    if blank:  # it named a class '' and shifted every later name by one line
+        more = f" (and {len(blank) - 1} more)" if blank[1:] else ""
+        raise UserError(f"--labels={path}: line {blank[0]} is blank{more}: give one name per line, class 0 first, "
+                        "with no blank lines between them")
     if len(names) != num_classes:
         raise UserError(f"--labels={path}: has {len(names)} names, but the checkpoint's head has {num_classes} "
                         "classes: give one name per line, class 0 first")
