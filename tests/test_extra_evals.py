@@ -208,6 +208,12 @@ def test_a_multi_label_set_beside_a_softmax_run_is_configured_with_the_runs_labe
     assert config.label_kind == "single"
     derived = extra_evals.eval_configs(config)["image_folder"]
     assert (derived.dataset, derived.eval_split, derived.label_kind) == ("image_folder", "validation", "single")
+    # An entry's split that is not there is named as the entry's: it read "config.eval_split='valid'", the run's
+    # own field, which holds 'test'.
+    config = _config(tmp_path, ("image_folder,valid",), folder)
+    with pytest.raises(data.DatasetError, match=r"^config.extra_evals entry 'image_folder,valid': its split 'valid' "
+                                                r"is not a split of image_folder"):
+        extra_evals.eval_configs(config)
 
 
 def test_an_extra_test_set_of_other_classes_stops_the_run_before_it_writes(tmp_path):

@@ -243,7 +243,7 @@ def test_a_bad_fewshot_entry_is_named_and_too_few_shots_stop_a_run_before_it_wri
     config.dataset, config.train_split, config.eval_split = "digits", "train", "test"
     config.tfds_data_dir = digits_dir
     with pytest.raises(data.DatasetError, match=r"config.fewshot.datasets entry 'digits,trian,test': "
-                                                r"config.train_split='trian' is not a split of digits"):
+                                                r"its train split 'trian' is not a split of digits"):
         fewshot.check_datasets(config)
     config.fewshot.datasets, config.fewshot.shots = ("digits,train[:100],test",), (1, 25)
     config.pp.inception_crop, config.eval_batch_size = False, 128

@@ -58,6 +58,7 @@ def eval_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.
     """
     from vit_jax import data
     from vit_jax.data import datasets
+    from vit_jax.data.errors import for_entry
 
     configs = {}
     for entry in validate(config):
@@ -73,7 +74,7 @@ def eval_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.
                 derived.dataset, derived.eval_split = entry.dataset, entry.split
                 derived.tfds_manual_dir = manual_dir
             data.dataset_info(derived, train=False)  # the split is there and not empty
-        except data.DatasetError as e:  # it names the run's own fields (config.eval_split, ...): say which entry
-            raise data.DatasetError(f"{where}: {e}") from None
+        except data.DatasetError as e:  # it names the run's own fields (config.eval_split, ...): say the entry's
+            raise for_entry(e, where, {"dataset": "its dataset", "eval_split": "its split"}) from None
         configs[entry.name] = derived
     return configs

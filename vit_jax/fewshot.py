@@ -217,6 +217,7 @@ def check_datasets(config: ml_collections.ConfigDict) -> list[tuple[FewshotTask,
     anything."""
     from vit_jax import data
     from vit_jax.data import datasets
+    from vit_jax.data.errors import for_entry
 
     configs = []
     for task in validate(config):
@@ -226,8 +227,9 @@ def check_datasets(config: ml_collections.ConfigDict) -> list[tuple[FewshotTask,
             builder = datasets.load_builder(task.dataset, derived.tfds_data_dir, derived.tfds_manual_dir)
             datasets.dataset_info_from_builder(builder, task.dataset, derived.train_split, derived.eval_split,
                                                derived.num_classes, derived.label_kind)  # both splits, not empty
-        except data.DatasetError as e:  # it names the run's own fields (config.train_split, ...): say which entry
-            raise data.DatasetError(f"{entry}: {e}") from None
+        except data.DatasetError as e:  # it names the run's own fields (config.train_split, ...): say the entry's
+            raise for_entry(e, entry, {"dataset": "its dataset", "train_split": "its train split",
+                                       "eval_split": "its test split"}) from None
         shared = datasets.shared_examples(builder, task.train_split, task.test_split)
         if shared:  # shots drawn from the images scored would report training accuracy
             raise FewshotError(f"{entry}: its train split {task.train_split!r} and test split {task.test_split!r} "
