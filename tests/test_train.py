@@ -1,5 +1,6 @@
 """The training step: identical on 1 and 8 devices, gradient accumulation = one big batch, eval counts, NaN stop."""
 
+import json
 from unittest import mock
 
 import jax
@@ -499,6 +500,13 @@ def test_final_metrics_scored_with_other_settings_are_not_reused(tmp_path, chang
     path = train.epath.Path(tmp_path) / train.FINAL_METRICS
     assert train._stored_result(path, 5, config, extra) == stored  # unchanged: read back
     assert train._stored_result(path, 5, *_scoring_config(**change)) is None
+    # Scored again with the other settings: the first scores are kept beside (they were replaced, and lost).
+    rescored = {"step": 5, "test_accuracy": 0.7, "scored_with": train.scored_with(*_scoring_config(**change))}
+    for _ in range(2):  # the second time with the same settings: replaced, nothing more kept
+        train.write_final_metrics(str(tmp_path), rescored)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_metrics.1.json", train.FINAL_METRICS]
+    assert json.loads((tmp_path / "final_metrics.1.json").read_text()) == stored
+    assert json.loads(path.read_text()) == rescored
 
 
 def test_final_metrics_that_record_no_scoring_settings_are_scored_again(tmp_path, caplog):

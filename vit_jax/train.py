@@ -594,12 +594,32 @@ def _check_finite(pending: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, 
 
 
 def write_final_metrics(workdir: str, result: dict) -> None:
-    """WORKDIR/final_metrics.json (process 0), whole or not at all: written beside it, then renamed over it."""
+    """WORKDIR/final_metrics.json (process 0), whole or not at all: written beside it, then renamed over it.
+
+    Scores of the same step made with other settings (a finished run scored again on another split, crop or test
+    set) are kept as final_metrics.N.json (the first free N), not replaced: they are results too."""
     if jax.process_index() == 0:
         path = epath.Path(workdir) / FINAL_METRICS
         partial = path.parent / f"{FINAL_METRICS}.partial"
         partial.write_text(json.dumps(result, indent=2))
+        _keep_other_scores(path, result)
         partial.replace(path)
+
+
+def _keep_other_scores(path: epath.Path, result: dict) -> None:
+    """Move `path` aside as final_metrics.N.json if it holds `result`'s step scored with other settings."""
+    try:
+        old = json.loads(path.read_text()) if path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # unreadable: nothing to keep
+    if not isinstance(old, dict) or old.get("step") != result.get("step") or "scored_with" not in old or \
+            old["scored_with"] == result.get("scored_with"):
+        return
+    number = 1
+    while (kept := path.parent / f"final_metrics.{number}.json").exists():
+        number += 1
+    path.rename(kept)
+    logging.warning("kept the scores of step %s made with other settings as %s", old["step"], kept)
 
 
 ExtraSteps = dict[str, tuple[ml_collections.ConfigDict, Callable]]
