@@ -113,3 +113,37 @@ def test_sincos_posemb_needs_a_width_of_four_parts():
     assert posemb_sincos_2d(2, 3, 8).shape == (1, 6, 8)
     with pytest.raises(CheckpointError, match="sin-cos position embeddings of width 66: expected a multiple of 4"):
         posemb_sincos_2d(2, 2, 66)
+
+
+def test_an_atomic_write_is_synced_to_disk_before_it_replaces_the_file(tmp_path, monkeypatch):
+    """Without the fsync a power loss after the rename could leave an empty file where the checkpoint was; each
+    call writes its own temp file (two threads writing one path shared `path.tmp-PID`)."""
+    import os
+
+    from vit_jax.interop.common import write_atomically
+
+    events, temps = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))  # the file the descriptor is open on
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    def write(tmp):
+        temps.append(tmp)
+        with open(tmp, "w") as f:
+            f.write("weights")
+
+    path = tmp_path / "vit.npz"
+    write_atomically(str(path), write)
+    write_atomically(str(path), write)
+    assert path.read_text() == "weights" and os.listdir(tmp_path) == ["vit.npz"]
+    assert temps[0] != temps[1]
+    assert events[:2] == [("fsync", temps[0]), ("replace", temps[0])]

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -107,10 +108,14 @@ def unstack_scanned(flat: Mapping[str, np.ndarray], prefix: str = "Transformer/e
 
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
     """Call `write(tmp)` on a temp file beside `path`, then rename it over `path`: readers never see a partial
-    file. If anything fails (or is interrupted), the temp file is removed and `path` is left as it was."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    file. If anything fails (or is interrupted), the temp file is removed and `path` is left as it was. The temp
+    file is synced to disk before the rename (else a power loss can leave `path` empty), and named per call (two
+    threads writing one path do not share it)."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
