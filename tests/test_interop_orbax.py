@@ -220,6 +220,13 @@ def test_save_as_orbax_round_trip(tmp_path):
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         save_as(params, config.model, str(tmp_path / "ckpt"), "orbax")
+    # The label kind is recorded as the run config's, for predict and --mode=eval to adopt (a sigmoid model's
+    # logits were read through a softmax after a conversion to orbax).
+    from vit_jax.interop import recorded_run_config
+
+    assert recorded_run_config(str(tmp_path / "ckpt"))["label_kind"] == "single"
+    save_as(params, config.model, str(tmp_path / "multi"), "orbax", label_kind="multi")
+    assert recorded_run_config(str(tmp_path / "multi"))["label_kind"] == "multi"
 
 
 def test_a_relative_checkpoint_path_loads(tmp_path, monkeypatch):

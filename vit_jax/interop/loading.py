@@ -412,7 +412,8 @@ def save_as(params: Any, model_config: ml_collections.ConfigDict, path: str, tar
     An existing destination is refused (`check_destination`) unless `overwrite` (never for orbax). Files are
     written atomically: a failed export leaves the destination as it was. `label_kind` is the run config's (a
     "multi" model's HF config.json says problem_type "multi_label_classification": HF applies a sigmoid, not a
-    softmax); the other formats record no loss.
+    softmax); an orbax export records it as its run config's, which predict and evaluation adopt; npz and timm
+    record no loss.
     """
     _check_label_kind(label_kind)
     check_destination(path, target_format, overwrite)
@@ -491,7 +492,8 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
         _write_hf_dir(flat, torch_hub.hf_config(m, num_classes, image_size, label_kind), torch_hub.export_metadata(m),
                       path)
     else:
-        meta = {"step": 0, "config": {"model": m.to_dict()}, "source": "vit_jax.interop.save_as"}
+        meta = {"step": 0, "config": {"model": m.to_dict(), "label_kind": label_kind},  # what predict adopts
+                "source": "vit_jax.interop.save_as"}
         written = orbax_io.write_orbax(canonical_to_params(flat, m.scan), json.loads(json.dumps(meta)), path)
         shown += written[len(path):].replace(os.sep, "/")  # the step directory
     logging.info("wrote %s (%s, %d classes, %dpx)", shown, target_format, num_classes, image_size)
