@@ -127,6 +127,10 @@ def test_datasets_parse_from_tuples_and_command_line_strings():
     assert [(t.name, t.dataset, t.train_split, t.test_split) for t in tasks] == [
         ("cars196", "cars196:2.1.0", "train", "test"), ("digits", "digits", "train[:50%]", "test")]
     assert fewshot.validate(_config(datasets=())) == []
+    # `--config.fewshot.datasets=` (empty) is one empty entry: the error says how to ask for none.
+    with pytest.raises(config_check.ConfigError, match=r"entry '' is invalid: .*; for none, "
+                                                       r"--config.fewshot.datasets='\(\)'$"):
+        config_check.dataset_entries("", "fewshot.datasets", ("dataset", "train_split", "test_split"), "'d,train,test'")
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -65,8 +65,9 @@ def dataset_entries(value, field: str, parts: tuple[str, ...], example: str) -> 
     for entry in entries:
         fields = tuple(p.strip() for p in entry.split(",")) if isinstance(entry, str) else tuple(entry)
         if len(fields) != len(parts) or not all(isinstance(f, str) and f for f in fields):
+            none = (f"; for none, --config.{field}='()'" if isinstance(entry, str) and not entry.strip() else "")
             raise ConfigError(f"config.{field} entry {entry!r} is invalid: expected ({', '.join(parts)}), "
-                              f"e.g. {example}")
+                              f"e.g. {example}{none}")
         parsed.append(fields)
     names = [dataset_name(fields[0]) for fields in parsed]
     if len(set(names)) != len(names):
