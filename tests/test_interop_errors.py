@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -83,6 +84,18 @@ def test_truncated_files_are_errors_naming_the_file(tmp_path, flat_params, name,
     with pytest.raises(CheckpointError) as e:
         load_pretrained(path, tiny_config())
     assert f"{path}: truncated or corrupt {what}" in str(e.value)
+
+
+def test_a_safetensors_file_cut_inside_its_header_says_so(tmp_path):
+    """Cut before the end of its JSON header, a .safetensors was "unrecognised checkpoint file"."""
+    path = str(tmp_path / "vit.safetensors")
+    save_as(random_params(tiny_config(), 4), tiny_config(), path, "timm")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:100])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(path)}: truncated safetensors file: its header alone is "
+                                              r"\d+ bytes, the whole file 100; download or copy it again$"):
+        load_pretrained(path, tiny_config())
 
 
 UNRECOGNISED = ("unrecognised checkpoint file (not .npz, safetensors or torch; starts with b'thes'); valid: official "

@@ -177,6 +177,9 @@ def _file_kind(path: str) -> str:
         return "npz" if not names or any(n.endswith(".npy") for n in names) else "torch"  # empty: "no arrays"
     if magic.startswith(npz.PICKLE_MAGIC):
         return "torch"  # a legacy torch file; read only with torch.load(weights_only=True)
+    truncated = torch_hub.truncated_safetensors(path)
+    if truncated:
+        raise CheckpointError(f"{path}: {truncated}; download or copy it again")
     raise CheckpointError(f"{path}: unrecognised checkpoint file (not .npz, safetensors or torch; starts with "
                           f"{magic!r}); valid: official .npz, timm/HF .safetensors/.bin/.pth, an orbax directory")
 

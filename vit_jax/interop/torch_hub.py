@@ -76,6 +76,20 @@ def is_safetensors(path: str) -> bool:
     return head[8:9] == b"{" and 0 < header_len <= os.path.getsize(path) - 8
 
 
+def truncated_safetensors(path: str) -> str | None:
+    """Why a file that starts like a safetensors file (a u64 header length, then "{") cannot be one: its header
+    runs past its end (a cut-short download or copy); None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    (header_len,) = struct.unpack("<Q", head[:8])
+    size = os.path.getsize(path)
+    if header_len > size - 8:
+        return f"truncated safetensors file: its header alone is {header_len} bytes, the whole file {size}"
+    return None
+
+
 def read_state_dict(path: str) -> Flat:
     """A safetensors / torch file's tensors as float32 numpy arrays; any failure names the file."""
     if not os.path.isfile(path):
