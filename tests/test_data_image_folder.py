@@ -381,6 +381,18 @@ def test_a_folder_of_no_images_is_no_split_whatever_its_name(tmp_path):
     assert list(image_folder.scan_source(str(tmp_path)).examples) == ["train"]
 
 
+def test_class_folders_without_a_split_folder_are_told_where_to_go(tmp_path):
+    """SOURCE/<class>/<image> (the common torchvision ImageFolder layout) said only "no images found"."""
+    from vit_jax.data.builders import image_folder
+
+    for class_name in ("cat", "dog"):
+        _write_image(tmp_path / class_name / "a.png", seed=0, fmt="PNG")
+    with pytest.raises(data.DatasetError, match=r"; cat, dog hold images directly, read as splits without class "
+                                                r"folders: for class folders .*/<class>/<image>, move them under a "
+                                                r"split folder, e\.g\. .*/train/<class>/<image>$"):
+        image_folder.scan_source(str(tmp_path))
+
+
 def test_a_class_listed_twice_in_classes_txt_is_an_error_naming_it_and_its_lines(tmp_path):
     """TFDS's ClassLabel raised "Some label names are duplicated", naming neither the file nor the name."""
     source = tmp_path / "src"

@@ -201,8 +201,13 @@ def scan_source(source_dir: str) -> FolderLayout:
     record_files = [name for name in _listdir(source_dir) if name.endswith(".jsonl")]
     layout = _scan_records(source_dir, record_files) if record_files else _scan_folders(source_dir)
     if not layout.examples:
+        flat = [name for name in _listdir(source_dir) if os.path.isdir(os.path.join(source_dir, name))
+                and any(_is_image(f) for f in _listdir(os.path.join(source_dir, name)))]
+        hint = (f"; {', '.join(flat[:3])}{' ...' if flat[3:] else ''} hold images directly, read as splits without "
+                f"class folders: for class folders {source_dir}/<class>/<image>, move them under a split folder, "
+                f"e.g. {source_dir}/train/<class>/<image>") if flat else ""
         raise DatasetError(f"no images found in {source_dir}: expected {source_dir}/<split>/<class>/<image> "
-                           f"({', '.join(IMAGE_EXTENSIONS)}) or {source_dir}/<split>.jsonl records")
+                           f"({', '.join(IMAGE_EXTENSIONS)}) or {source_dir}/<split>.jsonl records{hint}")
     return layout
 
 
