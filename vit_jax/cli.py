@@ -15,7 +15,7 @@ import ml_collections
 from absl import app, flags
 
 from vit_jax import hugepages
-from vit_jax.errors import UserError
+from vit_jax.errors import UserError, causes
 
 EXIT_BAD_INPUT = 2
 
@@ -150,15 +150,12 @@ def _raised_by_config_file(error: BaseException | None, argv: Sequence[str]) -> 
     """
     flag = _config_flag(argv)
     path = flag.split(":", 1)[0]
-    seen = set()
-    while error is not None and path and id(error) not in seen:
-        seen.add(id(error))
-        where = _config_file_position(error, path)
+    for each in causes(error) if path else ():
+        where = _config_file_position(each, path)
         if where is not None:
-            if isinstance(error, UserError):
-                return f"flag --config={flag}: {_text(error)}"
-            return f"flag --config={flag}: the config file failed{where}: {type(error).__name__}: {_text(error)}"
-        error = error.__cause__ or error.__context__
+            if isinstance(each, UserError):
+                return f"flag --config={flag}: {_text(each)}"
+            return f"flag --config={flag}: the config file failed{where}: {type(each).__name__}: {_text(each)}"
     return None
 
 
@@ -179,14 +176,11 @@ def _not_a_config_file(error: BaseException | None, argv: Sequence[str]) -> str 
     the SyntaxError compiling its bytes names no file and no line. None for any other error."""
     flag = _config_flag(argv)
     path = flag.split(":", 1)[0]
-    seen = set()
-    while error is not None and path and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, SyntaxError) and (
-                (error.filename is None and os.path.isfile(path))  # "source code string cannot contain null bytes"
-                or (_same_file(error.filename, path) and str(error.msg).startswith("(unicode error)"))):
-            return f"flag --config={flag}: not a Python config file (SyntaxError: {_text(error)})"
-        error = error.__cause__ or error.__context__
+    for each in causes(error) if path else ():
+        if isinstance(each, SyntaxError) and (
+                (each.filename is None and os.path.isfile(path))  # "source code string cannot contain null bytes"
+                or (_same_file(each.filename, path) and str(each.msg).startswith("(unicode error)"))):
+            return f"flag --config={flag}: not a Python config file (SyntaxError: {_text(each)})"
     return None
 
 

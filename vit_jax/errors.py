@@ -4,6 +4,7 @@ storage failure (a full disk, a denied write) says, whichever library reported i
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 
 class UserError(Exception):
@@ -23,14 +24,22 @@ def storage_failure(error: BaseException, any_os_error: bool = True) -> str | No
     else only as below: where reads fail too, a missing input is no storage failure), or a full disk / denied
     write that TensorStore, safetensors or TFDS report as their own errors (the OS's words, then the start of
     theirs); None for any other error."""
-    seen, visited = error, set()
-    while seen is not None and id(seen) not in visited:
-        visited.add(id(seen))
+    for seen in causes(error):
         if isinstance(seen, OSError) and any_os_error:
             return " ".join(str(seen).split())
         found = _STORAGE_FAILURE.search(str(seen))
         if found:
             message = " ".join(str(seen).split())
             return f"{found.group(0)} ({message[:200]}{' ...' if len(message) > 200 else ''})"
-        seen = seen.__cause__ or seen.__context__
     return None
+
+
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then the exception it was raised from or while handling (`__cause__`, else `__context__`), and so
+    on, each once: libraries re-raise an error as their own inside `except`, and the one that says what happened
+    may be any of them."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
