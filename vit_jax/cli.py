@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -42,6 +43,18 @@ def naming_checkpoint_flag(message: str, path: str) -> str:
     if path and message.startswith(path) and message[len(path):len(path) + 1] in (":", " "):
         return f"--checkpoint={path}{message[len(path):]}"
     return f"--checkpoint={path}: {message}"
+
+
+@contextlib.contextmanager
+def checkpoint_errors(path: str) -> Iterator[None]:
+    """Re-raise a checkpoint reader's CheckpointError about `path` as a UserError naming the --checkpoint flag
+    (`naming_checkpoint_flag`)."""
+    from vit_jax.interop import CheckpointError  # the readers' error: only where a checkpoint is read
+
+    try:
+        yield
+    except CheckpointError as e:
+        raise UserError(naming_checkpoint_flag(str(e), path)) from e
 
 
 def no_positional_arguments(argv: Sequence[str]) -> None:

@@ -64,12 +64,11 @@ def main(argv: Sequence[str]) -> None:
     # Without --num_classes the head is the checkpoint's own: if it cannot serve the --config model (its input,
     # pre_logits, dropped by representation_size=0, or a fresh pre_logits under it), a new zero head would write a
     # classifier scoring chance, so surgery's one-line error instead. --num_classes asks for a new head on purpose.
+    source_format = None if _FROM.value == "auto" else _FROM.value
     params = load_pretrained(source, model_config, num_classes=_NUM_CLASSES.value or None,
-                             image_size=_IMAGE_SIZE.value or None,
-                             source_format=None if _FROM.value == "auto" else _FROM.value,
+                             image_size=_IMAGE_SIZE.value or None, source_format=source_format,
                              resize_method=_RESIZE.value, require_head=not _NUM_CLASSES.value)
     # An HF export says how its logits are read (problem_type): the kind the source's run recorded, else the config's.
-    source_format = None if _FROM.value == "auto" else _FROM.value
     config_check.adopt_recorded_label_kind(_CONFIG.value, recorded_run_config(source, source_format), source)
     written = save_as(params, model_config, out, _TO.value, label_kind=_CONFIG.value.label_kind)
     print(f"wrote {written} ({_TO.value})")

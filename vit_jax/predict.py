@@ -323,14 +323,10 @@ def _load_predictor(config: ml_collections.ConfigDict, batch_size: int
                     ) -> Callable[[Sequence[tuple[str, np.ndarray]]], list[Prediction]]:
     """The command's predictor: the checkpoint's params, its run's label kind, and class names from
     `--labels` or the dataset."""
-    from vit_jax import interop
-
     checkpoint, source_format = cli.checkpoint_path(flags.FLAGS.checkpoint), flags.FLAGS.source_format
-    try:  # the readers' errors name the path (or a file in it): say it is --checkpoint's, not an image's
+    with cli.checkpoint_errors(checkpoint):  # the readers' errors name the path: say it is --checkpoint's
         follow_recorded_run(config, checkpoint, source_format)
         params, num_classes = load_params(checkpoint, config, source_format)
-    except interop.CheckpointError as e:
-        raise UserError(cli.naming_checkpoint_flag(str(e), checkpoint)) from e
     if flags.FLAGS.labels:
         names = read_labels_file(cli.local_path(flags.FLAGS.labels), num_classes)
     else:

@@ -293,12 +293,8 @@ def main(argv: Sequence[str]) -> None:
                   for p in argv[1:]]
     else:
         images = sample_images(config.image_size, crop_fraction, antialias)
-    from vit_jax import interop
-
-    try:  # the readers' errors name the path (or a file in it): say it is --checkpoint's, not an image's
+    with cli.checkpoint_errors(checkpoint):  # the readers' errors name the path: say it is --checkpoint's
         params = load_params(checkpoint, config.model, flags.FLAGS.source_format)
-    except interop.CheckpointError as e:
-        raise UserError(cli.naming_checkpoint_flag(str(e), checkpoint)) from e
     try:
         for path in render_figures(config, params, images, out, flags.FLAGS.num_components):
             print(path)

@@ -28,7 +28,6 @@ RESIZE_METHODS = ("bilinear", "bicubic")
 _CUBIC_A = -0.75  # the Keys cubic kernel of torch's and PIL's bicubic
 
 
-
 class UnusableHeadError(CheckpointError):
     """A checkpoint's head that cannot serve the model as it is (`adapt_to_model`'s `require_head`); `reason` says
     why ("the checkpoint's head has 10 classes"), for callers that word the error their own way."""
@@ -36,6 +35,7 @@ class UnusableHeadError(CheckpointError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
 
 def _linear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """Linear interpolation with corners aligned: output i samples input i * (n_in - 1) / (n_out - 1).
