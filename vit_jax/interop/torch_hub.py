@@ -66,26 +66,27 @@ def hf_dir_files(path: str, isfile: Callable[[str], bool] = os.path.isfile) -> t
 # ----------------------------------------------------------------------------------------------- files
 
 
-def is_safetensors(path: str) -> bool:
-    """True when the file starts like a safetensors file: a u64 header length, then a JSON object."""
+def _header_length(path: str) -> int | None:
+    """The header length a file that starts like a safetensors file (a u64 header length, then a JSON object's
+    "{") declares; None for a file that does not."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < header_len <= os.path.getsize(path) - 8
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    return struct.unpack("<Q", head[:8])[0]
+
+
+def is_safetensors(path: str) -> bool:
+    """True when the file starts like a safetensors file and its header fits in it."""
+    header_len = _header_length(path)
+    return header_len is not None and 0 < header_len <= os.path.getsize(path) - 8
 
 
 def truncated_safetensors(path: str) -> str | None:
     """Why a file that starts like a safetensors file (a u64 header length, then "{") cannot be one: its header
     runs past its end (a cut-short download or copy); None otherwise."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return None
-    (header_len,) = struct.unpack("<Q", head[:8])
-    size = os.path.getsize(path)
-    if header_len > size - 8:
+    header_len, size = _header_length(path), os.path.getsize(path)
+    if header_len is not None and header_len > size - 8:
         return f"truncated safetensors file: its header alone is {header_len} bytes, the whole file {size}"
     return None
 
