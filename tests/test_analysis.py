@@ -213,3 +213,27 @@ def test_capture_refuses_axial_models():
     config = tiny_model_config(classifier="gap", axial=True)
     with pytest.raises(ValueError, match="axial"):
         analysis.capture_attention(config, {}, np.zeros((1, 16, 16, 3)))
+
+
+def test_summarizer_reduces_a_non_square_grid_from_the_params_init_returns():
+    """8x16 images of 4-pixel patches: a 2x4 grid (not square), with flax's boxed params straight from init."""
+    config = tiny_model_config()
+    images = np.asarray(jax.random.uniform(jax.random.key(5), (2, 8, 16, 3), minval=-1, maxval=1))
+    params = build_model(config, 5).init(jax.random.key(6), images)["params"]
+    assert isinstance(params["embedding"]["kernel"], nn.LogicallyPartitioned)
+    rollout, distances = analysis.attention_summarizer(config, params)(images)
+    attentions = analysis.capture_attention(config, params, images)
+    np.testing.assert_allclose(rollout, analysis.attention_rollout(attentions), rtol=1e-5, atol=1e-6)
+    # Mean attention distance by hand, patch centres of the 2x4 grid in pixels, class token left out.
+    centres = np.array([(4.0 * r, 4.0 * c) for r in range(2) for c in range(4)])
+    pixels = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(-1))
+    for layer, attention in enumerate(attentions):
+        patch = np.asarray(attention, np.float64)[..., 1:, 1:]
+        expected = ((patch / patch.sum(-1, keepdims=True)) * pixels).sum(-1).mean(-1)
+        np.testing.assert_allclose(distances[:, layer], expected, rtol=1e-5)
+    assert analysis.rollout_mask(rollout, 1, (2, 4)).shape == (2, 2, 4)
+    with pytest.raises(ValueError, match="3x3 patch grid holds 9 patches, not 8"):
+        analysis.attention_distance(attentions[0], 4, 1, (3, 3))
+    similarity = analysis.position_embedding_similarity(params["Transformer"]["posembed_input"]["pos_embedding"], 1,
+                                                        (2, 4))
+    assert similarity.shape == (2, 4, 2, 4)

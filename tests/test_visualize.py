@@ -81,16 +81,16 @@ def test_attention_distance_figure_reads_every_batch_alike(tmp_path, monkeypatch
         return path
 
     monkeypatch.setattr(visualize, "draw_attention_distance", draw)
-    capturers = []
+    summarizers = []
 
-    def capturer(*args):
-        capturers.append(original(*args))
-        return capturers[-1]
+    def summarizer(*args):
+        summarizers.append(original(*args))
+        return summarizers[-1]
 
-    original = analysis.attention_capturer
-    monkeypatch.setattr(analysis, "attention_capturer", capturer)
+    original = analysis.attention_summarizer
+    monkeypatch.setattr(analysis, "attention_summarizer", summarizer)
     visualize.render_figures(config, params, [(str(i), image) for i, image in enumerate(pixels)], tmp_path / "out")
-    assert len(capturers) == 1 and capturers[0].forward._cache_size() == 1  # one compilation for both batches
+    assert len(summarizers) == 1 and summarizers[0].forward._cache_size() == 1  # one compilation for both batches
     whole = analysis.capture_attention(config.model, params, pixels)
     expected = np.stack([analysis.attention_distance(a, 4, 1) for a in whole], axis=1).mean(axis=0)
     np.testing.assert_allclose(drawn["distance"], expected, rtol=1e-5)

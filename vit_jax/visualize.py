@@ -44,7 +44,7 @@ DISTANCE_SIZE = (5.0, 4.0)
 SIMILARITY_SIZE = (6.0, 5.2)
 FILTERS_SIZE = (7.0, 4.6)
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee")  # scikit-image's bundled photos (no download)
-CAPTURE_BATCH = 8  # images per forward pass: bounds the memory of the captured attention maps
+CAPTURE_BATCH = 8  # images per forward pass: bounds the memory of one layer's attention maps
 
 
 def figure_pixels(size_inches: tuple[float, float]) -> tuple[int, int]:
@@ -217,19 +217,19 @@ def render_figures(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     elif images:
         names = _unique_names([name for name, _ in images])
         pixels = np.stack([image for _, image in images])
-        capture = analysis.attention_capturer(m, params)  # one compilation for every batch
+        summarize = analysis.attention_summarizer(m, params)  # one compilation for every batch
         batch = min(CAPTURE_BATCH, len(pixels))
+        grid = (pixels.shape[1] // m.patch_size, pixels.shape[2] // m.patch_size)
         distances = []
         for start in range(0, len(pixels), batch):
             chunk = pixels[start:start + batch]
             padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-            attentions = [a[:len(chunk)] for a in capture(padded)]
-            masks = analysis.rollout_mask(analysis.attention_rollout(attentions), num_prefix)
+            rollout, distance = summarize(padded)
+            masks = analysis.rollout_mask(rollout[:len(chunk)], num_prefix, grid)
             for offset, mask in enumerate(masks):
                 name = names[start + offset]
                 written.append(draw_rollout(pixels[start + offset], mask, out / f"rollout_{name}.png", name))
-            distances.append(np.stack([analysis.attention_distance(a, m.patch_size, num_prefix)
-                                       for a in attentions], axis=1))  # (batch, layers, heads)
+            distances.append(distance[:len(chunk)])  # (batch, layers, heads)
         mean_distance = np.concatenate(distances).mean(axis=0)
         written.append(draw_attention_distance(mean_distance, config.image_size, out / "attention_distance.png"))
     pos_embedding = params["Transformer"]["posembed_input"]["pos_embedding"]
