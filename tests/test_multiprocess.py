@@ -82,3 +82,32 @@ def test_two_processes_match_one(tmp_path):
     for result in results:
         assert "config.pretrained=" in result["last_error"], result["last_error"]
         assert "does not exist on process 1 (it does on 0)" in result["last_error"]
+
+
+PREEMPTED_EARLY = """
+import os, signal, sys, time
+import jax
+from vit_jax import checkpoints
+process_id, port, start = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+os.kill(os.getpid(), signal.SIGTERM)  # the notice arrives before the loop asks (a restore or compile under way)
+time.sleep(3)
+watcher = checkpoints.PreemptionWatcher()
+print([step for step in range(start + 1, start + 12) if watcher.reached(step)], flush=True)
+"""
+
+
+@pytest.mark.parametrize("start", [0, 6])
+def test_a_preemption_notice_before_the_loop_stops_it_at_its_first_step(start):
+    """A run resumed at step 6 and SIGTERMed while restoring saves at step 7 on both processes (it asked about 7,
+    8, ... while JAX's sync point was 1, and trained on to the scheduler's SIGKILL)."""
+    port = str(_free_port())
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("XLA_FLAGS", None)
+    workers = [subprocess.Popen(["timeout", "-s", "KILL", str(TIMEOUT), sys.executable, "-c", PREEMPTED_EARLY,
+                                 str(i), port, str(start)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=TIMEOUT + 30)
+        assert worker.returncode == 0, stderr[-4000:]
+        assert stdout.strip().splitlines()[-1] == f"[{start + 1}]"

@@ -299,6 +299,7 @@ class PreemptionWatcher:
 
     def __init__(self) -> None:
         self.signalled = False
+        self._asked = False
         self._previous = None
         # Signal handlers can only be set from the main thread (a loop run from a notebook thread goes without).
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -312,8 +313,13 @@ class PreemptionWatcher:
         """True at the step on which to save and stop."""
         if jax.process_count() == 1:
             return self.signalled
+        first, self._asked = not self._asked, True
         try:
-            return multihost_utils.reached_preemption_sync_point(step)
+            # The sync manager picks the step after the highest any process has asked about: a notice before the
+            # loop's first question (during restore or compilation) picks step 1, which a resumed loop never asks
+            # about, so its first question asks about step 1 too (first: the last step asked is what counts).
+            early = first and step != 1 and multihost_utils.reached_preemption_sync_point(1)
+            return multihost_utils.reached_preemption_sync_point(step) or early
         except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service=False)
             return False
 

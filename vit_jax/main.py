@@ -6,7 +6,8 @@ compiled, and hands over to `vit_jax.train`. Bad input (an invalid config, a mis
 stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 1. A training loop stopped by
 SIGTERM (preemption, a scheduler's time limit) saves a checkpoint and exits with `PREEMPTED_EXIT_CODE`, 75
 (EX_TEMPFAIL: try again), so a retry loop can tell it from a finished run (0) and resume; before the loop starts
-(start-up, compilation) or in --mode=eval or fewshot, SIGTERM ends the process as usual (143). A training run of
+(start-up, restoring; the first step compiles inside the loop) or in --mode=eval or fewshot, SIGTERM ends the
+process as usual (143). A training run of
 several processes leaves SIGTERM to JAX's preemption service from start-up on: they save and stop at one step.
 
 Multi-host: on Cloud TPU, Slurm, Open MPI or Kubernetes, `jax.distributed.initialize()` finds its peers by
