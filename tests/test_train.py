@@ -489,11 +489,13 @@ def _scoring_config(**overrides):
     {"fewshot.datasets": ("digits,train[:200],test",)}, {"fewshot.datasets": ("digits,train[:100],validation",)},
     {"fewshot.shots": (1,)}, {"fewshot.seeds": 3}, {"fewshot.l2_reg": 1.0}, {"fewshot.datasets": ()},
     {"pp.eval_crop_fraction": 0.875}, {"pp.antialias": True}, {"image_size": 32},
+    {"dataset": "image_folder"}, {"tfds_data_dir": "/elsewhere"},
 ])
 def test_final_metrics_scored_with_other_settings_are_not_reused(tmp_path, change):
-    """final_metrics.json of the same step is reused only if it was scored as this config scores: the eval split,
-    the label kind (the loss), the evaluation preprocessing, each extra test set's split and each few-shot task's
-    splits, shots, seeds and l2."""
+    """final_metrics.json of the same step is reused only if it was scored as this config scores: the dataset
+    and its directory (another dataset's scores were reported as this one's), the eval split, the label kind (the
+    loss), the evaluation preprocessing, each extra test set's split and each few-shot task's splits, shots, seeds
+    and l2."""
     config, extra = _scoring_config()
     stored = {"step": 5, "test_accuracy": 0.5, "scored_with": train.scored_with(config, extra)}
     train.write_final_metrics(str(tmp_path), stored)

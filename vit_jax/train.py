@@ -637,14 +637,18 @@ def _test_metrics(config: ml_collections.ConfigDict, eval_metrics: dict[str, flo
 
 def scored_with(config: ml_collections.ConfigDict, extra: dict[str, ml_collections.ConfigDict]) -> dict:
     """What a finished run's scores depend on besides its weights (final_metrics.json's "scored_with", as JSON
-    reads it back): the eval split, label kind and evaluation preprocessing (resolution, crop, antialiasing),
-    each extra test set's (dataset, split), and each few-shot task's dataset, splits, shots, seeds and l2
-    strength. A rerun reuses the scores only where this is unchanged: scores of another split, loss, crop or draw
-    of shots would be reported as this config's."""
-    record: dict[str, Any] = {"eval_split": config.eval_split, "label_kind": config.label_kind,
+    reads it back): the dataset and where it is read from, the eval split, label kind and evaluation
+    preprocessing (resolution, crop, antialiasing), a masked-patch run's corruption, each extra test set's
+    (dataset, split), and each few-shot task's dataset, splits, shots, seeds and l2 strength. A rerun reuses the
+    scores only where this is unchanged: scores of another dataset, split, loss, crop or draw of shots would be
+    reported as this config's."""
+    record: dict[str, Any] = {"dataset": config.dataset, "tfds_data_dir": config.tfds_data_dir,
+                              "eval_split": config.eval_split, "label_kind": config.label_kind,
                               "image_size": config.image_size, "eval_crop_fraction": config.pp.eval_crop_fraction,
                               "antialias": config.pp.antialias,
                               "extra_evals": {name: [c.dataset, c.eval_split] for name, c in extra.items()}}
+    if config.objective == "masked_patch_prediction":  # its eval loss is over corrupted patches
+        record["masked_patch"] = config.masked_patch.to_dict()
     if _has_fewshot(config):
         settings = config.fewshot
         record["fewshot"] = {task.name: {"dataset": task.dataset, "train_split": task.train_split,
