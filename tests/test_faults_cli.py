@@ -211,6 +211,9 @@ def test_resuming_a_workdir_with_another_model_or_damaged_files(tmp_path, digits
     damaged = run_main(workdir, f"--config.tfds_data_dir={digits_dir}", "--config.total_steps=6")
     error = _one_error_line(damaged)
     assert f"{checkpoint} cannot be read (" in error and "may be damaged or incomplete" in error
+    # It names the earlier step to go on from (not a config change), without TensorStore's spec or a method repr.
+    assert f"move {checkpoint} out of {workdir / 'checkpoints'} and rerun to go on from step 2" in error
+    assert "TensorStore details" not in error and "bound method" not in error and "--config.pretrained" not in error
 
 
 def test_a_coordinator_address_without_a_port(tmp_path):

@@ -205,6 +205,18 @@ class Checkpoints:
         latest = self.manager.latest_step()
         return f"the checkpoint of step {latest} is intact" if latest is not None else "no earlier checkpoint"
 
+    def _earlier_intact(self, step: int, where: str) -> str:
+        """After `step` failed to read, what the run can go on from, as the error's advice (keep-N keeps earlier
+        steps for this)."""
+        try:
+            earlier = [s for s in self.all_steps() if s < step]
+        except Exception:  # the directory cannot be listed: nothing to advise from
+            earlier = []
+        if earlier:
+            return (f"If they are damaged, move {where} out of {self.directory} and rerun to go on from step "
+                    f"{earlier[-1]}, the latest complete checkpoint before it")
+        return f"No complete checkpoint before step {step} is in {self.directory}"
+
     def has_ema(self, step: int) -> bool:
         """Whether the checkpoint of `step` holds Polyak-averaged params (an "ema" item)."""
         from etils import epath  # a gs:// workdir too
@@ -259,7 +271,8 @@ class Checkpoints:
                 **reads, meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax and TensorStore raise ValueError, OSError or a bare Exception
             raise CheckpointReadError(f"{where} cannot be read ({describe_error(e)}); its files may be damaged or "
-                                      f"incomplete, or out of reach. {advice}") from e
+                                      f"incomplete, or out of reach (then rerun once they are in reach). "
+                                      f"{self._earlier_intact(step, where)}") from e
         states = (restored["data"] or {}).get("processes") or []
         data_state = states[jax.process_index()] if len(states) == jax.process_count() else None
         ema = _with_none(abstract_ema, restored["ema"]) if read_ema else None

@@ -111,9 +111,11 @@ def item_tree_metadata(item_dir: str) -> Any:
 
 
 def describe_error(error: BaseException) -> str:
-    """'Type: first line' of an orbax / TensorStore error, whose message can run on for pages of spec JSON."""
+    """'Type: first line' of an orbax / TensorStore error, whose message can run on for pages of spec JSON (and
+    whose first line can end in TensorStore's "See full TensorStore details: <bound method ...>")."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    first = text.splitlines()[0].split("See full TensorStore details")[0].rstrip(" .:;") if text else ""
+    return f"{type(error).__name__}: {first[:300]}"
 
 
 def _absolute(path: str) -> str:
