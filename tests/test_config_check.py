@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from ml_collections import config_flags
 
@@ -189,6 +190,30 @@ def test_bad_config_names_field_value_and_valid_choices(mutate, field, hint):
     assert hint in str(err.value)
 
 
+@pytest.mark.parametrize("field", ["hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size"])
+def test_a_model_size_that_is_no_positive_integer_is_named_with_its_model_prefix(field):
+    config = base()
+    config.model[field] = 0
+    with pytest.raises(ConfigError, match=rf"^config.model.{field}=0 is invalid: expected a positive integer$"):
+        validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize("field", ["b1", "b2", "ema_decay"])
+def test_a_decay_that_rounds_to_1_in_float32_is_refused(field):
+    """0.99999999 < 1 in float64 but is 1.0 in float32, where Adam's bias correction and the Polyak average's
+    weight (1 - d) / (1 - d^t) divide by 0: the average was nan from its first step."""
+    from vit_jax import optim
+
+    assert np.isnan(float(optim.ema_weight(0.99999999, 1))) and float(optim.ema_weight(0.9999999, 1)) == 1.0
+    config = base()
+    config.optimizer[field] = 0.99999999
+    with pytest.raises(ConfigError, match=rf"^config.optimizer.{field}=0.99999999 is invalid: it rounds to 1 in "
+                                          r"float32.*at most 0.9999999$"):
+        validate(config, num_devices=8)
+    config.optimizer[field] = 0.9999999  # float32 0.99999988
+    validate(config, num_devices=8)
+
+
 def test_randaugment_magnitude_takes_fractions_from_the_command_line():
     result = subprocess.run([sys.executable, "-c", "import sys; from absl import flags; from ml_collections import "
                              "config_flags; config_flags.DEFINE_config_file('config', None, lock_config=True); "
@@ -242,6 +267,7 @@ def test_mesh_minus_one_takes_the_rest():
     ("--config.optimizer.lr=fast", "flag --config.optimizer.lr=fast: expected a number"),
     ("stray", "unexpected arguments ['stray']: pass options as --flag=value"),
     ("--config.model.classifier=cls", "config.model.classifier='cls' is invalid"),
+    ("--config.model.patch_size=0", "error: config.model.patch_size=0 is invalid: expected a positive integer"),
 ])
 def test_command_line_bad_input_is_one_line_and_exit_2(override, message):
     result = subprocess.run(

@@ -8,6 +8,7 @@ import re
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from vit_jax.errors import UserError
@@ -37,11 +38,12 @@ def _dotted(config: ml_collections.ConfigDict, field: str):
     return value
 
 
-def positive_int(config: ml_collections.ConfigDict, field: str) -> int:
-    """`config.<field>` (dotted), if a positive integer; else a ConfigError naming it."""
+def positive_int(config: ml_collections.ConfigDict, field: str, prefix: str = "") -> int:
+    """`config.<field>` (dotted), if a positive integer; else a ConfigError naming it as `config.<prefix><field>`:
+    `prefix` is where `config` sits in the run config ("model." for `config.model`)."""
     value = _dotted(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        _fail(field, value, "expected a positive integer")
+        _fail(prefix + field, value, "expected a positive integer")
     return value
 
 
@@ -137,7 +139,7 @@ def image_size_problem(image_size: object, patch_size: int) -> str | None:
 def validate_model(model: ml_collections.ConfigDict, image_size: int) -> None:
     """Architecture checks: sizes, heads, the variant label, patch vs image size, classifier, dtype."""
     for field in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size"):
-        positive_int(model, field)
+        positive_int(model, field, prefix="model.")
     if model.hidden_size % model.num_heads:
         _fail("model.num_heads", model.num_heads, f"must divide model.hidden_size={model.hidden_size}")
     if model.classifier not in CLASSIFIERS:
@@ -291,6 +293,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     for field in ("b1", "b2", "momentum", "label_smoothing", "ema_decay"):
         if not 0.0 <= opt[field] < 1.0:
             _fail(f"optimizer.{field}", opt[field], "expected a value in [0, 1)")
+    # Adam's moments and the Polyak average run in float32, where a decay within ~3e-8 of 1 is 1: Adam's bias
+    # correction 1 - b^t would be 0 and the average's weight (1 - d) / (1 - d^t) 0 / 0.
+    for field in ("b1", "b2", "ema_decay"):
+        if np.float32(opt[field]) >= 1.0:
+            _fail(f"optimizer.{field}", opt[field], "it rounds to 1 in float32, where it is used (Adam's bias "
+                  "correction and the Polyak average divide by 1 - decay^step, which would be 0): expected a value "
+                  "that stays below 1 in float32, e.g. at most 0.9999999")
     if not 0.0 < opt.layer_decay <= 1.0:
         _fail("optimizer.layer_decay", opt.layer_decay, "expected a factor in (0, 1] (1: one rate for every layer)")
     if not isinstance(opt.freeze, str):
