@@ -40,6 +40,16 @@ def test_warmup_longer_than_the_run_is_a_config_error():
         optim.make_optimizer(config, 500)
 
 
+@pytest.mark.parametrize("length, field", [({"total_steps": 500}, "total_steps"),
+                                           ({"total_steps": 0, "num_epochs": 2}, "num_epochs")])
+def test_warmup_longer_than_the_run_says_to_raise_the_field_that_measures_it(length, field):
+    """A run measured in epochs (total_steps 0) is lengthened by num_epochs: total_steps would switch it to steps."""
+    config = tiny_config(**{"optimizer.warmup_steps": 10_000, **length})
+    with pytest.raises(ConfigError, match=rf"^config.optimizer.warmup_steps=10000 is invalid: it must be less than "
+                                          rf"the run's 500 total steps \(lower it, or raise config.{field}\)$"):
+        optim.make_optimizer(config, 500)
+
+
 def test_adam_step_is_clipped_adamw_with_decay_on_kernels_only():
     config = tiny_config(**{"optimizer.name": "adam", "optimizer.lr": 0.1, "optimizer.warmup_steps": 0,
                             "optimizer.weight_decay": 0.5, "optimizer.grad_clip_norm": 1.0})

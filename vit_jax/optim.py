@@ -41,17 +41,21 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int | Non
     return max(1, math.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
-def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+def learning_rate_schedule(optimizer: ml_collections.ConfigDict, num_steps: int,
+                           by_epochs: bool = False) -> optax.Schedule:
     """Linear warmup from 0 to `optimizer.lr` over `warmup_steps`, then linear or cosine decay to 0 at `num_steps`.
 
+    `by_epochs`: the run is measured in `config.num_epochs` (`config.total_steps` is 0), so a warmup too long for
+    it says to raise num_epochs rather than total_steps.
     The linear decay ends at 0, where the original code's (vision_transformer's `create_learning_rate_schedule`,
     `linear_end=1e-5`) ends at 1e-5: after warmup the two differ by 1e-5 x the decay's progress, at most 1e-5."""
     warmup = optimizer.warmup_steps
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"config.optimizer.warmup_steps={warmup!r} is invalid: expected an integer >= 0")
     if warmup >= num_steps:
+        length = "config.num_epochs" if by_epochs else "config.total_steps"
         raise ConfigError(f"config.optimizer.warmup_steps={warmup} is invalid: it must be less than the run's "
-                          f"{num_steps} total steps (lower it, or raise config.total_steps)")
+                          f"{num_steps} total steps (lower it, or raise {length})")
     decay_steps = num_steps - warmup
     if optimizer.schedule == "cosine":
         decay = optax.cosine_decay_schedule(optimizer.lr, decay_steps)
@@ -168,7 +172,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
     """clip(global norm) -> Adam(W) or momentum SGD, with the warmup + decay schedule over `num_steps`; then the
     layer-wise decay of the learning rate, and frozen parameters left out of all of it."""
     opt = config.optimizer
-    schedule = learning_rate_schedule(opt, num_steps)
+    schedule = learning_rate_schedule(opt, num_steps, by_epochs=not config.total_steps > 0)  # as total_steps()
     parts = []
     if opt.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
