@@ -11,10 +11,11 @@ grid on a held-out part of the training split (1% ImageNet, 2% CIFAR, 10% Pets a
 `train[:N%]` splits below, which these runs train on as the original code does; the paper then retrains on the
 whole training split, so for its tables set `--config.train_split=train`). To choose a rate that way, score the
 held-out part rather than the test set: `--config.eval_split='train[98%:]'` (CIFAR; 99% ImageNet, 90% Pets and
-Flowers), or add it to every evaluation with `--config.extra_evals`. The defaults below are from that grid:
-ImageNet {.003, .01, .03, .06}, CIFAR and Pets/Flowers {.001, .003, .01, .03}, with the original code's one
-exception, 0.01 for B/16 on CIFAR-10 (its configs/vit.py). Warmup: 500 steps as the original code, 100 for the
-500-step Pets/Flowers runs as big_vision. Dropout is the model's own in the original code's model configs
+Flowers), or add it to every evaluation with `--config.extra_evals`, quoted inside the flag as one entry
+(`"--config.extra_evals='cifar10,train[98%:]'"`: ml_collections refuses it bare). The defaults below are from
+that grid: ImageNet {.003, .01, .03, .06}, CIFAR and Pets/Flowers {.001, .003, .01, .03}, with the original code's
+one exception, 0.01 for B/16 on CIFAR-10 (its configs/vit.py). Warmup: 500 steps as the original code, 100 for
+the 500-step Pets/Flowers runs as big_vision. Dropout is the model's own in the original code's model configs
 (configs/models.py): 0.1 for L/16, H/14 and the R50 hybrids, 0 for the others.
 
 Batch arithmetic: global batch 512 = per-device batch x (mesh.data x mesh.fsdp) x accum_steps; raise
