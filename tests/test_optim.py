@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -318,3 +319,20 @@ def test_layer_decay_leaves_the_optimizer_state_as_it_is():
     states = [optim.make_optimizer(tiny_config(**{"optimizer.layer_decay": decay}), 10).init(params)
               for decay in (1.0, 0.75)]
     assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+
+
+@pytest.mark.parametrize("head", ["head", "masked_patch_head"])
+def test_freezing_a_zero_head_is_refused_as_nothing_would_train(head):
+    """A zero head kernel (new) frozen: the body gets no gradient. A trained (nonzero) head may be frozen, and a
+    pattern that leaves the zero head out is fine."""
+    params = {head: {"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(3, np.float32)},
+              "Transformer": {"encoderblock_0": {"kernel": np.ones((4, 4), np.float32)},
+                              "encoderblock_11": {"kernel": np.ones((4, 4), np.float32)}}}
+    config = ml_collections.ConfigDict({"optimizer": {"freeze": "(?!Transformer/encoderblock_11/).*"}})
+    with pytest.raises(ConfigError, match=rf"freezes {head}/kernel, which is all zeros .* '\(\?!{head}/\|"):
+        optim.check_frozen_head(config, params)
+    params[head]["kernel"][0, 0] = 0.5  # a head that was trained (or kept from a checkpoint)
+    optim.check_frozen_head(config, params)
+    params[head]["kernel"][0, 0] = 0.0
+    config.optimizer.freeze = f"(?!Transformer/encoderblock_11/|{head}/).*"
+    optim.check_frozen_head(config, params)

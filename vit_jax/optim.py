@@ -126,6 +126,22 @@ def frozen(config: ml_collections.ConfigDict, params: Any) -> Any:
     return mask
 
 
+def check_frozen_head(config: ml_collections.ConfigDict, params: Any) -> None:
+    """Refuse an `optimizer.freeze` that freezes an all-zero head kernel (a new head, as fine-tuning and training
+    from scratch start with): the logits then do not depend on the features, so no gradient reaches any parameter
+    but the head's bias, and the run would end at chance level without an error."""
+    if not config.optimizer.freeze:
+        return
+    mask = frozen(config, params)
+    for head in ("head", "masked_patch_head"):
+        if head in params and mask[head]["kernel"] and not bool(jnp.any(params[head]["kernel"] != 0)):
+            raise ConfigError(
+                f"config.optimizer.freeze={config.optimizer.freeze!r} freezes {head}/kernel, which is all zeros (a new "
+                "head): no gradient would reach any other parameter, and the run would stay at chance; leave the head "
+                f"out of the pattern, e.g. '(?!{head}/|Transformer/encoderblock_11/).*' trains the last block and the "
+                "head")
+
+
 def zero_frozen(config: ml_collections.ConfigDict, grads: Any) -> Any:
     """`grads` with zeros for the frozen parameters (so XLA never computes theirs)."""
     if not config.optimizer.freeze:

@@ -816,6 +816,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, data_state, meta = restore_or_init(config, mesh, num_steps, ckpt)
         extra = extra_evals.eval_configs(config)  # again: copies with the numerics restore_or_init set
         start_step = int(meta.get("step", 0))
+        if start_step < num_steps:
+            optim.check_frozen_head(config, state["params"])
         final_path = epath.Path(workdir) / FINAL_METRICS
         if start_step >= num_steps:
             result = _decided_by_process_0(_stored_result, final_path, start_step, config, extra)
