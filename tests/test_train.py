@@ -419,6 +419,26 @@ def test_a_preemption_on_an_evaluation_step_saves_before_it_evaluates(tmp_path, 
     assert evaluated == [(["params"], True)]  # once, the params alone, the checkpoint already on disk
 
 
+def test_a_run_preempted_between_log_steps_logs_the_whole_interval_after_resuming(tmp_path, monkeypatch):
+    """Logs at steps 4 and 6; preempted at step 5 (its own line, steps 5 alone) and resumed: the step-6 line and
+    final_metrics.json's train_loss average steps 5 and 6, as the uninterrupted run's (they read step 6 alone)."""
+    from vit_jax import checkpoints
+
+    class PreemptedAtStep5(checkpoints.PreemptionWatcher):
+        def reached(self, step):
+            return step == 5
+
+    config = _digits_run_config(tmp_path, **{"total_steps": 6, "log_every": 4, "eval_every": 1000,
+                                             "checkpoint_every": 1000})
+    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "PreemptionWatcher", PreemptedAtStep5)
+        assert train.train_and_evaluate(config, str(tmp_path / "cut"))["preempted"]
+    resumed = train.train_and_evaluate(config, str(tmp_path / "cut"))
+    assert resumed["step"] == whole["step"] == 6
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+
+
 def test_a_finished_workdir_scores_again_what_its_final_metrics_lack(tmp_path, caplog):
     """final_metrics.json of an earlier finish (the run extended, then stopped before writing its own), one
     without a test set the config now adds, one cut short, or one of another eval split, is not returned as the

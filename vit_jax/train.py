@@ -930,7 +930,9 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         train_iter.close()  # its worker processes and reader threads: a start that fails leaks none
         raise
 
-    pending: list[tuple[int, dict[str, Any]]] = []  # device arrays, or host floats once checked
+    # Device arrays, or host floats once checked; a resumed run starts with the checkpoint's steps since the log
+    # before it, so its first log line averages the whole interval, as the uninterrupted run's does.
+    pending: list[tuple[int, dict[str, Any]]] = [(s, m) for s, m in meta.get("interval", []) if s <= start_step]
     train_loss = meta.get("train_loss")
     last_evaluations: Evaluations = {}
     profile_start = None
@@ -953,9 +955,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 jax.block_until_ready(metrics)
             preempted = watcher.reached(step)
 
-            if step % config.log_every == 0 or step == num_steps or preempted:
+            logs = step % config.log_every == 0 or step == num_steps
+            if logs or preempted:
                 fetched = _check_finite(pending)
-                pending = []
+                pending = [] if logs else fetched  # a preemption's line, off the schedule: its steps are saved
                 train_loss = float(np.mean([m["loss"] for _, m in fetched]))
                 means = {f"train/{key}": float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]}
                 now = time.perf_counter()
@@ -989,7 +992,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 pending = _check_finite(pending)  # never save a state that has diverged
                 ckpt.save(step, state["params"], state["opt_state"],
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
-                           "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort()},
+                           "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort(),
+                           "interval": [[s, m] for s, m in pending]},  # the steps the next log line averages too
                           train_iter.get_state(),
                           ema=_weight_sets(state).get("ema"))
             # After the save (a failure loses no step) and never on the way out of a preemption (a long pass).
