@@ -465,7 +465,15 @@ def test_a_finished_workdir_scores_again_what_its_final_metrics_lack(tmp_path, c
     scored = train.train_and_evaluate(extended, workdir)
     assert set(scored["extra_evals"]) == {"digits"} and scored["test_accuracy"] == pytest.approx(again["test_accuracy"])
     with open(path) as f:
-        assert json.load(f)["extra_evals"] == scored["extra_evals"]
+        current = json.load(f)
+    assert current["extra_evals"] == scored["extra_evals"]
+    with open(path, "w") as f:  # another run's of the same length and settings (its checkpoints deleted since)
+        json.dump({**current, "train_loss": current["train_loss"] + 0.5, "test_accuracy": -1.0}, f)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        own = train.train_and_evaluate(extended, workdir)
+    assert "holds another run's scores" in caplog.text
+    assert own["test_accuracy"] == pytest.approx(scored["test_accuracy"])
 
     with open(path, "w") as f:
         f.write('{"step": 2, "test_acc')  # cut short (a kill or a full disk mid-write, before writes were atomic)

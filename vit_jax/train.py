@@ -659,11 +659,13 @@ def scored_with(config: ml_collections.ConfigDict, extra: dict[str, ml_collectio
 
 
 def _stored_result(path: epath.Path, step: int, config: ml_collections.ConfigDict,
-                   extra: dict[str, ml_collections.ConfigDict]) -> dict | None:
+                   extra: dict[str, ml_collections.ConfigDict], train_loss: float | None = None) -> dict | None:
     """The finished run's final_metrics.json, if it holds step `step`'s scores, scored as this config scores
     (`scored_with`); None (score again) when it is an earlier finish's (the run was extended, then stopped before
-    writing its own), was scored with another split, label kind, test set or few-shot setting, or records none
-    (written before final_metrics.json recorded what it was scored with)."""
+    writing its own), another run's of the same length (its `train_loss` is not the checkpoint's: the workdir's
+    checkpoints were deleted and a new run killed before writing its own), was scored with another split, label
+    kind, test set or few-shot setting, or records none (written before final_metrics.json recorded what it was
+    scored with)."""
     if not path.exists():
         return None
     try:
@@ -677,6 +679,10 @@ def _stored_result(path: epath.Path, step: int, config: ml_collections.ConfigDic
     if result.get("step") != step:
         logging.warning("%s holds step %s's scores, not the last checkpoint's (%d): scoring it again", path,
                         result.get("step"), step)
+        return None
+    if train_loss is not None and result.get("train_loss") != train_loss:
+        logging.warning("%s holds another run's scores (train_loss %s, the checkpoint's %s): scoring it again", path,
+                        result.get("train_loss"), train_loss)
         return None
     recorded, wanted = result.get("scored_with"), scored_with(config, extra)
     if not isinstance(recorded, dict):
@@ -820,7 +826,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             optim.check_frozen_head(config, state["params"])
         final_path = epath.Path(workdir) / FINAL_METRICS
         if start_step >= num_steps:
-            result = _decided_by_process_0(_stored_result, final_path, start_step, config, extra)
+            result = _decided_by_process_0(_stored_result, final_path, start_step, config, extra,
+                                           meta.get("train_loss"))
             if result is not None:
                 for name, values in result.get("extra_evals", {}).items():  # scored lines are printed as they come
                     _report(f"eval of {name}: {_metrics_text(values)}")
