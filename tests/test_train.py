@@ -539,6 +539,16 @@ def test_final_metrics_scored_with_other_settings_are_not_reused(tmp_path, chang
     assert json.loads(path.read_text()) == rescored
 
 
+def test_a_masked_patch_runs_scores_depend_on_its_corruption_and_the_seed_that_draws_it():
+    """Its eval loss is over patches corrupted as config.masked_patch says, drawn from config.seed; a classifier's
+    scores depend on neither."""
+    mpp = {"objective": "masked_patch_prediction", "fewshot.datasets": ()}
+    config, extra = _scoring_config(**mpp)
+    for change in ({"seed": 1}, {"masked_patch.corrupt_fraction": 0.25}):
+        assert train.scored_with(*_scoring_config(**mpp, **change)) != train.scored_with(config, extra)
+    assert train.scored_with(*_scoring_config(seed=1)) == train.scored_with(*_scoring_config())
+
+
 def test_final_metrics_that_record_no_scoring_settings_are_scored_again(tmp_path, caplog):
     """A file an older version wrote, without "scored_with": scored again, with a warning, not an error."""
     import logging

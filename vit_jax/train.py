@@ -593,6 +593,15 @@ def _check_finite(pending: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, 
     return fetched
 
 
+def _interval(fetched: list[tuple[int, dict[str, float]]], before: dict | None = None) -> dict:
+    """{"steps": n, "sums": {metric: sum}} of the steps of a log interval: `before`'s and those `fetched` (host
+    floats); what a checkpoint's meta carries for the next log line, of a size independent of `log_every`."""
+    before = before or {"steps": 0, "sums": {}}
+    keys = set(before["sums"]).union(*(metrics for _, metrics in fetched))
+    return {"steps": before["steps"] + len(fetched),
+            "sums": {key: before["sums"].get(key, 0.0) + sum(m.get(key, 0.0) for _, m in fetched) for key in keys}}
+
+
 def write_final_metrics(workdir: str, result: dict) -> None:
     """WORKDIR/final_metrics.json (process 0), whole or not at all: written beside it, then renamed over it.
 
@@ -647,8 +656,8 @@ def scored_with(config: ml_collections.ConfigDict, extra: dict[str, ml_collectio
                               "image_size": config.image_size, "eval_crop_fraction": config.pp.eval_crop_fraction,
                               "antialias": config.pp.antialias,
                               "extra_evals": {name: [c.dataset, c.eval_split] for name, c in extra.items()}}
-    if config.objective == "masked_patch_prediction":  # its eval loss is over corrupted patches
-        record["masked_patch"] = config.masked_patch.to_dict()
+    if config.objective == "masked_patch_prediction":  # its eval loss is over patches corrupted from the seed
+        record["masked_patch"] = {**config.masked_patch.to_dict(), "seed": config.seed}
     if _has_fewshot(config):
         settings = config.fewshot
         record["fewshot"] = {task.name: {"dataset": task.dataset, "train_split": task.train_split,
@@ -937,9 +946,10 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         train_iter.close()  # its worker processes and reader threads: a start that fails leaks none
         raise
 
-    # Device arrays, or host floats once checked; a resumed run starts with the checkpoint's steps since the log
-    # before it, so its first log line averages the whole interval, as the uninterrupted run's does.
-    pending: list[tuple[int, dict[str, Any]]] = [(s, m) for s, m in meta.get("interval", []) if s <= start_step]
+    pending: list[tuple[int, dict[str, Any]]] = []  # device arrays, or host floats once checked
+    # The steps before `pending` since the last log line, summed: a resumed run starts with its checkpoint's, so its
+    # first line averages the whole interval, as the uninterrupted run's does.
+    carried = meta["interval"] if isinstance(meta.get("interval"), dict) else _interval([])
     train_loss = meta.get("train_loss")
     last_evaluations: Evaluations = {}
     profile_start = None
@@ -964,10 +974,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
 
             logs = step % config.log_every == 0 or step == num_steps
             if logs or preempted:
-                fetched = _check_finite(pending)
-                pending = [] if logs else fetched  # a preemption's line, off the schedule: its steps are saved
-                train_loss = float(np.mean([m["loss"] for _, m in fetched]))
-                means = {f"train/{key}": float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]}
+                interval = _interval(_check_finite(pending), carried)
+                pending = []
+                carried = _interval([]) if logs else interval  # a preemption's line, off the schedule: kept
+                means = {f"train/{key}": total / interval["steps"] for key, total in interval["sums"].items()}
+                train_loss = means["train/loss"]
                 now = time.perf_counter()
                 # The first interval includes compilation: the rate is measured from the first log on.
                 seconds_per_step = (now - timer_start) / max(step - timer_step, 1)
@@ -1000,7 +1011,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 ckpt.save(step, state["params"], state["opt_state"],
                           {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
                            "train_loss": train_loss, "num_steps": num_steps, "config": config.to_json_best_effort(),
-                           "interval": [[s, m] for s, m in pending]},  # the steps the next log line averages too
+                           "interval": _interval(pending, carried)},  # what the next log line averages too
                           train_iter.get_state(),
                           ema=_weight_sets(state).get("ema"))
             # After the save (a failure loses no step) and never on the way out of a preemption (a long pass).
