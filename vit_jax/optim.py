@@ -138,8 +138,7 @@ def check_frozen_head(config: ml_collections.ConfigDict, params: Any) -> None:
             raise ConfigError(
                 f"config.optimizer.freeze={config.optimizer.freeze!r} freezes {head}/kernel, which is all zeros (a new "
                 "head): no gradient would reach any other parameter, and the run would stay at chance; leave the head "
-                f"out of the pattern, e.g. '(?!{head}/|Transformer/encoderblock_11/).*' trains the last block and the "
-                "head")
+                f"out of the pattern: '(?!{head}/)(?:{config.optimizer.freeze})' freezes the same but the head")
 
 
 def zero_frozen(config: ml_collections.ConfigDict, grads: Any) -> Any:
