@@ -215,7 +215,8 @@ class Checkpoints:
         if earlier:
             return (f"If they are damaged, move {where} out of {self.directory} and rerun to go on from step "
                     f"{earlier[-1]}, the latest complete checkpoint before it")
-        return f"No complete checkpoint before step {step} is in {self.directory}"
+        return (f"No complete checkpoint before step {step} is in {self.directory}: if they are damaged, start "
+                "afresh in another --workdir")
 
     def has_ema(self, step: int) -> bool:
         """Whether the checkpoint of `step` holds Polyak-averaged params (an "ema" item)."""
