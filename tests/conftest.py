@@ -38,18 +38,18 @@ def _temporary_files_under_pytest(tmp_path_factory):
 def _one_compilation_cache_for_the_run(tmp_path_factory):
     """One persistent compilation cache for the run, shared by the xdist workers and the processes the tests start
     (`python -m vit_jax.main` on the same tiny configs compiles the same steps again: ~4 s of a 19 s demo run).
-    Its size limit turns on JAX's file lock, so a process never reads an entry another is still writing. A clean
-    checkout starts empty: nothing is reused from an earlier run."""
+    Its size limit turns on JAX's file lock, so a process never reads an entry another is still writing; that
+    limit also has every write list the cache, so only compilations of 1 s or more are kept (JAX's default): tens
+    of entries, not thousands of small eager ops. A clean checkout starts empty: nothing is reused from an earlier
+    run."""
     base = tmp_path_factory.getbasetemp()
     directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_compilation_cache"
     directory.mkdir(exist_ok=True)
-    settings = {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    settings = {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}
     previous = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)  # for subprocesses
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_compilation_cache_max_size", 4 << 30)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield
     for name, value in previous.items():
         if value is None:
