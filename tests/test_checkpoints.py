@@ -291,3 +291,42 @@ def test_an_evaluation_scores_the_loss_the_run_trained_with(tmp_path, caplog):
             ckpt.close()
         assert config.label_kind == expected
         assert ("trained with label_kind='multi'" in caplog.text) == params_only
+
+
+def test_a_second_training_run_on_a_held_workdir_is_refused_and_a_killed_holder_blocks_nothing(tmp_path):
+    """Two runs on one workdir overwrote each other's checkpoints (both reported success): the second is refused,
+    naming the first; the lock dies with its process (a SIGKILLed run's rerun starts), and a release removes it."""
+    import subprocess
+    import sys
+
+    first = checkpoints.WorkdirLock(str(tmp_path))
+    first.acquire()
+    assert (tmp_path / checkpoints.LOCK_FILE).is_file()
+    with pytest.raises(checkpoints.WorkdirInUseError,
+                       match=rf"--workdir={re.escape(str(tmp_path))} is in use by another training run \(pid "
+                             rf"{os.getpid()} on .* since \d{{4}}-"):
+        checkpoints.WorkdirLock(str(tmp_path)).acquire()
+    first.release()
+    first.release()  # again: nothing
+    assert not (tmp_path / checkpoints.LOCK_FILE).exists()
+
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, sys; from vit_jax import checkpoints; "
+                             "checkpoints.WorkdirLock(sys.argv[1]).acquire(); os.kill(os.getpid(), signal.SIGKILL)",
+                             str(tmp_path)], cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True)
+    assert killed.returncode == -9 and (tmp_path / checkpoints.LOCK_FILE).is_file()  # left behind, unlocked
+    again = checkpoints.WorkdirLock(str(tmp_path))
+    again.acquire()
+    again.release()
+
+
+def test_train_and_evaluate_refuses_a_workdir_another_run_holds(tmp_path):
+    from tests.test_train import _digits_run_config
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = checkpoints.WorkdirLock(str(workdir))
+    holder.acquire()
+    with pytest.raises(checkpoints.WorkdirInUseError, match="is in use by another training run"):
+        train.train_and_evaluate(_digits_run_config(tmp_path, total_steps=1), str(workdir))
+    assert sorted(os.listdir(workdir)) == [checkpoints.LOCK_FILE]  # nothing of the refused run's
+    holder.release()

@@ -45,6 +45,72 @@ class CheckpointReadError(UserError):
     """A training checkpoint that cannot be resumed: another model or optimizer's, or damaged files."""
 
 
+class WorkdirInUseError(UserError):
+    """Another training run holds the workdir (`WorkdirLock`)."""
+
+
+LOCK_FILE = ".vit_jax.lock"
+
+
+class WorkdirLock:
+    """WORKDIR/.vit_jax.lock, held by a training run's process 0 from before its checkpoint manager starts (which
+    removes unfinished steps: a second run's start destroyed the first's save in progress) until it ends.
+
+    Two runs on one workdir overwrote each other's checkpoints and final_metrics.json, both reporting success. The
+    lock is an flock: the kernel drops it when its process dies, so a rerun after a kill or preemption is never
+    blocked. Evaluators do not take it. Cloud paths (gs://) cannot be locked, nor some network mounts (a warning).
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise WorkdirInUseError naming the run that holds it."""
+        if "://" in self.workdir:
+            return
+        import fcntl
+        import socket
+        import time
+
+        path = os.path.join(self.workdir, LOCK_FILE)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 512).decode(errors="replace").strip() or "a process that has not said which"
+                os.close(fd)
+                raise WorkdirInUseError(
+                    f"--workdir={self.workdir} is in use by another training run ({holder}; {path}): two runs would "
+                    "overwrite each other's checkpoints. Wait for it to end or stop it, or choose another --workdir"
+                ) from None
+            except OSError as e:  # a file system without locks
+                os.close(fd)
+                logging.warning("%s cannot be locked (%s): a second run on this workdir would not be noticed", path,
+                                e.strerror or e)
+                return
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break  # else the run that held it ended and removed it between open and flock: lock the new one
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (again: nothing)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.workdir, LOCK_FILE))
+        os.close(self._fd)
+        self._fd = None
+
+
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """'mu/Transformer/encoder_norm/bias' -> shape, for an abstract state and for orbax's stored metadata alike."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]

@@ -826,8 +826,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_steps = optim.total_steps(config, info.num_train_examples)
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a gs:// one
-    ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, remove_partial=True)
+    lock, ckpt = checkpoints.WorkdirLock(workdir), None
     try:
+        _decided_by_process_0(lock.acquire)  # before the manager, whose start removes another run's unfinished step
+        ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints, remove_partial=True)
         state, data_state, meta = restore_or_init(config, mesh, num_steps, ckpt)
         extra = extra_evals.eval_configs(config)  # again: copies with the numerics restore_or_init set
         start_step = int(meta.get("step", 0))
@@ -861,12 +863,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Bad input found while starting (a foreign pre-trained file, undecodable data): leave no trace. The
         # manager closes first: its background threads may still be working in the directories removed.
         try:
-            ckpt.close()
+            if ckpt is not None:
+                ckpt.close()
         finally:
+            lock.release()
             _remove_if_empty(created)
         raise
     finally:
-        ckpt.close()
+        try:
+            if ckpt is not None:
+                ckpt.close()
+        finally:
+            lock.release()
 
 
 def _missing_dirs(*paths: str) -> list[str]:
