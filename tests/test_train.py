@@ -656,3 +656,39 @@ def test_a_run_that_fails_before_its_first_step_closes_its_input_iterator(tmp_pa
     with pytest.raises(RuntimeError, match="no step today"):
         train.train_and_evaluate(_digits_run_config(tmp_path, total_steps=2), str(tmp_path / "run"))
     assert len(closed) == 1
+
+
+def test_an_evaluator_beside_a_training_run_reads_the_newer_step_when_its_step_is_deleted(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """--mode=eval while a training run saves step 3 and its keep-N deletes step 2, which the evaluator was reading
+    (stood in for by a rename): it reads step 3 instead of calling the checkpoint damaged; a step that fails to read
+    and is still there is an error."""
+    import logging
+    import os
+
+    from vit_jax import checkpoints
+
+    workdir = str(tmp_path / "run")
+    config = _digits_run_config(tmp_path, total_steps=2, eval_every=2, checkpoint_every=2)
+    finished = train.train_and_evaluate(config, workdir)
+    restore, calls = checkpoints.Checkpoints.restore, []
+
+    def deleted_while_read(self, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) == 1:
+            os.rename(os.path.join(self.directory, "2"), os.path.join(self.directory, "3"))
+            raise checkpoints.CheckpointReadError(f"{self.directory}/2 cannot be read (FileNotFoundError)")
+        return restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.Checkpoints, "restore", deleted_while_read)
+    with caplog.at_level(logging.WARNING):
+        metrics = train.evaluate_checkpoint(config, workdir)
+    assert calls == [2, 3] and "step 2 was removed while it was read" in caplog.text
+    assert metrics["top1"] == pytest.approx(finished["test_accuracy"])
+
+    def damaged(self, step, *args, **kwargs):
+        raise checkpoints.CheckpointReadError(f"{self.directory}/{step} cannot be read (damaged)")
+
+    monkeypatch.setattr(checkpoints.Checkpoints, "restore", damaged)
+    with pytest.raises(checkpoints.CheckpointReadError, match="3 cannot be read"):
+        train.evaluate_checkpoint(config, workdir)

@@ -284,6 +284,16 @@ class Checkpoints:
         return (f"No complete checkpoint before step {step} is in {self.directory}: if they are damaged, start "
                 "afresh in another --workdir")
 
+    def newer_if_removed(self, step: int) -> int | None:
+        """After reading `step` failed: the latest step now, if `step` is gone from disk and a newer one is there (a
+        training run writing this workdir saved it and its keep-N deleted `step` while it was read); else None."""
+        from etils import epath  # a gs:// workdir too
+
+        self.manager.reload()
+        latest = self.manager.latest_step()
+        gone = not (epath.Path(self.directory) / str(step)).exists()
+        return latest if gone and latest is not None and latest > step else None
+
     def has_ema(self, step: int) -> bool:
         """Whether the checkpoint of `step` holds Polyak-averaged params (an "ema" item)."""
         from etils import epath  # a gs:// workdir too

@@ -1086,6 +1086,9 @@ def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
+EVAL_READ_ATTEMPTS = 3  # reads of the latest step by an evaluator whose steps a training run keeps deleting
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: str = "eval") -> dict[str, float]:
     """--mode=eval: evaluate the latest checkpoint in `workdir` (else `config.pretrained`) on the eval split,
     and on each `config.extra_evals` test set (its metrics as "<dataset>/top1", ...).
@@ -1112,11 +1115,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mode: s
     created = _missing_dirs(workdir, checkpoints.checkpoint_dir(workdir))
     ckpt = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
     try:
-        if _decided_by_process_0(ckpt.latest_step) is None and not config.pretrained:
+        latest = _decided_by_process_0(ckpt.latest_step)
+        if latest is None and not config.pretrained:
             raise UserError(f"--mode={mode} found no checkpoint in {ckpt.directory} and config.pretrained is empty: "
                             "train first, or pass --config.pretrained=PATH")
-        state, _, meta = restore_or_init(config, mesh, num_steps, ckpt, params_only=True,
-                                         require_head=mode == "eval", read_ema=mode == "eval")
+        for attempt in range(EVAL_READ_ATTEMPTS):  # an evaluator beside the training run: keep-N deletes steps
+            try:
+                state, _, meta = restore_or_init(config, mesh, num_steps, ckpt, params_only=True,
+                                                 require_head=mode == "eval", read_ema=mode == "eval")
+                break
+            except checkpoints.CheckpointReadError:
+                newer = None if latest is None else _decided_by_process_0(ckpt.newer_if_removed, latest)
+                if newer is None or attempt == EVAL_READ_ATTEMPTS - 1:
+                    raise
+                logging.warning("step %d was removed while it was read (a training run writing %s saved step %d "
+                                "and keeps fewer): reading step %d", latest, ckpt.directory, newer, newer)
+                latest = newer
         # Only to say so: few-shot does not read the average (process 0 logs, from its own view of the files).
         if mode == "fewshot" and "step" in meta and jax.process_index() == 0 and ckpt.has_ema(meta["step"]):
             _log_fewshot_weights(f"step {meta['step']} (the checkpoint holds an average: it is not read)")
