@@ -200,3 +200,17 @@ def _interrupt_and_finish(reference, tmp_path, kills: list[str], rng: random.Ran
     differences = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, reference_params))
     print(f"largest difference from the uninterrupted run's params: {max(differences):.3g}")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, reference_params)
+
+
+def test_a_ctrl_c_saves_the_step_it_lands_on_and_exits_130(tmp_path):
+    """A single process's first Ctrl-C (SIGINT) saves a checkpoint at the next step and exits 130, without a
+    traceback (it lost every step since the last checkpoint, with one)."""
+    data_dir, cache_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "cache"), str(tmp_path / "run")
+    run = start(workdir, data_dir, cache_dir, 40)
+    assert run.wait_until(lambda: run.last_step() >= 2)
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.stderr[-3000:]
+    (saved,) = [int(m.group(1)) for line in run.lines if (m := re.match(r"interrupted: saved a checkpoint at step "
+                                                                        r"(\d+); rerun", line))]
+    assert saved in complete_steps(workdir) and "Traceback" not in run.stderr
+    assert "Ctrl-C again stops at once" in run.stderr  # (a resume from a saved step: the tests above)

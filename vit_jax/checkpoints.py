@@ -380,24 +380,42 @@ class Checkpoints:
 
 
 class PreemptionWatcher:
-    """Tells the loop when to save and stop because the job is being preempted (SIGTERM).
+    """Tells the loop when to save and stop because the job is being preempted (SIGTERM) or interrupted (Ctrl-C).
 
     With one process, a SIGTERM handler sets a flag checked at the next step. With several, JAX's preemption
     sync manager (started by jax.distributed.initialize) catches the signal and picks one step on which every
     process saves; `reached(step)` must then be called on every step by every process.
+    With one process, the first Ctrl-C (SIGINT) does the same, `interrupted` set (it lost every step since the last
+    checkpoint); the handler it replaced is put back at once, so a second Ctrl-C stops at once, without a save. A
+    SIGINT that was ignored (a background job) stays ignored.
     """
 
     def __init__(self) -> None:
         self.signalled = False
+        self.interrupted = False
         self._asked = False
         self._previous = None
+        self._previous_int = None
         # Signal handlers can only be set from the main thread (a loop run from a notebook thread goes without).
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._previous_int = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         logging.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
         self.signalled = True
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        logging.warning("interrupted (Ctrl-C): saving a checkpoint at the next step, then stopping; Ctrl-C again "
+                        "stops at once, without one")
+        self.signalled = self.interrupted = True
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None
 
     def reached(self, step: int) -> bool:
         """True at the step on which to save and stop."""
@@ -414,7 +432,8 @@ class PreemptionWatcher:
             return False
 
     def close(self) -> None:
-        """Put the previous SIGTERM handler back."""
+        """Put the previous SIGTERM and SIGINT handlers back."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        self._restore_sigint()

@@ -7,8 +7,9 @@ stderr and exit code 2; a diverged run (NaN/inf loss) is one line and exit code 
 SIGTERM (preemption, a scheduler's time limit) saves a checkpoint and exits with `PREEMPTED_EXIT_CODE`, 75
 (EX_TEMPFAIL: try again), so a retry loop can tell it from a finished run (0) and resume; before the loop starts
 (start-up, restoring; the first step compiles inside the loop) or in --mode=eval or fewshot, SIGTERM ends the
-process as usual (143). A training run of
-several processes leaves SIGTERM to JAX's preemption service from start-up on: they save and stop at one step.
+process as usual (143). In the loop of a single process, a first Ctrl-C saves and stops too (exit code 130); a
+second stops at once. A training run of several processes leaves SIGTERM to JAX's preemption service from
+start-up on: they save and stop at one step.
 
 Multi-host: on Cloud TPU, Slurm, Open MPI or Kubernetes, `jax.distributed.initialize()` finds its peers by
 itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to every process.
@@ -44,6 +45,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 
 # EX_TEMPFAIL (sysexits.h): the run was stopped (SIGTERM) after saving a checkpoint; the same command resumes it.
 PREEMPTED_EXIT_CODE = 75
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C: no retry loop should rerun it
 
 
 def _managed_cluster() -> bool:
@@ -173,6 +175,8 @@ def main(argv: Sequence[str]) -> None:
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if result.get("interrupted"):
+        sys.exit(INTERRUPTED_EXIT_CODE)
     if result.get("preempted"):
         sys.exit(PREEMPTED_EXIT_CODE)
 

@@ -1032,12 +1032,15 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 if jax.process_count() > 1:  # all saved before any exits: a launcher may kill the rest at the first
                     # exit (srun --kill-on-bad-exit, exit code 75)
                     multihost_utils.sync_global_devices("vit_jax: preemption checkpoint saved")
-                _report(f"preempted: saved a checkpoint at step {step}; rerun the same command to resume")
-                if evaluates and step < num_steps:  # the params' score, within the grace period if it allows; the
-                    # last step's full evaluation is the rerun's
+                _report(f"{'interrupted' if watcher.interrupted else 'preempted'}: saved a checkpoint at step "
+                        f"{step}; rerun the same command to resume")
+                # The params' score, within the grace period if it allows (not after a Ctrl-C: the user asked to
+                # stop); the last step's full evaluation is the rerun's.
+                if evaluates and step < num_steps and not watcher.interrupted:
                     _evaluate_and_log(step, {"params": state["params"]}, with_extra=False)
                 writer.flush()
-                return {"step": step, "train_loss": train_loss, "preempted": True}
+                return {"step": step, "train_loss": train_loss, "preempted": True,
+                        "interrupted": watcher.interrupted}
         ckpt.wait()  # the last checkpoint is on disk (or its failure raised) before final_metrics.json names it
     finally:
         watcher.close()
