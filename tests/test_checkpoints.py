@@ -330,3 +330,29 @@ def test_train_and_evaluate_refuses_a_workdir_another_run_holds(tmp_path):
         train.train_and_evaluate(_digits_run_config(tmp_path, total_steps=1), str(workdir))
     assert sorted(os.listdir(workdir)) == [checkpoints.LOCK_FILE]  # nothing of the refused run's
     holder.release()
+
+
+def test_a_first_ctrl_c_asks_for_a_save_and_puts_the_previous_handler_back():
+    """A real SIGINT: the watcher asks for a save and gives Ctrl-C back to the handler it replaced (a second one
+    raises KeyboardInterrupt at once); an ignored SIGINT (a background job) stays ignored."""
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        watcher = checkpoints.PreemptionWatcher()
+        assert not watcher.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert watcher.reached(2) and watcher.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        watcher.close()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignored = checkpoints.PreemptionWatcher()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        ignored.close()
+    finally:
+        signal.signal(signal.SIGINT, before)

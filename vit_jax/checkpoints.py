@@ -397,9 +397,11 @@ class PreemptionWatcher:
         self._previous = None
         self._previous_int = None
         # Signal handlers can only be set from the main thread (a loop run from a notebook thread goes without).
+        # A handler set outside Python (getsignal: None) could not be put back: that signal is left alone.
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            if signal.getsignal(signal.SIGTERM) is not None:
+                self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
                 self._previous_int = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
