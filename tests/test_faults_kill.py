@@ -206,7 +206,13 @@ def test_a_ctrl_c_saves_the_step_it_lands_on_and_exits_130(tmp_path):
     """A single process's first Ctrl-C (SIGINT) saves a checkpoint at the next step and exits 130, without a
     traceback (it lost every step since the last checkpoint, with one)."""
     data_dir, cache_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "cache"), str(tmp_path / "run")
-    run = start(workdir, data_dir, cache_dir, 40)
+    # A job started in the background (CI's, too) ignores SIGINT, and its children inherit that (the run then keeps
+    # it ignored, as it should): the run is started with SIGINT's default, as from a terminal.
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        run = start(workdir, data_dir, cache_dir, 40)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert run.wait_until(lambda: run.last_step() >= 2)
     run.process.send_signal(signal.SIGINT)
     assert run.finish() == 130, run.stderr[-3000:]
