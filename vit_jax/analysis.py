@@ -37,14 +37,14 @@ def num_prefix_tokens(model_config: ml_collections.ConfigDict) -> int:
     return 1 if model_config.classifier == "token" else 0
 
 
-def _numpy_of(array: Any) -> Any:
-    """The array module for `array`: jax.numpy for a JAX array (traced inside jit too), else NumPy."""
-    return jnp if isinstance(array, jax.Array) else np
+def _as_float(array: Any) -> tuple[Any, Any]:
+    """(`array` as float64 NumPy, NumPy), or a JAX array (traced inside jit too) as it is with jax.numpy."""
+    return (array, jnp) if isinstance(array, jax.Array) else (np.asarray(array, np.float64), np)
 
 
-def _as_float(array: Any) -> Any:
-    """`array` as float64 NumPy, or a JAX array as it is (float32 unless x64 is enabled)."""
-    return array if isinstance(array, jax.Array) else np.asarray(array, np.float64)
+def patch_grid(images_shape: Sequence[int], patch_size: int) -> tuple[int, int]:
+    """(rows, columns) of the patch grid of images of shape (batch, height, width, channels)."""
+    return images_shape[1] // patch_size, images_shape[2] // patch_size
 
 
 def square_grid(num_patches: int) -> tuple[int, int]:
@@ -100,8 +100,7 @@ def attention_summarizer(model_config: ml_collections.ConfigDict, params: Mappin
     @jax.jit
     def forward(p, x):
         layers = attentions(p, x)
-        grid = (x.shape[1] // patch, x.shape[2] // patch)
-        distances = [attention_distance(a, patch, num_prefix, grid) for a in layers]
+        distances = [attention_distance(a, patch, num_prefix, patch_grid(x.shape, patch)) for a in layers]
         # Each layer's head average, materialised (the barrier): XLA otherwise fuses the average into the
         # rollout's products at the end and keeps every layer's attention alive until then (+1 layer each).
         means = [jax.lax.optimization_barrier(a.mean(axis=1, keepdims=True)) for a in layers]
@@ -153,8 +152,8 @@ def attention_rollout(attentions: Sequence[np.ndarray] | np.ndarray) -> np.ndarr
     """
     joint = None
     for attention in attentions:
-        xp = _numpy_of(attention)
-        attention = _as_float(attention).mean(axis=-3)
+        attention, xp = _as_float(attention)
+        attention = attention.mean(axis=-3)
         augmented = attention + xp.eye(attention.shape[-1], dtype=attention.dtype)
         augmented = augmented / augmented.sum(axis=-1, keepdims=True)
         joint = augmented if joint is None else augmented @ joint
@@ -201,8 +200,8 @@ def attention_distance(attention: np.ndarray, patch_size: int, num_prefix: int,
     weigh some patch).
     The paper's Figure 7 (right) averages this over images.
     """
-    xp = _numpy_of(attention)
-    patch_attention = _as_float(attention)[..., num_prefix:, num_prefix:]
+    attention, xp = _as_float(attention)
+    patch_attention = attention[..., num_prefix:, num_prefix:]
     # A query that put all of its weight on the class token (a float32 softmax underflowing on every patch)
     # weighs no patch: it is left out of the mean rather than turning it into NaN (no query left: 0).
     total = patch_attention.sum(axis=-1)

@@ -219,7 +219,7 @@ def render_figures(config: ml_collections.ConfigDict, params: Mapping[str, Any],
         pixels = np.stack([image for _, image in images])
         summarize = analysis.attention_summarizer(m, params)  # one compilation for every batch
         batch = min(CAPTURE_BATCH, len(pixels))
-        grid = (pixels.shape[1] // m.patch_size, pixels.shape[2] // m.patch_size)
+        grid = analysis.patch_grid(pixels.shape, m.patch_size)  # the grid the summarizer reduced over
         distances = []
         for start in range(0, len(pixels), batch):
             chunk = pixels[start:start + batch]
