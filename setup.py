@@ -19,7 +19,7 @@ setup(
         "clu>=0.0.12",
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",
-        # preparing TFDS datasets and clu's TensorBoard writers; not the training step (no macOS tensorflow-cpu)
+        # preparing TFDS datasets, TensorBoard events in gs://; not a local run (no macOS tensorflow-cpu)
         "tensorflow-cpu>=2.21; sys_platform != 'darwin'",
         "tensorflow>=2.21; sys_platform == 'darwin'",
         "tensorboard>=2.21",

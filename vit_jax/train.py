@@ -29,7 +29,17 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from vit_jax import checkpoints, config_check, extra_evals, fewshot, masked_patch, optim, sharding, xla_options
+from vit_jax import (
+    checkpoints,
+    config_check,
+    extra_evals,
+    fewshot,
+    masked_patch,
+    metric_writer,
+    optim,
+    sharding,
+    xla_options,
+)
 from vit_jax.errors import UserError
 from vit_jax.masked_patch import make_model  # the model the objective trains (public here too)
 
@@ -903,7 +913,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
                 ckpt: checkpoints.Checkpoints, state: State, data_state: dict | None, meta: dict,
                 extra: dict[str, ml_collections.ConfigDict] | None = None) -> dict:
     """Steps from the state's step to `num_steps`: log, profile, eval, checkpoint, stop on preemption or NaN."""
-    from clu import metric_writers, parameter_overview  # clu's writers import tensorflow: only when training
+    from clu import parameter_overview
 
     from vit_jax import data
 
@@ -932,7 +942,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         # the shots (an error here leaves no trace in the workdir).
         first_fewshot = (fewshot.evaluate(config, state["params"], mesh, represent)
                          if represent is not None and start_step == 0 else None)
-        writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+        writer = metric_writer.create(workdir, events=is_chief)
         if start_step == 0:
             writer.write_hparams({k: v for k, v in _flat_config(config).items()})
         if first_fewshot is not None:

@@ -193,6 +193,8 @@ def _unknown_config_or_version(name: str) -> DatasetError | None:
 
 def _exists(path: str) -> bool:
     """os.path.exists for local paths and gs:// (any tf.io.gfile URI), where TFDS and ArrayRecord read too."""
+    if "://" not in path:
+        return os.path.exists(path)
     import tensorflow as tf
 
     try:
