@@ -539,19 +539,22 @@ def _start_average(config: ml_collections.ConfigDict, params: Any, shardings: An
 # ----------------------------------------------------------------------------------------------------------------
 # Reporting.
 
-def step_flops(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None) -> float:
+def step_flops(config: ml_collections.ConfigDict, mesh: Mesh, num_steps: int | None,
+               train_step: Callable | None = None) -> float:
     """FLOPs of one whole training step (all devices) from XLA's cost analysis of the lowered step.
 
     XLA counts a loop body once, so with scanned blocks or gradient accumulation the step is lowered unrolled
-    for one micro-batch and multiplied by `accum_steps` (lowering only: nothing is compiled).
+    for one micro-batch and multiplied by `accum_steps` (lowering only: nothing is compiled). Otherwise the
+    run's own jitted `train_step`, when given, is lowered: jit keeps that trace and lowering for the first step.
     """
     flat = copy.deepcopy(config)
     with flat.unlocked():
         flat.model.scan = False
         flat.batch_size = config.batch_size // config.accum_steps
         flat.accum_steps = 1
-    lowered = make_train_step(flat, mesh, num_steps).lower(abstract_state(flat, mesh, num_steps),
-                                                           abstract_batch(flat, mesh))
+    if train_step is None or config.model.scan or config.accum_steps != 1:
+        train_step = make_train_step(flat, mesh, num_steps)
+    lowered = train_step.lower(abstract_state(flat, mesh, num_steps), abstract_batch(flat, mesh))
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float((cost or {}).get("flops", 0.0)) * config.accum_steps
@@ -955,7 +958,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         train_step = make_train_step(config, mesh, num_steps)
         eval_step = make_eval_step(config, mesh)
         extra_steps = _extra_steps(extra or {}, mesh)
-        flops = step_flops(config, mesh, num_steps)
+        flops = step_flops(config, mesh, num_steps, train_step)
         peak = peak_flops_per_device()
         watcher = checkpoints.PreemptionWatcher()
         # gloo's CPU collectives can deadlock with many steps in flight across processes: keep them in lock step.
