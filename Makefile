@@ -33,9 +33,10 @@ demo-finetune: $(VENV)/.base
 
 # Two pytest workers, one test file each at a time (a file's fixtures are built once): most tests wait on one
 # XLA compile or one subprocess, so one process leaves a 2-core machine's second core mostly idle.
+# The longest files go first (tests/conftest.py: LONGEST_FILES), not xdist's most-tests-first order.
 test: $(VENV)/.test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-slow: $(VENV)/.test
 	$(PY) -m pytest -q -m slow

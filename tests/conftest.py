@@ -56,3 +56,22 @@ def _one_compilation_cache_for_the_run(tmp_path_factory):
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+# The files that take a minute or more on a 2-core machine (session 22's CI: 40-230 s each, the whole suite ~1,900 s
+# of test time), longest first. xdist's own order (files with the most tests first) left three of them to the end,
+# run one after another on one worker while the other had finished: ~35 s of the suite's wall time. With the
+# Makefile's --no-loadscope-reorder, these go first and the many short files fill in behind them.
+LONGEST_FILES = ("test_train.py", "test_vit.py", "test_faults_cli.py", "test_faults_kill.py", "test_interop_npz.py",
+                 "test_finetune.py", "test_multiprocess.py", "test_notebook.py", "test_train_ema.py",
+                 "test_predict.py", "test_masked_patch.py", "test_visualize.py", "test_faults_train.py",
+                 "test_plan.py", "test_axial.py", "test_layers.py", "test_main.py", "test_interop_torch.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest files first (`LONGEST_FILES`' order), then the rest as collected (a stable sort)."""
+    missing = [name for name in LONGEST_FILES if not os.path.exists(os.path.join(os.path.dirname(__file__), name))]
+    if missing:  # a renamed file would silently lose its place
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FILES names files that do not exist: {missing}")
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

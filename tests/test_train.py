@@ -225,7 +225,8 @@ def test_the_runs_step_is_traced_once_when_its_flops_are_counted_from_it():
     lowering (a second trace was ~1.5 s of every run's start) and counts the same FLOPs as a step of its own."""
     config = tiny_config(**{"mesh.data": 1})
     mesh = sharding.make_mesh(config, jax.devices()[:1])
-    state = train.init_state(config, mesh, config.total_steps)
+    state = jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding),
+                         train.abstract_state(config, mesh, config.total_steps))  # as the run's, without an init
     with mock.patch.object(train, "_loss_fn", wraps=train._loss_fn) as loss_fn:
         step = train.make_train_step(config, mesh, config.total_steps)
         flops = train.step_flops(config, mesh, config.total_steps, step)

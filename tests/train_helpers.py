@@ -64,7 +64,8 @@ class MainRun:
     stderr collected as they come, so a test can wait for a step, kill or signal it, and read what it printed."""
 
     def __init__(self, workdir: str, flags: list[str], env: dict[str, str] | None = None):
-        full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **(env or {})}
+        # VIT_JAX_HUGEPAGES=0: no huge-page re-exec of the command (vit_jax.hugepages, tested in test_hugepages.py).
+        full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "VIT_JAX_HUGEPAGES": "0", **(env or {})}
         full_env.pop("XLA_FLAGS", None)
         self.started = time.time()
         self.process = subprocess.Popen([sys.executable, "-m", "vit_jax.main", f"--workdir={workdir}", *flags],
