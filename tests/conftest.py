@@ -68,8 +68,11 @@ LONGEST_FILES = ("test_train.py", "test_vit.py", "test_faults_cli.py", "test_fau
                  "test_plan.py", "test_axial.py", "test_layers.py", "test_main.py", "test_interop_torch.py")
 
 
-def pytest_collection_modifyitems(items):
-    """The longest files first (`LONGEST_FILES`' order), then the rest as collected (a stable sort)."""
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the longest files first (`LONGEST_FILES`' order), then the rest as collected (a stable sort);
+    a run in one process keeps pytest's order (`pytest -x` reaches a quick failure as soon as before)."""
+    if not hasattr(config, "workerinput"):  # the xdist workers collect; the controller and plain pytest do not
+        return
     missing = [name for name in LONGEST_FILES if not os.path.exists(os.path.join(os.path.dirname(__file__), name))]
     if missing:  # a renamed file would silently lose its place
         raise pytest.UsageError(f"tests/conftest.py LONGEST_FILES names files that do not exist: {missing}")

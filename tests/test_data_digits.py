@@ -133,3 +133,14 @@ def test_preparing_onto_a_full_disk_is_one_error_saying_so(tmp_path, monkeypatch
     monkeypatch.setattr(Digits, "download_and_prepare", missing)
     with pytest.raises(FileNotFoundError):
         datasets.prepare("digits", str(tmp_path))
+
+
+def test_a_dataset_path_that_cannot_be_checked_is_not_called_missing(tmp_path):
+    """A path whose existence cannot be told (here a symlink loop; a directory without permission alike) is an
+    error saying so, not "not prepared" followed by an attempt to build the dataset into it."""
+    import os
+
+    os.symlink(tmp_path / "digits", tmp_path / "digits")  # a link to itself
+    with pytest.raises(data.DatasetError, match=r"digits/1\.1\.0/dataset_info\.json: cannot check whether it exists "
+                                                r"\(Too many levels of symbolic links\)"):
+        datasets.load_builder("digits", str(tmp_path))

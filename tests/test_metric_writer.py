@@ -101,7 +101,7 @@ def test_a_training_run_on_a_prepared_dataset_never_imports_tensorflow(tmp_path,
     flags = ["--config=configs/demo.py", f"--workdir={tmp_path}", f"--config.tfds_data_dir={digits_dir}",
              "--config.total_steps=2", "--config.log_every=1", "--config.eval_every=2",
              "--config.optimizer.warmup_steps=1", "--config.model.num_layers=1"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "VIT_JAX_HUGEPAGES": "0"}  # no re-exec
     env.pop("XLA_FLAGS", None)
     result = subprocess.run([sys.executable, "-c", RUN_WITHOUT_TENSORFLOW, *flags], capture_output=True, text=True,
                             timeout=300, cwd=ROOT, env=env)

@@ -658,11 +658,15 @@ def test_processes_that_resumed_in_different_data_streams_all_restart_at_the_run
 
 def test_a_run_that_fails_before_its_first_step_closes_its_input_iterator(tmp_path, monkeypatch):
     """A failure between opening the data and the loop (here the step's construction; in practice missing few-shot
-    shots or a bad data state) leaves no grain workers or reader threads behind (a notebook runs on)."""
+    shots or a bad data state) leaves no grain workers or reader threads behind (a notebook runs on), nor an open
+    TensorBoard event file."""
+    from vit_jax import metric_writer
     from vit_jax.data import pipeline
 
     closed, close = [], pipeline.TrainIterator.close
     monkeypatch.setattr(pipeline.TrainIterator, "close", lambda self: closed.append(self) or close(self))
+    writers, close_writer = [], metric_writer.MetricWriter.close
+    monkeypatch.setattr(metric_writer.MetricWriter, "close", lambda self: writers.append(self) or close_writer(self))
 
     def broken(*args, **kwargs):
         raise RuntimeError("no step today")
@@ -671,6 +675,7 @@ def test_a_run_that_fails_before_its_first_step_closes_its_input_iterator(tmp_pa
     with pytest.raises(RuntimeError, match="no step today"):
         train.train_and_evaluate(_digits_run_config(tmp_path, total_steps=2), str(tmp_path / "run"))
     assert len(closed) == 1
+    assert len(writers) == 1 and writers[0]._file.closed
 
 
 def test_an_evaluator_beside_a_training_run_reads_the_newer_step_when_its_step_is_deleted(tmp_path, monkeypatch,

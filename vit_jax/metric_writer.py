@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -48,8 +47,9 @@ class MetricWriter:
             from tensorboard.summary.writer.record_writer import RecordWriter
 
             os.makedirs(logdir, exist_ok=True)
-            name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
-                    f"{uuid.uuid4().hex[:8]}.v2")
+            # TensorBoard reads a directory's files in name order: the nanoseconds order two writers of one second
+            now = time.time_ns()
+            name = f"events.out.tfevents.{now // 10**9:010d}.{socket.gethostname()}.{os.getpid()}.{now}.v2"
             self.path = os.path.join(logdir, name)
             self._file = RecordWriter(open(self.path, "wb"))  # noqa: SIM115 (closed by close())
             self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -65,7 +65,7 @@ class MetricWriter:
             self._file.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        """`hparams`: name -> bool, int, float or str (None is written as "", as clu does)."""
+        """`hparams`: a flat dict, name -> bool, int, float or str (None is written as "", as clu does)."""
         logging.info("[Hyperparameters] %s", dict(hparams))
         if self._file is not None:
             from tensorboard.plugins.hparams.summary_v2 import hparams_pb

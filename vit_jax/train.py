@@ -924,6 +924,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
     start_step = int(meta.get("step", 0))
     # The data first: a dataset that cannot feed the run fails before anything is written to the workdir.
     train_iter = data.make_train_iterator(config, sharding.batch_sharding(mesh))
+    writer: metric_writer.Writer | None = None
     try:
         if data_state is None:
             restarts = "was written by a different number of processes"
@@ -965,6 +966,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, num
         block_each_step = jax.process_count() > 1 and jax.devices()[0].platform == "cpu"
     except BaseException:
         train_iter.close()  # its worker processes and reader threads: a start that fails leaks none
+        if writer is not None:
+            writer.close()
         raise
 
     pending: list[tuple[int, dict[str, Any]]] = []  # device arrays, or host floats once checked

@@ -194,7 +194,13 @@ def _unknown_config_or_version(name: str) -> DatasetError | None:
 def _exists(path: str) -> bool:
     """os.path.exists for local paths and gs:// (any tf.io.gfile URI), where TFDS and ArrayRecord read too."""
     if "://" not in path:
-        return os.path.exists(path)
+        try:
+            os.stat(path)
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as e:  # no permission, a symlink loop: not "missing", which would say to prepare it
+            raise DatasetError(f"{path}: cannot check whether it exists ({e.strerror or e})") from None
     import tensorflow as tf
 
     try:
