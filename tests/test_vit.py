@@ -91,12 +91,16 @@ def tiny_config(**overrides):
 
 
 def init_random(model, image_size, seed=0):
-    """Init, then replace every param by noise so the zero head and cls do not hide errors."""
-    params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"])
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, leaves)
+    """Init, then replace every param by noise so the zero head and cls do not hide errors (jitted: the same
+    values as op by op, in one compilation instead of one per initialiser and shape)."""
+    def noise():
+        params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"])
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        return jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, x.shape, x.dtype)
+                                            for k, x in zip(keys, leaves)])
+
+    return jax.jit(noise)()
 
 
 @pytest.mark.parametrize("image_size", [224, 384])
@@ -182,7 +186,7 @@ def test_forward_matches_float64_reference(classifier):
     model = build_model(config, 5)
     params = init_random(model, 16)
     images = jax.random.normal(jax.random.key(3), (3, 16, 16, 3))
-    logits = model.apply({"params": params}, images)
+    logits = jax.jit(model.apply)({"params": params}, images)
     expected = reference_vit(params, images, classifier, patch=4, num_heads=2)
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
 
@@ -196,7 +200,7 @@ def test_gradients_match_float64_finite_differences(classifier):
     params = init_random(model, 16)
     images = jax.random.normal(jax.random.key(3), (3, 16, 16, 3))
     weights = np.asarray(jax.random.normal(jax.random.key(4), (3, 5)), np.float64)
-    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) * weights))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) * weights)))(params)
     leaves, treedef = jax.tree.flatten(params)
     eps = 1e-5
     for seed in range(3):
@@ -220,11 +224,11 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     model32 = build_model(tiny_config(), 5)
     model16 = build_model(tiny_config(dtype="bfloat16"), 5)
     params = init_random(model32, 16)
-    variables16 = nn.unbox(model16.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    variables16 = nn.unbox(jax.eval_shape(model16.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables16))
     images = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
-    out32 = model32.apply({"params": params}, images)
-    out16 = model16.apply({"params": params}, images)
+    out32 = jax.jit(model32.apply)({"params": params}, images)
+    out16 = jax.jit(model16.apply)({"params": params}, images)
     assert out16.dtype == jnp.float32
     scale = float(jnp.abs(out32).max())
     assert float(jnp.abs(out16 - out32).max()) < 0.05 * scale
@@ -239,7 +243,7 @@ def test_bfloat16_compute_pools_and_classifies_in_float32(representation_size):
     params = init_random(model, 16)
     params["head"]["bias"] = params["head"]["bias"] - 10.0
     images = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
-    logits, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    logits, state = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
     encoded = state["intermediates"]["encoded"][0]  # the encoder's output, after encoder_norm
     x = np.asarray(encoded, np.float64)[:, 0]
     if representation_size:
@@ -286,10 +290,11 @@ def test_stochastic_depth_and_dropout_only_in_training():
     model = build_model(tiny_config(stochastic_depth=0.5, dropout_rate=0.1), 5)
     params = init_random(model, 16)
     images = jax.random.normal(jax.random.key(3), (8, 16, 16, 3))
-    eval_a = model.apply({"params": params}, images)
-    eval_b = model.apply({"params": params}, images)
+    apply = jax.jit(model.apply, static_argnames="train")
+    eval_a = apply({"params": params}, images)
+    eval_b = apply({"params": params}, images)
     np.testing.assert_array_equal(eval_a, eval_b)
-    train = [model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(s)}) for s in (0, 1)]
+    train = [apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(s)}) for s in (0, 1)]
     assert not np.allclose(train[0], train[1])
     assert not np.allclose(train[0], eval_a)
 
@@ -416,8 +421,8 @@ def test_attention_capture_returns_probabilities():
     model = build_model(tiny_config(), 5, capture_attention=True)
     params = init_random(model, 16)
     images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
-    logits, state = model.apply({"params": params}, images, mutable=["intermediates"])
-    plain = build_model(tiny_config(), 5).apply({"params": params}, images)
+    logits, state = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
+    plain = jax.jit(build_model(tiny_config(), 5).apply)({"params": params}, images)
     np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-5)
     att = state["intermediates"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["attention"][0]
     assert att.shape == (2, 2, 17, 17)
