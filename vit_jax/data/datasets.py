@@ -192,7 +192,8 @@ def _unknown_config_or_version(name: str) -> DatasetError | None:
 
 
 def _exists(path: str) -> bool:
-    """os.path.exists for local paths and gs:// (any tf.io.gfile URI), where TFDS and ArrayRecord read too."""
+    """Whether `path` exists: a local path (os.stat; DatasetError when that cannot be told), or gs:// (any
+    tf.io.gfile URI), where TFDS and ArrayRecord read too."""
     if "://" not in path:
         try:
             os.stat(path)
