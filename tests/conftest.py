@@ -58,6 +58,16 @@ def _one_compilation_cache_for_the_run(tmp_path_factory):
             os.environ[name] = value
 
 
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> str:
+    """A TFDS data dir holding the prepared digits dataset, made once per test file."""
+    from vit_jax import data
+
+    directory = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare("digits", directory)
+    return directory
+
+
 # The files that take a minute or more on a 2-core machine (session 22's CI: 40-230 s each, the whole suite ~1,900 s
 # of test time), longest first. xdist's own order (files with the most tests first) left three of them to the end,
 # run one after another on one worker while the other had finished: ~35 s of the suite's wall time. With the

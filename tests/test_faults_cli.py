@@ -50,15 +50,6 @@ def assert_bad_input(result: subprocess.CompletedProcess, workdir, *fragments: s
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> str:
-    from vit_jax import data
-
-    directory = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare("digits", directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def wide_npz(tmp_path_factory) -> str:
     """An official-layout .npz of a width-48 model (the runs below build width 32)."""
     from vit_jax import interop

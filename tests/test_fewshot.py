@@ -220,15 +220,6 @@ def test_masked_patch_prediction_has_no_features_to_evaluate():
         fewshot.validate(config)
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> str:
-    from vit_jax import data
-
-    directory = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare("digits", directory)
-    return directory
-
-
 def test_a_missing_fewshot_dataset_fails_before_the_run_writes_anything(tmp_path, digits_dir):
     from vit_jax import data, train
 

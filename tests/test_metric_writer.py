@@ -79,15 +79,6 @@ def test_scalars_must_be_numbers(tmp_path):
     writer.close()
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> str:
-    from vit_jax import data
-
-    directory = str(tmp_path_factory.mktemp("tfds"))
-    data.prepare("digits", directory)
-    return directory
-
-
 RUN_WITHOUT_TENSORFLOW = """
 import atexit, runpy, sys
 atexit.register(lambda: print("tensorflow imported:", "tensorflow" in sys.modules))
