@@ -11,7 +11,7 @@ import pytest
 
 from tests.train_helpers import synthetic_batch, tiny_config, to_device
 from vit_jax import checkpoints, sharding, train
-from vit_jax.models.vit import build_model
+from vit_jax.models.vit import build_model, unstack_blocks
 
 
 def _run_steps(config, devices, num_steps=4):
@@ -200,6 +200,27 @@ def test_abstract_state_carries_the_shardings_the_step_is_compiled_for():
     for abstract, compiled_sharding in zip(jax.tree.leaves(state), jax.tree.leaves(state_shardings)):
         assert abstract.sharding.is_equivalent_to(compiled_sharding, len(abstract.shape))
     assert batch_shardings["image"].spec == sharding.batch_sharding(mesh).spec
+
+
+def test_a_fresh_state_draws_the_blocks_as_the_scanned_model_does_and_lays_them_out_as_the_plain_ones():
+    """A plain model's blocks are drawn as its scanned twin's (XLA compiles one block's initialisers) and split into
+    `encoderblock_{i}`: the params of a scan=True run's fresh state, each block its own draw, sharded on an FSDP
+    mesh as the plain model's params are."""
+    config = tiny_config(**{"model.num_layers": 3, "mesh.data": 4, "mesh.fsdp": 2})
+    mesh = sharding.make_mesh(config, jax.devices())
+    plain = train.init_state(config, mesh, config.total_steps)
+    scan_config = tiny_config(**{"model.num_layers": 3, "model.scan": True})
+    scanned = train.init_state(scan_config, sharding.make_mesh(scan_config, jax.devices()[:1]), 10)
+    expected = unstack_blocks(jax.device_get(scanned["params"]))
+    got = jax.device_get(plain["params"])
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    kernels = [got["Transformer"][f"encoderblock_{i}"]["MlpBlock_3"]["Dense_0"]["kernel"] for i in range(3)]
+    assert not np.array_equal(kernels[0], kernels[1]) and not np.array_equal(kernels[1], kernels[2])
+    wanted = train.state_shardings(config, mesh, config.total_steps)["params"]
+    for leaf, want in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(wanted)):
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(plain["params"]))
 
 
 def test_step_flops_counts_every_block_and_micro_batch_near_3x_the_analytic_forward():

@@ -40,6 +40,37 @@ def test_the_train_step_asks_for_the_float32_training_options_only_in_float32(mo
     assert asked == [{"float32_training": fused}]
 
 
+def test_a_run_once_computation_on_cpu_compiles_at_level_1_into_the_same_values(monkeypatch):
+    """The fresh state's initialisation (random-number kernels only) compiles at LLVM level 1 on CPU: faster to
+    compile, and bit for bit the values of the default level."""
+    from tests.train_helpers import tiny_config
+    from vit_jax import sharding, train
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = xla_options.compiler_options(jax.devices("cpu"), run_once=True)
+    assert options == {"xla_backend_optimization_level": "1"}
+    assert xla_options.compiler_options([_FakeDevice("tpu")], run_once=True) is None
+    config = tiny_config()
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    model = train.make_model(config)
+
+    def init(key):
+        return train.init_params(model, config, key, mesh)
+
+    fast, default = (jax.jit(init, compiler_options=o)(jax.random.key(3)) for o in (options, None))
+    leaves = jax.tree.leaves(fast)
+    assert len(leaves) == len(jax.tree.leaves(default)) > 20
+    for got, expected in zip(leaves, jax.tree.leaves(default)):
+        np.testing.assert_array_equal(got, expected)
+
+    asked = []
+    real = xla_options.compiler_options
+    monkeypatch.setattr(xla_options, "compiler_options",
+                        lambda devices=None, **kw: asked.append(kw) or real(devices, **kw))
+    train.init_state(config, mesh, config.total_steps)
+    assert asked == [{"run_once": True}]
+
+
 @pytest.mark.parametrize("platforms", [["tpu"], ["gpu", "gpu"], ["cpu", "tpu"], []])
 def test_other_platforms_get_no_options(platforms):
     assert xla_options.compiler_options([_FakeDevice(p) for p in platforms]) is None

@@ -1,0 +1,101 @@
+"""Start-up cost of a fresh model: compiling and running the initialisation of its params.
+
+  python benchmarks/init_compile.py [--config=configs/vit_b16.py] [--rounds=2]
+
+Three forms of the same jitted initialisation (params laid out for a one-device mesh), each traced, lowered,
+compiled and run from scratch in every round (the persistent compilation cache is off):
+  per-block   `model.init` as it was before `vit_jax.train.init_params`: every block's initialisers compiled on
+              their own, XLA's default options;
+  scanned     the blocks drawn as the scanned model's and split (`init_params`), default options;
+  run-once    `init_params` with the compiler options of a computation run once (`vit_jax.xla_options`: LLVM
+              level 1 on CPU), what `vit_jax.train.init_state` compiles.
+Reported per form: the median over the rounds of lowering (trace + lower), compile and run seconds. Prints a
+table, then one JSON line last with `speedup` = per-block total / run-once total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common  # noqa: I001  (benchmarks/common.py; also puts the repo root on sys.path)
+
+FORMS = ("per-block", "scanned", "run-once")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=common.DEFAULT_CONFIG)
+    parser.add_argument("--rounds", type=common.count(1), default=2, help="rounds of the three forms (median)")
+    return parser.parse_args(argv)
+
+
+def initialiser(form: str, config, mesh):
+    """A new jitted function (so nothing is reused from an earlier round) drawing `config`'s params in `form`."""
+    import flax.linen as nn
+    import jax
+
+    from vit_jax import sharding, train, xla_options
+
+    model = train.make_model(config)
+    boxed = jax.eval_shape(lambda rng: train._boxed_params(model, config, rng), jax.random.key(0))
+    shardings = sharding.param_shardings(boxed, mesh)
+    if form == "per-block":
+        return jax.jit(lambda rng: nn.unbox(train._boxed_params(model, config, rng)), out_shardings=shardings)
+    options = xla_options.compiler_options(mesh.devices.flat, run_once=True) if form == "run-once" else None
+    return jax.jit(lambda rng: train.init_params(model, config, rng, mesh), out_shardings=shardings,
+                   compiler_options=options)
+
+
+def time_form(form: str, config, mesh) -> dict[str, float]:
+    import jax
+
+    fn = initialiser(form, config, mesh)
+    start = time.perf_counter()
+    lowered = fn.lower(jax.random.key(config.seed))
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    jax.block_until_ready(compiled(jax.random.key(config.seed)))
+    done = time.perf_counter()
+    return {"lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at, "run_s": done - compiled_at}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+
+    from vit_jax import sharding
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    config = common.load_config(args.config, "float32", 8)
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    jax.jit(lambda x: x + 1)(jnp.zeros(4)).block_until_ready()  # the backend's own start-up, outside the timings
+    load_before = common.load_average()
+    runs = {form: [] for form in FORMS}
+    for _ in range(args.rounds):
+        for form in FORMS:
+            runs[form].append(time_form(form, config, mesh))
+    figures = {form: {key: statistics.median(run[key] for run in runs[form]) for key in runs[form][0]}
+               for form in FORMS}
+    for figure in figures.values():
+        figure["total_s"] = sum(figure.values())
+    result = {"benchmark": "init_compile", "config": args.config, "variant": config.model.variant,
+              "num_layers": config.model.num_layers, "platform": jax.devices()[0].platform, "rounds": args.rounds,
+              "cores": common.cores(), "load_average": f"{load_before} -> {common.load_average()}",
+              **{f"{form.replace('-', '_')}_{key}": value for form, figure in figures.items()
+                 for key, value in figure.items()},
+              "speedup": figures["per-block"]["total_s"] / figures["run-once"]["total_s"]}
+    rows = [("config", f"{args.config} ({config.model.variant}, {config.model.num_layers} blocks)"),
+            ("load average", result["load_average"])]
+    rows += [(form, "lower {lower_s:.2f} s  compile {compile_s:.2f} s  run {run_s:.2f} s  total {total_s:.2f} s"
+              .format(**figure)) for form, figure in figures.items()]
+    rows.append(("speedup", f"{result['speedup']:.2f}x (per-block total / run-once total)"))
+    common.print_table(rows, result)
+    return result
+
+
+if __name__ == "__main__":
+    common.run_main(main)
