@@ -1,6 +1,7 @@
 """Start-up cost of a fresh model: compiling and running the initialisation of its params.
 
   python benchmarks/init_compile.py [--config=configs/vit_b16.py] [--rounds=2]
+  python benchmarks/init_compile.py --config=configs/vit_h14.py --topology=v5e:4x4 --fsdp=16   # needs .[tpu]
 
 Three forms of the same jitted initialisation (params laid out for a one-device mesh), each traced, lowered,
 compiled and run from scratch in every round (the persistent compilation cache is off):
@@ -11,6 +12,9 @@ compiled and run from scratch in every round (the persistent compilation cache i
               level 1 on CPU), what `vit_jax.train.init_state` compiles.
 Reported per form: the median over the rounds of lowering (trace + lower), compile and run seconds. Prints a
 table, then one JSON line last with `speedup` = per-block total / run-once total.
+With --topology (libtpu, no TPU needed: `vit_jax.plan`'s compile-only devices, TPU runs' rbg PRNG) the forms are
+only compiled, on a mesh of --fsdp x --model chips (data: the rest), and the per-chip temporaries reported (the
+run-once options are CPU-only: there it is the scanned form); `speedup` is then per-block / run-once compile time.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=common.DEFAULT_CONFIG)
     parser.add_argument("--rounds", type=common.count(1), default=2, help="rounds of the three forms (median)")
+    parser.add_argument("--topology", default=None, help="TPU slice to compile for (e.g. v5e:4x4); no run")
+    parser.add_argument("--fsdp", type=common.count(1), default=None, help="mesh.fsdp (default: the config's)")
+    parser.add_argument("--model", type=common.count(1), default=None, help="mesh.model (default: the config's)")
     return parser.parse_args(argv)
 
 
@@ -48,7 +55,8 @@ def initialiser(form: str, config, mesh):
                    compiler_options=options)
 
 
-def time_form(form: str, config, mesh) -> dict[str, float]:
+def time_form(form: str, config, mesh, run: bool) -> dict[str, float]:
+    """Seconds to lower, compile and (with `run`) run `form`; without `run`, the compiled temporaries instead."""
     import jax
 
     fn = initialiser(form, config, mesh)
@@ -57,9 +65,11 @@ def time_form(form: str, config, mesh) -> dict[str, float]:
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
+    figures = {"lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at}
+    if not run:
+        return {**figures, "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20}
     jax.block_until_ready(compiled(jax.random.key(config.seed)))
-    done = time.perf_counter()
-    return {"lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at, "run_s": done - compiled_at}
+    return {**figures, "run_s": time.perf_counter() - compiled_at}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,31 +77,46 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from vit_jax import sharding
+    from vit_jax import plan, sharding
 
     jax.config.update("jax_enable_compilation_cache", False)
     config = common.load_config(args.config, "float32", 8)
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    with config.unlocked():
+        config.mesh.fsdp = config.mesh.fsdp if args.fsdp is None else args.fsdp
+        config.mesh.model = config.mesh.model if args.model is None else args.model
+        config.mesh.data = -1
+    if args.topology:
+        jax.config.update("jax_platforms", "cpu")  # compile only, as vit_jax.plan does
+        plan.use_tpu_prng()
+        devices = plan.topology_devices(plan.parse_topology(args.topology))
+    else:
+        devices = jax.devices()[:config.mesh.fsdp * config.mesh.model]
+    mesh = sharding.make_mesh(config, devices)
     jax.jit(lambda x: x + 1)(jnp.zeros(4)).block_until_ready()  # the backend's own start-up, outside the timings
     load_before = common.load_average()
     runs = {form: [] for form in FORMS}
     for _ in range(args.rounds):
         for form in FORMS:
-            runs[form].append(time_form(form, config, mesh))
+            runs[form].append(time_form(form, config, mesh, run=not args.topology))
     figures = {form: {key: statistics.median(run[key] for run in runs[form]) for key in runs[form][0]}
                for form in FORMS}
     for figure in figures.values():
-        figure["total_s"] = sum(figure.values())
+        figure["total_s"] = figure["lower_s"] + figure["compile_s"] + figure.get("run_s", 0.0)
     result = {"benchmark": "init_compile", "config": args.config, "variant": config.model.variant,
-              "num_layers": config.model.num_layers, "platform": jax.devices()[0].platform, "rounds": args.rounds,
+              "num_layers": config.model.num_layers, "platform": devices[0].platform, "rounds": args.rounds,
+              "topology": args.topology, "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
               "cores": common.cores(), "load_average": f"{load_before} -> {common.load_average()}",
               **{f"{form.replace('-', '_')}_{key}": value for form, figure in figures.items()
                  for key, value in figure.items()},
               "speedup": figures["per-block"]["total_s"] / figures["run-once"]["total_s"]}
     rows = [("config", f"{args.config} ({config.model.variant}, {config.model.num_layers} blocks)"),
+            ("devices", f"{len(devices)} {devices[0].platform} {result['mesh']}"
+                        + (f" ({args.topology}, compiled only)" if args.topology else "")),
             ("load average", result["load_average"])]
-    rows += [(form, "lower {lower_s:.2f} s  compile {compile_s:.2f} s  run {run_s:.2f} s  total {total_s:.2f} s"
-              .format(**figure)) for form, figure in figures.items()]
+    form_line = ("lower {lower_s:.2f} s  compile {compile_s:.2f} s  temporaries {temp_mib:.0f} MiB per chip"
+                 if args.topology else
+                 "lower {lower_s:.2f} s  compile {compile_s:.2f} s  run {run_s:.2f} s  total {total_s:.2f} s")
+    rows += [(form, form_line.format(**figure)) for form, figure in figures.items()]
     rows.append(("speedup", f"{result['speedup']:.2f}x (per-block total / run-once total)"))
     common.print_table(rows, result)
     return result

@@ -382,3 +382,51 @@ def test_compile_report_of_a_tiny_vit_prints_sane_flops_ratios_and_the_json_line
     assert 0.9 < line["flops_ratio"] < 1.2 and 0.9 < line["forward_flops_ratio"] < 1.2
     assert line["xla_step_gflop"] > 0 and line["xla_forward_gflop"] > 0
     assert 0.0 < line["analytic_overcount"] < 0.1  # the patch embedding: a big share of a one-block model
+
+
+def test_init_compile_compares_the_three_forms_and_prints_the_json_line_last(tmp_path, capsys):
+    import json
+
+    import init_compile
+
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text("from configs import common\n\n\ndef get_config():\n"
+                           "    config = common.get_config('Ti/16')\n"
+                           "    config.image_size, config.model.num_layers, config.model.hidden_size = 32, 3, 48\n"
+                           "    config.model.mlp_dim, config.model.num_heads, config.model.variant = 96, 2, 'custom'\n"
+                           "    return config\n")
+    result = init_compile.main(["--config", str(config_file), "--rounds", "1"])
+    out = capsys.readouterr().out.splitlines()
+    line = json.loads(out[-1])
+    assert line == json.loads(json.dumps(result))
+    assert line["benchmark"] == "init_compile" and line["num_layers"] == 3 and line["platform"] == "cpu"
+    assert line["mesh"] == {"data": 1, "fsdp": 1, "model": 1} and line["topology"] is None
+    for form in ("per_block", "scanned", "run_once"):
+        parts = [line[f"{form}_{key}"] for key in ("lower_s", "compile_s", "run_s")]
+        assert all(p > 0 for p in parts) and line[f"{form}_total_s"] == pytest.approx(sum(parts))
+    assert line["speedup"] == pytest.approx(line["per_block_total_s"] / line["run_once_total_s"])
+    assert [row.split()[0] for row in out[3:6]] == ["per-block", "scanned", "run-once"]
+
+
+@pytest.mark.parametrize("flags, bad", [(["--rounds", "0"], "--rounds: 0 is invalid"),
+                                        (["--fsdp", "0"], "--fsdp: 0 is invalid")])
+def test_init_compile_flags_that_cannot_work_are_usage_errors(flags, bad, capsys):
+    import init_compile
+
+    with pytest.raises(SystemExit) as exit_info:
+        init_compile.parse_args(flags)
+    assert exit_info.value.code == 2 and bad in capsys.readouterr().err
+
+
+def test_init_compile_for_a_topology_without_libtpu_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    import init_compile
+
+    from vit_jax import plan
+
+    monkeypatch.setattr(plan, "use_tpu_prng", lambda: None)  # it sets the process's PRNG: not in a test worker
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(UserError, match=r"needs libtpu.*pip install -e \.\[tpu\]"):
+        init_compile.main(["--topology", "v5e:2x2"])
