@@ -3,8 +3,9 @@
   python benchmarks/init_compile.py [--config=configs/vit_b16.py] [--rounds=2]
   python benchmarks/init_compile.py --config=configs/vit_h14.py --topology=v5e:4x4 --fsdp=16   # needs .[tpu]
 
-Three forms of the same jitted initialisation (params laid out for a one-device mesh), each traced, lowered,
-compiled and run from scratch in every round (the persistent compilation cache is off):
+Three forms of the same jitted initialisation (params laid out for a mesh of --fsdp x --model devices, default
+the config's: one CPU device), each traced, lowered, compiled and run from scratch in every round (the persistent
+compilation cache is off on the command line):
   per-block   `model.init` as it was before `vit_jax.train.init_params`: every block's initialisers compiled on
               their own, XLA's default options;
   scanned     the blocks drawn as the scanned model's and split (`init_params`), default options;
@@ -14,12 +15,13 @@ Reported per form: the median over the rounds of lowering (trace + lower), compi
 table, then one JSON line last with `speedup` = per-block total / run-once total.
 With --topology (libtpu, no TPU needed: `vit_jax.plan`'s compile-only devices, TPU runs' rbg PRNG) the forms are
 only compiled, on a mesh of --fsdp x --model chips (data: the rest), and the per-chip temporaries reported (the
-run-once options are CPU-only: there it is the scanned form); `speedup` is then per-block / run-once compile time.
+run-once options are CPU-only: there it is the scanned form); `speedup` is then of lower + compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -72,22 +74,30 @@ def time_form(form: str, config, mesh, run: bool) -> dict[str, float]:
     return {**figures, "run_s": time.perf_counter() - compiled_at}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> dict:
+    """The benchmark; `own_process` (the command line, not a test) also sets process-wide JAX options: no
+    persistent compilation cache and, with --topology, a CPU backend and TPU runs' PRNG (`plan.use_tpu_prng`)."""
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
 
     from vit_jax import plan, sharding
+    from vit_jax.errors import UserError
 
-    jax.config.update("jax_enable_compilation_cache", False)
+    if own_process:
+        jax.config.update("jax_enable_compilation_cache", False)
     config = common.load_config(args.config, "float32", 8)
     with config.unlocked():
         config.mesh.fsdp = config.mesh.fsdp if args.fsdp is None else args.fsdp
         config.mesh.model = config.mesh.model if args.model is None else args.model
         config.mesh.data = -1
+    if config.mesh.fsdp < 1 or config.mesh.model < 1:
+        raise UserError(f"mesh.fsdp={config.mesh.fsdp}, mesh.model={config.mesh.model}: this benchmark needs "
+                        "explicit sizes >= 1; pass --fsdp and --model")
     if args.topology:
-        jax.config.update("jax_platforms", "cpu")  # compile only, as vit_jax.plan does
-        plan.use_tpu_prng()
+        if own_process:
+            jax.config.update("jax_platforms", "cpu")  # compile only, as vit_jax.plan does
+            plan.use_tpu_prng()
         devices = plan.topology_devices(plan.parse_topology(args.topology))
     else:
         devices = jax.devices()[:config.mesh.fsdp * config.mesh.model]
@@ -123,4 +133,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.run_main(functools.partial(main, own_process=True))

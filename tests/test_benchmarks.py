@@ -423,10 +423,17 @@ def test_init_compile_for_a_topology_without_libtpu_says_how_to_install_it(monke
 
     import init_compile
 
-    from vit_jax import plan
-
-    monkeypatch.setattr(plan, "use_tpu_prng", lambda: None)  # it sets the process's PRNG: not in a test worker
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(UserError, match=r"needs libtpu.*pip install -e \.\[tpu\]"):
         init_compile.main(["--topology", "v5e:2x2"])
+
+
+def test_init_compile_refuses_a_mesh_size_left_to_the_device_count(tmp_path):
+    import init_compile
+
+    config_file = tmp_path / "rest.py"
+    config_file.write_text("from configs import common\n\n\ndef get_config():\n"
+                           "    config = common.get_config('Ti/16')\n    config.mesh.fsdp = -1\n    return config\n")
+    with pytest.raises(UserError, match=r"mesh.fsdp=-1, mesh.model=1: .*pass --fsdp and --model"):
+        init_compile.main(["--config", str(config_file)])
