@@ -45,11 +45,10 @@ def initialiser(form: str, config, mesh):
     import flax.linen as nn
     import jax
 
-    from vit_jax import sharding, train, xla_options
+    from vit_jax import train, xla_options
 
     model = train.make_model(config)
-    boxed = jax.eval_shape(lambda rng: train._boxed_params(model, config, rng), jax.random.key(0))
-    shardings = sharding.param_shardings(boxed, mesh)
+    shardings = train.state_shardings(config, mesh)["params"]
     if form == "per-block":
         return jax.jit(lambda rng: nn.unbox(train._boxed_params(model, config, rng)), out_shardings=shardings)
     options = xla_options.compiler_options(mesh.devices.flat, run_once=True) if form == "run-once" else None
