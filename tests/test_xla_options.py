@@ -13,6 +13,15 @@ class _FakeDevice:
         self.platform = platform
 
 
+def _record_requests(monkeypatch) -> list[dict]:
+    """The keyword arguments of every `xla_options.compiler_options` call from now on (the options still given)."""
+    asked = []
+    real = xla_options.compiler_options
+    monkeypatch.setattr(xla_options, "compiler_options",
+                        lambda devices=None, **kw: asked.append(kw) or real(devices, **kw))
+    return asked
+
+
 def test_cpu_devices_get_individual_dots_and_reductions(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert xla_options.compiler_options(jax.devices("cpu")) == {
@@ -31,10 +40,7 @@ def test_the_train_step_asks_for_the_float32_training_options_only_in_float32(mo
     from tests.train_helpers import tiny_config
     from vit_jax import sharding, train
 
-    asked = []
-    real = xla_options.compiler_options
-    monkeypatch.setattr(xla_options, "compiler_options",
-                        lambda devices=None, **kw: asked.append(kw) or real(devices, **kw))
+    asked = _record_requests(monkeypatch)
     config = tiny_config(**{"model.dtype": dtype})
     train.make_train_step(config, sharding.make_mesh(config, jax.devices()[:1]), config.total_steps)
     assert asked == [{"float32_training": fused}]
@@ -63,10 +69,7 @@ def test_a_run_once_computation_on_cpu_compiles_at_level_1_into_the_same_values(
     for got, expected in zip(leaves, jax.tree.leaves(default)):
         np.testing.assert_array_equal(got, expected)
 
-    asked = []
-    real = xla_options.compiler_options
-    monkeypatch.setattr(xla_options, "compiler_options",
-                        lambda devices=None, **kw: asked.append(kw) or real(devices, **kw))
+    asked = _record_requests(monkeypatch)
     train.init_state(config, mesh, config.total_steps)
     assert asked == [{"run_once": True}]
 
