@@ -60,7 +60,7 @@ def test_npz_to_hf_keeps_the_logits(tmp_path, source):
     out = tmp_path / "hf"
     result = _convert(f"--src={src}", *TINY, f"--out={out}", "--to=hf")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
     loaded = load_pretrained(str(out), config)
     # The npz's numerics (tanh GELU, eps 1e-6) travel in config.json and come back, whatever the config said.

@@ -68,7 +68,7 @@ def test_hf_directory_round_trips_through_a_remote_path_with_its_numerics(bucket
     params = random_params(config, 4)
     path = f"{bucket}/hf"
     assert save_as(params, config, path, "hf") == path
-    assert sorted(tf.io.gfile.listdir(path)) == ["config.json", "model.safetensors"]
+    assert sorted(tf.io.gfile.listdir(path)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
 
     loaded_config = tiny_config()
     _assert_same(load_pretrained(path, loaded_config), params)

@@ -7,6 +7,7 @@ transposed or swapped arrays). The tolerance is the issue's: max abs logit diffe
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -22,6 +23,7 @@ pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4
 NUM_CLASSES = 6
+HF_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]  # what an HF export writes
 
 
 def _perturb(module, seed: int):
@@ -87,7 +89,7 @@ def test_hf_export_loads_in_transformers_with_logits_parity_and_round_trips(tmp_
     config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
     params = random_params(config, NUM_CLASSES, seed=3)
     out = save_as(params, config, str(tmp_path / "hf"), "hf")
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == HF_FILES
     model = ViTForImageClassification.from_pretrained(out).eval()
     assert model.config.hidden_act == "gelu" and model.config.layer_norm_eps == 1e-12
     images = random_images()
@@ -98,6 +100,26 @@ def test_hf_export_loads_in_transformers_with_logits_parity_and_round_trips(tmp_
     for key, value in params_to_canonical(params).items():
         np.testing.assert_array_equal(flatten(back)[key], value, err_msg=key)
     np.testing.assert_array_equal(logits_of(back_config, back, images), ours)
+
+
+def test_hf_export_classifies_in_transformers_pipeline_as_our_model_does(tmp_path):
+    """preprocessor_config.json: HF's image-classification pipeline refused a directory without one (and its
+    default processor resizes to 224); with it the pipeline feeds the model our input, the image at the model's
+    size in [-1, 1], and its scores are our softmax."""
+    from PIL import Image
+    from transformers import pipeline
+
+    config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
+    params = random_params(config, NUM_CLASSES, seed=3)
+    out = save_as(params, config, str(tmp_path / "hf"), "hf")
+    pixels = np.random.default_rng(5).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    classify = pipeline("image-classification", model=out, top_k=NUM_CLASSES)
+    logits = logits_of(config, params, (pixels / 127.5 - 1).astype(np.float32)).astype(np.float64)
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    for image, probabilities in zip(pixels, expected):
+        scores = {r["label"]: r["score"] for r in classify(Image.fromarray(image))}
+        np.testing.assert_allclose([scores[f"LABEL_{i}"] for i in range(NUM_CLASSES)], probabilities, atol=1e-5)
 
 
 def test_hf_export_of_a_multi_label_model_says_so_for_hf_to_apply_a_sigmoid(tmp_path):
@@ -154,7 +176,7 @@ def test_a_failed_hf_export_leaves_no_directory_and_no_temporary_one(tmp_path, m
 
     assert save_as(params, config, str(out), "hf") == str(out)  # the destination is still usable
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == HF_FILES
     loaded = flatten(load_pretrained(str(out), tiny_config()))
     for key, value in params_to_canonical(params).items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
@@ -170,7 +192,7 @@ def test_hf_export_into_an_occupied_directory_needs_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]
     params = random_params(config, NUM_CLASSES, seed=7)
     save_as(params, config, str(out), "hf", overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", *HF_FILES]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     loaded = flatten(load_pretrained(str(out), tiny_config()))
     np.testing.assert_array_equal(loaded["head/kernel"], params_to_canonical(params)["head/kernel"])
@@ -356,6 +378,26 @@ def test_timm_export_loads_in_timm_with_logits_parity_and_round_trips(tmp_path, 
     back = load_pretrained(path, back_config)
     assert back_config.gelu_approximate == gelu_approximate  # recorded in the file's metadata
     np.testing.assert_array_equal(logits_of(back_config, back, images), ours)
+
+
+@pytest.mark.parametrize("pooling, gelu_approximate", [("token", True), ("avg", False)])
+def test_the_timm_call_the_export_logs_loads_the_files_head(tmp_path, caplog, pooling, gelu_approximate):
+    """The logged `timm.create_model(...)`, run as printed: without the overlay's num_classes timm took the file
+    for the registered model's 1000 classes and, for any other count, loaded it with a random head."""
+    import timm
+
+    config = tiny_config(classifier="gap" if pooling == "avg" else "token", gelu_approximate=gelu_approximate)
+    params = random_params(config, NUM_CLASSES, seed=5)
+    path = str(tmp_path / "vit.safetensors")
+    caplog.set_level(logging.INFO)
+    save_as(params, config, path, "timm")
+    [call] = [m.split("timm: ", 1)[1] for m in (r.getMessage() for r in caplog.records) if m.startswith("timm: ")]
+    assert call.startswith("timm.create_model(<vit name>, pretrained=True, num_classes=6, img_size=32, ")
+    # <vit name>: a registered ViT, with the tiny model's architecture.
+    name = "'vit_tiny_patch16_224', patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0"
+    model = eval(call.replace("<vit name>", name), {"timm": timm})  # the logged call, as a user would paste it
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model.eval(), images)) < TOLERANCE
 
 
 def _timm_hub_download(tmp_path, model, config: dict) -> str:

@@ -484,16 +484,19 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
                                     metadata=torch_hub.export_metadata(m))
         extra = (", global_pool='avg', class_token=False, fc_norm=False" if m.classifier == "gap" else "") + (
             ", act_layer='gelu_tanh'" if m.gelu_approximate else "")
+        # The overlay's num_classes is the file's head: without it timm assumes the registered model's (1000 for
+        # most) and, for any other count, drops the file's head for a fresh random one (an INFO line, no error).
         logging.info("timm: timm.create_model(<vit name>, pretrained=True, num_classes=%d, img_size=%d, "
-                     "pretrained_cfg_overlay=dict(file=%r)%s)", num_classes, image_size, shown, extra)
+                     "pretrained_cfg_overlay=dict(file=%r, num_classes=%d)%s)", num_classes, image_size, shown,
+                     num_classes, extra)
     elif target_format == "hf":
         _require(m.classifier == "token", "HF ViTForImageClassification classifies the class token; "
                                           "classifier='gap' cannot be exported to hf")
         _require(not m.resnet_layers, "HF export of hybrids is not supported; export to npz")
         _require(not m.representation_size, "HF ViTForImageClassification has no pre_logits layer; fine-tune "
                                             "with model.representation_size=0 or export to npz/orbax")
-        _write_hf_dir(flat, torch_hub.hf_config(m, num_classes, image_size, label_kind), torch_hub.export_metadata(m),
-                      path)
+        _write_hf_dir(flat, torch_hub.hf_config(m, num_classes, image_size, label_kind),
+                      torch_hub.hf_preprocessor_config(image_size), torch_hub.export_metadata(m), path)
     else:
         meta = {"step": 0, "config": {"model": m.to_dict(), "label_kind": label_kind},  # what predict adopts
                 "source": "vit_jax.interop.save_as"}
@@ -503,12 +506,14 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
     return shown
 
 
-def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], metadata: dict[str, str], path: str) -> None:
+def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], preprocessor: dict[str, Any], metadata: dict[str, str],
+                  path: str) -> None:
     """`path`/model.safetensors (with `metadata`: our numerics and head count, kept if the file is copied
-    without its config.json) and `path`/config.json, written into a temporary sibling directory that is then
-    renamed into place: a failure part-way leaves no directory that looks like a model but cannot be loaded (and
-    that `check_destination` would refuse to reuse). Into an existing non-empty directory (`overwrite`) the two
-    files are moved one by one, the weights first, config.json (what marks a model directory) last."""
+    without its config.json), `path`/preprocessor_config.json and `path`/config.json, written into a temporary
+    sibling directory that is then renamed into place: a failure part-way leaves no directory that looks like a
+    model but cannot be loaded (and that `check_destination` would refuse to reuse). Into an existing non-empty
+    directory (`overwrite`) the files are moved one by one, the weights first, config.json (what marks a model
+    directory) last."""
     path = os.path.normpath(path)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -516,10 +521,11 @@ def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], metadata: dict[str, str
     try:
         torch_hub.write_safetensors(torch_hub.canonical_to_hf(flat), os.path.join(tmp, "model.safetensors"),
                                     metadata=metadata)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2)
+        for name, content in (("preprocessor_config.json", preprocessor), ("config.json", hf_config)):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
         if os.path.isdir(path) and os.listdir(path):
-            for name in ("model.safetensors", "config.json"):
+            for name in ("model.safetensors", "preprocessor_config.json", "config.json"):
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
         else:
             os.replace(tmp, path)  # a new directory, or one over an empty one

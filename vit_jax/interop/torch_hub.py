@@ -664,6 +664,23 @@ def hf_config(model_config: ml_collections.ConfigDict, num_classes: int, image_s
     }
 
 
+def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
+    """The `preprocessor_config.json` of our input: the whole image resized bilinearly to `image_size` square, then
+    [0, 255] -> [-1, 1] (mean = std = 0.5), as our evaluation with `eval_crop_fraction` 1. Without one HF's
+    `pipeline("image-classification")` refuses the directory, and HF's default processor resizes to 224."""
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": image_size, "width": image_size},
+        "resample": 2,  # PIL bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+
+
 def hf_numerics(config_path: str | None, num_heads: int | None, weights_path: str | None = None) -> Numerics:
     """GELU flavour and LayerNorm eps of HF weights, checking `num_heads` (when given) against what says it.
 
