@@ -5,6 +5,7 @@ The remote file system is TensorFlow's in-memory `ram://` (the same tf.io.gfile 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -74,7 +75,14 @@ def test_hf_directory_round_trips_through_a_remote_path_with_its_numerics(bucket
     _assert_same(load_pretrained(path, loaded_config), params)
     assert loaded_config.gelu_approximate is False and loaded_config.layernorm_epsilon == 1e-12
     assert _cached_files(tmp_path) == [".vit_jax_copy.lock", "hf/.vit_jax_copy.json", "hf/config.json",
-                                       "hf/model.safetensors"]
+                                       "hf/model.safetensors", "hf/preprocessor_config.json"]
+    # Its input normalisation is read from the copy: ImageNet's folds into the patch embedding.
+    tf.io.gfile.remove(f"{path}/preprocessor_config.json")  # ram:// appends to an existing file
+    with tf.io.gfile.GFile(f"{path}/preprocessor_config.json", "w") as f:
+        f.write(json.dumps({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    folded = load_pretrained(path, tiny_config())
+    np.testing.assert_allclose(folded["embedding"]["kernel"][:, :, 1], params["embedding"]["kernel"][:, :, 1] / 0.448,
+                               rtol=1e-6)
 
 
 def test_a_file_loses_the_numerics_of_a_config_json_deleted_beside_it(bucket):

@@ -71,6 +71,52 @@ def test_hf_directory_loads_with_logits_parity_and_its_numerics(tmp_path, hidden
     assert _max_diff(logits_of(config, params, images), _torch_logits(model, images)) < TOLERANCE
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _imagenet_normalised(images: np.ndarray) -> np.ndarray:
+    """Our [-1, 1] images as a DeiT / DINO / MAE model takes them: (pixels / 255 - mean) / std."""
+    return (((images + 1) / 2 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)).astype(np.float32)
+
+
+def test_an_hf_directory_trained_on_imagenet_normalised_inputs_takes_ours_with_logits_parity(tmp_path, caplog):
+    """An HF ViT whose preprocessor_config.json normalises with ImageNet's mean and std (DINO's, e.g.): the
+    normalisation folds into the patch embedding, so our [-1, 1] images give the logits HF computes on its own."""
+    import json
+
+    model = _hf_model(seed=4)
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "ViTImageProcessor", "do_rescale": True, "rescale_factor": 1 / 255,
+         "do_normalize": True, "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}))
+    caplog.set_level(logging.INFO)
+    config = tiny_config()
+    params = load_pretrained(str(tmp_path / "hf"), config)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "model.safetensors: trained on inputs normalised as its preprocessor_config.json (pixels / 255, mean " \
+           "(0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)) says: folded into the patch embedding" in logged
+    images = random_images()
+    home = _torch_logits(model, _imagenet_normalised(images))
+    assert _max_diff(logits_of(config, params, images), home) < TOLERANCE
+    assert _max_diff(logits_of(config, params, _imagenet_normalised(images)), home) > 0.1  # it is folded, not fed
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("image_std", [0.2, 0.0, 0.2], r"image_std=\[0.2, 0.0, 0.2\] is invalid: expected a positive number or 3 of "
+                                   r"them, one per RGB channel"),
+    ("image_mean", [0.5, 0.5], r"image_mean=\[0.5, 0.5\] is invalid: expected a number or 3 of them"),
+    ("rescale_factor", "1/255", r"rescale_factor='1/255' is invalid: expected a positive number"),
+])
+def test_an_input_normalisation_that_cannot_be_one_is_refused_naming_the_file(tmp_path, field, value, message):
+    import json
+
+    _hf_model().save_pretrained(tmp_path / "hf")
+    preprocessor = tmp_path / "hf" / "preprocessor_config.json"
+    preprocessor.write_text(json.dumps({field: value}))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(preprocessor))}: {message}"):
+        load_pretrained(str(tmp_path / "hf"), tiny_config())
+
+
 def test_hf_in_memory_state_dict_as_bin_loads_through_weights_only(tmp_path):
     """transformers 5's in-memory names (`vit.layers.0.attention.q_proj`), saved with torch.save as a `.bin`."""
     model = _hf_model(seed=1)
@@ -396,6 +442,8 @@ def test_the_timm_call_the_export_logs_loads_the_files_head(tmp_path, caplog, po
     # <vit name>: a registered ViT, with the tiny model's architecture.
     name = "'vit_tiny_patch16_224', patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0"
     model = eval(call.replace("<vit name>", name), {"timm": timm})  # the logged call, as a user would paste it
+    data = timm.data.resolve_data_config({}, model=model)
+    assert data["mean"] == data["std"] == (0.5, 0.5, 0.5) and data["input_size"] == (3, 32, 32)  # our [-1, 1]
     images = random_images()
     assert _max_diff(logits_of(config, params, images), _torch_logits(model.eval(), images)) < TOLERANCE
 
@@ -411,6 +459,22 @@ def _timm_hub_download(tmp_path, model, config: dict) -> str:
     save_file(model.state_dict(), str(hub / "model.safetensors"))
     (hub / "config.json").write_text(json.dumps({"num_classes": NUM_CLASSES, "pretrained_cfg": {}, **config}))
     return str(hub)
+
+
+def test_a_timm_download_trained_on_imagenet_normalised_inputs_takes_ours_with_logits_parity(tmp_path):
+    """A timm hub download whose pretrained_cfg says ImageNet's mean and std (DeiT, DINO, MAE): folded into the
+    patch embedding (without, such weights saw the wrong inputs in silence); ours exported again say [-1, 1]."""
+    model = _timm_model("token", seed=3)
+    hub = _timm_hub_download(tmp_path, model, {"architecture": "vit_tiny_patch16_224", "model_args": {
+        "num_heads": 4}, "pretrained_cfg": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}})
+    config = tiny_config(gelu_approximate=False)
+    params = load_pretrained(hub, config)
+    images = random_images()
+    assert _max_diff(logits_of(config, params, images), _torch_logits(model, _imagenet_normalised(images))) < \
+        TOLERANCE
+    save_as(params, config, str(tmp_path / "hf"), "hf")  # its preprocessor_config.json: our [-1, 1]
+    np.testing.assert_array_equal(flatten(load_pretrained(str(tmp_path / "hf"), tiny_config()))["embedding/kernel"],
+                                  params["embedding"]["kernel"])
 
 
 def test_a_timm_siglip_gap_download_loads_with_the_tanh_gelu_of_its_architecture(tmp_path):

@@ -131,6 +131,12 @@ def _read_local(path: str, source_format: str | None, num_heads: int | None) -> 
         flat = torch_hub.timm_to_canonical(state, num_heads, weights_path, config_path)
     else:
         flat = torch_hub.hf_to_canonical(state, num_heads, weights_path)
+    transform = torch_hub.input_transform(config_path, flavour)
+    if transform is not None and not transform.is_identity():
+        flat = surgery.fold_input_transform(flat, transform.scale, transform.shift, weights_path)
+        logging.info("%s: trained on inputs normalised as its %s says: folded into the patch embedding, which "
+                     "now takes vit_jax's [-1, 1] images and computes what it computed at home", weights_path,
+                     transform.origin)
     return Checkpoint(flat, flavour, _torch_numerics(weights_path, config_path, flavour, num_heads), weights_path)
 
 
@@ -486,9 +492,12 @@ def _write(params: Any, model_config: ml_collections.ConfigDict, path: str, targ
             ", act_layer='gelu_tanh'" if m.gelu_approximate else "")
         # The overlay's num_classes is the file's head: without it timm assumes the registered model's (1000 for
         # most) and, for any other count, drops the file's head for a fresh random one (an INFO line, no error).
+        # Its input size and mean and std are our input's, for timm.data.resolve_data_config (a DeiT's mean and
+        # std are ImageNet's, not [-1, 1]).
         logging.info("timm: timm.create_model(<vit name>, pretrained=True, num_classes=%d, img_size=%d, "
-                     "pretrained_cfg_overlay=dict(file=%r, num_classes=%d)%s)", num_classes, image_size, shown,
-                     num_classes, extra)
+                     "pretrained_cfg_overlay=dict(file=%r, num_classes=%d, input_size=(3, %d, %d), "
+                     "mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))%s)",
+                     num_classes, image_size, shown, num_classes, image_size, image_size, extra)
     elif target_format == "hf":
         _require(m.classifier == "token", "HF ViTForImageClassification classifies the class token; "
                                           "classifier='gap' cannot be exported to hf")

@@ -4,10 +4,10 @@ The readers (numpy's zip reader, safetensors, torch, orbax) want local files, an
 more than once per run (its numerics, then its weights), so a remote checkpoint is copied once into a cache
 (`$VIT_JAX_CACHE`, else `$XDG_CACHE_HOME/vit_jax`, else `~/.cache/vit_jax`) and copied again only when the
 remote file's size or modification time changed. Only what loading reads is copied: a file and the
-`config.json` beside it; an HF model directory's config and weights; an orbax checkpoint's latest finalized
-(or given) step without its optimizer state, data-iterator state and Polyak average (a step's "ema" item path:
-the average and the meta, without the params). Processes sharing a cache take turns on an
-entry (a lock file), so a run of many processes per host copies each file once.
+`config.json` beside it; an HF model directory's config, weights and `preprocessor_config.json`; an orbax
+checkpoint's latest finalized (or given) step without its optimizer state, data-iterator state and Polyak
+average (a step's "ema" item path: the average and the meta, without the params). Processes sharing a cache take
+turns on an entry (a lock file), so a run of many processes per host copies each file once.
 """
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ def local_copy(path: str, cache: str | None = None) -> str:
                 return _sync(gfile, step, _orbax_files(gfile, step), step, cache)
             _refuse_unfinished_steps(gfile, path)
             names = [posixpath.basename(f) for f in torch_hub.hf_dir_files(path, isfile=gfile.exists)]
+            if gfile.exists(posixpath.join(path, torch_hub.PREPROCESSOR_JSON)):  # its input normalisation
+                names.append(torch_hub.PREPROCESSOR_JSON)
             return _sync(gfile, path, names, path, cache)
         root, name = posixpath.split(path)
         names = [name] + (["config.json"] if name != "config.json" and gfile.exists(f"{root}/config.json") else [])

@@ -106,6 +106,23 @@ def resize_posemb(posemb: np.ndarray, new_grid: int | tuple[int, int], *, num_pr
     return np.concatenate([prefix, resized], axis=1)
 
 
+def fold_input_transform(flat: Flat, scale: np.ndarray, shift: np.ndarray, source: str) -> Flat:
+    """`flat` whose patch embedding takes our [-1, 1] input u and computes what the source's computed on its own
+    input, `scale * u + shift` per channel (e.g. ImageNet's mean and std): the patch embedding is a linear map of
+    each patch with no padding, so the scales fold into its kernel's input channels and the shifts into its bias,
+    exactly (in float64). A flat without a patch embedding is returned as it is (the shape check names what is
+    missing)."""
+    if "embedding/kernel" not in flat or "embedding/bias" not in flat:
+        return flat
+    kernel, bias = np.asarray(flat["embedding/kernel"]), np.asarray(flat["embedding/bias"])
+    if kernel.ndim != 4 or kernel.shape[2] != len(scale) or bias.shape != kernel.shape[-1:]:
+        raise CheckpointError(f"{source}: patch embedding kernel {kernel.shape} / bias {bias.shape}: expected "
+                              f"(patch, patch, {len(scale)}, width) / (width,) to take its input normalisation")
+    wide = kernel.astype(np.float64)
+    return {**flat, "embedding/kernel": (wide * np.asarray(scale)[:, None]).astype(kernel.dtype),
+            "embedding/bias": (bias.astype(np.float64) + np.einsum("hwcd,c->d", wide, shift)).astype(bias.dtype)}
+
+
 def new_head(in_features: int, num_classes: int, bias_init: float = 0.0) -> Flat:
     """A fresh head: zero kernel (the fine-tuning recipe) and a constant bias."""
     return {"head/kernel": np.zeros((in_features, num_classes), np.float32),

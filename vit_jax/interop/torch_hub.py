@@ -24,6 +24,7 @@ gets a zero slot.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -679,6 +680,81 @@ def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
     }
+
+
+PREPROCESSOR_JSON = "preprocessor_config.json"  # an HF image processor's settings, beside config.json
+
+
+@dataclasses.dataclass(frozen=True)
+class InputTransform:
+    """What a source model took as its input, per channel, as `scale * u + shift` of our input u in [-1, 1]
+    (`x / 127.5 - 1` of the 0..255 pixels x); `origin` says who says so."""
+
+    scale: np.ndarray  # (3,)
+    shift: np.ndarray  # (3,)
+    origin: str
+
+    def is_identity(self) -> bool:
+        return bool(np.allclose(self.scale, 1.0, rtol=0, atol=1e-6) and np.allclose(self.shift, 0.0, atol=1e-6))
+
+
+def input_transform(config_path: str | None, flavour: str) -> InputTransform | None:
+    """The input normalisation timm or HF weights were trained with, from what lies beside them: a timm hub
+    `config.json`'s `pretrained_cfg.mean` / `.std` (on pixels / 255), or an HF directory's
+    `preprocessor_config.json` (`do_rescale` / `rescale_factor`, `do_normalize` / `image_mean` / `image_std`).
+    None when nothing says (then the weights are taken to expect [-1, 1], as ours). DeiT, DINO and MAE weights
+    expect ImageNet's mean and std, not [-1, 1]; a value that cannot be a normalisation is a CheckpointError."""
+    if config_path is None:
+        return None
+    if flavour == "timm":
+        try:
+            cfg = _read_config_json(config_path)
+        except CheckpointError:  # logged by timm_numerics, which reads it too
+            return None
+        if "architecture" not in cfg or "model_type" in cfg:  # not timm's
+            return None
+        pretrained = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
+        if "mean" not in pretrained and "std" not in pretrained:
+            return None
+        where = f"{config_path}: pretrained_cfg"
+        mean = _channel_values(pretrained.get("mean", 0.5), f"{where}.mean")
+        std = _channel_values(pretrained.get("std", 0.5), f"{where}.std", positive=True)
+        rescale = 1 / 255
+        origin = f"timm config.json (mean {_shown(mean)}, std {_shown(std)})"
+    else:
+        path = os.path.join(os.path.dirname(config_path), PREPROCESSOR_JSON)
+        if not os.path.isfile(path):
+            return None
+        cfg = _read_config_json(path)
+        rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
+        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 < rescale < float("inf"):
+            raise CheckpointError(f"{path}: rescale_factor={rescale!r} is invalid: expected a positive number "
+                                  "(1/255 takes pixels to [0, 1])")
+        if cfg.get("do_normalize", True):
+            mean = _channel_values(cfg.get("image_mean", 0.5), f"{path}: image_mean")
+            std = _channel_values(cfg.get("image_std", 0.5), f"{path}: image_std", positive=True)
+        else:
+            mean, std = np.zeros(3), np.ones(3)
+        pixels = "pixels / 255" if abs(rescale - 1 / 255) < 1e-12 else f"pixels x {rescale:g}"
+        origin = f"{PREPROCESSOR_JSON} ({pixels}, mean {_shown(mean)}, std {_shown(std)})"
+    # (x * rescale - mean) / std with x = 127.5 * (u + 1):
+    return InputTransform(127.5 * rescale / std, (127.5 * rescale - mean) / std, origin)
+
+
+def _channel_values(value: Any, where: str, positive: bool = False) -> np.ndarray:
+    """Three per-channel floats from a number or a 3-sequence; anything else a CheckpointError naming `where`."""
+    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    ok = (isinstance(values, (list, tuple)) and len(values) == 3
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values))
+    array = np.asarray(values, np.float64) if ok else None
+    if array is None or not np.all(np.isfinite(array)) or (positive and not np.all(array > 0)):
+        raise CheckpointError(f"{where}={value!r} is invalid: expected {'a positive' if positive else 'a'} number "
+                              "or 3 of them, one per RGB channel")
+    return array
+
+
+def _shown(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def hf_numerics(config_path: str | None, num_heads: int | None, weights_path: str | None = None) -> Numerics:
