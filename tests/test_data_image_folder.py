@@ -371,6 +371,25 @@ def test_a_split_name_tfds_cannot_read_is_refused_before_anything_is_written(tmp
     assert not (tmp_path / "tfds").exists()
 
 
+def test_symlinked_folders_are_followed_once_and_loose_images_named_as_skipped(tmp_path, caplog):
+    """A symlinked subfolder's images were left out, and images directly in a split folder (of no class) too, with
+    nothing said; a link back up the tree must not loop."""
+    from vit_jax.data.builders import image_folder
+
+    source = tmp_path / "a"
+    _class_folders(source, "xy")
+    _write_image(tmp_path / "extra" / "e.png", seed=4, fmt="PNG")
+    (source / "train" / "x" / "linked").symlink_to(tmp_path / "extra", target_is_directory=True)
+    (source / "train" / "y" / "up").symlink_to(source / "train", target_is_directory=True)  # a loop
+    _write_image(source / "train" / "loose.png", seed=5, fmt="PNG")
+    with caplog.at_level(logging.WARNING):
+        layout = image_folder.scan_source(str(source))
+    assert sorted(layout.examples["train"]) == [
+        ("train/x/0.png", ("x",)), ("train/x/linked/e.png", ("x",)), ("train/y/0.png", ("y",))]
+    assert "skipped 1 images directly in split folder 'train', of no class: loose.png; move each into " in caplog.text
+    assert "not following train/y/up: a link to a folder that holds it" in caplog.text
+
+
 def test_a_folder_of_no_images_is_no_split_whatever_its_name(tmp_path):
     """Only a folder that becomes a split has its name checked: notes beside the splits stay ignored."""
     from vit_jax.data.builders import image_folder

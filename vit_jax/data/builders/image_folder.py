@@ -79,21 +79,44 @@ def _check_split_name(split: str, where: str) -> None:
                            f"'_' and '-' only; rename it, e.g. to {renamed!r}")
 
 
+def _links_up(path: str, real_parent: str) -> bool:
+    """Whether `path` is a symlink to its own folder `real_parent` (a real path) or to one of that folder's
+    ancestors: following it would walk the tree again, under the wrong class."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    return real_parent == target or real_parent.startswith(target.rstrip(os.sep) + os.sep)
+
+
 def _scan_folders(source_dir: str) -> FolderLayout:
     """The class-per-folder layout: SOURCE/<split>/<class>/**/<image>, hidden entries and `__MACOSX` skipped at the
-    split, class, subfolder and file level; files of no image extension are skipped with a warning naming them."""
+    split, class, subfolder and file level; files of no image extension, and images directly in a split folder (of
+    no class), are skipped with a warning naming them. Symlinked folders are followed (as torchvision's
+    ImageFolder does), each real folder once per class; a link back up the tree is skipped with a warning."""
     examples: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
     for split in _listdir(source_dir):
         split_dir = os.path.join(source_dir, split)
         if not os.path.isdir(split_dir):
             continue
         rows, skipped = [], []
+        loose = [name for name in _listdir(split_dir)
+                 if _is_image(name) and os.path.isfile(os.path.join(split_dir, name))]
         for class_name in _listdir(split_dir):
             class_dir = os.path.join(split_dir, class_name)
             if not os.path.isdir(class_dir):
                 continue
-            for root, dirs, files in os.walk(class_dir):
-                dirs[:] = sorted(d for d in dirs if not _is_hidden(d))  # os.walk descends into what is left
+            seen = set()
+            for root, dirs, files in os.walk(class_dir, followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen:  # a second link to a folder already walked
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                loops = [d for d in dirs if _links_up(os.path.join(root, d), real)]
+                if loops:
+                    logging.warning("%s: not following %s: a link to a folder that holds it", source_dir,
+                                    ", ".join(os.path.relpath(os.path.join(root, d), source_dir) for d in loops))
+                dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and d not in loops)  # what os.walk enters
                 for name in sorted(files):
                     path = os.path.relpath(os.path.join(root, name), source_dir)
                     if _is_hidden(name):
@@ -105,6 +128,10 @@ def _scan_folders(source_dir: str) -> FolderLayout:
         if skipped:  # a folder of another image format would otherwise train on part of its images in silence
             logging.warning("%s: skipped %d files in split %r not named %s: %s%s", source_dir, len(skipped), split,
                             "/".join(IMAGE_EXTENSIONS), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+        if loose:  # torchvision's ImageFolder skips them too, in silence
+            logging.warning("%s: skipped %d images directly in split folder %r, of no class: %s%s; move each into "
+                            "%s/<class>/", source_dir, len(loose), split, ", ".join(loose[:5]),
+                            ", ..." if len(loose) > 5 else "", split_dir)
         if rows:
             _check_split_name(split, f"folder {split_dir}")
             examples[split] = rows
