@@ -91,7 +91,11 @@ def test_dataset_info_rejects_a_config_that_does_not_match_the_dataset(data_dir)
     # A reversed slice counts -40 examples: it passed, and the first evaluation failed hours in.
     config.eval_split = "test[50:10]"
     with pytest.raises(data.DatasetError, match=r"config.eval_split='test\[50:10\]' of digits .* has no examples "
-                                                r".* \(a slice's start comes before its end\)"):
+                                                r".* \(a slice's start comes before its end, and a percentage "
+                                                r"of a small split rounds to whole examples\)"):
+        data.dataset_info(config)
+    config.eval_split = "test[99.9%:]"  # 540 examples: 99.9% rounds to all of them
+    with pytest.raises(data.DatasetError, match=r"config.eval_split='test\[99.9%:\]' of digits .* has no examples"):
         data.dataset_info(config)
 
 

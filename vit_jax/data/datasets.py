@@ -353,11 +353,11 @@ def split_size(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int
     except (KeyError, ValueError, AssertionError) as e:
         raise DatasetError(f"config.{field}={split!r} is not a split of {builder.name} at {builder.data_dir} "
                            f"(splits: {sorted(builder.info.splits)}; slices like 'train[:98%]' work): {e}") from None
-    if size <= 0:  # a reversed slice, 'test[50:10]', counts negative
+    if size <= 0:  # a reversed slice, 'test[50:10]', counts negative; 'test[99.9%:]' of a small split rounds to 0
         sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
         raise DatasetError(f"config.{field}={split!r} of {builder.name} at {builder.data_dir} has no examples "
                            f"(split sizes: {sizes}); choose a non-empty split or slice (a slice's start comes "
-                           "before its end)")
+                           "before its end, and a percentage of a small split rounds to whole examples)")
     return size
 
 
