@@ -7,6 +7,7 @@ transposed or swapped arrays). The tolerance is the issue's: max abs logit diffe
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -82,8 +83,6 @@ def _imagenet_normalised(images: np.ndarray) -> np.ndarray:
 def test_an_hf_directory_trained_on_imagenet_normalised_inputs_takes_ours_with_logits_parity(tmp_path, caplog):
     """An HF ViT whose preprocessor_config.json normalises with ImageNet's mean and std (DINO's, e.g.): the
     normalisation folds into the patch embedding, so our [-1, 1] images give the logits HF computes on its own."""
-    import json
-
     model = _hf_model(seed=4)
     model.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(
@@ -108,8 +107,6 @@ def test_an_hf_directory_trained_on_imagenet_normalised_inputs_takes_ours_with_l
     ("rescale_factor", "1/255", r"rescale_factor='1/255' is invalid: expected a positive number"),
 ])
 def test_an_input_normalisation_that_cannot_be_one_is_refused_naming_the_file(tmp_path, field, value, message):
-    import json
-
     _hf_model().save_pretrained(tmp_path / "hf")
     preprocessor = tmp_path / "hf" / "preprocessor_config.json"
     preprocessor.write_text(json.dumps({field: value}))
@@ -170,8 +167,6 @@ def test_hf_export_classifies_in_transformers_pipeline_as_our_model_does(tmp_pat
 
 def test_hf_export_of_a_multi_label_model_says_so_for_hf_to_apply_a_sigmoid(tmp_path):
     """Without problem_type HF's image-classification pipeline reads a sigmoid model's logits through a softmax."""
-    import json
-
     from transformers import ViTForImageClassification
 
     config = tiny_config(gelu_approximate=False, layernorm_epsilon=1e-12)
@@ -253,7 +248,8 @@ def _timm_model(pooling: str, seed: int = 0, act_layer: str = "gelu", **kwargs):
     torch.manual_seed(seed)
     model = VisionTransformer(img_size=kwargs.pop("img_size", IMAGE_SIZE), patch_size=8, embed_dim=64, depth=2,
                               num_heads=4, mlp_ratio=2.0, num_classes=NUM_CLASSES, global_pool=pooling,
-                              class_token=not gap, fc_norm=False, act_layer=act_layer, **kwargs)
+                              class_token=kwargs.pop("class_token", not gap), fc_norm=False, act_layer=act_layer,
+                              **kwargs)
     return _perturb(model, seed)
 
 
@@ -295,8 +291,6 @@ def test_timm_variants_this_model_computes_exactly_load_with_logits_parity(tmp_p
 def _timm_96x112(tmp_path, config: dict | None) -> str:
     """timm at img_size=(96, 112), patch 8: pos_embed (1, 169, 64), a class-token entry and a 12x14 grid, whose
     count 13*13 reads like a 13x13 grid without the entry. `config`: the timm config.json beside it, if any."""
-    import json
-
     from safetensors.torch import save_file
 
     model = _timm_model("token", seed=8, img_size=(96, 112))
@@ -337,7 +331,6 @@ def test_a_square_count_beside_a_class_token_without_a_config_json_is_read_with_
 
 def test_a_timm_config_json_tells_a_no_embed_class_model_with_logits_parity(tmp_path, caplog):
     """A config.json that says no_embed_class (by name or by the image size) decides it: no warning."""
-    import json
     import logging
 
     from safetensors.torch import save_file
@@ -450,8 +443,6 @@ def test_the_timm_call_the_export_logs_loads_the_files_head(tmp_path, caplog, po
 
 def _timm_hub_download(tmp_path, model, config: dict) -> str:
     """A timm hub download directory: model.safetensors (no metadata of ours) + timm's config.json."""
-    import json
-
     from safetensors.torch import save_file
 
     hub = tmp_path / "hub"
@@ -475,6 +466,21 @@ def test_a_timm_download_trained_on_imagenet_normalised_inputs_takes_ours_with_l
     save_as(params, config, str(tmp_path / "hf"), "hf")  # its preprocessor_config.json: our [-1, 1]
     np.testing.assert_array_equal(flatten(load_pretrained(str(tmp_path / "hf"), tiny_config()))["embedding/kernel"],
                                   params["embedding"]["kernel"])
+
+
+def test_a_timm_class_token_model_that_pools_its_patches_is_refused_as_its_config_json_says(tmp_path):
+    """class_token=True, global_pool='avg', fc_norm=False has a class-token model's keys: it loaded as one, its
+    logits off by the pooling (1.8 at a logit scale of 2.5 in the review)."""
+    model = _timm_model("avg", seed=2, class_token=True)
+    hub = _timm_hub_download(tmp_path, model, {"architecture": "vit_tiny_patch16_224", "model_args": {
+        "num_heads": 4, "class_token": True, "global_pool": "avg"}})
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a timm model with a class token whose head reads "
+                                              r"the patches pooled \(global_pool='avg', as .*config.json says\)"):
+        load_pretrained(hub, tiny_config())
+    config = tiny_config()  # the same weights said to classify the class token: read as such
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
+                                                              "model_args": {"num_heads": 4}}))
+    load_pretrained(hub, config)
 
 
 def test_a_timm_siglip_gap_download_loads_with_the_tanh_gelu_of_its_architecture(tmp_path):
@@ -605,8 +611,6 @@ def test_timm_pre_logits_fc_is_dropped_for_representation_size_0(tmp_path, caplo
 ])
 def test_hf_directories_whose_config_the_model_cannot_follow_are_refused(tmp_path, change, message):
     """8 heads of width 8 hold the same arrays as 4 of 16: only config.json tells them apart, so it is read."""
-    import json
-
     _hf_model().save_pretrained(tmp_path / "hf")
     cfg_path = tmp_path / "hf" / "config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))

@@ -436,6 +436,24 @@ def _pair(value: Any) -> tuple[int, int] | None:
     return None
 
 
+_TIMM_PATCH_POOLS = ("avg", "max", "avgmax")  # timm's global_pool of the patch tokens, the class token left out
+
+
+def _timm_global_pool(config_path: str | None) -> str | None:
+    """A timm config.json's `model_args.global_pool`, else that of the model timm builds for its `architecture`
+    (only when timm is installed); None when it does not say."""
+    try:
+        cfg = _read_config_json(config_path) if config_path else {}
+    except CheckpointError:  # logged by timm_numerics, which reads it too
+        return None
+    if "architecture" not in cfg or "model_type" in cfg:  # not timm's
+        return None
+    args = cfg.get("model_args") if isinstance(cfg.get("model_args"), dict) else {}
+    if isinstance(args.get("global_pool"), str):
+        return args["global_pool"]
+    return _timm_architecture_facts(str(cfg["architecture"])).get("global_pool")
+
+
 def timm_to_canonical(state: Flat, num_heads: int, path: str, config_path: str | None = None) -> Flat:
     """timm VisionTransformer state dict -> canonical flat params (unknown keys passed through as unexpected);
     `config_path`, a timm config.json beside the weights, tells whether `pos_embed` has a class-token slot."""
@@ -446,6 +464,12 @@ def timm_to_canonical(state: Flat, num_heads: int, path: str, config_path: str |
         raise CheckpointError(f"{path}: timm model with fc_norm (LayerNorm after pooling); this model normalises "
                               "before pooling (timm: fc_norm=False)")
     _refuse_extra_tokens(state, path)
+    pool = _timm_global_pool(config_path)
+    if "cls_token" in state and pool in _TIMM_PATCH_POOLS:
+        raise CheckpointError(f"{path}: a timm model with a class token whose head reads the patches pooled "
+                              f"(global_pool={pool!r}, as {config_path} says), not the class token; this model "
+                              "classifies the class token, or the patches' mean without one (timm "
+                              "class_token=False, global_pool='avg')")
     taken: set[str] = set()
     flat: Flat = {}
 
@@ -864,8 +888,8 @@ def timm_config_facts(config_path: str) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=8)
 def _timm_architecture_facts(architecture: str) -> dict[str, Any]:
-    """num_heads, act_layer and LayerNorm eps of the VisionTransformer timm builds for `architecture`, built on
-    torch's meta device; {} (logged) when timm is not installed or does not build a ViT by that name."""
+    """num_heads, act_layer, LayerNorm eps and global_pool of the VisionTransformer timm builds for `architecture`,
+    built on torch's meta device; {} (logged) when timm is not installed or does not build a ViT by that name."""
     try:
         import timm
         import torch
@@ -879,13 +903,15 @@ def _timm_architecture_facts(architecture: str) -> dict[str, Any]:
         return {}
     try:
         with torch.device("meta"):
-            block = timm.create_model(architecture, pretrained=False).blocks[0]
+            model = timm.create_model(architecture, pretrained=False)
+        block = model.blocks[0]
         act, eps, heads = block.mlp.act, float(block.norm1.eps), int(block.attn.num_heads)
+        pool = str(model.global_pool)
     except Exception as e:  # noqa: BLE001 - any model timm cannot build, or one that is not a plain ViT
         logging.info("timm model %r: head count and activation not looked up (%s: %s)", architecture,
                      type(e).__name__, e)
         return {}
-    return {"num_heads": heads, "act_layer": _timm_act_name(act), "layernorm_epsilon": eps}
+    return {"num_heads": heads, "act_layer": _timm_act_name(act), "layernorm_epsilon": eps, "global_pool": pool}
 
 
 def _timm_act_name(act: Any) -> str:
