@@ -193,7 +193,9 @@ def test_slurm_script_runs_main_on_every_task_with_the_given_args(tmp_path):
     assert missing.returncode == 2 and missing.stderr.startswith("error: set CONFIG"), missing.stderr
     typo = subprocess.run(["bash", str(SLURM)], env={**env, "CONFIG": "configs/vit_l61.py"}, capture_output=True,
                           text=True, timeout=60)
-    assert typo.returncode == 2 and "error: CONFIG=configs/vit_l61.py is not a file" in typo.stderr, typo.stderr
+    assert typo.returncode == 2 and (f"error: CONFIG=configs/vit_l61.py: no such file {ROOT}/configs/vit_l61.py; e.g. "
+                                     f"configs/vit_l16.py (of REPO={ROOT}, the checkout) or an absolute path"
+                                     ) in typo.stderr, typo.stderr
     idle = subprocess.run(["bash", str(SLURM)], env={**env, "SLURM_GPUS_PER_NODE": "a100:8",
                                                      "SLURM_NTASKS_PER_NODE": "1"},
                           capture_output=True, text=True, timeout=60)
@@ -204,6 +206,13 @@ def test_slurm_script_runs_main_on_every_task_with_the_given_args(tmp_path):
                                                         "SLURM_NTASKS_PER_NODE": "8"},
                              capture_output=True, text=True, timeout=60)
     assert matched.returncode == 0 and len(calls.read_text().splitlines()) == 2, matched.stderr
+    shared = tmp_path / "shared" / "my_config.py"  # a config of the shared filesystem, outside the checkout
+    shared.parent.mkdir()
+    shared.write_text("")
+    absolute = subprocess.run(["bash", str(SLURM)], env={**env, "CONFIG": f"{shared}:B/16"}, capture_output=True,
+                              text=True, timeout=60)
+    assert absolute.returncode == 0, absolute.stderr
+    assert f" -m vit_jax.main --config={shared}:B/16 " in calls.read_text().splitlines()[-1]
 
 
 # A stand-in for srun on one host: SRUN_TASKS copies of the command, each with the variables Slurm gives a task
