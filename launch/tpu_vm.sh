@@ -22,7 +22,8 @@ usage() {
   cat <<'EOF'
 usage: launch/tpu_vm.sh --name NAME --zone ZONE --accelerator-type TYPE --config FILE --workdir DIR
                         [--project PROJECT] [--runtime-version VERSION] [--spot | --reserved]
-                        [--copy-in GS_URL=DIR]... [--setup COMMAND] [--out DIR] [--keep] [--dry-run]
+                        [--copy-in GS_URL=DIR]... [--setup COMMAND] [--env NAME=VALUE]... [--out DIR]
+                        [--keep] [--dry-run]
                         [-- MAIN_ARGS...]
 
   --name              queued resource and TPU node name (lowercase letters, digits, '-')
@@ -38,6 +39,9 @@ usage: launch/tpu_vm.sh --name NAME --zone ZONE --accelerator-type TYPE --config
                       split at the last '=': the gs:// path may hold '=', DIR may not)
   --setup             one more shell command for every worker after the install, run in the checkout
                       (e.g. mount the dataset's bucket with gcsfuse: vit_jax reads datasets from local paths)
+  --env               an environment variable for the run on every worker, e.g. XLA_FLAGS=--xla_dump_to=/tmp/x
+                      (repeatable; LIBTPU_INIT_ARGS is added to the PRNG flag below, JAX_DEFAULT_PRNG_IMPL chooses
+                      the PRNG as the local variable does)
   --out               local directory for the copied-out logs (default: tpu_runs/NAME)
   --keep              do not delete the slice at the end
   --dry-run           print the commands instead of running them
@@ -51,10 +55,10 @@ die() {
 
 NAME="" ZONE="" ACCELERATOR_TYPE="" CONFIG="" WORKDIR="" PROJECT="" RUNTIME_VERSION="" OUT=""
 CAPACITY="" KEEP=0 DRY_RUN=0 EXTRA_SETUP=""
-MAIN_ARGS=() COPY_IN=()
+MAIN_ARGS=() COPY_IN=() RUN_ENV=()
 while (($#)); do
   case "$1" in
-    --name | --zone | --accelerator-type | --config | --workdir | --project | --runtime-version | --out | --copy-in | --setup)
+    --name | --zone | --accelerator-type | --config | --workdir | --project | --runtime-version | --out | --copy-in | --setup | --env)
       (($# >= 2)) || die "$1 needs a value"
       case "$1" in
         --name) NAME="$2" ;;
@@ -67,6 +71,11 @@ while (($#)); do
         --out) OUT="$2" ;;
         --copy-in) COPY_IN+=("$2") ;;
         --setup) EXTRA_SETUP="$2" ;;
+        --env)
+          [[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+            die "--env '$2' is invalid: expected NAME=VALUE with NAME letters, digits and '_' (e.g. XLA_FLAGS=...)"
+          RUN_ENV+=("$2")
+          ;;
       esac
       shift 2
       ;;
@@ -167,15 +176,26 @@ done
 # TPU, and the libtpu flag lets each chip draw only its own shard's bits (else every chip draws the global
 # batch's: gigabytes per layer). A run resumes only under the PRNG it started with: keep JAX_DEFAULT_PRNG_IMPL
 # the same for every launch of one workdir.
-PRNG_IMPL="${JAX_DEFAULT_PRNG_IMPL:-rbg}"
+# --env's variables follow; its LIBTPU_INIT_ARGS goes after the PRNG flag (libtpu reads both), its
+# JAX_DEFAULT_PRNG_IMPL counts as the local variable.
+PRNG_IMPL="${JAX_DEFAULT_PRNG_IMPL:-rbg}" LIBTPU_ARGS="" OTHER_ENV=()
+for assignment in ${RUN_ENV[@]+"${RUN_ENV[@]}"}; do
+  case "${assignment%%=*}" in
+    JAX_DEFAULT_PRNG_IMPL) PRNG_IMPL="${assignment#*=}" ;;
+    LIBTPU_INIT_ARGS) LIBTPU_ARGS="${assignment#*=}" ;;
+    *) OTHER_ENV+=("$assignment") ;;
+  esac
+done
 [[ "$PRNG_IMPL" =~ ^(rbg|unsafe_rbg|threefry2x32)$ ]] ||
   die "JAX_DEFAULT_PRNG_IMPL='$PRNG_IMPL' is invalid: expected rbg (default), unsafe_rbg or threefry2x32"
-PRNG_ENV="JAX_DEFAULT_PRNG_IMPL=$PRNG_IMPL"
-[[ "$PRNG_IMPL" == threefry2x32 ]] || PRNG_ENV+=" LIBTPU_INIT_ARGS=--xla_tpu_spmd_rng_bit_generator_unsafe=true"
+[[ "$PRNG_IMPL" == threefry2x32 ]] || LIBTPU_ARGS="--xla_tpu_spmd_rng_bit_generator_unsafe=true${LIBTPU_ARGS:+ $LIBTPU_ARGS}"
+EXPORTS=("JAX_DEFAULT_PRNG_IMPL=$PRNG_IMPL")
+[[ -z "$LIBTPU_ARGS" ]] || EXPORTS+=("LIBTPU_INIT_ARGS=$LIBTPU_ARGS")
+EXPORTS+=(${OTHER_ENV[@]+"${OTHER_ENV[@]}"})
 TRAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR" "${MAIN_ARGS[@]}")
 # A preemption sends SIGTERM to every process of the worker, tee too: tee ignores it and stays to the end, else the
 # run's next line (the progress print of the step it stops at) fails on the broken pipe before the checkpoint save.
-RUN_COMMAND="cd ~/vit_jax && set -o pipefail && export $PRNG_ENV \
+RUN_COMMAND="cd ~/vit_jax && set -o pipefail && export $(remote_quote "${EXPORTS[@]}") \
 && .venv/bin/python -m vit_jax.main $(remote_quote "${TRAIN_ARGS[@]}") \
 2>&1 | (trap '' TERM HUP; exec tee ~/$REMOTE_LOG)"
 if [[ "$WORKDIR" == gs://* ]]; then

@@ -482,3 +482,32 @@ def test_mount_bucket_installs_gcsfuse_where_missing_then_mounts_the_folder(tmp_
 def test_mount_bucket_refuses_bad_arguments_naming_them(tmp_path, args, message):
     result, calls = _mount_bucket(tmp_path, *args)
     assert result.returncode == 2 and f"error: {message}" in result.stderr and calls == []
+
+
+def _worker_environment(tmp_path, *args) -> dict[str, str]:
+    """The PRNG and --env variables the run's command exports on a worker, as the worker's shell sets them."""
+    result, _ = _tpu_vm(tmp_path, "--dry-run", *JOB, *args)
+    assert result.returncode == 0, result.stderr
+    run = [line for line in result.stdout.splitlines() if "vit_jax.main" in line][0]
+    remote = shlex.split(run)[-1].removeprefix("--command=")
+    exports = remote[remote.index("export "):remote.index(" && .venv/bin/python")]
+    names = ("JAX_DEFAULT_PRNG_IMPL", "LIBTPU_INIT_ARGS", "XLA_FLAGS")
+    shown = subprocess.run(["bash", "-c", exports + "; printf '%s\\0' " + " ".join(f'"${n}"' for n in names)],
+                           env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60, check=True)
+    return dict(zip(names, shown.stdout.split("\0")[:-1]))
+
+
+def test_env_variables_reach_the_run_on_every_worker_beside_the_prng_set_up(tmp_path):
+    """Only the PRNG variables reached the workers: XLA_FLAGS could not be set, and a LIBTPU_INIT_ARGS of one's own
+    would have replaced the PRNG flag."""
+    flag = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
+    assert _worker_environment(tmp_path) == {"JAX_DEFAULT_PRNG_IMPL": "rbg", "LIBTPU_INIT_ARGS": flag, "XLA_FLAGS": ""}
+    assert _worker_environment(tmp_path, "--env", "XLA_FLAGS=--xla_dump_to=/tmp/my dump --xla_dump_hlo_as_text",
+                               "--env", "LIBTPU_INIT_ARGS=--xla_enable_async_all_gather=true") == {
+        "JAX_DEFAULT_PRNG_IMPL": "rbg", "LIBTPU_INIT_ARGS": f"{flag} --xla_enable_async_all_gather=true",
+        "XLA_FLAGS": "--xla_dump_to=/tmp/my dump --xla_dump_hlo_as_text"}
+    assert _worker_environment(tmp_path, "--env", "JAX_DEFAULT_PRNG_IMPL=threefry2x32") == {
+        "JAX_DEFAULT_PRNG_IMPL": "threefry2x32", "LIBTPU_INIT_ARGS": "", "XLA_FLAGS": ""}
+    for bad in ("1X=2", "XLA_FLAGS"):
+        result, calls = _tpu_vm(tmp_path, "--dry-run", *JOB, "--env", bad)
+        assert result.returncode == 2 and f"error: --env '{bad}' is invalid: expected NAME=VALUE" in result.stderr
