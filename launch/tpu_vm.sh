@@ -267,6 +267,7 @@ if ((KEEP == 0)) && ((DRY_RUN == 0)); then
 fi
 wait_until_active
 run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:~/vit_jax.tar.gz" --worker=all "${GCLOUD_SCOPE[@]}"
+((DRY_RUN)) || rm -f "$ARCHIVE"  # on the workers now
 run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_SCOPE[@]}" --command="$SETUP_COMMAND"
 status=0
 # Every worker at once: gcloud starts 64 at a time by default, and a slice of more hosts would wait in

@@ -110,6 +110,7 @@ def test_a_run_that_fails_keeps_its_exit_status_and_still_fetches_its_log(tmp_pa
                     for what in ("vit_jax_run.log", "--recurse"))
     assert log < workdir and "could not copy the workdir out" in result.stderr
     assert "queued-resources delete b16" in ran[-1]
+    assert not (tmp_path / "vit_jax-b16.tar.gz").exists()  # the checkout's archive, once copied to the workers
 
 
 def test_a_failed_describe_is_retried_and_a_failed_delete_keeps_the_runs_exit_status(tmp_path):
