@@ -37,6 +37,7 @@ CROP_ATTEMPTS = 100
 Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
 
 _skipped_images = 0
+_logged_images: set[tuple[str, int]] = set()  # (split kind, example index) of the skips logged in this process
 
 
 class CorruptImageError(ValueError):
@@ -48,12 +49,16 @@ def corrupt_images_skipped() -> int:
     return _skipped_images
 
 
-def record_corrupt_image(index: int, error: Exception) -> None:
-    """Count a skipped image and log it with the running count."""
+def record_corrupt_image(index: int, error: Exception, kind: str) -> None:
+    """Count a skipped image; log it with the running count the first time (each epoch, and a tiny split's
+    read-ahead, skip it again: one corrupt image of a 12-image split logged ~30 warnings in a few batches)."""
     global _skipped_images
     _skipped_images += 1
-    logging.warning("skipped corrupt image (example %d of its split): %s; %d skipped so far in this process",
-                    index, error, _skipped_images)
+    if (kind, index) in _logged_images:
+        return
+    _logged_images.add((kind, index))
+    logging.warning("skipped corrupt image (example %d of the %s split): %s; %d skipped so far in this process "
+                    "(its later skips are counted, not logged)", index, kind, error, _skipped_images)
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -313,7 +318,7 @@ class TrainPreprocess:
                    else (0, 0, width, height))
             pixels = crop_and_resize(image, box, self.image_size, self.antialias)
         except CorruptImageError as e:
-            record_corrupt_image(int(example["index"]), e)
+            record_corrupt_image(int(example["index"]), e, "training")
             return None
         if self.flip:
             pixels = flip_left_right(pixels, rng)
@@ -344,7 +349,7 @@ class EvalPreprocess:
             pixels = crop_and_resize(image, central_box(*image.size, self.crop_fraction), self.image_size,
                                      self.antialias)
         except CorruptImageError as e:
-            record_corrupt_image(int(example["index"]), e)
+            record_corrupt_image(int(example["index"]), e, "evaluation")
             return None
         return {"image": pixels, "label": encode_label(example["label"], self.num_classes),
                 "mask": np.float32(1.0), "index": np.int64(example["index"])}
