@@ -21,9 +21,8 @@ def axial_config(**overrides):
 def random_params(model, image_shape, seed=0, dtype=jnp.float32, scale=0.2):
     """Noise of the shapes `model.init` would give (nothing run eagerly), so no zero-initialised param hides errors."""
     shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image_shape, dtype)))["params"])
-    leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, a.shape, dtype) for k, a in zip(keys, leaves)])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), dtype), shapes)
 
 
 def masked_block(x, blk, allowed, eps=1e-6):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,11 +39,18 @@ def tiny_config(classifier: str = "token", representation_size: int = 0, resnet_
 
 def random_params(model_config: ml_collections.ConfigDict, num_classes: int, image_size: int = IMAGE_SIZE,
                   seed: int = 0) -> dict:
-    """Initialised params with every leaf perturbed, so zero-initialised heads, class tokens and norms matter."""
+    """Params with every leaf perturbed, so zero-initialised heads, class tokens and norms matter: an init-like
+    start from numpy (LayerNorm scales 1, kernels N(0, 0.1), biases 0) of the shapes `model.init` gives (eval_shape:
+    nothing compiled; a jitted init cost 2-6 s per config and class count), then noise."""
     model = build_model(model_config, num_classes)
-    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
-    flat = params_to_canonical(params)
+    images = jnp.zeros((1, image_size, image_size, 3))
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(seed), images))["params"])
     rng = np.random.default_rng(seed)
+    base = jax.tree_util.tree_map_with_path(
+        lambda path, s: (np.ones(s.shape, np.float32) if jax.tree_util.keystr(path).endswith("['scale']") else
+                         rng.normal(0.0, 0.1, s.shape).astype(np.float32) if len(s.shape) >= 2 else
+                         np.zeros(s.shape, np.float32)), shapes)
+    flat = params_to_canonical(base)
     flat = {k: (v + rng.normal(0.0, 0.2 if v.ndim < 2 else 0.05, v.shape)).astype(np.float32)
             for k, v in flat.items()}
     return canonical_to_params(flat, model_config.scan)

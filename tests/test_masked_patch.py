@@ -25,9 +25,8 @@ def run_config(**model_overrides):
 def random_params(model, image_shape, seed=0, scale=0.2):
     """Noise of the shapes `model.init` would give, so no zero-initialised parameter hides an error."""
     shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image_shape)))["params"])
-    leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: (scale * rng.standard_normal(a.shape)).astype(np.float32), shapes)
 
 
 def test_corruption_statistics_on_a_large_sample():

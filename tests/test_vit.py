@@ -91,16 +91,12 @@ def tiny_config(**overrides):
 
 
 def init_random(model, image_size, seed=0):
-    """Init, then replace every param by noise so the zero head and cls do not hide errors (jitted: the same
-    values as op by op, in one compilation instead of one per initialiser and shape)."""
-    def noise():
-        params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"])
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-        return jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, x.shape, x.dtype)
-                                            for k, x in zip(keys, leaves)])
-
-    return jax.jit(noise)()
+    """Noise of the shapes `model.init` gives (eval_shape: nothing compiled), so the zero head and cls do not hide
+    errors."""
+    images = jnp.zeros((1, image_size, image_size, 3))
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(seed), images))["params"])
+    rng = np.random.default_rng(seed + 1)
+    return jax.tree.map(lambda a: (0.2 * rng.standard_normal(a.shape)).astype(np.float32), shapes)
 
 
 @pytest.mark.parametrize("image_size", [224, 384])
@@ -185,7 +181,7 @@ def test_forward_matches_float64_reference(classifier):
     config = tiny_config(classifier=classifier)
     model = build_model(config, 5)
     params = init_random(model, 16)
-    images = jax.random.normal(jax.random.key(3), (3, 16, 16, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((3, 16, 16, 3)), jnp.float32)
     logits = jax.jit(model.apply)({"params": params}, images)
     expected = reference_vit(params, images, classifier, patch=4, num_heads=2)
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
@@ -198,14 +194,14 @@ def test_gradients_match_float64_finite_differences(classifier):
     config = tiny_config(classifier=classifier)
     model = build_model(config, 5)
     params = init_random(model, 16)
-    images = jax.random.normal(jax.random.key(3), (3, 16, 16, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((3, 16, 16, 3)), jnp.float32)
     weights = np.asarray(jax.random.normal(jax.random.key(4), (3, 5)), np.float64)
     grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) * weights)))(params)
     leaves, treedef = jax.tree.flatten(params)
     eps = 1e-5
     for seed in range(3):
-        keys = jax.random.split(jax.random.key(10 + seed), len(leaves))
-        direction = [np.asarray(jax.random.normal(k, leaf.shape), np.float64) for k, leaf in zip(keys, leaves)]
+        dir_rng = np.random.default_rng(10 + seed)
+        direction = [dir_rng.standard_normal(leaf.shape) for leaf in leaves]
         if seed == 2:  # only the attention kernels: the heads-first matmuls and softmax alone
             paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
             direction = [d if "MultiHeadDotProductAttention" in path and "kernel" in path else 0 * d
@@ -226,7 +222,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     params = init_random(model32, 16)
     variables16 = nn.unbox(jax.eval_shape(model16.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables16))
-    images = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((4, 16, 16, 3)), jnp.float32)
     out32 = jax.jit(model32.apply)({"params": params}, images)
     out16 = jax.jit(model16.apply)({"params": params}, images)
     assert out16.dtype == jnp.float32
@@ -242,7 +238,7 @@ def test_bfloat16_compute_pools_and_classifies_in_float32(representation_size):
     model = build_model(tiny_config(dtype="bfloat16", representation_size=representation_size), 5)
     params = init_random(model, 16)
     params["head"]["bias"] = params["head"]["bias"] - 10.0
-    images = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((4, 16, 16, 3)), jnp.float32)
     logits, state = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
     encoded = state["intermediates"]["encoded"][0]  # the encoder's output, after encoder_norm
     x = np.asarray(encoded, np.float64)[:, 0]
@@ -256,7 +252,7 @@ def test_bfloat16_compute_pools_and_classifies_in_float32(representation_size):
 def test_remat_and_scan_match_plain_model():
     plain = build_model(tiny_config(), 5)
     params = init_random(plain, 16)
-    images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 16, 16, 3)), jnp.float32)
     expected = jax.jit(plain.apply)({"params": params}, images)
     remat = build_model(tiny_config(remat=True), 5)
     np.testing.assert_allclose(jax.jit(remat.apply)({"params": params}, images), expected, rtol=1e-5, atol=1e-5)
@@ -272,7 +268,7 @@ def test_remat_and_scan_match_plain_model():
 
 
 def test_remat_gradients_match_plain():
-    images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 16, 16, 3)), jnp.float32)
     plain = build_model(tiny_config(), 5)
     params = init_random(plain, 16)
 
@@ -289,7 +285,7 @@ def test_remat_gradients_match_plain():
 def test_stochastic_depth_and_dropout_only_in_training():
     model = build_model(tiny_config(stochastic_depth=0.5, dropout_rate=0.1), 5)
     params = init_random(model, 16)
-    images = jax.random.normal(jax.random.key(3), (8, 16, 16, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((8, 16, 16, 3)), jnp.float32)
     apply = jax.jit(model.apply, static_argnames="train")
     eval_a = apply({"params": params}, images)
     eval_b = apply({"params": params}, images)
@@ -420,7 +416,7 @@ def test_hybrid_forward_and_stride():
 def test_attention_capture_returns_probabilities():
     model = build_model(tiny_config(), 5, capture_attention=True)
     params = init_random(model, 16)
-    images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 16, 16, 3)), jnp.float32)
     logits, state = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
     plain = jax.jit(build_model(tiny_config(), 5).apply)({"params": params}, images)
     np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-5)
@@ -450,7 +446,7 @@ def test_bfloat16_logits_and_gradients_close_to_float32():
     model32 = build_model(config, 10)
     model16 = build_model(tiny_config(hidden_size=64, mlp_dim=128, num_heads=4, dtype="bfloat16"), 10)
     params = init_random(model32, 32)
-    images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((4, 32, 32, 3)), jnp.float32)
     labels = jax.nn.one_hot(jnp.arange(4), 10)
 
     def loss(model, p):
@@ -497,7 +493,7 @@ def test_bfloat16_keeps_the_residual_stream_in_float32():
     num_layers = 8
     config = dict(hidden_size=64, mlp_dim=128, num_heads=4, num_layers=num_layers)
     model = build_model(tiny_config(dtype="bfloat16", **config), 5)
-    images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((4, 32, 32, 3)), jnp.float32)
     params = _noise_params(model, images, scale=0.2)
     embedded, stream = _captured_stream(model, images, params)
     assert embedded.dtype == jnp.float32 and len(stream) == num_layers + 1
