@@ -192,7 +192,7 @@ def test_nonfinite_loss_names_the_first_bad_step():
 
 
 def test_abstract_state_carries_the_shardings_the_step_is_compiled_for():
-    config = tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2})
+    config = tiny_config(**SGD, **{"mesh.data": 4, "mesh.fsdp": 2, "optimizer.ema_decay": 0.5})  # step_on_8's step
     mesh = sharding.make_mesh(config, jax.devices())
     state = train.abstract_state(config, mesh)
     compiled = train.make_train_step(config, mesh).lower(state, train.abstract_batch(config, mesh)).compile()
@@ -464,14 +464,14 @@ def test_a_run_preempted_between_log_steps_logs_the_whole_interval_after_resumin
         def reached(self, step):
             return step == 5
 
-    config = _digits_run_config(tmp_path, **{"total_steps": 6, "log_every": 4, "eval_every": 1000,
+    config = _digits_run_config(tmp_path, **{"total_steps": 8, "log_every": 4, "eval_every": 1000,
                                              "checkpoint_every": 1000})
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
     with monkeypatch.context() as patch:
         patch.setattr(checkpoints, "PreemptionWatcher", PreemptedAtStep5)
         assert train.train_and_evaluate(config, str(tmp_path / "cut"))["preempted"]
     resumed = train.train_and_evaluate(config, str(tmp_path / "cut"))
-    assert resumed["step"] == whole["step"] == 6
+    assert resumed["step"] == whole["step"] == 8
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
 
 
@@ -626,7 +626,7 @@ def test_a_step_that_leaves_nan_params_stops_the_run_before_they_are_scored(tmp_
     overrides = ({"eval_every": 2} if scores == "eval" else
                  {"fewshot.datasets": ("digits,train[:100],test[:50]",), "fewshot.shots": (1,), "fewshot.seeds": 1,
                   "fewshot.every_steps": 2})
-    config = _digits_run_config(tmp_path, total_steps=4, log_every=4, checkpoint_every=1000, **overrides)
+    config = _digits_run_config(tmp_path, total_steps=8, log_every=8, checkpoint_every=1000, **overrides)
     from vit_jax.data import pipeline
 
     closed, close = [], pipeline.TrainIterator.close
