@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -43,26 +44,35 @@ def config_flags(config):
 
 
 def train_digits_once(tmp_path_factory):
-    """(config, workdir, images dir) of a tiny digits model trained once per test process (~300 CPU steps).
+    """(config, workdir, images dir) of a tiny digits model trained once per test run (~300 CPU steps).
 
     The images dir holds the first NUM_IMAGES training digits as the dataset stores them (8x8 grey PNG),
-    named `train_<i>_label<l>.png`. Session fixtures here and in tests/test_visualize.py share the run.
+    named `train_<i>_label<l>.png`. Session fixtures here and in tests/test_visualize.py share the run, also
+    across xdist workers (the run's shared temporary directory, under a file lock; a marker says it is whole):
+    when the two files landed on different workers each trained it (~30 s each).
     """
     if "run" not in _TRAINED:
-        from vit_jax import train
-        from vit_jax.data import datasets
+        import filelock
 
-        root = tmp_path_factory.mktemp("trained_digits")
+        base = tmp_path_factory.getbasetemp()
+        root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained_digits"
         config = digits_config(root / "tfds")
-        result = train.train_and_evaluate(config, str(root / "workdir"))
-        assert result["step"] == TRAIN_STEPS
-        source, _ = datasets.open_split(config, "train")
-        images = root / "images"
-        images.mkdir()
-        for i in range(NUM_IMAGES):
-            example = source[i]
-            (images / f"train_{i:02d}_label{int(example['label'])}.png").write_bytes(example["image"])
-        _TRAINED["run"] = (config, root / "workdir", images)
+        with filelock.FileLock(f"{root}.lock"):
+            if not (root / "trained").exists():
+                from vit_jax import train
+                from vit_jax.data import datasets
+
+                shutil.rmtree(root, ignore_errors=True)  # a worker that died part-way
+                result = train.train_and_evaluate(config, str(root / "workdir"))
+                assert result["step"] == TRAIN_STEPS
+                source, _ = datasets.open_split(config, "train")
+                (root / "images").mkdir()
+                for i in range(NUM_IMAGES):
+                    example = source[i]
+                    (root / "images" / f"train_{i:02d}_label{int(example['label'])}.png").write_bytes(
+                        example["image"])
+                (root / "trained").touch()
+        _TRAINED["run"] = (config, root / "workdir", root / "images")
     return _TRAINED["run"]
 
 
