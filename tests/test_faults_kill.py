@@ -85,11 +85,16 @@ def train_losses(workdir: str) -> dict[str, dict[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def run_dirs(tmp_path_factory):
+    """The module's digits data dir and compilation cache (every entry kept), shared by all its runs."""
+    return str(tmp_path_factory.mktemp("tfds")), str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(run_dirs, tmp_path_factory):
     """An uninterrupted run of `steps` steps, made once per length: (data_dir, cache_dir, final params, seconds
     to its first step, train/loss by step)."""
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
+    data_dir, cache_dir = run_dirs
     made = {}
 
     def make(steps: int):
@@ -134,14 +139,16 @@ def _interrupt_and_finish(reference, tmp_path, kills: list[str], rng: random.Ran
     workdir = str(tmp_path / "run")
     plan = list(kills)
     plan.insert(rng.randrange(len(plan) + 1), "sigterm")
-    log = []
+    log, warm_starts = [], []
     for kind in plan:
         before = complete_steps(workdir)
         resume_from = before[-1] if before else 0
         stale = partial_dirs(workdir)  # left by earlier kills
         run = start(workdir, data_dir, cache_dir, steps_total)
         if kind == "time":  # any moment of start-up (imports, restore, compilation) or the first steps
-            delay = rng.uniform(0.2, 1.2) * start_up  # start_up: seconds to the first step of the reference run
+            # Restarts find the step compiled: scaled from the reference's cold start-up, the delays all fell
+            # after the 8-step cap, so the kills were step kills. A restart's own start-up, once one was seen.
+            delay = rng.uniform(0.2, 1.2) * min(warm_starts, default=start_up)
             alive = run.wait_until(lambda r=run, d=delay, m=resume_from + MAX_PROGRESS:
                                    time.time() - r.started > d or r.last_step() >= m)
         elif kind == "step":  # between steps, after 1-8 more of them
@@ -156,6 +163,8 @@ def _interrupt_and_finish(reference, tmp_path, kills: list[str], rng: random.Ran
         run.process.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
         code = run.finish()
         steps = run.steps()
+        if run.first_step_seconds is not None:
+            warm_starts.append(run.first_step_seconds)
         # The restart began right after the newest complete checkpoint (never at a half-written one).
         assert not steps or steps[0] == resume_from + 1, (kind, resume_from, steps[:3])
         after = complete_steps(workdir)
@@ -169,13 +178,14 @@ def _interrupt_and_finish(reference, tmp_path, kills: list[str], rng: random.Ran
         else:
             assert code == -signal.SIGKILL
         cut_short = sorted(int(n.split(".")[0]) for n in partial_dirs(workdir) - stale)
-        log.append((kind, resume_from, steps[-1] if steps else None, after[-1] if after else None, cut_short))
+        log.append((kind, resume_from, steps[-1] if steps else None, after[-1] if after else None, cut_short,
+                    f"{delay:.1f} s" if kind == "time" else ""))
 
     before = complete_steps(workdir)
     final = start(workdir, data_dir, cache_dir, steps_total)
     assert final.finish() == 0, final.stderr[-3000:]
     assert final.steps()[0] == (before[-1] if before else 0) + 1
-    print("interruptions (kind, resumed from, last step logged, newest complete, writes cut short):", *log,
+    print("interruptions (kind, resumed from, last step logged, newest complete, writes cut short, delay):", *log,
           sep="\n  ")
     # Cut-short writes really happened (the test proves what it says), and none of them was resumed from.
     assert any(entry[4] for entry in log if entry[0] == "write"), log
@@ -202,15 +212,15 @@ def _interrupt_and_finish(reference, tmp_path, kills: list[str], rng: random.Ran
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, reference_params)
 
 
-def test_a_ctrl_c_saves_the_step_it_lands_on_and_exits_130(tmp_path):
+def test_a_ctrl_c_saves_the_step_it_lands_on_and_exits_130(tmp_path, run_dirs):
     """A single process's first Ctrl-C (SIGINT) saves a checkpoint at the next step and exits 130, without a
     traceback (it lost every step since the last checkpoint, with one)."""
-    data_dir, cache_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "cache"), str(tmp_path / "run")
+    (data_dir, cache_dir), workdir = run_dirs, str(tmp_path / "run")
     # A job started in the background (CI's, too) ignores SIGINT, and its children inherit that (the run then keeps
     # it ignored, as it should): the run is started with SIGINT's default, as from a terminal.
     previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
-        run = start(workdir, data_dir, cache_dir, 40)
+        run = start(workdir, data_dir, cache_dir, total_steps(6))  # the CI reference's length: its compiled step
     finally:
         signal.signal(signal.SIGINT, previous)
     assert run.wait_until(lambda: run.last_step() >= 2)

@@ -73,6 +73,7 @@ class MainRun:
                                         text=True)
         self.lines: list[str] = []
         self.stderr = ""
+        self.first_step_seconds: float | None = None  # from the start to its first "step N/" line
         self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for reader in self._readers:
@@ -80,6 +81,8 @@ class MainRun:
 
     def _read_stdout(self) -> None:
         for line in self.process.stdout:
+            if self.first_step_seconds is None and re.match(r"step \d+/", line):
+                self.first_step_seconds = time.time() - self.started
             self.lines.append(line.rstrip())
 
     def _read_stderr(self) -> None:
