@@ -68,14 +68,14 @@ def digits_dir(tmp_path_factory) -> str:
     return directory
 
 
-# The files that take a minute or more on a 2-core machine (session 22's CI: 40-230 s each, the whole suite ~1,900 s
+# The files that take ~35 s or more on a 2-core machine (session 24's CI: 35-210 s each, the whole suite ~1,600 s
 # of test time), longest first. xdist's own order (files with the most tests first) left three of them to the end,
 # run one after another on one worker while the other had finished: ~35 s of the suite's wall time. With the
 # Makefile's --no-loadscope-reorder, these go first and the many short files fill in behind them.
-LONGEST_FILES = ("test_train.py", "test_vit.py", "test_faults_cli.py", "test_faults_kill.py", "test_interop_npz.py",
-                 "test_finetune.py", "test_multiprocess.py", "test_notebook.py", "test_train_ema.py",
-                 "test_predict.py", "test_masked_patch.py", "test_visualize.py", "test_faults_train.py",
-                 "test_plan.py", "test_axial.py", "test_layers.py", "test_main.py", "test_interop_torch.py")
+LONGEST_FILES = ("test_train.py", "test_vit.py", "test_multiprocess.py", "test_train_ema.py", "test_finetune.py",
+                 "test_predict.py", "test_faults_cli.py", "test_notebook.py", "test_faults_kill.py",
+                 "test_masked_patch.py", "test_main.py", "test_layers.py", "test_plan.py", "test_axial.py",
+                 "test_checkpoints.py", "test_masked_patch_train.py", "test_interop_torch.py")
 
 
 def pytest_collection_modifyitems(config, items):
