@@ -402,16 +402,23 @@ def _leftovers(state: Flat, taken: set[str]) -> Flat:
 # ----------------------------------------------------------------------------------------------- timm
 
 
+def _timm_config(config_path: str | None) -> dict[str, Any] | None:
+    """The timm hub config.json at `config_path` as a dict; None without one, for an unreadable one (timm_numerics,
+    which reads it too, logs why) or one that is not timm's (no `architecture`, or an HF `model_type`)."""
+    try:
+        cfg = _read_config_json(config_path) if config_path else {}
+    except CheckpointError:
+        return None
+    return cfg if "architecture" in cfg and "model_type" not in cfg else None
+
+
 def _timm_posemb_has_slot(state: Flat, config_path: str | None) -> bool | None:
     """Whether timm's `pos_embed` holds the class token's entry, as the timm config.json beside the weights says:
     its `model_args.no_embed_class`, else the patch count of its image size (`model_args.img_size`, else
     `pretrained_cfg.input_size`) and patch size (`model_args.patch_size`, else the patch kernel's) against the
     count. None when it does not tell (no config.json, or one whose sizes fit neither reading)."""
-    try:
-        cfg = _read_config_json(config_path) if config_path else {}
-    except CheckpointError:  # logged by timm_numerics, which reads it too
-        return None
-    if "architecture" not in cfg or "model_type" in cfg:  # not timm's
+    cfg = _timm_config(config_path)
+    if cfg is None:
         return None
     args = cfg.get("model_args") if isinstance(cfg.get("model_args"), dict) else {}
     if isinstance(args.get("no_embed_class"), bool):
@@ -442,11 +449,8 @@ _TIMM_PATCH_POOLS = ("avg", "max", "avgmax")  # timm's global_pool of the patch 
 def _timm_global_pool(config_path: str | None) -> str | None:
     """A timm config.json's `model_args.global_pool`, else that of the model timm builds for its `architecture`
     (only when timm is installed); None when it does not say."""
-    try:
-        cfg = _read_config_json(config_path) if config_path else {}
-    except CheckpointError:  # logged by timm_numerics, which reads it too
-        return None
-    if "architecture" not in cfg or "model_type" in cfg:  # not timm's
+    cfg = _timm_config(config_path)
+    if cfg is None:
         return None
     args = cfg.get("model_args") if isinstance(cfg.get("model_args"), dict) else {}
     if isinstance(args.get("global_pool"), str):
@@ -731,11 +735,8 @@ def input_transform(config_path: str | None, flavour: str) -> InputTransform | N
     if config_path is None:
         return None
     if flavour == "timm":
-        try:
-            cfg = _read_config_json(config_path)
-        except CheckpointError:  # logged by timm_numerics, which reads it too
-            return None
-        if "architecture" not in cfg or "model_type" in cfg:  # not timm's
+        cfg = _timm_config(config_path)
+        if cfg is None:
             return None
         pretrained = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
         if "mean" not in pretrained and "std" not in pretrained:
