@@ -530,11 +530,11 @@ def _write_hf_dir(flat: Flat, hf_config: dict[str, Any], preprocessor: dict[str,
     try:
         torch_hub.write_safetensors(torch_hub.canonical_to_hf(flat), os.path.join(tmp, "model.safetensors"),
                                     metadata=metadata)
-        for name, content in (("preprocessor_config.json", preprocessor), ("config.json", hf_config)):
+        for name, content in ((torch_hub.PREPROCESSOR_JSON, preprocessor), ("config.json", hf_config)):
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
         if os.path.isdir(path) and os.listdir(path):
-            for name in ("model.safetensors", "preprocessor_config.json", "config.json"):
+            for name in ("model.safetensors", torch_hub.PREPROCESSOR_JSON, "config.json"):
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
         else:
             os.replace(tmp, path)  # a new directory, or one over an empty one

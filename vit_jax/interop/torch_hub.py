@@ -468,8 +468,8 @@ def timm_to_canonical(state: Flat, num_heads: int, path: str, config_path: str |
         raise CheckpointError(f"{path}: timm model with fc_norm (LayerNorm after pooling); this model normalises "
                               "before pooling (timm: fc_norm=False)")
     _refuse_extra_tokens(state, path)
-    pool = _timm_global_pool(config_path)
-    if "cls_token" in state and pool in _TIMM_PATCH_POOLS:
+    # Only a class-token model can be read as the wrong one (the lookup may build timm's model for the name).
+    if "cls_token" in state and (pool := _timm_global_pool(config_path)) in _TIMM_PATCH_POOLS:
         raise CheckpointError(f"{path}: a timm model with a class token whose head reads the patches pooled "
                               f"(global_pool={pool!r}, as {config_path} says), not the class token; this model "
                               "classifies the class token, or the patches' mean without one (timm "
@@ -693,6 +693,9 @@ def hf_config(model_config: ml_collections.ConfigDict, num_classes: int, image_s
     }
 
 
+PREPROCESSOR_JSON = "preprocessor_config.json"  # an HF image processor's settings, beside config.json
+
+
 def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
     """The `preprocessor_config.json` of our input: the whole image resized bilinearly to `image_size` square, then
     [0, 255] -> [-1, 1] (mean = std = 0.5), as our evaluation with `eval_crop_fraction` 1. Without one HF's
@@ -708,9 +711,6 @@ def hf_preprocessor_config(image_size: int) -> dict[str, Any]:
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
     }
-
-
-PREPROCESSOR_JSON = "preprocessor_config.json"  # an HF image processor's settings, beside config.json
 
 
 @dataclasses.dataclass(frozen=True)
