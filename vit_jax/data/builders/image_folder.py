@@ -79,6 +79,11 @@ def _check_split_name(split: str, where: str) -> None:
                            f"'_' and '-' only; rename it, e.g. to {renamed!r}")
 
 
+def _first_names(names: list[str], count: int = 5) -> str:
+    """The first `count` of `names`, comma-separated, with ", ..." when there are more (a warning's list)."""
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
 def _links_up(path: str, real_parent: str) -> bool:
     """Whether `path` is a symlink to its own folder `real_parent` (a real path) or to one of that folder's
     ancestors: following it would walk the tree again, under the wrong class."""
@@ -126,12 +131,11 @@ def _scan_folders(source_dir: str) -> FolderLayout:
                     else:
                         skipped.append(path)
         if skipped:  # a folder of another image format would otherwise train on part of its images in silence
-            logging.warning("%s: skipped %d files in split %r not named %s: %s%s", source_dir, len(skipped), split,
-                            "/".join(IMAGE_EXTENSIONS), ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
+            logging.warning("%s: skipped %d files in split %r not named %s: %s", source_dir, len(skipped), split,
+                            "/".join(IMAGE_EXTENSIONS), _first_names(skipped))
         if loose:  # torchvision's ImageFolder skips them too, in silence
-            logging.warning("%s: skipped %d images directly in split folder %r, of no class: %s%s; move each into "
-                            "%s/<class>/", source_dir, len(loose), split, ", ".join(loose[:5]),
-                            ", ..." if len(loose) > 5 else "", split_dir)
+            logging.warning("%s: skipped %d images directly in split folder %r, of no class: %s; move each into "
+                            "%s/<class>/", source_dir, len(loose), split, _first_names(loose), split_dir)
         if rows:
             _check_split_name(split, f"folder {split_dir}")
             examples[split] = rows
