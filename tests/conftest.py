@@ -42,8 +42,9 @@ def _one_compilation_cache_for_the_run(tmp_path_factory):
     limit also has every write list the cache, so only compilations of 1 s or more are kept (JAX's default): tens
     of entries, not thousands of small eager ops. A clean checkout starts empty: nothing is reused from an earlier
     run."""
-    base = tmp_path_factory.getbasetemp()
-    directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_compilation_cache"
+    from tests.train_helpers import run_shared_dir
+
+    directory = run_shared_dir(tmp_path_factory) / "jax_compilation_cache"
     directory.mkdir(exist_ok=True)
     settings = {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}
     previous = {name: os.environ.get(name) for name in settings}

@@ -54,8 +54,7 @@ def train_digits_once(tmp_path_factory):
     if "run" not in _TRAINED:
         import filelock
 
-        base = tmp_path_factory.getbasetemp()
-        root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained_digits"
+        root = train_helpers.run_shared_dir(tmp_path_factory) / "trained_digits"
         config = digits_config(root / "tfds")
         with filelock.FileLock(f"{root}.lock"):
             if not (root / "trained").exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -14,6 +15,13 @@ import ml_collections
 import numpy as np
 
 from configs import common
+
+
+def run_shared_dir(tmp_path_factory) -> pathlib.Path:
+    """The temporary directory every process of this pytest run shares: under xdist the workers' common parent
+    (each worker's base temp is its own), else the base temp itself. Fresh for each run."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
